@@ -1,0 +1,1 @@
+"""Corpus sources, scoring windows, name lists and the Macondo generator."""

@@ -1,0 +1,115 @@
+"""Corpus sources: a WikiText-style directory, a single text file, or a HF ``datasets`` spec.
+
+A corpus spec is a string:
+
+- ``DIR``                 a directory holding ``train.txt``, ``valid.txt``, ``test.txt``
+                          (``wiki.{split}.tokens`` / ``wiki.{split}.raw`` are accepted too)
+- ``FILE``                one text file; it serves every split that is asked for
+- ``hf:NAME[:CONFIG]``    a Hugging Face dataset, e.g. ``hf:wikitext:wikitext-103-raw-v1``
+- ``hf:json:PATTERN``     local data files through HF ``datasets`` (builders ``json``, ``csv``,
+  ``hf:text:PATTERN``     ``text``, ``parquet``); ``{split}`` in PATTERN is replaced by the split
+
+Splits are tokenized line by line and concatenated into one token stream; the result is the
+same wherever the text came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from knnlm.errors import KnnlmError
+
+SPLIT_ALIASES = {"valid": ("valid", "validation", "val"), "train": ("train",), "test": ("test",)}
+_LOCAL_BUILDERS = ("json", "csv", "text", "parquet")
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KnnlmError(
+            f"{path} is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})"
+        ) from None
+
+
+def _split_file(directory: Path, split: str) -> Path:
+    for alias in SPLIT_ALIASES.get(split, (split,)):
+        for name in (f"{alias}.txt", f"wiki.{alias}.tokens", f"wiki.{alias}.raw"):
+            if (directory / name).is_file():
+                return directory / name
+    raise KnnlmError(f"corpus directory {directory} has no {split}.txt")
+
+
+def _read_hf(spec: str, split: str, text_field: str) -> str:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise KnnlmError("reading hf: corpora needs the 'datasets' package") from None
+    parts = spec[3:].split(":", 1)
+    name = parts[0]
+    arg = parts[1] if len(parts) > 1 else None
+    try:
+        if name in _LOCAL_BUILDERS:
+            if not arg:
+                raise KnnlmError(f"{spec!r}: the {name} builder needs a data file pattern")
+            files = arg.replace("{split}", split)
+            if not Path(files).exists():
+                raise KnnlmError(f"data file {files} does not exist")
+            ds = datasets.load_dataset(name, data_files={split: files}, split=split)
+        else:
+            ds = None
+            for alias in SPLIT_ALIASES.get(split, (split,)):
+                try:
+                    ds = datasets.load_dataset(name, arg, split=alias)
+                    break
+                except ValueError:
+                    continue
+            if ds is None:
+                raise KnnlmError(f"dataset {spec!r} has no split {split!r}")
+    except KnnlmError:
+        raise
+    except Exception as exc:  # the hub raises many kinds; all mean "cannot load"
+        raise KnnlmError(f"cannot load dataset {spec!r}: {str(exc).splitlines()[0]}") from None
+    if text_field not in ds.column_names:
+        raise KnnlmError(
+            f"dataset {spec!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)})"
+        )
+    rows = ds[text_field]
+    return "".join(r if r.endswith("\n") else r + "\n" for r in rows)
+
+
+def read_split(spec: str, split: str, text_field: str = "text") -> str:
+    """The text of one split; raises ``KnnlmError`` for missing, empty or non-UTF-8 input."""
+    if spec.startswith("hf:"):
+        text = _read_hf(spec, split, text_field)
+        where = spec
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise KnnlmError(f"corpus {spec} does not exist")
+        file = _split_file(path, split) if path.is_dir() else path
+        text = _decode(file)
+        where = str(file)
+    if not text.strip():
+        raise KnnlmError(f"corpus {where} ({split}) is empty")
+    return text
+
+
+def tokenize_text(tokenizer, text: str, batch_lines: int = 4096) -> np.ndarray:
+    """Token ids of ``text`` as one int64 stream, tokenized line by line (newlines kept)."""
+    lines = text.splitlines(keepends=True)
+    chunks: list[np.ndarray] = []
+    for i in range(0, len(lines), batch_lines):
+        enc = tokenizer(lines[i : i + batch_lines], add_special_tokens=False)["input_ids"]
+        chunks.extend(np.asarray(ids, dtype=np.int64) for ids in enc if ids)
+    ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    if ids.size < 2:
+        raise KnnlmError("the corpus split has fewer than two tokens: nothing to score")
+    return ids
+
+
+def load_tokens(tokenizer, spec: str, split: str, text_field: str = "text") -> np.ndarray:
+    return tokenize_text(tokenizer, read_split(spec, split, text_field))

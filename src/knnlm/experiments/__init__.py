@@ -1,0 +1,1 @@
+"""The paper's analyses, composed from library pieces."""

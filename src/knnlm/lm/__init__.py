@@ -1,0 +1,1 @@
+"""Model loading, architecture adapters, tokenizers and the training loop."""

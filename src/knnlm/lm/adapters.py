@@ -1,0 +1,190 @@
+"""Architecture adapters: the paper's split p_lm = f(g(enc(c))) for each model family.
+
+For every supported family the last transformer block computes
+``out = h + mlp(norm2(h))`` where ``h`` is the residual stream after the block's attention.
+The paper (Eq. 1) names the pieces:
+
+- ``enc(c) = h``                              (input of g)
+- ``g(h)   = h + mlp(norm2(h))``              (last MLP with its residual)
+- ``f(z)   = softmax(lm_head(final_norm(z)))`` (last linear layer with softmax)
+
+Key types for the datastore:
+
+- ``ffn_input``    = norm2(h), the input of the last MLP (Khandelwal et al., default)
+- ``block_input``  = h itself, the residual stream that enters g
+- ``final_hidden`` = final_norm(g(h)), the input of lm_head
+
+Keys are captured with forward hooks on the norm modules, so the model's own forward runs
+unchanged and the hooks cost nothing but a reference to tensors it computes anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from knnlm.errors import KnnlmError
+
+KEY_TYPES = ("ffn_input", "block_input", "final_hidden")
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Attribute paths of one architecture family."""
+
+    model_types: tuple[str, ...]
+    blocks: str  # dotted path from the CausalLM to the list of blocks
+    norm2: str  # attribute of a block: the norm before the MLP
+    mlp: str  # attribute of a block: the MLP
+    final_norm: str  # dotted path from the CausalLM to the final norm
+    lm_head: str  # dotted path from the CausalLM to the output projection
+
+
+_FAMILIES = (
+    _Family(("gpt2",), "transformer.h", "ln_2", "mlp", "transformer.ln_f", "lm_head"),
+    _Family(
+        ("llama", "mistral", "qwen2"),
+        "model.layers",
+        "post_attention_layernorm",
+        "mlp",
+        "model.norm",
+        "lm_head",
+    ),
+)
+
+SUPPORTED_MODEL_TYPES = tuple(t for fam in _FAMILIES for t in fam.model_types)
+
+
+def _get(obj: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class ZeroMLP(nn.Module):
+    """Stands in for a removed MLP: contributes nothing to the residual stream, owns no parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+class Adapter:
+    """Exposes enc / g / f and the key hooks of one loaded causal LM."""
+
+    def __init__(self, model: nn.Module):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        # A peft wrapper keeps the real model one or two levels down.
+        base = model
+        if hasattr(model, "get_base_model"):
+            base = model.get_base_model()
+            model_type = base.config.model_type
+        family = next((f for f in _FAMILIES if model_type in f.model_types), None)
+        if family is None:
+            raise KnnlmError(
+                f"unsupported architecture {model_type!r}; supported model types: "
+                + ", ".join(SUPPORTED_MODEL_TYPES)
+            )
+        self.model = model
+        self.base = base
+        self.family = family
+        self.model_type = model_type
+
+    # -- the pieces of Eq. 1 -------------------------------------------------------------
+    @property
+    def last_block(self) -> nn.Module:
+        return _get(self.base, self.family.blocks)[-1]
+
+    @property
+    def norm2(self) -> nn.Module:
+        return getattr(self.last_block, self.family.norm2)
+
+    @property
+    def mlp(self) -> nn.Module:
+        return getattr(self.last_block, self.family.mlp)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _get(self.base, self.family.final_norm)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return _get(self.base, self.family.lm_head)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.base.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lm_head.weight.shape[0])
+
+    def g(self, h: torch.Tensor) -> torch.Tensor:
+        """Last MLP with its residual connection: h + mlp(norm2(h))."""
+        return h + self.mlp(self.norm2(h))
+
+    def f_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits of f: lm_head(final_norm(z)); f itself is their softmax."""
+        return self.lm_head(self.final_norm(z))
+
+    def f_log_probs(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.f_logits(z).float(), dim=-1)
+
+    def fg_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.f_logits(self.g(h))
+
+    @property
+    def output_embedding(self) -> torch.Tensor:
+        """W of f, shape (vocab, hidden)."""
+        return self.lm_head.weight
+
+    # -- the last MLP (Appendix E) -------------------------------------------------------
+    def has_last_mlp(self) -> bool:
+        return not isinstance(self.mlp, ZeroMLP)
+
+    def drop_last_mlp(self) -> None:
+        """Remove the last block's MLP (its parameters disappear; the residual passes through)."""
+        setattr(self.last_block, self.family.mlp, ZeroMLP())
+        self.base.config.knnlm_drop_last_mlp = True
+
+    # -- hooks ---------------------------------------------------------------------------
+    @contextmanager
+    def capture(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Within the context, each forward stores ``enc``, ``ffn_input`` and ``final_hidden``.
+
+        ``enc`` (= ``block_input``) is the residual h after the last attention, taken as the
+        input of norm2; ``ffn_input`` is norm2's output; ``final_hidden`` is final_norm's output.
+        """
+        store: dict[str, torch.Tensor] = {}
+
+        def norm2_hook(_mod, args, out):
+            store["enc"] = args[0]
+            store["ffn_input"] = out
+
+        def final_hook(_mod, _args, out):
+            store["final_hidden"] = out
+
+        handles = [
+            self.norm2.register_forward_hook(norm2_hook),
+            self.final_norm.register_forward_hook(final_hook),
+        ]
+        try:
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+
+    @staticmethod
+    def key_from(store: dict[str, torch.Tensor], key_type: str) -> torch.Tensor:
+        if key_type not in KEY_TYPES:
+            raise KnnlmError(f"unknown key type {key_type!r}; choose one of {', '.join(KEY_TYPES)}")
+        return store["enc" if key_type == "block_input" else key_type]
+
+
+def apply_saved_surgery(model: nn.Module) -> None:
+    """Re-apply architecture changes recorded in the config (e.g. a removed last MLP)."""
+    if getattr(model.config, "knnlm_drop_last_mlp", False):
+        Adapter(model).drop_last_mlp()

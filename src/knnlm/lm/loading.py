@@ -1,0 +1,133 @@
+"""Load a causal LM and its tokenizer by hub name or local path, and fingerprint them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from knnlm.errors import KnnlmError
+from knnlm.lm.adapters import SUPPORTED_MODEL_TYPES, Adapter, apply_saved_surgery
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CUDA when present, else CPU, unless the user names one."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LoadedLM:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    adapter: Adapter
+    name: str
+    fingerprint: str
+    tokenizer_fingerprint: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def model_fingerprint(model: torch.nn.Module, name: str) -> str:
+    """Identifies the weights: the hub revision when known, else a hash of config and files.
+
+    Hashing multi-GB weight files would be slow, so for local files the hash covers the
+    config, each weight file's size and its first and last MiB.
+    """
+    h = hashlib.sha256()
+    revision = getattr(model.config, "_commit_hash", None)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.name == "config.json":
+                h.update(f.read_bytes())
+            elif f.suffix in {".safetensors", ".bin"}:
+                size = f.stat().st_size
+                h.update(f"{f.name}:{size}".encode())
+                with f.open("rb") as fh:
+                    h.update(fh.read(1 << 20))
+                    if size > (1 << 20):
+                        fh.seek(-(1 << 20), os.SEEK_END)
+                        h.update(fh.read())
+        return "sha256:" + h.hexdigest()[:16]
+    if revision:
+        return f"{name}@{revision}"
+    # An in-memory model: hash the parameters themselves (small models only reach here).
+    for p in model.state_dict().values():
+        h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=trust_remote_code, local_files_only=_is_local(name)
+        )
+    except (OSError, ValueError) as exc:
+        raise KnnlmError(f"cannot load a tokenizer from {name!r}: {exc}") from None
+    return tok
+
+
+def load_lm(
+    name: str,
+    device: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> LoadedLM:
+    """Load model + tokenizer; the model is in eval mode with gradients disabled."""
+    if dtype not in DTYPES:
+        raise KnnlmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    local = _is_local(name)
+    if not local and (name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1):
+        raise KnnlmError(f"model path {name!r} does not exist")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            dtype=DTYPES[dtype],
+            trust_remote_code=trust_remote_code,
+            local_files_only=local,
+        )
+    except (OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise KnnlmError(f"cannot load a causal LM from {name!r}: {msg}") from None
+    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise KnnlmError(
+            f"unsupported architecture {model.config.model_type!r}; supported model types: "
+            + ", ".join(SUPPORTED_MODEL_TYPES)
+        )
+    apply_saved_surgery(model)
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    model.to(pick_device(device)).eval()
+    model.requires_grad_(False)
+    return LoadedLM(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=Adapter(model),
+        name=name,
+        fingerprint=model_fingerprint(model, name),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+    )

@@ -1,0 +1,1 @@
+"""Tables and figures for results and the reproduction report."""

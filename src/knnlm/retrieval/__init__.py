@@ -1,0 +1,1 @@
+"""Datastore, FAISS index and the pure kNN distribution math."""
