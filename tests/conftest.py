@@ -51,13 +51,17 @@ def save_tiny_model(out: Path, tokenizer, model_type: str = "gpt2", seed: int = 
 
     torch.manual_seed(seed)
     vocab = len(tokenizer)
+    special = dict.fromkeys(
+        ("bos_token_id", "eos_token_id", "pad_token_id"), tokenizer.eos_token_id
+    )
     if model_type == "gpt2":
         cfg = AutoConfig.for_model(
-            "gpt2", vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=2
+            "gpt2", vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=2, **special
         )
     else:
         cfg = AutoConfig.for_model(
             model_type,
+            **special,
             vocab_size=vocab,
             hidden_size=32,
             intermediate_size=64,
@@ -66,7 +70,6 @@ def save_tiny_model(out: Path, tokenizer, model_type: str = "gpt2", seed: int = 
             num_key_value_heads=2,
             max_position_embeddings=128,
         )
-    cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_config(cfg)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

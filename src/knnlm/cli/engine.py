@@ -1,0 +1,250 @@
+"""CLI: datastore build / index, eval, sweep, generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from knnlm.cli.common import DEVICE, QUIET, echo_json, quiet_libraries, write_json
+
+datastore_app = typer.Typer(help="Build a kNN datastore and its FAISS index.", no_args_is_help=True)
+
+MODEL = typer.Option(..., "--model", "-m", help="HF hub name or local model directory.")
+CORPUS = typer.Option(
+    ...,
+    "--corpus",
+    "-c",
+    help="Directory with {train,valid,test}.txt, a text file, or hf:NAME[:CONFIG] / hf:json:PATTERN.",
+)
+CONTEXT = typer.Option(1024, "--context-len", help="Tokens per scoring window.")
+STRIDE = typer.Option(
+    None, "--stride", help="Step between windows (default: context-len); smaller = more context."
+)
+BATCH = typer.Option(8, "--batch-size", help="Windows per forward pass.")
+DTYPE = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16.")
+TEXT_FIELD = typer.Option("text", "--text-field", help="Text column of an hf: dataset.")
+
+
+def _load(model: str, device: str | None, dtype: str):
+    quiet_libraries()
+    from knnlm.lm.loading import load_lm
+
+    return load_lm(model, device=device, dtype=dtype)
+
+
+@datastore_app.command("build")
+def datastore_build(
+    model: str = MODEL,
+    corpus: str = CORPUS,
+    out: Path = typer.Option(..., "--out", "-o", help="Datastore directory to create."),
+    split: str = typer.Option("train", "--split", help="Corpus split to store."),
+    context_len: int = CONTEXT,
+    stride: int | None = STRIDE,
+    batch_size: int = BATCH,
+    key_type: str = typer.Option(
+        "ffn_input", "--key-type", help="ffn_input (default), block_input or final_hidden."
+    ),
+    key_dtype: str = typer.Option("float16", "--key-dtype", help="float16 (default) or float32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different datastore."),
+    text_field: str = TEXT_FIELD,
+    device: str | None = DEVICE,
+    dtype: str = DTYPE,
+    quiet: bool = QUIET,
+) -> None:
+    """Score a corpus split and store one (key, next token) pair per position; resumable."""
+    from knnlm.retrieval.datastore import build_datastore, open_datastore
+
+    lm = _load(model, device, dtype)
+    path = build_datastore(
+        lm,
+        corpus,
+        split,
+        out,
+        context_len=context_len,
+        stride=stride,
+        batch_size=batch_size,
+        key_type=key_type,
+        key_dtype=key_dtype,
+        text_field=text_field,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    ds = open_datastore(path)
+    typer.echo(f"datastore {path}: {ds.n} keys of size {ds.dim} ({ds.meta['key_type']})")
+
+
+@datastore_app.command("index")
+def datastore_index(
+    ds: Path = typer.Argument(..., help="Datastore directory."),
+    type_: str = typer.Option("flat", "--type", help="flat (exact) or ivfpq."),
+    metric: str = typer.Option("l2", "--metric", help="l2 (squared L2) or ip (inner product)."),
+    nlist: int | None = typer.Option(None, "--nlist", help="IVF lists (default ~4*sqrt(N))."),
+    pq_m: int | None = typer.Option(None, "--pq-bytes", help="PQ bytes per vector (divides d)."),
+    pq_bits: int = typer.Option(8, "--pq-bits", help="Bits per PQ code."),
+    nprobe: int = typer.Option(32, "--nprobe", help="Default lists probed at search time."),
+    train_size: int | None = typer.Option(None, "--train-size", help="Cap on training sample."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the training sample."),
+    quiet: bool = QUIET,
+) -> None:
+    """Build a FAISS index beside the datastore (index.faiss + index.json); resumable."""
+    from knnlm.retrieval.index import build_index
+
+    path = build_index(
+        ds,
+        kind=type_,
+        metric=metric,
+        nlist=nlist,
+        pq_m=pq_m,
+        pq_bits=pq_bits,
+        nprobe=nprobe,
+        train_size=train_size,
+        seed=seed,
+        progress=not quiet,
+    )
+    typer.echo(f"index written: {path}")
+
+
+def eval_cmd(
+    model: str = MODEL,
+    corpus: str = CORPUS,
+    split: str = typer.Option("valid", "--split", help="Corpus split to score."),
+    context_len: int = CONTEXT,
+    stride: int | None = STRIDE,
+    batch_size: int = BATCH,
+    datastore: Path | None = typer.Option(
+        None, "--datastore", "-d", help="Datastore: also report the kNN-LM."
+    ),
+    k: int = typer.Option(1024, "--k", help="Neighbours per query."),
+    knn_weight: float = typer.Option(
+        0.25,
+        "--knn-weight",
+        help="Weight w on p_knn: (1-w) p_lm + w p_knn (the paper's lambda = 1 - w).",
+    ),
+    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature on -d."),
+    recompute: bool = typer.Option(
+        True, "--recompute/--no-recompute", help="Exact distances from stored keys."
+    ),
+    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed."),
+    exclude_self: str = typer.Option(
+        "auto", "--exclude-self", help="Drop a query's own datastore entry: auto, yes or no."
+    ),
+    memory: Path | None = typer.Option(None, "--memory", help="MLP memory directory (Section 5)."),
+    memory_weight: float = typer.Option(0.25, "--memory-weight", help="Weight on the MLP memory."),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Store neighbours per token for knnlm sweep."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="Write results JSON here."),
+    text_field: str = TEXT_FIELD,
+    device: str | None = DEVICE,
+    dtype: str = DTYPE,
+    quiet: bool = QUIET,
+) -> None:
+    """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
+    from knnlm.evaluate import KnnSettings, evaluate
+
+    lm = _load(model, device, dtype)
+    result = evaluate(
+        lm,
+        corpus,
+        split,
+        context_len=context_len,
+        stride=stride,
+        batch_size=batch_size,
+        text_field=text_field,
+        datastore=datastore,
+        knn=KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self),
+        memory=memory,
+        memory_weight=memory_weight,
+        cache=cache,
+        progress=not quiet,
+    )
+    write_json(json_out, result)
+    line = f"tokens {result['tokens']}  LM ppl {result['lm']['perplexity']:.3f}"
+    if "knnlm" in result:
+        line += f"  kNN-LM ppl {result['knnlm']['perplexity']:.3f}"
+    if "mlp" in result:
+        line += f"  LM+MLP ppl {result['mlp']['perplexity']:.3f}"
+    typer.echo(line)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def sweep_cmd(
+    cache: Path = typer.Argument(..., help="Neighbour cache written by knnlm eval --cache."),
+    weights: str = typer.Option(
+        "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6", "--weights", help="Comma-separated knn weights."
+    ),
+    temperatures: str = typer.Option(
+        "0.5,1,2,3,5,10", "--temperatures", help="Comma-separated temperatures."
+    ),
+    ks: str | None = typer.Option(None, "--ks", help="Comma-separated k values (<= cached k)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the grid as JSON here."),
+    png: Path | None = typer.Option(None, "--png", help="Heat map of the grid (largest k)."),
+    quiet: bool = QUIET,
+) -> None:
+    """Re-score cached neighbours over knn_weight x temperature x k without searching again."""
+    from knnlm.sweep import sweep
+
+    result = sweep(
+        cache,
+        _floats(weights),
+        _floats(temperatures),
+        [int(x) for x in ks.split(",")] if ks else None,
+        progress=not quiet,
+    )
+    write_json(json_out, result)
+    if png is not None:
+        from knnlm.report.figures import plot_sweep_heatmap
+
+        plot_sweep_heatmap(
+            result["weights"],
+            result["temperatures"],
+            result["perplexity"][-1],
+            png,
+            title=f"kNN-LM perplexity, k={result['ks'][-1]}",
+            lm_ppl=result["lm"]["perplexity"],
+        )
+    echo_json(result["best"])
+
+
+def generate_cmd(
+    model: str = MODEL,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    datastore: Path | None = typer.Option(None, "--datastore", "-d", help="Datastore (kNN-LM)."),
+    k: int = typer.Option(1024, "--k", help="Neighbours per step."),
+    knn_weight: float = typer.Option(0.25, "--knn-weight", help="Weight on p_knn."),
+    temperature: float = typer.Option(1.0, "--temperature", help="kNN softmax temperature."),
+    max_new_tokens: int = typer.Option(50, "--max-new-tokens", help="Tokens to generate."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    device: str | None = DEVICE,
+    dtype: str = DTYPE,
+) -> None:
+    """Continue a prompt with the kNN-LM (or the plain LM without --datastore)."""
+    from knnlm.generation import generate
+
+    lm = _load(model, device, dtype)
+    text = generate(
+        lm,
+        prompt,
+        datastore,
+        k=k,
+        knn_weight=knn_weight,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        top_p=top_p,
+        seed=seed,
+    )
+    typer.echo(prompt + text)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(datastore_app, name="datastore")
+    app.command("eval")(eval_cmd)
+    app.command("sweep")(sweep_cmd)
+    app.command("generate")(generate_cmd)

@@ -1,0 +1,282 @@
+"""Perplexity of the LM, the kNN-LM and the LM + MLP memory, from one scoring pass.
+
+Perplexity is token-weighted: exp(total NLL / scored tokens), every target token of the split
+scored exactly once with as much left context as the window allows (``knnlm.data.windows``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from knnlm.data.corpus import load_tokens
+from knnlm.errors import KnnlmError
+from knnlm.lm.loading import LoadedLM
+from knnlm.retrieval.datastore import (
+    Datastore,
+    _RowWriter,
+    _write_json,
+    corpus_fingerprint,
+    open_datastore,
+)
+from knnlm.retrieval.knn import interpolate, knn_target_log_prob, perplexity
+from knnlm.scoring import score_stream
+
+
+@dataclass
+class KnnSettings:
+    k: int = 1024
+    knn_weight: float = 0.25
+    temperature: float = 1.0
+    recompute: bool = True
+    nprobe: int | None = None
+    exclude_self: str = "auto"  # auto | yes | no
+
+    def validate(self) -> None:
+        if not 0.0 <= self.knn_weight <= 1.0:
+            raise KnnlmError(f"--knn-weight must be in [0, 1], got {self.knn_weight}")
+        if self.k < 1:
+            raise KnnlmError(f"--k must be at least 1, got {self.k}")
+        if self.temperature <= 0:
+            raise KnnlmError(f"--temperature must be positive, got {self.temperature}")
+        if self.exclude_self not in ("auto", "yes", "no"):
+            raise KnnlmError("--exclude-self must be auto, yes or no")
+
+
+def neighbour_values(ds: Datastore, ids: np.ndarray) -> np.ndarray:
+    """Values of the retrieved ids; -1 ids read row 0 and are masked by the caller."""
+    return np.asarray(ds.values[np.where(ids < 0, 0, ids).ravel()]).reshape(ids.shape)
+
+
+def _should_exclude(ds: Datastore, mode: str, eval_fp: str, context_len: int, stride: int) -> bool:
+    same = (
+        ds.meta["corpus_fingerprint"] == eval_fp
+        and ds.meta["context_len"] == context_len
+        and ds.meta["stride"] == stride
+    )
+    if mode == "yes" and not same:
+        raise KnnlmError(
+            "--exclude-self yes needs the evaluation split, context length and stride of the "
+            "datastore build"
+        )
+    return mode == "yes" or (mode == "auto" and same)
+
+
+class _Cache:
+    """Per scored token: LM log-prob of the target and the k neighbours (ids, dists, values)."""
+
+    def __init__(self, out: Path, n: int, k: int, meta: dict):
+        self.out = Path(out)
+        self.partial = Path(str(out) + ".partial")
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        self.meta = dict(meta, n=n, k=k)
+        self.writers = {
+            "lm_log_prob": _RowWriter(self.partial / "lm_log_prob.npy", (n,), np.float32, True),
+            "targets": _RowWriter(self.partial / "targets.npy", (n,), np.int32, True),
+            "ids": _RowWriter(self.partial / "ids.npy", (n, k), np.int64, True),
+            "dists": _RowWriter(self.partial / "dists.npy", (n, k), np.float32, True),
+            "values": _RowWriter(self.partial / "values.npy", (n, k), np.int32, True),
+        }
+
+    def write(self, row: int, **arrays: np.ndarray) -> None:
+        for name, arr in arrays.items():
+            self.writers[name].write(row, arr)
+
+    def finish(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        _write_json(self.partial / "meta.json", self.meta)
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        self.partial.rename(self.out)
+
+
+def evaluate(
+    lm: LoadedLM,
+    corpus: str,
+    split: str = "valid",
+    *,
+    context_len: int = 1024,
+    stride: int | None = None,
+    batch_size: int = 8,
+    text_field: str = "text",
+    datastore: str | Path | None = None,
+    knn: KnnSettings | None = None,
+    memory: str | Path | None = None,
+    memory_weight: float = 0.25,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """LM perplexity; plus kNN-LM with ``datastore`` and LM + MLP memory with ``memory``."""
+    stride = stride or context_len
+    knn = knn or KnnSettings()
+    knn.validate()
+    if not 0.0 <= memory_weight <= 1.0:
+        raise KnnlmError(f"--memory-weight must be in [0, 1], got {memory_weight}")
+    ids = load_tokens(lm.tokenizer, corpus, split, text_field)
+    eval_fp = corpus_fingerprint(ids)
+
+    ds = searcher = None
+    exclude = False
+    if datastore is not None:
+        from knnlm.retrieval.index import Searcher
+
+        ds = open_datastore(datastore)
+        ds.check_compatible(lm)
+        exclude = _should_exclude(ds, knn.exclude_self, eval_fp, context_len, stride)
+        searcher = Searcher(ds.path, k_max=knn.k, nprobe=knn.nprobe, recompute=knn.recompute)
+    mem = None
+    if memory is not None:
+        from knnlm.experiments.mlp_memory import load_memory
+
+        mem = load_memory(memory, device=str(lm.device))
+    key_type = ds.meta["key_type"] if ds is not None else ("ffn_input" if mem else None)
+    if mem is not None and ds is None:
+        key_type = "ffn_input"
+
+    n_total = len(ids) - 1
+    writer = None
+    if cache is not None:
+        if ds is None:
+            raise KnnlmError("--cache needs --datastore (it stores the retrieved neighbours)")
+        writer = _Cache(
+            Path(cache),
+            n_total,
+            knn.k,
+            {
+                "model_fingerprint": lm.fingerprint,
+                "datastore": str(ds.path),
+                "datastore_n": ds.n,
+                "corpus": corpus,
+                "split": split,
+                "corpus_fingerprint": eval_fp,
+                "context_len": context_len,
+                "stride": stride,
+                "recompute": knn.recompute,
+                "exclude_self": exclude,
+            },
+        )
+
+    nll = {"lm": 0.0, "knnlm": 0.0, "mlp": 0.0}
+    n_tokens = 0
+    t_search = 0.0
+    t0 = time.perf_counter()
+    for batch in score_stream(
+        lm.model,
+        ids,
+        context_len,
+        stride,
+        batch_size=batch_size,
+        key_type=key_type,
+        want_lm=True,
+        progress=progress,
+        desc=f"eval {split}",
+    ):
+        lm_lp = batch.lm_log_prob
+        n = len(batch.targets)
+        nll["lm"] -= float(lm_lp.double().sum())
+        if ds is not None:
+            queries = batch.keys.float().cpu().numpy()
+            own = np.arange(batch.first_row, batch.first_row + n) if exclude else None
+            ts = time.perf_counter()
+            dists, nids = searcher.search(queries, knn.k, exclude_ids=own)
+            t_search += time.perf_counter() - ts
+            vals = neighbour_values(ds, nids)
+            knn_lp = knn_target_log_prob(
+                torch.from_numpy(dists),
+                torch.from_numpy(nids),
+                torch.from_numpy(vals),
+                batch.targets.cpu(),
+                knn.temperature,
+            )
+            mixed = interpolate(lm_lp.cpu(), knn_lp, knn.knn_weight)
+            nll["knnlm"] -= float(mixed.double().sum())
+            if writer is not None:
+                writer.write(
+                    batch.first_row,
+                    lm_log_prob=lm_lp.cpu().numpy(),
+                    targets=batch.targets.cpu().numpy().astype(np.int32),
+                    ids=nids,
+                    dists=dists,
+                    values=vals.astype(np.int32),
+                )
+        if mem is not None:
+            mem_lp = mem.target_log_prob(batch.keys.float(), batch.targets)
+            nll["mlp"] -= float(interpolate(lm_lp, mem_lp, memory_weight).double().sum())
+        n_tokens += n
+    elapsed = time.perf_counter() - t0
+    if writer is not None:
+        writer.finish()
+
+    result: dict = {
+        "settings": {
+            "model": lm.name,
+            "model_fingerprint": lm.fingerprint,
+            "corpus": corpus,
+            "split": split,
+            "context_len": context_len,
+            "stride": stride,
+            "batch_size": batch_size,
+        },
+        "tokens": n_tokens,
+        "lm": {"perplexity": perplexity(nll["lm"], n_tokens), "nll_sum": nll["lm"]},
+        "timing": {"seconds": elapsed, "tokens_per_s": n_tokens / max(elapsed, 1e-9)},
+    }
+    if ds is not None:
+        result["settings"].update(
+            datastore=str(ds.path),
+            datastore_n=ds.n,
+            key_type=ds.meta["key_type"],
+            k=knn.k,
+            knn_weight=knn.knn_weight,
+            temperature=knn.temperature,
+            recompute=knn.recompute,
+            nprobe=knn.nprobe,
+            exclude_self=exclude,
+            index=searcher.index.kind if searcher.index is not None else "exact (no index)",
+        )
+        result["knnlm"] = {
+            "perplexity": perplexity(nll["knnlm"], n_tokens),
+            "nll_sum": nll["knnlm"],
+        }
+        result["timing"]["search_seconds"] = t_search
+    if mem is not None:
+        from knnlm.experiments.mlp_memory import memory_storage
+
+        result["settings"].update(memory=str(memory), memory_weight=memory_weight)
+        result["mlp"] = {"perplexity": perplexity(nll["mlp"], n_tokens), "nll_sum": nll["mlp"]}
+        result["storage"] = storage_report(ds, memory_storage(memory))
+    return result
+
+
+def storage_report(ds: Datastore | None, mem_storage: dict) -> dict:
+    """Bytes on disk, measured from the files, and the datastore / memory ratio."""
+    out = dict(mem_storage)
+    if ds is not None:
+        out["datastore_bytes"] = ds.storage_bytes()
+        index = ds.path / "index.faiss"
+        out["index_bytes"] = index.stat().st_size if index.is_file() else 0
+        out["ratio_datastore_to_memory"] = (out["datastore_bytes"] + out["index_bytes"]) / max(
+            out["memory_bytes"], 1
+        )
+    return out
+
+
+def load_cache(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise KnnlmError(f"no neighbour cache at {path}; create one with knnlm eval --cache")
+    meta = json.loads((path / "meta.json").read_text())
+    arrays = {
+        name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        for name in ("lm_log_prob", "targets", "ids", "dists", "values")
+    }
+    return {"meta": meta, **arrays}

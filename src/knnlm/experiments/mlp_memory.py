@@ -1,0 +1,542 @@
+"""An MLP that replaces kNN retrieval (paper Section 5, Appendix D).
+
+The datastore's key-value pairs (key z = a context representation, value = the next token)
+train a small model
+
+    logits = W (z + LN(MLP(z)))
+
+where MLP is one hidden layer (d -> hidden -> d, GELU; the paper uses hidden = 4096, "the same
+as the last MLP layer of the vanilla LM"), LN a LayerNorm(d), and W (V x d) starts as a copy of
+the LM's output embedding (``Adapter.output_embedding``, i.e. ``lm_head.weight``). The LM
+combines it with its own distribution exactly like the kNN component (log-space mix with a
+weight on the memory); that interpolation lives in ``knnlm.retrieval.knn``.
+
+Choices the paper leaves open, made here:
+
+- W is frozen by default (``train_output=False``): the cheaper reading of "W from the LM", and
+  the one under which a deployment need not store W at all (it already ships with the LM).
+  ``train_output=True`` trains it too.
+- A bias of the LM's ``lm_head`` (some models have one) is ignored: the formula has none.
+- GELU is the exact (erf) form; LayerNorm has eps = 1e-5 and elementwise affine parameters.
+- Optimiser: AdamW (with the default ``weight_decay=0`` it is Adam), constant learning rate
+  1e-5, batches of 3 x 3072 = 9216 keys (the LM's tokens per batch), cross-entropy.
+
+Training streams the keys from the datastore's memmap: each epoch walks a seeded permutation
+of row indices, and each batch gathers only its own rows (sorted, for locality) and converts
+them to float32. The whole key matrix is never loaded at once. The batch order depends only on
+(seed, epoch), so a run resumes exactly at the step where its last checkpoint stopped.
+
+Saved files (``out_dir``): ``model.safetensors`` and ``config.json`` are the memory model;
+``train_state.safetensors`` (optimiser state, for resuming) and ``loss_curve.json`` are
+training artefacts and do not count towards its storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from knnlm.errors import KnnlmError
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "train_state.safetensors"
+CURVE_FILE = "loss_curve.json"
+OUTPUT_WEIGHT = "output.weight"  # name of W in the state dict
+
+# Settings that must agree for a run to resume from an existing checkpoint.
+_RESUME_KEYS = (
+    "dim",
+    "hidden",
+    "vocab",
+    "train_output",
+    "lr",
+    "weight_decay",
+    "batch_tokens",
+    "seed",
+    "n_train",
+    "output_init_sha256",
+)
+
+
+class MemoryMLP(nn.Module):
+    """logits = W (z + LN(MLP(z))), the model of Appendix D."""
+
+    def __init__(self, dim: int, hidden: int, vocab: int, train_output: bool = False):
+        super().__init__()
+        if min(dim, hidden, vocab) < 1:
+            raise KnnlmError(
+                f"dim, hidden and vocab must be positive, got {dim}, {hidden}, {vocab}"
+            )
+        self.dim, self.hidden, self.vocab = int(dim), int(hidden), int(vocab)
+        self.train_output = bool(train_output)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.ln = nn.LayerNorm(dim)
+        self.output = nn.Linear(dim, vocab, bias=False)
+        self.output.weight.requires_grad_(self.train_output)
+
+    @classmethod
+    def from_output_embedding(
+        cls, W: torch.Tensor, hidden: int = 4096, train_output: bool = False
+    ) -> MemoryMLP:
+        """A fresh model whose W is a float32 copy of ``W`` (V x d), e.g. ``lm_head.weight``."""
+        if W.ndim != 2:
+            raise KnnlmError(
+                f"output embedding must be 2-D (vocab, dim), got shape {tuple(W.shape)}"
+            )
+        vocab, dim = W.shape
+        model = cls(dim, hidden, vocab, train_output)
+        with torch.no_grad():
+            model.output.weight.copy_(W.detach().float())
+        return model
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """z + LN(MLP(z)), the vector W is applied to."""
+        z = z.to(self.output.weight.dtype)
+        return z + self.ln(self.mlp(z))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[-1] != self.dim:
+            raise KnnlmError(
+                f"keys have dimension {z.shape[-1]}, the memory model expects {self.dim}"
+            )
+        return self.output(self.features(z))
+
+    def log_probs(self, z: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the vocabulary, shape (..., V)."""
+        return torch.log_softmax(self(z), dim=-1)
+
+    def target_log_prob(
+        self, z: torch.Tensor, targets: torch.Tensor, chunk: int = 4096
+    ) -> torch.Tensor:
+        """log p_mem(target | z) for each row, shape (n,).
+
+        The normaliser needs every logit, but only ``chunk`` rows of them live at a time, so
+        scoring many tokens never builds the full (n x V) matrix.
+        """
+        z = z.reshape(-1, self.dim)
+        targets = targets.reshape(-1).to(device=z.device, dtype=torch.long)
+        if len(targets) != len(z):
+            raise KnnlmError(f"{len(z)} keys but {len(targets)} targets")
+        out = []
+        for s in range(0, len(z), chunk):
+            logits = self(z[s : s + chunk])
+            picked = logits.gather(1, targets[s : s + chunk, None]).squeeze(1)
+            out.append(picked - torch.logsumexp(logits, dim=-1))
+        return torch.cat(out) if out else z.new_zeros(0)
+
+
+@dataclass
+class MemoryTrainResult:
+    out_dir: Path
+    model: MemoryMLP
+    steps: int  # optimiser steps taken in total (including those of a resumed run)
+    n_train: int
+    losses: list[float]  # mean cross-entropy of each step
+    final_loss: float  # mean loss of the last min(steps per epoch, 100) steps
+    seconds: float  # wall time of this call
+    resumed_from: int = 0  # step the run continued from (0: fresh)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), meta)
+    tmp.replace(path)
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor dtypes, shapes, offsets; metadata)."""
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            return json.loads(fh.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise KnnlmError(f"corrupt safetensors file {path}: {e}") from e
+
+
+def _tensor_bytes(path: Path) -> dict[str, int]:
+    """Byte size of each tensor in a safetensors file, read from its header (no data loaded)."""
+    header = _header(path)
+    return {
+        k: int(v["data_offsets"][1] - v["data_offsets"][0])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+
+
+def _read_config(out_dir: Path) -> dict[str, Any]:
+    cfg_path, model_path = out_dir / CONFIG_FILE, out_dir / MODEL_FILE
+    if not cfg_path.is_file() or not model_path.is_file():
+        raise KnnlmError(
+            f"no memory model in {out_dir} (expected {CONFIG_FILE} and {MODEL_FILE}; "
+            "train one with train_memory first)"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise KnnlmError(f"unreadable {cfg_path}: {e}") from e
+    if cfg.get("kind") != "mlp_memory":
+        raise KnnlmError(f"{cfg_path} does not describe an MLP memory model")
+    return cfg
+
+
+def load_memory(out_dir: str | Path, device: str | torch.device | None = None) -> MemoryMLP:
+    """Load a memory model saved by ``train_memory`` (safetensors only; no pickle)."""
+    out_dir = Path(out_dir)
+    cfg = _read_config(out_dir)
+    model = MemoryMLP(cfg["dim"], cfg["hidden"], cfg["vocab"], cfg["train_output"])
+    try:
+        state = load_file(str(out_dir / MODEL_FILE))
+        model.load_state_dict(state)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise KnnlmError(f"corrupt or mismatching {out_dir / MODEL_FILE}: {e}") from e
+    return model.to(_device(device)).eval()
+
+
+def memory_bytes(out_dir: str | Path) -> int:
+    """Bytes on disk of the saved memory model: ``model.safetensors`` + ``config.json``.
+
+    The optimiser state and loss curve kept for resuming are training artefacts, not counted.
+    """
+    out_dir = Path(out_dir)
+    _read_config(out_dir)
+    return sum(os.path.getsize(out_dir / f) for f in (MODEL_FILE, CONFIG_FILE))
+
+
+def memory_storage(out_dir: str | Path) -> dict[str, int]:
+    """Storage of the memory model, for comparison with the datastore and its index.
+
+    - ``memory_bytes``: the files on disk (see ``memory_bytes``); they always include W.
+    - ``memory_bytes_without_shared_W``: the bytes of the parameter tensors in
+      ``model.safetensors`` excluding W when W is frozen — a frozen W is an exact copy of the
+      LM's output embedding, so a deployment that ships the LM need not store it again. When
+      W was trained it is the memory's own and is counted. Tensor sizes are read from the
+      safetensors header (file header and config are not counted here).
+    - ``output_bytes``: the bytes of W itself.
+    """
+    out_dir = Path(out_dir)
+    cfg = _read_config(out_dir)
+    sizes = _tensor_bytes(out_dir / MODEL_FILE)
+    w = sizes.get(OUTPUT_WEIGHT, 0)
+    params = sum(sizes.values())
+    return {
+        "memory_bytes": memory_bytes(out_dir),
+        "memory_bytes_without_shared_W": params - (0 if cfg["train_output"] else w),
+        "output_bytes": w,
+    }
+
+
+# -- training ----------------------------------------------------------------------------
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def _check_inputs(keys: Any, values: Any, W: torch.Tensor) -> None:
+    if getattr(keys, "ndim", None) != 2:
+        raise KnnlmError(
+            f"keys must be a 2-D array (N, d), got shape {getattr(keys, 'shape', None)}"
+        )
+    if getattr(values, "ndim", None) != 1:
+        raise KnnlmError(
+            f"values must be a 1-D array (N,), got shape {getattr(values, 'shape', None)}"
+        )
+    if keys.shape[0] != values.shape[0]:
+        raise KnnlmError(f"{keys.shape[0]} keys but {values.shape[0]} values")
+    if keys.shape[0] == 0:
+        raise KnnlmError("the datastore is empty: nothing to train the memory model on")
+    if not np.issubdtype(keys.dtype, np.floating):
+        raise KnnlmError(f"keys must be float16 or float32, got {keys.dtype}")
+    if not np.issubdtype(values.dtype, np.integer):
+        raise KnnlmError(f"values must be integer token ids, got {values.dtype}")
+    if W.ndim != 2 or W.shape[1] != keys.shape[1]:
+        raise KnnlmError(
+            f"output embedding has shape {tuple(W.shape)} but keys have dimension {keys.shape[1]}"
+        )
+    # Stream the value range in chunks: 4 bytes per row, cheap next to training.
+    vocab, step = W.shape[0], 1 << 22
+    for s in range(0, values.shape[0], step):
+        chunk = np.asarray(values[s : s + step])
+        if chunk.min() < 0 or chunk.max() >= vocab:
+            raise KnnlmError(
+                f"datastore values fall outside the output vocabulary [0, {vocab}): "
+                f"found {int(chunk.min())}..{int(chunk.max())}; wrong LM for this datastore?"
+            )
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    # int32 where possible halves the memory of the permutation (400 MB for 100M keys).
+    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    np.random.default_rng([seed, epoch]).shuffle(order)
+    return order
+
+
+def _batches(
+    keys: Any, values: Any, batch_tokens: int, seed: int, start: int, total: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(float32 keys, int64 values) of steps ``start..total-1``, gathered row-wise."""
+    n = values.shape[0]
+    per_epoch = math.ceil(n / batch_tokens)
+    order, order_epoch = None, -1
+    for step in range(start, total):
+        epoch, b = divmod(step, per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = _epoch_order(n, seed, epoch), epoch
+        idx = np.sort(order[b * batch_tokens : (b + 1) * batch_tokens])
+        yield (
+            np.asarray(keys[idx], dtype=np.float32),
+            np.asarray(values[idx], dtype=np.int64),
+        )
+
+
+def _prefetch(it: Iterator[Any]) -> Iterator[Any]:
+    """Gather the next batch from disk in a thread while the current one trains."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(next, it, None)
+        while True:
+            item = fut.result()
+            if item is None:
+                return
+            fut = pool.submit(next, it, None)
+            yield item
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for name, t in st.items():
+            out[f"{idx}.{name}"] = torch.as_tensor(t)
+    return out
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = t
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def _try_resume(
+    out_dir: Path, settings: dict[str, Any], model: MemoryMLP, opt: torch.optim.Optimizer
+) -> tuple[int, list[float], list[dict[str, Any]]]:
+    """Restore model, optimiser and curve from ``out_dir``; returns (step, losses, evals)."""
+    try:
+        cfg = _read_config(out_dir)
+    except KnnlmError:
+        return 0, [], []
+    if not (out_dir / STATE_FILE).is_file() or not (out_dir / CURVE_FILE).is_file():
+        return 0, [], []
+    diff = [k for k in _RESUME_KEYS if cfg.get(k) != settings[k]]
+    if diff:
+        raise KnnlmError(
+            f"{out_dir} holds a memory model trained with other settings ({', '.join(diff)}); "
+            "choose another output directory or pass resume=False to overwrite it"
+        )
+    step = int(cfg["steps"])
+    curve = json.loads((out_dir / CURVE_FILE).read_text())
+    # The files are renamed one after another; resume only from a consistent set.
+    marks = [
+        _header(out_dir / f).get("__metadata__", {}).get("step") for f in (MODEL_FILE, STATE_FILE)
+    ]
+    if marks != [str(step)] * 2 or len(curve["loss"]) != step or curve.get("step") != step:
+        return 0, [], []
+    model_sd = load_file(str(out_dir / MODEL_FILE))
+    state = load_file(str(out_dir / STATE_FILE))
+    model.load_state_dict(model_sd)
+    _load_optimizer(opt, state)
+    return step, list(curve["loss"]), list(curve.get("evals", []))
+
+
+def train_memory(
+    keys: Any,
+    values: Any,
+    W: torch.Tensor,
+    out_dir: str | Path,
+    hidden: int = 4096,
+    lr: float = 1e-5,
+    batch_tokens: int = 9216,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    seed: int = 0,
+    train_output: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    weight_decay: float = 0.0,
+    micro_batch: int | None = None,
+    resume: bool = True,
+    datastore: dict[str, Any] | None = None,
+    eval_fn: Callable[[MemoryMLP], dict[str, Any]] | None = None,
+) -> MemoryTrainResult:
+    """Train the memory MLP on datastore keys -> values and save it in ``out_dir``.
+
+    ``keys`` (N, d) float16/float32 and ``values`` (N,) integer arrays are typically
+    ``np.load(path, mmap_mode="r")`` memmaps; any array that supports ``a[index_array]``
+    works. Only the current batch of rows and the next (prefetched) one are in memory.
+    ``W`` (V x d) is the LM's output embedding (copied; a bias of the LM head is ignored).
+    ``batch_tokens`` defaults to the paper's 3 x 3072; ``micro_batch`` splits each batch to
+    save memory (same gradient).
+    Training runs ``epochs`` passes, or stops after ``max_steps`` optimiser steps in total.
+
+    Checkpoints (model, optimiser state, loss curve, config) are written atomically at the end
+    of every epoch and at the end. With ``resume=True`` a matching checkpoint in ``out_dir``
+    is continued from its step (a finished one is returned as is); one with other settings is
+    an error. ``datastore`` (e.g. path and fingerprint) is recorded in config.json.
+    ``eval_fn(model)`` runs (under no_grad) at every checkpoint; its dicts go to
+    loss_curve.json under "evals".
+    """
+    t0 = time.perf_counter()
+    _check_inputs(keys, values, W)
+    if batch_tokens < 1 or epochs < 1 or (max_steps is not None and max_steps < 1):
+        raise KnnlmError("batch_tokens, epochs and max_steps must be positive")
+    if lr <= 0:
+        raise KnnlmError(f"learning rate must be positive, got {lr}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = _device(device)
+    n = int(values.shape[0])
+    per_epoch = math.ceil(n / batch_tokens)
+    total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(seed)
+        model = MemoryMLP.from_output_embedding(W, hidden, train_output)
+    model.to(dev)
+    settings = {
+        "dim": model.dim,
+        "hidden": model.hidden,
+        "vocab": model.vocab,
+        "train_output": model.train_output,
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "batch_tokens": int(batch_tokens),
+        "seed": int(seed),
+        "n_train": n,
+        "output_init_sha256": _sha256(W),
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    start, losses, evals = (0, [], [])
+    if resume:
+        start, losses, evals = _try_resume(out_dir, settings, model, opt)
+    if start > total:
+        raise KnnlmError(
+            f"{out_dir} holds a memory model already trained for {start} steps, more than the "
+            f"{total} requested; pass resume=False to train a new one"
+        )
+
+    def save(step: int, complete: bool) -> dict[str, Any]:
+        meta = {"step": str(step)}
+        _atomic_safetensors(out_dir / MODEL_FILE, model.state_dict(), meta)
+        _atomic_safetensors(out_dir / STATE_FILE, _optimizer_tensors(opt), meta)
+        curve = {"step": step, "batch_tokens": batch_tokens, "n_train": n, "loss": losses}
+        curve["evals"] = evals
+        _atomic_json(out_dir / CURVE_FILE, curve)
+        cfg = {
+            "kind": "mlp_memory",
+            "format_version": FORMAT_VERSION,
+            **settings,
+            "activation": "gelu",
+            "ln_eps": model.ln.eps,
+            "epochs": int(epochs),
+            "max_steps": max_steps,
+            "steps": step,
+            "total_steps": total,
+            "steps_per_epoch": per_epoch,
+            "complete": complete,
+            "keys_dtype": str(keys.dtype),
+            "datastore": datastore,
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        _atomic_json(out_dir / CONFIG_FILE, cfg)  # written last: it marks the set complete
+        return cfg
+
+    micro = micro_batch or batch_tokens
+    model.train()
+    bar = tqdm(total=total, initial=start, desc="memory MLP", unit="step", disable=not progress)
+    pending: list[torch.Tensor] = []  # losses on the device, fetched in groups (no sync per step)
+
+    def flush() -> None:
+        if pending:
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+
+    cfg: dict[str, Any] | None = None
+    step = start
+    for zb, yb in _prefetch(_batches(keys, values, batch_tokens, seed, start, total)):
+        z = torch.from_numpy(zb).to(dev, non_blocking=True)
+        y = torch.from_numpy(yb).to(dev, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        batch_loss = torch.zeros((), device=dev)
+        for s in range(0, len(y), micro):
+            logits = model(z[s : s + micro])
+            loss = nn.functional.cross_entropy(logits, y[s : s + micro], reduction="sum") / len(y)
+            loss.backward()
+            batch_loss += loss.detach()
+        opt.step()
+        pending.append(batch_loss)
+        step += 1
+        bar.update(1)
+        if len(pending) >= 50:
+            flush()
+        if step % per_epoch == 0 or step == total:
+            flush()
+            if eval_fn is not None:
+                model.eval()
+                with torch.no_grad():
+                    evals.append({"step": step, **eval_fn(model)})
+                model.train()
+            cfg = save(step, complete=step == total)
+    bar.close()
+    if cfg is None:  # nothing left to train: the checkpoint already had every step
+        cfg = save(step, complete=True)
+    model.eval()
+    tail = losses[-min(per_epoch, 100) :]
+    return MemoryTrainResult(
+        out_dir=out_dir,
+        model=model,
+        steps=step,
+        n_train=n,
+        losses=list(losses),
+        final_loss=float(np.mean(tail)) if tail else float("nan"),
+        seconds=time.perf_counter() - t0,
+        resumed_from=start,
+        config=cfg,
+    )

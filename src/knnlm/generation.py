@@ -1,0 +1,94 @@
+"""kNN-LM generation with ``model.generate``: a logits processor that mixes in p_knn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from knnlm.errors import KnnlmError
+from knnlm.evaluate import neighbour_values
+from knnlm.lm.adapters import Adapter
+from knnlm.lm.loading import LoadedLM
+from knnlm.retrieval.datastore import Datastore, open_datastore
+from knnlm.retrieval.knn import interpolate, knn_log_probs
+
+
+class KnnLogitsProcessor(LogitsProcessor):
+    """Replaces the next-token scores by log((1 - w) p_lm + w p_knn).
+
+    The query is the key of the last position, captured by the adapter's hooks during the
+    forward that produced ``scores``; use it inside ``adapter.capture()`` (see :func:`generate`).
+    """
+
+    def __init__(
+        self,
+        store: dict[str, torch.Tensor],
+        ds: Datastore,
+        searcher,
+        k: int = 1024,
+        knn_weight: float = 0.25,
+        temperature: float = 1.0,
+    ):
+        if not 0.0 <= knn_weight <= 1.0:
+            raise KnnlmError(f"--knn-weight must be in [0, 1], got {knn_weight}")
+        self.store, self.ds, self.searcher = store, ds, searcher
+        self.key_type = ds.meta["key_type"]
+        self.k, self.weight, self.temperature = k, knn_weight, temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        key = Adapter.key_from(self.store, self.key_type)[:, -1]
+        dists, ids = self.searcher.search(key.float().cpu().numpy(), self.k)
+        vals = neighbour_values(self.ds, ids).astype(np.int64)
+        knn_lp = knn_log_probs(
+            torch.from_numpy(dists),
+            torch.from_numpy(ids),
+            torch.from_numpy(vals),
+            scores.shape[-1],
+            self.temperature,
+        ).to(scores.device)
+        lm_lp = torch.log_softmax(scores.float(), dim=-1)
+        return interpolate(lm_lp, knn_lp, self.weight).to(scores.dtype)
+
+
+@torch.no_grad()
+def generate(
+    lm: LoadedLM,
+    prompt: str,
+    datastore: str | Path | None = None,
+    *,
+    k: int = 1024,
+    knn_weight: float = 0.25,
+    temperature: float = 1.0,
+    max_new_tokens: int = 50,
+    do_sample: bool = False,
+    top_p: float = 1.0,
+    seed: int = 0,
+    nprobe: int | None = None,
+) -> str:
+    """Continue ``prompt`` with the kNN-LM (or the plain LM when ``datastore`` is None)."""
+    if not prompt:
+        raise KnnlmError("the prompt is empty")
+    torch.manual_seed(seed)
+    enc = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        pad_token_id=lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id,
+    )
+    if do_sample:
+        kwargs["top_p"] = top_p
+    if datastore is None:
+        out = lm.model.generate(**enc, **kwargs)
+    else:
+        from knnlm.retrieval.index import Searcher
+
+        ds = open_datastore(datastore)
+        ds.check_compatible(lm)
+        searcher = Searcher(ds.path, k_max=k, nprobe=nprobe, recompute=True)
+        with lm.adapter.capture() as store:
+            proc = KnnLogitsProcessor(store, ds, searcher, k, knn_weight, temperature)
+            out = lm.model.generate(**enc, logits_processor=LogitsProcessorList([proc]), **kwargs)
+    return lm.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

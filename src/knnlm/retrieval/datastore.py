@@ -1,0 +1,267 @@
+"""The kNN datastore: one key and one value per scored training position.
+
+Layout of a datastore directory::
+
+    keys.npy     (N, d) float16 (default) or float32
+    values.npy   (N,) int32: the next token of each key
+    meta.json    model / tokenizer / corpus fingerprints, key type, d, N, dtypes,
+                 context length and stride, creation time, format version
+
+A build writes into ``<out>.partial/`` and renames it to ``<out>`` when complete. Rows are
+written with positioned writes (no growing in-memory buffer, no mapping of the whole file),
+so peak memory does not grow with corpus length. Progress is recorded every few batches;
+rerunning the same command resumes from there. Under ``torch.distributed`` (``torchrun`` or
+``accelerate launch``) each rank scores a contiguous block of batches and writes its rows at
+their final offsets; the result is byte-identical to a single-process build because batch
+boundaries are fixed by the window layout, not by the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from knnlm.data.corpus import load_tokens
+from knnlm.data.windows import make_windows
+from knnlm.errors import KnnlmError
+from knnlm.lm.adapters import KEY_TYPES
+from knnlm.lm.loading import LoadedLM
+from knnlm.scoring import rows_before, score_stream, window_batches
+
+FORMAT_VERSION = 1
+KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def corpus_fingerprint(ids: np.ndarray) -> str:
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64)).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+@dataclass
+class Datastore:
+    path: Path
+    keys: np.ndarray  # memmap (N, d)
+    values: np.ndarray  # memmap (N,)
+    meta: dict
+
+    @property
+    def n(self) -> int:
+        return int(self.meta["n"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    def storage_bytes(self) -> int:
+        """Bytes on disk of keys + values."""
+        return sum((self.path / f).stat().st_size for f in ("keys.npy", "values.npy"))
+
+    def check_compatible(self, lm: LoadedLM, key_type: str | None = None) -> None:
+        """Refuse a datastore built with another model, tokenizer or key size."""
+        m = self.meta
+        if m["dim"] != lm.adapter.hidden_size:
+            raise KnnlmError(
+                f"datastore {self.path} has keys of size {m['dim']}, the model's hidden size is "
+                f"{lm.adapter.hidden_size}"
+            )
+        if m["tokenizer_fingerprint"] != lm.tokenizer_fingerprint:
+            raise KnnlmError(
+                f"datastore {self.path} was built with another tokenizer "
+                f"({m['tokenizer_fingerprint']} != {lm.tokenizer_fingerprint})"
+            )
+        if m["model_fingerprint"] != lm.fingerprint:
+            raise KnnlmError(
+                f"datastore {self.path} was built with another model ({m['model']}, "
+                f"{m['model_fingerprint']}); this model is {lm.name} ({lm.fingerprint})"
+            )
+        if key_type is not None and m["key_type"] != key_type:
+            raise KnnlmError(f"datastore {self.path} holds {m['key_type']} keys, not {key_type}")
+
+
+def open_datastore(path: str | Path) -> Datastore:
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        if Path(str(path) + ".partial").is_dir():
+            raise KnnlmError(f"datastore {path} is incomplete; rerun the build to resume it")
+        raise KnnlmError(f"no datastore at {path} (meta.json missing)")
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise KnnlmError(f"datastore {path} has format version {meta.get('format_version')}")
+    keys = np.load(path / "keys.npy", mmap_mode="r", allow_pickle=False)
+    values = np.load(path / "values.npy", mmap_mode="r", allow_pickle=False)
+    if keys.shape != (meta["n"], meta["dim"]) or values.shape != (meta["n"],):
+        raise KnnlmError(f"datastore {path}: keys/values shapes do not match meta.json")
+    return Datastore(path=path, keys=keys, values=values, meta=meta)
+
+
+class _RowWriter:
+    """Positioned writes of rows into a preallocated .npy file."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype, create: bool):
+        if create:
+            arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            del arr  # header written and file sized (sparse); no pages kept
+        mm = np.load(path, mmap_mode="r", allow_pickle=False)
+        self.header = int(mm.offset)  # bytes before the data
+        del mm
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        self.dtype = np.dtype(dtype)
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, first_row: int, rows: np.ndarray) -> None:
+        data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
+        os.pwrite(self.fd, data, self.header + first_row * self.row_bytes)
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def build_datastore(
+    lm: LoadedLM,
+    corpus: str,
+    split: str,
+    out: str | Path,
+    *,
+    context_len: int = 1024,
+    stride: int | None = None,
+    batch_size: int = 8,
+    key_type: str = "ffn_input",
+    key_dtype: str = "float16",
+    text_field: str = "text",
+    checkpoint_every: int = 50,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> Path:
+    """Score ``split`` of ``corpus`` with ``lm`` and write (key, next token) for every position.
+
+    ``on_batch(batches_done)`` is called after each batch (tests use it to interrupt a build).
+    Returns the datastore path; a finished datastore with the same settings is reused.
+    """
+    if key_type not in KEY_TYPES:
+        raise KnnlmError(f"unknown key type {key_type!r}; choose one of {', '.join(KEY_TYPES)}")
+    if key_dtype not in KEY_DTYPES:
+        raise KnnlmError(f"key dtype must be float16 or float32, not {key_dtype!r}")
+    stride = stride or context_len
+    out = Path(out)
+    ids = load_tokens(lm.tokenizer, corpus, split, text_field)
+    windows = make_windows(len(ids), context_len, stride)
+    batches = window_batches(windows, batch_size)
+    offsets = rows_before(windows)
+    n, dim = int(offsets[-1]), lm.adapter.hidden_size
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint,
+        "tokenizer_fingerprint": lm.tokenizer_fingerprint,
+        "corpus": corpus,
+        "split": split,
+        "corpus_fingerprint": corpus_fingerprint(ids),
+        "context_len": context_len,
+        "stride": stride,
+        "batch_size": batch_size,
+        "key_type": key_type,
+        "key_dtype": key_dtype,
+        "value_dtype": "int32",
+        "dim": dim,
+        "n": n,
+    }
+    rank, world = _dist()
+    if (out / "meta.json").is_file():
+        old = json.loads((out / "meta.json").read_text())
+        if all(old.get(k) == v for k, v in settings.items()):
+            return out
+        if not overwrite:
+            raise KnnlmError(f"{out} holds a datastore with other settings; pass --overwrite")
+        if rank == 0:
+            shutil.rmtree(out)
+    partial = Path(str(out) + ".partial")
+    settings_file = partial / "settings.json"
+    fresh = not (settings_file.is_file() and json.loads(settings_file.read_text()) == settings)
+    if rank == 0 and fresh:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    _barrier()
+    if rank == 0 and fresh:
+        key_writer = _RowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], True)
+        value_writer = _RowWriter(partial / "values.npy", (n,), np.int32, True)
+        _write_json(settings_file, settings)
+    _barrier()
+    if not (rank == 0 and fresh):
+        key_writer = _RowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], False)
+        value_writer = _RowWriter(partial / "values.npy", (n,), np.int32, False)
+
+    # Contiguous blocks of batches per rank; the batch layout itself never changes.
+    per_rank = -(-len(batches) // world)
+    a, b = rank * per_rank, min((rank + 1) * per_rank, len(batches))
+    progress_file = partial / f"progress-{rank}-of-{world}.json"
+    start = a
+    if progress_file.is_file():
+        start = max(a, int(json.loads(progress_file.read_text())["batches_done"]))
+    torch_dtype = torch.float16 if key_dtype == "float16" else torch.float32
+    done = start
+    try:
+        if start < b:
+            for batch in score_stream(
+                lm.model,
+                ids,
+                context_len,
+                stride,
+                batch_size=batch_size,
+                key_type=key_type,
+                want_lm=False,
+                batch_range=(start, b),
+                progress=progress and rank == 0,
+                desc=f"datastore {split}",
+            ):
+                keys = batch.keys.to(torch_dtype).cpu().numpy()
+                key_writer.write(batch.first_row, keys)
+                value_writer.write(batch.first_row, batch.targets.cpu().numpy().astype(np.int32))
+                done += 1
+                if (done - start) % checkpoint_every == 0:
+                    os.fsync(key_writer.fd)
+                    os.fsync(value_writer.fd)
+                    _write_json(progress_file, {"batches_done": done})
+                if on_batch is not None:
+                    on_batch(done)
+    finally:
+        key_writer.close()
+        value_writer.close()
+    _write_json(progress_file, {"batches_done": done})
+    _barrier()
+    if rank == 0:
+        meta = dict(settings, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), world_size=world)
+        for f in partial.glob("progress-*.json"):
+            f.unlink()
+        settings_file.unlink()
+        _write_json(partial / "meta.json", meta)
+        partial.rename(out)
+    _barrier()
+    return out

@@ -1,0 +1,122 @@
+"""The one scoring pass: windows -> hooked forward -> per-position records.
+
+Every consumer (datastore build, perplexity, kNN-LM evaluation, the projection, MLP-memory
+data) reads the same :class:`ScoredBatch` stream, so they all agree on which tokens are
+scored, with which context, and which key belongs to which target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from knnlm.data.windows import Window, make_windows
+from knnlm.lm.adapters import Adapter
+
+
+@dataclass
+class ScoredBatch:
+    """Records for the scored targets of a group of windows, in stream order."""
+
+    positions: np.ndarray  # (n,) int64 absolute target positions in the token stream
+    targets: torch.Tensor  # (n,) long
+    lm_log_prob: torch.Tensor | None  # (n,) float32 log p_lm(target)
+    keys: torch.Tensor | None  # (n, d) the requested key type
+    enc: torch.Tensor | None  # (n, d) enc(c): the input of g (projection onto f∘g)
+    lm_logits: torch.Tensor | None  # (n, V) float32 full LM logits
+    first_row: int  # index of this batch's first record among all scored targets
+    windows_done: int  # number of windows fully processed after this batch
+
+
+def window_batches(windows: list[Window], batch_size: int) -> list[tuple[int, int]]:
+    """Fixed batch boundaries [start, stop) over windows; a resumed or sharded pass reuses them
+    so that every window is always computed in the same batch (bit-identical results)."""
+    return [(i, min(i + batch_size, len(windows))) for i in range(0, len(windows), batch_size)]
+
+
+def rows_before(windows: list[Window]) -> np.ndarray:
+    """Row offset of each window's first scored target, plus the total at the end."""
+    counts = np.array([w.n_scored for w in windows], dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(counts)])
+
+
+@torch.no_grad()
+def score_stream(
+    model: torch.nn.Module,
+    ids: np.ndarray,
+    context_len: int,
+    stride: int | None = None,
+    *,
+    batch_size: int = 8,
+    key_type: str | None = "ffn_input",
+    want_lm: bool = True,
+    want_enc: bool = False,
+    want_logits: bool = False,
+    batch_range: tuple[int, int] | None = None,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> Iterator[ScoredBatch]:
+    """Run the LM over ``ids`` in windows and yield the records of every scored target.
+
+    ``batch_range`` restricts the pass to batches [a, b) of the fixed batch layout (resume,
+    sharding). Windows in a batch are right-padded; with causal attention the padding never
+    influences the real positions (the mask is passed anyway, for models that need it).
+    """
+    adapter = Adapter(model)
+    device = next(model.parameters()).device
+    windows = make_windows(len(ids), context_len, stride)
+    batches = window_batches(windows, batch_size)
+    offsets = rows_before(windows)
+    a, b = batch_range if batch_range is not None else (0, len(batches))
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    pad_id = 0
+    total = int(offsets[batches[b - 1][1]] - offsets[batches[a][0]]) if b > a else 0
+    bar = tqdm(total=total, disable=not progress, desc=desc, unit="tok", smoothing=0.1)
+    with adapter.capture() as store:
+        for bi in range(a, b):
+            lo, hi = batches[bi]
+            group = windows[lo:hi]
+            width = max(w.length for w in group)
+            begins = torch.tensor([w.begin for w in group])
+            lengths = torch.tensor([w.length for w in group])
+            first = torch.tensor([w.score_from - w.begin - 1 for w in group])
+            col = torch.arange(width)
+            # Gather the window tokens with one indexing op; pad beyond each window's end.
+            src = begins[:, None] + col[None, :]
+            inside = col[None, :] < lengths[:, None]
+            batch_ids = torch.where(inside, ids_t[src.clamp(max=len(ids) - 1)], pad_id)
+            # Logit column c predicts token c+1; scored columns are [first, length-1).
+            scored = (col[None, :] >= first[:, None]) & (col[None, :] < lengths[:, None] - 1)
+            out = model(
+                input_ids=batch_ids.to(device),
+                attention_mask=inside.long().to(device),
+                use_cache=False,
+            )
+            mask = scored.to(device)
+            targets = batch_ids[:, 1:].to(device)[mask[:, :-1]]
+            positions = (src[:, 1:][scored[:, :-1]]).numpy()
+            lm_lp = logits = None
+            if want_lm or want_logits:
+                sel = out.logits[mask].float()
+                if want_lm:
+                    lm_lp = torch.log_softmax(sel, dim=-1).gather(1, targets[:, None]).squeeze(1)
+                if want_logits:
+                    logits = sel
+            keys = Adapter.key_from(store, key_type)[mask] if key_type else None
+            enc = store["enc"][mask] if want_enc else None
+            bar.update(len(targets))
+            yield ScoredBatch(
+                positions=positions,
+                targets=targets,
+                lm_log_prob=lm_lp,
+                keys=keys,
+                enc=enc,
+                lm_logits=logits,
+                first_row=int(offsets[lo]),
+                windows_done=hi,
+            )
+    bar.close()

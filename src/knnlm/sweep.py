@@ -1,0 +1,71 @@
+"""Re-score cached neighbours over a grid of knn_weight x temperature x k, without searching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from knnlm.errors import KnnlmError
+from knnlm.evaluate import load_cache
+from knnlm.retrieval.knn import interpolate, knn_target_log_prob, perplexity
+
+
+def sweep(
+    cache: str | Path,
+    weights: list[float],
+    temperatures: list[float],
+    ks: list[int] | None = None,
+    chunk_rows: int = 16384,
+    progress: bool = True,
+) -> dict:
+    """Perplexity for every (k, weight, temperature); neighbours are read from ``cache``.
+
+    Cached neighbours are sorted by distance, so the first k columns are the k nearest.
+    """
+    c = load_cache(cache)
+    k_cached = int(c["meta"]["k"])
+    ks = ks or [k_cached]
+    if max(ks) > k_cached or min(ks) < 1:
+        raise KnnlmError(f"k must be in [1, {k_cached}] (the cached k)")
+    for w in weights:
+        if not 0.0 <= w <= 1.0:
+            raise KnnlmError(f"knn weights must be in [0, 1], got {w}")
+    if any(t <= 0 for t in temperatures):
+        raise KnnlmError("temperatures must be positive")
+    n = int(c["meta"]["n"])
+    nll = np.zeros((len(ks), len(weights), len(temperatures)))
+    lm_nll = 0.0
+    for lo in tqdm(range(0, n, chunk_rows), disable=not progress, desc="sweep", unit="chunk"):
+        hi = min(lo + chunk_rows, n)
+        lm_lp = torch.from_numpy(np.array(c["lm_log_prob"][lo:hi], dtype=np.float32))
+        targets = torch.from_numpy(np.array(c["targets"][lo:hi], dtype=np.int64))
+        dists = torch.from_numpy(np.array(c["dists"][lo:hi], dtype=np.float32))
+        ids = torch.from_numpy(np.array(c["ids"][lo:hi], dtype=np.int64))
+        vals = torch.from_numpy(np.array(c["values"][lo:hi], dtype=np.int64))
+        lm_nll -= float(lm_lp.double().sum())
+        for ki, k in enumerate(ks):
+            for ti, t in enumerate(temperatures):
+                knn_lp = knn_target_log_prob(dists[:, :k], ids[:, :k], vals[:, :k], targets, t)
+                for wi, w in enumerate(weights):
+                    nll[ki, wi, ti] -= float(interpolate(lm_lp, knn_lp, w).double().sum())
+    ppl = np.vectorize(lambda x: perplexity(x, n))(nll)
+    best = np.unravel_index(np.nanargmin(ppl), ppl.shape)
+    return {
+        "cache": str(cache),
+        "settings": c["meta"],
+        "tokens": n,
+        "lm": {"perplexity": perplexity(lm_nll, n), "nll_sum": lm_nll},
+        "ks": ks,
+        "weights": weights,
+        "temperatures": temperatures,
+        "perplexity": ppl.tolist(),  # [k][weight][temperature]
+        "best": {
+            "k": ks[best[0]],
+            "knn_weight": weights[best[1]],
+            "temperature": temperatures[best[2]],
+            "perplexity": float(ppl[best]),
+        },
+    }

@@ -1,0 +1,253 @@
+"""The kNN-LM engine against an independent brute-force kNN-LM (numpy, exact, explicit loops)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_text, save_tiny_model
+from knnlm.data.corpus import load_tokens
+from knnlm.data.windows import make_windows
+from knnlm.errors import KnnlmError
+from knnlm.evaluate import KnnSettings, evaluate
+from knnlm.lm.loading import load_lm
+from knnlm.retrieval.datastore import build_datastore, open_datastore
+from knnlm.retrieval.knn import interpolate, knn_log_probs, knn_target_log_prob
+from knnlm.sweep import sweep
+
+CTX, STRIDE = 24, 8
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("small_corpus")
+    (d / "train.txt").write_text(make_text(25, 10))
+    (d / "valid.txt").write_text(make_text(6, 11))
+    return d
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm_dir):
+    return load_lm(str(tiny_lm_dir))
+
+
+def _reference_records(model, ids, ctx, stride):
+    """Per target: (ffn_input key, log p_lm(target)) from a forward over exactly its context."""
+    block = model.transformer.h[-1]
+    keys, lps, targets = [], [], []
+    grabbed = {}
+    handle = block.ln_2.register_forward_hook(lambda m, a, o: grabbed.__setitem__("k", o))
+    with torch.no_grad():
+        for w in make_windows(len(ids), ctx, stride):
+            for t in range(w.score_from, w.end):
+                x = torch.tensor(ids[w.begin : t])[None]
+                logits = model(x).logits[0, -1].double()
+                lps.append(float(torch.log_softmax(logits, -1)[ids[t]]))
+                keys.append(grabbed["k"][0, -1].double().numpy())
+                targets.append(int(ids[t]))
+    handle.remove()
+    return np.array(keys), np.array(lps), np.array(targets)
+
+
+def _reference_knnlm_nll(q_keys, q_lps, q_targets, ds_keys, ds_values, k, w, temp):
+    nll = 0.0
+    for i in range(len(q_targets)):
+        d = np.array([np.sum((q_keys[i] - ds_keys[j]) ** 2) for j in range(len(ds_keys))])
+        order = np.argsort(d, kind="stable")[:k]
+        logits = [-d[j] / temp for j in order]
+        m = max(logits)
+        z = sum(math.exp(x - m) for x in logits)
+        p_knn = sum(
+            math.exp(x - m) / z for x, j in zip(logits, order) if ds_values[j] == q_targets[i]
+        )
+        p = (1 - w) * math.exp(q_lps[i]) + w * p_knn
+        nll -= math.log(p)
+    return nll
+
+
+@pytest.mark.parametrize("key_dtype,rtol", [("float32", 1e-5), ("float16", 1e-3)])
+def test_knnlm_perplexity_matches_brute_force(lm, small_corpus, tmp_path, key_dtype, rtol):
+    ds_dir = build_datastore(
+        lm,
+        str(small_corpus),
+        "train",
+        tmp_path / "ds",
+        context_len=CTX,
+        stride=STRIDE,
+        batch_size=3,
+        key_dtype=key_dtype,
+        progress=False,
+    )
+    ds = open_datastore(ds_dir)
+    train_ids = load_tokens(lm.tokenizer, str(small_corpus), "train")
+    valid_ids = load_tokens(lm.tokenizer, str(small_corpus), "valid")
+    ref_keys, _, ref_vals = _reference_records(lm.model, train_ids, CTX, STRIDE)
+    # The stored datastore equals the independent keys and values.
+    np.testing.assert_array_equal(np.asarray(ds.values), ref_vals)
+    np.testing.assert_allclose(
+        np.asarray(ds.keys, dtype=np.float64), ref_keys, rtol=rtol, atol=rtol
+    )
+
+    q_keys, q_lps, q_targets = _reference_records(lm.model, valid_ids, CTX, STRIDE)
+    k, w, temp = 6, 0.3, 2.0
+    ref_nll = _reference_knnlm_nll(
+        q_keys, q_lps, q_targets, np.asarray(ds.keys, dtype=np.float64), ref_vals, k, w, temp
+    )
+    res = evaluate(
+        lm,
+        str(small_corpus),
+        "valid",
+        context_len=CTX,
+        stride=STRIDE,
+        batch_size=2,
+        datastore=ds_dir,
+        knn=KnnSettings(k=k, knn_weight=w, temperature=temp),
+        progress=False,
+    )
+    assert res["tokens"] == len(q_targets) == len(valid_ids) - 1
+    assert res["lm"]["nll_sum"] == pytest.approx(-q_lps.sum(), rel=1e-5)
+    ref_ppl = math.exp(ref_nll / len(q_targets))
+    assert res["knnlm"]["perplexity"] == pytest.approx(ref_ppl, rel=rtol)
+    assert res["knnlm"]["perplexity"] != pytest.approx(res["lm"]["perplexity"], rel=1e-4)
+
+
+def test_weight_zero_is_lm_and_k_larger_than_datastore(lm, small_corpus, tmp_path):
+    ds_dir = build_datastore(
+        lm, str(small_corpus), "train", tmp_path / "ds", context_len=CTX, progress=False
+    )
+    n = open_datastore(ds_dir).n
+    res0 = evaluate(
+        lm,
+        str(small_corpus),
+        "valid",
+        context_len=CTX,
+        datastore=ds_dir,
+        knn=KnnSettings(k=4, knn_weight=0.0),
+        progress=False,
+    )
+    assert res0["knnlm"]["perplexity"] == res0["lm"]["perplexity"]
+    big = evaluate(
+        lm,
+        str(small_corpus),
+        "valid",
+        context_len=CTX,
+        datastore=ds_dir,
+        knn=KnnSettings(k=n + 50, knn_weight=0.5),
+        progress=False,
+    )
+    assert math.isfinite(big["knnlm"]["perplexity"])
+
+
+def test_p_knn_sums_to_one_and_masks_missing():
+    rng = np.random.default_rng(0)
+    dists = torch.tensor(rng.random((5, 7)), dtype=torch.float32)
+    ids = torch.tensor(rng.integers(0, 50, (5, 7)))
+    ids[0, 3:] = -1  # fewer than k found
+    ids[1, :] = -1  # nothing found
+    values = torch.tensor(rng.integers(0, 11, (5, 7)))
+    values[0, 3:] = 10**6  # garbage behind -1 must never be used as an index
+    lp = knn_log_probs(dists, ids, values, vocab_size=11)
+    sums = lp.exp().sum(-1)
+    torch.testing.assert_close(sums[[0, 2, 3, 4]], torch.ones(4))
+    assert sums[1] == 0
+    targets = torch.tensor([values[0, 0].item(), 0, 3, values[3, 1].item(), 5])
+    fast = knn_target_log_prob(dists, ids, values, targets)
+    torch.testing.assert_close(fast, lp.gather(1, targets[:, None]).squeeze(1))
+    # No neighbour carries the target: the mixture falls back to (1-w) p_lm, never nan.
+    mixed = interpolate(torch.tensor([-2.0]), torch.tensor([float("-inf")]), 0.25)
+    assert mixed.item() == pytest.approx(-2.0 + math.log(0.75))
+
+
+def test_datastore_resume_is_byte_identical(lm, small_corpus, tmp_path):
+    kw = dict(context_len=CTX, stride=STRIDE, batch_size=2, checkpoint_every=2, progress=False)
+    straight = build_datastore(lm, str(small_corpus), "train", tmp_path / "a", **kw)
+
+    def boom(done):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_datastore(lm, str(small_corpus), "train", tmp_path / "b", on_batch=boom, **kw)
+    assert not (tmp_path / "b").exists() and (tmp_path / "b.partial").is_dir()
+    with pytest.raises(KnnlmError, match="incomplete"):
+        open_datastore(tmp_path / "b")
+    resumed_from = []
+    build_datastore(
+        lm, str(small_corpus), "train", tmp_path / "b", on_batch=resumed_from.append, **kw
+    )
+    assert resumed_from[0] > 1  # it resumed instead of starting over
+    for f in ("keys.npy", "values.npy"):
+        assert (straight / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_datastore_from_other_model_is_refused(lm, small_corpus, tmp_path, tiny_tokenizer):
+    ds_dir = build_datastore(
+        lm, str(small_corpus), "train", tmp_path / "ds", context_len=CTX, progress=False
+    )
+    other = load_lm(str(save_tiny_model(tmp_path / "other", tiny_tokenizer, seed=1)))
+    with pytest.raises(KnnlmError, match="another model"):
+        evaluate(
+            other, str(small_corpus), "valid", context_len=CTX, datastore=ds_dir, progress=False
+        )
+    llama = load_lm(str(save_tiny_model(tmp_path / "llama", tiny_tokenizer, "llama")))
+    meta = json.loads((ds_dir / "meta.json").read_text())
+    meta["dim"] = 48
+    with pytest.raises(KnnlmError):
+        open_datastore(ds_dir).check_compatible(llama)
+
+
+def test_bad_knn_settings_rejected(lm, small_corpus, tmp_path):
+    for bad in (KnnSettings(knn_weight=1.5), KnnSettings(k=0), KnnSettings(temperature=0)):
+        with pytest.raises(KnnlmError):
+            evaluate(lm, str(small_corpus), "valid", context_len=CTX, knn=bad, progress=False)
+
+
+def test_exclude_self_on_training_split(lm, small_corpus, tmp_path):
+    # stride < context: every key but the first few has a long, unique context.
+    ds_dir = build_datastore(
+        lm,
+        str(small_corpus),
+        "train",
+        tmp_path / "ds",
+        context_len=CTX,
+        stride=STRIDE,
+        key_dtype="float32",
+        progress=False,
+    )
+    kw = dict(context_len=CTX, stride=STRIDE, datastore=ds_dir, progress=False)
+    inc = evaluate(
+        lm,
+        str(small_corpus),
+        "train",
+        knn=KnnSettings(k=1, knn_weight=1.0, exclude_self="no"),
+        **kw,
+    )
+    # Each query finds itself at distance 0: p_knn(target) = 1 everywhere.
+    assert inc["knnlm"]["perplexity"] == pytest.approx(1.0)
+    exc = evaluate(
+        lm,
+        str(small_corpus),
+        "train",
+        knn=KnnSettings(k=1, knn_weight=0.5, exclude_self="auto"),
+        **kw,
+    )
+    assert exc["settings"]["exclude_self"] is True
+    assert exc["knnlm"]["perplexity"] > 1.5
+
+
+def test_sweep_from_cache_equals_direct_eval(lm, small_corpus, tmp_path):
+    ds_dir = build_datastore(
+        lm, str(small_corpus), "train", tmp_path / "ds", context_len=CTX, progress=False
+    )
+    kw = dict(context_len=CTX, datastore=ds_dir, progress=False)
+    evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=8), cache=tmp_path / "cache", **kw)
+    grid = sweep(tmp_path / "cache", [0.1, 0.5], [1.0, 3.0], ks=[4, 8], progress=False)
+    direct = evaluate(
+        lm, str(small_corpus), "valid", knn=KnnSettings(k=4, knn_weight=0.5, temperature=3.0), **kw
+    )
+    assert grid["perplexity"][0][1][1] == pytest.approx(direct["knnlm"]["perplexity"], rel=1e-6)
+    assert grid["lm"]["perplexity"] == pytest.approx(direct["lm"]["perplexity"], rel=1e-6)
