@@ -280,3 +280,64 @@ def load_cache(path: str | Path) -> dict:
         for name in ("lm_log_prob", "targets", "ids", "dists", "values")
     }
     return {"meta": meta, **arrays}
+
+
+def continuation_log_probs(
+    lm: LoadedLM,
+    prompts: list[str],
+    continuations: list[str],
+    *,
+    datastore: str | Path | Datastore | None = None,
+    knn: KnnSettings | None = None,
+    batch_size: int = 32,
+) -> dict[str, np.ndarray]:
+    """log p(first token of continuation | prompt) per example, for the LM and the kNN-LM.
+
+    Used for Macondo: prompt "[villager], is the parent of", continuation " [child]" (a
+    single-token name). Each example is scored alone, with no outside context.
+    """
+    from knnlm.scoring import score_examples
+
+    if len(prompts) != len(continuations):
+        raise KnnlmError("prompts and continuations differ in number")
+    knn = knn or KnnSettings()
+    knn.validate()
+    tok = lm.tokenizer
+    examples, starts = [], []
+    for p, c in zip(prompts, continuations, strict=True):
+        p_ids = tok(p, add_special_tokens=False)["input_ids"]
+        c_ids = tok(c, add_special_tokens=False)["input_ids"]
+        if not p_ids or not c_ids:
+            raise KnnlmError(f"empty prompt or continuation: {p!r} / {c!r}")
+        examples.append(p_ids + c_ids[:1])
+        starts.append(len(p_ids))
+    ds = searcher = None
+    key_type = None
+    if datastore is not None:
+        from knnlm.retrieval.index import Searcher
+
+        ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
+        ds.check_compatible(lm)
+        searcher = Searcher(ds.path, k_max=knn.k, nprobe=knn.nprobe, recompute=knn.recompute)
+        key_type = ds.meta["key_type"]
+    lm_out, knn_out = [], []
+    for batch in score_examples(
+        lm.model, examples, batch_size=batch_size, key_type=key_type, score_from=starts
+    ):
+        lm_lp = batch.lm_log_prob.cpu()
+        lm_out.append(lm_lp.numpy())
+        if ds is not None:
+            dists, nids = searcher.search(batch.keys.float().cpu().numpy(), knn.k)
+            vals = neighbour_values(ds, nids)
+            knn_lp = knn_target_log_prob(
+                torch.from_numpy(dists),
+                torch.from_numpy(nids),
+                torch.from_numpy(vals),
+                batch.targets.cpu(),
+                knn.temperature,
+            )
+            knn_out.append(interpolate(lm_lp, knn_lp, knn.knn_weight).numpy())
+    result = {"lm": np.concatenate(lm_out)}
+    if ds is not None:
+        result["knnlm"] = np.concatenate(knn_out)
+    return result

@@ -120,3 +120,70 @@ def score_stream(
                 windows_done=hi,
             )
     bar.close()
+
+
+@torch.no_grad()
+def score_examples(
+    model: torch.nn.Module,
+    examples: list[list[int]],
+    *,
+    batch_size: int = 32,
+    key_type: str | None = "ffn_input",
+    want_lm: bool = True,
+    score_from: list[int] | None = None,
+    progress: bool = False,
+    desc: str = "scoring examples",
+) -> Iterator[ScoredBatch]:
+    """Score independent short sequences (e.g. Macondo sentences), each with no outside context.
+
+    Target ``t`` of example ``i`` (``t >= score_from[i]``, default 1) is predicted from tokens
+    ``[0, t)`` of that example alone. ``positions`` are ``i * 2**32 + t`` so callers can recover
+    the example (``positions >> 32``) and the token (``positions & 0xFFFFFFFF``).
+    """
+    adapter = Adapter(model)
+    device = next(model.parameters()).device
+    starts = score_from or [1] * len(examples)
+    if any(len(e) < 2 for e in examples):
+        raise ValueError("every example needs at least two tokens")
+    row = 0
+    bar = tqdm(total=len(examples), disable=not progress, desc=desc, unit="ex")
+    with adapter.capture() as store:
+        for lo in range(0, len(examples), batch_size):
+            group = examples[lo : lo + batch_size]
+            width = max(len(e) for e in group)
+            batch_ids = torch.zeros(len(group), width, dtype=torch.long)
+            inside = torch.zeros(len(group), width, dtype=torch.bool)
+            for r, e in enumerate(group):  # one row per example, not per token
+                batch_ids[r, : len(e)] = torch.as_tensor(e)
+                inside[r, : len(e)] = True
+            lengths = inside.sum(1)
+            first = torch.tensor(starts[lo : lo + len(group)]) - 1
+            col = torch.arange(width)
+            scored = (col[None, :] >= first[:, None]) & (col[None, :] < lengths[:, None] - 1)
+            out = model(
+                input_ids=batch_ids.to(device),
+                attention_mask=inside.long().to(device),
+                use_cache=False,
+            )
+            mask = scored.to(device)
+            targets = batch_ids[:, 1:].to(device)[mask[:, :-1]]
+            ex_index = torch.arange(lo, lo + len(group))[:, None].expand(-1, width)
+            positions = (ex_index.long() * (1 << 32) + col[None, :] + 1)[scored].numpy()
+            lm_lp = None
+            if want_lm:
+                sel = out.logits[mask].float()
+                lm_lp = torch.log_softmax(sel, dim=-1).gather(1, targets[:, None]).squeeze(1)
+            keys = Adapter.key_from(store, key_type)[mask] if key_type else None
+            bar.update(len(group))
+            yield ScoredBatch(
+                positions=positions,
+                targets=targets,
+                lm_log_prob=lm_lp,
+                keys=keys,
+                enc=None,
+                lm_logits=None,
+                first_row=row,
+                windows_done=lo + len(group),
+            )
+            row += len(targets)
+    bar.close()

@@ -265,3 +265,80 @@ def build_datastore(
         partial.rename(out)
     _barrier()
     return out
+
+
+def build_example_datastore(
+    lm: LoadedLM,
+    texts: list[str],
+    out: str | Path,
+    *,
+    key_type: str = "ffn_input",
+    key_dtype: str = "float16",
+    batch_size: int = 32,
+    add_eos: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Datastore over independent examples (e.g. Macondo training sentences), same format.
+
+    Each example is scored on its own (no context from its neighbours in the file), as the
+    examples are seen in fine-tuning; with ``add_eos`` the tokenizer's EOS ends each example.
+    """
+    from knnlm.scoring import score_examples
+
+    if not texts:
+        raise KnnlmError("no examples to store")
+    out = Path(out)
+    eos = [lm.tokenizer.eos_token_id] if add_eos and lm.tokenizer.eos_token_id is not None else []
+    examples = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in texts]
+    n = sum(len(e) - 1 for e in examples)
+    dim = lm.adapter.hidden_size
+    fp = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint,
+        "tokenizer_fingerprint": lm.tokenizer_fingerprint,
+        "corpus": "examples",
+        "split": "examples",
+        "corpus_fingerprint": "sha256:" + fp,
+        "context_len": None,
+        "stride": None,
+        "batch_size": batch_size,
+        "key_type": key_type,
+        "key_dtype": key_dtype,
+        "value_dtype": "int32",
+        "dim": dim,
+        "n": n,
+        "examples": len(examples),
+        "add_eos": add_eos,
+    }
+    if (out / "meta.json").is_file():
+        old = json.loads((out / "meta.json").read_text())
+        if all(old.get(k) == v for k, v in meta.items()):
+            return out
+        shutil.rmtree(out)
+    partial = Path(str(out) + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    kw = _RowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], True)
+    vw = _RowWriter(partial / "values.npy", (n,), np.int32, True)
+    torch_dtype = torch.float16 if key_dtype == "float16" else torch.float32
+    try:
+        for batch in score_examples(
+            lm.model,
+            examples,
+            batch_size=batch_size,
+            key_type=key_type,
+            want_lm=False,
+            progress=progress,
+            desc="datastore examples",
+        ):
+            kw.write(batch.first_row, batch.keys.to(torch_dtype).cpu().numpy())
+            vw.write(batch.first_row, batch.targets.cpu().numpy().astype(np.int32))
+    finally:
+        kw.close()
+        vw.close()
+    _write_json(partial / "meta.json", dict(meta, created=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+    partial.rename(out)
+    return out
