@@ -1,0 +1,297 @@
+"""Batched solver of the paper's Eq. 2: z* = argmin_z KL[f(z) || p_target].
+
+``f(z) = softmax(logits_fn(z))`` with the model's weights fixed, and ``p_target`` a full
+vocabulary distribution given as log-probabilities (the kNN-LM distribution). The KL is in
+the paper's direction, model distribution first:
+
+    KL[q || p] = sum_v q_v (log q_v - log p_v),   q = f(z).
+
+Zeros in the target. Where p_v = 0 and q_v > 0 the KL is +inf in exact math, and since a
+softmax is strictly positive, it is +inf for every z. p_knnlm = (1 - w) p_lm + w p_knn is
+strictly positive whenever the kNN weight w < 1, so this only happens for pure-kNN targets.
+To keep values and gradients finite, log p is clamped at ``LOGP_FLOOR`` (-1e4): no float32
+log-softmax of real logits comes near it, exp(-1e4) is 0 in every float type, and the
+surrogate still penalises mass on the zero set with slope 1e4. The KL reported for such rows
+is that surrogate, a finite lower bound of the true (infinite) value; ``clamped`` flags them.
+
+Optimisation (Appendix A.2): Adam with lr 0.1 on z, all positions of a batch as one (n, d)
+tensor, stopping each position when its KL changes by less than ``tol`` between two steps.
+Appendix E's learning-rate study (lr 1e-3, 100 steps) is ``fixed_steps=100``.
+
+The two uses: onto f, z lives in the input space of f (``adapter.f_logits``,
+z0 = g(enc(c))); onto f∘g, z lives in the input space of g (``adapter.fg_logits``,
+z0 = enc(c)). Call with the model in eval mode (no dropout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from knnlm.errors import KnnlmError
+
+LOGP_FLOOR = -1e4
+# Rows of target_logp must be normalised; loose enough for targets stored in bfloat16.
+_NORM_TOL = 1e-2
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ProjectionResult:
+    """Outcome of solving Eq. 2 for n positions.
+
+    z: (n, d) the solution of each position, at its convergence step, in z0's dtype.
+    kl: (n,) KL[f(z) || p_target] at that z (float32).
+    kl_init: (n,) the KL at z0.
+    steps: (n,) int64, Adam updates applied to each position.
+    converged: (n,) bool, whether the stopping rule fired (within max_steps; with
+        ``fixed_steps``, whether the last step changed the KL by less than tol).
+    clamped: (n,) bool, target rows with entries below LOGP_FLOOR (zeros): their KL is the
+        floored surrogate, see the module doc.
+    curve: (T,) mean KL over positions after each update (T = steps taken by the batch), or
+        None unless recorded. Stopped positions contribute their final KL.
+    curve_per_position: (T, n) the same per position, or None.
+    """
+
+    z: torch.Tensor
+    kl: torch.Tensor
+    kl_init: torch.Tensor
+    steps: torch.Tensor
+    converged: torch.Tensor
+    clamped: torch.Tensor
+    curve: torch.Tensor | None = None
+    curve_per_position: torch.Tensor | None = None
+
+
+def _kl_floored(logits: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL[softmax(logits) || exp(logp)] per row, float32; ``logp`` already floored."""
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    return (logq.exp() * (logq - logp)).sum(dim=-1)
+
+
+def kl_model_to_target(logits: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+    """KL[softmax(logits) || p_target] per row, shapes (n, V) -> (n,), computed in float32.
+
+    ``target_logp`` holds log-probabilities; entries below LOGP_FLOOR (including -inf) are
+    clamped to it (see the module doc).
+    """
+    if logits.shape != target_logp.shape or logits.dim() != 2:
+        raise KnnlmError(
+            f"logits and target_logp must both be (n, V); got {tuple(logits.shape)} and "
+            f"{tuple(target_logp.shape)}"
+        )
+    return _kl_floored(logits, target_logp.float().clamp_min(LOGP_FLOOR))
+
+
+def _check_inputs(
+    target_logp: torch.Tensor,
+    z0: torch.Tensor,
+    lr: float,
+    tol: float,
+    max_steps: int,
+    fixed_steps: int | None,
+) -> None:
+    if z0.dim() != 2:
+        raise KnnlmError(f"z0 must be (n, d); got shape {tuple(z0.shape)}")
+    if target_logp.dim() != 2 or target_logp.shape[0] != z0.shape[0]:
+        raise KnnlmError(
+            f"target_logp must be (n, V) with n = {z0.shape[0]} rows like z0; "
+            f"got shape {tuple(target_logp.shape)}"
+        )
+    if target_logp.device != z0.device:
+        raise KnnlmError(f"target_logp is on {target_logp.device} but z0 is on {z0.device}")
+    if not lr > 0:
+        raise KnnlmError(f"learning rate must be > 0; got {lr}")
+    if not tol >= 0:
+        raise KnnlmError(f"tol must be >= 0; got {tol}")
+    if fixed_steps is None and max_steps < 1:
+        raise KnnlmError(f"max_steps must be >= 1; got {max_steps}")
+    if fixed_steps is not None and fixed_steps < 1:
+        raise KnnlmError(f"fixed_steps must be >= 1; got {fixed_steps}")
+    if z0.shape[0] == 0:
+        return
+    t = target_logp.float()
+    if torch.isnan(t).any():
+        raise KnnlmError("target_logp contains NaN")
+    lse = torch.logsumexp(t, dim=-1)
+    bad = ~(lse.abs() <= _NORM_TOL)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise KnnlmError(
+            "target_logp rows must be log-probabilities (logsumexp 0); "
+            f"row {i} has logsumexp {float(lse[i]):.4g}"
+        )
+
+
+def solve_projection(
+    logits_fn: LogitsFn,
+    target_logp: torch.Tensor,
+    z0: torch.Tensor,
+    lr: float = 0.1,
+    tol: float = 1e-3,
+    max_steps: int = 500,
+    fixed_steps: int | None = None,
+    record_curve: bool = False,
+    progress: bool = False,
+) -> ProjectionResult:
+    """Solve Eq. 2 for every row of ``z0`` at once with Adam on one (n, d) tensor.
+
+    Step t applies the t-th Adam update and evaluates KL_t at the new z. A position stops at
+    the first t >= 1 with |KL_t - KL_{t-1}| < tol: its z and KL are those of step t, its
+    gradient is masked and its row restored after every later update (Adam's momentum would
+    move it otherwise), and it leaves the forward pass. A position already at KL_0 < tol
+    stops at step 0: KL >= 0, so no descent step could change it by tol or more, while
+    Adam's sign-like first step on a near-zero gradient would move it needlessly.
+
+    ``fixed_steps=N`` runs exactly N updates on every position with no early stop, as in
+    Appendix E. The optimisation runs in float32; ``logits_fn`` receives z in z0's dtype.
+    Only z is optimised, and gradients are taken with respect to z alone, so the model's
+    parameters are never written and receive no ``.grad``.
+    """
+    _check_inputs(target_logp, z0, lr, tol, max_steps, fixed_steps)
+    n = z0.shape[0]
+    dev = z0.device
+    fixed = fixed_steps is not None
+    total = int(fixed_steps) if fixed else int(max_steps)
+
+    with torch.no_grad():
+        logp = target_logp.float().clamp_min(LOGP_FLOOR)
+        clamped = (target_logp < LOGP_FLOOR).any(dim=-1)
+    z = torch.nn.Parameter(z0.detach().float().clone())
+    opt = torch.optim.Adam([z], lr=lr)
+
+    def forward(rows: torch.Tensor | None) -> torch.Tensor:
+        zz = z if rows is None else z[rows]
+        tt = logp if rows is None else logp[rows]
+        logits = logits_fn(zz.to(z0.dtype))
+        if logits.shape != tt.shape:
+            raise KnnlmError(
+                f"logits_fn returned shape {tuple(logits.shape)}; expected {tuple(tt.shape)} "
+                "(the target's vocabulary size must match the model's)"
+            )
+        return _kl_floored(logits, tt)
+
+    kl_cur = torch.zeros(n, device=dev)
+    steps = torch.zeros(n, dtype=torch.long, device=dev)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    z_frozen = torch.empty_like(z)  # rows of stopped positions, written back after each step
+    curve: list[torch.Tensor] = []
+
+    bar = tqdm(total=total, desc="projection", unit="step", disable=not progress, leave=False)
+    with torch.enable_grad():
+        for t in range(total + 1):
+            # Forward only the positions still moving.
+            rows = None if not done.any() else (~done).nonzero().squeeze(1)
+            kl_sub = forward(rows) if n else torch.zeros(0, device=dev)
+            kl_prev = kl_cur.clone()
+            with torch.no_grad():
+                if rows is None:
+                    kl_cur.copy_(kl_sub.detach())
+                else:
+                    kl_cur[rows] = kl_sub.detach()
+            if t == 0:
+                kl_init = kl_cur.clone()
+                newly = kl_cur < tol if not fixed else torch.zeros_like(done)
+            else:
+                if record_curve or fixed:
+                    curve.append(kl_cur.clone())
+                newly = ~done & ((kl_cur - kl_prev).abs() < tol)
+                if fixed:
+                    newly = torch.zeros_like(done)
+            if newly.any():
+                with torch.no_grad():
+                    z_frozen[newly] = z.detach()[newly]
+                done |= newly
+            if t == total or bool(done.all()):
+                break
+            # Gradient of the summed KL of moving positions only: each row's gradient is its
+            # own KL's, as in a one-position solve.
+            keep = ~done if rows is None else ~done[rows]
+            (grad,) = torch.autograd.grad((kl_sub * keep).sum(), z)
+            z.grad = grad.masked_fill(done.unsqueeze(1), 0.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                z.copy_(torch.where(done.unsqueeze(1), z_frozen, z))
+                steps += (~done).long()
+            bar.update(1)
+            if t % 10 == 0:
+                bar.set_postfix(active=int((~done).sum()), mean_kl=f"{float(kl_cur.mean()):.4g}")
+    bar.close()
+
+    with torch.no_grad():
+        if fixed:
+            last = curve[-2] if len(curve) > 1 else kl_init
+            converged = (kl_cur - last).abs() < tol
+        else:
+            converged = done.clone()
+        curve_t = torch.stack(curve) if curve else torch.zeros(0, n, device=dev)
+    return ProjectionResult(
+        z=z.detach().to(z0.dtype),
+        kl=kl_cur,
+        kl_init=kl_init,
+        steps=steps,
+        converged=converged,
+        clamped=clamped,
+        curve=curve_t.mean(dim=1) if (record_curve or fixed) else None,
+        curve_per_position=curve_t if (record_curve or fixed) else None,
+    )
+
+
+def solve_projection_loop(
+    logits_fn: LogitsFn,
+    target_logp: torch.Tensor,
+    z0: torch.Tensor,
+    lr: float = 0.1,
+    tol: float = 1e-3,
+    max_steps: int = 500,
+    fixed_steps: int | None = None,
+    record_curve: bool = False,
+    progress: bool = False,
+) -> ProjectionResult:
+    """The same solver applied one position at a time: a reference for benchmarks only."""
+    _check_inputs(target_logp, z0, lr, tol, max_steps, fixed_steps)
+    parts = [
+        solve_projection(
+            logits_fn,
+            target_logp[i : i + 1],
+            z0[i : i + 1],
+            lr=lr,
+            tol=tol,
+            max_steps=max_steps,
+            fixed_steps=fixed_steps,
+            record_curve=record_curve,
+        )
+        for i in tqdm(range(z0.shape[0]), desc="projection (loop)", disable=not progress)
+    ]
+    curve = per_pos = None
+    if parts and parts[0].curve_per_position is not None:
+        # A stopped position keeps its final KL, as in the batched curve.
+        length = max(p.curve_per_position.shape[0] for p in parts)
+        cols = []
+        for p in parts:
+            c = p.curve_per_position[:, 0]
+            pad = c[-1:] if c.numel() else p.kl
+            cols.append(torch.cat([c, pad.expand(length - c.shape[0])]))
+        per_pos = torch.stack(cols, dim=1) if length else torch.zeros(0, len(parts))
+        curve = per_pos.mean(dim=1)
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in parts])
+
+    if not parts:
+        return solve_projection(logits_fn, target_logp, z0, lr, tol, max_steps, fixed_steps)
+    return ProjectionResult(
+        z=cat("z"),
+        kl=cat("kl"),
+        kl_init=cat("kl_init"),
+        steps=cat("steps"),
+        converged=cat("converged"),
+        clamped=cat("clamped"),
+        curve=curve,
+        curve_per_position=per_pos,
+    )

@@ -1,0 +1,86 @@
+"""The projection experiment (Eq. 2) end to end on a tiny model and datastore."""
+
+from __future__ import annotations
+
+import pytest
+
+from knnlm.evaluate import KnnSettings, evaluate
+from knnlm.experiments.projection import projection_tables, run_projection
+from knnlm.lm.loading import load_lm
+from knnlm.retrieval.datastore import build_datastore
+
+CTX = 32
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_lm_dir, tiny_corpus, tmp_path_factory):
+    lm = load_lm(str(tiny_lm_dir))
+    ds = build_datastore(
+        lm,
+        str(tiny_corpus),
+        "train",
+        tmp_path_factory.mktemp("p") / "ds",
+        context_len=CTX,
+        progress=False,
+    )
+    return lm, ds, str(tiny_corpus)
+
+
+def test_weight_zero_projects_onto_the_lm_itself(setup):
+    lm, ds, corpus = setup
+    res = run_projection(
+        lm,
+        corpus,
+        ds,
+        context_len=CTX,
+        knn=KnnSettings(k=8, knn_weight=0.0),
+        max_positions=40,
+        progress=False,
+    )
+    assert res["positions"] == 40
+    for name in ("proj_f", "proj_fg"):
+        assert res[name]["kl_max"] < 1e-3
+        assert res[name]["perplexity"] == pytest.approx(res["lm"]["perplexity"], rel=1e-3)
+    assert res["knnlm"]["perplexity"] == pytest.approx(res["lm"]["perplexity"], rel=1e-9)
+
+
+def test_lm_and_knnlm_match_eval_and_projection_gets_close(setup):
+    lm, ds, corpus = setup
+    knn = KnnSettings(k=16, knn_weight=0.5, temperature=3.0)
+    res = run_projection(
+        lm,
+        corpus,
+        ds,
+        context_len=CTX,
+        knn=knn,
+        max_positions=None,
+        solve_batch=64,
+        progress=False,
+    )
+    ev = evaluate(lm, corpus, "valid", context_len=CTX, datastore=ds, knn=knn, progress=False)
+    assert res["positions"] == ev["tokens"]
+    assert res["lm"]["perplexity"] == pytest.approx(ev["lm"]["perplexity"], rel=1e-5)
+    assert res["knnlm"]["perplexity"] == pytest.approx(ev["knnlm"]["perplexity"], rel=1e-5)
+    # The projection moves f(z) from the LM towards the kNN-LM.
+    for name in ("proj_f", "proj_fg"):
+        assert res[name]["kl_mean"] < res[name]["kl_init_mean"]
+    md = projection_tables(res)
+    assert "Table 1" in md and "Table 3" in md
+
+
+def test_fixed_steps_records_a_curve(setup):
+    lm, ds, corpus = setup
+    res = run_projection(
+        lm,
+        corpus,
+        ds,
+        context_len=CTX,
+        knn=KnnSettings(k=8, knn_weight=0.25),
+        max_positions=20,
+        lr=1e-3,
+        fixed_steps=10,
+        progress=False,
+    )
+    for name in ("proj_f", "proj_fg"):
+        assert len(res[name]["kl_curve"]) == 10
+        assert res[name]["steps_max"] == 10
