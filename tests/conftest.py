@@ -95,3 +95,7 @@ def requires_names():
     if not NAMES.is_dir():
         pytest.skip(f"name lists not found at {NAMES}")
     return NAMES
+
+
+# Tiny models run faster on one thread, and a loaded 2-core machine makes OpenMP spin.
+torch.set_num_threads(1)

@@ -101,7 +101,9 @@ def register(app: typer.Typer) -> None:
             help="Save a resumable checkpoint every N steps (0: never).",
         ),
         precision: str = typer.Option(
-            "float32", "--precision", help="float32, or bfloat16 autocast (GPU)."
+            "float32",
+            "--precision",
+            help="float32, or bfloat16 autocast (GPUs, and CPUs with bf16 support: ~1.5x faster).",
         ),
         seed: int = SEED,
         device: str | None = DEVICE,

@@ -1,0 +1,5 @@
+"""``python -m knnlm`` runs the CLI."""
+
+from knnlm.cli import main
+
+main()

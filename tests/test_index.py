@@ -1,0 +1,278 @@
+"""FAISS index layer: exact search, flat / IVF-PQ indexes, re-ranking, self-exclusion, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from knnlm.errors import KnnlmError
+from knnlm.retrieval.index import (
+    KnnIndex,
+    Searcher,
+    build_index,
+    exact_search,
+    open_keys,
+    recompute_distances,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """FAISS's OpenMP threads spin badly on a busy 2-core machine; one thread is faster here."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def write_ds(path: Path, keys: np.ndarray, dtype=np.float16) -> Path:
+    """A minimal datastore as the datastore module writes it."""
+    path.mkdir(parents=True, exist_ok=True)
+    k = keys.astype(dtype)
+    np.save(path / "keys.npy", k)
+    np.save(path / "values.npy", (np.arange(len(k)) % 7).astype(np.int32))
+    meta = {"n": len(k), "dim": k.shape[1], "key_dtype": str(k.dtype)}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def loop_knn(keys: np.ndarray, queries: np.ndarray, k: int, metric: str = "l2"):
+    """Independent reference: float64, explicit loops, ties broken by id, -1/+inf padding."""
+    keys = keys.astype(np.float64)
+    dist = np.full((len(queries), k), np.inf)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for i, q in enumerate(queries.astype(np.float64)):
+        scored = []
+        for j, key in enumerate(keys):
+            d = float(np.sum((q - key) ** 2)) if metric == "l2" else -float(np.dot(q, key))
+            scored.append((d, j))
+        scored.sort()
+        for c, (d, j) in enumerate(scored[:k]):
+            dist[i, c], ids[i, c] = d, j
+    return dist, ids
+
+
+def clustered(n: int, d: int, centers: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, d)) * 4
+    keys = c[rng.integers(centers, size=n)] + rng.normal(size=(n, d))
+    queries = c[rng.integers(centers, size=40)] + rng.normal(size=(40, d))
+    return keys.astype(np.float32), queries.astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_exact_search_matches_loops(tmp_path, metric, dtype):
+    rng = np.random.default_rng(0)
+    ds = write_ds(tmp_path / "ds", rng.normal(size=(53, 8)), dtype)
+    keys, _ = open_keys(ds)
+    q = rng.normal(size=(6, 8)).astype(np.float32)
+    ref_d, ref_i = loop_knn(np.asarray(keys), q, 10, metric)
+    dist, ids = exact_search(keys, q, 10, metric=metric, chunk=7)  # many chunks to merge
+    assert dist.dtype == np.float32 and ids.dtype == np.int64 and dist.shape == (6, 10)
+    np.testing.assert_array_equal(ids, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_search_k_larger_than_n_pads(tmp_path):
+    rng = np.random.default_rng(1)
+    ds = write_ds(tmp_path / "ds", rng.normal(size=(5, 4)))
+    keys, _ = open_keys(ds)
+    q = rng.normal(size=(3, 4)).astype(np.float32)
+    dist, ids = exact_search(keys, q, 8, chunk=2)
+    ref_d, ref_i = loop_knn(np.asarray(keys), q, 8)
+    np.testing.assert_array_equal(ids, ref_i)
+    assert (ids[:, 5:] == -1).all() and np.isinf(dist[:, 5:]).all()
+    np.testing.assert_allclose(dist[:, :5], ref_d[:, :5], rtol=1e-5, atol=1e-5)
+
+
+def test_recompute_distances_exact_and_resorted(tmp_path):
+    rng = np.random.default_rng(2)
+    ds = write_ds(tmp_path / "ds", rng.normal(size=(30, 6)), np.float32)
+    keys, _ = open_keys(ds)
+    q = rng.normal(size=(4, 6)).astype(np.float32)
+    ids = np.array([[3, 1, -1, 7], [0, 29, 5, 2], [-1, -1, -1, -1], [9, 8, 7, 6]])
+    dist, out_ids = recompute_distances(keys, q, ids)
+    ref = np.array(keys, dtype=np.float64)
+    for i in range(4):
+        want = sorted(
+            (float(np.sum((q[i] - ref[j]) ** 2)) if j >= 0 else np.inf, c)
+            for c, j in enumerate(ids[i])
+        )
+        np.testing.assert_allclose(dist[i], [w[0] for w in want], rtol=1e-6)
+        np.testing.assert_array_equal(out_ids[i], [ids[i][w[1]] for w in want])
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_flat_index_equals_bruteforce(tmp_path, metric):
+    rng = np.random.default_rng(3)
+    ds = write_ds(tmp_path / "ds", rng.normal(size=(200, 16)))
+    path = build_index(ds, kind="flat", metric=metric, add_chunk=64, progress=False)
+    assert path == ds / "index.faiss" and path.is_file()
+    info = json.loads((ds / "index.json").read_text())
+    assert info["type"] == "flat" and info["metric"] == metric and info["n"] == 200
+    keys, _ = open_keys(ds)
+    q = rng.normal(size=(7, 16)).astype(np.float32)
+    ref_d, ref_i = loop_knn(np.asarray(keys), q, 12, metric)
+
+    index = KnnIndex.load(ds, use_gpu=False)
+    assert (index.kind, index.metric, index.n) == ("flat", metric, 200)
+    dist, ids = index.search(q, 12)
+    np.testing.assert_array_equal(ids, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-4)
+
+    dist, ids = Searcher(ds, k_max=12, use_gpu=False).search(q, 12)
+    np.testing.assert_array_equal(ids, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-5)
+
+
+def test_ivfpq_full_probe_top1_and_recompute_exact(tmp_path):
+    keys, q = clustered(4000, 16, 20, seed=4)
+    ds = write_ds(tmp_path / "ds", keys)
+    build_index(ds, kind="ivfpq", nlist=16, pq_m=8, pq_bits=8, add_chunk=1000, progress=False)
+    info = json.loads((ds / "index.json").read_text())
+    assert (info["type"], info["nlist"], info["pq_m"], info["status"]) == (
+        "ivfpq",
+        16,
+        8,
+        "complete",
+    )
+    stored, _ = open_keys(ds)
+    ref = np.asarray(stored, np.float64)
+    ref_top1 = ((q[:, None, :].astype(np.float64) - ref[None]) ** 2).sum(-1).argmin(1)
+
+    index = KnnIndex.load(ds, nprobe=16, use_gpu=False)
+    assert index.kind == "ivfpq" and index.nprobe == 16
+    _, ids = index.search(q, 20)
+    assert (ids[:, 0] == ref_top1).mean() >= 0.5  # PQ distances alone are approximate
+
+    dist, ids = Searcher(ds, k_max=20, nprobe=16, use_gpu=False).search(q, 20)
+    assert (ids[:, 0] == ref_top1).mean() >= 0.95  # exact re-ranking fixes the order
+    exact = ((q[:, None, :].astype(np.float64) - ref[ids]) ** 2).sum(-1)
+    np.testing.assert_allclose(dist, exact, rtol=1e-5, atol=1e-5)
+    assert (np.diff(dist, axis=1) >= 0).all()
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_exclude_ids_drops_self_hits(tmp_path, with_index):
+    rng = np.random.default_rng(5)
+    ds = write_ds(tmp_path / "ds", rng.normal(size=(60, 8)))
+    if with_index:
+        build_index(ds, kind="flat", progress=False)
+    stored = np.asarray(open_keys(ds)[0], dtype=np.float32)
+    rows = np.array([4, 17, 59, 0])
+    q = stored[rows]
+    excl = rows.copy()
+    excl[3] = -1  # no exclusion for the last query: it finds itself first
+    dist, ids = Searcher(ds, k_max=6, use_gpu=False).search(q, 6, exclude_ids=excl)
+    assert ids.shape == (4, 6)
+    for i, r in enumerate(excl):
+        others = np.delete(np.arange(60), r) if r >= 0 else np.arange(60)
+        ref_d, ref_i = loop_knn(stored[others], q[i : i + 1], 6)
+        np.testing.assert_array_equal(ids[i], others[ref_i[0]])
+        np.testing.assert_allclose(dist[i], ref_d[0], rtol=1e-5, atol=1e-5)
+    assert ids[3, 0] == 0 and dist[3, 0] == 0
+
+
+def test_searcher_k_larger_than_n(tmp_path):
+    rng = np.random.default_rng(6)
+    ds = write_ds(tmp_path / "ds", rng.normal(size=(5, 4)))
+    q = np.asarray(open_keys(ds)[0][:2], dtype=np.float32)
+    s = Searcher(ds, k_max=9)
+    dist, ids = s.search(q, 9)
+    assert (np.sort(ids[:, :5], axis=1) == np.arange(5)).all()
+    assert (ids[:, 5:] == -1).all() and np.isinf(dist[:, 5:]).all()
+    dist, ids = s.search(q, 9, exclude_ids=np.array([0, 1]))
+    assert (ids[:, 4:] == -1).all() and np.isinf(dist[:, 4:]).all()
+    assert 0 not in ids[0] and 1 not in ids[1] and (ids[:, :4] >= 0).all()
+    build_index(ds, kind="flat", progress=False)
+    dist, ids = Searcher(ds, k_max=9, use_gpu=False).search(q, 9)
+    assert (ids[:, 5:] == -1).all() and np.isinf(dist[:, 5:]).all()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_ivfpq_resume_matches_uninterrupted(tmp_path):
+    keys, q = clustered(3000, 16, 12, seed=7)
+    a, b = write_ds(tmp_path / "a", keys), write_ds(tmp_path / "b", keys)
+    opts = dict(kind="ivfpq", nlist=8, pq_m=4, pq_bits=6, add_chunk=400, checkpoint_every=2)
+    opts["progress"] = False
+
+    def stop(rows: int) -> None:
+        if rows > 0:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_index(a, on_checkpoint=stop, **opts)
+    assert (a / "index.faiss.partial").is_file() and not (a / "index.faiss").exists()
+    assert json.loads((a / "index.partial.json").read_text())["rows_added"] == 800
+
+    seen: list[int] = []
+    build_index(a, on_checkpoint=seen.append, **opts)
+    assert seen and seen[0] > 800  # resumed: no retraining (that would checkpoint 0 rows first)
+    assert not (a / "index.faiss.partial").exists() and not (a / "index.partial.json").exists()
+    build_index(b, **opts)
+
+    ra = KnnIndex.load(a, nprobe=8, use_gpu=False).search(q, 10)
+    rb = KnnIndex.load(b, nprobe=8, use_gpu=False).search(q, 10)
+    np.testing.assert_array_equal(ra[1], rb[1])
+    np.testing.assert_array_equal(ra[0], rb[0])
+
+
+def test_partial_from_other_settings_is_discarded(tmp_path):
+    keys, _ = clustered(2000, 8, 6, seed=8)
+    ds = write_ds(tmp_path / "ds", keys)
+    opts = dict(kind="ivfpq", nlist=8, pq_m=4, pq_bits=6, add_chunk=400, checkpoint_every=1)
+
+    def stop(rows: int) -> None:
+        if rows > 0:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_index(ds, on_checkpoint=stop, progress=False, **opts)
+    seen: list[int] = []
+    build_index(ds, on_checkpoint=seen.append, progress=False, seed=1, **opts)
+    assert seen[0] == 0  # retrained from scratch
+    assert json.loads((ds / "index.json").read_text())["seed"] == 1
+
+
+def test_bad_inputs(tmp_path):
+    rng = np.random.default_rng(9)
+    with pytest.raises(KnnlmError, match="not found"):
+        build_index(tmp_path / "missing")
+    ds = write_ds(tmp_path / "ds", rng.normal(size=(100, 12)))
+    with pytest.raises(KnnlmError, match="flat"):
+        build_index(ds, kind="ivfpq", progress=False)  # 100 keys < 256 PQ centroids
+    with pytest.raises(KnnlmError, match="divisor"):
+        build_index(ds, kind="ivfpq", pq_m=5, pq_bits=4, nlist=2, progress=False)
+    with pytest.raises(KnnlmError, match="kind"):
+        build_index(ds, kind="hnsw")
+    with pytest.raises(KnnlmError, match="metric"):
+        build_index(ds, metric="cosine")
+    with pytest.raises(KnnlmError, match="no index"):
+        KnnIndex.load(ds)
+    keys, _ = open_keys(ds)
+    with pytest.raises(KnnlmError, match="shape"):
+        exact_search(keys, np.zeros((2, 5), np.float32), 3)
+    with pytest.raises(KnnlmError, match="k must"):
+        exact_search(keys, np.zeros((2, 12), np.float32), 0)
+    with pytest.raises(KnnlmError, match="k_max"):
+        Searcher(ds, k_max=4).search(np.zeros((1, 12), np.float32), 5)
+    build_index(ds, kind="flat", metric="ip", progress=False)
+    with pytest.raises(KnnlmError, match="metric"):
+        Searcher(ds, k_max=4, metric="l2", use_gpu=False)
+    meta = json.loads((ds / "meta.json").read_text())
+    (ds / "meta.json").write_text(json.dumps({**meta, "note": "rebuilt"}))
+    with pytest.raises(KnnlmError, match="changed"):
+        KnnIndex.load(ds, use_gpu=False)
+    shutil.rmtree(ds)
+    (ds).mkdir()
+    with pytest.raises(KnnlmError, match="keys.npy"):
+        Searcher(ds, k_max=1)
