@@ -209,7 +209,8 @@ def evaluate(
                     values=vals.astype(np.int32),
                 )
         if mem is not None:
-            mem_lp = mem.target_log_prob(batch.keys.float(), batch.targets)
+            with torch.no_grad():
+                mem_lp = mem.target_log_prob(batch.keys.float(), batch.targets)
             nll["mlp"] -= float(interpolate(lm_lp, mem_lp, memory_weight).double().sum())
         n_tokens += n
     elapsed = time.perf_counter() - t0
@@ -294,7 +295,10 @@ def continuation_log_probs(
     """log p(first token of continuation | prompt) per example, for the LM and the kNN-LM.
 
     Used for Macondo: prompt "[villager], is the parent of", continuation " [child]" (a
-    single-token name). Each example is scored alone, with no outside context.
+    single-token name). Each example is scored alone, with no outside context. The scored
+    token is read off the tokenization of prompt + continuation when the prompt's tokens are
+    its prefix (SentencePiece tokenizers may split a leading space into its own token when
+    the continuation is encoded alone).
     """
     from knnlm.scoring import score_examples
 
@@ -309,7 +313,11 @@ def continuation_log_probs(
         c_ids = tok(c, add_special_tokens=False)["input_ids"]
         if not p_ids or not c_ids:
             raise KnnlmError(f"empty prompt or continuation: {p!r} / {c!r}")
-        examples.append(p_ids + c_ids[:1])
+        full = tok(p + c, add_special_tokens=False)["input_ids"]
+        first = (
+            full[len(p_ids)] if full[: len(p_ids)] == p_ids and len(full) > len(p_ids) else c_ids[0]
+        )
+        examples.append(p_ids + [first])
         starts.append(len(p_ids))
     ds = searcher = None
     key_type = None

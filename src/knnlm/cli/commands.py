@@ -1,5 +1,5 @@
 """The list of CLI command modules, in the order their commands appear in ``--help``."""
 
-from knnlm.cli import engine, macondo_data, project, reproduce, train
+from knnlm.cli import engine, macondo_data, macondo_run, project, reproduce, train
 
-MODULES: list = [reproduce, train, engine, project, macondo_data]
+MODULES: list = [reproduce, train, engine, project, macondo_data, macondo_run]

@@ -1,0 +1,125 @@
+"""``knnlm macondo run``: the over-specification experiment (paper Section 4, Table 5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from knnlm.cli.common import DEVICE, QUIET, quiet_libraries, write_json
+from knnlm.errors import KnnlmError
+
+
+def run_cmd(
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Output directory: results.json, table5.md, figure1.png (figure3.png with "
+        "--eval-every) and per-seed artifacts; a rerun skips finished seeds.",
+    ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Model directory (or hub name) to fine-tune, e.g. a `knnlm train` output. "
+        "Default: --quick trains a tiny GPT-2 from scratch.",
+    ),
+    seeds: int = typer.Option(5, "--seeds", help="Number of seeds (0, 1, ..., N-1)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Preset quick: tiny GPT-2 from scratch on CPU (about a minute)."
+    ),
+    preset: str | None = typer.Option(
+        None,
+        "--preset",
+        help="quick | default | paper-gpt2 | paper-mistral (default: quick without --model, "
+        "default with it).",
+    ),
+    k: int = typer.Option(1024, "--k", help="Neighbours retrieved (exact search)."),
+    knn_weight: float = typer.Option(
+        0.25,
+        "--knn-weight",
+        help="Weight on p_knn (the paper's lambda = 0.25 sits on p_lm; every public "
+        "implementation puts 0.25 on p_knn, as here).",
+    ),
+    temperature: float = typer.Option(1.0, "--temperature", help="kNN softmax temperature."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default: the preset's)."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the preset's)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Batch size (default: the preset's)."
+    ),
+    warmup_ratio: float | None = typer.Option(
+        None, "--warmup-ratio", help="Warm-up ratio (default: the preset's, 0.05)."
+    ),
+    eval_every: int | None = typer.Option(
+        None,
+        "--eval-every",
+        help="Every N steps, score the test set (LM and kNN-LM) for Figure 3.",
+    ),
+    lora: bool | None = typer.Option(
+        None, "--lora/--no-lora", help="LoRA fine-tuning (default: the preset's)."
+    ),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Also write the per-n mean log-likelihoods and settings here."
+    ),
+    device: str | None = DEVICE,
+    quiet: bool = QUIET,
+    villagers: int | None = typer.Option(None, "--villagers", hidden=True),
+    parents_per_count: int | None = typer.Option(None, "--parents-per-count", hidden=True),
+    max_children: int | None = typer.Option(None, "--max-children", hidden=True),
+    sentences_per_pair: int | None = typer.Option(None, "--sentences-per-pair", hidden=True),
+    max_steps: int | None = typer.Option(None, "--max-steps", hidden=True),
+) -> None:
+    """Fine-tune on Macondo, score children's names with the LM and the kNN-LM (Table 5)."""
+    from knnlm.experiments.overspec import cli_summary, run_macondo, table5
+
+    if seeds < 1:
+        raise KnnlmError(f"--seeds must be at least 1, got {seeds}")
+    if quick and preset not in (None, "quick"):
+        raise KnnlmError(f"--quick and --preset {preset} contradict each other; give one")
+    if model is not None and not Path(model).expanduser().exists() and _looks_like_path(model):
+        raise KnnlmError(f"model directory {model} does not exist")
+    quiet_libraries()
+    sizes = {
+        "n_villagers": villagers,
+        "n_parents_per_count": parents_per_count,
+        "max_children": max_children,
+        "sentences_per_pair": sentences_per_pair,
+    }
+    results = run_macondo(
+        out,
+        model=model,
+        seeds=tuple(range(seeds)),
+        preset="quick" if quick else preset,
+        k=k,
+        knn_weight=knn_weight,
+        temperature=temperature,
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        batch_size=batch_size,
+        warmup_ratio=warmup_ratio,
+        lora=lora,
+        eval_every=eval_every,
+        macondo_kwargs={key: v for key, v in sizes.items() if v is not None},
+        device=device,
+        progress=not quiet,
+    )
+    write_json(json_out, cli_summary(results))
+    typer.echo(table5(results["groups"], seeds))
+    typer.echo(f"reproduced: {results['reproduced']['summary']}")
+    typer.echo(f"results in {out}")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub names are "name" or "org/name"; a leading dot, slash or tilde, or deeper nesting,
+    means a local path (the rule ``load_lm`` applies)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run`` to the ``knnlm macondo`` sub-app (registered by ``macondo_data``)."""
+    from knnlm.cli.macondo_data import macondo_app
+
+    # The command lives on the sub-app, which macondo_data adds to ``app``; registering twice
+    # (several apps in one process) must not add a second "run".
+    if not any(c.name == "run" for c in macondo_app.registered_commands):
+        macondo_app.command("run")(run_cmd)

@@ -1,0 +1,261 @@
+"""The Macondo over-specification experiment: numbers against independent computations."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from knnlm.errors import KnnlmError
+from knnlm.experiments.overspec import aggregate_groups, group_means, reproduced, run_macondo
+
+SIZES = {"n_villagers": 60, "n_parents_per_count": 3}
+K, WEIGHT, TEMP = 16, 0.25, 2.0
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("macondo")
+    results = run_macondo(
+        out,
+        seeds=(0,),
+        preset="quick",
+        k=K,
+        knn_weight=WEIGHT,
+        temperature=TEMP,
+        max_steps=30,
+        eval_every=15,
+        macondo_kwargs=SIZES,
+        progress=False,
+    )
+    return out, results
+
+
+def _seed(out, seed=0) -> dict:
+    return json.loads((out / f"seed-{seed}" / "results.json").read_text())
+
+
+def _model(out):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = out / "seed-0" / "model"
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    return model, AutoTokenizer.from_pretrained(d)
+
+
+def _forward(model, tok, prompt: str, child: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(log-probs at the last prompt position, ln_2 output of the last block there, child id)."""
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    c = tok(" " + child, add_special_tokens=False)["input_ids"]
+    assert len(c) == 1, "children's names must be single tokens"
+    seen = {}
+    hook = model.transformer.h[-1].ln_2.register_forward_hook(
+        lambda _m, _a, o: seen.__setitem__("key", o)
+    )
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1]
+    finally:
+        hook.remove()
+    return (
+        torch.log_softmax(logits.double(), -1).numpy(),
+        seen["key"][0, len(p) - 1].double().numpy(),
+        c[0],
+    )
+
+
+def test_lm_log_likelihood_matches_a_direct_forward_pass(run):
+    out, _ = run
+    model, tok = _model(out)
+    examples = _seed(out)["examples"]
+    assert len(examples) == 3 * (1 + 2 + 3 + 4 + 5)
+    for ex in examples[:6]:
+        lp, _, child_id = _forward(model, tok, ex["prompt"], ex["child"])
+        assert ex["lm"] == pytest.approx(lp[child_id], abs=1e-4)
+        assert ex["lm"] < 0
+
+
+def test_knnlm_matches_brute_force_over_the_stored_keys(run):
+    out, _ = run
+    model, tok = _model(out)
+    ds = out / "seed-0" / "datastore"
+    keys = np.load(ds / "keys.npy", allow_pickle=False).astype(np.float64)
+    values = np.load(ds / "values.npy", allow_pickle=False)
+    # The datastore holds one key per next token of every training sentence (eos appended).
+    train = [json.loads(ln) for ln in (out / "seed-0" / "data" / "train.jsonl").open()]
+    assert len(train) == 5 * 45
+    assert len(keys) == sum(
+        len(tok(r["text"], add_special_tokens=False)["input_ids"]) for r in train
+    )
+    for ex in _seed(out)["examples"][:4]:
+        lp, q, child_id = _forward(model, tok, ex["prompt"], ex["child"])
+        dists = np.empty(len(keys))
+        for i in range(len(keys)):  # exact search, one key at a time
+            diff = keys[i] - q
+            dists[i] = float(diff @ diff)
+        nearest = np.argsort(dists, kind="stable")[:K]
+        logits = -dists[nearest] / TEMP
+        w = np.exp(logits - logits.max())
+        w /= w.sum()
+        p_knn = sum(w[j] for j, row in enumerate(nearest) if values[row] == child_id)
+        want = math.log((1 - WEIGHT) * math.exp(lp[child_id]) + WEIGHT * p_knn)
+        assert ex["knnlm"] == pytest.approx(want, abs=2e-4)
+
+
+def test_groups_are_means_of_the_examples(run):
+    out, results = run
+    examples = _seed(out)["examples"]
+    for n in range(1, 6):
+        sel = [e for e in examples if e["n_children"] == n]
+        g = results["groups"][str(n)]
+        assert g["lm"] == pytest.approx(sum(e["lm"] for e in sel) / len(sel))
+        assert g["knnlm"] == pytest.approx(sum(e["knnlm"] for e in sel) / len(sel))
+        assert g["perfect"] == pytest.approx(math.log(1 / n))
+        assert g["lm_std"] == 0.0  # one seed
+
+
+def test_grouping_math_on_a_hand_made_case():
+    assert group_means([-1.0, -3.0, -2.0, -4.0, -0.5], [1, 1, 2, 2, 2]) == {
+        "1": -2.0,
+        "2": pytest.approx(-6.5 / 3),
+    }
+    seeds = [
+        {"1": {"lm": -0.5, "knnlm": -0.2}, "2": {"lm": -1.0, "knnlm": -0.9}},
+        {"1": {"lm": -0.7, "knnlm": -0.4}, "2": {"lm": -2.0, "knnlm": -0.7}},
+    ]
+    g = aggregate_groups(seeds)
+    assert g["1"]["lm"] == pytest.approx(-0.6) and g["1"]["lm_std"] == pytest.approx(0.1)
+    assert g["2"]["knnlm"] == pytest.approx(-0.8) and g["2"]["knnlm_std"] == pytest.approx(0.1)
+    assert g["2"]["lm_std"] == pytest.approx(0.5)
+    assert g["2"]["perfect"] == pytest.approx(-math.log(2))
+    verdict = reproduced(g)
+    assert verdict["per_n"]["1"]["knnlm_closer"] and verdict["per_n"]["2"]["knnlm_closer"]
+    assert verdict["held"]
+    g["2"]["knnlm"] = -3.0  # now further from log(1/2) than the LM
+    verdict = reproduced(g)
+    assert not verdict["held"] and not verdict["per_n"]["2"]["knnlm_closer"]
+    assert verdict["summary"].startswith("no")
+
+
+def test_output_files_follow_the_contract(run):
+    out, results = run
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["groups"]) == {"1", "2", "3", "4", "5"}
+    for g in saved["groups"].values():
+        assert {"lm", "lm_std", "knnlm", "knnlm_std", "perfect"} <= set(g)
+    assert {"per_seed", "settings", "reproduced", "curves"} <= set(saved)
+    assert isinstance(saved["reproduced"]["held"], bool)
+    assert saved["settings"]["k"] == K and saved["settings"]["temperature"] == TEMP
+    assert saved["curves"]["steps"] == [0, 15, 30]
+    assert len(saved["curves"]["groups"]["3"]["knnlm"]) == 3
+    table = (out / "table5.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 2 + 5  # head, rule, n
+    assert "Reproduced:" in table
+    for name in ("figure1.png", "figure3.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_seed_is_not_rerun(run):
+    out, results = run
+    seed_file = out / "seed-0" / "results.json"
+    before = seed_file.stat().st_mtime_ns
+    again = run_macondo(
+        out,
+        seeds=(0,),
+        preset="quick",
+        k=K,
+        knn_weight=WEIGHT,
+        temperature=TEMP,
+        max_steps=30,
+        eval_every=15,
+        macondo_kwargs=SIZES,
+        progress=False,
+    )
+    assert seed_file.stat().st_mtime_ns == before
+    assert again["groups"] == results["groups"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"seeds": ()},
+        {"seeds": (0, 0)},
+        {"model": "some-model"},  # the quick preset trains from scratch
+        {"preset": "default"},  # fine-tuning needs a model
+        {"k": 0},
+        {"knn_weight": 1.5},
+        {"macondo_kwargs": {"villagers": 10}},
+    ],
+)
+def test_bad_settings_fail_clearly(tmp_path, kwargs):
+    with pytest.raises(KnnlmError):
+        run_macondo(tmp_path / "x", **{"preset": "quick", **kwargs})
+
+
+def _main(monkeypatch, args: list[str]) -> int:
+    """Run the real ``knnlm`` entry point with the Macondo commands registered."""
+    import typer
+
+    import knnlm.cli as cli
+    from knnlm.cli import commands, macondo_data, macondo_run
+
+    monkeypatch.setattr(cli, "app", typer.Typer(no_args_is_help=True, add_completion=False))
+    monkeypatch.setattr(commands, "MODULES", [macondo_data, macondo_run])
+    monkeypatch.setattr(sys, "argv", ["knnlm", *args])
+    try:
+        cli.main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_cli_quick_run(monkeypatch, tmp_path, capsys):
+    js = tmp_path / "out.json"
+    code = _main(
+        monkeypatch,
+        ["macondo", "run", "--quick", "--seeds", "1", "--out", str(tmp_path / "run"),
+         "--villagers", "60", "--parents-per-count", "2", "--max-steps", "20", "--k", "8",
+         "--json", str(js), "--quiet"],
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(js.read_text())
+    assert set(summary["groups"]) == {"1", "2", "3", "4", "5"}
+    for n, g in summary["groups"].items():
+        assert g["perfect"] == pytest.approx(math.log(1 / int(n)))
+        assert g["lm"] < 0 and g["knnlm"] < 0
+    assert summary["settings"]["macondo"]["n_villagers"] == 60
+    shown = capsys.readouterr().out
+    assert "kNN-LM" in shown and "reproduced:" in shown
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seeds", "0"], "--seeds"),
+        (["--model", "/no/such/model/dir"], "does not exist"),
+        (["--quick", "--model", "gpt2"], "from scratch"),
+    ],
+)
+def test_cli_bad_input_exits_with_one_line(monkeypatch, tmp_path, capsys, args, message):
+    code = _main(monkeypatch, ["macondo", "run", "--out", str(tmp_path / "o"), *args])
+    assert code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_scoring_settings_reuse_the_trained_model(tmp_path):
+    kw = {"seeds": (0,), "preset": "quick", "max_steps": 10, "macondo_kwargs": SIZES}
+    first = run_macondo(tmp_path, k=8, progress=False, **kw)
+    weights = tmp_path / "seed-0" / "model" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    second = run_macondo(tmp_path, k=4, progress=False, **kw)
+    assert weights.stat().st_mtime_ns == before  # not retrained
+    assert second["settings"]["k"] == 4
+    assert second["groups"]["2"]["lm"] == pytest.approx(first["groups"]["2"]["lm"])
+    third = run_macondo(tmp_path, k=4, epochs=2, progress=False, **{**kw, "max_steps": 12})
+    assert weights.stat().st_mtime_ns != before  # training settings changed: retrained
+    assert third["per_seed"][0]["train"]["steps"] == 12
