@@ -21,11 +21,18 @@ app = typer.Typer(
 )
 
 
+_registered = False
+
+
 def _register_all() -> None:
+    global _registered
+    if _registered:
+        return
     from knnlm.cli import commands
 
     for module in commands.MODULES:
         module.register(app)
+    _registered = True
 
 
 def main() -> None:

@@ -1,0 +1,100 @@
+"""The CLI end to end: the contract flags work, and bad input gives one clear line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from knnlm.cli import main
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["knnlm", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_command(monkeypatch, capsys):
+    code, out, _ = run_cli(monkeypatch, capsys, "--help")
+    assert code == 0
+    for cmd in ("reproduce", "train", "eval", "datastore", "sweep", "generate", "project",
+                "macondo", "memory", "hurdle"):  # fmt: skip
+        assert cmd in out, cmd
+
+
+def test_eval_datastore_sweep_generate_contract(monkeypatch, capsys, tiny_lm_dir, tiny_corpus, tmp_path):
+    ds = tmp_path / "ds"
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "build", "--model", tiny_lm_dir,
+                           "--corpus", tiny_corpus, "--split", "train", "--out", ds,
+                           "--context-len", 32, "--stride", 16, "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert {"keys.npy", "values.npy", "meta.json"} <= {p.name for p in ds.iterdir()}
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "index", ds, "--type", "flat", "--quiet")
+    assert code == 0, err
+    out_json = tmp_path / "eval.json"
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "--model", tiny_lm_dir, "--corpus",
+                           tiny_corpus, "--split", "valid", "--context-len", 32, "--stride", 16,
+                           "--datastore", ds, "--k", 8, "--knn-weight", 0.25, "--temperature", 1,
+                           "--cache", tmp_path / "cache", "--json", out_json, "--quiet")  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out_json.read_text())
+    assert res["tokens"] > 0 and res["lm"]["perplexity"] > 1 and res["knnlm"]["perplexity"] > 1
+    assert set(res["lm"]) >= {"perplexity", "nll_sum"}
+    code, out, err = run_cli(monkeypatch, capsys, "sweep", tmp_path / "cache", "--weights",
+                             "0.1,0.5", "--temperatures", "1,5", "--json", tmp_path / "s.json",
+                             "--png", tmp_path / "s.png", "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = run_cli(monkeypatch, capsys, "generate", "--model", tiny_lm_dir,
+                             "--datastore", ds, "--k", 8, "--prompt", "the village",
+                             "--max-new-tokens", 5)  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("the village")
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_model", "missing_corpus", "non_utf8", "empty", "bad_weight", "bad_stride",
+     "missing_datastore", "unknown_arch"],
+)  # fmt: skip
+def test_bad_input_one_clear_line(monkeypatch, capsys, tiny_lm_dir, tiny_corpus, tmp_path, case):
+    corpus = tiny_corpus
+    model = tiny_lm_dir
+    extra: list = []
+    if case == "missing_model":
+        model = tmp_path / "nope"
+    elif case == "missing_corpus":
+        corpus = tmp_path / "nope"
+    elif case == "non_utf8":
+        corpus = tmp_path / "bad"
+        corpus.mkdir()
+        (corpus / "valid.txt").write_bytes(b"caf\xe9 au lait\n")
+    elif case == "empty":
+        corpus = tmp_path / "empty"
+        corpus.mkdir()
+        (corpus / "valid.txt").write_text("  \n")
+    elif case == "bad_weight":
+        extra = ["--datastore", tmp_path, "--knn-weight", 1.5]
+    elif case == "bad_stride":
+        extra = ["--stride", 999]
+    elif case == "missing_datastore":
+        extra = ["--datastore", tmp_path / "nods"]
+    elif case == "unknown_arch":
+        from transformers import BertConfig, BertForMaskedLM
+
+        model = tmp_path / "bert"
+        BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=16)).save_pretrained(model)  # fmt: skip
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--model", model, "--corpus", corpus,
+                             "--split", "valid", "--context-len", 32, "--quiet", *extra)  # fmt: skip
+    assert code == 2, (out, err)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
