@@ -37,8 +37,14 @@ def _worker(rank: int, world: int, port: int, model: str, corpus: str, out: str)
 @pytest.mark.skipif(sys.platform != "linux", reason="uses fork-free spawn on Linux only")
 def test_two_process_build_equals_single(tiny_lm_dir, tiny_corpus, tmp_path):
     single = build_datastore(
-        load_lm(str(tiny_lm_dir)), str(tiny_corpus), "train", tmp_path / "single",
-        context_len=32, stride=16, batch_size=2, progress=False,
+        load_lm(str(tiny_lm_dir)),
+        str(tiny_corpus),
+        "train",
+        tmp_path / "single",
+        context_len=32,
+        stride=16,
+        batch_size=2,
+        progress=False,
     )
     sharded = tmp_path / "sharded"
     mp.start_processes(

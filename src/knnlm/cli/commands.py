@@ -1,5 +1,14 @@
 """The list of CLI command modules, in the order their commands appear in ``--help``."""
 
-from knnlm.cli import engine, macondo_data, macondo_run, project, reproduce, train
+from knnlm.cli import (
+    engine,
+    hurdle,
+    macondo_data,
+    macondo_run,
+    memory,
+    project,
+    reproduce,
+    train,
+)
 
-MODULES: list = [reproduce, train, engine, project, macondo_data, macondo_run]
+MODULES: list = [reproduce, train, engine, project, macondo_data, macondo_run, memory, hurdle]

@@ -178,14 +178,15 @@ def solve_projection(
     kl_cur = torch.zeros(n, device=dev)
     steps = torch.zeros(n, dtype=torch.long, device=dev)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
-    z_frozen = torch.empty_like(z)  # rows of stopped positions, written back after each step
+    z_frozen = torch.zeros_like(z)  # rows of stopped positions, written back after each step
     curve: list[torch.Tensor] = []
 
     bar = tqdm(total=total, desc="projection", unit="step", disable=not progress, leave=False)
+    n_done = 0  # one host sync per step: this count
     with torch.enable_grad():
         for t in range(total + 1):
             # Forward only the positions still moving.
-            rows = None if not done.any() else (~done).nonzero().squeeze(1)
+            rows = None if n_done == 0 else (~done).nonzero().squeeze(1)
             kl_sub = forward(rows) if n else torch.zeros(0, device=dev)
             kl_prev = kl_cur.clone()
             with torch.no_grad():
@@ -195,18 +196,17 @@ def solve_projection(
                     kl_cur[rows] = kl_sub.detach()
             if t == 0:
                 kl_init = kl_cur.clone()
-                newly = kl_cur < tol if not fixed else torch.zeros_like(done)
+                newly = kl_cur < tol
             else:
                 if record_curve or fixed:
                     curve.append(kl_cur.clone())
                 newly = ~done & ((kl_cur - kl_prev).abs() < tol)
-                if fixed:
-                    newly = torch.zeros_like(done)
-            if newly.any():
+            if not fixed:
                 with torch.no_grad():
-                    z_frozen[newly] = z.detach()[newly]
+                    z_frozen = torch.where(newly.unsqueeze(1), z.detach(), z_frozen)
                 done |= newly
-            if t == total or bool(done.all()):
+                n_done = int(done.sum())
+            if t == total or n_done == n:
                 break
             # Gradient of the summed KL of moving positions only: each row's gradient is its
             # own KL's, as in a one-position solve.
@@ -219,8 +219,8 @@ def solve_projection(
                 z.copy_(torch.where(done.unsqueeze(1), z_frozen, z))
                 steps += (~done).long()
             bar.update(1)
-            if t % 10 == 0:
-                bar.set_postfix(active=int((~done).sum()), mean_kl=f"{float(kl_cur.mean()):.4g}")
+            if progress and t % 10 == 0:
+                bar.set_postfix(active=n - n_done, mean_kl=f"{float(kl_cur.mean()):.4g}")
     bar.close()
 
     with torch.no_grad():
