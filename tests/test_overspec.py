@@ -197,14 +197,9 @@ def test_bad_settings_fail_clearly(tmp_path, kwargs):
 
 
 def _main(monkeypatch, args: list[str]) -> int:
-    """Run the real ``knnlm`` entry point with the Macondo commands registered."""
-    import typer
-
+    """Run the real ``knnlm`` entry point."""
     import knnlm.cli as cli
-    from knnlm.cli import commands, macondo_data, macondo_run
 
-    monkeypatch.setattr(cli, "app", typer.Typer(no_args_is_help=True, add_completion=False))
-    monkeypatch.setattr(commands, "MODULES", [macondo_data, macondo_run])
     monkeypatch.setattr(sys, "argv", ["knnlm", *args])
     try:
         cli.main()

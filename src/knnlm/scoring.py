@@ -100,12 +100,18 @@ def score_stream(
             targets = batch_ids[:, 1:].to(device)[mask[:, :-1]]
             positions = (src[:, 1:][scored[:, :-1]]).numpy()
             lm_lp = logits = None
-            if want_lm or want_logits:
+            if want_logits or (want_lm and out.logits.dtype != torch.float32):
                 sel = out.logits[mask].float()
                 if want_lm:
                     lm_lp = torch.log_softmax(sel, dim=-1).gather(1, targets[:, None]).squeeze(1)
                 if want_logits:
                     logits = sel
+            elif want_lm:
+                # float32 logits: log p(target) = logit[target] - logsumexp(logits) on the
+                # (batch, width) grid, without copying the scored rows out of the logits.
+                nxt = torch.cat([batch_ids[:, 1:], batch_ids[:, :1]], dim=1).to(device)
+                tgt_logit = out.logits.gather(-1, nxt[..., None]).squeeze(-1)
+                lm_lp = (tgt_logit - torch.logsumexp(out.logits, dim=-1))[mask]
             keys = Adapter.key_from(store, key_type)[mask] if key_type else None
             enc = store["enc"][mask] if want_enc else None
             bar.update(len(targets))

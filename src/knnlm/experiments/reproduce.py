@@ -52,6 +52,9 @@ class ReproduceConfig:
     )
     sweep_temperatures: list[float] = field(default_factory=lambda: [0.5, 1, 2, 3, 5, 10, 20])
     index: str | None = None  # None: exact search; flat | ivfpq
+    index_nlist: int | None = None  # None: the index module's default (~4 sqrt(N))
+    index_train_size: int | None = None
+    nprobe: int | None = None
     projection_positions: int = 1000
     projection_max_steps: int = 500
     memory_hidden: int = 4096
@@ -86,10 +89,32 @@ class ReproduceConfig:
                 memory_lr=1e-3,
                 memory_batch_tokens=1024,
                 macondo_seeds=3,
+                macondo_epochs=3,  # the LM already read these sentences as its corpus
                 hurdle_seeds=3,
             )
         elif scale == "corpus":
-            base = cls(scale="corpus", lm_preset="small", context_len=256, stride=128)
+            # Sized for a 2-core CPU on a WikiText-2-sized corpus: IVF-PQ with exact
+            # re-ranking, k=256, and a capped MLP-memory training run.
+            base = cls(
+                scale="corpus",
+                lm_preset="small",
+                context_len=256,
+                stride=256,
+                k=256,
+                index="ivfpq",
+                index_nlist=4096,
+                index_train_size=200_000,
+                nprobe=16,
+                projection_positions=1000,
+                memory_hidden=1024,
+                memory_epochs=1,
+                memory_lr=1e-3,
+                memory_batch_tokens=4096,
+                memory_max_steps=300,
+                macondo_seeds=3,
+                macondo_epochs=3,
+                hurdle_seeds=2,
+            )
         elif scale == "paper":
             base = cls(
                 scale="paper",
@@ -298,7 +323,15 @@ def stage_datastore(cfg: ReproduceConfig, model: str, corpus: str, art: Path) ->
         from knnlm.retrieval.index import build_index
 
         t0 = time.perf_counter()
-        build_index(path, kind=cfg.index, progress=False)
+        build_index(
+            path,
+            kind=cfg.index,
+            nlist=cfg.index_nlist,
+            train_size=cfg.index_train_size,
+            nprobe=cfg.nprobe or 32,
+            seed=cfg.seed,
+            progress=False,
+        )
         out["index_seconds"] = time.perf_counter() - t0
     ds = open_datastore(path)
     out.update(n=ds.n, dim=ds.dim, key_type=ds.meta["key_type"], bytes=ds.storage_bytes())
@@ -309,6 +342,7 @@ def _knn(cfg: ReproduceConfig, temperature: float | None = None, weight: float |
     from knnlm.evaluate import KnnSettings
 
     return KnnSettings(
+        nprobe=cfg.nprobe,
         k=cfg.k,
         knn_weight=cfg.knn_weight if weight is None else weight,
         temperature=cfg.temperature if temperature is None else temperature,
@@ -543,7 +577,7 @@ def reproduce(
             lambda art: stage_lm(cfg, corpus, tok_dir, art),
         )
         model = lm_res["model"]
-        ds_keys = ("context_len", "stride", "index")
+        ds_keys = ("context_len", "stride", "index", "index_nlist", "index_train_size")
         ds_res = pipe.run(
             "datastore",
             {k: s[k] for k in ds_keys},
@@ -551,14 +585,15 @@ def reproduce(
             lambda art: stage_datastore(cfg, model, corpus, art),
         )
         ds = ds_res["datastore"]
-        knn_keys = ("k", "knn_weight", "temperature", "sweep_weights", "sweep_temperatures")
+        knn_keys = ("k", "knn_weight", "temperature", "nprobe", "sweep_weights",
+                    "sweep_temperatures")  # fmt: skip
         knn_res = pipe.run(
             "knnlm",
             {k: s[k] for k in knn_keys},
             ["datastore"],
             lambda art: stage_knnlm(cfg, model, corpus, ds, art),
         )
-        proj_keys = ("k", "knn_weight", "temperature", "projection_positions",
+        proj_keys = ("k", "knn_weight", "temperature", "nprobe", "projection_positions",
                      "projection_max_steps", "seed")  # fmt: skip
         proj = pipe.run(
             "projection",
@@ -573,7 +608,7 @@ def reproduce(
             lambda art: stage_projection(cfg, model, corpus, ds, art, lr_study=True),
         )
         mem_keys = ("memory_hidden", "memory_epochs", "memory_lr", "memory_batch_tokens",
-                    "memory_max_steps", "k", "knn_weight", "temperature", "seed")  # fmt: skip
+                    "memory_max_steps", "k", "knn_weight", "temperature", "nprobe", "seed")  # fmt: skip
         memory = pipe.run(
             "memory",
             {k: s[k] for k in mem_keys},
