@@ -29,14 +29,18 @@ def test_help_lists_every_command(monkeypatch, capsys):
         assert cmd in out, cmd
 
 
-def test_eval_datastore_sweep_generate_contract(monkeypatch, capsys, tiny_lm_dir, tiny_corpus, tmp_path):
+def test_eval_datastore_sweep_generate_contract(
+    monkeypatch, capsys, tiny_lm_dir, tiny_corpus, tmp_path
+):
     ds = tmp_path / "ds"
     code, _, err = run_cli(monkeypatch, capsys, "datastore", "build", "--model", tiny_lm_dir,
                            "--corpus", tiny_corpus, "--split", "train", "--out", ds,
                            "--context-len", 32, "--stride", 16, "--quiet")  # fmt: skip
     assert code == 0, err
     assert {"keys.npy", "values.npy", "meta.json"} <= {p.name for p in ds.iterdir()}
-    code, _, err = run_cli(monkeypatch, capsys, "datastore", "index", ds, "--type", "flat", "--quiet")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "datastore", "index", ds, "--type", "flat", "--quiet"
+    )
     assert code == 0, err
     out_json = tmp_path / "eval.json"
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--model", tiny_lm_dir, "--corpus",

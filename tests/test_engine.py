@@ -62,7 +62,9 @@ def _reference_knnlm_nll(q_keys, q_lps, q_targets, ds_keys, ds_values, k, w, tem
         m = max(logits)
         z = sum(math.exp(x - m) for x in logits)
         p_knn = sum(
-            math.exp(x - m) / z for x, j in zip(logits, order, strict=True) if ds_values[j] == q_targets[i]
+            math.exp(x - m) / z
+            for x, j in zip(logits, order, strict=True)
+            if ds_values[j] == q_targets[i]
         )
         p = (1 - w) * math.exp(q_lps[i]) + w * p_knn
         nll -= math.log(p)
