@@ -585,7 +585,9 @@ def run_seed(
     times["train"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    with _library_bars(progress):
+    from knnlm.lm.train import library_bars
+
+    with library_bars(progress):
         lm = load_lm(str(model_dir), device=device)
     scored = _score(lm, test, conts, train_texts, seed_dir / "datastore", settings, progress)
     # How well the LM learned the training sentences themselves (with their desc clause).
@@ -653,21 +655,6 @@ def _train_key(seed_settings: Mapping[str, Any]) -> dict[str, Any]:
     if seed_settings.get("eval_every"):
         return dict(seed_settings)
     return {k: v for k, v in seed_settings.items() if k not in _SCORING_ONLY}
-
-
-@contextmanager
-def _library_bars(enabled: bool) -> Iterator[None]:
-    """Keep transformers' own bars (weight loading) quiet unless progress is wanted."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    if was and not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was and not enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _datastore_n(path: Path) -> int:

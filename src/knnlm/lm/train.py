@@ -576,7 +576,7 @@ def train(
     tokens_seen = base_tokens + tokens_this_run
     seconds = time.perf_counter() - t0
     model.eval()
-    with _library_bars(progress):
+    with library_bars(progress):
         final = save_final(model, tokenizer, out_dir)
     curve = state["loss_curve"]
     _atomic_json(out_dir / LOSS_CURVE, {"loss_curve": curve, "evals": state["evals"]})
@@ -599,7 +599,7 @@ def train(
 
 
 @contextmanager
-def _library_bars(enabled: bool) -> Iterator[None]:
+def library_bars(enabled: bool) -> Iterator[None]:
     """Silence transformers' own progress bars (e.g. while saving) unless progress is wanted."""
     from transformers.utils import logging as hf_logging
 
