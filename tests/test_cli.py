@@ -102,3 +102,23 @@ def test_bad_input_one_clear_line(monkeypatch, capsys, tiny_lm_dir, tiny_corpus,
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
+
+
+def test_project_contract(monkeypatch, capsys, tiny_lm_dir, tiny_corpus, tmp_path):
+    ds = tmp_path / "ds"
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "build", "--model", tiny_lm_dir,
+                           "--corpus", tiny_corpus, "--out", ds, "--context-len", 32, "--quiet")  # fmt: skip
+    assert code == 0, err
+    out = tmp_path / "proj.json"
+    code, text, err = run_cli(monkeypatch, capsys, "project", "--model", tiny_lm_dir,
+                              "--datastore", ds, "--corpus", tiny_corpus, "--split", "valid",
+                              "--context-len", 32, "--stride", 32, "--k", 8, "--knn-weight", 0.25,
+                              "--max-positions", 20, "--json", out, "--png", tmp_path / "kl.png",
+                              "--quiet")  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert res["positions"] == 20
+    for key in ("lm", "knnlm", "proj_f", "proj_fg"):
+        assert res[key]["perplexity"] > 1
+    assert "kl_mean" in res["proj_f"] and "kl_mean" in res["proj_fg"]
+    assert "Table 1" in text and (tmp_path / "kl.png").is_file()

@@ -21,6 +21,7 @@ def project_cmd(
     k: int = typer.Option(1024, "--k", help="Neighbours per query."),
     knn_weight: float = typer.Option(0.25, "--knn-weight", help="Weight on p_knn."),
     temperature: float = typer.Option(1.0, "--temperature", help="kNN softmax temperature."),
+    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed (index default)."),
     max_positions: int | None = typer.Option(
         2000, "--max-positions", help="Seeded sample of positions (default 2000; 0 = all)."
     ),
@@ -58,7 +59,7 @@ def project_cmd(
         context_len=context_len,
         stride=stride,
         batch_size=batch_size,
-        knn=KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature),
+        knn=KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature, nprobe=nprobe),
         max_positions=max_positions or None,
         seed=seed,
         lr=lr,
