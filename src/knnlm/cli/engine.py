@@ -26,6 +26,23 @@ DTYPE = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 
 TEXT_FIELD = typer.Option("text", "--text-field", help="Text column of an hf: dataset.")
 
 
+def _init_distributed() -> int:
+    """Join the process group that torchrun / accelerate launch set up; returns the rank."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return 0
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
+
+
 def _load(model: str, device: str | None, dtype: str):
     quiet_libraries()
     from knnlm.lm.loading import load_lm
@@ -52,9 +69,13 @@ def datastore_build(
     dtype: str = DTYPE,
     quiet: bool = QUIET,
 ) -> None:
-    """Score a corpus split and store one (key, next token) pair per position; resumable."""
+    """Score a corpus split and store one (key, next token) pair per position; resumable.
+
+    Under torchrun / accelerate launch each process scores its share of the windows.
+    """
     from knnlm.retrieval.datastore import build_datastore, open_datastore
 
+    rank = _init_distributed()
     lm = _load(model, device, dtype)
     path = build_datastore(
         lm,
@@ -70,8 +91,9 @@ def datastore_build(
         overwrite=overwrite,
         progress=not quiet,
     )
-    ds = open_datastore(path)
-    typer.echo(f"datastore {path}: {ds.n} keys of size {ds.dim} ({ds.meta['key_type']})")
+    if rank == 0:
+        ds = open_datastore(path)
+        typer.echo(f"datastore {path}: {ds.n} keys of size {ds.dim} ({ds.meta['key_type']})")
 
 
 @datastore_app.command("index")
