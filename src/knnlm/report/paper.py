@@ -27,6 +27,10 @@ def _f(x: Any, fmt: str = ".2f") -> str:
     return fmt_number(x, fmt)
 
 
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{_f(100 * x, '.0f')}%"
+
+
 def make_claims(r: dict) -> list[dict]:
     """One entry per claim (a)-(e): held or not, with the numbers that decide it."""
     claims = []
@@ -47,6 +51,11 @@ def make_claims(r: dict) -> list[dict]:
     p = r["projection"]["lr_0.1"]
     pk = p["knnlm"]["perplexity"]
     rel = {name: abs(p[name]["perplexity"] - pk) / pk for name in ("proj_f", "proj_fg")}
+    gap = p["lm"]["perplexity"] - pk
+    closed = {
+        name: (p["lm"]["perplexity"] - p[name]["perplexity"]) / gap if gap else None
+        for name in ("proj_f", "proj_fg")
+    }
     claims.append(
         {
             "claim": "(b) f(z*) and f∘g(z*) come close to the kNN-LM (the softmax bottleneck "
@@ -56,8 +65,11 @@ def make_claims(r: dict) -> list[dict]:
                 f"on {p['positions']} positions: LM {_f(p['lm']['perplexity'])}, kNN-LM {_f(pk)}, "
                 f"f(z*) {_f(p['proj_f']['perplexity'])} ({_f(100 * rel['proj_f'], '.1f')}% off), "
                 f"f∘g(z*) {_f(p['proj_fg']['perplexity'])} ({_f(100 * rel['proj_fg'], '.1f')}% "
-                f"off); mean KL {_f(p['proj_f']['kl_mean'], '.4f')} / "
-                f"{_f(p['proj_fg']['kl_mean'], '.4f')} (paper: under {PAPER['kl_mean_below']})"
+                f"off; share of the LM -> kNN-LM gap closed: {_pct(closed['proj_f'])} / "
+                f"{_pct(closed['proj_fg'])}); mean KL {_f(p['proj_f']['kl_mean'], '.4f')} / "
+                f"{_f(p['proj_fg']['kl_mean'], '.4f')} (paper: under {PAPER['kl_mean_below']}) "
+                f"after {_f(p['proj_f']['steps_mean'], '.1f')} / "
+                f"{_f(p['proj_fg']['steps_mean'], '.1f')} steps on average"
             ),
         }
     )
