@@ -17,11 +17,10 @@ import torch
 
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
+from knnlm.fileio import NpyRowWriter, write_json_atomic
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.datastore import (
     Datastore,
-    _RowWriter,
-    _write_json,
     corpus_fingerprint,
     open_datastore,
 )
@@ -79,11 +78,11 @@ class _Cache:
         self.partial.mkdir(parents=True)
         self.meta = dict(meta, n=n, k=k)
         self.writers = {
-            "lm_log_prob": _RowWriter(self.partial / "lm_log_prob.npy", (n,), np.float32, True),
-            "targets": _RowWriter(self.partial / "targets.npy", (n,), np.int32, True),
-            "ids": _RowWriter(self.partial / "ids.npy", (n, k), np.int64, True),
-            "dists": _RowWriter(self.partial / "dists.npy", (n, k), np.float32, True),
-            "values": _RowWriter(self.partial / "values.npy", (n, k), np.int32, True),
+            "lm_log_prob": NpyRowWriter(self.partial / "lm_log_prob.npy", (n,), np.float32, True),
+            "targets": NpyRowWriter(self.partial / "targets.npy", (n,), np.int32, True),
+            "ids": NpyRowWriter(self.partial / "ids.npy", (n, k), np.int64, True),
+            "dists": NpyRowWriter(self.partial / "dists.npy", (n, k), np.float32, True),
+            "values": NpyRowWriter(self.partial / "values.npy", (n, k), np.int32, True),
         }
 
     def write(self, row: int, **arrays: np.ndarray) -> None:
@@ -93,7 +92,7 @@ class _Cache:
     def finish(self) -> None:
         for w in self.writers.values():
             w.close()
-        _write_json(self.partial / "meta.json", self.meta)
+        write_json_atomic(self.partial / "meta.json", self.meta)
         if self.out.exists():
             shutil.rmtree(self.out)
         self.partial.rename(self.out)

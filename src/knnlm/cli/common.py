@@ -9,6 +9,8 @@ from typing import Any
 
 import typer
 
+from knnlm.fileio import write_json_atomic
+
 QUIET = typer.Option(False, "--quiet", "-q", help="Silence progress bars.")
 SEED = typer.Option(0, "--seed", help="Random seed.")
 DEVICE = typer.Option(None, "--device", help="torch device (default: cuda when present, else cpu).")
@@ -24,14 +26,9 @@ def quiet_libraries() -> None:
 
 
 def write_json(path: Path | None, obj: Any) -> None:
-    """Write JSON atomically (temporary name, then rename)."""
-    if path is None:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    tmp.replace(path)
+    """Write a command's results JSON (atomically) when ``--json`` was given."""
+    if path is not None:
+        write_json_atomic(path, obj)
 
 
 def echo_json(obj: Any) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import write_json_atomic
 from knnlm.lm.adapters import Adapter
 from knnlm.lm.presets import PRESETS, Preset, get_preset
 
@@ -220,13 +220,6 @@ def _corpus_tokens(corpus: str, vocab_size: int, max_chars: int | None):
 # ---------------------------------------------------------------------------------------
 # one run (cached)
 # ---------------------------------------------------------------------------------------
-def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
-
-
 def _run_cached(
     run_file: Path,
     key: dict,
@@ -255,7 +248,7 @@ def _run_cached(
     # A checkpoint left by an interrupted run resumes only if it belongs to these settings.
     if work_dir.exists() and (not key_file.is_file() or json.loads(key_file.read_text()) != key):
         shutil.rmtree(work_dir)
-    _atomic_json(key_file, key)
+    write_json_atomic(key_file, key)
     model = model_fn().to(device)
     evals = []
     if on_eval is not None:  # step 0: the shared initialisation, before any update
@@ -271,7 +264,7 @@ def _run_cached(
         "seconds": result.seconds,
         "tokens_seen": result.tokens_seen,
     }
-    _atomic_json(run_file, record)
+    write_json_atomic(run_file, record)
     if not keep_model:
         shutil.rmtree(work_dir, ignore_errors=True)
     return record
@@ -677,5 +670,5 @@ def _run_hurdle(
         figures=figures,
         wall_seconds=time.perf_counter() - t0,
     )
-    _atomic_json(out / RESULT_FILE, result)
+    write_json_atomic(out / RESULT_FILE, result)
     return result

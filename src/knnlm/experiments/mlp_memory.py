@@ -53,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import write_json_atomic
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -157,12 +158,6 @@ class MemoryTrainResult:
 
 
 # -- files -------------------------------------------------------------------------------
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -467,7 +462,7 @@ def train_memory(
         _atomic_safetensors(out_dir / STATE_FILE, _optimizer_tensors(opt), meta)
         curve = {"step": step, "batch_tokens": batch_tokens, "n_train": n, "loss": losses}
         curve["evals"] = evals
-        _atomic_json(out_dir / CURVE_FILE, curve)
+        write_json_atomic(out_dir / CURVE_FILE, curve, default=str)
         cfg = {
             "kind": "mlp_memory",
             "format_version": FORMAT_VERSION,
@@ -484,7 +479,9 @@ def train_memory(
             "datastore": datastore,
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        _atomic_json(out_dir / CONFIG_FILE, cfg)  # written last: it marks the set complete
+        write_json_atomic(
+            out_dir / CONFIG_FILE, cfg, default=str
+        )  # written last: it marks the set complete
         return cfg
 
     micro = micro_batch or batch_tokens

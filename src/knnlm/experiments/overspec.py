@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -55,6 +54,7 @@ from knnlm.data.macondo import (
     write_macondo,
 )
 from knnlm.errors import KnnlmError
+from knnlm.fileio import read_json, write_json_atomic, write_text_atomic
 
 RESULTS = "results.json"
 TABLE = "table5.md"
@@ -295,24 +295,6 @@ def table5(groups: Mapping[str, Mapping[str, Any]], n_seeds: int | None = None) 
     )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, json.dumps(obj, indent=2, default=float) + "\n")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _same(a: Any, b: Any) -> bool:
     """Settings equality after a JSON round trip (tuples vs lists, int vs float keys)."""
     return json.loads(json.dumps(a, default=float)) == json.loads(json.dumps(b, default=float))
@@ -474,7 +456,7 @@ def run_seed(
 
     seed_settings = dict(settings, seed=seed)
     seed_settings.pop("seeds", None)
-    cached = _read_json(seed_dir / SEED_RESULTS)
+    cached = read_json(seed_dir / SEED_RESULTS)
     if cached is not None and _same(cached.get("settings"), seed_settings):
         return cached
     seed_dir.mkdir(parents=True, exist_ok=True)
@@ -484,7 +466,7 @@ def run_seed(
     sizes = settings["macondo"]
     model_dir = seed_dir / "model"
     train_key = _train_key(seed_settings)
-    done = _read_json(seed_dir / TRAIN_DONE)
+    done = read_json(seed_dir / TRAIN_DONE)
     trained = (
         done is not None
         and _same(done.get("settings"), train_key)
@@ -516,10 +498,10 @@ def run_seed(
         curve, train_info = done["curve"], done["train"]
     else:
         # A checkpoint left by a run with other settings cannot be resumed: start over.
-        started = _read_json(seed_dir / TRAIN_STARTED)
+        started = read_json(seed_dir / TRAIN_STARTED)
         if started is not None and not _same(started, train_key):
             shutil.rmtree(model_dir, ignore_errors=True)
-        _write_json(seed_dir / TRAIN_STARTED, train_key)
+        write_json_atomic(seed_dir / TRAIN_STARTED, train_key)
         if settings["lora"]:
             model = apply_lora(model)
         max_pos = getattr(model.config, "n_positions", None) or getattr(
@@ -577,7 +559,7 @@ def run_seed(
             "loss_curve": result.loss_curve,
             "seconds": result.seconds,
         }
-        _write_json(
+        write_json_atomic(
             seed_dir / TRAIN_DONE,
             {"settings": train_key, "curve": curve, "train": train_info},
         )
@@ -633,7 +615,7 @@ def run_seed(
         "seconds": times,
         "examples": examples,
     }
-    _write_json(seed_dir / SEED_RESULTS, out)
+    write_json_atomic(seed_dir / SEED_RESULTS, out)
     return out
 
 
@@ -658,7 +640,7 @@ def _train_key(seed_settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _datastore_n(path: Path) -> int:
-    meta = _read_json(path / "meta.json") or {}
+    meta = read_json(path / "meta.json") or {}
     return int(meta.get("n", 0))
 
 
@@ -908,7 +890,7 @@ def write_outputs(out: Path, results: Mapping[str, Any]) -> None:
         + settings_line({k: v for k, v in settings.items() if k != "knn_weight_convention"}),
         "",
     ]
-    _atomic_write(out / TABLE, "\n".join(md))
+    write_text_atomic(out / TABLE, "\n".join(md))
     plot_macondo_groups(
         results["groups"], out / FIGURE_GROUPS, title=f"Macondo: {model} ({n_seeds} seeds)"
     )
@@ -920,7 +902,7 @@ def write_outputs(out: Path, results: Mapping[str, Any]) -> None:
             out / FIGURE_CURVES,
             title=f"Macondo during fine-tuning: {model}",
         )
-    _write_json(out / RESULTS, results)
+    write_json_atomic(out / RESULTS, results)
 
 
 def cli_summary(results: Mapping[str, Any]) -> dict[str, Any]:

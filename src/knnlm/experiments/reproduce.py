@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import write_json_atomic
 
 FORMAT_VERSION = 1
 
@@ -148,13 +149,6 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    tmp.replace(path)
-
-
 @dataclass
 class StageRecord:
     name: str
@@ -201,7 +195,7 @@ class Pipeline:
         t0 = time.perf_counter()
         result = fn(self.artifacts(name))
         seconds = time.perf_counter() - t0
-        _write_json(record_file, {"fingerprint": fp, "seconds": seconds, "result": result})
+        write_json_atomic(record_file, {"fingerprint": fp, "seconds": seconds, "result": result})
         self.records[name] = StageRecord(name, seconds, False, result)
         return result
 

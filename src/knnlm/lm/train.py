@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import write_json_atomic
 from knnlm.lm.adapters import Adapter
 
 CHECKPOINT_DIR = "checkpoint"
@@ -353,12 +354,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    tmp.replace(path)
-
-
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -393,7 +388,7 @@ def _save_checkpoint(
         tmp / "trainer.pt",
     )
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    _atomic_json(tmp / "state.json", state)
+    write_json_atomic(tmp / "state.json", state)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -579,7 +574,7 @@ def train(
     with library_bars(progress):
         final = save_final(model, tokenizer, out_dir)
     curve = state["loss_curve"]
-    _atomic_json(out_dir / LOSS_CURVE, {"loss_curve": curve, "evals": state["evals"]})
+    write_json_atomic(out_dir / LOSS_CURVE, {"loss_curve": curve, "evals": state["evals"]})
     for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
     return TrainResult(
@@ -759,5 +754,5 @@ def train_lm(
         "result": result.to_json(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-    _atomic_json(out / TRAIN_META, meta)
+    write_json_atomic(out / TRAIN_META, meta)
     return result

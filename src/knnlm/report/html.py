@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 from markdown_it import MarkdownIt
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import write_text_atomic
 
 _MIME = {
     ".png": "image/png",
@@ -79,16 +80,6 @@ def markdown_to_html(md_text: str, base_dir: str | os.PathLike, title: str) -> s
     )
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary name, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(out_dir: str | os.PathLike, md_text: str, title: str) -> tuple[Path, Path]:
     """Write ``report.md`` and a self-contained ``report.html`` into ``out_dir``.
 
@@ -99,6 +90,6 @@ def write_report(out_dir: str | os.PathLike, md_text: str, title: str) -> tuple[
     out.mkdir(parents=True, exist_ok=True)
     page = markdown_to_html(md_text, out, title)
     md_path, html_path = out / "report.md", out / "report.html"
-    _write_text(md_path, md_text)
-    _write_text(html_path, page)
+    write_text_atomic(md_path, md_text)
+    write_text_atomic(html_path, page)
     return md_path, html_path

@@ -33,6 +33,7 @@ import torch
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.errors import KnnlmError
+from knnlm.fileio import NpyRowWriter, write_json_atomic
 from knnlm.lm.adapters import KEY_TYPES
 from knnlm.lm.loading import LoadedLM
 from knnlm.scoring import rows_before, score_stream, window_batches
@@ -43,12 +44,6 @@ KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 def corpus_fingerprint(ids: np.ndarray) -> str:
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64)).hexdigest()[:16]
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 @dataclass
@@ -106,29 +101,6 @@ def open_datastore(path: str | Path) -> Datastore:
     if keys.shape != (meta["n"], meta["dim"]) or values.shape != (meta["n"],):
         raise KnnlmError(f"datastore {path}: keys/values shapes do not match meta.json")
     return Datastore(path=path, keys=keys, values=values, meta=meta)
-
-
-class _RowWriter:
-    """Positioned writes of rows into a preallocated .npy file."""
-
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype, create: bool):
-        if create:
-            arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-            del arr  # header written and file sized (sparse); no pages kept
-        mm = np.load(path, mmap_mode="r", allow_pickle=False)
-        self.header = int(mm.offset)  # bytes before the data
-        del mm
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-        self.dtype = np.dtype(dtype)
-        self.fd = os.open(path, os.O_WRONLY)
-
-    def write(self, first_row: int, rows: np.ndarray) -> None:
-        data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
-        os.pwrite(self.fd, data, self.header + first_row * self.row_bytes)
-
-    def close(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
 
 
 def _dist() -> tuple[int, int]:
@@ -210,13 +182,13 @@ def build_datastore(
         partial.mkdir(parents=True)
     _barrier()
     if rank == 0 and fresh:
-        key_writer = _RowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], True)
-        value_writer = _RowWriter(partial / "values.npy", (n,), np.int32, True)
-        _write_json(settings_file, settings)
+        key_writer = NpyRowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], True)
+        value_writer = NpyRowWriter(partial / "values.npy", (n,), np.int32, True)
+        write_json_atomic(settings_file, settings)
     _barrier()
     if not (rank == 0 and fresh):
-        key_writer = _RowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], False)
-        value_writer = _RowWriter(partial / "values.npy", (n,), np.int32, False)
+        key_writer = NpyRowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], False)
+        value_writer = NpyRowWriter(partial / "values.npy", (n,), np.int32, False)
 
     # Contiguous blocks of batches per rank; the batch layout itself never changes.
     per_rank = -(-len(batches) // world)
@@ -248,20 +220,20 @@ def build_datastore(
                 if (done - start) % checkpoint_every == 0:
                     os.fsync(key_writer.fd)
                     os.fsync(value_writer.fd)
-                    _write_json(progress_file, {"batches_done": done})
+                    write_json_atomic(progress_file, {"batches_done": done})
                 if on_batch is not None:
                     on_batch(done)
     finally:
         key_writer.close()
         value_writer.close()
-    _write_json(progress_file, {"batches_done": done})
+    write_json_atomic(progress_file, {"batches_done": done})
     _barrier()
     if rank == 0:
         meta = dict(settings, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), world_size=world)
         for f in partial.glob("progress-*.json"):
             f.unlink()
         settings_file.unlink()
-        _write_json(partial / "meta.json", meta)
+        write_json_atomic(partial / "meta.json", meta)
         partial.rename(out)
     _barrier()
     return out
@@ -321,8 +293,8 @@ def build_example_datastore(
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    kw = _RowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], True)
-    vw = _RowWriter(partial / "values.npy", (n,), np.int32, True)
+    kw = NpyRowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], True)
+    vw = NpyRowWriter(partial / "values.npy", (n,), np.int32, True)
     torch_dtype = torch.float16 if key_dtype == "float16" else torch.float32
     try:
         for batch in score_examples(
@@ -339,6 +311,8 @@ def build_example_datastore(
     finally:
         kw.close()
         vw.close()
-    _write_json(partial / "meta.json", dict(meta, created=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+    write_json_atomic(
+        partial / "meta.json", dict(meta, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    )
     partial.rename(out)
     return out

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,6 @@ def _faiss_metric(metric: str) -> int:
 
 def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _write_index(index: Any, path: Path) -> None:
@@ -389,7 +384,7 @@ def build_index(
     info.update(status="complete", build_seconds=round(time.time() - t0, 3), created=time.time())
     out = ds / INDEX_FILE
     _write_index(index, out)
-    _write_json(ds / INDEX_META, info)
+    write_json_atomic(ds / INDEX_META, info)
     _unlink(ds / PARTIAL_FILE, ds / PARTIAL_META)
     return out
 
@@ -458,7 +453,7 @@ def _build_ivfpq(
 
     def checkpoint() -> None:
         _write_index(_to_cpu(index, res), partial)
-        _write_json(partial_meta, {"settings": settings, "rows_added": int(index.ntotal),
+        write_json_atomic(partial_meta, {"settings": settings, "rows_added": int(index.ntotal),
                                    "status": "partial"})  # fmt: skip
         if on_checkpoint is not None:
             on_checkpoint(int(index.ntotal))
