@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from knnlm.data.windows import Window, make_windows
@@ -44,6 +45,64 @@ def rows_before(windows: list[Window]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)])
 
 
+@dataclass
+class _BatchScores:
+    scored: torch.Tensor  # (B, W) bool on the CPU: logit column c scores token c+1
+    targets: torch.Tensor
+    lm_log_prob: torch.Tensor | None
+    keys: torch.Tensor | None
+    enc: torch.Tensor | None
+    lm_logits: torch.Tensor | None
+
+
+def _score_batch(
+    model: torch.nn.Module,
+    store: dict[str, torch.Tensor],
+    batch_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    first: torch.Tensor,
+    key_type: str | None,
+    want_lm: bool,
+    want_enc: bool,
+    want_logits: bool,
+) -> _BatchScores:
+    """One forward over right-padded rows; records of logit columns [first, length - 1).
+
+    With causal attention the padding never influences the real positions (the mask is
+    passed anyway, for models that need it).
+    """
+    device = next(model.parameters()).device
+    col = torch.arange(batch_ids.shape[1])
+    inside = col[None, :] < lengths[:, None]
+    scored = (col[None, :] >= first[:, None]) & (col[None, :] < lengths[:, None] - 1)
+    out = model(
+        input_ids=batch_ids.to(device), attention_mask=inside.long().to(device), use_cache=False
+    )
+    mask = scored.to(device)
+    targets = batch_ids[:, 1:].to(device)[mask[:, :-1]]
+    lm_lp = logits = None
+    if want_logits or (want_lm and out.logits.dtype != torch.float32):
+        sel = out.logits[mask].float()
+        if want_lm:
+            lm_lp = torch.log_softmax(sel, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        if want_logits:
+            logits = sel
+    elif want_lm:
+        # float32 logits: log p(target) = logit[target] - logsumexp(logits) on the
+        # (batch, width) grid, without copying the scored rows out of the logits.
+        nxt = torch.cat([batch_ids[:, 1:], batch_ids[:, :1]], dim=1).to(device)
+        tgt_logit = out.logits.gather(-1, nxt[..., None]).squeeze(-1)
+        lm_lp = (tgt_logit - torch.logsumexp(out.logits, dim=-1))[mask]
+    return _BatchScores(
+        scored=scored,
+        targets=targets,
+        lm_log_prob=lm_lp,
+        keys=Adapter.key_from(store, key_type)[mask] if key_type else None,
+        enc=store["enc"][mask] if want_enc else None,
+        lm_logits=logits,
+    )
+
+
 @torch.no_grad()
 def score_stream(
     model: torch.nn.Module,
@@ -63,11 +122,9 @@ def score_stream(
     """Run the LM over ``ids`` in windows and yield the records of every scored target.
 
     ``batch_range`` restricts the pass to batches [a, b) of the fixed batch layout (resume,
-    sharding). Windows in a batch are right-padded; with causal attention the padding never
-    influences the real positions (the mask is passed anyway, for models that need it).
+    sharding); windows in a batch are right-padded.
     """
     adapter = Adapter(model)
-    device = next(model.parameters()).device
     windows = make_windows(len(ids), context_len, stride)
     batches = window_batches(windows, batch_size)
     offsets = rows_before(windows)
@@ -84,44 +141,21 @@ def score_stream(
             begins = torch.tensor([w.begin for w in group])
             lengths = torch.tensor([w.length for w in group])
             first = torch.tensor([w.score_from - w.begin - 1 for w in group])
-            col = torch.arange(width)
             # Gather the window tokens with one indexing op; pad beyond each window's end.
-            src = begins[:, None] + col[None, :]
-            inside = col[None, :] < lengths[:, None]
+            src = begins[:, None] + torch.arange(width)[None, :]
+            inside = src < (begins + lengths)[:, None]
             batch_ids = torch.where(inside, ids_t[src.clamp(max=len(ids) - 1)], pad_id)
-            # Logit column c predicts token c+1; scored columns are [first, length-1).
-            scored = (col[None, :] >= first[:, None]) & (col[None, :] < lengths[:, None] - 1)
-            out = model(
-                input_ids=batch_ids.to(device),
-                attention_mask=inside.long().to(device),
-                use_cache=False,
+            r = _score_batch(
+                model, store, batch_ids, lengths, first, key_type, want_lm, want_enc, want_logits
             )
-            mask = scored.to(device)
-            targets = batch_ids[:, 1:].to(device)[mask[:, :-1]]
-            positions = (src[:, 1:][scored[:, :-1]]).numpy()
-            lm_lp = logits = None
-            if want_logits or (want_lm and out.logits.dtype != torch.float32):
-                sel = out.logits[mask].float()
-                if want_lm:
-                    lm_lp = torch.log_softmax(sel, dim=-1).gather(1, targets[:, None]).squeeze(1)
-                if want_logits:
-                    logits = sel
-            elif want_lm:
-                # float32 logits: log p(target) = logit[target] - logsumexp(logits) on the
-                # (batch, width) grid, without copying the scored rows out of the logits.
-                nxt = torch.cat([batch_ids[:, 1:], batch_ids[:, :1]], dim=1).to(device)
-                tgt_logit = out.logits.gather(-1, nxt[..., None]).squeeze(-1)
-                lm_lp = (tgt_logit - torch.logsumexp(out.logits, dim=-1))[mask]
-            keys = Adapter.key_from(store, key_type)[mask] if key_type else None
-            enc = store["enc"][mask] if want_enc else None
-            bar.update(len(targets))
+            bar.update(len(r.targets))
             yield ScoredBatch(
-                positions=positions,
-                targets=targets,
-                lm_log_prob=lm_lp,
-                keys=keys,
-                enc=enc,
-                lm_logits=logits,
+                positions=src[:, 1:][r.scored[:, :-1]].numpy(),
+                targets=r.targets,
+                lm_log_prob=r.lm_log_prob,
+                keys=r.keys,
+                enc=r.enc,
+                lm_logits=r.lm_logits,
                 first_row=int(offsets[lo]),
                 windows_done=hi,
             )
@@ -147,7 +181,6 @@ def score_examples(
     the example (``positions >> 32``) and the token (``positions & 0xFFFFFFFF``).
     """
     adapter = Adapter(model)
-    device = next(model.parameters()).device
     starts = score_from or [1] * len(examples)
     if any(len(e) < 2 for e in examples):
         raise ValueError("every example needs at least two tokens")
@@ -155,41 +188,26 @@ def score_examples(
     bar = tqdm(total=len(examples), disable=not progress, desc=desc, unit="ex")
     with adapter.capture() as store:
         for lo in range(0, len(examples), batch_size):
-            group = examples[lo : lo + batch_size]
-            width = max(len(e) for e in group)
-            batch_ids = torch.zeros(len(group), width, dtype=torch.long)
-            inside = torch.zeros(len(group), width, dtype=torch.bool)
-            for r, e in enumerate(group):  # one row per example, not per token
-                batch_ids[r, : len(e)] = torch.as_tensor(e)
-                inside[r, : len(e)] = True
-            lengths = inside.sum(1)
+            group = [torch.as_tensor(e, dtype=torch.long) for e in examples[lo : lo + batch_size]]
+            batch_ids = pad_sequence(group, batch_first=True)
+            lengths = torch.tensor([len(e) for e in group])
             first = torch.tensor(starts[lo : lo + len(group)]) - 1
-            col = torch.arange(width)
-            scored = (col[None, :] >= first[:, None]) & (col[None, :] < lengths[:, None] - 1)
-            out = model(
-                input_ids=batch_ids.to(device),
-                attention_mask=inside.long().to(device),
-                use_cache=False,
+            r = _score_batch(
+                model, store, batch_ids, lengths, first, key_type, want_lm, False, False
             )
-            mask = scored.to(device)
-            targets = batch_ids[:, 1:].to(device)[mask[:, :-1]]
-            ex_index = torch.arange(lo, lo + len(group))[:, None].expand(-1, width)
-            positions = (ex_index.long() * (1 << 32) + col[None, :] + 1)[scored].numpy()
-            lm_lp = None
-            if want_lm:
-                sel = out.logits[mask].float()
-                lm_lp = torch.log_softmax(sel, dim=-1).gather(1, targets[:, None]).squeeze(1)
-            keys = Adapter.key_from(store, key_type)[mask] if key_type else None
+            col = torch.arange(batch_ids.shape[1])
+            ex_index = torch.arange(lo, lo + len(group))[:, None]
+            positions = (ex_index * (1 << 32) + col[None, :] + 1)[r.scored].numpy()
             bar.update(len(group))
             yield ScoredBatch(
                 positions=positions,
-                targets=targets,
-                lm_log_prob=lm_lp,
-                keys=keys,
+                targets=r.targets,
+                lm_log_prob=r.lm_log_prob,
+                keys=r.keys,
                 enc=None,
                 lm_logits=None,
                 first_row=row,
                 windows_done=lo + len(group),
             )
-            row += len(targets)
+            row += len(r.targets)
     bar.close()
