@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,35 +21,10 @@ from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.datastore import (
     Datastore,
     corpus_fingerprint,
-    open_datastore,
 )
-from knnlm.retrieval.knn import interpolate, knn_target_log_prob, perplexity
+from knnlm.retrieval.knn import interpolate, perplexity
+from knnlm.retrieval.retriever import KnnSettings, Retriever
 from knnlm.scoring import score_stream
-
-
-@dataclass
-class KnnSettings:
-    k: int = 1024
-    knn_weight: float = 0.25
-    temperature: float = 1.0
-    recompute: bool = True
-    nprobe: int | None = None
-    exclude_self: str = "auto"  # auto | yes | no
-
-    def validate(self) -> None:
-        if not 0.0 <= self.knn_weight <= 1.0:
-            raise KnnlmError(f"--knn-weight must be in [0, 1], got {self.knn_weight}")
-        if self.k < 1:
-            raise KnnlmError(f"--k must be at least 1, got {self.k}")
-        if self.temperature <= 0:
-            raise KnnlmError(f"--temperature must be positive, got {self.temperature}")
-        if self.exclude_self not in ("auto", "yes", "no"):
-            raise KnnlmError("--exclude-self must be auto, yes or no")
-
-
-def neighbour_values(ds: Datastore, ids: np.ndarray) -> np.ndarray:
-    """Values of the retrieved ids; -1 ids read row 0 and are masked by the caller."""
-    return np.asarray(ds.values[np.where(ids < 0, 0, ids).ravel()]).reshape(ids.shape)
 
 
 def _should_exclude(ds: Datastore, mode: str, eval_fp: str, context_len: int, stride: int) -> bool:
@@ -123,23 +97,19 @@ def evaluate(
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
     eval_fp = corpus_fingerprint(ids)
 
-    ds = searcher = None
+    retriever = ds = None
     exclude = False
     if datastore is not None:
-        from knnlm.retrieval.index import Searcher
-
-        ds = open_datastore(datastore)
-        ds.check_compatible(lm)
+        retriever = Retriever(lm, datastore, knn)
+        ds = retriever.ds
         exclude = _should_exclude(ds, knn.exclude_self, eval_fp, context_len, stride)
-        searcher = Searcher(ds.path, k_max=knn.k, nprobe=knn.nprobe, recompute=knn.recompute)
     mem = None
     if memory is not None:
         from knnlm.experiments.mlp_memory import load_memory
 
         mem = load_memory(memory, device=str(lm.device))
-    key_type = ds.meta["key_type"] if ds is not None else ("ffn_input" if mem else None)
-    if mem is not None and ds is None:
-        key_type = "ffn_input"
+    # Keys are needed for retrieval and for the memory (trained on ffn_input keys by default).
+    key_type = retriever.key_type if retriever else ("ffn_input" if mem is not None else None)
 
     n_total = len(ids) - 1
     writer = None
@@ -183,19 +153,11 @@ def evaluate(
         n = len(batch.targets)
         nll["lm"] -= float(lm_lp.double().sum())
         if ds is not None:
-            queries = batch.keys.float().cpu().numpy()
             own = np.arange(batch.first_row, batch.first_row + n) if exclude else None
             ts = time.perf_counter()
-            dists, nids = searcher.search(queries, knn.k, exclude_ids=own)
+            nb = retriever.search(batch.keys, exclude_rows=own)
             t_search += time.perf_counter() - ts
-            vals = neighbour_values(ds, nids)
-            knn_lp = knn_target_log_prob(
-                torch.from_numpy(dists),
-                torch.from_numpy(nids),
-                torch.from_numpy(vals),
-                batch.targets.cpu(),
-                knn.temperature,
-            )
+            knn_lp = retriever.target_log_prob(nb, batch.targets)
             mixed = interpolate(lm_lp.cpu(), knn_lp, knn.knn_weight)
             nll["knnlm"] -= float(mixed.double().sum())
             if writer is not None:
@@ -203,9 +165,9 @@ def evaluate(
                     batch.first_row,
                     lm_log_prob=lm_lp.cpu().numpy(),
                     targets=batch.targets.cpu().numpy().astype(np.int32),
-                    ids=nids,
-                    dists=dists,
-                    values=vals.astype(np.int32),
+                    ids=nb.ids,
+                    dists=nb.dists,
+                    values=nb.values.astype(np.int32),
                 )
         if mem is not None:
             with torch.no_grad():
@@ -241,7 +203,9 @@ def evaluate(
             recompute=knn.recompute,
             nprobe=knn.nprobe,
             exclude_self=exclude,
-            index=searcher.index.kind if searcher.index is not None else "exact (no index)",
+            index=retriever.searcher.index.kind
+            if retriever.searcher.index is not None
+            else "exact (no index)",
         )
         result["knnlm"] = {
             "perplexity": perplexity(nll["knnlm"], n_tokens),
@@ -318,33 +282,18 @@ def continuation_log_probs(
         )
         examples.append(p_ids + [first])
         starts.append(len(p_ids))
-    ds = searcher = None
-    key_type = None
-    if datastore is not None:
-        from knnlm.retrieval.index import Searcher
-
-        ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
-        ds.check_compatible(lm)
-        searcher = Searcher(ds.path, k_max=knn.k, nprobe=knn.nprobe, recompute=knn.recompute)
-        key_type = ds.meta["key_type"]
+    retriever = Retriever(lm, datastore, knn) if datastore is not None else None
+    key_type = retriever.key_type if retriever is not None else None
     lm_out, knn_out = [], []
     for batch in score_examples(
         lm.model, examples, batch_size=batch_size, key_type=key_type, score_from=starts
     ):
         lm_lp = batch.lm_log_prob.cpu()
         lm_out.append(lm_lp.numpy())
-        if ds is not None:
-            dists, nids = searcher.search(batch.keys.float().cpu().numpy(), knn.k)
-            vals = neighbour_values(ds, nids)
-            knn_lp = knn_target_log_prob(
-                torch.from_numpy(dists),
-                torch.from_numpy(nids),
-                torch.from_numpy(vals),
-                batch.targets.cpu(),
-                knn.temperature,
-            )
+        if retriever is not None:
+            knn_lp = retriever.target_log_prob(retriever.search(batch.keys), batch.targets)
             knn_out.append(interpolate(lm_lp, knn_lp, knn.knn_weight).numpy())
     result = {"lm": np.concatenate(lm_out)}
-    if ds is not None:
+    if retriever is not None:
         result["knnlm"] = np.concatenate(knn_out)
     return result

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import neighbour_values
 from knnlm.lm.adapters import Adapter
 from knnlm.lm.loading import LoadedLM
-from knnlm.retrieval.datastore import Datastore, open_datastore
-from knnlm.retrieval.knn import interpolate, knn_log_probs
+from knnlm.retrieval.knn import interpolate
+from knnlm.retrieval.retriever import KnnSettings, Retriever
 
 
 class KnnLogitsProcessor(LogitsProcessor):
@@ -23,34 +21,15 @@ class KnnLogitsProcessor(LogitsProcessor):
     forward that produced ``scores``; use it inside ``adapter.capture()`` (see :func:`generate`).
     """
 
-    def __init__(
-        self,
-        store: dict[str, torch.Tensor],
-        ds: Datastore,
-        searcher,
-        k: int = 1024,
-        knn_weight: float = 0.25,
-        temperature: float = 1.0,
-    ):
-        if not 0.0 <= knn_weight <= 1.0:
-            raise KnnlmError(f"--knn-weight must be in [0, 1], got {knn_weight}")
-        self.store, self.ds, self.searcher = store, ds, searcher
-        self.key_type = ds.meta["key_type"]
-        self.k, self.weight, self.temperature = k, knn_weight, temperature
+    def __init__(self, store: dict[str, torch.Tensor], retriever: Retriever):
+        self.store, self.retriever = store, retriever
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        key = Adapter.key_from(self.store, self.key_type)[:, -1]
-        dists, ids = self.searcher.search(key.float().cpu().numpy(), self.k)
-        vals = neighbour_values(self.ds, ids).astype(np.int64)
-        knn_lp = knn_log_probs(
-            torch.from_numpy(dists),
-            torch.from_numpy(ids),
-            torch.from_numpy(vals),
-            scores.shape[-1],
-            self.temperature,
-        ).to(scores.device)
+        key = Adapter.key_from(self.store, self.retriever.key_type)[:, -1]
+        nb = self.retriever.search(key)
+        knn_lp = self.retriever.log_probs(nb, scores.shape[-1]).to(scores.device)
         lm_lp = torch.log_softmax(scores.float(), dim=-1)
-        return interpolate(lm_lp, knn_lp, self.weight).to(scores.dtype)
+        return interpolate(lm_lp, knn_lp, self.retriever.knn.knn_weight).to(scores.dtype)
 
 
 @torch.no_grad()
@@ -83,12 +62,9 @@ def generate(
     if datastore is None:
         out = lm.model.generate(**enc, **kwargs)
     else:
-        from knnlm.retrieval.index import Searcher
-
-        ds = open_datastore(datastore)
-        ds.check_compatible(lm)
-        searcher = Searcher(ds.path, k_max=k, nprobe=nprobe, recompute=True)
+        knn = KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature, nprobe=nprobe)
+        retriever = Retriever(lm, datastore, knn)
         with lm.adapter.capture() as store:
-            proc = KnnLogitsProcessor(store, ds, searcher, k, knn_weight, temperature)
+            proc = KnnLogitsProcessor(store, retriever)
             out = lm.model.generate(**enc, logits_processor=LogitsProcessorList([proc]), **kwargs)
     return lm.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

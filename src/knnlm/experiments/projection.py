@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import KnnSettings, _should_exclude, neighbour_values
+from knnlm.evaluate import KnnSettings, _should_exclude
 from knnlm.experiments.projection_solver import solve_projection
 from knnlm.lm.loading import LoadedLM
-from knnlm.retrieval.datastore import corpus_fingerprint, open_datastore
-from knnlm.retrieval.knn import interpolate, knn_log_probs, perplexity
+from knnlm.retrieval.datastore import corpus_fingerprint
+from knnlm.retrieval.knn import interpolate, perplexity
+from knnlm.retrieval.retriever import Retriever
 from knnlm.scoring import score_stream
 
 
@@ -57,14 +58,10 @@ def run_projection(
     """Solve Eq. 2 onto f and onto f∘g for (a seeded sample of) the scored positions."""
     stride = stride or context_len
     knn = knn or KnnSettings()
-    knn.validate()
-    from knnlm.retrieval.index import Searcher
-
-    ds = open_datastore(datastore)
-    ds.check_compatible(lm)
+    retriever = Retriever(lm, datastore, knn)
+    ds = retriever.ds
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
     exclude = _should_exclude(ds, knn.exclude_self, corpus_fingerprint(ids), context_len, stride)
-    searcher = Searcher(ds.path, k_max=knn.k, nprobe=knn.nprobe, recompute=knn.recompute)
     n_scored = len(ids) - 1
     if max_positions is not None and max_positions < 1:
         raise KnnlmError("--max-positions must be at least 1")
@@ -137,17 +134,9 @@ def run_projection(
         if not sel_np.any():
             continue
         sel = torch.from_numpy(sel_np).to(batch.targets.device)
-        queries = batch.keys[sel].float().cpu().numpy()
         rows = np.arange(batch.first_row, batch.first_row + len(sel_np))[sel_np]
-        dists, nids = searcher.search(queries, knn.k, exclude_ids=rows if exclude else None)
-        vals = neighbour_values(ds, nids)
-        knn_logp = knn_log_probs(
-            torch.from_numpy(dists),
-            torch.from_numpy(nids),
-            torch.from_numpy(vals.astype(np.int64)),
-            batch.lm_logits.shape[-1],
-            knn.temperature,
-        )
+        nb = retriever.search(batch.keys[sel], exclude_rows=rows if exclude else None)
+        knn_logp = retriever.log_probs(nb, batch.lm_logits.shape[-1])
         pending.append(
             {
                 "targets": batch.targets[sel],
