@@ -86,9 +86,13 @@ def evaluate(
     memory: str | Path | None = None,
     memory_weight: float = 0.25,
     cache: str | Path | None = None,
+    key_type: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """LM perplexity; plus kNN-LM with ``datastore`` and LM + MLP memory with ``memory``."""
+    """LM perplexity; plus kNN-LM with ``datastore`` and LM + MLP memory with ``memory``.
+
+    ``key_type`` is the memory's key type when no datastore is given (default ffn_input).
+    """
     stride = stride or context_len
     knn = knn or KnnSettings()
     knn.validate()
@@ -109,7 +113,10 @@ def evaluate(
 
         mem = load_memory(memory, device=str(lm.device))
     # Keys are needed for retrieval and for the memory (trained on ffn_input keys by default).
-    key_type = retriever.key_type if retriever else ("ffn_input" if mem is not None else None)
+    if retriever is not None:
+        key_type = retriever.key_type
+    elif mem is not None:
+        key_type = key_type or "ffn_input"
 
     n_total = len(ids) - 1
     writer = None

@@ -29,6 +29,7 @@ from typing import Any
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import write_json_atomic
+from knnlm.lm.loading import load_lm
 
 FORMAT_VERSION = 1
 
@@ -203,12 +204,6 @@ class Pipeline:
 # ---------------------------------------------------------------------------------------
 # stages
 # ---------------------------------------------------------------------------------------
-def _quiet_loaded(path: str):
-    from knnlm.lm.loading import load_lm
-
-    return load_lm(path)
-
-
 def stage_macondo_corpus(cfg: ReproduceConfig, art: Path) -> dict:
     """Macondo (seed cfg.seed) as a text corpus, and a BPE tokenizer under which the children
     of every Macondo seed used later are single tokens."""
@@ -302,7 +297,7 @@ def stage_lm(cfg: ReproduceConfig, corpus: str, tokenizer_dir: str | None, art: 
 def stage_datastore(cfg: ReproduceConfig, model: str, corpus: str, art: Path) -> dict:
     from knnlm.retrieval.datastore import build_datastore, open_datastore
 
-    lm = _quiet_loaded(model)
+    lm = load_lm(model)
     path = build_datastore(
         lm,
         corpus,
@@ -349,7 +344,7 @@ def stage_knnlm(cfg: ReproduceConfig, model: str, corpus: str, ds: str, art: Pat
     from knnlm.report.figures import plot_sweep_heatmap
     from knnlm.sweep import sweep
 
-    lm = _quiet_loaded(model)
+    lm = load_lm(model)
     res = evaluate(
         lm,
         corpus,
@@ -405,7 +400,7 @@ def stage_projection(
     from knnlm.experiments.projection import run_projection
     from knnlm.report.figures import plot_kl_hist, plot_kl_steps
 
-    lm = _quiet_loaded(model)
+    lm = load_lm(model)
     res = run_projection(
         lm,
         corpus,
@@ -433,13 +428,19 @@ def stage_projection(
     return res
 
 
-def stage_memory(cfg: ReproduceConfig, model: str, corpus: str, ds: str, art: Path) -> dict:
-    """Section 5: the MLP memory trained on the datastore, interpolated like p_knn."""
-    from knnlm.evaluate import evaluate
-    from knnlm.experiments.mlp_memory import train_memory
+def stage_memory(
+    cfg: ReproduceConfig, model: str, corpus: str, ds: str, knn_res: dict, art: Path
+) -> dict:
+    """Section 5: the MLP memory trained on the datastore, interpolated like p_knn.
+
+    The kNN-LM row of Table 2 is the ``knnlm`` stage's result (same split, settings and
+    tokens), so the datastore is not searched a second time.
+    """
+    from knnlm.evaluate import evaluate, storage_report
+    from knnlm.experiments.mlp_memory import memory_storage, train_memory
     from knnlm.retrieval.datastore import open_datastore
 
-    lm = _quiet_loaded(model)
+    lm = load_lm(model)
     store = open_datastore(ds)
     tr = train_memory(
         store.keys,
@@ -461,20 +462,20 @@ def stage_memory(cfg: ReproduceConfig, model: str, corpus: str, ds: str, art: Pa
         "valid",
         context_len=cfg.context_len,
         stride=cfg.stride,
-        datastore=ds,
-        knn=_knn(cfg),
         memory=art / "memory",
         memory_weight=cfg.knn_weight,
+        key_type=store.meta["key_type"],
         progress=False,
     )
     return {
         "tokens": res["tokens"],
         "lm": res["lm"],
-        "knnlm": res["knnlm"],
+        "knnlm": knn_res["knnlm"],
         "mlp": res["mlp"],
-        "storage": res["storage"],
+        "storage": storage_report(store, memory_storage(art / "memory")),
         "train": {"steps": tr.steps, "final_loss": tr.final_loss, "seconds": tr.seconds},
-        "settings": res["settings"]
+        "settings": knn_res["settings"]
+        | res["settings"]
         | {
             "hidden": cfg.memory_hidden,
             "epochs": cfg.memory_epochs,
@@ -606,8 +607,8 @@ def reproduce(
         memory = pipe.run(
             "memory",
             {k: s[k] for k in mem_keys},
-            ["datastore"],
-            lambda art: stage_memory(cfg, model, corpus, ds, art),
+            ["datastore", "knnlm"],
+            lambda art: stage_memory(cfg, model, corpus, ds, knn_res, art),
         )
         mac_keys = ("macondo_seeds", "macondo_preset", "macondo_epochs", "macondo_sizes",
                     "macondo_eval_every", "k", "knn_weight", "temperature", "seed")  # fmt: skip
