@@ -33,7 +33,7 @@ import torch
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.errors import KnnlmError
-from knnlm.fileio import NpyRowWriter, write_json_atomic
+from knnlm.fileio import NpyRowWriter, read_json, write_json_atomic
 from knnlm.lm.adapters import KEY_TYPES
 from knnlm.lm.loading import LoadedLM
 from knnlm.scoring import rows_before, score_stream, window_batches
@@ -103,6 +103,15 @@ def open_datastore(path: str | Path) -> Datastore:
     return Datastore(path=path, keys=keys, values=values, meta=meta)
 
 
+def _built_with(out: Path, settings: dict) -> bool | None:
+    """True: a finished datastore with these settings is at ``out``; False: one with other
+    settings; None: none."""
+    old = read_json(out / "meta.json")
+    if old is None:
+        return None
+    return all(old.get(k) == v for k, v in settings.items())
+
+
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -165,10 +174,10 @@ def build_datastore(
         "n": n,
     }
     rank, world = _dist()
-    if (out / "meta.json").is_file():
-        old = json.loads((out / "meta.json").read_text())
-        if all(old.get(k) == v for k, v in settings.items()):
-            return out
+    built = _built_with(out, settings)
+    if built:
+        return out
+    if built is False:
         if not overwrite:
             raise KnnlmError(f"{out} holds a datastore with other settings; pass --overwrite")
         if rank == 0:
@@ -284,10 +293,10 @@ def build_example_datastore(
         "examples": len(examples),
         "add_eos": add_eos,
     }
-    if (out / "meta.json").is_file():
-        old = json.loads((out / "meta.json").read_text())
-        if all(old.get(k) == v for k, v in meta.items()):
-            return out
+    built = _built_with(out, meta)
+    if built:
+        return out
+    if built is False:
         shutil.rmtree(out)
     partial = Path(str(out) + ".partial")
     if partial.exists():
