@@ -11,13 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.mlp_memory import (
-    MemoryMLP,
-    load_memory,
-    memory_bytes,
-    memory_storage,
-    train_memory,
-)
+from knnlm.experiments.mlp_memory import train_memory
+from knnlm.retrieval.memory import MemoryMLP, load_memory, memory_bytes, memory_storage
 
 D, V = 16, 20
 

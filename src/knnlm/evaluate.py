@@ -109,7 +109,7 @@ def evaluate(
         exclude = _should_exclude(ds, knn.exclude_self, eval_fp, context_len, stride)
     mem = None
     if memory is not None:
-        from knnlm.experiments.mlp_memory import load_memory
+        from knnlm.retrieval.memory import load_memory
 
         mem = load_memory(memory, device=str(lm.device))
     # Keys are needed for retrieval and for the memory (trained on ffn_input keys by default).
@@ -220,7 +220,7 @@ def evaluate(
         }
         result["timing"]["search_seconds"] = t_search
     if mem is not None:
-        from knnlm.experiments.mlp_memory import memory_storage
+        from knnlm.retrieval.memory import memory_storage
 
         result["settings"].update(memory=str(memory), memory_weight=memory_weight)
         result["mlp"] = {"perplexity": perplexity(nll["mlp"], n_tokens), "nll_sum": nll["mlp"]}

@@ -79,9 +79,10 @@ def memory_train(
     quiet: bool = QUIET,
 ) -> None:
     """Train the memory MLP logits = W (z + LN(MLP(z))) on a datastore's keys -> next tokens."""
-    from knnlm.experiments.mlp_memory import memory_storage, train_memory
+    from knnlm.experiments.mlp_memory import train_memory
     from knnlm.lm.loading import load_lm
     from knnlm.retrieval.datastore import open_datastore
+    from knnlm.retrieval.memory import memory_storage
 
     quiet_libraries()
     ds = open_datastore(datastore)

@@ -1,6 +1,7 @@
-"""An MLP that replaces kNN retrieval (paper Section 5, Appendix D).
+"""Training the MLP that replaces kNN retrieval (paper Section 5, Appendix D).
 
-The datastore's key-value pairs (key z = a context representation, value = the next token)
+The model itself (``MemoryMLP``, loading, storage) is in ``knnlm.retrieval.memory``. The
+datastore's key-value pairs (key z = a context representation, value = the next token)
 train a small model
 
     logits = W (z + LN(MLP(z)))
@@ -36,8 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import struct
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,20 +46,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import write_json_atomic
-
-FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-STATE_FILE = "train_state.safetensors"
-CURVE_FILE = "loss_curve.json"
-OUTPUT_WEIGHT = "output.weight"  # name of W in the state dict
+from knnlm.retrieval.memory import (  # noqa: F401  (re-exported for existing callers)
+    CONFIG_FILE,
+    CURVE_FILE,
+    FORMAT_VERSION,
+    MODEL_FILE,
+    OUTPUT_WEIGHT,
+    STATE_FILE,
+    MemoryMLP,
+    _atomic_safetensors,
+    _device,
+    _header,
+    _read_config,
+    load_memory,
+    memory_bytes,
+    memory_storage,
+)
 
 # Settings that must agree for a run to resume from an existing checkpoint.
 _RESUME_KEYS = (
@@ -77,73 +84,6 @@ _RESUME_KEYS = (
 )
 
 
-class MemoryMLP(nn.Module):
-    """logits = W (z + LN(MLP(z))), the model of Appendix D."""
-
-    def __init__(self, dim: int, hidden: int, vocab: int, train_output: bool = False):
-        super().__init__()
-        if min(dim, hidden, vocab) < 1:
-            raise KnnlmError(
-                f"dim, hidden and vocab must be positive, got {dim}, {hidden}, {vocab}"
-            )
-        self.dim, self.hidden, self.vocab = int(dim), int(hidden), int(vocab)
-        self.train_output = bool(train_output)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.ln = nn.LayerNorm(dim)
-        self.output = nn.Linear(dim, vocab, bias=False)
-        self.output.weight.requires_grad_(self.train_output)
-
-    @classmethod
-    def from_output_embedding(
-        cls, W: torch.Tensor, hidden: int = 4096, train_output: bool = False
-    ) -> MemoryMLP:
-        """A fresh model whose W is a float32 copy of ``W`` (V x d), e.g. ``lm_head.weight``."""
-        if W.ndim != 2:
-            raise KnnlmError(
-                f"output embedding must be 2-D (vocab, dim), got shape {tuple(W.shape)}"
-            )
-        vocab, dim = W.shape
-        model = cls(dim, hidden, vocab, train_output)
-        with torch.no_grad():
-            model.output.weight.copy_(W.detach().float())
-        return model
-
-    def features(self, z: torch.Tensor) -> torch.Tensor:
-        """z + LN(MLP(z)), the vector W is applied to."""
-        z = z.to(self.output.weight.dtype)
-        return z + self.ln(self.mlp(z))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.shape[-1] != self.dim:
-            raise KnnlmError(
-                f"keys have dimension {z.shape[-1]}, the memory model expects {self.dim}"
-            )
-        return self.output(self.features(z))
-
-    def log_probs(self, z: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities over the vocabulary, shape (..., V)."""
-        return torch.log_softmax(self(z), dim=-1)
-
-    def target_log_prob(
-        self, z: torch.Tensor, targets: torch.Tensor, chunk: int = 4096
-    ) -> torch.Tensor:
-        """log p_mem(target | z) for each row, shape (n,).
-
-        The normaliser needs every logit, but only ``chunk`` rows of them live at a time, so
-        scoring many tokens never builds the full (n x V) matrix.
-        """
-        z = z.reshape(-1, self.dim)
-        targets = targets.reshape(-1).to(device=z.device, dtype=torch.long)
-        if len(targets) != len(z):
-            raise KnnlmError(f"{len(z)} keys but {len(targets)} targets")
-        out = []
-        for s in range(0, len(z), chunk):
-            logits = self(z[s : s + chunk])
-            picked = logits.gather(1, targets[s : s + chunk, None]).squeeze(1)
-            out.append(picked - torch.logsumexp(logits, dim=-1))
-        return torch.cat(out) if out else z.new_zeros(0)
-
-
 @dataclass
 class MemoryTrainResult:
     out_dir: Path
@@ -157,104 +97,7 @@ class MemoryTrainResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-# -- files -------------------------------------------------------------------------------
-
-
-def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), meta)
-    tmp.replace(path)
-
-
-def _header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor dtypes, shapes, offsets; metadata)."""
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            return json.loads(fh.read(n))
-    except (OSError, ValueError, struct.error) as e:
-        raise KnnlmError(f"corrupt safetensors file {path}: {e}") from e
-
-
-def _tensor_bytes(path: Path) -> dict[str, int]:
-    """Byte size of each tensor in a safetensors file, read from its header (no data loaded)."""
-    header = _header(path)
-    return {
-        k: int(v["data_offsets"][1] - v["data_offsets"][0])
-        for k, v in header.items()
-        if k != "__metadata__"
-    }
-
-
-def _read_config(out_dir: Path) -> dict[str, Any]:
-    cfg_path, model_path = out_dir / CONFIG_FILE, out_dir / MODEL_FILE
-    if not cfg_path.is_file() or not model_path.is_file():
-        raise KnnlmError(
-            f"no memory model in {out_dir} (expected {CONFIG_FILE} and {MODEL_FILE}; "
-            "train one with train_memory first)"
-        )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise KnnlmError(f"unreadable {cfg_path}: {e}") from e
-    if cfg.get("kind") != "mlp_memory":
-        raise KnnlmError(f"{cfg_path} does not describe an MLP memory model")
-    return cfg
-
-
-def load_memory(out_dir: str | Path, device: str | torch.device | None = None) -> MemoryMLP:
-    """Load a memory model saved by ``train_memory`` (safetensors only; no pickle)."""
-    out_dir = Path(out_dir)
-    cfg = _read_config(out_dir)
-    model = MemoryMLP(cfg["dim"], cfg["hidden"], cfg["vocab"], cfg["train_output"])
-    try:
-        state = load_file(str(out_dir / MODEL_FILE))
-        model.load_state_dict(state)
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise KnnlmError(f"corrupt or mismatching {out_dir / MODEL_FILE}: {e}") from e
-    return model.to(_device(device)).eval()
-
-
-def memory_bytes(out_dir: str | Path) -> int:
-    """Bytes on disk of the saved memory model: ``model.safetensors`` + ``config.json``.
-
-    The optimiser state and loss curve kept for resuming are training artefacts, not counted.
-    """
-    out_dir = Path(out_dir)
-    _read_config(out_dir)
-    return sum(os.path.getsize(out_dir / f) for f in (MODEL_FILE, CONFIG_FILE))
-
-
-def memory_storage(out_dir: str | Path) -> dict[str, int]:
-    """Storage of the memory model, for comparison with the datastore and its index.
-
-    - ``memory_bytes``: the files on disk (see ``memory_bytes``); they always include W.
-    - ``memory_bytes_without_shared_W``: the bytes of the parameter tensors in
-      ``model.safetensors`` excluding W when W is frozen — a frozen W is an exact copy of the
-      LM's output embedding, so a deployment that ships the LM need not store it again. When
-      W was trained it is the memory's own and is counted. Tensor sizes are read from the
-      safetensors header (file header and config are not counted here).
-    - ``output_bytes``: the bytes of W itself.
-    """
-    out_dir = Path(out_dir)
-    cfg = _read_config(out_dir)
-    sizes = _tensor_bytes(out_dir / MODEL_FILE)
-    w = sizes.get(OUTPUT_WEIGHT, 0)
-    params = sum(sizes.values())
-    return {
-        "memory_bytes": memory_bytes(out_dir),
-        "memory_bytes_without_shared_W": params - (0 if cfg["train_output"] else w),
-        "output_bytes": w,
-    }
-
-
 # -- training ----------------------------------------------------------------------------
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _sha256(t: torch.Tensor) -> str:
