@@ -12,6 +12,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 WIKITEXT2 = SHARED / "data" / "wikitext-2"
 NAMES = SHARED / "data" / "names"
 
+# The mutation driver runs its own selection of tests (python tests/mutation/run.py).
+collect_ignore = ["mutation"]
+
 _WORDS = (
     "the a village river old new house parent child friend born married year green quiet "
     "market bridge song winter summer road stone baker teacher of in to and was is who"
@@ -45,8 +48,11 @@ def tiny_tokenizer(tiny_corpus):
     return train_bpe_tokenizer(text.splitlines(keepends=True), vocab_size=300, min_frequency=1)
 
 
-def save_tiny_model(out: Path, tokenizer, model_type: str = "gpt2", seed: int = 0) -> Path:
-    """A random tiny causal LM of ``model_type`` saved with ``tokenizer`` in HF format."""
+def save_tiny_model(
+    out: Path, tokenizer, model_type: str = "gpt2", seed: int = 0, hidden: int = 32
+) -> Path:
+    """A random tiny causal LM of ``model_type`` (hidden size ``hidden``) saved with
+    ``tokenizer`` in HF format."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -56,15 +62,15 @@ def save_tiny_model(out: Path, tokenizer, model_type: str = "gpt2", seed: int = 
     )
     if model_type == "gpt2":
         cfg = AutoConfig.for_model(
-            "gpt2", vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=2, **special
+            "gpt2", vocab_size=vocab, n_positions=128, n_embd=hidden, n_layer=2, n_head=2, **special
         )
     else:
         cfg = AutoConfig.for_model(
             model_type,
             **special,
             vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,

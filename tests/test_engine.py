@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 
 import numpy as np
@@ -53,11 +53,15 @@ def _reference_records(model, ids, ctx, stride):
     return np.array(keys), np.array(lps), np.array(targets)
 
 
-def _reference_knnlm_nll(q_keys, q_lps, q_targets, ds_keys, ds_values, k, w, temp):
+def _reference_knnlm_nll(q_keys, q_lps, q_targets, ds_keys, ds_values, k, w, temp, exclude=False):
+    """Total NLL of the kNN-LM; ``exclude`` drops datastore row i from query i's neighbours
+    (query i is the datastore's own row i when the evaluated stream is the datastore's)."""
     nll = 0.0
     for i in range(len(q_targets)):
         d = np.array([np.sum((q_keys[i] - ds_keys[j]) ** 2) for j in range(len(ds_keys))])
-        order = np.argsort(d, kind="stable")[:k]
+        if exclude:
+            d[i] = np.inf
+        order = [j for j in np.argsort(d, kind="stable")[:k] if np.isfinite(d[j])]
         logits = [-d[j] / temp for j in order]
         m = max(logits)
         z = sum(math.exp(x - m) for x in logits)
@@ -122,26 +126,14 @@ def test_weight_zero_is_lm_and_k_larger_than_datastore(lm, small_corpus, tmp_pat
         lm, str(small_corpus), "train", tmp_path / "ds", context_len=CTX, progress=False
     )
     n = open_datastore(ds_dir).n
-    res0 = evaluate(
-        lm,
-        str(small_corpus),
-        "valid",
-        context_len=CTX,
-        datastore=ds_dir,
-        knn=KnnSettings(k=4, knn_weight=0.0),
-        progress=False,
-    )
+    kw = dict(context_len=CTX, datastore=ds_dir, progress=False)
+    res0 = evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=4, knn_weight=0.0), **kw)
     assert res0["knnlm"]["perplexity"] == res0["lm"]["perplexity"]
-    big = evaluate(
-        lm,
-        str(small_corpus),
-        "valid",
-        context_len=CTX,
-        datastore=ds_dir,
-        knn=KnnSettings(k=n + 50, knn_weight=0.5),
-        progress=False,
-    )
-    assert math.isfinite(big["knnlm"]["perplexity"])
+    # k > N retrieves the whole datastore, exactly as k = N does (missing ids are masked).
+    big = evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=n + 50, knn_weight=0.5), **kw)
+    all_n = evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=n, knn_weight=0.5), **kw)
+    assert big["knnlm"]["perplexity"] == pytest.approx(all_n["knnlm"]["perplexity"], rel=1e-9)
+    assert big["knnlm"]["perplexity"] != pytest.approx(big["lm"]["perplexity"], rel=1e-3)
 
 
 def test_p_knn_sums_to_one_and_masks_missing():
@@ -195,11 +187,24 @@ def test_datastore_from_other_model_is_refused(lm, small_corpus, tmp_path, tiny_
         evaluate(
             other, str(small_corpus), "valid", context_len=CTX, datastore=ds_dir, progress=False
         )
-    llama = load_lm(str(save_tiny_model(tmp_path / "llama", tiny_tokenizer, "llama")))
-    meta = json.loads((ds_dir / "meta.json").read_text())
-    meta["dim"] = 48
-    with pytest.raises(KnnlmError):
-        open_datastore(ds_dir).check_compatible(llama)
+    ds = open_datastore(ds_dir)
+    ds.check_compatible(lm)  # its own model passes
+    # Each check alone: the LM differs from the build in exactly one respect.
+    with pytest.raises(KnnlmError, match="another model"):
+        ds.check_compatible(dataclasses.replace(lm, fingerprint="sha256:0000"))
+    with pytest.raises(KnnlmError, match="another tokenizer"):
+        ds.check_compatible(dataclasses.replace(lm, tokenizer_fingerprint="sha256:0000"))
+    # Keys that truly have another size (a d=48 Llama, same tokenizer), from an LM that
+    # claims the same model: only the dimension check can refuse it.
+    wide = load_lm(str(save_tiny_model(tmp_path / "wide", tiny_tokenizer, "llama", hidden=48)))
+    wide_dir = build_datastore(
+        wide, str(small_corpus), "train", tmp_path / "wide_ds", context_len=CTX, progress=False
+    )
+    wide_ds = open_datastore(wide_dir)
+    assert np.asarray(wide_ds.keys).shape[1] == 48
+    same_name = dataclasses.replace(lm, fingerprint=wide_ds.meta["model_fingerprint"])
+    with pytest.raises(KnnlmError, match="size"):
+        wide_ds.check_compatible(same_name)
 
 
 def test_bad_knn_settings_rejected(lm, small_corpus, tmp_path):
@@ -230,15 +235,25 @@ def test_exclude_self_on_training_split(lm, small_corpus, tmp_path):
     )
     # Each query finds itself at distance 0: p_knn(target) = 1 everywhere.
     assert inc["knnlm"]["perplexity"] == pytest.approx(1.0)
+    k, w, temp = 4, 0.5, 2.0
     exc = evaluate(
         lm,
         str(small_corpus),
         "train",
-        knn=KnnSettings(k=1, knn_weight=0.5, exclude_self="auto"),
+        knn=KnnSettings(k=k, knn_weight=w, temperature=temp, exclude_self="auto"),
         **kw,
     )
     assert exc["settings"]["exclude_self"] is True
-    assert exc["knnlm"]["perplexity"] > 1.5
+    # Against a brute-force kNN-LM in which query i (datastore row i) never sees row i.
+    ds = open_datastore(ds_dir)
+    ids = load_tokens(lm.tokenizer, str(small_corpus), "train")
+    q_keys, q_lps, q_targets = _reference_records(lm.model, ids, CTX, STRIDE)
+    ds_keys = np.asarray(ds.keys, dtype=np.float64)
+    args = (q_keys, q_lps, q_targets, ds_keys, np.asarray(ds.values), k, w, temp)
+    ref_exc = math.exp(_reference_knnlm_nll(*args, exclude=True) / len(q_targets))
+    ref_inc = math.exp(_reference_knnlm_nll(*args, exclude=False) / len(q_targets))
+    assert exc["knnlm"]["perplexity"] == pytest.approx(ref_exc, rel=1e-5)
+    assert ref_exc > 1.5 * ref_inc  # the reference tells the two apart
 
 
 def test_sweep_from_cache_equals_direct_eval(lm, small_corpus, tmp_path):
@@ -247,9 +262,22 @@ def test_sweep_from_cache_equals_direct_eval(lm, small_corpus, tmp_path):
     )
     kw = dict(context_len=CTX, datastore=ds_dir, progress=False)
     evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=8), cache=tmp_path / "cache", **kw)
-    grid = sweep(tmp_path / "cache", [0.1, 0.5], [1.0, 3.0], ks=[4, 8], progress=False)
-    direct = evaluate(
-        lm, str(small_corpus), "valid", knn=KnnSettings(k=4, knn_weight=0.5, temperature=3.0), **kw
-    )
-    assert grid["perplexity"][0][1][1] == pytest.approx(direct["knnlm"]["perplexity"], rel=1e-6)
+    ks, weights, temps = [4, 8], [0.1, 0.5], [1.0, 3.0]
+    grid = sweep(tmp_path / "cache", weights, temps, ks=ks, progress=False)
+    # Every cell against its own fresh evaluation (a search per cell, no cache).
+    cells = []
+    for ki, k in enumerate(ks):
+        for wi, w in enumerate(weights):
+            for ti, t in enumerate(temps):
+                direct = evaluate(
+                    lm,
+                    str(small_corpus),
+                    "valid",
+                    knn=KnnSettings(k=k, knn_weight=w, temperature=t),
+                    **kw,
+                )
+                got = grid["perplexity"][ki][wi][ti]
+                assert got == pytest.approx(direct["knnlm"]["perplexity"], rel=1e-6), (k, w, t)
+                cells.append(got)
+    assert len(set(np.round(cells, 9))) == len(cells)  # every setting matters
     assert grid["lm"]["perplexity"] == pytest.approx(direct["lm"]["perplexity"], rel=1e-6)
