@@ -6,8 +6,6 @@ scored exactly once with as much left context as the window allows (``knnlm.data
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -15,8 +13,18 @@ import numpy as np
 import torch
 
 from knnlm.data.corpus import load_tokens
+from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
-from knnlm.fileio import NpyRowWriter, write_json_atomic
+from knnlm.fileio import (
+    ARTIFACT_KEY,
+    NpyRowWriter,
+    check_npy,
+    claim_target,
+    read_meta,
+    swap_in,
+    temp_dir,
+    write_json_atomic,
+)
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.datastore import (
     Datastore,
@@ -24,39 +32,55 @@ from knnlm.retrieval.datastore import (
 )
 from knnlm.retrieval.knn import interpolate, perplexity
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import score_stream
+from knnlm.scoring import check_context_len, score_stream
 
 
-def _should_exclude(ds: Datastore, mode: str, eval_fp: str, context_len: int, stride: int) -> bool:
-    same = (
-        ds.meta["corpus_fingerprint"] == eval_fp
-        and ds.meta["context_len"] == context_len
-        and ds.meta["stride"] == stride
-    )
+def _should_exclude(ds: Datastore, mode: str, eval_fp: str, *_layout: object) -> bool:
+    """Whether each target drops its own datastore row (``mode``: auto, yes or no).
+
+    Every target position p >= 1 of a stream is scored exactly once, in stream order, so the
+    datastore row of position p is p - 1 whatever the context length and stride: exclusion
+    needs only the evaluated stream to be the datastore's own (equal corpus fingerprints).
+    Datastores of independent examples have no stream rows and are never excluded by position.
+    (Extra positional arguments, the old context length / stride, are accepted and ignored.)
+    """
+    same = is_own_stream(ds, eval_fp)
     if mode == "yes" and not same:
         raise KnnlmError(
-            "--exclude-self yes needs the evaluation split, context length and stride of the "
-            "datastore build"
+            f"--exclude-self yes needs the token stream the datastore {ds.path} was built on "
+            f"({ds.meta.get('corpus')} {ds.meta.get('split')}); this text differs"
         )
     return mode == "yes" or (mode == "auto" and same)
 
 
+def is_own_stream(ds: Datastore, eval_fp: str) -> bool:
+    """True when ``eval_fp`` is the fingerprint of the stream the datastore was built on."""
+    stream_built = ds.meta.get("context_len") is not None
+    return stream_built and ds.meta.get("corpus_fingerprint") == eval_fp
+
+
+def own_rows(positions: np.ndarray) -> np.ndarray:
+    """Datastore row of each target position of the datastore's own stream: p - 1."""
+    return np.asarray(positions, dtype=np.int64) - 1
+
+
 class _Cache:
-    """Per scored token: LM log-prob of the target and the k neighbours (ids, dists, values)."""
+    """Per scored token: LM log-prob of the target and the k neighbours (ids, dists, values).
+
+    Written into ``<out>.partial`` and swapped in when complete; ``out`` must be new, empty,
+    or a cache this toolkit wrote (a folder with the user's files is refused, untouched).
+    """
+
+    KIND = "neighbour_cache"
 
     def __init__(self, out: Path, n: int, k: int, meta: dict):
         self.out = Path(out)
-        self.partial = Path(str(out) + ".partial")
-        if self.partial.exists():
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
-        self.meta = dict(meta, n=n, k=k)
+        claim_target(self.out, self.KIND, "meta.json", what="neighbour cache")
+        self.partial = temp_dir(self.out, self.KIND, "meta.json", fresh=True)
+        self.meta = dict(meta, n=n, k=k, **{ARTIFACT_KEY: self.KIND})
         self.writers = {
-            "lm_log_prob": NpyRowWriter(self.partial / "lm_log_prob.npy", (n,), np.float32, True),
-            "targets": NpyRowWriter(self.partial / "targets.npy", (n,), np.int32, True),
-            "ids": NpyRowWriter(self.partial / "ids.npy", (n, k), np.int64, True),
-            "dists": NpyRowWriter(self.partial / "dists.npy", (n, k), np.float32, True),
-            "values": NpyRowWriter(self.partial / "values.npy", (n, k), np.int32, True),
+            name: NpyRowWriter(self.partial / f"{name}.npy", (n, *shape), dtype, True)
+            for name, (shape, dtype) in _cache_layout(k).items()
         }
 
     def write(self, row: int, **arrays: np.ndarray) -> None:
@@ -67,9 +91,18 @@ class _Cache:
         for w in self.writers.values():
             w.close()
         write_json_atomic(self.partial / "meta.json", self.meta)
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self.partial.rename(self.out)
+        swap_in(self.partial, self.out, self.KIND, "meta.json")
+
+
+def _cache_layout(k: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Per-row shape and dtype of each cache array."""
+    return {
+        "lm_log_prob": ((), np.float32),
+        "targets": ((), np.int32),
+        "ids": ((k,), np.int64),
+        "dists": ((k,), np.float32),
+        "values": ((k,), np.int32),
+    }
 
 
 def evaluate(
@@ -93,7 +126,8 @@ def evaluate(
 
     ``key_type`` is the memory's key type when no datastore is given (default ffn_input).
     """
-    stride = stride or context_len
+    stride = resolve_stride(context_len, stride)
+    check_context_len(lm.model, context_len)
     knn = knn or KnnSettings()
     knn.validate()
     if not 0.0 <= memory_weight <= 1.0:
@@ -103,10 +137,16 @@ def evaluate(
 
     retriever = ds = None
     exclude = False
+    warnings: list[str] = []
     if datastore is not None:
         retriever = Retriever(lm, datastore, knn)
         ds = retriever.ds
-        exclude = _should_exclude(ds, knn.exclude_self, eval_fp, context_len, stride)
+        exclude = _should_exclude(ds, knn.exclude_self, eval_fp)
+        if not exclude and is_own_stream(ds, eval_fp):
+            warnings.append(
+                f"the evaluated text is the datastore's own ({ds.path}) and --exclude-self is "
+                "no: every target can retrieve its own entry, so the kNN-LM perplexity is too good"
+            )
     mem = None
     if memory is not None:
         from knnlm.retrieval.memory import load_memory
@@ -160,7 +200,7 @@ def evaluate(
         n = len(batch.targets)
         nll["lm"] -= float(lm_lp.double().sum())
         if ds is not None:
-            own = np.arange(batch.first_row, batch.first_row + n) if exclude else None
+            own = own_rows(batch.positions) if exclude else None
             ts = time.perf_counter()
             nb = retriever.search(batch.keys, exclude_rows=own)
             t_search += time.perf_counter() - ts
@@ -198,6 +238,7 @@ def evaluate(
         "tokens": n_tokens,
         "lm": {"perplexity": perplexity(nll["lm"], n_tokens), "nll_sum": nll["lm"]},
         "timing": {"seconds": elapsed, "tokens_per_s": n_tokens / max(elapsed, 1e-9)},
+        "warnings": warnings,
     }
     if ds is not None:
         result["settings"].update(
@@ -209,7 +250,9 @@ def evaluate(
             temperature=knn.temperature,
             recompute=knn.recompute,
             nprobe=knn.nprobe,
-            exclude_self=exclude,
+            exclude_self=exclude,  # applied: each target dropped its own row (p - 1)
+            exclude_self_mode=knn.exclude_self,
+            own_stream=is_own_stream(ds, eval_fp),
             index=retriever.searcher.index.kind
             if retriever.searcher.index is not None
             else "exact (no index)",
@@ -242,14 +285,20 @@ def storage_report(ds: Datastore | None, mem_storage: dict) -> dict:
 
 
 def load_cache(path: str | Path) -> dict:
+    """A neighbour cache written by ``evaluate(cache=...)``; files checked before mapping."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         raise KnnlmError(f"no neighbour cache at {path}; create one with knnlm eval --cache")
-    meta = json.loads((path / "meta.json").read_text())
-    arrays = {
-        name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-        for name in ("lm_log_prob", "targets", "ids", "dists", "values")
-    }
+    what = f"neighbour cache {path}"
+    meta = read_meta(path / "meta.json", what)
+    try:
+        n, k = int(meta["n"]), int(meta["k"])
+    except (KeyError, TypeError, ValueError):
+        raise KnnlmError(f"{what}: meta.json lacks a valid n or k") from None
+    arrays = {}
+    for name, (shape, dtype) in _cache_layout(k).items():
+        check_npy(path / f"{name}.npy", (n, *shape), dtype, what)
+        arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
     return {"meta": meta, **arrays}
 
 

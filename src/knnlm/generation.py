@@ -12,6 +12,7 @@ from knnlm.lm.adapters import Adapter
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.knn import interpolate
 from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.scoring import position_limit
 
 
 class KnnLogitsProcessor(LogitsProcessor):
@@ -50,8 +51,20 @@ def generate(
     """Continue ``prompt`` with the kNN-LM (or the plain LM when ``datastore`` is None)."""
     if not prompt:
         raise KnnlmError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise KnnlmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise KnnlmError(f"--top-p must be in (0, 1], got {top_p}")
     torch.manual_seed(seed)
     enc = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
+    limit = position_limit(lm.model)
+    total = enc["input_ids"].shape[1] + max_new_tokens
+    if limit is not None and total > limit[0]:
+        raise KnnlmError(
+            f"the prompt ({enc['input_ids'].shape[1]} tokens) plus --max-new-tokens "
+            f"{max_new_tokens} is longer than the model's {limit[0]} positions "
+            f"(config {limit[1]})"
+        )
     kwargs = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,

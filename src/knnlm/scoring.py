@@ -16,7 +16,33 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from knnlm.data.windows import Window, make_windows
+from knnlm.errors import KnnlmError
 from knnlm.lm.adapters import Adapter
+
+# Config fields that bound the positions a model can read (learned tables, or the length a
+# rotary model was configured for; the first one present wins).
+_POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
+
+
+def position_limit(model: torch.nn.Module) -> tuple[int, str] | None:
+    """(limit, config field) of the longest sequence ``model`` accepts, or None when unknown."""
+    config = getattr(model, "config", None)
+    for name in _POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
+
+
+def check_context_len(model: torch.nn.Module, context_len: int) -> None:
+    """Refuse windows longer than the model's positions (one line naming its limit)."""
+    limit = position_limit(model)
+    if limit is not None and context_len > limit[0]:
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or "the model"
+        raise KnnlmError(
+            f"--context-len {context_len} is longer than {name}'s {limit[0]} positions "
+            f"(config {limit[1]}); use --context-len {limit[0]} or less"
+        )
 
 
 @dataclass
@@ -103,7 +129,6 @@ def _score_batch(
     )
 
 
-@torch.no_grad()
 def score_stream(
     model: torch.nn.Module,
     ids: np.ndarray,
@@ -122,10 +147,32 @@ def score_stream(
     """Run the LM over ``ids`` in windows and yield the records of every scored target.
 
     ``batch_range`` restricts the pass to batches [a, b) of the fixed batch layout (resume,
-    sharding); windows in a batch are right-padded.
+    sharding); windows in a batch are right-padded. Settings are checked when called, before
+    the first batch is asked for.
     """
-    adapter = Adapter(model)
+    check_context_len(model, context_len)
     windows = make_windows(len(ids), context_len, stride)
+    return _stream(
+        model, ids, windows, batch_size, key_type, want_lm, want_enc, want_logits,
+        batch_range, progress, desc,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def _stream(
+    model: torch.nn.Module,
+    ids: np.ndarray,
+    windows: list[Window],
+    batch_size: int,
+    key_type: str | None,
+    want_lm: bool,
+    want_enc: bool,
+    want_logits: bool,
+    batch_range: tuple[int, int] | None,
+    progress: bool,
+    desc: str,
+) -> Iterator[ScoredBatch]:
+    adapter = Adapter(model)
     batches = window_batches(windows, batch_size)
     offsets = rows_before(windows)
     a, b = batch_range if batch_range is not None else (0, len(batches))

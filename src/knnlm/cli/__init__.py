@@ -35,24 +35,51 @@ def _register_all() -> None:
     _registered = True
 
 
-def main() -> None:
-    _register_all()
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage/click errors, exits, aborts) of both the click Typer vendors and plain click.
+
+    Typer >= 0.2x raises its own copy (``typer._click``); plugins or older Typer raise click's.
+    """
+    errors: list[type] = []
+    exits: list[type] = [typer.Exit]
+    aborts: list[type] = [typer.Abort]
     try:
-        app(standalone_mode=False)
+        from typer._click import exceptions as vendored
+
+        errors.append(vendored.ClickException)  # its Exit / Abort are typer.Exit / typer.Abort
+    except ImportError:  # Typer without a vendored click
+        pass
+    try:
+        import click
+
+        errors.append(click.ClickException)
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.Abort)
+    except ImportError:
+        pass
+    return tuple(errors), tuple(exits), tuple(aborts)
+
+
+def main() -> None:
+    """Entry point: usage errors print click's usual text and exit 2; a ``KnnlmError`` prints
+    one line and exits 2; anything else is a bug and keeps its traceback."""
+    _register_all()
+    errors, exits, aborts = _click_errors()
+    try:
+        code = app(standalone_mode=False)
     except KnnlmError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume where supported", err=True)
         sys.exit(130)
-    except typer.Exit as exc:
+    except exits as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
+    except aborts:
+        typer.echo("Aborted!", err=True)
         sys.exit(1)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except errors as exc:
+        exc.show()  # "Usage: ... Try '... --help' ... Error: ..." (exit 2 for usage errors)
+        sys.exit(exc.exit_code)
+    # Non-standalone mode returns the code of an explicit Exit (e.g. --help) instead of raising.
+    sys.exit(code if isinstance(code, int) else 0)

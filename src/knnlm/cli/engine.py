@@ -149,7 +149,10 @@ def eval_cmd(
     ),
     nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed."),
     exclude_self: str = typer.Option(
-        "auto", "--exclude-self", help="Drop a query's own datastore entry: auto, yes or no."
+        "auto",
+        "--exclude-self",
+        help="Drop each target's own datastore row: auto (when the text is the datastore's "
+        "own token stream, whatever the context/stride), yes (refused for other text) or no.",
     ),
     memory: Path | None = typer.Option(None, "--memory", help="MLP memory directory (Section 5)."),
     memory_weight: float = typer.Option(0.25, "--memory-weight", help="Weight on the MLP memory."),
@@ -181,6 +184,8 @@ def eval_cmd(
         cache=cache,
         progress=not quiet,
     )
+    for warning in result["warnings"]:
+        typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
     write_json(json_out, result)
     line = f"tokens {result['tokens']}  LM ppl {result['lm']['perplexity']:.3f}"
     if "knnlm" in result:
@@ -245,6 +250,7 @@ def generate_cmd(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     device: str | None = DEVICE,
     dtype: str = DTYPE,
+    quiet: bool = QUIET,  # no bar here; accepted so that every command takes --quiet
 ) -> None:
     """Continue a prompt with the kNN-LM (or the plain LM without --datastore)."""
     from knnlm.generation import generate

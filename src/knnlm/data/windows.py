@@ -31,12 +31,20 @@ class Window:
         return self.end - self.score_from
 
 
-def make_windows(n_tokens: int, context_len: int, stride: int | None = None) -> list[Window]:
-    stride = stride or context_len
+def resolve_stride(context_len: int, stride: int | None) -> int:
+    """The stride to use: ``None`` means ``context_len``; 0 or negative is refused (never read
+    as "the default")."""
     if context_len < 2:
-        raise KnnlmError("--context-len must be at least 2")
+        raise KnnlmError(f"--context-len must be at least 2, got {context_len}")
+    if stride is None:
+        return context_len
     if not 1 <= stride <= context_len:
         raise KnnlmError(f"--stride must be in [1, context-len={context_len}], got {stride}")
+    return stride
+
+
+def make_windows(n_tokens: int, context_len: int, stride: int | None = None) -> list[Window]:
+    stride = resolve_stride(context_len, stride)
     if n_tokens < 2:
         raise KnnlmError("fewer than two tokens: nothing to score")
     windows: list[Window] = []

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from knnlm.errors import KnnlmError
+
 NEG_INF = float("-inf")
 
 
@@ -65,7 +67,13 @@ def knn_log_probs(
     """
     logits = _neighbour_logits(dists, ids, temperature)
     weights = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)  # all-missing rows -> zeros
-    safe_values = values.long().clamp(0, vocab_size - 1).masked_fill(ids < 0, 0)
+    safe_values = values.long().masked_fill(ids < 0, 0)  # missing neighbours carry garbage
+    if safe_values.numel() and (safe_values.min() < 0 or safe_values.max() >= vocab_size):
+        bad = safe_values[(safe_values < 0) | (safe_values >= vocab_size)][0]
+        raise KnnlmError(
+            f"a neighbour's value {int(bad)} is outside the vocabulary of {vocab_size} tokens; "
+            "the datastore does not belong to this model's tokenizer"
+        )
     probs = torch.zeros(dists.shape[0], vocab_size, dtype=weights.dtype, device=weights.device)
     probs.scatter_add_(1, safe_values, weights)
     return probs.log()
