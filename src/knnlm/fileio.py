@@ -1,18 +1,52 @@
-"""Atomic writes and preallocated .npy row writers, shared by every module that writes files.
+"""Atomic writes, the artifact rule, and preallocated .npy row writers.
 
 Readers never see half a file: text goes to a temporary name beside the target and is renamed
 over it. Large arrays are preallocated and filled with positioned writes, so memory does not
 grow with their size.
+
+The artifact rule (datastore, neighbour cache, MLP memory, trained model, reproduction output)
+is implemented once here:
+
+- every artifact folder carries its own metadata file with a marker ``"knnlm_artifact": KIND``;
+  a folder is the toolkit's only if it holds that marker (or is one of its marked temporaries);
+- ``claim_target`` runs before any expensive work: a target that exists and is not ours is
+  refused with one line, and left untouched, whatever ``--overwrite`` says;
+- a build writes into a sibling temporary (``temp_dir``), fsyncs it (``fsync_tree``) and
+  ``swap_in`` puts it in place: an existing artifact is exchanged atomically with the new one
+  (``renameat2(RENAME_EXCHANGE)``; two renames where the kernel lacks it) and only then deleted.
+  A crash at any instant leaves the old artifact or the new one at the target, never a
+  half-written one; ``recover`` puts an old artifact back if a crash fell between two renames.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from knnlm.errors import KnnlmError
+
+ARTIFACT_KEY = "knnlm_artifact"
+TEMP_MARKER = ".knnlm-temp.json"  # inside a temporary folder while it is being written
+
+
+# -- single files ----------------------------------------------------------------------
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make renames and new names inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -20,8 +54,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -34,9 +72,210 @@ def write_json_atomic(path: str | Path, obj: Any, default: Any = float) -> None:
 def read_json(path: str | Path) -> dict | None:
     """The JSON object in ``path``, or None when it is missing or unreadable."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return obj if isinstance(obj, dict) else None
+
+
+# -- the artifact rule -----------------------------------------------------------------
+
+
+def artifact_kind(path: str | Path, meta_name: str) -> str | None:
+    """The marker in ``path/meta_name`` (a finished artifact), else None."""
+    meta = read_json(Path(path) / meta_name)
+    kind = meta.get(ARTIFACT_KEY) if meta else None
+    return kind if isinstance(kind, str) else None
+
+
+def _temp_kind(path: Path) -> str | None:
+    meta = read_json(path / TEMP_MARKER)
+    return meta.get(ARTIFACT_KEY) if meta else None
+
+
+def is_ours(path: str | Path, kind: str, meta_name: str) -> bool:
+    """True when ``path`` is a folder this toolkit wrote as ``kind`` (finished or temporary)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return artifact_kind(path, meta_name) == kind or _temp_kind(path) == kind
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def aside_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.knnlm-old")
+
+
+def recover(target: str | Path, kind: str, meta_name: str) -> None:
+    """Undo a swap cut short between its two renames (kernels without RENAME_EXCHANGE)."""
+    target = Path(target)
+    old = aside_path(target)
+    if not target.exists() and is_ours(old, kind, meta_name):
+        os.rename(old, target)
+        fsync_dir(target.parent)
+
+
+def claim_target(target: str | Path, kind: str, meta_name: str, *, what: str | None = None) -> str:
+    """Check ``target`` before any work: "absent" (missing or an empty folder) or "ours".
+
+    Anything else (a file, a link, a folder with the user's files, another kind of artifact)
+    raises ``KnnlmError`` and is left as it is.
+    """
+    target = Path(target)
+    what = what or kind.replace("_", " ")
+    recover(target, kind, meta_name)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise KnnlmError(f"{target} exists and is not a {what} folder; choose another path")
+    if not target.exists() or _is_empty_dir(target):
+        return "absent"
+    found = artifact_kind(target, meta_name)
+    if found == kind:
+        return "ours"
+    if found is not None:
+        raise KnnlmError(f"{target} holds a knnlm {found.replace('_', ' ')}, not a {what}")
+    raise KnnlmError(
+        f"{target} is a folder that knnlm did not create (no {meta_name} with a "
+        f"{ARTIFACT_KEY} marker); it is left untouched: choose a new or empty folder"
+    )
+
+
+def temp_dir(
+    target: str | Path, kind: str, meta_name: str, suffix: str = ".partial", fresh: bool = True
+) -> Path:
+    """The sibling temporary ``<target><suffix>``, marked as ours.
+
+    ``fresh=True`` starts it empty (a stale one of ours is deleted); ``fresh=False`` keeps its
+    content for resuming. A folder of that name that is not ours is refused.
+    """
+    target = Path(target)
+    tmp = target.with_name(target.name + suffix)
+    if tmp.exists() or tmp.is_symlink():
+        # A finished artifact of ours can sit there too: the old one after an exchange.
+        if not (is_ours(tmp, kind, meta_name) or _is_empty_dir(tmp)):
+            raise KnnlmError(
+                f"{tmp} exists and was not created by knnlm; move it away to build {target}"
+            )
+        if fresh:
+            shutil.rmtree(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    if _temp_kind(tmp) != kind:
+        write_json_atomic(tmp / TEMP_MARKER, {ARTIFACT_KEY: kind, "temporary": True})
+    return tmp
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file under ``path`` and every folder (so a rename of it is durable)."""
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_libc = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths; False where the system cannot."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name, use_errno=True) if name else False
+        except OSError:
+            _libc = False
+    fn = getattr(_libc, "renameat2", None) if _libc else None
+    if fn is None:
+        return False
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_in(tmp: str | Path, target: str | Path, kind: str, meta_name: str) -> Path:
+    """Put the finished temporary ``tmp`` at ``target``; a previous artifact is deleted after.
+
+    ``tmp`` must already hold its metadata file with the marker. Its files are fsynced, its
+    temporary marker removed, then it takes the target's place.
+    """
+    tmp, target = Path(tmp), Path(target)
+    if artifact_kind(tmp, meta_name) != kind:
+        raise RuntimeError(f"{tmp} is not a finished {kind} (no marker in {meta_name})")
+    (tmp / TEMP_MARKER).unlink(missing_ok=True)
+    fsync_tree(tmp)
+    if _is_empty_dir(target):
+        target.rmdir()
+    if not target.exists():
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+        return target
+    if artifact_kind(target, meta_name) != kind:  # checked again: never replace a user's folder
+        raise KnnlmError(f"{target} is not a knnlm {kind.replace('_', ' ')}; left untouched")
+    if _exchange(tmp, target):
+        fsync_dir(target.parent)
+        shutil.rmtree(tmp)  # the old artifact, now under the temporary name
+        return target
+    old = aside_path(target)
+    if old.exists():
+        shutil.rmtree(old)  # ours: only swap_in creates it
+    os.rename(target, old)
+    os.rename(tmp, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old)
+    return target
+
+
+def check_npy(path: Path, shape: tuple[int, ...], dtype: Any, what: str) -> None:
+    """Refuse a missing, truncated or mis-shaped .npy before it is mapped."""
+    if not path.is_file():
+        raise KnnlmError(f"{what}: {path.name} is missing")
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                got_shape, _, got_dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                got_shape, _, got_dtype = np.lib.format.read_array_header_2_0(fh)
+            header = fh.tell()
+    except (OSError, ValueError) as e:
+        raise KnnlmError(f"{what}: {path.name} is not a readable .npy file ({e})") from None
+    if tuple(got_shape) != tuple(shape) or np.dtype(got_dtype) != np.dtype(dtype):
+        raise KnnlmError(
+            f"{what}: {path.name} holds {np.dtype(got_dtype)} {tuple(got_shape)}, the metadata "
+            f"says {np.dtype(dtype)} {tuple(shape)}"
+        )
+    want = header + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size != want:
+        raise KnnlmError(f"{what}: {path.name} has {size} bytes, expected {want} (truncated?)")
+
+
+def read_meta(path: Path, what: str) -> dict:
+    """A metadata JSON object, or one line saying why it cannot be read."""
+    if not path.is_file():
+        raise KnnlmError(f"{what}: {path.name} is missing")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise KnnlmError(f"{what}: {path.name} is corrupt ({e})") from None
+    if not isinstance(meta, dict):
+        raise KnnlmError(f"{what}: {path.name} is corrupt (not a JSON object)")
+    return meta
+
+
+# -- .npy row writer -------------------------------------------------------------------
 
 
 class NpyRowWriter:
@@ -54,8 +293,14 @@ class NpyRowWriter:
         self.fd = os.open(path, os.O_WRONLY)
 
     def write(self, first_row: int, rows: np.ndarray) -> None:
-        data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
-        os.pwrite(self.fd, data, self.header + first_row * self.row_bytes)
+        data = memoryview(np.ascontiguousarray(rows, dtype=self.dtype)).cast("B")
+        offset = self.header + first_row * self.row_bytes
+        # One pwrite moves at most ~2 GiB on Linux (and may stop early anywhere): loop.
+        while len(data):
+            n = os.pwrite(self.fd, data, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, "pwrite wrote nothing")
+            data, offset = data[n:], offset + n
 
     def close(self) -> None:
         os.fsync(self.fd)

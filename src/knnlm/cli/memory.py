@@ -73,6 +73,11 @@ def memory_train(
         help="Also train W (initialised from the LM's output embedding); frozen by default, so "
         "a deployment need not store it twice.",
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace a memory trained with other settings (once the new one is complete).",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the summary JSON here."),
     seed: int = SEED,
     device: str | None = DEVICE,
@@ -80,10 +85,12 @@ def memory_train(
 ) -> None:
     """Train the memory MLP logits = W (z + LN(MLP(z))) on a datastore's keys -> next tokens."""
     from knnlm.experiments.mlp_memory import train_memory
+    from knnlm.fileio import claim_target
     from knnlm.lm.loading import load_lm
     from knnlm.retrieval.datastore import open_datastore
-    from knnlm.retrieval.memory import memory_storage
+    from knnlm.retrieval.memory import CONFIG_FILE, KIND, memory_storage
 
+    claim_target(out, KIND, CONFIG_FILE, what="memory model")  # before loading anything
     quiet_libraries()
     ds = open_datastore(datastore)
     lm = load_lm(model, device=device)
@@ -104,6 +111,7 @@ def memory_train(
         device=device,
         progress=not quiet,
         micro_batch=micro_batch,
+        overwrite=overwrite,
         datastore=record,
     )
     storage = memory_storage(out)

@@ -100,6 +100,11 @@ def register(app: typer.Typer) -> None:
             min=0,
             help="Save a resumable checkpoint every N steps (0: never).",
         ),
+        overwrite: bool = typer.Option(
+            False,
+            "--overwrite",
+            help="Replace a model trained with other settings (once the new one is complete).",
+        ),
         precision: str = typer.Option(
             "float32",
             "--precision",
@@ -132,7 +137,11 @@ def register(app: typer.Typer) -> None:
             checkpoint_every=checkpoint_every or None,
             precision=precision,
             grad_accum=grad_accum,
+            overwrite=overwrite,
         )
+        if result.reused:
+            typer.echo(f"{result.out_dir} already holds this run's model ({result.steps} steps)")
+            return
         loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
         resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
         typer.echo(

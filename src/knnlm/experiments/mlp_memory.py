@@ -35,7 +35,6 @@ training artefacts and do not count towards its storage.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -51,11 +50,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
-from knnlm.fileio import write_json_atomic
+from knnlm.fileio import ARTIFACT_KEY, claim_target, read_json, swap_in, temp_dir, write_json_atomic
 from knnlm.retrieval.memory import (  # noqa: F401  (re-exported for existing callers)
     CONFIG_FILE,
     CURVE_FILE,
     FORMAT_VERSION,
+    KIND,
     MODEL_FILE,
     OUTPUT_WEIGHT,
     STATE_FILE,
@@ -190,35 +190,56 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
-def _try_resume(
-    out_dir: Path, settings: dict[str, Any], model: MemoryMLP, opt: torch.optim.Optimizer
-) -> tuple[int, list[float], list[dict[str, Any]]]:
-    """Restore model, optimiser and curve from ``out_dir``; returns (step, losses, evals)."""
+def _checkpoint(
+    folder: Path, settings: dict[str, Any], strict: bool
+) -> tuple[int, dict[str, Any] | None]:
+    """(step, curve) of a consistent checkpoint in ``folder`` with these settings, else (0, None).
+
+    ``strict``: a checkpoint with other settings is an error (the finished memory the user
+    named); otherwise it is ignored (an unfinished temporary of ours).
+    """
     try:
-        cfg = _read_config(out_dir)
+        cfg = _read_config(folder)
     except KnnlmError:
-        return 0, [], []
-    if not (out_dir / STATE_FILE).is_file() or not (out_dir / CURVE_FILE).is_file():
-        return 0, [], []
+        return 0, None
+    if not (folder / STATE_FILE).is_file():
+        return 0, None
     diff = [k for k in _RESUME_KEYS if cfg.get(k) != settings[k]]
     if diff:
+        if not strict:
+            return 0, None
         raise KnnlmError(
-            f"{out_dir} holds a memory model trained with other settings ({', '.join(diff)}); "
-            "choose another output directory or pass resume=False to overwrite it"
+            f"{folder} holds a memory model trained with other settings ({', '.join(diff)}); "
+            "choose another output directory or pass --overwrite to replace it"
         )
-    step = int(cfg["steps"])
-    curve = json.loads((out_dir / CURVE_FILE).read_text())
+    step = cfg.get("steps")
+    curve = read_json(folder / CURVE_FILE)
     # The files are renamed one after another; resume only from a consistent set.
-    marks = [
-        _header(out_dir / f).get("__metadata__", {}).get("step") for f in (MODEL_FILE, STATE_FILE)
-    ]
-    if marks != [str(step)] * 2 or len(curve["loss"]) != step or curve.get("step") != step:
-        return 0, [], []
-    model_sd = load_file(str(out_dir / MODEL_FILE))
-    state = load_file(str(out_dir / STATE_FILE))
-    model.load_state_dict(model_sd)
-    _load_optimizer(opt, state)
-    return step, list(curve["loss"]), list(curve.get("evals", []))
+    try:
+        marks = [
+            _header(folder / f).get("__metadata__", {}).get("step")
+            for f in (MODEL_FILE, STATE_FILE)
+        ]
+    except KnnlmError:
+        return 0, None
+    if (
+        not isinstance(step, int)
+        or curve is None
+        or marks != [str(step)] * 2
+        or len(curve.get("loss", ())) != step
+        or curve.get("step") != step
+    ):
+        return 0, None
+    return step, curve
+
+
+def _partial_path(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def _restore(folder: Path, model: MemoryMLP, opt: torch.optim.Optimizer) -> None:
+    model.load_state_dict(load_file(str(folder / MODEL_FILE)))
+    _load_optimizer(opt, load_file(str(folder / STATE_FILE)))
 
 
 def train_memory(
@@ -238,6 +259,7 @@ def train_memory(
     weight_decay: float = 0.0,
     micro_batch: int | None = None,
     resume: bool = True,
+    overwrite: bool = False,
     datastore: dict[str, Any] | None = None,
     eval_fn: Callable[[MemoryMLP], dict[str, Any]] | None = None,
 ) -> MemoryTrainResult:
@@ -251,21 +273,24 @@ def train_memory(
     save memory (same gradient).
     Training runs ``epochs`` passes, or stops after ``max_steps`` optimiser steps in total.
 
-    Checkpoints (model, optimiser state, loss curve, config) are written atomically at the end
-    of every epoch and at the end. With ``resume=True`` a matching checkpoint in ``out_dir``
-    is continued from its step (a finished one is returned as is); one with other settings is
-    an error. ``datastore`` (e.g. path and fingerprint) is recorded in config.json.
+    Checkpoints (model, optimiser state, loss curve, config) go to ``<out_dir>.partial`` at
+    the end of every epoch; when training is complete that folder is swapped in as
+    ``out_dir``. With ``resume=True`` a matching checkpoint (the temporary one, or the memory
+    already at ``out_dir``) is continued from its step (a finished one is returned as is); a
+    memory with other settings is an error unless ``overwrite`` (or ``resume=False``), and
+    then replaced only once the new one is complete. A folder that is not a memory model is
+    refused before any work. ``datastore`` (e.g. path and fingerprint) goes to config.json.
     ``eval_fn(model)`` runs (under no_grad) at every checkpoint; its dicts go to
     loss_curve.json under "evals".
     """
     t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    claim_target(out_dir, KIND, CONFIG_FILE, what="memory model")
     _check_inputs(keys, values, W)
     if batch_tokens < 1 or epochs < 1 or (max_steps is not None and max_steps < 1):
         raise KnnlmError("batch_tokens, epochs and max_steps must be positive")
     if lr <= 0:
         raise KnnlmError(f"learning rate must be positive, got {lr}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
     n = int(values.shape[0])
     per_epoch = math.ceil(n / batch_tokens)
@@ -290,24 +315,52 @@ def train_memory(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
-    start, losses, evals = (0, [], [])
+    # Training is a function of (settings, step): the furthest consistent checkpoint wins.
+    start, curve, source = 0, None, None
+    partial_step, partial_curve = _checkpoint(_partial_path(out_dir), settings, strict=False)
     if resume:
-        start, losses, evals = _try_resume(out_dir, settings, model, opt)
+        out_step, out_curve = _checkpoint(out_dir, settings, strict=not overwrite)
+        start, curve, source = max(
+            (0, None, None),
+            (out_step, out_curve, out_dir),
+            (partial_step, partial_curve, _partial_path(out_dir)),
+            key=lambda c: c[0],
+        )
     if start > total:
         raise KnnlmError(
             f"{out_dir} holds a memory model already trained for {start} steps, more than the "
             f"{total} requested; pass resume=False to train a new one"
         )
+    if source == out_dir and start == total:  # finished: returned as is
+        model.load_state_dict(load_file(str(out_dir / MODEL_FILE)))
+        return MemoryTrainResult(
+            out_dir=out_dir,
+            model=model.eval(),
+            steps=start,
+            n_train=n,
+            losses=list(curve["loss"]),
+            final_loss=float(np.mean(curve["loss"][-min(per_epoch, 100) :])),
+            seconds=time.perf_counter() - t0,
+            resumed_from=start,
+            config=_read_config(out_dir),
+        )
+    # A temporary that is not the checkpoint we continue from is stale: start it afresh.
+    partial = temp_dir(out_dir, KIND, CONFIG_FILE, fresh=source != _partial_path(out_dir))
+    losses: list[float] = list(curve["loss"]) if curve else []
+    evals: list[dict[str, Any]] = list(curve.get("evals", [])) if curve else []
+    if source is not None:
+        _restore(source, model, opt)
 
     def save(step: int, complete: bool) -> dict[str, Any]:
         meta = {"step": str(step)}
-        _atomic_safetensors(out_dir / MODEL_FILE, model.state_dict(), meta)
-        _atomic_safetensors(out_dir / STATE_FILE, _optimizer_tensors(opt), meta)
+        _atomic_safetensors(partial / MODEL_FILE, model.state_dict(), meta)
+        _atomic_safetensors(partial / STATE_FILE, _optimizer_tensors(opt), meta)
         curve = {"step": step, "batch_tokens": batch_tokens, "n_train": n, "loss": losses}
         curve["evals"] = evals
-        write_json_atomic(out_dir / CURVE_FILE, curve, default=str)
+        write_json_atomic(partial / CURVE_FILE, curve, default=str)
         cfg = {
-            "kind": "mlp_memory",
+            ARTIFACT_KEY: KIND,
+            "kind": KIND,
             "format_version": FORMAT_VERSION,
             **settings,
             "activation": "gelu",
@@ -322,9 +375,10 @@ def train_memory(
             "datastore": datastore,
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        write_json_atomic(
-            out_dir / CONFIG_FILE, cfg, default=str
-        )  # written last: it marks the set complete
+        # Written last: it marks the set consistent (and, with complete, finished).
+        write_json_atomic(partial / CONFIG_FILE, cfg, default=str)
+        if complete:
+            swap_in(partial, out_dir, KIND, CONFIG_FILE)
         return cfg
 
     micro = micro_batch or batch_tokens

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import write_json_atomic
 from knnlm.lm.adapters import SUPPORTED_MODEL_TYPES, Adapter, apply_saved_surgery
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,30 +43,69 @@ def _is_local(name: str) -> bool:
     return Path(name).expanduser().exists()
 
 
-def model_fingerprint(model: torch.nn.Module, name: str) -> str:
-    """Identifies the weights: the hub revision when known, else a hash of config and files.
+HASH_CACHE = ".knnlm_weights_sha256.json"  # beside the weights, keyed by name, size, mtime
 
-    Hashing multi-GB weight files would be slow, so for local files the hash covers the
-    config, each weight file's size and its first and last MiB.
-    """
+
+def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_hashes(folder: Path) -> dict[str, str]:
+    """Full sha256 of every weight file in ``folder``.
+
+    Hashing multi-GB weights takes a while, so the digests are kept in ``HASH_CACHE`` beside
+    them and reused while a file's size and modification time are unchanged.
+    """
+    cache_path = folder / HASH_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    out, changed = {}, False
+    for f in sorted(folder.iterdir()):
+        if f.suffix not in {".safetensors", ".bin"} or not f.is_file():
+            continue
+        st = f.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        entry = cache.get(f.name)
+        if not (isinstance(entry, dict) and entry.get("stamp") == stamp):
+            entry = {"stamp": stamp, "sha256": _file_sha256(f)}
+            cache[f.name], changed = entry, True
+        out[f.name] = entry["sha256"]
+    if changed:
+        try:
+            write_json_atomic(cache_path, cache)
+        except OSError:
+            pass  # a read-only model folder: hash again next time
+    return out
+
+
+def model_fingerprint(model: torch.nn.Module, name: str) -> str:
+    """Identifies the weights and the dtype they are computed in.
+
+    Local folders: config.json and the full sha256 of every weight file (cached, see
+    ``weight_hashes``). Hub models: the revision. Either way the parameter dtype is part of
+    it, so keys computed in bfloat16 are never mixed with float32 ones.
+    """
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    h = hashlib.sha256(f"dtype:{dtype}".encode())
     revision = getattr(model.config, "_commit_hash", None)
     path = Path(name).expanduser()
     if path.is_dir():
-        for f in sorted(path.iterdir()):
-            if f.name == "config.json":
-                h.update(f.read_bytes())
-            elif f.suffix in {".safetensors", ".bin"}:
-                size = f.stat().st_size
-                h.update(f"{f.name}:{size}".encode())
-                with f.open("rb") as fh:
-                    h.update(fh.read(1 << 20))
-                    if size > (1 << 20):
-                        fh.seek(-(1 << 20), os.SEEK_END)
-                        h.update(fh.read())
+        config = path / "config.json"
+        if config.is_file():
+            h.update(config.read_bytes())
+        for fname, digest in weight_hashes(path).items():
+            h.update(f"{fname}:{digest}".encode())
         return "sha256:" + h.hexdigest()[:16]
     if revision:
-        return f"{name}@{revision}"
+        return f"{name}@{revision}:{dtype}"
     # An in-memory model: hash the parameters themselves (small models only reach here).
     for p in model.state_dict().values():
         h.update(p.detach().float().cpu().numpy().tobytes()[:4096])

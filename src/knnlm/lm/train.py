@@ -36,12 +36,22 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from knnlm.errors import KnnlmError
-from knnlm.fileio import write_json_atomic
+from knnlm.fileio import (
+    ARTIFACT_KEY,
+    claim_target,
+    fsync_dir,
+    fsync_tree,
+    read_json,
+    swap_in,
+    temp_dir,
+    write_json_atomic,
+)
 from knnlm.lm.adapters import Adapter
 
 CHECKPOINT_DIR = "checkpoint"
 LOSS_CURVE = "loss_curve.json"
-TRAIN_META = "train_meta.json"
+TRAIN_META = "train_meta.json"  # carries the artifact marker of a model folder train_lm wrote
+MODEL_KIND = "trained_model"
 PRECISIONS = ("float32", "bfloat16")
 
 # The paper's LoRA setup for Mistral (Appendix C.1): r=8, alpha=16, dropout 0.05 on the
@@ -146,6 +156,7 @@ class TrainResult:
     tokens_this_run: int
     resumed_from: int | None
     model: nn.Module | None = field(default=None, repr=False)
+    reused: bool = False  # the finished model of an identical run was found and kept
 
     @property
     def tokens_per_second(self) -> float:
@@ -388,11 +399,13 @@ def _save_checkpoint(
         tmp / "trainer.pt",
     )
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    write_json_atomic(tmp / "state.json", state)
+    write_json_atomic(tmp / "state.json", state)  # written last: marks it complete
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
+    fsync_dir(out_dir)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -403,6 +416,17 @@ def find_checkpoint(out_dir: Path) -> Path | None:
         if (d / "state.json").is_file():
             return d
     return None
+
+
+def _checkpoint_key(ckpt: Path) -> dict | None:
+    state = read_json(ckpt / "state.json")
+    return state.get("resume_key") if state else None
+
+
+def remove_checkpoints(out_dir: Path) -> None:
+    """Delete the checkpoint folders (only the names this module creates)."""
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp"):
+        shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
 
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, expect: dict) -> dict[str, Any]:
@@ -465,6 +489,7 @@ def train(
     *,
     on_eval: EvalFn | None = None,
     progress: bool = True,
+    own_folder: bool = False,
 ) -> TrainResult:
     """Train ``model`` on ``data`` and save it (with ``tokenizer``) in HF format to ``out_dir``.
 
@@ -473,6 +498,10 @@ def train(
     eval mode, gradients off and its own RNG stream (so evaluating never changes training);
     the dicts it returns are collected, with their step, in the result and ``loss_curve.json``.
     If ``out_dir`` holds a checkpoint of the same run, training resumes from it.
+
+    ``own_folder``: ``out_dir`` is a temporary the caller swaps in afterwards (``train_lm``);
+    a checkpoint of other settings there is discarded instead of refused, and checkpoints are
+    left for the caller to remove once the finished folder is marked complete.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -500,6 +529,9 @@ def train(
     }
     resumed_from = None
     ckpt = find_checkpoint(out_dir)
+    if ckpt is not None and own_folder and _checkpoint_key(ckpt) != resume_key:
+        remove_checkpoints(out_dir)  # our own temporary, left by a run with other settings
+        ckpt = None
     if ckpt is not None:
         state = _load_checkpoint(ckpt, model, optimizer, scheduler, resume_key)
         resumed_from = state["step"]
@@ -575,8 +607,8 @@ def train(
         final = save_final(model, tokenizer, out_dir)
     curve = state["loss_curve"]
     write_json_atomic(out_dir / LOSS_CURVE, {"loss_curve": curve, "evals": state["evals"]})
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp"):
-        shutil.rmtree(out_dir / name, ignore_errors=True)
+    if not own_folder:
+        remove_checkpoints(out_dir)
     return TrainResult(
         out_dir=out_dir,
         steps=state["step"],
@@ -663,6 +695,7 @@ def train_lm(
     on_eval: EvalFn | None = None,
     precision: str = "float32",
     grad_accum: int = 1,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a causal LM on the train split of ``corpus`` and save it to ``out``.
 
@@ -670,6 +703,11 @@ def train_lm(
     ``base_model`` (optionally with LoRA; the preset then only supplies batch size, context and
     epochs). ``examples=True`` treats each non-empty line as one example instead of cutting
     one token stream into blocks. Writes ``train_meta.json`` with every setting.
+
+    Training runs in ``<out>.partial`` (checkpoints included) and the finished folder is
+    swapped in as ``out``. A folder that is not a model this function wrote is refused before
+    any work; a finished model of the identical run is kept and returned (``reused``); one of
+    other settings is replaced, once the new one is complete, only with ``overwrite``.
     """
     from knnlm.data.corpus import read_split, tokenize_text
     from knnlm.lm.loading import pick_device
@@ -679,6 +717,8 @@ def train_lm(
     out = Path(out)
     if lora and base_model is None:
         raise KnnlmError("LoRA fine-tunes a pretrained model: give --model as well")
+    found = claim_target(out, MODEL_KIND, TRAIN_META, what="trained model")
+    work = out.with_name(out.name + ".partial")
     text = read_split(corpus, "train")
 
     if base_model is not None:
@@ -691,7 +731,7 @@ def train_lm(
         )
         ctx = context_len or min(spec.context_len, int(max_pos))
     else:
-        ckpt = find_checkpoint(out)
+        ckpt = find_checkpoint(work) if work.is_dir() else None
         if ckpt is not None and (ckpt / "tokenizer").is_dir():
             from transformers import AutoTokenizer
 
@@ -731,7 +771,24 @@ def train_lm(
         precision=precision,
     )
     n_params = sum(p.numel() for p in model.parameters())
-    result = train(model, tokenizer, data, config, out, on_eval=on_eval, progress=not quiet)
+    key = run_key(data, tokenizer, config)
+    kept = _finished(out, key) if found == "ours" else None
+    if kept is not None and not overwrite:
+        return kept
+    if found == "ours" and kept is None and not overwrite:
+        raise KnnlmError(
+            f"{out} holds a model trained with other settings; pass --overwrite to replace it"
+        )
+    done = _finished(work, key) if work.is_dir() else None
+    if done is not None:  # a crash fell between marking it complete and the swap
+        remove_checkpoints(work)
+        swap_in(work, out, MODEL_KIND, TRAIN_META)
+        return _finished(out, key)
+    work = temp_dir(out, MODEL_KIND, TRAIN_META, fresh=False)
+    result = train(
+        model, tokenizer, data, config, work, on_eval=on_eval, progress=not quiet, own_folder=True
+    )
+    result.out_dir = out
 
     import transformers
 
@@ -753,6 +810,41 @@ def train_lm(
         "n_parameters_saved_model": sum(p.numel() for p in result.model.parameters()),
         "result": result.to_json(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "run_key": key,
+        ARTIFACT_KEY: MODEL_KIND,
     }
-    write_json_atomic(out / TRAIN_META, meta)
+    # The marker goes in last; checkpoints are dropped only after it, then the swap.
+    write_json_atomic(work / TRAIN_META, meta, default=str)
+    remove_checkpoints(work)
+    swap_in(work, out, MODEL_KIND, TRAIN_META)
     return result
+
+
+def run_key(data: np.ndarray | Sequence[str], tokenizer, config: TrainConfig) -> dict:
+    """What identifies a training run: its settings and its data (as ``train`` resumes on)."""
+    dataset = make_dataset(data, tokenizer, config.context_len)
+    key = {"config": config.resume_key(), "data": dataset.fingerprint, "n_items": dataset.n_items}
+    return json.loads(json.dumps(key, default=str))  # as it reads back from JSON
+
+
+def _finished(folder: Path, key: dict) -> TrainResult | None:
+    """The result recorded by a finished ``train_lm`` run with this key in ``folder``."""
+    meta = read_json(folder / TRAIN_META)
+    if not meta or meta.get(ARTIFACT_KEY) != MODEL_KIND or meta.get("run_key") != key:
+        return None
+    r = meta.get("result") or {}
+    curve = read_json(folder / LOSS_CURVE) or {}
+    return TrainResult(
+        out_dir=folder,
+        steps=int(r.get("steps", 0)),
+        total_steps=int(r.get("total_steps", 0)),
+        epochs=float(r.get("epochs", 0.0)),
+        final_loss=r.get("final_loss"),
+        loss_curve=list(curve.get("loss_curve", [])),
+        evals=list(curve.get("evals", [])),
+        tokens_seen=int(r.get("tokens_seen", 0)),
+        seconds=0.0,
+        tokens_this_run=0,
+        resumed_from=r.get("resumed_from"),
+        reused=True,
+    )

@@ -19,9 +19,7 @@ boundaries are fixed by the window layout, not by the number of processes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,14 +29,28 @@ import numpy as np
 import torch
 
 from knnlm.data.corpus import load_tokens
-from knnlm.data.windows import make_windows
+from knnlm.data.windows import make_windows, resolve_stride
 from knnlm.errors import KnnlmError
-from knnlm.fileio import NpyRowWriter, read_json, write_json_atomic
+from knnlm.fileio import (
+    ARTIFACT_KEY,
+    NpyRowWriter,
+    check_npy,
+    claim_target,
+    fsync_dir,
+    read_json,
+    read_meta,
+    recover,
+    swap_in,
+    temp_dir,
+    write_json_atomic,
+)
 from knnlm.lm.adapters import KEY_TYPES
 from knnlm.lm.loading import LoadedLM
-from knnlm.scoring import rows_before, score_stream, window_batches
+from knnlm.scoring import check_context_len, rows_before, score_stream, window_batches
 
 FORMAT_VERSION = 1
+KIND = "datastore"  # the artifact marker in meta.json
+META = "meta.json"
 KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -88,28 +100,60 @@ class Datastore:
 
 
 def open_datastore(path: str | Path) -> Datastore:
+    """Open a finished datastore; sizes and shapes are checked against meta.json before mapping."""
     path = Path(path)
-    if not (path / "meta.json").is_file():
+    recover(path, KIND, META)
+    if not (path / META).is_file():
         if Path(str(path) + ".partial").is_dir():
             raise KnnlmError(f"datastore {path} is incomplete; rerun the build to resume it")
         raise KnnlmError(f"no datastore at {path} (meta.json missing)")
-    meta = json.loads((path / "meta.json").read_text())
+    what = f"datastore {path}"
+    meta = read_meta(path / META, what)
     if meta.get("format_version") != FORMAT_VERSION:
         raise KnnlmError(f"datastore {path} has format version {meta.get('format_version')}")
+    try:
+        n, dim = int(meta["n"]), int(meta["dim"])
+        key_dtype = KEY_DTYPES[meta["key_dtype"]]
+    except (KeyError, TypeError, ValueError):
+        raise KnnlmError(f"{what}: meta.json lacks a valid n, dim or key_dtype") from None
+    check_npy(path / "keys.npy", (n, dim), key_dtype, what)
+    check_npy(path / "values.npy", (n,), np.int32, what)
     keys = np.load(path / "keys.npy", mmap_mode="r", allow_pickle=False)
     values = np.load(path / "values.npy", mmap_mode="r", allow_pickle=False)
-    if keys.shape != (meta["n"], meta["dim"]) or values.shape != (meta["n"],):
-        raise KnnlmError(f"datastore {path}: keys/values shapes do not match meta.json")
     return Datastore(path=path, keys=keys, values=values, meta=meta)
 
 
 def _built_with(out: Path, settings: dict) -> bool | None:
     """True: a finished datastore with these settings is at ``out``; False: one with other
     settings; None: none."""
-    old = read_json(out / "meta.json")
+    old = read_json(out / META)
     if old is None:
         return None
     return all(old.get(k) == v for k, v in settings.items())
+
+
+def _finish(partial: Path, out: Path, meta: dict) -> None:
+    """meta.json (with the marker) first, then drop the progress files, then swap in.
+
+    A crash anywhere here leaves a partial whose meta.json matches the settings: the rerun
+    only swaps it in, and no finished rows are lost.
+    """
+    write_json_atomic(partial / META, meta)
+    for f in [*partial.glob("progress-*.json"), partial / "settings.json"]:
+        f.unlink(missing_ok=True)
+    swap_in(partial, out, KIND, META)
+
+
+def _check_keys_finite(keys: torch.Tensor, key_type: str, key_dtype: str) -> None:
+    """float16 holds values up to 65504; larger keys would become inf and poison the index."""
+    if key_dtype == "float16" and not bool(torch.isfinite(keys.to(torch.float16)).all()):
+        bad = "non-finite" if not bool(torch.isfinite(keys).all()) else "beyond float16 range"
+        raise KnnlmError(
+            f"{key_type} keys have {bad} values that float16 cannot store; "
+            "rebuild with --key-dtype float32"
+        )
+    if key_dtype == "float32" and not bool(torch.isfinite(keys).all()):
+        raise KnnlmError(f"{key_type} keys have non-finite values (the model produced inf/nan)")
 
 
 def _dist() -> tuple[int, int]:
@@ -143,23 +187,29 @@ def build_datastore(
     """Score ``split`` of ``corpus`` with ``lm`` and write (key, next token) for every position.
 
     ``on_batch(batches_done)`` is called after each batch (tests use it to interrupt a build).
-    Returns the datastore path; a finished datastore with the same settings is reused.
+    Returns the datastore path; a finished datastore with the same settings is reused, one
+    with other settings is replaced only with ``overwrite`` (and only once the new one is
+    complete), and a folder that is not a datastore is refused before any work.
     """
     if key_type not in KEY_TYPES:
         raise KnnlmError(f"unknown key type {key_type!r}; choose one of {', '.join(KEY_TYPES)}")
     if key_dtype not in KEY_DTYPES:
         raise KnnlmError(f"key dtype must be float16 or float32, not {key_dtype!r}")
-    stride = stride or context_len
+    stride = resolve_stride(context_len, stride)
+    check_context_len(lm.model, context_len)
     out = Path(out)
+    claim_target(out, KIND, META)
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
     windows = make_windows(len(ids), context_len, stride)
     batches = window_batches(windows, batch_size)
     offsets = rows_before(windows)
     n, dim = int(offsets[-1]), lm.adapter.hidden_size
     settings = {
+        ARTIFACT_KEY: KIND,
         "format_version": FORMAT_VERSION,
         "model": lm.name,
         "model_fingerprint": lm.fingerprint,
+        "model_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         "tokenizer_fingerprint": lm.tokenizer_fingerprint,
         "corpus": corpus,
         "split": split,
@@ -177,27 +227,32 @@ def build_datastore(
     built = _built_with(out, settings)
     if built:
         return out
-    if built is False:
-        if not overwrite:
-            raise KnnlmError(f"{out} holds a datastore with other settings; pass --overwrite")
-        if rank == 0:
-            shutil.rmtree(out)
+    if built is False and not overwrite:
+        raise KnnlmError(f"{out} holds a datastore with other settings; pass --overwrite")
     partial = Path(str(out) + ".partial")
     settings_file = partial / "settings.json"
-    fresh = not (settings_file.is_file() and json.loads(settings_file.read_text()) == settings)
-    if rank == 0 and fresh:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+    # Decided by every rank before rank 0 touches the folder.
+    finished = _built_with(partial, settings) is True
+    fresh = not finished and read_json(settings_file) != settings
     _barrier()
+    if rank == 0:
+        partial = temp_dir(out, KIND, META, fresh=fresh)
+    _barrier()
+    if finished:  # a crash cut the last step short: the rows are all there
+        if rank == 0:
+            _finish(partial, out, read_json(partial / META))
+        _barrier()
+        return out
     if rank == 0 and fresh:
         key_writer = NpyRowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], True)
         value_writer = NpyRowWriter(partial / "values.npy", (n,), np.int32, True)
+        key_writer.close()
+        value_writer.close()
+        fsync_dir(partial)
         write_json_atomic(settings_file, settings)
     _barrier()
-    if not (rank == 0 and fresh):
-        key_writer = NpyRowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], False)
-        value_writer = NpyRowWriter(partial / "values.npy", (n,), np.int32, False)
+    key_writer = NpyRowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], False)
+    value_writer = NpyRowWriter(partial / "values.npy", (n,), np.int32, False)
 
     # Contiguous blocks of batches per rank; the batch layout itself never changes.
     per_rank = -(-len(batches) // world)
@@ -205,7 +260,7 @@ def build_datastore(
     progress_file = partial / f"progress-{rank}-of-{world}.json"
     start = a
     if progress_file.is_file():
-        start = max(a, int(json.loads(progress_file.read_text())["batches_done"]))
+        start = max(a, int(read_meta(progress_file, f"datastore {partial}")["batches_done"]))
     torch_dtype = torch.float16 if key_dtype == "float16" else torch.float32
     done = start
     try:
@@ -222,11 +277,13 @@ def build_datastore(
                 progress=progress and rank == 0,
                 desc=f"datastore {split}",
             ):
+                _check_keys_finite(batch.keys, key_type, key_dtype)
                 keys = batch.keys.to(torch_dtype).cpu().numpy()
                 key_writer.write(batch.first_row, keys)
                 value_writer.write(batch.first_row, batch.targets.cpu().numpy().astype(np.int32))
                 done += 1
                 if (done - start) % checkpoint_every == 0:
+                    # Rows reach the disk before the progress that counts them.
                     os.fsync(key_writer.fd)
                     os.fsync(value_writer.fd)
                     write_json_atomic(progress_file, {"batches_done": done})
@@ -239,11 +296,7 @@ def build_datastore(
     _barrier()
     if rank == 0:
         meta = dict(settings, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), world_size=world)
-        for f in partial.glob("progress-*.json"):
-            f.unlink()
-        settings_file.unlink()
-        write_json_atomic(partial / "meta.json", meta)
-        partial.rename(out)
+        _finish(partial, out, meta)
     _barrier()
     return out
 
@@ -258,26 +311,33 @@ def build_example_datastore(
     batch_size: int = 32,
     add_eos: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Datastore over independent examples (e.g. Macondo training sentences), same format.
 
     Each example is scored on its own (no context from its neighbours in the file), as the
     examples are seen in fine-tuning; with ``add_eos`` the tokenizer's EOS ends each example.
+    A datastore with other settings at ``out`` is replaced only with ``overwrite``.
     """
     from knnlm.scoring import score_examples
 
     if not texts:
         raise KnnlmError("no examples to store")
+    if key_dtype not in KEY_DTYPES:
+        raise KnnlmError(f"key dtype must be float16 or float32, not {key_dtype!r}")
     out = Path(out)
+    claim_target(out, KIND, META)
     eos = [lm.tokenizer.eos_token_id] if add_eos and lm.tokenizer.eos_token_id is not None else []
     examples = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in texts]
     n = sum(len(e) - 1 for e in examples)
     dim = lm.adapter.hidden_size
     fp = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
     meta = {
+        ARTIFACT_KEY: KIND,
         "format_version": FORMAT_VERSION,
         "model": lm.name,
         "model_fingerprint": lm.fingerprint,
+        "model_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         "tokenizer_fingerprint": lm.tokenizer_fingerprint,
         "corpus": "examples",
         "split": "examples",
@@ -296,12 +356,9 @@ def build_example_datastore(
     built = _built_with(out, meta)
     if built:
         return out
-    if built is False:
-        shutil.rmtree(out)
-    partial = Path(str(out) + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    if built is False and not overwrite:
+        raise KnnlmError(f"{out} holds a datastore with other settings; pass overwrite=True")
+    partial = temp_dir(out, KIND, META, fresh=True)
     kw = NpyRowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], True)
     vw = NpyRowWriter(partial / "values.npy", (n,), np.int32, True)
     torch_dtype = torch.float16 if key_dtype == "float16" else torch.float32
@@ -315,13 +372,11 @@ def build_example_datastore(
             progress=progress,
             desc="datastore examples",
         ):
+            _check_keys_finite(batch.keys, key_type, key_dtype)
             kw.write(batch.first_row, batch.keys.to(torch_dtype).cpu().numpy())
             vw.write(batch.first_row, batch.targets.cpu().numpy().astype(np.int32))
     finally:
         kw.close()
         vw.close()
-    write_json_atomic(
-        partial / "meta.json", dict(meta, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    )
-    partial.rename(out)
+    _finish(partial, out, dict(meta, created=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
     return out

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import fsync_dir
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -35,6 +36,7 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.safetensors"
 CURVE_FILE = "loss_curve.json"
 OUTPUT_WEIGHT = "output.weight"  # name of W in the state dict
+KIND = "mlp_memory"  # config.json "kind" and its artifact marker
 
 
 class MemoryMLP(nn.Module):
@@ -110,7 +112,13 @@ class MemoryMLP(nn.Module):
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), meta)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the data is on disk before the name points at it
+    finally:
+        os.close(fd)
     tmp.replace(path)
+    fsync_dir(path.parent)
 
 
 def _header(path: Path) -> dict[str, Any]:
@@ -121,6 +129,24 @@ def _header(path: Path) -> dict[str, Any]:
             return json.loads(fh.read(n))
     except (OSError, ValueError, struct.error) as e:
         raise KnnlmError(f"corrupt safetensors file {path}: {e}") from e
+
+
+def _check_size(path: Path) -> None:
+    """A truncated safetensors file is refused before it is mapped."""
+    header = _header(path)
+    try:
+        (n,) = struct.unpack("<Q", path.open("rb").read(8))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (OSError, KeyError, TypeError, ValueError, struct.error) as e:
+        raise KnnlmError(f"corrupt safetensors file {path}: {e}") from None
+    if path.stat().st_size != 8 + n + end:
+        raise KnnlmError(
+            f"corrupt safetensors file {path}: {path.stat().st_size} bytes, its header "
+            f"describes {8 + n + end} (truncated?)"
+        )
 
 
 def _tensor_bytes(path: Path) -> dict[str, int]:
@@ -143,8 +169,8 @@ def _read_config(out_dir: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
-        raise KnnlmError(f"unreadable {cfg_path}: {e}") from e
-    if cfg.get("kind") != "mlp_memory":
+        raise KnnlmError(f"unreadable {cfg_path}: {e}") from None
+    if not isinstance(cfg, dict) or cfg.get("kind") != KIND:
         raise KnnlmError(f"{cfg_path} does not describe an MLP memory model")
     return cfg
 
@@ -153,7 +179,11 @@ def load_memory(out_dir: str | Path, device: str | torch.device | None = None) -
     """Load a memory model saved by ``train_memory`` (safetensors only; no pickle)."""
     out_dir = Path(out_dir)
     cfg = _read_config(out_dir)
-    model = MemoryMLP(cfg["dim"], cfg["hidden"], cfg["vocab"], cfg["train_output"])
+    _check_size(out_dir / MODEL_FILE)
+    try:
+        model = MemoryMLP(cfg["dim"], cfg["hidden"], cfg["vocab"], cfg["train_output"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise KnnlmError(f"{out_dir / CONFIG_FILE} lacks a valid {e}") from None
     try:
         state = load_file(str(out_dir / MODEL_FILE))
         model.load_state_dict(state)
