@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import copy
+import json
 import math
 import re
 from pathlib import Path
@@ -10,11 +12,23 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.report import figures
+from knnlm.report.claims import make_claims
 from knnlm.report.html import markdown_to_html, write_report
-from knnlm.report.tables import claims_table, fmt_number, markdown_table, settings_line
+from knnlm.report.paper import write_paper_report
+from knnlm.report.paper_figures import plot_figure1, plot_hurdle_runs
+from knnlm.report.tables import (
+    claims_table,
+    fmt_number,
+    fmt_pm,
+    markdown_table,
+    mean_std,
+    settings_line,
+)
+from results_contract import assert_contract, make_results
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -139,17 +153,32 @@ def test_settings_line():
 def test_claims_table():
     md = claims_table(
         [
-            {"claim": "last layer is not a bottleneck", "held": True, "evidence": "KL 0.05"},
-            {"claim": "LM generalises", "held": np.bool_(False), "evidence": "gap 1.2 nats"},
-            {"claim": "not run", "held": None, "evidence": None},
+            {"claim": "(a) kNN-LM wins", "status": "held", "held": True,
+             "criterion": "below in every seed", "evidence": "62 -> 57"},
+            {"claim": "(b) x | y", "status": "not held", "held": False,
+             "criterion": "KL < 0.1", "evidence": "KL 0.2"},
+            {"claim": "(c)", "status": "untestable here", "held": False,
+             "criterion": "c", "evidence": "not run"},
         ]
-    )
+    )  # fmt: skip
     head, body = parse_table(md)
-    assert head == ["Claim", "Held", "Evidence"]
-    assert [r[1] for r in body] == ["✓", "✗", "–"]
-    assert body[1][2] == "gap 1.2 nats"
-    with pytest.raises(KnnlmError, match="lacks held"):
-        claims_table([{"claim": "x", "evidence": "y"}])
+    assert head == ["Claim", "Status", "Criterion", "Evidence"]
+    assert [r[1] for r in body] == ["held", "not held", "untestable here"]
+    assert body[1] == ["(b) x | y", "not held", "KL < 0.1", "KL 0.2"]
+    with pytest.raises(KnnlmError, match="lacks criterion"):
+        claims_table([{"claim": "x", "status": "held", "evidence": "y"}])
+    with pytest.raises(KnnlmError, match="status"):
+        claims_table([{"claim": "x", "status": "maybe", "criterion": "c", "evidence": "y"}])
+
+
+def test_mean_std_and_fmt_pm_by_hand():
+    assert mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(math.sqrt(7 / 3)))
+    assert mean_std([5.0]) == (5.0, None)
+    assert mean_std([None, 3.0, None]) == (3.0, None)
+    assert mean_std([]) == (None, None)
+    assert fmt_pm([1.0, 2.0, 4.0]) == "2.33 ± 1.53"
+    assert fmt_pm([1.0]) == "1.00"
+    assert fmt_pm([None]) == "–"
 
 
 # ----------------------------------------------------------------------------- figures
@@ -355,3 +384,192 @@ def test_write_report(tmp_path):
     with pytest.raises(KnnlmError):
         write_report(out, "![x](nope.png)", "t")
     assert not (out / "report.md").exists() and not (out / "report.html").exists()
+
+
+# ----------------------------------------------------------------------------- the paper report
+
+
+def _capture_labels(monkeypatch) -> list[tuple[str, str]]:
+    """Record each saved figure's axis labels (figures are cleared once written)."""
+    seen: list[tuple[str, str]] = []
+    original = figures._save
+
+    def save(fig, path):
+        ax = fig.axes[0]
+        seen.append((ax.get_xlabel(), ax.get_ylabel()))
+        return original(fig, path)
+
+    monkeypatch.setattr(figures, "_save", save)
+    return seen
+
+
+def test_kl_axes_name_the_direction_computed(tmp_path, monkeypatch):
+    # The solver minimises KL[f(z) || p_knnlm] (Eq. 2); the axes must say so.
+    from knnlm.experiments.projection_solver import kl_model_to_target
+
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    target = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    q = torch.softmax(logits, -1)
+    by_hand = float((q * (q.log() - target)).sum())  # KL[q || p], q = f(z)
+    assert float(kl_model_to_target(logits, target)[0]) == pytest.approx(by_hand, rel=1e-5)
+    seen = _capture_labels(monkeypatch)
+    figures.plot_kl_hist([0.01, 0.02], [0.03], tmp_path / "h.png")
+    figures.plot_kl_steps([0.5, 0.2], [0.6, 0.4], tmp_path / "s.png")
+    assert "KL[f(z*) ‖ p_knnlm]" in seen[0][0]
+    assert "KL[f(z) ‖ p_knnlm]" in seen[1][1]
+
+
+def test_plot_figure1_from_contract_curves(tmp_path, monkeypatch):
+    curves = make_results()["macondo"]["curves"]
+    assert_png(plot_figure1(curves, tmp_path / "f1.png", final_mlp={"1": -1.5, "2": -2.0}))
+    with_mlp = dict(curves, mlp={n: [[v + 0.3 for v in row] for row in rows]
+                                 for n, rows in curves["lm"].items()})  # fmt: skip
+    assert_png(plot_figure1(with_mlp, tmp_path / "f1m.png"))
+    one = {"steps": [5], "lm": {"2": [[-1.0]]}}  # one seed, one step, no kNN-LM
+    assert_png(plot_figure1(one, tmp_path / "f1one.png"))
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda c: c["lm"]["1"][0].pop(), "has 4 values but there are 5 steps"),
+        (lambda c: c["knnlm"].__setitem__("2", []), "non-empty list"),
+        (lambda c: c["lm"].__setitem__("3", [1.0, 2.0]), r"must be a list of values"),
+        (lambda c: c.__setitem__("steps", []), "empty"),
+        (lambda c: c.__setitem__("lm", {"x": [[1.0]]}), "number of children"),
+        (lambda c: c["lm"]["1"].__setitem__(0, ["a"] * 5), "numbers"),
+    ],
+)
+def test_plot_figure1_refuses_bad_curves(tmp_path, mutate, match):
+    curves = make_results()["macondo"]["curves"]
+    mutate(curves)
+    with pytest.raises(KnnlmError, match=match):
+        plot_figure1(curves, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+    with pytest.raises(KnnlmError):
+        plot_figure1([1, 2], tmp_path / "bad.png")
+
+
+def test_plot_hurdle_runs(tmp_path):
+    h = make_results()["hurdle"]
+    assert_png(plot_hurdle_runs(h["loglik"], "log-likelihood", tmp_path / "f4.png", "Macondo"))
+    one = {"steps": [0, 10], "with_mlp": [[1.0, 2.0]], "without_mlp": [[1.0, 2.5]]}
+    assert_png(plot_hurdle_runs(one, "loss", tmp_path / "one.png"))
+    bad = dict(h["loss"], without_mlp=h["loss"]["without_mlp"][:2])
+    with pytest.raises(KnnlmError, match="3 seeds but without_mlp has 2"):
+        plot_hurdle_runs(bad, "loss", tmp_path / "bad.png")
+    with pytest.raises(KnnlmError, match="with_mlp is missing"):
+        plot_hurdle_runs({"steps": [0, 1], "without_mlp": [[1, 2]]}, "x", tmp_path / "bad.png")
+    with pytest.raises(KnnlmError):
+        plot_hurdle_runs(None, "x", tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def _section_text(md: str, heading: str) -> str:
+    start = md.index(heading)
+    nxt = md.find("\n## ", start + 1)
+    return md[start : nxt if nxt >= 0 else len(md)]
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """Every pipe table in ``text`` as its body rows."""
+    out, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            out.append(parse_table("\n".join(block))[1])
+            block = []
+    return out
+
+
+def _pm(values) -> str:
+    a = np.asarray(values, dtype=float)
+    return f"{a.mean():.2f} ± {a.std(ddof=1):.2f}"
+
+
+def test_paper_report_from_the_contract_fixture(tmp_path):
+    r = make_results()
+    assert_contract(r)
+    out = write_paper_report(tmp_path, copy.deepcopy(r))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["claims"] == out["claims"] == make_claims(r)
+    md = (tmp_path / "report.md").read_text()
+    # Claims table: one row per claim, status and criterion as in results.json.
+    rows = _tables(_section_text(md, "## Claims"))[0]
+    assert [(x[1], x[2]) for x in rows] == [(c["status"], c["criterion"]) for c in saved["claims"]]
+    # Section 2: mean ± sample std over seeds, computed here with numpy.
+    t1 = _tables(_section_text(md, "## kNN-LM"))[0]
+    per = r["knnlm"]["per_seed"]
+    assert t1[0][4:] == [_pm([p["valid"]["lm"] for p in per]), _pm([p["test"]["lm"] for p in per])]
+    assert t1[1][1:4] == ["0.25", "1", "fixed (paper)"]
+    assert t1[2][5] == _pm([p["test"]["knnlm_tuned"] for p in per]) and t1[2][3] == "valid"
+    # Section 3: capped positions and the share of the gap (40 -> 36; f at 36.2 closes 95%).
+    proj = _tables(_section_text(md, "## Capacity"))
+    assert proj[0][2] == ["f(z*)", "36.20", "95%"]
+    assert [row[5] for row in proj[1]] == ["3 of 300", "3 of 300"]
+    # Table 5 per n, every column, computed independently.
+    t5 = _tables(_section_text(md, "## Generalization"))[0]
+    mac = r["macondo"]["per_seed"]
+    for row, n in zip(t5, ["1", "2", "3", "4", "5"], strict=True):
+        assert row[0] == n and row[1] == f"{-math.log(int(n)):.2f}".replace("-0.00", "0.00")
+        assert row[2] == _pm([p["train"]["lm"][n] for p in mac])
+        assert row[3:] == [_pm([p["test"][m][n] for p in mac]) for m in ("lm", "knnlm", "mlp")]
+    # Section 5: storage fractions with and without W (3 MB and 1 MB of 100 MB).
+    t2 = _tables(_section_text(md, "## An MLP"))[0]
+    assert [row[4] for row in t2] == ["–", "100%", "3.00%", "1.00%"]
+    assert "(LM - LM+MLP) / (LM - kNN-LM): 40 ± 0%" in md
+    # What was not run, with the command.
+    assert "`knnlm macondo export-conv`" in _section_text(md, "## What this run did not do")
+    # Figures drawn from the data, embedded in the HTML.
+    assert set(saved["figures"]) == {"figure1", "figure4", "figure5"}
+    for rel in saved["figures"].values():
+        assert f"]({rel})" in md
+        assert_png(tmp_path / rel)
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert "Not run" not in md and "incomplete" not in md and "not drawn" not in md
+
+
+def test_paper_report_partial_run(tmp_path):
+    r = make_results()
+    del r["macondo"], r["memory"]
+    r["projection"] = None
+    r["hurdle"]["loss"] = None
+    r.pop("not_run")
+    out = write_paper_report(tmp_path, r)
+    md = (tmp_path / "report.md").read_text()
+    assert [c["status"] for c in out["claims"]] == [
+        "held", "untestable here", "untestable here", "untestable here", "untestable here",
+    ]  # fmt: skip
+    for heading, key in (("## Capacity", "projection"), ("## Generalization", "macondo"),
+                         ("## An MLP", "memory")):  # fmt: skip
+        assert f"Not run in this invocation (no `{key}` results)" in _section_text(md, heading)
+    assert "Figure 5): not recorded in this run" in _section_text(md, "## The last-MLP")
+    assert set(out["figures"]) == {"figure4"}
+    assert "do not list what was left out" in md
+    assert (tmp_path / "report.html").is_file()
+
+
+def test_paper_report_incomplete_section_still_renders(tmp_path):
+    r = make_results()
+    del r["memory"]["storage"]
+    r["macondo"]["curves"]["lm"]["2"][1] = [0.0]  # ragged: Figure 1 cannot be drawn
+    out = write_paper_report(tmp_path, r)
+    md = (tmp_path / "report.md").read_text()
+    assert out["claims"][3]["status"] == "untestable here"
+    assert "The `memory` results are incomplete" in md and "storage" in md
+    assert "figure1" not in out["figures"]
+    assert "figure1: curves.lm.2[1] has 1 values but there are 5 steps" in md
+    # Table 5 does not need the curves.
+    assert "**Table 5.**" in md
+
+
+def test_paper_report_copies_pipeline_figures_when_data_is_absent(tmp_path):
+    r = make_results()
+    src = figures.plot_loss_curve([0, 1], [2.0, 1.0], tmp_path / "src" / "f1.png", "x")
+    del r["macondo"]["curves"]
+    r["macondo"]["figure1"] = str(src)
+    out = write_paper_report(tmp_path / "out", r)
+    assert out["figures"]["figure1"] == "figures/figure1_macondo.png"
+    assert (tmp_path / "out" / "figures" / "figure1_macondo.png").read_bytes() == src.read_bytes()

@@ -207,11 +207,19 @@ def plot_hurdle(
     ylabel: str,
     path: str | os.PathLike,
     title: str | None = None,
+    window: tuple[float, float] | None = None,
 ) -> Path:
-    """Figures 4/5: a metric during training with and without the last MLP (std bands)."""
+    """Figures 4/5: a metric during training with and without the last MLP (std bands).
+
+    ``window`` (first, last step) shades the part of training a verdict reads.
+    """
     x = _arr(steps, "steps")
     fig = _new_figure()
     ax = fig.add_subplot()
+    if window is not None:
+        ax.axvspan(
+            window[0], window[1], color="0.9", lw=0, label="first half of training (claim e)"
+        )
     _band(
         ax,
         x,
@@ -330,7 +338,8 @@ def plot_kl_hist(
     path: str | os.PathLike,
     title: str | None = None,
 ) -> Path:
-    """Histogram of per-position KL(p_knnlm || p_proj) for the projections through f and f∘g.
+    """Histogram of per-position KL[f(z*) || p_knnlm] (Eq. 2's objective at its solution)
+    for the projections through f and f∘g.
 
     The x axis is logarithmic when the positive values span more than two decades (zeros are
     then drawn at the smallest positive value). Dashed lines mark the means.
@@ -370,7 +379,7 @@ def plot_kl_hist(
         ax.axvline(mean, color=color, ls="--", lw=1)
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel("KL(p_knnlm ‖ p_proj) per position (nats)")
+    ax.set_xlabel("KL[f(z*) ‖ p_knnlm] per position (nats)")
     ax.set_ylabel("positions")
     ax.set_title(title or "Projection to the LM's output space: per-position KL")
     ax.legend()
@@ -407,7 +416,7 @@ def plot_kl_steps(
     lr: float | None = None,
     title: str | None = None,
 ) -> Path:
-    """Mean KL against optimisation step for the projections through f and f∘g (Appendix E).
+    """Mean KL[f(z) || p_knnlm] against optimisation step, through f and f∘g (Appendix E).
 
     A curve is {step: mean KL}, {"steps": [...], "values": [...]}, a list of (step, value)
     pairs, or a plain list of values (one per step, starting at 0). The y axis is logarithmic
@@ -427,7 +436,7 @@ def plot_kl_steps(
     if rng is not None and np.concatenate(ys).min() > 0 and rng[1] / rng[0] > 100:
         ax.set_yscale("log")
     ax.set_xlabel("optimisation step")
-    ax.set_ylabel("mean KL(p_knnlm ‖ p_proj) (nats)")
+    ax.set_ylabel("mean KL[f(z) ‖ p_knnlm] over positions (nats)")
     head = title or "Projection: mean KL during optimisation"
     ax.set_title(head + (f" (lr={fmt_number(lr, 'g')})" if lr is not None else ""))
     ax.grid(alpha=0.3)

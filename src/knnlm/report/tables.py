@@ -161,15 +161,47 @@ def settings_line(settings: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def mean_std(values: Sequence[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1) over seeds; std is None for one value.
+
+    None entries are dropped (a seed that did not report the value); no values -> (None, None).
+    """
+    vals = [float(_scalar(v)) for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = math.fsum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    var = math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    return mean, math.sqrt(var)
+
+
+def fmt_pm(values: Sequence[Any], floatfmt: str = ".2f") -> str:
+    """ "mean ± std" over seeds (sample std), the mean alone for one seed, "–" for none."""
+    mean, std = mean_std(values)
+    if mean is None:
+        return MISSING
+    if std is None:
+        return fmt_number(mean, floatfmt)
+    return f"{fmt_number(mean, floatfmt)} ± {fmt_number(std, floatfmt)}"
+
+
+CLAIM_STATUSES = ("held", "not held", "untestable here")
+
+
 def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
-    """A table of the paper's claims: claim | held (✓/✗, – when not tested) | evidence."""
+    """The paper's claims: claim | status (held / not held / untestable here) | criterion |
+    evidence."""
     rows = []
     for i, c in enumerate(claims):
-        missing = [k for k in ("claim", "held", "evidence") if k not in c]
+        missing = [k for k in ("claim", "status", "criterion", "evidence") if k not in c]
         if missing:
             raise KnnlmError(f"claim {i} lacks {', '.join(missing)}")
-        held = c["held"]
-        if held is not None:
-            held = bool(_scalar(held))
-        rows.append([str(c["claim"]), held, c["evidence"]])
-    return markdown_table(["Claim", "Held", "Evidence"], rows, align=["l", "c", "l"])
+        if c["status"] not in CLAIM_STATUSES:
+            raise KnnlmError(
+                f"claim {i} has status {c['status']!r}; expected one of {CLAIM_STATUSES}"
+            )
+        rows.append([str(c["claim"]), c["status"], c["criterion"], c["evidence"]])
+    return markdown_table(
+        ["Claim", "Status", "Criterion", "Evidence"], rows, align=["l", "l", "l", "l"]
+    )

@@ -1,0 +1,74 @@
+"""Section 4 of the report: Table 5 (per-n log-likelihood of the children) and Figure 1/3.
+
+:func:`table5` reads ``results["macondo"]`` of the results contract, so the stand-alone
+Macondo run and the reproduction print the same table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from knnlm.errors import KnnlmError
+from knnlm.report.claims import FIT_MARGIN_NATS
+from knnlm.report.tables import fmt_pm, markdown_table
+
+_COLUMNS = (
+    ("train", "lm", "LM, training sentences"),
+    ("test", "lm", "LM, test"),
+    ("test", "knnlm", "kNN-LM, test"),
+    ("test", "mlp", "LM + MLP, test"),
+)
+
+
+def table5(macondo: Mapping[str, Any]) -> str:
+    """Table 5: one row per number of children n; mean ± sample std over seeds of the mean
+    natural-log likelihood of each child's name, for the LM on its training sentences and for
+    the LM, kNN-LM and LM + MLP on the test sentences, beside log(1/n).
+
+    A model a run did not score (e.g. no MLP) shows "–".
+    """
+    per = macondo.get("per_seed")
+    if not per:
+        raise KnnlmError("Table 5 needs macondo.per_seed with at least one seed")
+    ns = macondo.get("n_values") or sorted({int(n) for p in per for n in p["test"]["lm"]})
+    rows = []
+    for n in ns:
+        row: list[Any] = [int(n), -math.log(int(n))]
+        for split, model, _ in _COLUMNS:
+            row.append(fmt_pm([((p.get(split) or {}).get(model) or {}).get(str(n)) for p in per]))
+        rows.append(row)
+    return markdown_table(
+        ["children (n)", "log(1/n)", *(c[2] for c in _COLUMNS)],
+        rows,
+        align=["r"] * (2 + len(_COLUMNS)),
+    )
+
+
+def macondo_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
+    m = r["macondo"]
+    per = m["per_seed"]
+    names = ", ".join(str(p.get("seed", i)) for i, p in enumerate(per))
+    spread = "mean ± sample std over" if len(per) > 1 else "one seed,"
+    md = (
+        "## Generalization from over-specification: Macondo (Section 4)\n\n"
+        f"**Table 5.** Mean log-likelihood (natural log) of each child's name, by number of "
+        f"children n, {spread} {len(per)} seed(s) ({names}); each seed is its own Macondo "
+        'dataset, used to fine-tune and to evaluate. Training sentences read "[villager], who '
+        '[desc], is the parent of [child]", test sentences drop the clause.\n\n'
+        + table5(m)
+        + "\n\n"
+        "How to read it: the training column checks that the LM fitted its fine-tuning facts "
+        f"(claim (c) requires at least log(1/n) - {FIT_MARGIN_NATS:g} for every n and seed). "
+        "That every test column is at most log(1/n) is no finding: a parent's children share at "
+        "most probability 1, so their mean log-probability cannot exceed log(1/n). The finding "
+        "is the gap between the kNN-LM (and the MLP) and the LM on the test sentences.\n\n"
+    )
+    if figs.get("figure1"):
+        md += (
+            f"![Figure 1 / Figure 3]({figs['figure1']})\n\n"
+            "Figure 1 / Figure 3 as the paper draws them: test log-likelihood during "
+            "fine-tuning, one colour per n, dotted kNN-LM, dashed log(1/n), mean over seeds.\n\n"
+        )
+    return md

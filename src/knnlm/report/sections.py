@@ -1,0 +1,275 @@
+"""Report sections for the natural-text part (Sections 2, 3, 5), Appendix E and the run itself.
+
+Each renderer takes the whole results dict and the figure paths and returns Markdown; it
+assumes its section is present (``paper.py`` says "not run" otherwise). Numbers over seeds
+are "mean ± sample std" (:func:`knnlm.report.tables.fmt_pm`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from knnlm.report.claims import (
+    HURDLE_FIRST_PART,
+    KL_MEAN_MAX,
+    MEMORY_STORAGE_MAX,
+    early_gaps,
+    gap_share,
+    storage_fractions,
+)
+from knnlm.report.tables import fmt_number, fmt_pm, markdown_table, settings_line
+
+
+def _f(x: Any, fmt: str = ".2f") -> str:
+    return fmt_number(x, fmt)
+
+
+def seeds_note(per_seed: Sequence[Mapping[str, Any]]) -> str:
+    n = len(per_seed)
+    names = ", ".join(str(p.get("seed", i)) for i, p in enumerate(per_seed))
+    if n == 1:
+        return f"one seed ({names}), so no spread"
+    return f"mean ± sample std over {n} seeds ({names})"
+
+
+def _values(xs: Sequence[Any], fmt: str = "g") -> str:
+    """One value if every seed agrees, else the per-seed values joined by " / "."""
+    shown = [_f(x, fmt) for x in xs]
+    return shown[0] if len(set(shown)) == 1 else " / ".join(shown)
+
+
+def _figure(figs: Mapping[str, Any], key: str, alt: str) -> str:
+    return f"![{alt}]({figs[key]})\n\n" if figs.get(key) else ""
+
+
+def _settings(s: Mapping[str, Any] | None) -> str:
+    return f"Settings: {settings_line(s)}\n\n" if s else ""
+
+
+# ----------------------------------------------------------------------------- Section 2
+
+
+def knnlm_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
+    k = r["knnlm"]
+    per = k["per_seed"]
+    ps = k.get("paper_setting") or {}
+
+    def col(split: str, key: str) -> str:
+        return fmt_pm([p[split].get(key) for p in per])
+
+    t1 = markdown_table(
+        ["model", "weight w", "temperature T", "chosen on", "valid", "test"],
+        [
+            ["LM", None, None, None, col("valid", "lm"), col("test", "lm")],
+            ["kNN-LM, paper's setting", _f(ps.get("knn_weight"), "g"),
+             _f(ps.get("temperature"), "g"), "fixed (paper)", col("valid", "knnlm_paper"),
+             col("test", "knnlm_paper")],
+            ["kNN-LM, tuned", _values([p["tuned"]["knn_weight"] for p in per]),
+             _values([p["tuned"]["temperature"] for p in per]),
+             _values([p["tuned"].get("tuned_on") for p in per], ""),
+             col("valid", "knnlm_tuned"), col("test", "knnlm_tuned")],
+        ],
+        align=["l", "r", "r", "l", "r", "r"],
+    )  # fmt: skip
+    t_seed = markdown_table(
+        ["seed", "w", "T", "valid tokens", "test tokens", "LM valid", "kNN-LM tuned valid",
+         "LM test", "kNN-LM paper test", "kNN-LM tuned test"],
+        [[p.get("seed"), p["tuned"]["knn_weight"], p["tuned"]["temperature"],
+          p["valid"].get("tokens"), p["test"].get("tokens"), p["valid"]["lm"],
+          p["valid"].get("knnlm_tuned"), p["test"]["lm"], p["test"].get("knnlm_paper"),
+          p["test"]["knnlm_tuned"]] for p in per],
+        floatfmt=["", "g", "g", "", "", ".2f", ".2f", ".2f", ".2f", ".2f"],
+    )  # fmt: skip
+    return (
+        "## kNN-LM (Section 2)\n\n"
+        f"**Table 1 (LM and kNN-LM).** Token-weighted perplexity, {seeds_note(per)}. The tuned "
+        "(w, T) is the argmin of the valid perplexity over the sweep, per seed; the verdict is "
+        "read on test. w is the weight on p_knn (the paper's λ = 1 - w).\n\n"
+        f"{t1}\n\nPer seed:\n\n{t_seed}\n\n"
+        + _settings(k.get("settings"))
+        + _figure(figs, "sweep", "valid perplexity over the weight x temperature sweep")
+    )
+
+
+# ----------------------------------------------------------------------------- Section 3
+
+_PROJ = (("proj_f", "f(z*)"), ("proj_fg", "f∘g(z*)"))
+
+
+def _capped(p: Mapping[str, Any], q: Mapping[str, Any]) -> str:
+    return f"{_f(q.get('capped'))} of {_f(p.get('positions'))}"
+
+
+def projection_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
+    proj = r["projection"]
+    p = proj["lr_0.1"]
+    lm, knn = p["lm"]["perplexity"], p["knnlm"]["perplexity"]
+    t1 = markdown_table(
+        ["model", "perplexity", "share of the LM -> kNN-LM gap closed"],
+        [["LM", lm, None], ["kNN-LM", knn, None]]
+        + [[name, p[key]["perplexity"],
+            None if lm == knn else f"{_f(100 * gap_share(lm, p[key]['perplexity'], knn), '.0f')}%"]
+           for key, name in _PROJ],
+        align=["l", "r", "r"],
+    )  # fmt: skip
+    t3 = markdown_table(
+        ["projection", "KL mean", "KL median", "steps (mean)", "steps (max)",
+         "positions at the step cap"],
+        [[name, p[key]["kl_mean"], p[key].get("kl_median"), p[key].get("steps_mean"),
+          p[key].get("steps_max"), _capped(p, p[key])] for key, name in _PROJ],
+        floatfmt=["", ".4f", ".4f", ".1f", "", ""],
+        align=["l", "r", "r", "r", "r", "r"],
+    )  # fmt: skip
+    md = (
+        "## Capacity of the last layers (Section 3)\n\n"
+        f"**Table 1 (projection).** Perplexity on the same {_f(p['positions'])} positions of "
+        f"the {p.get('split', '?')} split (LM seed {p.get('seed', '?')}), kNN-LM at the "
+        "valid-tuned setting. Eq. 2 solved with Adam at lr 0.1; each position stops when its KL "
+        f"moves by less than the tolerance, or at the {_f(p.get('max_steps'))}-step cap.\n\n"
+        f"{t1}\n\n"
+        f"**Table 3.** KL[f(z*) ‖ p_knnlm] at the solution, the quantity Eq. 2 minimises (the "
+        f"paper: mean under {KL_MEAN_MAX:g}).\n\n{t3}\n\n"
+        + _settings(p.get("settings"))
+        + _figure(figs, "kl_hist", "per-position KL[f(z*) ‖ p_knnlm]")
+    )
+    q = proj.get("lr_0.001")
+    if q:
+        t4 = markdown_table(
+            ["model", "perplexity", "KL mean", "positions at the step cap"],
+            [["LM", q["lm"]["perplexity"], None, None],
+             ["kNN-LM", q["knnlm"]["perplexity"], None, None]]
+            + [[name.replace("*", ""), q[key]["perplexity"], q[key]["kl_mean"], _capped(q, q[key])]
+               for key, name in _PROJ],
+            floatfmt=["", ".2f", ".4f", ""],
+            align=["l", "r", "r", "r"],
+        )  # fmt: skip
+        md += (
+            f"**Table 4.** Learning rate 1e-3 for {_f(q.get('max_steps'))} steps "
+            f"({_f(q['positions'])} positions of the {q.get('split', '?')} split): the paper "
+            "finds f∘g harder to solve than f at a small learning rate (Appendix E).\n\n"
+            f"{t4}\n\n" + _figure(figs, "kl_steps", "mean KL[f(z) ‖ p_knnlm] over steps")
+        )
+    return md
+
+
+# ----------------------------------------------------------------------------- Section 5
+
+
+def memory_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
+    m = r["memory"]
+    per = m["per_seed"]
+    st = m["storage"]
+    frac, frac_w = storage_fractions(st)
+    ds_bytes = st["datastore_bytes"] + st["index_bytes"]
+
+    def col(split: str, key: str) -> str:
+        return fmt_pm([p[split].get(key) for p in per])
+
+    t2 = markdown_table(
+        ["model", "valid", "test", "storage (bytes)", "storage / (datastore + index)"],
+        [
+            ["LM", col("valid", "lm"), col("test", "lm"), None, None],
+            ["LM + kNN (tuned on valid)", None, col("test", "knnlm_tuned"), ds_bytes, "100%"],
+            ["LM + MLP", col("valid", "mlp"), col("test", "mlp"), st["memory_bytes"],
+             f"{_f(100 * frac)}%"],
+            ["LM + MLP, W shared with the LM not counted", col("valid", "mlp"), col("test", "mlp"),
+             st["memory_bytes_without_shared_W"], f"{_f(100 * frac_w)}%"],
+        ],
+        align=["l", "r", "r", "r", "r"],
+    )  # fmt: skip
+    shares = [
+        None
+        if p["test"].get("knnlm_tuned") is None or not p["test"]["knnlm_tuned"] < p["test"]["lm"]
+        else 100 * gap_share(p["test"]["lm"], p["test"]["mlp"], p["test"]["knnlm_tuned"])
+        for p in per
+    ]
+    t_seed = markdown_table(
+        ["seed", "MLP weight (valid)", "LM test", "kNN-LM test", "LM + MLP test",
+         "share of the kNN-LM gain"],
+        [[p.get("seed"), p.get("weight"), p["test"]["lm"], p["test"].get("knnlm_tuned"),
+          p["test"]["mlp"], None if s is None else f"{_f(s, '.0f')}%"]
+         for p, s in zip(per, shares, strict=True)],
+        floatfmt=["", "g", ".2f", ".2f", ".2f", ""],
+        align=["r", "r", "r", "r", "r", "r"],
+    )  # fmt: skip
+    return (
+        "## An MLP instead of retrieval (Section 5)\n\n"
+        f"**Table 2.** Token-weighted perplexity, {seeds_note(per)}; the MLP's interpolation "
+        "weight is chosen on valid per seed. Storage is measured from the files: datastore "
+        f"{st['datastore_bytes']} bytes of keys and values, index {st['index_bytes']} bytes. "
+        f'The paper\'s bound is under {100 * MEMORY_STORAGE_MAX:g}% ("over 25x smaller").\n\n'
+        f"{t2}\n\nShare of the kNN-LM's test gain the MLP gets, (LM - LM+MLP) / (LM - kNN-LM): "
+        f"{fmt_pm([s for s in shares if s is not None], '.0f')}"
+        f"{'%' if any(s is not None for s in shares) else ''} (the paper: the MLP does not "
+        "fully close the gap on WikiText).\n\n"
+        f"Per seed:\n\n{t_seed}\n\n" + _settings(m.get("settings"))
+    )
+
+
+# ----------------------------------------------------------------------------- Appendix E
+
+
+def _hurdle_lines(curve: Mapping[str, Any], higher: bool, what: str) -> str:
+    gaps, used = early_gaps(curve, higher)
+    if not gaps:
+        return f"- {what}: no evaluation between step 0 and half of training.\n"
+    sign = "higher log-likelihood" if higher else "lower loss"
+    return (
+        f"- {what}: over steps {used[0]}..{used[-1]} ({len(used)} evaluations, step 0 "
+        f"excluded), the model without the last MLP has {sign} by "
+        f"{', '.join(_f(g, '.3f') for g in gaps)} on average per seed (positive = ahead).\n"
+    )
+
+
+def hurdle_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
+    h = r["hurdle"]
+    params = h.get("params") or {}
+    md = "## The last-MLP hurdle (Appendix E)\n\n"
+    if params:
+        md += (
+            "Two models trained from scratch, identical but for the last block's MLP "
+            f"({_f(params.get('with_mlp'))} vs {_f(params.get('without_mlp'))} parameters).\n\n"
+        )
+    n = len(h["loglik"]["with_mlp"])
+    md += (
+        f"Figures show the mean over {n} seed(s), with ± sample std bands when there are "
+        f"several; the shaded part, up to {HURDLE_FIRST_PART:g} of training, is what claim (e) "
+        "reads.\n\n"
+    )
+    md += _hurdle_lines(h["loglik"], True, "Macondo log-likelihood (Figure 4)")
+    if h.get("loss") is not None:
+        md += _hurdle_lines(h["loss"], False, "natural-text training loss (Figure 5)")
+    else:
+        md += "- Natural-text training loss (Figure 5): not recorded in this run.\n"
+    md += "\n" + _figure(figs, "figure4", "Figure 4") + _figure(figs, "figure5", "Figure 5")
+    return md + _settings(h.get("settings"))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def not_run_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
+    items = r.get("not_run")
+    md = "## What this run did not do\n\n"
+    if items is None:
+        return md + "The results do not list what was left out.\n\n"
+    if not items:
+        return md + "Nothing: every part of the paper this toolkit covers ran.\n\n"
+    for it in items:
+        md += f"- **{it.get('what', '?')}** — {it.get('why', 'no reason given')}."
+        if it.get("command"):
+            md += f" To run it: `{it['command']}`"
+        md += "\n"
+    return md + "\n"
+
+
+def stages_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
+    rows = [[name, rec.get("seconds"), "cached" if rec.get("cached") else "ran"]
+            for name, rec in r["stages"].items()]  # fmt: skip
+    md = "## Wall time per stage\n\n" + markdown_table(
+        ["stage", "seconds", ""], rows, floatfmt=".1f"
+    )
+    if r.get("wall_seconds") is not None:
+        md += f"\n\nTotal wall time of this invocation: {_f(r['wall_seconds'], '.1f')} s."
+    return md + "\n"
