@@ -38,9 +38,8 @@ def check_context_len(model: torch.nn.Module, context_len: int) -> None:
     """Refuse windows longer than the model's positions (one line naming its limit)."""
     limit = position_limit(model)
     if limit is not None and context_len > limit[0]:
-        name = getattr(getattr(model, "config", None), "_name_or_path", "") or "the model"
         raise KnnlmError(
-            f"--context-len {context_len} is longer than {name}'s {limit[0]} positions "
+            f"--context-len {context_len} is longer than the model's {limit[0]} positions "
             f"(config {limit[1]}); use --context-len {limit[0]} or less"
         )
 
