@@ -160,6 +160,15 @@ def edit_json(rel: str, **changes) -> Callable[[Env], None]:
     return f
 
 
+def values_out_of_vocab(env: Env) -> None:
+    """Overwrite the datastore's values in place with an id no tokenizer here has."""
+    import numpy as np
+
+    values = np.load(env.ws / "ds" / "values.npy", mmap_mode="r+")
+    values[:] = 10**6
+    values.flush()
+
+
 def corpus_dir(content: bytes) -> Callable[[Env], None]:
     def f(env: Env) -> None:
         (env.ws / "badcorpus").mkdir()
@@ -240,6 +249,8 @@ ROWS = [
         expect="128 positions"),
     Row("build_stride_zero", [*BUILD, "--stride", "0", "--out", "{ws}/new"], expect="--stride"),
     Row("generate_over_positions", [*GEN[:-1], "500"], expect="128 positions"),
+    Row("generate_values_out_of_vocab", [*GEN, "--datastore", "{ds}", "--k", "4"],
+        values_out_of_vocab, expect="vocabulary"),
     Row("generate_k_zero", [*GEN, "--datastore", "{ds}", "--k", "0"], expect="--k"),
     Row("exclude_self_bad_mode", [*EVAL_DS, "--exclude-self", "maybe"], expect="exclude-self"),
     Row("exclude_self_yes_other_text",
@@ -315,3 +326,20 @@ def test_bad_input(row: Row, artifacts, tiny_lm_dir, tiny_corpus, tmp_path, monk
         assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert row.expect.lower() in lines[-1].lower(), lines[-1]
     assert diff(before, snapshot(ws, env.model, env.corpus)) == []
+
+
+def test_knn_log_probs_refuses_out_of_vocabulary_values():
+    """A value outside the vocabulary is refused, not clamped onto the last token."""
+    import torch
+
+    from knnlm.errors import KnnlmError
+    from knnlm.retrieval.knn import knn_log_probs
+
+    dists = torch.tensor([[0.0, 1.0, 2.0]])
+    ok = knn_log_probs(dists, torch.tensor([[0, 1, -1]]), torch.tensor([[4, 2, 99]]), 5)
+    w = torch.softmax(torch.tensor([0.0, -1.0]), 0)  # the -1 id is masked, its value ignored
+    assert torch.allclose(ok.exp()[0], torch.tensor([0, 0, w[1], 0, w[0]]))
+    with pytest.raises(KnnlmError, match="outside the vocabulary of 5"):
+        knn_log_probs(dists, torch.tensor([[0, 1, 2]]), torch.tensor([[4, 5, 1]]), 5)
+    with pytest.raises(KnnlmError, match="outside the vocabulary"):
+        knn_log_probs(dists, torch.tensor([[0, 1, 2]]), torch.tensor([[4, -2, 1]]), 5)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -122,3 +124,83 @@ def test_project_contract(monkeypatch, capsys, tiny_lm_dir, tiny_corpus, tmp_pat
         assert res[key]["perplexity"] > 1
     assert "kl_mean" in res["proj_f"] and "kl_mean" in res["proj_fg"]
     assert "Table 1" in text and (tmp_path / "kl.png").is_file()
+
+
+def _leaf_commands():
+    """(name, click command) of every runnable command, groups walked."""
+    import typer
+
+    from knnlm.cli import _register_all, app
+
+    _register_all()
+    todo = [("knnlm", typer.main.get_command(app))]
+    while todo:
+        name, cmd = todo.pop()
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            todo.extend((f"{name} {n}", c) for n, c in subs.items())
+        else:
+            yield name, cmd
+
+
+def test_every_command_takes_quiet():
+    names = []
+    for name, cmd in _leaf_commands():
+        names.append(name)
+        opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
+        assert "--quiet" in opts, f"{name} has no --quiet"
+    assert len(names) >= 10 and "knnlm generate" in names
+
+
+def _python_m(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "knnlm", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=300,
+        env=dict(os.environ, COLUMNS="100"),
+    )  # fmt: skip
+
+
+def test_usage_errors_end_to_end(tmp_path):
+    """Through ``python -m knnlm``: click's usual text on stderr, exit 2; --help exits 0."""
+    for args, msg in [
+        (["eval", "--bogus"], "No such option: --bogus"),
+        (["evall"], "No such command 'evall'"),
+        (["generate", "--model", "m", "--prompt", "p", "--bogus"], "No such option"),
+        (["train", "--preset", "gigantic", "--out", tmp_path / "t"], "unknown preset 'gigantic'"),
+    ]:
+        p = _python_m(*args, cwd=tmp_path)
+        assert p.returncode == 2, (args, p.stderr)
+        assert "Traceback" not in p.stderr
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        assert lines[0].startswith("Usage: python -m knnlm"), p.stderr
+        assert lines[1].startswith("Try 'python -m knnlm") and "--help" in lines[1], p.stderr
+        assert lines[-1].startswith("Error: ") and msg in lines[-1], p.stderr
+    assert list(tmp_path.iterdir()) == []
+    p = _python_m("--help", cwd=tmp_path)
+    assert p.returncode == 0 and "eval" in p.stdout and p.stderr == ""
+
+
+def test_eval_own_text_other_layout_excludes_and_warns_when_off(
+    monkeypatch, capsys, tiny_lm_dir, tiny_corpus, tmp_path
+):
+    ds = tmp_path / "ds"
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "build", "--model", tiny_lm_dir,
+                           "--corpus", tiny_corpus, "--split", "valid", "--out", ds,
+                           "--context-len", 32, "--stride", 8, "--quiet")  # fmt: skip
+    assert code == 0, err
+    base = ["eval", "--model", tiny_lm_dir, "--corpus", tiny_corpus, "--split", "valid",
+            "--context-len", 16, "--stride", 4, "--datastore", ds, "--k", 8, "--quiet"]  # fmt: skip
+    res = {}
+    for mode in ("auto", "no"):
+        out_json = tmp_path / f"{mode}.json"
+        code, _, err = run_cli(monkeypatch, capsys, *base, "--exclude-self", mode,
+                               "--json", out_json)  # fmt: skip
+        assert code == 0, err
+        res[mode] = json.loads(out_json.read_text())
+        warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+        assert len(warned) == (mode == "no"), err
+    assert res["auto"]["settings"]["exclude_self"] is True
+    assert res["no"]["settings"]["exclude_self"] is False
+    assert "own" in res["no"]["warnings"][0]
+    # Keeping the own row makes the kNN-LM look better: the difference exclusion makes.
+    assert res["no"]["knnlm"]["perplexity"] < res["auto"]["knnlm"]["perplexity"]
