@@ -1,0 +1,185 @@
+"""Named, targeted mutants of the code behind every reported number, and the tests that must
+catch each one.
+
+An edit is ``(file under src/knnlm, exact source text, replacement)``; the text must occur
+exactly once in the file (else the driver reports an error: re-target the mutant). The tests are
+pytest node ids, run from the repository root; each compares with an independent reference
+(numpy brute force, HF hidden states, a hand-computed value), not a smoke check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    why: str
+    edits: tuple[tuple[str, str, str], ...]
+    tests: tuple[str, ...]
+
+
+def mutant(name: str, why: str, file: str, old: str, new: str, *tests: str) -> Mutant:
+    return Mutant(name, why, ((file, old, new),), tests)
+
+
+ENGINE = "tests/test_engine.py"
+BRUTE = f"{ENGINE}::test_knnlm_perplexity_matches_brute_force"
+REFIDX = "tests/test_reference_index.py"
+GEN = "tests/test_generation.py"
+
+MUTANTS: list[Mutant] = [
+    mutant(
+        "self_exclusion_off",
+        "targets keep their own datastore row when evaluating the datastore's stream",
+        "evaluate.py",
+        "own = own_rows(batch.positions) if exclude else None",
+        "own = None",
+        f"{ENGINE}::test_exclude_self_on_training_split",
+    ),
+    mutant(
+        "interpolation_weight_wrong_side",
+        "knn_weight multiplies p_lm instead of p_knn",
+        "retrieval/knn.py",
+        "torch.logaddexp(lm_log_prob + math.log1p(-weight), other_log_prob + math.log(weight))",
+        "torch.logaddexp(lm_log_prob + math.log(weight), other_log_prob + math.log1p(-weight))",
+        BRUTE,
+    ),
+    mutant(
+        "temperature_ignored",
+        "neighbour weights softmax(-d) whatever the temperature",
+        "retrieval/knn.py",
+        "logits = -dists.float() / temperature",
+        "logits = -dists.float()",
+        BRUTE,
+    ),
+    mutant(
+        "missing_ids_not_masked",
+        "-1 neighbour ids (fewer than k found) get weight",
+        "retrieval/knn.py",
+        "valid = (ids >= 0) & torch.isfinite(logits)",
+        "valid = torch.isfinite(logits)",
+        f"{ENGINE}::test_p_knn_sums_to_one_and_masks_missing",
+    ),
+    mutant(
+        "window_layout_off_by_one",
+        "the next window starts one token late, so one target per window is never scored",
+        "data/windows.py",
+        "begin = min(begin + stride, scored_until - 1)",
+        "begin = min(begin + stride, scored_until)",
+        "tests/test_foundation.py::test_every_target_scored_once_with_most_context",
+        "tests/test_foundation.py::test_perplexity_equals_token_by_token",
+    ),
+    mutant(
+        "window_scoring_off_by_one",
+        "each window scores from one logit column too late (its first target is skipped)",
+        "scoring.py",
+        "first = torch.tensor([w.score_from - w.begin - 1 for w in group])",
+        "first = torch.tensor([w.score_from - w.begin for w in group])",
+        "tests/test_foundation.py::test_perplexity_equals_token_by_token",
+    ),
+    mutant(
+        "key_from_wrong_layer",
+        "keys (and Eq. 1's split) taken from the second-to-last block",
+        "lm/adapters.py",
+        "return _get(self.base, self.family.blocks)[-1]",
+        "return _get(self.base, self.family.blocks)[-2]",
+        "tests/test_reference_models.py::test_datastore_keys_equal_hf_hidden_states",
+        BRUTE,
+    ),
+    Mutant(
+        "reranking_off",
+        "IVF-PQ distances are never replaced by exact ones (fused and memmap paths)",
+        (
+            (
+                "retrieval/search.py",
+                "            if recompute:\n                self._refined",
+                "            if False:\n                self._refined",
+            ),
+            (
+                "retrieval/search.py",
+                "            if self.recompute:\n                dist, ids = ",
+                "            if False:\n                dist, ids = ",
+            ),
+        ),  # fmt: skip
+        (
+            f"{REFIDX}::test_ivfpq_reranked_is_exact_on_its_ids_and_pq_mode_uses_pq_distances",
+            f"{REFIDX}::test_ivfpq_recall_at_k_with_fewer_probes_than_lists",
+        ),
+    ),
+    mutant(
+        "generation_passthrough",
+        "the kNN logits processor returns the LM's scores unchanged",
+        "generation.py",
+        "return interpolate(lm_lp, knn_lp, self.retriever.knn.knn_weight).to(scores.dtype)",
+        "return scores",
+        f"{GEN}::test_processor_scores_equal_hand_built_interpolation",
+        f"{GEN}::test_cli_generate_equals_greedy_reference",
+    ),
+    mutant(
+        "dimension_check_removed",
+        "a datastore whose keys have another size is accepted",
+        "retrieval/datastore.py",
+        'if m["dim"] != lm.adapter.hidden_size:',
+        "if False:",
+        f"{ENGINE}::test_datastore_from_other_model_is_refused",
+    ),
+    mutant(
+        "tokenizer_check_removed",
+        "a datastore built with another tokenizer is accepted",
+        "retrieval/datastore.py",
+        'if m["tokenizer_fingerprint"] != lm.tokenizer_fingerprint:',
+        "if False:",
+        f"{ENGINE}::test_datastore_from_other_model_is_refused",
+    ),
+    mutant(
+        "model_check_removed",
+        "a datastore built with another model is accepted",
+        "retrieval/datastore.py",
+        'if m["model_fingerprint"] != lm.fingerprint:',
+        "if False:",
+        f"{ENGINE}::test_datastore_from_other_model_is_refused",
+    ),
+    Mutant(
+        "perplexity_per_batch",
+        "perplexity = exp(mean over batches of the batch-mean NLL), not per token",
+        (
+            (
+                "evaluate.py",
+                'nll["lm"] -= float(lm_lp.double().sum())',
+                'nll["lm"] -= float(lm_lp.double().mean()); nll["batches"] = nll.get("batches", 0) + 1',
+            ),
+            (
+                "evaluate.py",
+                '"lm": {"perplexity": perplexity(nll["lm"], n_tokens)',
+                '"lm": {"perplexity": perplexity(nll["lm"], nll["batches"])',
+            ),
+        ),  # fmt: skip
+        ("tests/test_foundation.py::test_perplexity_equals_token_by_token",),
+    ),
+    mutant(
+        "datastore_resume_skips_a_batch",
+        "a resumed build starts one batch after the last recorded one",
+        "retrieval/datastore.py",
+        '["batches_done"]))',
+        '["batches_done"]) + 1)',
+        f"{ENGINE}::test_datastore_resume_is_byte_identical",
+    ),
+    mutant(
+        "mlp_memory_layernorm_dropped",
+        "the MLP memory computes W (z + MLP(z)) without its LayerNorm",
+        "retrieval/memory.py",
+        "return z + self.ln(self.mlp(z))",
+        "return z + self.mlp(z)",
+        "tests/test_mlp_memory.py::test_forward_matches_manual_computation",
+    ),
+    mutant(
+        "projection_init_wrong_point",
+        "the projection onto f starts at enc(c) instead of g(enc(c))",
+        "experiments/projection.py",
+        '("proj_f", adapter.f_logits, g_enc),',
+        '("proj_f", adapter.f_logits, enc),',
+        "tests/test_reference_projection.py",
+    ),
+]
