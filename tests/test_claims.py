@@ -100,9 +100,13 @@ def test_b_fails_when_a_projection_closes_too_little():
     # Gap 40 -> 36 = 4; f∘g at 37.0 closes 75% < 80%.
     r["projection"]["lr_0.1"]["proj_fg"]["perplexity"] = 37.0
     assert status(r, 1) == NOT_HELD
-    # 36.8 closes exactly 80%: held.
-    r["projection"]["lr_0.1"]["proj_fg"]["perplexity"] = 36.8
+    # Gap 50 -> 40; 42 closes exactly 80% (exact in binary floating point): held.
+    p = r["projection"]["lr_0.1"]
+    p["lm"]["perplexity"], p["knnlm"]["perplexity"] = 50.0, 40.0
+    p["proj_f"]["perplexity"] = p["proj_fg"]["perplexity"] = 42.0
     assert status(r, 1) == HELD
+    p["proj_fg"]["perplexity"] = 42.01
+    assert status(r, 1) == NOT_HELD
 
 
 def test_b_fails_on_kl_even_when_perplexity_matches():
@@ -111,11 +115,30 @@ def test_b_fails_on_kl_even_when_perplexity_matches():
     assert status(r, 1) == NOT_HELD
 
 
+def test_b_kl_must_be_under_the_bound():
+    r = make_results()
+    r["projection"]["lr_0.1"]["proj_fg"]["kl_mean"] = 0.1  # "under 0.1": 0.1 is not under
+    assert status(r, 1) == NOT_HELD
+    r["projection"]["lr_0.1"]["proj_fg"]["kl_mean"] = 0.0999
+    assert status(r, 1) == HELD
+
+
+def test_b_lr_study_is_context_only():
+    r = make_results()
+    low = r["projection"]["lr_0.001"]
+    low["proj_fg"]["perplexity"], low["proj_fg"]["kl_mean"] = 45.0, 3.0
+    assert status(r, 1) == HELD
+
+
 def test_b_reports_capped_positions():
     r = make_results()
     r["projection"]["lr_0.1"]["proj_fg"]["capped"] = 17
     ev = make_claims(r)[1]["evidence"]
     assert "17 of 300 positions hit the 500-step cap" in ev
+    # Without the count the verdict is not given: the cap must be accounted for.
+    del r["projection"]["lr_0.1"]["proj_fg"]["capped"]
+    assert status(r, 1) == UNTESTABLE
+    assert "capped" in make_claims(r)[1]["evidence"]
 
 
 # ----------------------------------------------------------------------------- (c)
@@ -155,6 +178,7 @@ def test_c_one_seed_is_untestable():
     r["macondo"]["per_seed"] = r["macondo"]["per_seed"][:1]
     r["macondo"]["seeds"] = SEEDS[:1]
     assert status(r, 2) == UNTESTABLE
+    assert "one seed" in make_claims(r)[2]["evidence"]
 
 
 # ----------------------------------------------------------------------------- (d)

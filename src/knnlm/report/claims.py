@@ -42,9 +42,12 @@ FIT_MARGIN_NATS = 0.5
 # sample standard deviations of that gain. Needs at least two seeds.
 SPREAD_MULTIPLIER = 1.0
 # (d) Section 1 / 5: the MLP memory needs "less than 4% storage space of kNN augmentation"
-# ("over 25x smaller"). Measured with the output matrix W counted (conservative); the figure
-# without W, which the MLP shares with the LM, is reported beside it.
+# ("over 25x smaller"). At the paper's scale (103M keys) the output matrix W is well under 1%
+# of the datastore, so the bound holds with or without it; on a small corpus W alone can pass
+# 4%. The verdict counts W (conservative: the claim must hold even if W is stored again);
+# the fraction without W, which the MLP shares with the LM, is reported beside it.
 MEMORY_STORAGE_MAX = 0.04
+MEMORY_COUNT_SHARED_W = True
 # (e) Appendix E.1: without the last MLP the log-likelihood "grows faster ... during the first
 # 4000 steps" (Fig. 4) and the loss "decreases faster at the early stage" (Fig. 5). Read as:
 # over the evaluations in (0, T/2], T the last recorded step, the mean gap favours the model
@@ -146,7 +149,7 @@ def claim_projection(r: Mapping[str, Any]) -> dict:
     p = r["projection"]["lr_0.1"]
     lm, knn = p["lm"]["perplexity"], p["knnlm"]["perplexity"]
     where = (
-        f"{p['positions']} {p.get('split', '?')} positions, LM seed {p.get('seed', '?')}: "
+        f"{p['positions']} {p['split']} positions, LM seed {p.get('seed', '?')}: "
         f"LM {_f(lm)}, kNN-LM {_f(knn)}"
     )
     if not knn < lm * (1 - PROJECTION_MIN_GAIN):
@@ -166,9 +169,9 @@ def claim_projection(r: Mapping[str, Any]) -> dict:
         ok = ok and passed
         parts.append(
             f"{name} {_f(q['perplexity'])} (closes {_f(100 * share, '.0f')}% of the gap, mean KL "
-            f"{_f(q['kl_mean'], '.4f')}, {_f(q.get('steps_mean'), '.1f')} steps on average, max "
-            f"{_f(q.get('steps_max'))}; {_f(q.get('capped'))} of {p['positions']} positions hit "
-            f"the {_f(p.get('max_steps'))}-step cap)"
+            f"{_f(q['kl_mean'], '.4f')}, {_f(q['steps_mean'], '.1f')} steps on average, max "
+            f"{_f(q['steps_max'])}; {_f(q['capped'])} of {p['positions']} positions hit "
+            f"the {_f(p['max_steps'])}-step cap)"
         )
     evidence = f"{where}; " + "; ".join(parts)
     low = (r.get("projection") or {}).get("lr_0.001")
@@ -242,7 +245,8 @@ CLAIM_D = (
 )
 CRITERION_D = (
     f"LM+MLP test perplexity below the LM's in every seed (weight chosen on valid) and MLP "
-    f"storage (output matrix W counted) < {100 * MEMORY_STORAGE_MAX:g}% of datastore + index"
+    f"storage (output matrix W {'counted' if MEMORY_COUNT_SHARED_W else 'shared, not counted'}) "
+    f"< {100 * MEMORY_STORAGE_MAX:g}% of datastore + index"
 )
 
 
@@ -280,7 +284,7 @@ def claim_memory(r: Mapping[str, Any]) -> dict:
         f"the W shared with the LM {_f(100 * frac_w, '.2f')}%. Paper (WikiText-103): perplexity "
         "lower by 1.45, under 4% storage, gap to the kNN-LM not fully closed"
     )
-    ok = wins == len(per) and frac < MEMORY_STORAGE_MAX
+    ok = wins == len(per) and (frac if MEMORY_COUNT_SHARED_W else frac_w) < MEMORY_STORAGE_MAX
     return _verdict(CLAIM_D, HELD if ok else NOT_HELD, CRITERION_D, evidence)
 
 

@@ -83,7 +83,7 @@ def knnlm_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
     )  # fmt: skip
     return (
         "## kNN-LM (Section 2)\n\n"
-        f"**Table 1 (LM and kNN-LM).** Token-weighted perplexity, {seeds_note(per)}. The tuned "
+        f"**LM and kNN-LM** (the first rows of the paper's Tables 1 and 2). Token-weighted perplexity, {seeds_note(per)}. The tuned "
         "(w, T) is the argmin of the valid perplexity over the sweep, per seed; the verdict is "
         "read on test. w is the weight on p_knn (the paper's λ = 1 - w).\n\n"
         f"{t1}\n\nPer seed:\n\n{t_seed}\n\n"
@@ -123,7 +123,7 @@ def projection_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
     )  # fmt: skip
     md = (
         "## Capacity of the last layers (Section 3)\n\n"
-        f"**Table 1 (projection).** Perplexity on the same {_f(p['positions'])} positions of "
+        f"**Table 1.** Perplexity on the same {_f(p['positions'])} positions of "
         f"the {p.get('split', '?')} split (LM seed {p.get('seed', '?')}), kNN-LM at the "
         "valid-tuned setting. Eq. 2 solved with Adam at lr 0.1; each position stops when its KL "
         f"moves by less than the tolerance, or at the {_f(p.get('max_steps'))}-step cap.\n\n"
