@@ -573,3 +573,17 @@ def test_paper_report_copies_pipeline_figures_when_data_is_absent(tmp_path):
     out = write_paper_report(tmp_path / "out", r)
     assert out["figures"]["figure1"] == "figures/figure1_macondo.png"
     assert (tmp_path / "out" / "figures" / "figure1_macondo.png").read_bytes() == src.read_bytes()
+
+
+def test_paper_report_draws_kl_figures_and_drops_per_position_lists(tmp_path):
+    r = make_results()
+    p, q = r["projection"]["lr_0.1"], r["projection"]["lr_0.001"]
+    p["proj_f"]["kl"], p["proj_fg"]["kl"] = [0.01, 0.05, 0.2], [0.02, 0.06]
+    q["proj_f"]["kl_curve"], q["proj_fg"]["kl_curve"] = [1.0, 0.5, 0.3], [1.0, 0.8, 0.7]
+    out = write_paper_report(tmp_path, r)
+    assert {"kl_hist", "kl_steps"} <= set(out["figures"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert "kl" not in saved["projection"]["lr_0.1"]["proj_f"]
+    assert saved["projection"]["lr_0.001"]["proj_f"]["kl_curve"] == [1.0, 0.5, 0.3]
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(out["figures"]) == 5
