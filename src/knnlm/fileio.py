@@ -105,13 +105,19 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
+def _abs(path: str | Path) -> Path:
+    """Absolute and normalised, so "." and "dir/.." have a name and a parent."""
+    return Path(os.path.abspath(path))
+
+
 def aside_path(target: Path) -> Path:
+    target = _abs(target)
     return target.with_name(f".{target.name}.knnlm-old")
 
 
 def recover(target: str | Path, kind: str, meta_name: str) -> None:
     """Undo a swap cut short between its two renames (kernels without RENAME_EXCHANGE)."""
-    target = Path(target)
+    target = _abs(target)
     old = aside_path(target)
     if not target.exists() and is_ours(old, kind, meta_name):
         os.rename(old, target)
@@ -124,7 +130,7 @@ def claim_target(target: str | Path, kind: str, meta_name: str, *, what: str | N
     Anything else (a file, a link, a folder with the user's files, another kind of artifact)
     raises ``KnnlmError`` and is left as it is.
     """
-    target = Path(target)
+    target = _abs(target)
     what = what or kind.replace("_", " ")
     recover(target, kind, meta_name)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
@@ -142,6 +148,24 @@ def claim_target(target: str | Path, kind: str, meta_name: str, *, what: str | N
     )
 
 
+WORK_MARKER = ".knnlm-artifact.json"
+
+
+def claim_work_dir(path: str | Path, kind: str) -> Path:
+    """A folder a long command fills stage by stage and resumes (e.g. ``knnlm reproduce``).
+
+    Created (or reused) with a marker file ``WORK_MARKER``; an existing folder without the
+    marker that is not empty holds someone else's files and is refused, untouched. Call it
+    before any work; what the command writes inside should go through the atomic writers.
+    """
+    path = Path(path)
+    claim_target(path, kind, WORK_MARKER)
+    path.mkdir(parents=True, exist_ok=True)
+    if artifact_kind(path, WORK_MARKER) != kind:
+        write_json_atomic(path / WORK_MARKER, {ARTIFACT_KEY: kind})
+    return path
+
+
 def temp_dir(
     target: str | Path, kind: str, meta_name: str, suffix: str = ".partial", fresh: bool = True
 ) -> Path:
@@ -150,7 +174,7 @@ def temp_dir(
     ``fresh=True`` starts it empty (a stale one of ours is deleted); ``fresh=False`` keeps its
     content for resuming. A folder of that name that is not ours is refused.
     """
-    target = Path(target)
+    target = _abs(target)
     tmp = target.with_name(target.name + suffix)
     if tmp.exists() or tmp.is_symlink():
         # A finished artifact of ours can sit there too: the old one after an exchange.
@@ -210,7 +234,7 @@ def swap_in(tmp: str | Path, target: str | Path, kind: str, meta_name: str) -> P
     ``tmp`` must already hold its metadata file with the marker. Its files are fsynced, its
     temporary marker removed, then it takes the target's place.
     """
-    tmp, target = Path(tmp), Path(target)
+    tmp, target = _abs(tmp), _abs(target)
     if artifact_kind(tmp, meta_name) != kind:
         raise RuntimeError(f"{tmp} is not a finished {kind} (no marker in {meta_name})")
     (tmp / TEMP_MARKER).unlink(missing_ok=True)
