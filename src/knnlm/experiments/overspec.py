@@ -393,6 +393,7 @@ def _score(
         batch_size=settings["batch_size_eval"],
         add_eos=True,
         progress=progress,
+        overwrite=True,  # the seed folder's own datastore: rebuilt when the model changes
     )
     knn = KnnSettings(
         k=settings["k"], knn_weight=settings["knn_weight"], temperature=settings["temperature"]
