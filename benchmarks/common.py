@@ -16,14 +16,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-DEFAULT_CORPUS = "/work/shared/data/wikitext-2"
-DEFAULT_MODEL = "/work/runs/small-wt2"
+# Relative to the repository root (resolved from this file), never a machine's absolute path.
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = str((REPO / ".." / "shared" / "data" / "wikitext-2").resolve())
+DEFAULT_MODEL = str((REPO / ".." / "runs" / "small-wt2").resolve())
 SPLITS = ("train", "valid", "test")
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
-        "--corpus", default=DEFAULT_CORPUS, help="WikiText-style dir (train/valid/test)"
+        "--corpus",
+        default=DEFAULT_CORPUS,
+        help="WikiText-style dir (train/valid/test); default ../shared/data/wikitext-2 beside "
+        "the repository",
     )
     ap.add_argument(
         "--model",

@@ -11,14 +11,10 @@ import numpy as np
 import pytest
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.index import (
-    KnnIndex,
-    Searcher,
-    build_index,
-    exact_search,
-    open_keys,
-    recompute_distances,
-)
+from knnlm.retrieval.index_build import build_index
+from knnlm.retrieval.index_common import open_keys
+from knnlm.retrieval.rerank import recompute_distances
+from knnlm.retrieval.search import KnnIndex, Searcher, exact_search
 
 
 @pytest.fixture(autouse=True)
@@ -219,6 +215,8 @@ def test_ivfpq_resume_matches_uninterrupted(tmp_path):
     assert seen and seen[0] > 800  # resumed: no retraining (that would checkpoint 0 rows first)
     assert not (a / "index.faiss.partial").exists() and not (a / "index.partial.json").exists()
     build_index(b, **opts)
+    # The resumed file is the uninterrupted one, byte for byte.
+    assert (a / "index.faiss").read_bytes() == (b / "index.faiss").read_bytes()
 
     ra = KnnIndex.load(a, nprobe=8, use_gpu=False).search(q, 10)
     rb = KnnIndex.load(b, nprobe=8, use_gpu=False).search(q, 10)

@@ -104,13 +104,13 @@ def datastore_index(
     nlist: int | None = typer.Option(None, "--nlist", help="IVF lists (default ~4*sqrt(N))."),
     pq_m: int | None = typer.Option(None, "--pq-bytes", help="PQ bytes per vector (divides d)."),
     pq_bits: int = typer.Option(8, "--pq-bits", help="Bits per PQ code."),
-    nprobe: int = typer.Option(32, "--nprobe", help="Default lists probed at search time."),
+    nprobe: int | None = typer.Option(None, "--nprobe", help="Lists probed (default 32+)."),
     train_size: int | None = typer.Option(None, "--train-size", help="Cap on training sample."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training sample."),
     quiet: bool = QUIET,
 ) -> None:
     """Build a FAISS index beside the datastore (index.faiss + index.json); resumable."""
-    from knnlm.retrieval.index import build_index
+    from knnlm.retrieval.index_build import build_index, index_summary
 
     path = build_index(
         ds,
@@ -124,7 +124,7 @@ def datastore_index(
         seed=seed,
         progress=not quiet,
     )
-    typer.echo(f"index written: {path}")
+    typer.echo(f"index written: {path} ({index_summary(ds)})")
 
 
 def eval_cmd(

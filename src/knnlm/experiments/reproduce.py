@@ -309,7 +309,7 @@ def stage_datastore(cfg: ReproduceConfig, model: str, corpus: str, art: Path) ->
     )
     out = {"datastore": str(path)}
     if cfg.index:
-        from knnlm.retrieval.index import build_index
+        from knnlm.retrieval.index_build import build_index
 
         t0 = time.perf_counter()
         build_index(

@@ -61,7 +61,7 @@ class Neighbours:
 
 class Retriever:
     def __init__(self, lm: LoadedLM, datastore: str | Path | Datastore, knn: KnnSettings):
-        from knnlm.retrieval.index import Searcher
+        from knnlm.retrieval.search import Searcher
 
         knn.validate()
         self.ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)

@@ -1,0 +1,177 @@
+"""What building, searching and re-ranking share: the distance convention, the datastore's keys,
+argument checks, the padding of missing neighbours, and moving FAISS indexes to a GPU.
+
+Distance convention (every function of the index layer): smaller is closer.
+
+- ``metric="l2"``: squared Euclidean distance (FAISS convention, no square root).
+- ``metric="ip"``: the NEGATED inner product, ``-<q, k>``.
+
+So a caller forms kNN logits as ``-distance / temperature`` for both metrics. When fewer than k
+neighbours exist, the missing ones have id ``-1`` and distance ``+inf``: mask them, never index
+with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from knnlm.errors import KnnlmError
+
+log = logging.getLogger("knnlm.retrieval.index")
+
+KINDS = ("flat", "ivfpq")
+METRICS = ("l2", "ip")
+INDEX_FILE = "index.faiss"
+INDEX_META = "index.json"
+PENDING_META = "index.json.pending"  # the new metadata while index.faiss is being swapped in
+PARTIAL_FILE = "index.faiss.partial"
+PARTIAL_META = "index.partial.json"
+FORMAT_VERSION = 2
+GPU_MAX_K = 2048  # FAISS GPU k-selection limit
+DISTANCE_NOTE = "smaller is closer: l2 = squared L2; ip = negated inner product; missing = -1/+inf"
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise KnnlmError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return metric
+
+
+def faiss_metric(metric: str) -> int:
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def f32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def check_k(k: int) -> int:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise KnnlmError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def as_queries(queries: Any, dim: int) -> np.ndarray:
+    q = np.asarray(queries)
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise KnnlmError(f"queries must have shape (n, {dim}), got {q.shape}")
+    q = f32(q)
+    if not np.isfinite(q).all():
+        raise KnnlmError("queries contain NaN or infinite values")
+    return q
+
+
+def open_keys(ds_dir: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The datastore's keys as a read-only memmap (N, d) and its meta.json, checked to agree."""
+    ds = Path(ds_dir)
+    if not ds.is_dir():
+        raise KnnlmError(f"datastore directory not found: {ds}")
+    for name in ("keys.npy", "meta.json"):
+        if not (ds / name).is_file():
+            raise KnnlmError(f"datastore {ds} has no {name} (incomplete or not a datastore)")
+    try:
+        meta = json.loads((ds / "meta.json").read_text())
+        keys = np.load(ds / "keys.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise KnnlmError(f"cannot read datastore {ds}: {e}") from e
+    if not isinstance(meta, dict):
+        raise KnnlmError(f"datastore {ds}: meta.json is not a JSON object")
+    if keys.ndim != 2 or keys.dtype not in (np.float16, np.float32):
+        raise KnnlmError(
+            f"{ds}/keys.npy must be float16/float32 (N, d), got {keys.dtype} {keys.shape}"
+        )
+    n, d = keys.shape
+    if int(meta.get("n", n)) != n or int(meta.get("dim", d)) != d:
+        raise KnnlmError(
+            f"datastore {ds}: meta.json says n={meta.get('n')}, dim={meta.get('dim')} but "
+            f"keys.npy has shape {keys.shape}"
+        )
+    if n == 0:
+        raise KnnlmError(f"datastore {ds} is empty (0 keys)")
+    return keys, meta
+
+
+def datastore_fingerprint(ds: Path) -> str:
+    """Hash of meta.json: a datastore rebuilt in place makes its old index stale."""
+    return hashlib.sha256((ds / "meta.json").read_bytes()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def mark_missing(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS pads with +-FLT_MAX; make the padding id -1 / distance +inf."""
+    dist = f32(dist)
+    ids = np.asarray(ids, dtype=np.int64)
+    dist[ids < 0] = np.inf
+    return dist, ids
+
+
+def pad(dist: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut or pad (with -1 / +inf) to exactly k columns."""
+    n, w = ids.shape
+    if w >= k:
+        return dist[:, :k], ids[:, :k]
+    pd = np.full((n, k), np.inf, dtype=np.float32)
+    pi = np.full((n, k), -1, dtype=np.int64)
+    pd[:, :w] = dist
+    pi[:, :w] = ids
+    return pd, pi
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def want_gpu(use_gpu: bool | str) -> bool:
+    if use_gpu not in (True, False, "auto"):
+        raise KnnlmError(f"use_gpu must be True, False or 'auto', got {use_gpu!r}")
+    if use_gpu is False:
+        return False
+    has = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if use_gpu is True and not has:
+        raise KnnlmError("use_gpu=True but FAISS sees no GPU (is faiss-gpu installed?)")
+    return has
+
+
+def gpu_cloner_options(index: Any) -> Any:
+    """Options for the GPU copy of ``index``.
+
+    A flat index keeps float32 storage and maths on the GPU: it is the exact index, and
+    ``useFloat16`` would make it fp16. IVF-PQ keeps float16 lookup tables (needed by the GPU
+    kernels for large ``pq_m``); its distances are approximate anyway and re-ranked exactly.
+    """
+    co = faiss.GpuClonerOptions()
+    is_flat = isinstance(index, faiss.IndexFlat) or "Flat" in type(index).__name__
+    co.useFloat16 = not is_flat
+    co.useFloat16CoarseQuantizer = False  # the coarse quantizer picks lists: keep it exact
+    return co
+
+
+def to_gpu(index: Any, use_gpu: bool | str) -> tuple[Any, Any]:
+    """(index, resources): a GPU copy when wanted and supported, else the CPU index and None."""
+    if not want_gpu(use_gpu):
+        return index, None
+    try:
+        res = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(res, 0, index, gpu_cloner_options(index)), res
+    except (RuntimeError, AttributeError) as e:  # e.g. a pq_m the GPU kernels do not support
+        if use_gpu is True:
+            raise KnnlmError(f"cannot move this index to the GPU: {e}") from e
+        log.warning("FAISS GPU cannot hold this index (%s); using the CPU", e)
+        return index, None
+
+
+def to_cpu(index: Any, res: Any) -> Any:
+    return faiss.index_gpu_to_cpu(index) if res is not None else index
