@@ -184,17 +184,18 @@ def test_c_one_seed_is_untestable():
 # ----------------------------------------------------------------------------- (d)
 
 
-def test_d_storage_bound_is_4_percent_with_w():
+def test_d_storage_bound_is_4_percent_of_what_the_mlp_adds():
     r = make_results()
     st = r["memory"]["storage"]
-    st["memory_bytes"] = 4_000_000  # exactly 4% of 100 MB: not under
+    st["memory_bytes_without_shared_W"] = 4_000_000  # exactly 4% of 100 MB: not under
+    st["memory_bytes"] = 30_000_000
     assert status(r, 3) == NOT_HELD
-    st["memory_bytes"] = 3_999_999
-    assert status(r, 3) == HELD
-    st["memory_bytes"] = 25_000_000  # the old 25% bound would have passed this
+    st["memory_bytes_without_shared_W"] = 3_999_999
+    assert status(r, 3) == HELD  # W is the LM's own matrix: not counted
+    st["memory_bytes_without_shared_W"] = 25_000_000  # the old 25% bound would have passed this
     assert status(r, 3) == NOT_HELD
     ev = make_claims(r)[3]["evidence"]
-    assert "25.00% of datastore + index" in ev and "without the W shared with the LM 1.00%" in ev
+    assert "30.00% of datastore + index" in ev and "without the W shared with the LM 25.00%" in ev
 
 
 def test_d_fails_when_mlp_does_not_help_in_one_seed():
