@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -156,7 +157,10 @@ def main() -> int:
             survivors.append(m.name)
     total = len(mutants)
     wall = time.perf_counter() - t0
-    print(f"\nkilled {killed}/{total} in {wall:.0f}s wall ({args.jobs} in parallel)")
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = ru.ru_utime + ru.ru_stime
+    print(f"\nkilled {killed}/{total} in {wall:.0f}s wall, {cpu:.0f}s CPU in test processes "
+          f"({args.jobs} in parallel, load average {os.getloadavg()[0]:.1f})")  # fmt: skip
     if survivors:
         print("survivors: " + ", ".join(survivors))
     if errors:
