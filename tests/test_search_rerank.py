@@ -306,3 +306,36 @@ def test_gpu_ivf_training_is_seeded(tmp_path, fake_gpu):
     build_index(b, use_gpu=False, **opts)
     assert (a / "index.faiss").read_bytes() == (b / "index.faiss").read_bytes()
     assert os.path.getsize(a / "index.faiss") > 0
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def test_prefetch_keeps_order_overlaps_and_raises():
+    import threading
+
+    from knnlm.retrieval.pipeline import prefetch
+
+    produced: list[int] = []
+    second_ready = threading.Event()
+
+    def gen():
+        for i in range(5):
+            produced.append(i)
+            if i == 1:
+                second_ready.set()
+            yield i * i
+
+    out = []
+    for x in prefetch(gen(), depth=1):
+        if x == 0:  # the producer runs ahead while the consumer holds item 0
+            assert second_ready.wait(10)
+        out.append(x)
+    assert out == [0, 1, 4, 9, 16] == list(prefetch((i * i for i in range(5)), depth=0))
+
+    def bad():
+        yield 1
+        raise KnnlmError("boom")
+
+    with pytest.raises(KnnlmError, match="boom"):
+        list(prefetch(bad(), depth=2))

@@ -141,7 +141,11 @@ def _commit(ds: Path, index: Any, info: dict[str, Any]) -> Path:
 def finish_pending_commit(ds: Path) -> None:
     """After a crash: complete a commit whose index file is in place, else drop it."""
     pending = ds / PENDING_META
-    (ds / (INDEX_FILE + ".tmp")).unlink(missing_ok=True)
+    # Temporaries a killed build may leave (this module's and write_json_atomic's names).
+    for name in (INDEX_FILE, PARTIAL_FILE):
+        (ds / f"{name}.tmp").unlink(missing_ok=True)
+    for name in (INDEX_META, PENDING_META, PARTIAL_META):
+        (ds / f".{name}.tmp").unlink(missing_ok=True)
     if not pending.is_file():
         return
     try:
