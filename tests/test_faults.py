@@ -366,3 +366,31 @@ def test_kill_other_commands_then_rerun(driver_setup, name):
 def test_json_marker_is_in_every_artifact(lm, tiny_corpus, ds, tmp_path):
     meta = json.loads((ds / "meta.json").read_text())
     assert meta[fileio.ARTIFACT_KEY] == "datastore"
+
+
+def test_datastore_of_another_dtype_is_refused(tiny_lm_dir, ds):
+    bf16 = load_lm(str(tiny_lm_dir), dtype="bfloat16")
+    with pytest.raises(KnnlmError, match="--dtype float32"):
+        open_datastore(ds).check_compatible(bf16)
+
+
+def test_memory_overwrite_keeps_the_old_until_the_new_is_complete(lm, ds, tmp_path):
+    d = open_datastore(ds)
+    W = lm.adapter.output_embedding.detach()
+    kw = dict(hidden=8, batch_tokens=256, epochs=2, progress=False)
+    train_memory(d.keys, d.values, W, tmp_path / "m", **kw)
+    old = _files(tmp_path / "m")
+    with pytest.raises(KnnlmError, match="other settings"):
+        train_memory(d.keys, d.values, W, tmp_path / "m", lr=1e-3, **kw)
+
+    def boom(model):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_memory(
+            d.keys, d.values, W, tmp_path / "m", lr=1e-3, overwrite=True, eval_fn=boom, **kw
+        )
+    assert _files(tmp_path / "m") == old
+    new = train_memory(d.keys, d.values, W, tmp_path / "m", lr=1e-3, overwrite=True, **kw)
+    assert new.config["lr"] == 1e-3 and load_memory(tmp_path / "m").hidden == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -90,6 +90,12 @@ class Datastore:
                 f"datastore {self.path} was built with another tokenizer "
                 f"({m['tokenizer_fingerprint']} != {lm.tokenizer_fingerprint})"
             )
+        dtype = _dtype_name(lm)
+        if m.get("model_dtype") not in (None, dtype):
+            raise KnnlmError(
+                f"datastore {self.path} was built with the model in {m['model_dtype']}; it is "
+                f"loaded in {dtype} now (pass --dtype {m['model_dtype']})"
+            )
         if m["model_fingerprint"] != lm.fingerprint:
             raise KnnlmError(
                 f"datastore {self.path} was built with another model ({m['model']}, "
@@ -97,6 +103,10 @@ class Datastore:
             )
         if key_type is not None and m["key_type"] != key_type:
             raise KnnlmError(f"datastore {self.path} holds {m['key_type']} keys, not {key_type}")
+
+
+def _dtype_name(lm: LoadedLM) -> str:
+    return str(next(lm.model.parameters()).dtype).removeprefix("torch.")
 
 
 def open_datastore(path: str | Path) -> Datastore:
@@ -209,7 +219,7 @@ def build_datastore(
         "format_version": FORMAT_VERSION,
         "model": lm.name,
         "model_fingerprint": lm.fingerprint,
-        "model_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "model_dtype": _dtype_name(lm),
         "tokenizer_fingerprint": lm.tokenizer_fingerprint,
         "corpus": corpus,
         "split": split,
@@ -337,7 +347,7 @@ def build_example_datastore(
         "format_version": FORMAT_VERSION,
         "model": lm.name,
         "model_fingerprint": lm.fingerprint,
-        "model_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "model_dtype": _dtype_name(lm),
         "tokenizer_fingerprint": lm.tokenizer_fingerprint,
         "corpus": "examples",
         "split": "examples",
