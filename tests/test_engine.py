@@ -58,7 +58,7 @@ def _reference_knnlm_nll(q_keys, q_lps, q_targets, ds_keys, ds_values, k, w, tem
     (query i is the datastore's own row i when the evaluated stream is the datastore's)."""
     nll = 0.0
     for i in range(len(q_targets)):
-        d = np.array([np.sum((q_keys[i] - ds_keys[j]) ** 2) for j in range(len(ds_keys))])
+        d = ((ds_keys - q_keys[i]) ** 2).sum(1)  # squared L2 to every datastore row
         if exclude:
             d[i] = np.inf
         order = [j for j in np.argsort(d, kind="stable")[:k] if np.isfinite(d[j])]
