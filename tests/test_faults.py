@@ -394,3 +394,20 @@ def test_memory_overwrite_keeps_the_old_until_the_new_is_complete(lm, ds, tmp_pa
     new = train_memory(d.keys, d.values, W, tmp_path / "m", lr=1e-3, overwrite=True, **kw)
     assert new.config["lr"] == 1e-3 and load_memory(tmp_path / "m").hidden == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_train_lm_reuses_refuses_and_overwrites_its_own_model(tiny_corpus, tmp_path):
+    from knnlm.lm.train import train_lm
+
+    kw = dict(preset="tiny", batch_size=4, context_len=32, quiet=True, checkpoint_every=None)
+    first = train_lm(str(tiny_corpus), tmp_path / "lm", max_steps=2, **kw)
+    assert not first.reused and first.out_dir == tmp_path / "lm"
+    files = _files(tmp_path / "lm")
+    assert train_lm(str(tiny_corpus), tmp_path / "lm", max_steps=2, **kw).reused
+    with pytest.raises(KnnlmError, match="--overwrite"):
+        train_lm(str(tiny_corpus), tmp_path / "lm", max_steps=3, **kw)
+    assert _files(tmp_path / "lm") == files
+    third = train_lm(str(tiny_corpus), tmp_path / "lm", max_steps=3, overwrite=True, **kw)
+    assert third.steps == 3 and _files(tmp_path / "lm") != files
+    assert load_lm(str(tmp_path / "lm")).model is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm"]

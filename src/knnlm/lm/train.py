@@ -784,7 +784,9 @@ def train_lm(
         remove_checkpoints(work)
         swap_in(work, out, MODEL_KIND, TRAIN_META)
         return _finished(out, key)
-    work = temp_dir(out, MODEL_KIND, TRAIN_META, fresh=False)
+    # Only a checkpoint is worth keeping; anything else there is a stale temporary of ours.
+    resumable = work.is_dir() and find_checkpoint(work) is not None
+    work = temp_dir(out, MODEL_KIND, TRAIN_META, fresh=not resumable)
     result = train(
         model, tokenizer, data, config, work, on_eval=on_eval, progress=not quiet, own_folder=True
     )
