@@ -88,6 +88,28 @@ def check_not_shadowed(root: Path) -> None:
     shutil.rmtree(copy)
 
 
+def classify(code: int) -> str:
+    """pytest exit codes: 1 tests failed, 2 collection error (both kill the mutant; a
+    timeout too); 0 passed (survived); 3-5 internal/usage error or nothing collected."""
+    if code == 0:
+        return "SURVIVED"
+    if code in (1, 2, -1):
+        return "killed"
+    return f"ERROR (pytest exit {code})"
+
+
+def check_collects(copy: Path, tests: list[str]) -> list[str]:
+    """Node ids that pytest cannot find on the unmodified package (empty when all exist)."""
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+           *tests]  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if p.returncode == 0:
+        return []
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if "not found" in ln or "ERROR" in ln]
+    return lines or [(p.stdout + p.stderr)[-500:]]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-k", dest="select", help="run mutants whose name contains this")
@@ -113,7 +135,7 @@ def main() -> int:
     try:
         check_not_shadowed(root)
         errors: list[str] = []
-        jobs = []  # (mutant or None for the baseline, copy)
+        jobs: list[tuple[Mutant | None, Path]] = []  # None: the unmodified baseline
         for m in mutants:
             copy = copy_package(root, m.name)
             err = apply(m, copy / "knnlm")
@@ -122,22 +144,26 @@ def main() -> int:
                 print(f"ERROR    {m.name}: {err}", flush=True)
             else:
                 jobs.append((m, copy))
-        if not args.no_baseline:
-            union = sorted({t for m, _ in jobs for t in m.tests})
+        union = sorted({t for m, _ in jobs for t in m.tests})
+        missing = check_collects(copy_package(root, "_collect"), union)
+        if missing:
+            errors.append(f"tests not found (renamed?): {missing}")
+            print(f"ERROR    tests not found (renamed?): {missing}", flush=True)
+            jobs = []
+        elif not args.no_baseline:
             jobs.insert(0, (None, copy_package(root, "_baseline")))
 
-        def work(job):
+        def work(job: tuple[Mutant | None, Path]) -> tuple[Mutant | None, str, str]:
             m, copy = job
-            tests = union if m is None else list(m.tests)
-            code, out, secs = run_tests(copy, tests, args.timeout)
+            code, out, secs = run_tests(copy, union if m is None else list(m.tests), args.timeout)
             if m is None:
                 name, status = "baseline (unmodified)", "passed" if code == 0 else "FAILED"
-                detail = first_failure(out) if code else ""
+                detail = "" if code == 0 else first_failure(out)
             else:
-                name, status = m.name, "killed" if code else "SURVIVED"
-                detail = first_failure(out) if code else "its tests pass on the mutant"
+                name, status = m.name, classify(code)
+                detail = "its tests pass on the mutant" if code == 0 else first_failure(out)
             print(f"{status:8} {name} ({secs:.1f}s) {detail}", flush=True)
-            return m, code, out
+            return m, status, out
 
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             results = list(pool.map(work, jobs))
@@ -146,15 +172,17 @@ def main() -> int:
 
     baseline_ok = True
     killed, survivors = 0, []
-    for m, code, out in results:
+    for m, status, out in results:
         if m is None:
-            baseline_ok = code == 0
+            baseline_ok = status == "passed"
             if not baseline_ok:
                 print("\nbaseline output:\n" + out[-4000:])
-        elif code != 0:
+        elif status == "killed":
             killed += 1
-        else:
+        elif status == "SURVIVED":
             survivors.append(m.name)
+        else:
+            errors.append(f"{m.name}: {status}")
     total = len(mutants)
     wall = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -164,7 +192,7 @@ def main() -> int:
     if survivors:
         print("survivors: " + ", ".join(survivors))
     if errors:
-        print("pattern errors (the code moved; re-target these mutants):")
+        print("errors (the code or the tests moved; re-target these mutants):")
         for e in errors:
             print("  " + e)
     if not baseline_ok:
