@@ -10,6 +10,7 @@ unmodified copy: they must pass there, or no kill means anything.
     python tests/mutation/run.py              # every mutant, 2 in parallel
     python tests/mutation/run.py -k claim -j 1
     python tests/mutation/run.py --list
+    python tests/mutation/run.py --check     # patterns and test ids only, no test runs
 
 Exit code 0 only when every mutant is killed, every pattern matched and the baseline passed.
 """
@@ -117,6 +118,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds per test run")
     ap.add_argument("--list", action="store_true", help="list mutants and their tests")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmodified run")
+    ap.add_argument("--check", action="store_true", help="only check patterns and test ids")
     args = ap.parse_args()
 
     mutants = [m for m in MUTANTS if not args.select or args.select in m.name]
@@ -150,6 +152,9 @@ def main() -> int:
             errors.append(f"tests not found (renamed?): {missing}")
             print(f"ERROR    tests not found (renamed?): {missing}", flush=True)
             jobs = []
+        elif args.check:
+            print(f"{len(jobs)}/{len(mutants)} patterns match once; all {len(union)} tests exist")
+            return 1 if errors else 0
         elif not args.no_baseline:
             jobs.insert(0, (None, copy_package(root, "_baseline")))
 
