@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from knnlm.data.corpus import load_tokens
+from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import KnnSettings, _should_exclude
 from knnlm.experiments.projection_solver import solve_projection
@@ -24,7 +25,8 @@ from knnlm.retrieval.retriever import Retriever
 from knnlm.scoring import score_stream
 
 
-def _kl_stats(kl: np.ndarray, steps: np.ndarray) -> dict:
+def _kl_stats(kl: np.ndarray, steps: np.ndarray, cap: int) -> dict:
+    """KL statistics; ``capped`` counts positions stopped by the step cap, not by convergence."""
     return {
         "kl_mean": float(np.mean(kl)),
         "kl_median": float(np.median(kl)),
@@ -32,6 +34,7 @@ def _kl_stats(kl: np.ndarray, steps: np.ndarray) -> dict:
         "kl_max": float(np.max(kl)),
         "steps_mean": float(np.mean(steps)),
         "steps_max": int(np.max(steps)),
+        "capped": int(np.sum(steps >= cap)),
     }
 
 
@@ -56,7 +59,7 @@ def run_projection(
     progress: bool = True,
 ) -> dict:
     """Solve Eq. 2 onto f and onto f∘g for (a seeded sample of) the scored positions."""
-    stride = stride or context_len
+    stride = resolve_stride(context_len, stride)
     knn = knn or KnnSettings()
     retriever = Retriever(lm, datastore, knn)
     ds = retriever.ds
@@ -182,7 +185,9 @@ def run_projection(
         result[name] = {"perplexity": perplexity(nll, n), "nll_sum": nll}
     for name in ("proj_f", "proj_fg"):
         kl_all = torch.cat(kl[name]).numpy()
-        result[name].update(_kl_stats(kl_all, torch.cat(steps[name]).numpy()))
+        result[name].update(
+            _kl_stats(kl_all, torch.cat(steps[name]).numpy(), fixed_steps or max_steps)
+        )
         result[name]["kl_init_mean"] = float(torch.cat(kl_init[name]).mean())
         result[name]["kl"] = kl_all.tolist()
         if curves[name]:

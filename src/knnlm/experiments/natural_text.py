@@ -1,0 +1,281 @@
+"""The natural-text part of the reproduction: Sections 2, 3 and 5 of the paper.
+
+Per LM seed: train the LM (Section 2's baseline), build its datastore over the train split,
+evaluate LM and kNN-LM on valid and test with cached neighbours, choose (weight, temperature)
+on valid from the cache and read both the paper's setting and the tuned one on test; train
+the MLP memory on the same datastore (Section 5), choose its weight on valid, read it on test.
+Section 3 (Eq. 2) runs on the test split of the first seed at the tuned setting.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from knnlm.errors import KnnlmError
+from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
+from knnlm.lm.loading import load_lm
+
+
+def stage_corpus(cfg: ReproduceConfig, art: Path) -> dict:
+    """The corpus (the embedded slice at quick scale) and one BPE tokenizer for every LM seed."""
+    from knnlm.data.corpus import read_split
+
+    if cfg.corpus is None:
+        from knnlm.data import wikitext2
+
+        corpus = str(wikitext2.extract(art / "corpus"))
+        info = {"name": wikitext2.NAME, "license": wikitext2.LICENSE}
+        for split, n in (cfg.embedded_chars or {}).items():
+            path = Path(corpus) / f"{split}.txt"
+            text = path.read_text(encoding="utf-8")
+            cut = text.rfind("\n", 0, n) + 1 or n
+            path.write_text(text[:cut], encoding="utf-8")
+            info["name"] = f"{wikitext2.NAME}, cut to {cfg.embedded_chars} characters"
+    else:
+        corpus, info = cfg.corpus, {"name": cfg.corpus}
+    out = {"corpus": corpus, "tokenizer": None, **info}
+    if cfg.model is None:
+        from knnlm.lm.presets import get_preset
+        from knnlm.lm.tokenizer import save_tokenizer
+        from knnlm.lm.train import train_tokenizer_for_corpus
+
+        vocab = cfg.tokenizer_vocab or get_preset(cfg.lm_preset).tokenizer_vocab_size
+        tok = train_tokenizer_for_corpus(corpus, vocab)
+        save_tokenizer(tok, art / "tokenizer")
+        out.update(tokenizer=str(art / "tokenizer"), vocab_size=len(tok))
+    out["chars"] = {s: len(read_split(corpus, s)) for s in ("train", "valid", "test")}
+    return out
+
+
+def stage_lm(cfg: ReproduceConfig, seed: int, corpus: str, tokenizer_dir: str, art: Path) -> dict:
+    """Train one LM from scratch on the train split with the shared tokenizer."""
+    if cfg.model is not None:
+        return {"model": cfg.model, "trained": False, "seed": seed}
+    from transformers import AutoTokenizer
+
+    from knnlm.data.corpus import read_split, tokenize_text
+    from knnlm.lm.presets import get_preset
+    from knnlm.lm.train import TrainConfig, model_from_preset, train
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    preset = get_preset(cfg.lm_preset)
+    ids = tokenize_text(tok, read_split(corpus, "train"))
+    model = model_from_preset(cfg.lm_preset, tok, seed=seed, context_len=cfg.context_len)
+    res = train(
+        model,
+        tok,
+        ids,
+        TrainConfig(
+            lr=preset.lr,
+            batch_size=preset.batch_size,
+            epochs=cfg.lm_epochs or preset.epochs,
+            max_steps=cfg.lm_max_steps,
+            warmup_ratio=preset.warmup_ratio,
+            weight_decay=preset.weight_decay,
+            seed=seed,
+            context_len=cfg.context_len,
+            checkpoint_every=None,
+        ),
+        art / "model",
+        progress=False,
+    )
+    return {
+        "model": str(art / "model"),
+        "trained": True,
+        "seed": seed,
+        "preset": cfg.lm_preset,
+        "train_tokens": int(ids.size),
+        "steps": res.steps,
+        "final_loss": res.final_loss,
+        "seconds": res.seconds,
+        "tokens_per_second": res.tokens_per_second,
+    }
+
+
+def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, art: Path) -> dict:
+    from knnlm.retrieval.datastore import build_datastore, open_datastore
+
+    lm = load_lm(model)
+    path = build_datastore(
+        lm, corpus, "train", art / "ds", context_len=cfg.context_len, stride=cfg.stride,
+        progress=False,
+    )  # fmt: skip
+    out = {"datastore": str(path)}
+    if cfg.index:
+        from knnlm.retrieval.index import build_index
+
+        t0 = time.perf_counter()
+        build_index(
+            path, kind=cfg.index, nlist=cfg.index_nlist, train_size=cfg.index_train_size,
+            nprobe=cfg.nprobe or 32, seed=seed, progress=False,
+        )  # fmt: skip
+        out["index_seconds"] = time.perf_counter() - t0
+    ds = open_datastore(path)
+    out.update(n=ds.n, dim=ds.dim, key_type=ds.meta["key_type"], bytes=ds.storage_bytes())
+    return out
+
+
+def knn_settings(cfg: ReproduceConfig, weight: float, temperature: float):
+    from knnlm.evaluate import KnnSettings
+
+    return KnnSettings(nprobe=cfg.nprobe, k=cfg.k, knn_weight=weight, temperature=temperature)
+
+
+def _grid(cfg: ReproduceConfig) -> tuple[list[float], list[float]]:
+    """The sweep grid, always holding the paper's setting."""
+    ws = sorted({float(w) for w in cfg.sweep_weights} | {PAPER_SETTING["knn_weight"]})
+    ts = sorted({float(t) for t in cfg.sweep_temperatures} | {PAPER_SETTING["temperature"]})
+    return ws, ts
+
+
+def stage_knnlm(cfg: ReproduceConfig, model: str, corpus: str, ds: str, art: Path) -> dict:
+    """LM and kNN-LM on valid and test; (weight, T) tuned on valid from cached neighbours."""
+    from knnlm.evaluate import evaluate
+    from knnlm.report.figures import plot_sweep_heatmap
+    from knnlm.sweep import sweep
+
+    lm = load_lm(model)
+    weights, temps = _grid(cfg)
+    paper = knn_settings(cfg, PAPER_SETTING["knn_weight"], PAPER_SETTING["temperature"])
+    splits: dict[str, dict] = {}
+    grids: dict[str, dict] = {}
+    for split in ("valid", "test"):
+        cache = art / f"cache-{split}"
+        res = evaluate(
+            lm, corpus, split, context_len=cfg.context_len, stride=cfg.stride, datastore=ds,
+            knn=paper, cache=cache, progress=False,
+        )  # fmt: skip
+        grids[split] = sweep(cache, weights, temps, progress=False)
+        splits[split] = res
+        shutil.rmtree(cache)  # hundreds of MB; the stage result keeps every number read off it
+    ppl_v = np.asarray(grids["valid"]["perplexity"][0])  # [weight][temperature]
+    wi, ti = np.unravel_index(int(np.nanargmin(ppl_v)), ppl_v.shape)
+    pw, pt = weights.index(PAPER_SETTING["knn_weight"]), temps.index(PAPER_SETTING["temperature"])
+    tuned = {"knn_weight": weights[wi], "temperature": temps[ti], "tuned_on": "valid"}
+    out = {"tuned": tuned, "paper_setting": dict(PAPER_SETTING)}
+    for split in ("valid", "test"):
+        ppl = grids[split]["perplexity"][0]
+        out[split] = {
+            "tokens": splits[split]["tokens"],
+            "lm": splits[split]["lm"]["perplexity"],
+            "knnlm_paper": ppl[pw][pt],
+            "knnlm_tuned": ppl[wi][ti],
+        }
+        # Same scoring pass, two routes: evaluate's own number at the paper setting must
+        # equal the sweep's cell (a check that the cache and the sweep agree).
+        direct = splits[split]["knnlm"]["perplexity"]
+        if not abs(direct - ppl[pw][pt]) <= 1e-3 * direct:
+            raise KnnlmError(f"sweep and evaluate disagree on {split}: {ppl[pw][pt]} vs {direct}")
+    plot_sweep_heatmap(
+        weights, temps, grids["valid"]["perplexity"][0], art / "sweep.png",
+        title=f"kNN-LM valid perplexity (k={cfg.k})", lm_ppl=out["valid"]["lm"],
+    )  # fmt: skip
+    out.update(
+        sweep={"weights": weights, "temperatures": temps, "k": cfg.k,
+               "valid": grids["valid"]["perplexity"][0], "test": grids["test"]["perplexity"][0]},
+        figure=str(art / "sweep.png"),
+        settings=splits["valid"]["settings"],
+        timing={s: splits[s]["timing"] for s in splits},
+    )  # fmt: skip
+    return out
+
+
+def stage_projection(
+    cfg: ReproduceConfig, seed: int, model: str, corpus: str, ds: str, tuned: dict, art: Path,
+    *, lr_study: bool,
+) -> dict:  # fmt: skip
+    """Section 3 on the test split at the valid-tuned setting: Eq. 2 at lr 0.1 with early stop
+    (Tables 1, 3), or lr 1e-3 for 100 steps (Appendix E, Table 4)."""
+    from knnlm.experiments.projection import run_projection
+    from knnlm.report.figures import plot_kl_hist, plot_kl_steps
+
+    res = run_projection(
+        load_lm(model), corpus, ds, "test", context_len=cfg.context_len, stride=cfg.stride,
+        knn=knn_settings(cfg, tuned["knn_weight"], tuned["temperature"]),
+        max_positions=min(cfg.projection_positions, 300) if lr_study else cfg.projection_positions,
+        seed=seed, lr=1e-3 if lr_study else 0.1, max_steps=cfg.projection_max_steps,
+        fixed_steps=100 if lr_study else None, progress=False,
+    )  # fmt: skip
+    if lr_study:
+        fig = plot_kl_steps(
+            res["proj_f"]["kl_curve"], res["proj_fg"]["kl_curve"], art / "kl_steps.png", lr=1e-3
+        )
+    else:
+        fig = plot_kl_hist(res["proj_f"]["kl"], res["proj_fg"]["kl"], art / "kl_hist.png")
+    res.update(
+        split="test",
+        seed=seed,
+        max_steps=100 if lr_study else cfg.projection_max_steps,
+        tuned=tuned,
+        figure=str(fig),
+    )
+    return res
+
+
+def _token_log_probs(lm, corpus: str, split: str, cfg: ReproduceConfig, mem, key_type: str):
+    """Per scored token: log p_lm(target) and log p_mem(target), one scoring pass."""
+    from knnlm.data.corpus import load_tokens
+    from knnlm.scoring import score_stream
+
+    ids = load_tokens(lm.tokenizer, corpus, split)
+    lm_out, mem_out = [], []
+    for batch in score_stream(
+        lm.model, ids, cfg.context_len, cfg.stride, key_type=key_type, progress=False
+    ):
+        lm_out.append(batch.lm_log_prob.float().cpu())
+        with torch.no_grad():
+            mem_out.append(mem.target_log_prob(batch.keys.float(), batch.targets).float().cpu())
+    return torch.cat(lm_out), torch.cat(mem_out)
+
+
+def stage_memory(
+    cfg: ReproduceConfig, seed: int, model: str, corpus: str, ds: str, knn_res: dict, art: Path
+) -> dict:
+    """Section 5: the MLP memory trained on the datastore, interpolated like p_knn; its weight
+    chosen on valid, read on test. The kNN-LM numbers are the ``knnlm`` stage's."""
+    from knnlm.evaluate import storage_report
+    from knnlm.experiments.mlp_memory import train_memory
+    from knnlm.retrieval.datastore import open_datastore
+    from knnlm.retrieval.knn import interpolate, perplexity
+    from knnlm.retrieval.memory import load_memory, memory_storage
+
+    lm = load_lm(model)
+    store = open_datastore(ds)
+    tr = train_memory(
+        store.keys, store.values, lm.adapter.output_embedding.detach(), art / "memory",
+        hidden=cfg.memory_hidden, lr=cfg.memory_lr, batch_tokens=cfg.memory_batch_tokens,
+        epochs=cfg.memory_epochs, max_steps=cfg.memory_max_steps, seed=seed, progress=False,
+        datastore={"path": str(store.path), "n": store.n},
+    )  # fmt: skip
+    mem = load_memory(art / "memory", device=str(lm.device))
+    weights = sorted({float(w) for w in cfg.memory_weights})
+    ppl: dict[str, dict] = {}
+    for split in ("valid", "test"):
+        lm_lp, mem_lp = _token_log_probs(lm, corpus, split, cfg, mem, store.meta["key_type"])
+        n = len(lm_lp)
+        ppl[split] = {
+            "tokens": n,
+            "lm": perplexity(-float(lm_lp.double().sum()), n),
+            "grid": [perplexity(-float(interpolate(lm_lp, mem_lp, w).double().sum()), n)
+                     for w in weights],
+        }  # fmt: skip
+    best = int(np.argmin(ppl["valid"]["grid"]))
+    return {
+        "seed": seed,
+        "weight": weights[best],
+        "weight_tuned_on": "valid",
+        "valid": {"tokens": ppl["valid"]["tokens"], "lm": ppl["valid"]["lm"],
+                  "mlp": ppl["valid"]["grid"][best]},
+        "test": {"tokens": ppl["test"]["tokens"], "lm": ppl["test"]["lm"],
+                 "knnlm_tuned": knn_res["test"]["knnlm_tuned"],
+                 "mlp": ppl["test"]["grid"][best]},
+        "weight_sweep": {"weights": weights, "valid": ppl["valid"]["grid"],
+                         "test": ppl["test"]["grid"]},
+        "storage": storage_report(store, memory_storage(art / "memory")),
+        "train": {"steps": tr.steps, "final_loss": tr.final_loss, "seconds": tr.seconds},
+    }  # fmt: skip
