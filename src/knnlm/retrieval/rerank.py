@@ -137,8 +137,8 @@ class KeyStore:
         nbytes = keys.shape[0] * keys.shape[1] * keys.dtype.itemsize
         if in_ram == "auto" and nbytes > ram_budget():
             log.warning(
-                "keys (%.1f GiB) exceed the re-ranking RAM budget; re-ranking gathers from disk",
-                nbytes / 2**30,
+                "keys (%.0f MiB) exceed the re-ranking RAM budget; re-ranking gathers from disk",
+                nbytes / 2**20,
             )
             return None
         return cls(keys, metric) if in_ram else None
