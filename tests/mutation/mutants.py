@@ -174,6 +174,7 @@ MUTANTS: list[Mutant] = [
         "return z + self.ln(self.mlp(z))",
         "return z + self.mlp(z)",
         "tests/test_mlp_memory.py::test_forward_matches_manual_computation",
+        "tests/test_reference_memory.py::test_lm_plus_memory_perplexity_equals_numpy_forward",
     ),
     mutant(
         "projection_init_wrong_point",
@@ -223,6 +224,14 @@ MUTANTS: list[Mutant] = [
         "knn_target_log_prob(dists[:, :k], ids[:, :k], vals[:, :k], targets, t)",
         "knn_target_log_prob(dists, ids, vals, targets, t)",
         f"{ENGINE}::test_sweep_from_cache_equals_direct_eval",
+    ),
+    mutant(
+        "memory_weight_wrong_side",
+        "memory_weight multiplies p_lm instead of the MLP memory's distribution",
+        "evaluate.py",
+        "interpolate(lm_lp, mem_lp, memory_weight)",
+        "interpolate(mem_lp, lm_lp, memory_weight)",
+        "tests/test_reference_memory.py::test_lm_plus_memory_perplexity_equals_numpy_forward",
     ),
     # Claim verdicts (src/knnlm/report/claims.py): each criterion (a)-(e) loosened.
     mutant(
