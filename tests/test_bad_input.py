@@ -262,6 +262,13 @@ ROWS = [
     Row("sweep_k_above_cached", ["sweep", "{cache}", "--ks", "1,99", "--quiet"], expect="k"),
     Row("index_bad_type", ["datastore", "index", "{ds}", "--type", "hnsw", "--quiet"],
         expect="hnsw"),
+    Row("batch_size_zero", [*EVAL, "--batch-size", "0"], expect="--batch-size"),
+    Row("build_batch_size_zero", [*BUILD, "--batch-size", "0", "--out", "{ws}/new"],
+        expect="--batch-size"),
+    Row("device_unknown", [*EVAL, "--device", "gpu0"], expect="--device"),
+    Row("device_absent", [*EVAL, "--device", "cuda:99"], expect="--device"),
+    Row("sweep_weights_not_numbers", ["sweep", "{cache}", "--weights", "0.1,abc", "--quiet"],
+        expect="--weights"),
     Row("cache_without_datastore", [*EVAL, "--cache", "{ws}/newcache"], expect="--datastore"),
     # usage errors: click's text, always through a subprocess
     Row("unknown_option", [*EVAL, "--bogus"], usage=True, expect="No such option"),

@@ -61,6 +61,8 @@ class ScoredBatch:
 def window_batches(windows: list[Window], batch_size: int) -> list[tuple[int, int]]:
     """Fixed batch boundaries [start, stop) over windows; a resumed or sharded pass reuses them
     so that every window is always computed in the same batch (bit-identical results)."""
+    if batch_size < 1:
+        raise KnnlmError(f"--batch-size must be at least 1, got {batch_size}")
     return [(i, min(i + batch_size, len(windows))) for i in range(0, len(windows), batch_size)]
 
 
@@ -226,6 +228,8 @@ def score_examples(
     ``[0, t)`` of that example alone. ``positions`` are ``i * 2**32 + t`` so callers can recover
     the example (``positions >> 32``) and the token (``positions & 0xFFFFFFFF``).
     """
+    if batch_size < 1:
+        raise KnnlmError(f"--batch-size must be at least 1, got {batch_size}")
     adapter = Adapter(model)
     starts = score_from or [1] * len(examples)
     if any(len(e) < 2 for e in examples):

@@ -17,8 +17,12 @@ DEVICE = typer.Option(None, "--device", help="torch device (default: cuda when p
 
 
 def quiet_libraries() -> None:
-    """Keep transformers/datasets from printing their own bars and warnings."""
+    """Keep transformers / huggingface_hub from printing their own bars and warnings (hub
+    retries included), so that an error stays one line."""
+    import huggingface_hub
     import transformers
+
+    huggingface_hub.utils.logging.set_verbosity_error()
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

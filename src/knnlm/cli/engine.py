@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from knnlm.cli.common import DEVICE, QUIET, echo_json, quiet_libraries, write_json
+from knnlm.errors import KnnlmError
 
 datastore_app = typer.Typer(help="Build a kNN datastore and its FAISS index.", no_args_is_help=True)
 
@@ -195,8 +196,17 @@ def eval_cmd(
     typer.echo(line)
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _numbers(text: str | None, kind: type, option: str) -> list | None:
+    """A comma-separated list of ``kind`` from ``option``; one clear line when it is not."""
+    if text is None:
+        return None
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KnnlmError(f"{option} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise KnnlmError(f"{option} is empty")
+    return values
 
 
 def sweep_cmd(
@@ -217,9 +227,9 @@ def sweep_cmd(
 
     result = sweep(
         cache,
-        _floats(weights),
-        _floats(temperatures),
-        [int(x) for x in ks.split(",")] if ks else None,
+        _numbers(weights, float, "--weights"),
+        _numbers(temperatures, float, "--temperatures"),
+        _numbers(ks, int, "--ks"),
         progress=not quiet,
     )
     write_json(json_out, result)

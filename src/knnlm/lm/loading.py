@@ -19,9 +19,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """CUDA when present, else CPU, unless the user names one."""
+    """CUDA when present, else CPU, unless the user names one (checked: one clear line)."""
     if device:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise KnnlmError(f"unknown --device {device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise KnnlmError(f"--device {device}: no such CUDA device on this machine")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
