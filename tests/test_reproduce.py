@@ -1,36 +1,30 @@
-"""`knnlm reproduce` end to end at a tiny scale: files, sections, claims, and numbers that match."""
+"""`knnlm reproduce --quick` end to end at a tiny scale: the embedded corpus, every key of the
+results contract, and numbers re-derived by independent routes."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import math
 import os
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from knnlm.report.tables import fmt_number
+N_KEYS = ["1", "2", "3", "4", "5"]
 
 
-def _run(out: Path) -> subprocess.CompletedProcess:
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run(
-        [sys.executable, "-m", "knnlm", "reproduce", "--quick", "--tiny", "--quiet", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=900,
+        [sys.executable, "-m", "knnlm", "reproduce", "--quick", "--tiny", "--quiet", "--out",
+         str(out), *extra],
+        capture_output=True, text=True, env=env, timeout=1200,
     )  # fmt: skip
-
-
-def _table_after(md: str, marker: str) -> list[list[str]]:
-    """Cells of the first Markdown table after the line containing ``marker``."""
-    lines = md[md.index(marker) :].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-    return [r for r in rows[2:]]  # drop header and rule
 
 
 @pytest.fixture(scope="module")
@@ -38,62 +32,149 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("repro")
     proc = _run(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+    return out, json.loads((out / "results.json").read_text())
 
 
-def test_files_sections_and_claims(run):
-    out, proc = run
-    results = json.loads((out / "results.json").read_text())
-    for key in ("knnlm", "projection", "macondo", "memory", "hurdle", "claims"):
-        assert key in results
-    assert len(results["claims"]) == 5
-    for c in results["claims"]:
-        assert set(c) >= {"claim", "held", "evidence"} and isinstance(c["held"], bool)
-    md = (out / "report.md").read_text()
-    for section in ("## Claims", "Table 1.", "Table 2.", "Table 3.", "Table 4.", "Table 5.",
-                    "Section 2", "Section 3", "Section 4", "Section 5", "Appendix E",
-                    "Wall time per stage"):  # fmt: skip
-        assert section in md, section
-    pngs = list((out / "figures").glob("*.png"))
-    assert len(pngs) >= 4
-    for fig in results["figures"].values():
-        assert f"]({fig})" in md and (out / fig).is_file()
-    html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(results["figures"])
-    claims = _table_after(md, "## Claims")
-    assert len(claims) == 5
-    for row, c in zip(claims, results["claims"], strict=True):
-        assert row[1] == fmt_number(c["held"])
+def test_quick_runs_on_the_embedded_slice(run):
+    out, r = run
+    assert r["config"]["scale"] == "quick" and r["config"]["corpus"] is None
+    assert r["corpus"]["name"].startswith("WikiText-2 slice (embedded)")
+    assert "CC BY-SA 3.0" in r["corpus"]["license"]
+    corpus = Path(r["corpus"]["corpus"])
+    assert corpus.is_relative_to(out)  # extracted into the run's folder, not read elsewhere
+    packaged = gzip.decompress(
+        resources.files("knnlm.data.wikitext2").joinpath("train.txt.gz").read_bytes()
+    ).decode()
+    train = (corpus / "train.txt").read_text()
+    assert train and packaged.startswith(train)  # --tiny keeps a prefix of whole lines
+    assert "= Valkyria Chronicles III =" in train
+    # Sections 2, 3, 5 read that corpus; Section 4 does not.
+    assert r["knnlm"]["settings"]["corpus"] == str(corpus)
+    assert r["projection"]["lr_0.1"]["settings"]["corpus"] == str(corpus)
+    assert r["hurdle"]["settings"]["corpus"]["corpus"] == str(corpus)
 
 
-def test_report_numbers_equal_results_json(run):
-    out, _ = run
-    r = json.loads((out / "results.json").read_text())
-    md = (out / "report.md").read_text()
-    knn = _table_after(md, "## kNN-LM")
-    assert knn[0][1] == fmt_number(r["knnlm"]["lm"]["perplexity"])
-    assert knn[1][1] == fmt_number(r["knnlm"]["knnlm"]["perplexity"])
-    t1 = _table_after(md, "**Table 1.**")
-    p = r["projection"]["lr_0.1"]
-    assert [row[1] for row in t1] == [
-        fmt_number(p[k]["perplexity"]) for k in ("lm", "knnlm", "proj_f", "proj_fg")
-    ]
-    t3 = _table_after(md, "**Table 3.**")
-    assert t3[0][1] == fmt_number(p["proj_f"]["kl_mean"], ".4f")
-    assert t3[1][1] == fmt_number(p["proj_fg"]["kl_mean"], ".4f")
-    t2 = _table_after(md, "**Table 2.**")
+def test_every_contract_key(run):
+    _, r = run
+    k = r["knnlm"]
+    seeds = k["seeds"]
+    assert len(seeds) == 2 and k["paper_setting"] == {"knn_weight": 0.25, "temperature": 1.0}
+    assert [p["seed"] for p in k["per_seed"]] == seeds
+    for p in k["per_seed"]:
+        assert p["tuned"]["tuned_on"] == "valid"
+        for split in ("valid", "test"):
+            assert p[split]["tokens"] > 0
+            for key in ("lm", "knnlm_paper", "knnlm_tuned"):
+                assert math.isfinite(p[split][key]) and p[split][key] > 1
+    assert Path(k["figure"]).is_file() and "sweep" in k and "settings" in k
+    for name in ("lr_0.1", "lr_0.001"):
+        p = r["projection"][name]
+        assert p["split"] == "test" and p["seed"] == seeds[0] and p["positions"] > 0
+        for key in ("lm", "knnlm"):
+            assert p[key]["perplexity"] > 1
+        for key in ("proj_f", "proj_fg"):
+            assert set(p[key]) >= {"perplexity", "kl_mean", "kl_median", "steps_mean",
+                                   "steps_max", "capped"}  # fmt: skip
+            assert 0 <= p[key]["capped"] <= p["positions"]
+            assert p[key]["steps_max"] <= p["max_steps"]
+        assert Path(p["figure"]).is_file()
     m = r["memory"]
-    assert [row[1] for row in t2[:3]] == [
-        fmt_number(m[k]["perplexity"]) for k in ("lm", "knnlm", "mlp")
-    ]
-    assert t2[2][2] == fmt_number(m["storage"]["memory_bytes"])
-    t5 = _table_after(md, "**Table 5.**")
-    groups = r["macondo"]["groups"]
-    assert len(t5) == len(groups)
-    for row in t5:
-        g = groups[row[0]]
-        assert row[1] == f"{fmt_number(g['lm'])} ± {fmt_number(g['lm_std'])}"
-        assert row[3] == fmt_number(g["perfect"])
+    assert m["seeds"] == seeds and [p["seed"] for p in m["per_seed"]] == seeds
+    for p in m["per_seed"]:
+        assert 0 <= p["weight"] <= 1
+        assert set(p["valid"]) >= {"lm", "mlp"} and set(p["test"]) >= {"lm", "knnlm_tuned", "mlp"}
+    assert set(m["storage"]) >= {"memory_bytes", "memory_bytes_without_shared_W",
+                                 "datastore_bytes", "index_bytes"}  # fmt: skip
+    mac = r["macondo"]
+    assert mac["n_values"] == [1, 2, 3, 4, 5] and len(mac["seeds"]) == 2
+    for p in mac["per_seed"]:
+        for model in ("lm", "knnlm", "mlp"):
+            assert sorted(p["test"][model]) == N_KEYS
+            assert all(v <= 0 for v in p["test"][model].values())
+        assert sorted(p["train"]["lm"]) == N_KEYS
+    c = mac["curves"]
+    assert c["steps"][0] == 0 and len(c["steps"]) >= 2
+    for model in ("lm", "knnlm"):
+        for n in N_KEYS:
+            assert np.asarray(c[model][n]).shape == (len(mac["seeds"]), len(c["steps"]))
+    assert Path(mac["figure1"]).is_file()
+    h = r["hurdle"]
+    assert len(h["seeds"]) == 2
+    for part in ("loglik", "loss"):
+        steps = h[part]["steps"]
+        assert steps[0] == 0 and steps == sorted(steps)
+        for v in ("with_mlp", "without_mlp"):
+            assert np.asarray(h[part][v]).shape == (len(h["seeds"]), len(steps))
+    # Both variants of a seed start from the same weights except the dropped MLP, so their
+    # step-0 values differ; each is a real log-likelihood / loss.
+    assert all(x <= 0 for row in h["loglik"]["with_mlp"] for x in row)
+    assert Path(h["figure4"]).is_file() and Path(h["figure5"]).is_file()
+    whats = " ".join(x["what"] for x in r["not_run"])
+    assert "Figure 2" in whats and "GPT-2 XL" in whats and "WikiText-103" in whats
+    assert all(x["why"] and x["command"] for x in r["not_run"])
+    assert set(r["stages"]) >= {"corpus", "lm-0", "knnlm-1", "macondo", "hurdle"}
+    assert r["wall_seconds"] > 0
+    assert {c["status"] for c in r["claims"]} <= {"held", "not held", "untestable here"}
+
+
+def test_tuned_on_valid_and_read_on_test(run):
+    """The tuned cell is the valid argmin of the grid; its test number equals a fresh
+    evaluation at that setting (no cache, no sweep)."""
+    from knnlm.evaluate import KnnSettings, evaluate
+    from knnlm.lm.loading import load_lm
+
+    _, r = run
+    k = r["knnlm"]
+    sweep = k["sweep"]
+    grid = np.asarray(sweep["valid"])
+    wi, ti = np.unravel_index(int(np.nanargmin(grid)), grid.shape)
+    p0 = k["per_seed"][0]
+    assert p0["tuned"]["knn_weight"] == sweep["weights"][wi]
+    assert p0["tuned"]["temperature"] == sweep["temperatures"][ti]
+    cfg = r["config"]
+    lm = load_lm(r["lm"][0]["model"])
+    res = evaluate(
+        lm, r["corpus"]["corpus"], "test", context_len=cfg["context_len"], stride=cfg["stride"],
+        datastore=r["datastore"][0]["datastore"],
+        knn=KnnSettings(k=cfg["k"], knn_weight=p0["tuned"]["knn_weight"],
+                        temperature=p0["tuned"]["temperature"]),
+        progress=False,
+    )  # fmt: skip
+    assert res["knnlm"]["perplexity"] == pytest.approx(p0["test"]["knnlm_tuned"], rel=1e-4)
+    assert res["lm"]["perplexity"] == pytest.approx(p0["test"]["lm"], rel=1e-5)
+    # The memory stage's LM pass is a second route to the same LM perplexity.
+    assert r["memory"]["per_seed"][0]["test"]["lm"] == pytest.approx(p0["test"]["lm"], rel=1e-4)
+
+
+def test_memory_weight_from_valid_and_its_test_number(run):
+    from knnlm.evaluate import evaluate
+    from knnlm.lm.loading import load_lm
+
+    out, r = run
+    p = r["memory"]["per_seed"][0]
+    sw = p["weight_sweep"]
+    assert p["weight"] == sw["weights"][int(np.argmin(sw["valid"]))]
+    cfg = r["config"]
+    res = evaluate(
+        load_lm(r["lm"][0]["model"]), r["corpus"]["corpus"], "test",
+        context_len=cfg["context_len"], stride=cfg["stride"],
+        memory=out / "artifacts" / "memory-0" / "memory", memory_weight=p["weight"],
+        progress=False,
+    )  # fmt: skip
+    assert res["mlp"]["perplexity"] == pytest.approx(p["test"]["mlp"], rel=1e-4)
+
+
+def test_macondo_uses_the_seed0_lm_and_its_tokenizer(run):
+    from knnlm.data.macondo import load_macondo, non_single_token_children
+    from knnlm.lm.loading import load_tokenizer
+
+    out, r = run
+    mac = r["macondo"]
+    assert mac["settings"]["model"] == r["lm"][0]["model"]
+    tok = load_tokenizer(r["lm"][0]["model"])
+    for s in mac["seeds"]:
+        ds = load_macondo(out / "artifacts" / "macondo" / f"seed-{s}" / "data")
+        assert non_single_token_children(ds, tok) == []
 
 
 def test_rerun_reuses_every_stage(run):
