@@ -163,12 +163,18 @@ def test_modes_yes_no_and_other_text(lm, ds_dir, tiny_corpus, tmp_path):
 
 
 def test_projection_excludes_own_row_under_other_layout(lm, ds_dir, tiny_corpus):
-    """The projection retrieves on a stream too: it must exclude by position as well."""
+    """The projection retrieves on a stream too: over every position, its kNN-LM perplexity
+    equals the evaluation's (checked above against the brute force that drops row p - 1)."""
+    from knnlm.evaluate import evaluate
     from knnlm.experiments.projection import run_projection
     from knnlm.retrieval.retriever import KnnSettings
 
+    knn = KnnSettings(k=K, knn_weight=WEIGHT, temperature=TEMP)
     res = run_projection(
-        lm, str(tiny_corpus), ds_dir, "valid", knn=KnnSettings(k=K), max_positions=10,
-        max_steps=2, progress=False, **EVAL,
+        lm, str(tiny_corpus), ds_dir, "valid", knn=knn, max_positions=None, fixed_steps=1,
+        solve_batch=4096, progress=False, **EVAL,
     )  # fmt: skip
+    ev = evaluate(lm, str(tiny_corpus), "valid", datastore=ds_dir, knn=knn, progress=False, **EVAL)
+    assert res["positions"] == ev["tokens"]
+    assert res["knnlm"]["perplexity"] == pytest.approx(ev["knnlm"]["perplexity"], rel=1e-4)
     assert res["settings"]["exclude_self"] is True
