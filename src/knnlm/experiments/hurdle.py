@@ -24,7 +24,6 @@ train split for (b).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -37,205 +36,27 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import GPT2LMHeadModel
 
 from knnlm.errors import KnnlmError
+from knnlm.experiments.hurdle_setup import (  # noqa: F401  (re-exported)
+    FULL,
+    HURDLE_PRESETS,
+    QUICK,
+    _corpus_tokens,
+    _fingerprint,
+    build_model,
+    corpus_loss_fn,
+    macondo_eval_fn,
+    macondo_for_hurdle,
+    n_parameters,
+    resolve_preset,
+)
 from knnlm.fileio import write_json_atomic
-from knnlm.lm.adapters import Adapter
-from knnlm.lm.presets import PRESETS, Preset, get_preset
 
 FORMAT_VERSION = 1
 VARIANTS = ("with_mlp", "without_mlp")
 RESULT_FILE = "hurdle.json"
-
-# Architectures of this experiment, beside the shared presets (tiny / small / paper).
-HURDLE_PRESETS: dict[str, Preset] = {
-    "quick": Preset(
-        name="quick",
-        description="4 layers x d=64, 4 heads, context 64: a CPU run of a minute or two",
-        n_layer=4,
-        n_embd=64,
-        n_head=4,
-        n_inner=256,
-        activation="gelu_new",
-        dropout=0.1,
-        attn_dropout=0.1,
-        context_len=64,
-        tokenizer_vocab_size=2048,
-        # High for a model this small: it gets furthest in a few hundred steps (at 3e-3 the
-        # log-likelihood is still near -4.5 after 300 steps, against -3.6 here).
-        lr=1e-2,
-        batch_size=16,
-        epochs=1,
-        warmup_ratio=0.05,
-        weight_decay=0.01,
-    ),
-    # The paper's "architectural choices of GPT-2-small" (Radford et al., 2019).
-    "gpt2-small": Preset(
-        name="gpt2-small",
-        description="GPT-2 small: 12 layers x d=768, 12 heads, FFN 3072, context 1024",
-        n_layer=12,
-        n_embd=768,
-        n_head=12,
-        n_inner=3072,
-        activation="gelu_new",
-        dropout=0.1,
-        attn_dropout=0.1,
-        context_len=1024,
-        tokenizer_vocab_size=50257,
-        lr=5e-4,
-        batch_size=16,
-        epochs=1,
-        warmup_ratio=0.05,
-        weight_decay=0.01,
-    ),
-}
-
-# Defaults of a full and of a --quick run.
-FULL = {
-    "preset": "gpt2-small",
-    "steps": 8000,
-    "eval_every": 1000,
-    "corpus_max_chars": None,
-    "checkpoint_every": 1000,
-}
-QUICK = {
-    "preset": "quick",
-    "steps": 300,
-    "eval_every": 25,
-    "corpus_max_chars": 1_500_000,
-    "checkpoint_every": None,
-}
-
 ModelHook = Callable[[str, int, str, nn.Module], None]
-
-
-# ---------------------------------------------------------------------------------------
-# models
-# ---------------------------------------------------------------------------------------
-def resolve_preset(name: str) -> Preset:
-    """A hurdle architecture (quick, gpt2-small) or one of the shared presets."""
-    if name in HURDLE_PRESETS:
-        return HURDLE_PRESETS[name]
-    if name in PRESETS:
-        return get_preset(name)
-    names = ", ".join([*HURDLE_PRESETS, *PRESETS])
-    raise KnnlmError(f"unknown preset {name!r}; choose one of {names}")
-
-
-def build_model(
-    preset: Preset,
-    tokenizer,
-    seed: int,
-    *,
-    drop_last_mlp: bool = False,
-    context_len: int | None = None,
-) -> GPT2LMHeadModel:
-    """A randomly initialised GPT-2 of ``preset`` (seeded); ``drop_last_mlp`` then removes
-    the last block's MLP, so both variants of one seed share every remaining weight."""
-    cfg = preset.model_config(len(tokenizer), tokenizer, context_len)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(cfg)
-    if drop_last_mlp:
-        Adapter(model).drop_last_mlp()
-    return model
-
-
-def n_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------
-def _fingerprint(obj: Any) -> str:
-    if isinstance(obj, np.ndarray):
-        data = np.ascontiguousarray(obj, dtype=np.int64).tobytes()
-    else:
-        data = json.dumps(obj, sort_keys=True).encode()
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
-
-
-def macondo_for_hurdle(seed: int = 0, vocab_size: int = 16000, **sizes: Any):
-    """(dataset, tokenizer): Macondo and a BPE trained on its text, children single-token.
-
-    ``vocab_size`` is a cap: the trainer stops when no pair occurs twice, and every child's
-    name occurs at least six times, so the cap only bites when set small.
-    """
-    from knnlm.data.macondo import generate_macondo, non_single_token_children
-    from knnlm.lm.tokenizer import train_bpe_tokenizer
-
-    ds = generate_macondo(seed=seed, **sizes)
-    texts = [r["text"] + "\n" for r in ds.train + ds.test]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size, min_frequency=2)
-    bad = non_single_token_children(ds, tokenizer)
-    if bad:
-        raise KnnlmError(
-            f"{len(bad)} children's names are not single tokens under a BPE of {vocab_size} "
-            f"entries trained on Macondo (e.g. {', '.join(bad[:3])}); raise the vocabulary size"
-        )
-    return ds, tokenizer
-
-
-def macondo_eval_fn(tokenizer, records: Sequence[dict], batch_size: int = 64):
-    """on_eval callback: mean log p(child | prompt) over ``records``, overall and by n."""
-    from knnlm.evaluate import continuation_log_probs
-    from knnlm.lm.loading import LoadedLM
-
-    prompts = [r["prompt"] for r in records]
-    children = [" " + r["child"] for r in records]
-    n_kids = np.array([r["n_children"] for r in records])
-
-    def fn(_step: int, model: nn.Module) -> dict:
-        lm = LoadedLM(
-            model=model,
-            tokenizer=tokenizer,
-            adapter=Adapter(model),
-            name="in-memory",
-            fingerprint="in-memory",
-            tokenizer_fingerprint="in-memory",
-        )
-        lp = continuation_log_probs(lm, prompts, children, batch_size=batch_size)["lm"]
-        by_n = {str(n): float(lp[n_kids == n].mean()) for n in np.unique(n_kids)}
-        return {"loglik": float(lp.mean()), "loglik_by_n": by_n}
-
-    return fn
-
-
-def corpus_loss_fn(ids: np.ndarray, context_len: int, n_blocks: int = 32):
-    """on_eval callback: mean next-token loss on a fixed sample of training blocks.
-
-    The training loss of Figure 5, measured the same way at every logged step, step 0 (the
-    shared initialisation) included; both variants of a seed see the same blocks.
-    """
-    from knnlm.lm.train import token_blocks
-
-    blocks = token_blocks(ids, context_len)
-    pick = np.linspace(0, len(blocks) - 1, num=min(n_blocks, len(blocks))).astype(np.int64)
-    x = torch.as_tensor(np.asarray(blocks[pick], dtype=np.int64))
-
-    def fn(_step: int, model: nn.Module) -> dict:
-        dev = next(model.parameters()).device
-        with torch.no_grad():
-            out = model(input_ids=x.to(dev), labels=x.to(dev))
-        return {"loss": float(out.loss)}
-
-    return fn
-
-
-def _corpus_tokens(corpus: str, vocab_size: int, max_chars: int | None):
-    """(tokenizer, token stream) of the corpus's train split, cut to ``max_chars`` characters."""
-    from knnlm.data.corpus import read_split, tokenize_text
-    from knnlm.lm.tokenizer import train_bpe_tokenizer
-
-    text = read_split(corpus, "train")
-    if max_chars is not None and len(text) > max_chars:
-        text = text[: text.rfind("\n", 0, max_chars) + 1 or max_chars]
-    if not text.strip():
-        raise KnnlmError(f"the train split of {corpus} is empty")
-    tokenizer = train_bpe_tokenizer(text.splitlines(keepends=True), vocab_size, min_frequency=2)
-    return tokenizer, tokenize_text(tokenizer, text)
 
 
 # ---------------------------------------------------------------------------------------

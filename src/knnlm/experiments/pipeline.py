@@ -28,6 +28,7 @@ class StageRecord:
     seconds: float
     cached: bool
     result: dict
+    cpu_seconds: float | None = None  # this process's CPU time: comparable across loads
 
 
 class Pipeline:
@@ -68,18 +69,26 @@ class Pipeline:
             except ValueError:
                 saved = {}
             if saved.get("fingerprint") == fp:
-                rec = StageRecord(name, saved["seconds"], True, saved["result"])
+                rec = StageRecord(
+                    name, saved["seconds"], True, saved["result"], saved.get("cpu_seconds")
+                )
                 self.records[name] = rec
                 return rec.result
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn(self.artifacts(name))
-        seconds = time.perf_counter() - t0
-        write_json_atomic(record_file, {"fingerprint": fp, "seconds": seconds, "result": result})
-        self.records[name] = StageRecord(name, seconds, False, result)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        write_json_atomic(
+            record_file,
+            {"fingerprint": fp, "seconds": seconds, "cpu_seconds": cpu, "result": result},
+        )
+        self.records[name] = StageRecord(name, seconds, False, result, cpu)
         return result
 
     def stage_times(self) -> dict[str, dict]:
-        return {n: {"seconds": r.seconds, "cached": r.cached} for n, r in self.records.items()}
+        return {
+            n: {"seconds": r.seconds, "cpu_seconds": r.cpu_seconds, "cached": r.cached}
+            for n, r in self.records.items()
+        }
 
 
 class StageDisplay:

@@ -86,13 +86,17 @@ class ReproduceConfig:
     @classmethod
     def for_scale(cls, scale: str, **overrides: Any) -> ReproduceConfig:
         if scale == "quick":
-            # Sized for ~400 s on two idle cores (stage times in docs/results-quick.md).
+            # Sized for ~400 s on two idle cores (stage times in docs/results-quick.md): the
+            # first 1 MB of the slice's train split (234k BPE tokens: one epoch per LM seed,
+            # a 234k-key datastore) and ~45 kB of valid and test (~10k tokens each: every one
+            # searched exactly against every key, for each seed).
             base = cls(
                 scale="quick",
+                embedded_chars={"train": 1_000_000, "valid": 45_000, "test": 45_000},
                 lm_preset="tiny",
                 lm_seeds=3,
-                # 8192 entries: ~240 given names are single tokens under a BPE of this size
-                # trained on the slice, enough for the 225 children below.
+                # 8192 entries: 214 given names are single tokens under a BPE of this size
+                # trained on that text, enough for the 210 children below.
                 tokenizer_vocab=8192,
                 lm_epochs=1,
                 context_len=64,
@@ -101,14 +105,18 @@ class ReproduceConfig:
                 projection_positions=300,
                 memory_hidden=256,
                 memory_epochs=1,
+                memory_max_steps=100,
                 memory_lr=1e-3,
                 memory_batch_tokens=1024,
                 macondo_seeds=3,
                 macondo_preset="quick-finetune",
-                macondo_sizes={"n_parents_per_count": 15},
-                macondo_eval_every=100,
+                macondo_epochs=12,
+                macondo_sizes={"n_parents_per_count": 14},
+                macondo_eval_every=132,  # every 2 epochs of 66 steps
                 macondo_memory={"hidden": 256, "epochs": 10, "lr": 1e-3, "batch_tokens": 256},
                 hurdle_seeds=3,
+                hurdle_steps=200,
+                hurdle_eval_every=20,
                 hurdle_corpus_max_chars=1_000_000,
             )
         elif scale == "corpus":
