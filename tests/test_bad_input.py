@@ -160,6 +160,12 @@ def edit_json(rel: str, **changes) -> Callable[[Env], None]:
     return f
 
 
+def no_index(env: Env) -> None:
+    """A datastore without an index (searching it logs a notice: still one error line)."""
+    (env.ws / "ds" / "index.faiss").unlink()
+    (env.ws / "ds" / "index.json").unlink()
+
+
 def values_out_of_vocab(env: Env) -> None:
     """Overwrite the datastore's values in place with an id no tokenizer here has."""
     import numpy as np
@@ -257,6 +263,9 @@ ROWS = [
     Row("exclude_self_yes_other_text",
         [*EVAL_DS[:5], "--split", "test", *EVAL_DS[7:], "--exclude-self", "yes"],
         expect="exclude-self"),
+    Row("exclude_self_yes_other_text_no_index",
+        [*EVAL_DS[:5], "--split", "test", *EVAL_DS[7:], "--exclude-self", "yes"], no_index,
+        expect="exclude-self"),
     Row("sweep_weight_above_one", ["sweep", "{cache}", "--weights", "0.5,1.5", "--quiet"],
         expect="weight"),
     Row("sweep_k_above_cached", ["sweep", "{cache}", "--ks", "1,99", "--quiet"], expect="k"),
@@ -284,6 +293,11 @@ ROWS = [
     Row("build_overwrite_user_folder", [*BUILD, "--out", "{mine}", "--overwrite"],
         expect="mine"),
     Row("eval_cache_user_folder", [*EVAL_DS, "--cache", "{mine}"], expect="mine"),
+    Row("eval_cache_user_folder_no_index", [*EVAL_DS, "--cache", "{mine}"], no_index,
+        expect="mine"),
+    Row("json_is_user_folder", [*EVAL, "--json", "{mine}"], expect="folder"),
+    Row("png_is_user_folder", ["sweep", "{cache}", "--png", "{mine}", "--quiet"],
+        expect="folder"),
     Row("eval_cache_is_datastore", [*EVAL_DS, "--cache", "{ds}"], expect="ds"),
     Row("memory_out_user_folder",
         ["memory", "train", "--model", "{model}", "--datastore", "{ds}", "--out", "{mine}",

@@ -197,7 +197,7 @@ def test_eval_own_text_other_layout_excludes_and_warns_when_off(
                                "--json", out_json)  # fmt: skip
         assert code == 0, err
         res[mode] = json.loads(out_json.read_text())
-        warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+        warned = [line for line in err.splitlines() if line.startswith("warning: the evaluated")]
         assert len(warned) == (mode == "no"), err
     assert res["auto"]["settings"]["exclude_self"] is True
     assert res["no"]["settings"]["exclude_self"] is False

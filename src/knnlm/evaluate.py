@@ -26,10 +26,7 @@ from knnlm.fileio import (
     write_json_atomic,
 )
 from knnlm.lm.loading import LoadedLM
-from knnlm.retrieval.datastore import (
-    Datastore,
-    corpus_fingerprint,
-)
+from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
 from knnlm.retrieval.knn import interpolate, perplexity
 from knnlm.retrieval.retriever import KnnSettings, Retriever
 from knnlm.scoring import check_context_len, score_stream
@@ -135,12 +132,17 @@ def evaluate(
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
     eval_fp = corpus_fingerprint(ids)
 
+    if cache is not None:
+        if datastore is None:
+            raise KnnlmError("--cache needs --datastore (it stores the retrieved neighbours)")
+        claim_target(cache, _Cache.KIND, "meta.json", what="neighbour cache")
+    # The user's settings are checked before the searcher is set up (it may log a notice).
     retriever = ds = None
     exclude = False
     warnings: list[str] = []
     if datastore is not None:
-        retriever = Retriever(lm, datastore, knn)
-        ds = retriever.ds
+        ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
+        ds.check_compatible(lm)
         exclude = _should_exclude(ds, knn.exclude_self, eval_fp)
         if not exclude and is_own_stream(ds, eval_fp):
             warnings.append(
@@ -152,6 +154,8 @@ def evaluate(
         from knnlm.retrieval.memory import load_memory
 
         mem = load_memory(memory, device=str(lm.device))
+    if ds is not None:
+        retriever = Retriever(lm, ds, knn)
     # Keys are needed for retrieval and for the memory (trained on ffn_input keys by default).
     if retriever is not None:
         key_type = retriever.key_type
@@ -161,8 +165,6 @@ def evaluate(
     n_total = len(ids) - 1
     writer = None
     if cache is not None:
-        if ds is None:
-            raise KnnlmError("--cache needs --datastore (it stores the retrieved neighbours)")
         writer = _Cache(
             Path(cache),
             n_total,

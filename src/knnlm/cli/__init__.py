@@ -6,6 +6,7 @@ can cause (``KnnlmError``) become one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -33,6 +34,19 @@ def _register_all() -> None:
     for module in commands.MODULES:
         module.register(app)
     _registered = True
+
+
+class _StderrLines(logging.Handler):
+    """The library's log records (``knnlm.*``) as "warning: ..." lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("knnlm")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines(logging.WARNING))
 
 
 def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
@@ -64,6 +78,7 @@ def main() -> None:
     """Entry point: usage errors print click's usual text and exit 2; a ``KnnlmError`` prints
     one line and exits 2; anything else is a bug and keeps its traceback."""
     _register_all()
+    _log_to_stderr()
     errors, exits, aborts = _click_errors()
     try:
         code = app(standalone_mode=False)

@@ -9,11 +9,19 @@ from typing import Any
 
 import typer
 
+from knnlm.errors import KnnlmError
 from knnlm.fileio import write_json_atomic
 
 QUIET = typer.Option(False, "--quiet", "-q", help="Silence progress bars.")
 SEED = typer.Option(0, "--seed", help="Random seed.")
 DEVICE = typer.Option(None, "--device", help="torch device (default: cuda when present, else cpu).")
+
+
+def output_file(value: Path | None) -> Path | None:
+    """Option callback for --json / --png: refuse a folder before any work is done."""
+    if value is not None and value.is_dir():
+        raise KnnlmError(f"{value} is a folder; give a file name to write")
+    return value
 
 
 def quiet_libraries() -> None:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, echo_json, quiet_libraries, write_json
+from knnlm.cli.common import (
+    DEVICE,
+    QUIET,
+    echo_json,
+    output_file,
+    quiet_libraries,
+    write_json,
+)
 from knnlm.errors import KnnlmError
 
 datastore_app = typer.Typer(help="Build a kNN datastore and its FAISS index.", no_args_is_help=True)
@@ -160,7 +167,9 @@ def eval_cmd(
     cache: Path | None = typer.Option(
         None, "--cache", help="Store neighbours per token for knnlm sweep."
     ),
-    json_out: Path | None = typer.Option(None, "--json", help="Write results JSON here."),
+    json_out: Path | None = typer.Option(
+        None, "--json", callback=output_file, help="Write results JSON here."
+    ),
     text_field: str = TEXT_FIELD,
     device: str | None = DEVICE,
     dtype: str = DTYPE,
@@ -218,8 +227,12 @@ def sweep_cmd(
         "0.5,1,2,3,5,10", "--temperatures", help="Comma-separated temperatures."
     ),
     ks: str | None = typer.Option(None, "--ks", help="Comma-separated k values (<= cached k)."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the grid as JSON here."),
-    png: Path | None = typer.Option(None, "--png", help="Heat map of the grid (largest k)."),
+    json_out: Path | None = typer.Option(
+        None, "--json", callback=output_file, help="Write the grid as JSON here."
+    ),
+    png: Path | None = typer.Option(
+        None, "--png", callback=output_file, help="Heat map of the grid (largest k)."
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Re-score cached neighbours over knn_weight x temperature x k without searching again."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, quiet_libraries, write_json
+from knnlm.cli.common import DEVICE, QUIET, output_file, quiet_libraries, write_json
 
 
 def register(app: typer.Typer) -> None:
@@ -67,6 +67,7 @@ def register(app: typer.Typer) -> None:
         json_out: Path | None = typer.Option(
             None,
             "--json",
+            callback=output_file,
             help="Also write the results JSON here (it is always written to OUT/hurdle.json).",
         ),
         device: str | None = DEVICE,

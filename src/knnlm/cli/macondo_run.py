@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, quiet_libraries, write_json
+from knnlm.cli.common import DEVICE, QUIET, output_file, quiet_libraries, write_json
 from knnlm.errors import KnnlmError
 
 
@@ -58,7 +58,10 @@ def run_cmd(
         None, "--lora/--no-lora", help="LoRA fine-tuning (default: the preset's)."
     ),
     json_out: Path | None = typer.Option(
-        None, "--json", help="Also write the per-n mean log-likelihoods and settings here."
+        None,
+        "--json",
+        callback=output_file,
+        help="Also write the per-n mean log-likelihoods and settings here.",
     ),
     device: str | None = DEVICE,
     quiet: bool = QUIET,
@@ -69,7 +72,8 @@ def run_cmd(
     max_steps: int | None = typer.Option(None, "--max-steps", hidden=True),
 ) -> None:
     """Fine-tune on Macondo, score children's names with the LM and the kNN-LM (Table 5)."""
-    from knnlm.experiments.overspec import cli_summary, run_macondo, table5
+    from knnlm.experiments.overspec import cli_summary, contract_view, run_macondo
+    from knnlm.report.macondo import table5
 
     if seeds < 1:
         raise KnnlmError(f"--seeds must be at least 1, got {seeds}")
@@ -104,7 +108,7 @@ def run_cmd(
         progress=not quiet,
     )
     write_json(json_out, cli_summary(results))
-    typer.echo(table5(results["groups"], seeds))
+    typer.echo(table5(contract_view(results)))
     typer.echo(f"reproduced: {results['reproduced']['summary']}")
     typer.echo(f"results in {out}")
 

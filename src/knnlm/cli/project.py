@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, quiet_libraries, write_json
+from knnlm.cli.common import DEVICE, QUIET, output_file, quiet_libraries, write_json
 from knnlm.cli.engine import BATCH, CONTEXT, CORPUS, DTYPE, MODEL, STRIDE, TEXT_FIELD
 
 
@@ -35,9 +35,11 @@ def project_cmd(
         help="Fixed number of steps, no early stop (Appendix E: --lr 1e-3 --steps 100).",
     ),
     solve_batch: int = typer.Option(256, "--solve-batch", help="Positions optimised at once."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write results JSON here."),
+    json_out: Path | None = typer.Option(
+        None, "--json", callback=output_file, help="Write results JSON here."
+    ),
     png: Path | None = typer.Option(
-        None, "--png", help="KL histogram (or KL vs step with --steps)."
+        None, "--png", callback=output_file, help="KL histogram (or KL vs step with --steps)."
     ),
     text_field: str = TEXT_FIELD,
     device: str | None = DEVICE,
