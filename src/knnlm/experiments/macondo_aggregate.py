@@ -118,35 +118,3 @@ def reproduced(groups: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             f"{lm_gap:.3f}, kNN-LM {knn_gap:.3f} nats"
         )
     return {"held": held, "summary": summary, "per_n": per_n, "overall": overall}
-
-
-# ---------------------------------------------------------------------------------------
-# outputs
-# ---------------------------------------------------------------------------------------
-def _pm(mean: float | None, std: float | None) -> str | None:
-    from knnlm.report.tables import fmt_number
-
-    if mean is None:
-        return None
-    return f"{fmt_number(mean)} ± {fmt_number(std)}" if std is not None else fmt_number(mean)
-
-
-def table5(groups: Mapping[str, Mapping[str, Any]], n_seeds: int | None = None) -> str:
-    """Table 5: rows n = 1..5, columns LM, kNN-LM, perfect log(1/n) (mean ± std over seeds)."""
-    from knnlm.report.tables import markdown_table
-
-    rows = [
-        [
-            int(n),
-            _pm(g["lm"], g.get("lm_std")),
-            _pm(g.get("knnlm"), g.get("knnlm_std")),
-            g["perfect"],
-        ]
-        for n, g in sorted(groups.items(), key=lambda kv: int(kv[0]))
-    ]
-    seeds = f" ({n_seeds} seed{'s' * (n_seeds != 1)})" if n_seeds else ""
-    return markdown_table(
-        ["children (n)", f"LM{seeds}", f"kNN-LM{seeds}", "perfect log(1/n)"],
-        rows,
-        align=["r", "r", "r", "r"],
-    )

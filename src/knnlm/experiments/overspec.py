@@ -26,7 +26,6 @@ from knnlm.experiments.macondo_aggregate import (  # noqa: F401  (re-exported)
     aggregate_groups,
     group_means,
     reproduced,
-    table5,
 )
 from knnlm.experiments.macondo_seed import child_continuations, run_seed  # noqa: F401
 from knnlm.experiments.macondo_settings import (  # noqa: F401  (re-exported)
@@ -173,9 +172,57 @@ def run_macondo(
     return results
 
 
+def contract_view(res: Mapping[str, Any]) -> dict[str, Any]:
+    """The results contract's ``macondo`` section from a :func:`run_macondo` result: per seed,
+    mean log p(child) per n on the test sentences (LM, kNN-LM, LM + MLP memory) and the LM's on
+    the training sentences; curves [seed][step] per n over fine-tuning."""
+    keys = [str(n) for n in sorted(int(n) for n in res["groups"])]
+    per_seed = []
+    for r in res["per_seed"]:
+        g = r["groups"]
+        per_seed.append(
+            {
+                "seed": r["seed"],
+                "test": {
+                    m: {n: g[n].get(m) for n in keys}
+                    for m in ("lm", "knnlm", "mlp")
+                    if all(g[n].get(m) is not None for n in keys)
+                },
+                "train": {"lm": {n: r["train_groups_lm"][n] for n in keys}},
+                "dataset": r.get("dataset"),
+                "datastore_size": r.get("datastore_size"),
+                "memory": r.get("memory"),
+                "fine_tuning": r.get("train"),
+            }
+        )
+    return {
+        "seeds": list(res["settings"]["seeds"]),
+        "n_values": [int(n) for n in keys],
+        "per_seed": per_seed,
+        "curves": _macondo_curves(res["per_seed"], keys),
+    }
+
+
+def _macondo_curves(per_seed: list[dict], keys: list[str]) -> dict | None:
+    """Figure 1/3 curves: steps shared by every seed; [seed][step] per n, LM and kNN-LM."""
+    curves = [r.get("curve") or [] for r in per_seed]
+    if not all(curves):
+        return None
+    steps = sorted(set.intersection(*({int(e["step"]) for e in c} for c in curves)))
+    by_step = [{int(e["step"]): e for e in c} for c in curves]
+    out: dict[str, Any] = {"steps": steps}
+    for model in ("lm", "knnlm"):
+        if any(seed[s].get(model) is None for seed in by_step for s in steps):
+            out[model] = None
+            continue
+        out[model] = {n: [[seed[s][model][n] for s in steps] for seed in by_step] for n in keys}
+    return out
+
+
 def write_outputs(out: Path, results: Mapping[str, Any]) -> None:
     """``results.json``, ``table5.md``, ``figure1.png`` and (with curves) ``figure3.png``."""
     from knnlm.report.figures import plot_macondo_curves, plot_macondo_groups
+    from knnlm.report.macondo import table5
     from knnlm.report.tables import settings_line
 
     settings = results["settings"]
@@ -184,9 +231,9 @@ def write_outputs(out: Path, results: Mapping[str, Any]) -> None:
     md = [
         "# Macondo: log-likelihood of the child's name (Table 5)",
         "",
-        table5(results["groups"], n_seeds),
+        table5(contract_view(results)),
         "",
-        f"Model: {model}; preset {settings['preset']}; mean ± std over {n_seeds} seed(s).",
+        f"Model: {model}; preset {settings['preset']}; mean ± sample std over {n_seeds} seed(s).",
         "",
         f"Reproduced: {results['reproduced']['summary']}",
         "",

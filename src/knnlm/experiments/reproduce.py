@@ -21,7 +21,6 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from knnlm.errors import KnnlmError
 from knnlm.experiments import natural_text as nt
@@ -35,7 +34,7 @@ def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
     """Section 4: fine-tune ``model`` on Macondo, one dataset per seed generated with its
     tokenizer; per-n log-likelihood of the children (LM, kNN-LM, LM + MLP memory) on the test
     sentences, the LM's on the training sentences, and curves over fine-tuning steps."""
-    from knnlm.experiments.overspec import run_macondo
+    from knnlm.experiments.overspec import contract_view, run_macondo
 
     res = run_macondo(
         art,
@@ -52,57 +51,17 @@ def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
         memory=cfg.macondo_memory,
         progress=False,
     )
-    seeds = res["settings"]["seeds"]
-    n_values = sorted(int(n) for n in res["groups"])
-    keys = [str(n) for n in n_values]
-    per_seed = []
-    for r in res["per_seed"]:
-        g = r["groups"]
-        per_seed.append(
-            {
-                "seed": r["seed"],
-                "test": {
-                    m: {n: g[n].get(m) for n in keys}
-                    for m in ("lm", "knnlm", "mlp")
-                    if all(g[n].get(m) is not None for n in keys)
-                },
-                "train": {"lm": {n: r["train_groups_lm"][n] for n in keys}},
-                "dataset": r["dataset"],
-                "datastore_size": r["datastore_size"],
-                "memory": r.get("memory"),
-                "fine_tuning": r["train"],
-            }
-        )
-    out = {
-        "seeds": seeds,
-        "n_values": n_values,
-        "per_seed": per_seed,
-        "curves": _macondo_curves(res["per_seed"], keys),
-        "groups": res["groups"],
-        "reproduced": res["reproduced"],
-        "settings": res["settings"],
-        "seconds": res["seconds"],
-        "figure1": str(art / res["files"]["figure1"]),
-        "table5": str(art / res["files"]["table"]),
-    }
+    out = contract_view(res)
+    out.update(
+        groups=res["groups"],
+        reproduced=res["reproduced"],
+        settings=res["settings"],
+        seconds=res["seconds"],
+        figure1=str(art / res["files"]["figure1"]),
+        table5=str(art / res["files"]["table"]),
+    )
     if "figure3" in res["files"]:
         out["figure3"] = str(art / res["files"]["figure3"])
-    return out
-
-
-def _macondo_curves(per_seed: list[dict], keys: list[str]) -> dict | None:
-    """Figure 1/3 curves: steps shared by every seed; [seed][step] per n, LM and kNN-LM."""
-    curves = [r.get("curve") or [] for r in per_seed]
-    if not all(curves):
-        return None
-    steps = sorted(set.intersection(*({int(e["step"]) for e in c} for c in curves)))
-    by_step = [{int(e["step"]): e for e in c} for c in curves]
-    out: dict[str, Any] = {"steps": steps}
-    for model in ("lm", "knnlm"):
-        if any(seed[s].get(model) is None for seed in by_step for s in steps):
-            out[model] = None
-            continue
-        out[model] = {n: [[seed[s][model][n] for s in steps] for seed in by_step] for n in keys}
     return out
 
 

@@ -78,6 +78,10 @@ class ReproduceConfig:
     hurdle_sizes: dict[str, Any] = field(default_factory=dict)
     hurdle_corpus_max_chars: int | None = None
     seed: int = 0
+    # Torch CPU threads while training the small models (LM, MLP memory); None: torch's
+    # default. Their matrices are too small for thread hand-offs to pay on two cores, and on
+    # a busy machine the hand-offs cost more than the work.
+    train_threads: int | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -118,6 +122,7 @@ class ReproduceConfig:
                 hurdle_steps=200,
                 hurdle_eval_every=20,
                 hurdle_corpus_max_chars=1_000_000,
+                train_threads=1,
             )
         elif scale == "corpus":
             # Sized for a 2-core CPU on a WikiText-2-sized corpus: IVF-PQ with exact
