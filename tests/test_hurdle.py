@@ -240,3 +240,23 @@ def test_interrupted_run_resumes_to_the_same_curve(tmp_path):
     for v in VARIANTS:
         assert resumed[v]["loglik"] == pytest.approx(straight[v]["loglik"], abs=1e-5)
     assert not (out / "runs" / "macondo-seed0-without_mlp").exists()  # removed once finished
+
+
+def test_corpus_loss_is_cross_entropy_on_fixed_blocks_by_hand(tiny_tokenizer):
+    """Figure 5's logged loss: mean next-token NLL over the chosen blocks, from a softmax
+    computed here in numpy (float64)."""
+    from knnlm.experiments.hurdle import corpus_loss_fn
+
+    arch = resolve_preset("quick")
+    model = build_model(arch, tiny_tokenizer, seed=1).eval()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, len(tiny_tokenizer), size=16 * 10 + 5)
+    got = corpus_loss_fn(ids, 16, n_blocks=4)(0, model)["loss"]
+    rows = np.linspace(0, 9, num=4).astype(int)  # 10 full blocks of 16, tail dropped
+    blocks = ids[:160].reshape(10, 16)[rows]
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(blocks)).logits.double().numpy()
+    z = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, blocks[:, 1:, None], -1).mean()
+    assert got == pytest.approx(nll, rel=1e-5)
