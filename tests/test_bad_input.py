@@ -256,6 +256,7 @@ ROWS = [
         expect="128 positions"),
     Row("build_stride_zero", [*BUILD, "--stride", "0", "--out", "{ws}/new"], expect="--stride"),
     Row("generate_over_positions", [*GEN[:-1], "500"], expect="128 positions"),
+    Row("eval_values_out_of_vocab", EVAL_DS, values_out_of_vocab, expect="vocabulary"),
     Row("generate_values_out_of_vocab", [*GEN, "--datastore", "{ds}", "--k", "4"],
         values_out_of_vocab, expect="vocabulary"),
     Row("generate_k_zero", [*GEN, "--datastore", "{ds}", "--k", "0"], expect="--k"),

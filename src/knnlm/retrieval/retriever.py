@@ -67,6 +67,7 @@ class Retriever:
         self.ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
         self.ds.check_compatible(lm)
         self.knn = knn
+        self.vocab_size = lm.adapter.vocab_size
         self.key_type = self.ds.meta["key_type"]
         self.searcher = Searcher(
             self.ds.path, k_max=knn.k, nprobe=knn.nprobe, recompute=knn.recompute
@@ -77,7 +78,15 @@ class Retriever:
         dists, ids = self.searcher.search(
             keys.float().cpu().numpy(), self.knn.k, exclude_ids=exclude_rows
         )
-        return Neighbours(dists, ids, neighbour_values(self.ds, ids))
+        values = neighbour_values(self.ds, ids)
+        found = values[ids >= 0]
+        if found.size and (found.min() < 0 or found.max() >= self.vocab_size):
+            bad = int(found[(found < 0) | (found >= self.vocab_size)][0])
+            raise KnnlmError(
+                f"datastore {self.ds.path} holds the value {bad}, outside the model's vocabulary "
+                f"of {self.vocab_size} tokens (values.npy corrupt or from another tokenizer)"
+            )
+        return Neighbours(dists, ids, values)
 
     def target_log_prob(self, nb: Neighbours, targets: torch.Tensor) -> torch.Tensor:
         """log p_knn(target) per query, on the CPU."""
