@@ -52,6 +52,12 @@ VOLATILE = {
     "timing",
 }
 TEMP_SUFFIXES = (".partial", ".knnlm-old")
+TEMP_PARTS = ("partial", ".tmp", ".pending", ".knnlm-temp")  # temporaries inside a folder
+
+
+def is_temp_name(name: str) -> bool:
+    return any(part in name for part in TEMP_PARTS)
+
 
 WORDS = (
     "the a village river old new house parent child friend born married year green quiet "
@@ -112,17 +118,22 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
-def snapshot(folder: Path, trial: Path | None = None) -> dict[str, str] | None:
+def snapshot(
+    folder: Path, trial: Path | None = None, skip_temps: bool = False
+) -> dict[str, str] | None:
     """{relative path: content digest} of every file under ``folder`` (None if absent).
 
     In JSON files the trial folder's own path is written as {T}: the reference and each
-    trial run in different folders.
+    trial run in different folders. ``skip_temps`` leaves out temporaries inside the folder
+    (right after a kill they may exist; what a reader takes as the artifact must not change).
     """
     if not folder.exists():
         return None
     out = {}
     for p in sorted(folder.rglob("*")):
         if not p.is_file():
+            continue
+        if skip_temps and is_temp_name(str(p.relative_to(folder))):
             continue
         data = p.read_bytes()
         if p.suffix == ".json":
@@ -167,6 +178,7 @@ class Stats:
     identical: int = 0
     failures: list[str] = field(default_factory=list)
     reference_seconds: float = 0.0
+    writing_seconds: float = 0.0  # of the reference run, from its first temporary to its end
     kill_instants: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -176,10 +188,18 @@ def _temps(trial: Path, target: Path) -> list[str]:
     found = [n for n in names if (target.parent / n).exists()]
     # Temporaries inside the artifact folder (index and checkpoints resume from there).
     if target.is_dir():
-        found += [
-            p.name for p in target.iterdir() if "partial" in p.name or p.name.endswith(".tmp")
-        ]
+        found += [p.name for p in target.iterdir() if is_temp_name(p.name)]
     return found
+
+
+def _wait_for_temp(p: subprocess.Popen, trial: Path, target: Path) -> float | None:
+    """Seconds until the command's first temporary appears (None: it ended first)."""
+    t0 = time.perf_counter()
+    while p.poll() is None:
+        if _temps(trial, target):
+            return time.perf_counter() - t0
+        time.sleep(0.005)
+    return None
 
 
 def run_command(cmd: Command, root: Path, trials: int, rng: random.Random) -> Stats:
@@ -192,10 +212,15 @@ def run_command(cmd: Command, root: Path, trials: int, rng: random.Random) -> St
         cmd.prepare(ref_dir)
     before = snapshot(ref_dir / cmd.target, ref_dir)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd.args(ref_dir), env=_env(), capture_output=True, text=True)
+    p = subprocess.Popen(
+        cmd.args(ref_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    to_temp = _wait_for_temp(p, ref_dir, ref_dir / cmd.target)
+    _, err = p.communicate()
     st.reference_seconds = time.perf_counter() - t0
-    if r.returncode != 0:
-        st.failures.append(f"reference run failed ({r.returncode}): {r.stderr.strip()[-300:]}")
+    st.writing_seconds = st.reference_seconds - (to_temp or 0.0)
+    if p.returncode != 0:
+        st.failures.append(f"reference run failed ({p.returncode}): {err.decode()[-300:]}")
         return st
     reference = snapshot(ref_dir / cmd.target, ref_dir)
     for i in range(trials):
@@ -207,19 +232,25 @@ def run_command(cmd: Command, root: Path, trials: int, rng: random.Random) -> St
             cmd.prepare(trial)
         before = snapshot(trial / cmd.target, trial)
         target = trial / cmd.target
-        instant = rng.uniform(0.0, st.reference_seconds)
-        st.kill_instants.append(round(instant, 3))
+        # Even trials: an instant anywhere in the run (start-up and checks included); odd
+        # trials: an instant after the first temporary appeared, inside the writing.
+        anchored = i % 2 == 1
+        span = st.writing_seconds if anchored else st.reference_seconds
+        delay = rng.uniform(0.0, span)
         p = subprocess.Popen(
-            cmd.args(trial), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            cmd.args(trial), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+        waited = (_wait_for_temp(p, trial, target) or 0.0) if anchored else 0.0
+        instant = waited + delay
+        st.kill_instants.append(round(instant, 3))
         try:
-            p.wait(timeout=instant)
+            p.wait(timeout=delay)
             st.finished_first += 1
         except subprocess.TimeoutExpired:
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
             st.killed += 1
-        after = snapshot(target, trial)
+        after = snapshot(target, trial, skip_temps=True)
         if _temps(trial, target):
             st.temp_present_after_kill += 1
         if after is not None and after != before:
@@ -314,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         + ["--context-len", "32", "--stride", "16", "--batch-size", "2", "-q"],
         env=_env(),
         check=True,
+        capture_output=True,
     )
     cmds = commands(fx, base_ds)
     names = list(cmds) if args.commands == "all" else args.commands.split(",")
@@ -330,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
             "identical_after_rerun": st.identical,
             "failures": st.failures,
             "reference_seconds": round(st.reference_seconds, 2),
+            "reference_writing_seconds": round(st.writing_seconds, 2),
             "kill_instants": st.kill_instants,
             "seconds": round(st.seconds, 1),
         }

@@ -736,6 +736,10 @@ def train_lm(
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
+            # Loading adds these to the saved config; drop them so a resumed run saves the
+            # same tokenizer files as an uninterrupted one.
+            for k in ("is_local", "local_files_only"):
+                tokenizer.init_kwargs.pop(k, None)
         else:
             tokenizer = train_tokenizer_for_corpus(corpus, spec.tokenizer_vocab_size, text=text)
         ctx = context_len or spec.context_len
