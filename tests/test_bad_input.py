@@ -190,6 +190,8 @@ EVAL = ["eval", "--model", "{model}", "--corpus", "{corpus}", "--split", "valid"
 EVAL_DS = [*EVAL, "--datastore", "{ds}", "--k", "4"]
 BUILD = ["datastore", "build", "--model", "{model}", "--corpus", "{corpus}", "--split", "valid",
          "--context-len", "32", "--quiet"]  # fmt: skip
+PROJECT = ["project", "--model", "{model}", "--corpus", "{corpus}", "--datastore", "{ds}",
+           "--context-len", "32", "--k", "4", "--max-positions", "3", "--quiet"]  # fmt: skip
 HURDLE = ["hurdle", "--quick", "--seeds", "1", "--steps", "2", "--eval-every", "1", "--quiet"]
 GEN = ["generate", "--model", "{model}", "--prompt", "the village", "--max-new-tokens", "3"]
 
@@ -255,6 +257,9 @@ ROWS = [
     Row("build_context_over_positions", [*BUILD, "--context-len", "256", "--out", "{ws}/new"],
         expect="128 positions"),
     Row("build_stride_zero", [*BUILD, "--stride", "0", "--out", "{ws}/new"], expect="--stride"),
+    Row("project_context_over_positions", [*PROJECT, "--context-len", "256"],
+        expect="128 positions"),
+    Row("project_stride_zero", [*PROJECT, "--stride", "0"], expect="--stride"),
     Row("generate_over_positions", [*GEN[:-1], "500"], expect="128 positions"),
     Row("eval_values_out_of_vocab", EVAL_DS, values_out_of_vocab, expect="vocabulary"),
     Row("generate_values_out_of_vocab", [*GEN, "--datastore", "{ds}", "--k", "4"],
