@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, quiet_libraries, write_json
+from knnlm.cli.common import DEVICE, QUIET, output_file, quiet_libraries, write_json
 from knnlm.errors import KnnlmError
 
 
@@ -58,7 +58,10 @@ def run_cmd(
         None, "--lora/--no-lora", help="LoRA fine-tuning (default: the preset's)."
     ),
     json_out: Path | None = typer.Option(
-        None, "--json", help="Also write the per-n mean log-likelihoods and settings here."
+        None,
+        "--json",
+        callback=output_file,
+        help="Also write the per-n mean log-likelihoods and settings here.",
     ),
     device: str | None = DEVICE,
     quiet: bool = QUIET,
