@@ -178,3 +178,25 @@ def test_projection_excludes_own_row_under_other_layout(lm, ds_dir, tiny_corpus)
     assert res["positions"] == ev["tokens"]
     assert res["knnlm"]["perplexity"] == pytest.approx(ev["knnlm"]["perplexity"], rel=1e-4)
     assert res["settings"]["exclude_self"] is True
+
+
+def test_exclusion_through_an_ivfpq_index(lm, ds_dir, tiny_corpus, tmp_path):
+    """Approximate search too: no target's neighbours hold its own row."""
+    import shutil
+
+    from knnlm.evaluate import evaluate, load_cache
+    from knnlm.retrieval.index import build_index
+    from knnlm.retrieval.retriever import KnnSettings
+
+    ds = tmp_path / "ds"
+    shutil.copytree(ds_dir, ds)
+    build_index(ds, kind="ivfpq", nlist=4, pq_m=4, nprobe=2, progress=False)
+    res = evaluate(
+        lm, str(tiny_corpus), "valid", datastore=ds, cache=tmp_path / "cache", batch_size=8,
+        knn=KnnSettings(k=K, nprobe=2), progress=False, **EVAL,
+    )  # fmt: skip
+    assert res["settings"]["exclude_self"] is True and res["settings"]["index"] == "ivfpq"
+    ids = np.asarray(load_cache(tmp_path / "cache")["ids"])
+    own = np.arange(ids.shape[0])  # target p = row + 1, own datastore row p - 1
+    assert not (ids == own[:, None]).any()
+    assert (ids >= 0).all()  # k columns remain after dropping the own row
