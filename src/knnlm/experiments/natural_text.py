@@ -80,25 +80,24 @@ def stage_lm(cfg: ReproduceConfig, seed: int, corpus: str, tokenizer_dir: str, a
     preset = get_preset(cfg.lm_preset)
     ids = tokenize_text(tok, read_split(corpus, "train"))
     model = model_from_preset(cfg.lm_preset, tok, seed=seed, context_len=cfg.context_len)
-    with torch_threads(cfg.train_threads):
-        res = train(
-            model,
-            tok,
-            ids,
-            TrainConfig(
-                lr=preset.lr,
-                batch_size=preset.batch_size,
-                epochs=cfg.lm_epochs or preset.epochs,
-                max_steps=cfg.lm_max_steps,
-                warmup_ratio=preset.warmup_ratio,
-                weight_decay=preset.weight_decay,
-                seed=seed,
-                context_len=cfg.context_len,
-                checkpoint_every=None,
-            ),
-            art / "model",
-            progress=False,
-        )
+    res = train(
+        model,
+        tok,
+        ids,
+        TrainConfig(
+            lr=preset.lr,
+            batch_size=preset.batch_size,
+            epochs=cfg.lm_epochs or preset.epochs,
+            max_steps=cfg.lm_max_steps,
+            warmup_ratio=preset.warmup_ratio,
+            weight_decay=preset.weight_decay,
+            seed=seed,
+            context_len=cfg.context_len,
+            checkpoint_every=None,
+        ),
+        art / "model",
+        progress=False,
+    )
     return {
         "model": str(art / "model"),
         "trained": True,
@@ -261,21 +260,20 @@ def stage_memory(
 
     lm = load_lm(model)
     store = open_datastore(ds)
-    with torch_threads(cfg.train_threads):
-        tr = train_memory(
-            store.keys,
-            store.values,
-            lm.adapter.output_embedding.detach(),
-            art / "memory",
-            hidden=cfg.memory_hidden,
-            lr=cfg.memory_lr,
-            batch_tokens=cfg.memory_batch_tokens,
-            epochs=cfg.memory_epochs,
-            max_steps=cfg.memory_max_steps,
-            seed=seed,
-            progress=False,
-            datastore={"path": str(store.path), "n": store.n},
-        )
+    tr = train_memory(
+        store.keys,
+        store.values,
+        lm.adapter.output_embedding.detach(),
+        art / "memory",
+        hidden=cfg.memory_hidden,
+        lr=cfg.memory_lr,
+        batch_tokens=cfg.memory_batch_tokens,
+        epochs=cfg.memory_epochs,
+        max_steps=cfg.memory_max_steps,
+        seed=seed,
+        progress=False,
+        datastore={"path": str(store.path), "n": store.n},
+    )
     mem = load_memory(art / "memory", device=str(lm.device))
     weights = sorted({float(w) for w in cfg.memory_weights})
     ppl: dict[str, dict] = {}

@@ -141,6 +141,11 @@ def not_run(cfg: ReproduceConfig) -> list[dict]:
 
 def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> dict:
     """Run every stage (or reuse cached ones) and write the report. Returns results.json."""
+    with nt.torch_threads(cfg.torch_threads):
+        return _reproduce(cfg, out, progress)
+
+
+def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
     from knnlm.report.paper import write_paper_report
 
     out = Path(out).expanduser()

@@ -78,10 +78,11 @@ class ReproduceConfig:
     hurdle_sizes: dict[str, Any] = field(default_factory=dict)
     hurdle_corpus_max_chars: int | None = None
     seed: int = 0
-    # Torch CPU threads while training the small models (LM, MLP memory); None: torch's
-    # default. Their matrices are too small for thread hand-offs to pay on two cores, and on
-    # a busy machine the hand-offs cost more than the work.
-    train_threads: int | None = None
+    # Torch (and OpenMP) CPU threads for the whole run; None: torch's default. The quick
+    # scale's matrices are too small for thread hand-offs to pay on two cores, and on a busy
+    # machine they cost far more than the work (measured: a datastore pass 8x the CPU time
+    # with 2 threads than with 1 while other jobs ran).
+    torch_threads: int | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -122,7 +123,7 @@ class ReproduceConfig:
                 hurdle_steps=200,
                 hurdle_eval_every=20,
                 hurdle_corpus_max_chars=1_000_000,
-                train_threads=1,
+                torch_threads=1,
             )
         elif scale == "corpus":
             # Sized for a 2-core CPU on a WikiText-2-sized corpus: IVF-PQ with exact
