@@ -40,6 +40,14 @@ MUTANTS: list[Mutant] = [
         f"{ENGINE}::test_exclude_self_on_training_split",
     ),
     mutant(
+        "self_exclusion_wrong_row",
+        "each target drops the row of the next position (p) instead of its own (p - 1)",
+        "evaluate.py",
+        "return np.asarray(positions, dtype=np.int64) - 1",
+        "return np.asarray(positions, dtype=np.int64)",
+        f"{ENGINE}::test_exclude_self_on_training_split",
+    ),
+    mutant(
         "interpolation_weight_wrong_side",
         "knn_weight multiplies p_lm instead of p_knn",
         "retrieval/knn.py",
