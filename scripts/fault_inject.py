@@ -156,6 +156,24 @@ def _diff(a: dict | None, b: dict | None) -> str:
     return "differs in " + ", ".join(bad[:6])
 
 
+def index_reader_view(folder: Path) -> None:
+    """What the index loader reads after a kill between its two renames.
+
+    ``index.json.pending`` names the new index file's SHA-256; the loader takes it as the
+    metadata when ``index.faiss`` matches that hash (and the rerun commits it). Applied to a
+    copy of the folder, so the check compares what a reader would use.
+    """
+    pending, index = folder / "index.json.pending", folder / "index.faiss"
+    if not pending.is_file() or not index.is_file():
+        return
+    try:
+        want = json.loads(pending.read_text()).get("index_sha256")
+    except ValueError:
+        return
+    if want == hashlib.sha256(index.read_bytes()).hexdigest():
+        shutil.copyfile(pending, folder / "index.json")
+
+
 @dataclass
 class Command:
     name: str
@@ -163,6 +181,7 @@ class Command:
     target: str  # folder (relative to the trial dir) holding the artifact
     prepare: Any = None  # fn(trial_dir) called before each run on a fresh trial dir
     before: dict | None = None  # snapshot the target may hold before the command completes
+    reader_view: Any = None  # fn(copy of the target) -> None: as its loader would read it
 
     def args(self, trial: Path) -> list[str]:
         return [str(a).replace("{T}", str(trial)) for a in self.argv]
@@ -178,7 +197,7 @@ class Stats:
     identical: int = 0
     failures: list[str] = field(default_factory=list)
     reference_seconds: float = 0.0
-    writing_seconds: float = 0.0  # of the reference run, from its first temporary to its end
+    writing_seconds: float = 0.0  # of the reference run: while a temporary of it existed
     kill_instants: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -216,9 +235,12 @@ def run_command(cmd: Command, root: Path, trials: int, rng: random.Random) -> St
         cmd.args(ref_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     to_temp = _wait_for_temp(p, ref_dir, ref_dir / cmd.target)
+    t_temp = time.perf_counter()
+    while p.poll() is None and _temps(ref_dir, ref_dir / cmd.target):
+        time.sleep(0.005)  # the writing ends when its last temporary is gone
+    st.writing_seconds = (time.perf_counter() - t_temp) if to_temp is not None else 0.0
     _, err = p.communicate()
     st.reference_seconds = time.perf_counter() - t0
-    st.writing_seconds = st.reference_seconds - (to_temp or 0.0)
     if p.returncode != 0:
         st.failures.append(f"reference run failed ({p.returncode}): {err.decode()[-300:]}")
         return st
@@ -233,7 +255,8 @@ def run_command(cmd: Command, root: Path, trials: int, rng: random.Random) -> St
         before = snapshot(trial / cmd.target, trial)
         target = trial / cmd.target
         # Even trials: an instant anywhere in the run (start-up and checks included); odd
-        # trials: an instant after the first temporary appeared, inside the writing.
+        # trials: an instant while the command writes (after its first temporary appeared, within
+        # the time the reference run kept temporaries).
         anchored = i % 2 == 1
         span = st.writing_seconds if anchored else st.reference_seconds
         delay = rng.uniform(0.0, span)
@@ -250,7 +273,14 @@ def run_command(cmd: Command, root: Path, trials: int, rng: random.Random) -> St
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
             st.killed += 1
-        after = snapshot(target, trial, skip_temps=True)
+        if cmd.reader_view is not None and target.is_dir():
+            view = trial / ".reader_view"
+            shutil.copytree(target, view)
+            cmd.reader_view(view)
+            after = snapshot(view, trial, skip_temps=True)
+            shutil.rmtree(view)
+        else:
+            after = snapshot(target, trial, skip_temps=True)
         if _temps(trial, target):
             st.temp_present_after_kill += 1
         if after is not None and after != before:
@@ -306,6 +336,7 @@ def commands(fx: dict[str, Path], base_ds: Path, quick: bool = False) -> dict[st
             + ["-q"],
             "ds",
             prepare=copy_ds,
+            reader_view=index_reader_view,
         ),
         "eval --cache": Command(
             "eval --cache",
@@ -316,13 +347,13 @@ def commands(fx: dict[str, Path], base_ds: Path, quick: bool = False) -> dict[st
         "memory train": Command(
             "memory train",
             cli("memory", "train", "-m", m, "-d", base_ds, "-o", "{T}/mem", "--hidden", 128)
-            + ["--epochs", 6, "--batch-tokens", 512, "-q"],
+            + ["--epochs", 12, "--batch-tokens", 512, "-q"],
             "mem",
         ),
         "train": Command(
             "train",
             cli("train", "--corpus", c, "--out", "{T}/lm", "--preset", "tiny", "--max-steps")
-            + [40, "--checkpoint-every", 10, "--batch-size", 4, "--context-len", 32, "-q"],
+            + [100, "--checkpoint-every", 10, "--batch-size", 4, "--context-len", 32, "-q"],
             "lm",
         ),
     }
