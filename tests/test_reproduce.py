@@ -183,3 +183,18 @@ def test_rerun_reuses_every_stage(run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = json.loads((out / "results.json").read_text())["stages"]
     assert all(s["cached"] for s in stages.values())
+
+
+def test_embedded_slice_extracts_the_recorded_text(tmp_path):
+    """Counts recorded in ATTRIBUTION.md when the slice was cut from WikiText-2."""
+    from knnlm.data import wikitext2
+    from knnlm.errors import KnnlmError
+
+    out = wikitext2.extract(tmp_path / "wt")
+    expect = {"train": (6939, 381_092), "valid": (429, 21_516), "test": (322, 19_820)}
+    for split, (lines, words) in expect.items():
+        text = (out / f"{split}.txt").read_text(encoding="utf-8")
+        assert (text.count("\n"), len(text.split())) == (lines, words)
+    assert "CC BY-SA 3.0" in (out / "ATTRIBUTION.md").read_text()
+    with pytest.raises(KnnlmError):
+        wikitext2.read_split("training")
