@@ -297,6 +297,9 @@ def test_fingerprint_covers_dtype_and_every_weight_byte(tiny_lm_dir, tmp_path, m
     from knnlm.lm import loading
 
     model_dir = shutil.copytree(tiny_lm_dir, tmp_path / "m")
+    load_lm(str(model_dir))
+    assert not (model_dir / loading.HASH_CACHE).exists()  # small weights: folder untouched
+    monkeypatch.setattr(loading, "HASH_CACHE_MIN_BYTES", 0)
     fp32 = load_lm(str(model_dir)).fingerprint
     assert load_lm(str(model_dir), dtype="bfloat16").fingerprint != fp32
     assert (model_dir / loading.HASH_CACHE).is_file()

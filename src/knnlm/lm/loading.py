@@ -50,6 +50,7 @@ def _is_local(name: str) -> bool:
 
 
 HASH_CACHE = ".knnlm_weights_sha256.json"  # beside the weights, keyed by name, size, mtime
+HASH_CACHE_MIN_BYTES = 256 << 20  # smaller weights hash in well under a second: no cache file
 
 
 def _file_sha256(path: Path) -> str:
@@ -63,8 +64,9 @@ def _file_sha256(path: Path) -> str:
 def weight_hashes(folder: Path) -> dict[str, str]:
     """Full sha256 of every weight file in ``folder``.
 
-    Hashing multi-GB weights takes a while, so the digests are kept in ``HASH_CACHE`` beside
-    them and reused while a file's size and modification time are unchanged.
+    Hashing multi-GB weights takes a while, so for weights of ``HASH_CACHE_MIN_BYTES`` or
+    more the digests are kept in ``HASH_CACHE`` beside them and reused while a file's size and
+    modification time are unchanged (smaller model folders are left untouched).
     """
     cache_path = folder / HASH_CACHE
     try:
@@ -80,11 +82,16 @@ def weight_hashes(folder: Path) -> dict[str, str]:
         st = f.stat()
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
         entry = cache.get(f.name)
-        if not (isinstance(entry, dict) and entry.get("stamp") == stamp):
+        if not (
+            isinstance(entry, dict)
+            and entry.get("stamp") == stamp
+            and isinstance(entry.get("sha256"), str)
+        ):
             entry = {"stamp": stamp, "sha256": _file_sha256(f)}
             cache[f.name], changed = entry, True
         out[f.name] = entry["sha256"]
-    if changed:
+    total = sum(int(e["stamp"].split(":")[0]) for k, e in cache.items() if k in out)
+    if changed and total >= HASH_CACHE_MIN_BYTES:
         try:
             write_json_atomic(cache_path, cache)
         except OSError:
