@@ -82,7 +82,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         res["model"] = {"path": model, "weights": "trained"}
     ctx = args.context_len or model_context(model)
     stride = args.stride or ctx // 2
-    lm = load_lm(model, device="cpu")
+    lm = load_lm(model, device=args.device)
     common = dict(context_len=ctx, stride=stride, batch_size=args.batch_size, progress=False)
     res["settings"] = {
         "train_fraction": args.train_fraction,
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         "batch_size": args.batch_size,
         "k": args.k,
         "repeats": args.repeats,
+        "device": args.device,
     }
     steps: dict = {}
     ds = work / "ds"
@@ -111,10 +112,10 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     steps["index_build"] = {"seconds": t.seconds, **{k: info[k] for k in keep},
                             "index_bytes": (ds / "index.faiss").stat().st_size}  # fmt: skip
 
-    def ev(recompute: bool | None) -> dict:
+    def ev(recompute: bool | None, overlap: bool | None = None) -> dict:
         knn = None if recompute is None else KnnSettings(k=args.k, recompute=recompute)
         r = evaluate(lm, str(part), "valid", datastore=None if knn is None else ds, knn=knn,
-                     **common)  # fmt: skip
+                     overlap=overlap, **common)  # fmt: skip
         out = {"tokens": r["tokens"], "seconds": r["timing"]["seconds"],
                "tokens_per_s": r["timing"]["tokens_per_s"],
                "lm_perplexity": r["lm"]["perplexity"]}  # fmt: skip
@@ -127,6 +128,10 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         for name, rc in (("lm_eval", None), ("knnlm_eval_pq", False), ("knnlm_eval_exact", True)):
             log(f"{name} {r + 1}/{args.repeats}")
             _keep_best(steps, name, ev(rc))
+    if args.device != "cpu":
+        # The default pass overlaps the forward of batch i+1 with the search of batch i.
+        log("knnlm_eval_exact without overlap (sequential)")
+        steps["knnlm_eval_exact_sequential"] = ev(True, overlap=False)
     log("knnlm_eval_exact with keys on disk (memmap gather)")
     os.environ["KNNLM_RERANK_RAM_BYTES"] = "0"
     try:
@@ -136,7 +141,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
     log("search alone on the evaluation's queries")
     ids = load_tokens(lm.tokenizer, str(part), "valid")
-    qs = [b.keys.float().numpy() for b in score_stream(lm.model, ids, ctx, stride,
+    qs = [b.keys.float().cpu().numpy() for b in score_stream(lm.model, ids, ctx, stride,
           batch_size=args.batch_size, key_type="ffn_input", want_lm=False, progress=False)]  # fmt: skip
     nq = sum(len(q) for q in qs)
     # PQ and exact search alternate batch by batch (fastest of --repeats per batch), so a
@@ -192,6 +197,14 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         },
         "peak_rss_mib": peak_rss_mib(),
     }
+    if "knnlm_eval_exact_sequential" in steps:
+        seq = steps["knnlm_eval_exact_sequential"]
+        res["summary"]["overlap"] = {
+            "sequential_tokens_per_s": seq["tokens_per_s"],
+            "overlapped_tokens_per_s": ex["tokens_per_s"],
+            "speedup": seq["seconds"] / ex["seconds"],
+            "perplexity_equal": seq["knnlm_perplexity"] == ex["knnlm_perplexity"],
+        }
     return res
 
 
@@ -223,6 +236,7 @@ def main() -> None:
     ap.add_argument("--context-len", type=int, default=None, help="default: the model's")
     ap.add_argument("--stride", type=int, default=None, help="default: half the context")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the LM runs (search stays on CPU)")
     args = ap.parse_args()
     if args.workdir:
         work = Path(args.workdir)

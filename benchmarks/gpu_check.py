@@ -1,11 +1,16 @@
-"""One short check for a machine with a GPU and faiss-gpu; prints JSON (skips without a GPU).
+"""One short check for a machine with a GPU; prints JSON (skips what the machine lacks).
 
     python benchmarks/gpu_check.py --n 500000 --dim 256 --queries 4096 --k 1024
 
-On a random clustered float16 datastore, in one run: flat and IVF-PQ index build on the GPU
-(IVF training seeded: built twice, the files must be byte-identical), search throughput on the
-GPU vs the CPU (flat; IVF-PQ with exact re-ranking), and exactness of the GPU flat index:
-its top-k ids against the CPU's and its distances against float64 numpy.
+Part ``torch_cuda`` (needs a CUDA device): a random ``small`` model on the embedded WikiText-2
+slice, datastore built on the GPU, flat index searched on the CPU; LM and kNN-LM perplexity on
+the GPU against the same run on the CPU (float32 both), the overlapped pass against the
+sequential one (numbers equal, tokens/s of each), and bfloat16 against float32.
+
+Part ``faiss_gpu`` (needs faiss-gpu): on a random clustered float16 datastore, flat and IVF-PQ
+index build on the GPU (IVF training seeded: built twice, the files must be byte-identical),
+search throughput on the GPU vs the CPU (flat; IVF-PQ with exact re-ranking), and exactness of
+the GPU flat index: its top-k ids against the CPU's and its distances against float64 numpy.
 """
 
 from __future__ import annotations
@@ -26,6 +31,54 @@ from knnlm.retrieval.search import KnnIndex, Searcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_index import make_ds  # noqa: E402
+from common import quiet_libraries, random_small_model  # noqa: E402
+
+
+def torch_cuda(k: int) -> dict:
+    """kNN-LM evaluation with the model on CUDA against the same evaluation on the CPU."""
+    import torch
+
+    from knnlm.data import wikitext2
+    from knnlm.evaluate import evaluate
+    from knnlm.lm.loading import load_lm
+    from knnlm.retrieval.datastore import build_datastore
+    from knnlm.retrieval.retriever import KnnSettings
+
+    if not torch.cuda.is_available():
+        return {"skipped": "torch sees no CUDA device"}
+    out: dict = {"device_name": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = wikitext2.extract(Path(tmp, "wt2"))
+        model = str(random_small_model(corpus, Path(tmp, "model")))
+        common = dict(context_len=256, stride=128, batch_size=8, progress=False)
+        gpu = load_lm(model, device="cuda")
+        ds, out["datastore_build_s"] = timed(
+            lambda: build_datastore(gpu, str(corpus), "train", Path(tmp, "ds"), **common)
+        )
+        _, out["flat_index_build_s"] = timed(
+            lambda: build_index(ds, "flat", use_gpu=False, progress=False)
+        )
+        knn = KnnSettings(k=k)
+        runs = {}
+        print(f"datastore and index built ({out['datastore_build_s']:.1f} s)", file=sys.stderr)
+        for name, lm, overlap in (("cuda_overlap", gpu, True), ("cuda_sequential", gpu, False),
+                                  ("cpu", load_lm(model, device="cpu"), False)):  # fmt: skip
+            r = evaluate(lm, str(corpus), "valid", datastore=ds, knn=knn, overlap=overlap, **common)
+            runs[name] = {"lm_ppl": r["lm"]["perplexity"], "knnlm_ppl": r["knnlm"]["perplexity"],
+                          "tokens_per_s": r["timing"]["tokens_per_s"],
+                          "search_s": r["timing"]["search_seconds"]}  # fmt: skip
+            print(f"{name}: {runs[name]}", file=sys.stderr, flush=True)
+        bf16 = evaluate(load_lm(model, device="cuda", dtype="bfloat16"), str(corpus), "valid",
+                        **common)  # fmt: skip
+        out["runs"] = runs
+        out["tokens"] = r["tokens"]
+        c, s, o = runs["cpu"], runs["cuda_sequential"], runs["cuda_overlap"]
+        out["lm_ppl_rel_diff_cuda_vs_cpu"] = abs(s["lm_ppl"] / c["lm_ppl"] - 1)
+        out["knnlm_ppl_rel_diff_cuda_vs_cpu"] = abs(s["knnlm_ppl"] / c["knnlm_ppl"] - 1)
+        out["overlap_equal_to_sequential"] = o["knnlm_ppl"] == s["knnlm_ppl"]
+        out["overlap_speedup"] = o["tokens_per_s"] / s["tokens_per_s"]
+        out["lm_ppl_rel_diff_bf16_vs_fp32"] = abs(bf16["lm"]["perplexity"] / s["lm_ppl"] - 1)
+    return out
 
 
 def timed(fn):
@@ -42,9 +95,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    quiet_libraries()
+    report = {"torch_cuda": torch_cuda(args.k), "faiss_gpu": faiss_gpu(args)}
+    print(json.dumps(report, indent=2))
+
+
+def faiss_gpu(args: argparse.Namespace) -> dict:
     if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
-        print(json.dumps({"skipped": "FAISS sees no GPU (faiss-gpu and a CUDA device needed)"}))
-        return
+        return {"skipped": "FAISS sees no GPU (faiss-gpu and a CUDA device needed)"}
     res: dict = {"n": args.n, "dim": args.dim, "queries": args.queries, "k": args.k,
                  "faiss": faiss.__version__, "gpus": faiss.get_num_gpus()}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +146,7 @@ def main() -> None:
             s = Searcher(ivf, k, use_gpu=use)
             _, t = timed(lambda s=s: s.search(q, k))
             res[f"ivfpq_rerank_search_{dev}_queries_per_s"] = len(q) / t
-    print(json.dumps(res, indent=2))
+    return res
 
 
 if __name__ == "__main__":

@@ -213,3 +213,22 @@ def test_ivfpq_recall_at_k_with_fewer_probes_than_lists(setup):
         recall[nprobe] = float(np.mean(hits))
     assert recall[4] >= 0.55, recall
     assert recall[1] <= recall[4] and recall[4] >= recall[NLIST] - 0.02, recall
+
+
+def test_overlapped_pass_equals_brute_force_and_the_sequential_pass(setup):
+    """The forward of batch i+1 running beside the search of batch i changes no number."""
+    s = setup
+    k, w, temp = 16, 0.3, 2.0
+    d, i = brute_force_knn(s["q"], s["keys"], k)
+    ref = knnlm_ppl(d, i, s["values"], s["lps"], s["targets"], w, temp)
+    knn = KnnSettings(k=k, knn_weight=w, temperature=temp)
+    runs = {}
+    for overlap in (False, True):
+        runs[overlap] = evaluate(s["lm"], s["corpus"], "valid", context_len=CTX, batch_size=4,
+                                 datastore=s["flat"], knn=knn, overlap=overlap,
+                                 cache=s["root"] / f"c_overlap_{overlap}", progress=False)  # fmt: skip
+    assert runs[True]["knnlm"]["perplexity"] == pytest.approx(ref, rel=1e-5)
+    assert runs[True]["knnlm"]["nll_sum"] == runs[False]["knnlm"]["nll_sum"]
+    a, b = load_cache(s["root"] / "c_overlap_True"), load_cache(s["root"] / "c_overlap_False")
+    for name in ("ids", "dists", "values", "targets", "lm_log_prob"):
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)
