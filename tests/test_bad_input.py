@@ -315,14 +315,14 @@ ROWS = [
         ["memory", "train", "--model", "{model}", "--datastore", "{ds}", "--out", "{mine}",
          "--hidden", "8", "--max-steps", "1", "--quiet"], expect="mine"),
     Row("index_on_user_folder", ["datastore", "index", "{mine}", "--quiet"], expect="mine"),
-    Row("hurdle_out_user_folder", [*HURDLE, "--out", "{mine}"], expect="mine",
-        xfail="experiments/hurdle.py writes runs/ and figures into any --out folder"),
+    Row("hurdle_out_user_folder", [*HURDLE, "--out", "{mine}"], expect="mine"),
     Row("hurdle_missing_corpus", [*HURDLE, "--out", "{ws}/h", "--corpus", "{ws}/nope"],
-        expect="nope", xfail="experiments/hurdle.py reads --corpus after part (a) has written"),
+        expect="nope"),
     Row("macondo_run_out_user_folder",
         ["macondo", "run", "--out", "{mine}", "--quick", "--seeds", "1", "--epochs", "1",
-         "--quiet"], expect="mine",
-        xfail="experiments/overspec.py writes seed-*/ and results into any --out folder"),
+         "--quiet"], expect="mine"),
+    Row("reproduce_out_user_folder", ["reproduce", "--quick", "--out", "{mine}", "--quiet"],
+        expect="mine"),
 ]
 # fmt: on
 

@@ -51,7 +51,7 @@ from knnlm.experiments.hurdle_setup import (  # noqa: F401  (re-exported)
     n_parameters,
     resolve_preset,
 )
-from knnlm.fileio import write_json_atomic
+from knnlm.fileio import claim_work_dir, write_json_atomic
 
 FORMAT_VERSION = 1
 VARIANTS = ("with_mlp", "without_mlp")
@@ -294,8 +294,13 @@ def _run_hurdle(
         checkpoint_every = base["checkpoint_every"]
     if corpus is not None and corpus_max_chars is None:
         corpus_max_chars = base["corpus_max_chars"]
-    out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    if corpus is not None:
+        # Part (b) reads it after part (a) has trained: a wrong path must stop the run first.
+        from knnlm.data.corpus import read_split
+
+        read_split(corpus, "train")
+    # Resumes a run of ours; a folder of the user's own files is refused, untouched.
+    out = claim_work_dir(Path(out).expanduser(), "hurdle_run")
     dev = pick_device(device)
     train_settings = {
         "lr": lr if lr is not None else arch.lr,

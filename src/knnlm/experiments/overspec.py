@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo_aggregate import (  # noqa: F401  (re-exported)
     aggregate_curves,
     aggregate_groups,
@@ -34,7 +33,7 @@ from knnlm.experiments.macondo_settings import (  # noqa: F401  (re-exported)
     get_run_preset,
     resolve_settings,
 )
-from knnlm.fileio import write_json_atomic, write_text_atomic
+from knnlm.fileio import claim_work_dir, write_json_atomic, write_text_atomic
 
 RESULTS = "results.json"
 TABLE = "table5.md"
@@ -127,10 +126,8 @@ def run_macondo(
         batch_size_eval=batch_size_eval,
         memory=memory,
     )
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise KnnlmError(f"{out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    # Resumes a run of ours; a folder of the user's own files is refused, untouched.
+    out = claim_work_dir(Path(out).expanduser(), "macondo_run")
     t0 = time.perf_counter()
     per_seed = []
     threads = get_run_preset(settings["preset"]).cpu_threads

@@ -22,10 +22,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from knnlm.errors import KnnlmError
 from knnlm.experiments import natural_text as nt
 from knnlm.experiments.pipeline import Pipeline, StageDisplay
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
+from knnlm.fileio import claim_work_dir
 
 __all__ = ["ReproduceConfig", "reproduce", "not_run"]
 
@@ -148,10 +148,8 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
 def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
     from knnlm.report.paper import write_paper_report
 
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise KnnlmError(f"{out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    # Resumes a reproduction of ours; a folder of the user's own files is refused, untouched.
+    out = claim_work_dir(Path(out).expanduser(), "reproduction")
     t_start = time.perf_counter()
 
     display = StageDisplay(progress)
