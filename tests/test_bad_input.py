@@ -385,3 +385,35 @@ def test_knn_log_probs_refuses_out_of_vocabulary_values():
         knn_log_probs(dists, torch.tensor([[0, 1, 2]]), torch.tensor([[4, 5, 1]]), 5)
     with pytest.raises(KnnlmError, match="outside the vocabulary"):
         knn_log_probs(dists, torch.tensor([[0, 1, 2]]), torch.tensor([[4, -2, 1]]), 5)
+
+
+# Refused before the model is even loaded: nothing is spent on a command that cannot succeed.
+BEFORE_MODEL = ["missing_datastore", "ds_meta_corrupt", "ds_keys_truncated", "ds_values_missing",
+                "k_zero", "weight_above_one", "temperature_zero", "exclude_self_bad_mode",
+                "cache_without_datastore", "build_out_user_folder", "build_out_user_file",
+                "eval_cache_user_folder", "eval_cache_is_datastore"]  # fmt: skip
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.id in BEFORE_MODEL], ids=lambda r: r.id)
+def test_refused_before_the_model_loads(
+    row: Row, artifacts, tiny_lm_dir, tiny_corpus, tmp_path, monkeypatch, capfd
+):
+    import knnlm.lm.loading
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the mistake was refused")
+
+    monkeypatch.setattr(knnlm.lm.loading, "load_lm", no_load)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    for name in ("ds", "cache", "mem"):
+        shutil.copytree(artifacts / name, ws / name)
+    mine = ws / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own notes\n")
+    env = Env(ws=ws, model=Path(tiny_lm_dir), corpus=Path(tiny_corpus))
+    if row.mutate is not None:
+        row.mutate(env)
+    monkeypatch.chdir(ws)
+    code, _, err = run_inprocess(monkeypatch, capfd, env.fill(row.args))
+    assert code == 2 and err.strip().startswith("error: "), (code, err)

@@ -62,6 +62,9 @@ def own_rows(positions: np.ndarray) -> np.ndarray:
     return np.asarray(positions, dtype=np.int64) - 1
 
 
+CACHE_KIND = "neighbour_cache"  # the artifact marker in a cache's meta.json
+
+
 class _Cache:
     """Per scored token: LM log-prob of the target and the k neighbours (ids, dists, values).
 
@@ -69,7 +72,7 @@ class _Cache:
     or a cache this toolkit wrote (a folder with the user's files is refused, untouched).
     """
 
-    KIND = "neighbour_cache"
+    KIND = CACHE_KIND
 
     def __init__(self, out: Path, n: int, k: int, meta: dict):
         self.out = Path(out)

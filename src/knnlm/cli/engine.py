@@ -81,8 +81,10 @@ def datastore_build(
 
     Under torchrun / accelerate launch each process scores its share of the windows.
     """
-    from knnlm.retrieval.datastore import build_datastore, open_datastore
+    from knnlm.fileio import claim_target
+    from knnlm.retrieval.datastore import KIND, META, build_datastore, open_datastore
 
+    claim_target(out, KIND, META)  # a foreign --out is refused before the model is loaded
     rank = _init_distributed()
     lm = _load(model, device, dtype)
     path = build_datastore(
@@ -176,8 +178,20 @@ def eval_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
-    from knnlm.evaluate import KnnSettings, evaluate
+    from knnlm.errors import KnnlmError
+    from knnlm.evaluate import CACHE_KIND, KnnSettings, evaluate
+    from knnlm.fileio import claim_target
+    from knnlm.retrieval.datastore import open_datastore
 
+    # What the user can get wrong is checked before the model is loaded (evaluate checks again).
+    knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self)
+    knn.validate()
+    if cache is not None:
+        if datastore is None:
+            raise KnnlmError("--cache needs --datastore (it stores the retrieved neighbours)")
+        claim_target(cache, CACHE_KIND, "meta.json", what="neighbour cache")
+    if datastore is not None:
+        datastore = open_datastore(datastore)
     lm = _load(model, device, dtype)
     result = evaluate(
         lm,
@@ -188,7 +202,7 @@ def eval_cmd(
         batch_size=batch_size,
         text_field=text_field,
         datastore=datastore,
-        knn=KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self),
+        knn=knn,
         memory=memory,
         memory_weight=memory_weight,
         cache=cache,
