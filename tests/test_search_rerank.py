@@ -245,15 +245,27 @@ def test_index_summary_reports_scan_fraction(tmp_path):
     assert "25.00%" in index_summary(ds)
 
 
-def test_brute_force_fallback_warns(tmp_path, caplog):
+def test_brute_force_fallback_warns(tmp_path, caplog, monkeypatch):
+    """A missing index on a large store, or a build cut short, is a warning; a small store
+    without an index (searched exactly on purpose) is only noted in the log."""
+    from knnlm.retrieval import search
+
     rng = np.random.default_rng(10)
     ds = write_ds(tmp_path / "ds", rng.normal(size=(50, 4)))
-    with caplog.at_level(logging.WARNING, logger="knnlm.retrieval.index"):
+    logger = "knnlm.retrieval.index"
+    with caplog.at_level(logging.INFO, logger=logger):
+        Searcher(ds, k_max=3)
+    levels = {r.levelno for r in caplog.records if "no index" in r.getMessage()}
+    assert levels == {logging.INFO} and "50 keys" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(search, "BRUTE_FORCE_WARN_KEYS", 50)
+    with caplog.at_level(logging.WARNING, logger=logger):
         Searcher(ds, k_max=3)
     assert "no index" in caplog.text and "50 keys" in caplog.text
     caplog.clear()
+    monkeypatch.setattr(search, "BRUTE_FORCE_WARN_KEYS", 10**9)
     (ds / "index.faiss.partial").write_bytes(b"x")
-    with caplog.at_level(logging.WARNING, logger="knnlm.retrieval.index"):
+    with caplog.at_level(logging.WARNING, logger=logger):
         Searcher(ds, k_max=3)
     assert "did not finish" in caplog.text
 

@@ -7,6 +7,7 @@ product; missing neighbours are -1 / +inf).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,10 @@ from knnlm.retrieval.index_common import (
     to_gpu,
 )
 from knnlm.retrieval.rerank import KeyStore, recompute_distances, refine
+
+# A brute-force scan of this many keys per batch is slow enough to deserve a warning (~1 GB of
+# float16 keys at d = 512); below it, an exact scan is a reasonable way to search.
+BRUTE_FORCE_WARN_KEYS = 1_000_000
 
 # --------------------------------------------------------------------------- exact search
 
@@ -299,15 +304,18 @@ class Searcher:
         return None if store is None else refine(idx.faiss_index, store.index)
 
     def _warn_brute_force(self) -> None:
+        """Say why every batch scans all keys: a warning when an index build was cut short or
+        the store is large enough for the scan to be slow; a note in the log otherwise (small
+        stores, e.g. one per Macondo checkpoint, are meant to be searched this way)."""
         partial = (self.ds_dir / PARTIAL_FILE).is_file() or (self.ds_dir / INDEX_FILE).is_file()
         why = (
             "the index build did not finish"
             if partial
             else "it has no index (build one with `knnlm datastore index`)"
         )
-        log.warning(
-            "searching %s exactly: %s; every batch scans all %d keys", self.ds_dir, why, self.n
-        )
+        level = logging.WARNING if partial or self.n >= BRUTE_FORCE_WARN_KEYS else logging.INFO
+        log.log(level, "searching %s exactly: %s; every batch scans all %d keys",
+                self.ds_dir, why, self.n)  # fmt: skip
 
     @property
     def exact(self) -> bool:
