@@ -15,7 +15,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -78,35 +79,39 @@ class Preset:
         return asdict(self)
 
 
+# The base of the table, written in full; every other preset (here and in the experiments'
+# own tables) is derived from one by name and states only what differs.
+_TINY = Preset(
+    name="tiny",
+    description="2 layers x d=64, 2 heads, context 64: tests and smoke runs",
+    n_layer=2,
+    n_embd=64,
+    n_head=2,
+    n_inner=256,
+    activation="gelu_new",
+    dropout=0.1,
+    attn_dropout=0.1,
+    context_len=64,
+    tokenizer_vocab_size=512,
+    lr=3e-3,
+    batch_size=8,
+    epochs=3,
+    warmup_ratio=0.05,
+    weight_decay=0.01,
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset(
-            name="tiny",
-            description="2 layers x d=64, 2 heads, context 64: tests and smoke runs",
-            n_layer=2,
-            n_embd=64,
-            n_head=2,
-            n_inner=256,
-            activation="gelu_new",
-            dropout=0.1,
-            attn_dropout=0.1,
-            context_len=64,
-            tokenizer_vocab_size=512,
-            lr=3e-3,
-            batch_size=8,
-            epochs=3,
-            warmup_ratio=0.05,
-            weight_decay=0.01,
-        ),
-        Preset(
+        _TINY,
+        replace(
+            _TINY,
             name="small",
             description="4 layers x d=256, 4 heads, context 256, BPE 16k: the CPU default",
             n_layer=4,
             n_embd=256,
             n_head=4,
             n_inner=1024,
-            activation="gelu_new",
             # No dropout: one pass over a few million tokens does not overfit.
             dropout=0.0,
             attn_dropout=0.0,
@@ -115,10 +120,9 @@ PRESETS: dict[str, Preset] = {
             lr=1e-3,
             batch_size=16,
             epochs=1,
-            warmup_ratio=0.05,
-            weight_decay=0.01,
         ),
-        Preset(
+        replace(
+            _TINY,
             name="paper",
             description=(
                 "16 layers x d=1024, 16 heads, FFN 4096, context 3072: the WikiText-103 model "
@@ -130,14 +134,11 @@ PRESETS: dict[str, Preset] = {
             n_inner=4096,
             activation="relu",
             dropout=0.3,
-            attn_dropout=0.1,
             context_len=3072,
             tokenizer_vocab_size=50000,
             lr=2.5e-4,
             batch_size=3,
             epochs=20,
-            warmup_ratio=0.05,
-            weight_decay=0.01,
         ),
     )
 }
@@ -147,6 +148,11 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise KnnlmError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def derive(base: str, name: str, description: str, **changes: Any) -> Preset:
+    """Preset ``base`` of the table under a new ``name``, with ``changes`` (only what differs)."""
+    return replace(get_preset(base), name=name, description=description, **changes)
 
 
 def build_model_from_preset(
