@@ -13,18 +13,20 @@ and the Appendix E "hurdle" runs all go through :func:`train`:
   an uninterrupted run would have;
 - the final model (LoRA merged) and tokenizer are saved in HF format, loadable with
   :func:`knnlm.lm.loading.load_lm`, together with ``loss_curve.json``.
+
+The pieces live beside this module: the settings and result in :mod:`knnlm.lm.train_config`,
+token blocks, examples and the batch order in :mod:`knnlm.lm.train_data`, LoRA in
+:mod:`knnlm.lm.lora`, checkpoints, the final save and the finished-run check in
+:mod:`knnlm.lm.checkpoint`. Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,259 +38,63 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from knnlm.errors import KnnlmError
-from knnlm.fileio import (
-    ARTIFACT_KEY,
-    claim_target,
-    fsync_dir,
-    fsync_tree,
-    read_json,
-    swap_in,
-    temp_dir,
-    write_json_atomic,
-)
+from knnlm.fileio import ARTIFACT_KEY, claim_target, swap_in, temp_dir, write_json_atomic
 from knnlm.lm.adapters import Adapter
+from knnlm.lm.checkpoint import (
+    CHECKPOINT_DIR,
+    LOSS_CURVE,
+    MODEL_KIND,
+    TRAIN_META,
+    checkpoint_key,
+    find_checkpoint,
+    finished_run,
+    load_checkpoint,
+    remove_checkpoints,
+    run_key,
+    save_checkpoint,
+    save_final,
+)
+from knnlm.lm.lora import LORA_DEFAULTS, LORA_TARGETS, apply_lora, merge_lora
+from knnlm.lm.train_config import PRECISIONS, TrainConfig, TrainResult
+from knnlm.lm.train_data import (
+    StepPlan,
+    batch_order,
+    make_dataset,
+    token_blocks,
+    train_tokenizer_for_corpus,
+)
 
-CHECKPOINT_DIR = "checkpoint"
-LOSS_CURVE = "loss_curve.json"
-TRAIN_META = "train_meta.json"  # carries the artifact marker of a model folder train_lm wrote
-MODEL_KIND = "trained_model"
-PRECISIONS = ("float32", "bfloat16")
-
-# The paper's LoRA setup for Mistral (Appendix C.1): r=8, alpha=16, dropout 0.05 on the
-# embeddings, the q/k/v/o projections and all MLP projections. GPT-2 fuses q/k/v into c_attn;
-# c_proj names both the attention output and the MLP down projection.
-LORA_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc", "wte"],
-    "llama": [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "embed_tokens",
-    ],
-}
-LORA_TARGETS["mistral"] = LORA_TARGETS["qwen2"] = LORA_TARGETS["llama"]
-LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
+# Names other modules import from here, wherever they are defined.
+__all__ = [
+    "CHECKPOINT_DIR",
+    "LOSS_CURVE",
+    "LORA_DEFAULTS",
+    "LORA_TARGETS",
+    "MODEL_KIND",
+    "PRECISIONS",
+    "TRAIN_META",
+    "EvalFn",
+    "StepPlan",
+    "TrainConfig",
+    "TrainResult",
+    "apply_lora",
+    "batch_order",
+    "find_checkpoint",
+    "library_bars",
+    "make_dataset",
+    "merge_lora",
+    "model_from_preset",
+    "model_from_pretrained",
+    "remove_checkpoints",
+    "run_key",
+    "save_final",
+    "token_blocks",
+    "train",
+    "train_lm",
+    "train_tokenizer_for_corpus",
+]
 
 EvalFn = Callable[[int, nn.Module], dict]
-
-
-# ---------------------------------------------------------------------------------------
-# configuration and result
-# ---------------------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    """Settings of one training run.
-
-    ``max_steps`` (optimizer steps) overrides ``epochs`` when given. ``batch_size`` counts
-    sequences per forward pass; ``grad_accum`` forward passes make one optimizer step.
-    ``data_seed`` fixes the batch order (defaults to ``seed``, which fixes dropout).
-    ``checkpoint_every`` / ``eval_every`` are in optimizer steps; 0 or None disables them.
-    """
-
-    lr: float = 1e-3
-    batch_size: int = 16
-    epochs: int = 1
-    max_steps: int | None = None
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    data_seed: int | None = None
-    context_len: int = 256
-    grad_accum: int = 1
-    checkpoint_every: int | None = 500
-    eval_every: int | None = None
-    log_every: int = 10
-    precision: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.data_seed is None:
-            self.data_seed = self.seed
-        checks = [
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (
-                self.max_steps is None or self.max_steps >= 1,
-                f"max steps must be at least 1, got {self.max_steps}",
-            ),
-            (
-                0 <= self.warmup_ratio < 1,
-                f"warm-up ratio must be in [0, 1), got {self.warmup_ratio}",
-            ),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (self.max_grad_norm > 0, f"max grad norm must be positive, got {self.max_grad_norm}"),
-            (self.context_len >= 2, f"context length must be at least 2, got {self.context_len}"),
-            (self.grad_accum >= 1, f"gradient accumulation must be >= 1, got {self.grad_accum}"),
-            (self.log_every >= 1, f"log_every must be at least 1, got {self.log_every}"),
-            (
-                self.precision in PRECISIONS,
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise KnnlmError(msg)
-
-    def resume_key(self) -> dict:
-        """The settings a resumed run must share with the interrupted one."""
-        d = asdict(self)
-        for k in ("checkpoint_every", "eval_every", "log_every"):
-            d.pop(k)
-        return d
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    steps: int
-    total_steps: int
-    epochs: float
-    final_loss: float | None
-    loss_curve: list[dict]
-    evals: list[dict]
-    tokens_seen: int
-    seconds: float  # wall time of this call (a resumed run counts only its own part)
-    tokens_this_run: int
-    resumed_from: int | None
-    model: nn.Module | None = field(default=None, repr=False)
-    reused: bool = False  # the finished model of an identical run was found and kept
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens_this_run / self.seconds if self.seconds > 0 else 0.0
-
-    def to_json(self) -> dict:
-        return {
-            "out_dir": str(self.out_dir),
-            "steps": self.steps,
-            "total_steps": self.total_steps,
-            "epochs": self.epochs,
-            "final_loss": self.final_loss,
-            "tokens_seen": self.tokens_seen,
-            "seconds": self.seconds,
-            "tokens_per_second": self.tokens_per_second,
-            "resumed_from": self.resumed_from,
-            "evals": self.evals,
-        }
-
-
-# ---------------------------------------------------------------------------------------
-# data: token blocks or padded examples, and the batch order
-# ---------------------------------------------------------------------------------------
-def token_blocks(ids: np.ndarray, context_len: int) -> np.ndarray:
-    """Contiguous, non-overlapping blocks of ``context_len`` tokens (the tail is dropped).
-
-    A stream shorter than one block becomes a single shorter block.
-    """
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise KnnlmError("a token stream must be a 1-d array of integer token ids")
-    if ids.size < 2:
-        raise KnnlmError("the token stream has fewer than two tokens: nothing to train on")
-    n = ids.size // context_len
-    if n == 0:
-        return ids.astype(np.int64)[None, :]
-    return ids[: n * context_len].astype(np.int64).reshape(n, context_len)
-
-
-def batch_order(n_items: int, batch_size: int, epoch: int, data_seed: int) -> list[np.ndarray]:
-    """Item indices of each batch of one epoch: a permutation seeded by (data_seed, epoch)."""
-    rng = np.random.default_rng([data_seed, epoch])
-    perm = rng.permutation(n_items)
-    return [perm[i : i + batch_size] for i in range(0, n_items, batch_size)]
-
-
-class _Blocks:
-    """A token stream as fixed-length blocks; labels equal inputs (the model shifts them)."""
-
-    def __init__(self, ids: np.ndarray, context_len: int):
-        self.blocks = token_blocks(ids, context_len)
-        self.n_items = len(self.blocks)
-        self.fingerprint = _hash_bytes(self.blocks.tobytes())
-
-    def collate(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        x = torch.from_numpy(self.blocks[idx])
-        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
-
-
-class _Examples:
-    """One sequence per example text (eos appended), right-padded to the batch's longest."""
-
-    def __init__(self, texts: Sequence[str], tokenizer, context_len: int):
-        if not texts:
-            raise KnnlmError("no training examples given")
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise KnnlmError("the tokenizer has no eos token to end each example with")
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        # Longer examples are cut at the context length (the model cannot see past it).
-        self.seqs = [np.asarray(list(ids) + [eos], dtype=np.int64)[:context_len] for ids in enc]
-        self.n_items = len(self.seqs)
-        self.fingerprint = _hash_bytes(b"".join(s.tobytes() + b"|" for s in self.seqs))
-
-    def collate(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        seqs = [self.seqs[i] for i in idx]
-        lengths = np.array([len(s) for s in seqs])
-        width = int(lengths.max())
-        mask = np.arange(width)[None, :] < lengths[:, None]
-        ids = np.full((len(seqs), width), self.pad, dtype=np.int64)
-        ids[mask] = np.concatenate(seqs)
-        x = torch.from_numpy(ids)
-        m = torch.from_numpy(mask.astype(np.int64))
-        return {"input_ids": x, "attention_mask": m, "labels": x.masked_fill(m == 0, -100)}
-
-
-def _hash_bytes(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
-
-
-def make_dataset(data: np.ndarray | Sequence[str], tokenizer, context_len: int):
-    """Token stream (np.ndarray of ids) -> blocks; list of texts -> padded examples."""
-    if isinstance(data, np.ndarray):
-        return _Blocks(data, context_len)
-    if isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
-        return _Examples(data, tokenizer, context_len)
-    raise KnnlmError("training data must be a numpy array of token ids or a list of texts")
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """Which forward batches make up each optimizer step."""
-
-    n_items: int
-    batch_size: int
-    grad_accum: int
-    data_seed: int
-    total_steps: int
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.n_items / self.batch_size)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.batches_per_epoch / self.grad_accum)
-
-    @classmethod
-    def create(cls, n_items: int, config: TrainConfig) -> StepPlan:
-        per_epoch = math.ceil(math.ceil(n_items / config.batch_size) / config.grad_accum)
-        total = config.max_steps if config.max_steps else config.epochs * per_epoch
-        return cls(n_items, config.batch_size, config.grad_accum, config.data_seed, total)
-
-    def step_batches(self, start: int = 0) -> Iterator[tuple[int, list[np.ndarray]]]:
-        """(step, forward batches of that step) from ``start`` to the last step."""
-        epoch, order = -1, []
-        for step in range(start, self.total_steps):
-            e, k = divmod(step, self.steps_per_epoch)
-            if e != epoch:
-                epoch, order = e, batch_order(self.n_items, self.batch_size, e, self.data_seed)
-            yield step, order[k * self.grad_accum : (k + 1) * self.grad_accum]
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,140 +122,6 @@ def model_from_pretrained(name_or_path: str, device: str | None = None):
     return model, loaded.tokenizer
 
 
-def apply_lora(model: nn.Module, **overrides: Any) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters (paper setup: r=8, alpha=16, dropout 0.05)."""
-    from peft import LoraConfig, get_peft_model
-
-    model_type = model.config.model_type
-    if model_type not in LORA_TARGETS:
-        raise KnnlmError(
-            f"no LoRA target modules known for {model_type!r}; supported: "
-            + ", ".join(LORA_TARGETS)
-        )
-    # peft matches module names, so a removed last MLP simply contributes no targets.
-    targets = list(LORA_TARGETS[model_type])
-    settings = {**LORA_DEFAULTS, **overrides}
-    config = LoraConfig(
-        target_modules=targets,
-        # GPT-2's Conv1D stores weights transposed.
-        fan_in_fan_out=model_type == "gpt2",
-        bias="none",
-        task_type="CAUSAL_LM",
-        **settings,
-    )
-    return get_peft_model(model, config)
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold LoRA adapters into the base weights; a plain model is returned unchanged.
-
-    With tied input/output embeddings, LoRA on the input embedding trains W + BA for the
-    input while the output keeps W; merging into the shared tensor would change the output
-    too, so the output embedding is untied and keeps W.
-    """
-    if not hasattr(model, "merge_and_unload"):
-        return model
-    base = model.get_base_model()
-    out_emb = base.get_output_embeddings()
-    in_emb = base.get_input_embeddings()
-    keep = None
-    if out_emb is not None and out_emb.weight.data_ptr() == in_emb.weight.data_ptr():
-        keep = out_emb.weight.detach().clone()
-    merged = model.merge_and_unload()
-    if keep is not None:
-        merged.get_output_embeddings().weight = nn.Parameter(keep)
-        merged.config.tie_word_embeddings = False
-    return merged
-
-
-# ---------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(
-    out_dir: Path, model, tokenizer, optimizer, scheduler, state: dict[str, Any]
-) -> None:
-    """Written to a temporary dir, then swapped in, so a crash never leaves half a checkpoint."""
-    from safetensors.torch import save_model
-
-    final = out_dir / CHECKPOINT_DIR
-    tmp = out_dir / (CHECKPOINT_DIR + ".tmp")
-    old = out_dir / (CHECKPOINT_DIR + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-        },
-        tmp / "trainer.pt",
-    )
-    tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    write_json_atomic(tmp / "state.json", state)  # written last: marks it complete
-    fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    fsync_dir(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(out_dir: Path) -> Path | None:
-    """The last complete checkpoint under ``out_dir`` (if a swap was cut short, the old one)."""
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
-        d = Path(out_dir) / name
-        if (d / "state.json").is_file():
-            return d
-    return None
-
-
-def _checkpoint_key(ckpt: Path) -> dict | None:
-    state = read_json(ckpt / "state.json")
-    return state.get("resume_key") if state else None
-
-
-def remove_checkpoints(out_dir: Path) -> None:
-    """Delete the checkpoint folders (only the names this module creates)."""
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp"):
-        shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
-
-
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, expect: dict) -> dict[str, Any]:
-    from safetensors.torch import load_model
-
-    state = json.loads((ckpt / "state.json").read_text())
-    if state.get("resume_key") != expect:
-        raise KnnlmError(
-            f"{ckpt} was written by a run with other settings or data; rerun with the same "
-            "settings to resume, or delete that directory to start over"
-        )
-    missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise KnnlmError(
-            f"{ckpt} does not match this model's architecture; delete it to start over"
-        )
-    trainer = torch.load(ckpt / "trainer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    _set_rng_state(trainer["rng"])
-    return state
-
-
 # ---------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------
@@ -465,19 +137,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def save_final(model: nn.Module, tokenizer, out_dir: Path) -> nn.Module:
-    """Save the plain HF model (LoRA merged) and tokenizer into ``out_dir`` atomically per file."""
-    model = merge_lora(model)
-    tmp = out_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    for f in sorted(tmp.iterdir()):
-        f.replace(out_dir / f.name)
-    tmp.rmdir()
-    return model
 
 
 def train(
@@ -529,11 +188,11 @@ def train(
     }
     resumed_from = None
     ckpt = find_checkpoint(out_dir)
-    if ckpt is not None and own_folder and _checkpoint_key(ckpt) != resume_key:
+    if ckpt is not None and own_folder and checkpoint_key(ckpt) != resume_key:
         remove_checkpoints(out_dir)  # our own temporary, left by a run with other settings
         ckpt = None
     if ckpt is not None:
-        state = _load_checkpoint(ckpt, model, optimizer, scheduler, resume_key)
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, resume_key)
         resumed_from = state["step"]
 
     model.train()
@@ -596,7 +255,7 @@ def train(
                 and (done < plan.total_steps)
             ):
                 snapshot = dict(state, tokens_seen=base_tokens + tokens_this_run)
-                _save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, snapshot)
+                save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, snapshot)
     finally:
         bar.close()
 
@@ -654,24 +313,8 @@ def _run_eval(on_eval: EvalFn, step: int, model: nn.Module, device: torch.device
 
 
 # ---------------------------------------------------------------------------------------
-# tokenizer and the high-level entry point
+# the high-level entry point: a corpus in, a model folder out
 # ---------------------------------------------------------------------------------------
-def train_tokenizer_for_corpus(
-    corpus_spec: str, vocab_size: int, min_frequency: int = 2, *, text: str | None = None
-):
-    """A byte-level BPE tokenizer trained on the corpus's train split (or on ``text``)."""
-    from knnlm.data.corpus import read_split
-    from knnlm.lm.tokenizer import train_bpe_tokenizer
-
-    if vocab_size < 257:
-        raise KnnlmError(
-            f"a byte-level BPE vocabulary needs at least 257 entries, got {vocab_size}"
-        )
-    if text is None:
-        text = read_split(corpus_spec, "train")
-    return train_bpe_tokenizer(text.splitlines(keepends=True), vocab_size, min_frequency)
-
-
 def train_lm(
     corpus: str,
     out: str | Path,
@@ -776,18 +419,18 @@ def train_lm(
     )
     n_params = sum(p.numel() for p in model.parameters())
     key = run_key(data, tokenizer, config)
-    kept = _finished(out, key) if found == "ours" else None
+    kept = finished_run(out, key) if found == "ours" else None
     if kept is not None and not overwrite:
         return kept
     if found == "ours" and kept is None and not overwrite:
         raise KnnlmError(
             f"{out} holds a model trained with other settings; pass --overwrite to replace it"
         )
-    done = _finished(work, key) if work.is_dir() else None
+    done = finished_run(work, key) if work.is_dir() else None
     if done is not None:  # a crash fell between marking it complete and the swap
         remove_checkpoints(work)
         swap_in(work, out, MODEL_KIND, TRAIN_META)
-        return _finished(out, key)
+        return finished_run(out, key)
     # Only a checkpoint is worth keeping; anything else there is a stale temporary of ours.
     resumable = work.is_dir() and find_checkpoint(work) is not None
     work = temp_dir(out, MODEL_KIND, TRAIN_META, fresh=not resumable)
@@ -824,33 +467,3 @@ def train_lm(
     remove_checkpoints(work)
     swap_in(work, out, MODEL_KIND, TRAIN_META)
     return result
-
-
-def run_key(data: np.ndarray | Sequence[str], tokenizer, config: TrainConfig) -> dict:
-    """What identifies a training run: its settings and its data (as ``train`` resumes on)."""
-    dataset = make_dataset(data, tokenizer, config.context_len)
-    key = {"config": config.resume_key(), "data": dataset.fingerprint, "n_items": dataset.n_items}
-    return json.loads(json.dumps(key, default=str))  # as it reads back from JSON
-
-
-def _finished(folder: Path, key: dict) -> TrainResult | None:
-    """The result recorded by a finished ``train_lm`` run with this key in ``folder``."""
-    meta = read_json(folder / TRAIN_META)
-    if not meta or meta.get(ARTIFACT_KEY) != MODEL_KIND or meta.get("run_key") != key:
-        return None
-    r = meta.get("result") or {}
-    curve = read_json(folder / LOSS_CURVE) or {}
-    return TrainResult(
-        out_dir=folder,
-        steps=int(r.get("steps", 0)),
-        total_steps=int(r.get("total_steps", 0)),
-        epochs=float(r.get("epochs", 0.0)),
-        final_loss=r.get("final_loss"),
-        loss_curve=list(curve.get("loss_curve", [])),
-        evals=list(curve.get("evals", [])),
-        tokens_seen=int(r.get("tokens_seen", 0)),
-        seconds=0.0,
-        tokens_this_run=0,
-        resumed_from=r.get("resumed_from"),
-        reused=True,
-    )
