@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from knnlm.errors import KnnlmError
+from knnlm.lm.presets import get_preset
 
 MACONDO_SIZE_KEYS = (
     "n_villagers",
@@ -33,6 +34,8 @@ MACONDO_SIZE_KEYS = (
     "max_children",
     "sentences_per_pair",
 )
+# The MLP memory on a Macondo datastore, where a run names only what it changes.
+MACONDO_MEMORY = {"hidden": 1024, "epochs": 10, "lr": 1e-3, "batch_tokens": 256}
 KNN_WEIGHT_NOTE = (
     "knn_weight is the weight on p_knn: p = (1 - w) p_lm + w p_knn; the paper writes "
     "lambda p_lm + (1 - lambda) p_knn with lambda = 0.25, i.e. w = 1 - lambda"
@@ -61,61 +64,78 @@ class RunPreset:
     cpu_threads: int | None = None
 
 
+def _scratch(architecture: str, name: str, description: str, **changes: Any) -> RunPreset:
+    """Train the shared LM preset ``architecture`` from scratch with its own training
+    defaults, ``changes`` apart."""
+    a = get_preset(architecture)
+    base = RunPreset(
+        name=name,
+        description=description,
+        epochs=a.epochs,
+        lr=a.lr,
+        batch_size=a.batch_size,
+        warmup_ratio=a.warmup_ratio,
+        weight_decay=a.weight_decay,
+        scratch_architecture=architecture,
+    )
+    return replace(base, **changes)
+
+
+# Full fine-tuning with CPU-sized settings: the base that the other fine-tuning presets change.
+_FINETUNE = RunPreset(
+    name="default",
+    description="full fine-tuning of a given model with CPU-sized settings",
+    epochs=10,
+    lr=1e-4,
+    batch_size=8,
+    warmup_ratio=0.05,
+    weight_decay=0.0,
+)
+
+
+def _finetune(name: str, description: str, **changes: Any) -> RunPreset:
+    return replace(_FINETUNE, name=name, description=description, **changes)
+
+
 RUN_PRESETS: dict[str, RunPreset] = {
     p.name: p
     for p in (
-        RunPreset(
-            name="quick",
-            description="tiny GPT-2 trained from scratch on the training sentences (CPU, ~1 min)",
+        _scratch(
+            "tiny",
+            "quick",
+            "tiny GPT-2 trained from scratch on the training sentences (CPU, ~1 min)",
             # 20 epochs: the LM fits its training sentences (child log-likelihood on them
             # above log(1/n)) while one seed stays near a minute on 2 CPU cores.
             epochs=20,
-            lr=3e-3,
-            batch_size=16,
-            warmup_ratio=0.05,
-            weight_decay=0.01,
-            scratch_architecture="tiny",
+            batch_size=16,  # as quick-finetune; tiny's own 8 is for blocks of natural text
             cpu_threads=1,
         ),
-        RunPreset(
-            name="quick-finetune",
-            description="fine-tune a small LM trained here on natural text (CPU, ~1 min/seed)",
+        _finetune(
+            "quick-finetune",
+            "fine-tune a small LM trained here on natural text (CPU, ~1 min/seed)",
             # A tiny LM pretrained on text needs a high rate and ~15 epochs (~1,000 steps) to
             # fit 1,125 training sentences; its train-sentence log-likelihood is recorded.
             epochs=15,
             lr=3e-3,
             batch_size=16,
-            warmup_ratio=0.05,
-            weight_decay=0.0,
             cpu_threads=1,
         ),
-        RunPreset(
-            name="default",
-            description="full fine-tuning of a given model with CPU-sized settings",
-            epochs=10,
-            lr=1e-4,
-            batch_size=8,
-            warmup_ratio=0.05,
-            weight_decay=0.0,
-        ),
-        RunPreset(
-            name="paper-gpt2",
-            description="the paper's GPT-2 fine-tuning (App. C): lr 1e-5, batch 4, 50 epochs",
+        _FINETUNE,
+        # The paper's settings (App. C); no weight decay (the Trainer default), as the base.
+        _finetune(
+            "paper-gpt2",
+            "the paper's GPT-2 fine-tuning (App. C): lr 1e-5, batch 4, 50 epochs",
             epochs=50,
             lr=1e-5,
             batch_size=4,
-            warmup_ratio=0.05,
-            weight_decay=0.0,
             default_model="gpt2-xl",
         ),
-        RunPreset(
-            name="paper-mistral",
-            description="the paper's Mistral LoRA fine-tuning (App. C.1): batch 128, 30 epochs",
+        _finetune(
+            "paper-mistral",
+            "the paper's Mistral LoRA fine-tuning (App. C.1): batch 128, 30 epochs",
             epochs=30,
             lr=5e-5,
             batch_size=128,
-            warmup_ratio=0.05,
-            weight_decay=0.0,
             lora=True,
             precision="bfloat16",
             default_model="mistralai/Mistral-7B-v0.1",
@@ -251,7 +271,7 @@ def _memory_settings(memory: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The MLP memory trained on each seed's datastore (Appendix D: 10 epochs on Macondo)."""
     if not memory:
         return None
-    m = {"hidden": 1024, "epochs": 10, "lr": 1e-3, "batch_tokens": 256} | dict(memory)
+    m = MACONDO_MEMORY | dict(memory)
     for key in ("hidden", "epochs", "batch_tokens"):
         if not isinstance(m[key], int) or m[key] < 1:
             raise KnnlmError(f"memory {key} must be a positive integer, got {m[key]!r}")
