@@ -17,17 +17,21 @@ w = 0.25, T = 1.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 from knnlm.errors import KnnlmError
+from knnlm.experiments.macondo_settings import MACONDO_MEMORY
+from knnlm.lm.presets import get_preset
 
 PAPER_SETTING = {"knn_weight": 0.25, "temperature": 1.0}
 
 
 @dataclass
 class ReproduceConfig:
-    """Every setting of a reproduction; the defaults are the ``quick`` scale."""
+    """Every setting of a reproduction: the field defaults, then what :meth:`for_scale`'s
+    scale changes (:data:`SCALES`)."""
 
     scale: str = "quick"  # quick | corpus | paper
     corpus: str | None = None  # natural-text corpus; None at quick scale: the embedded slice
@@ -59,7 +63,7 @@ class ReproduceConfig:
     projection_positions: int = 1000
     projection_max_steps: int = 500
     memory_hidden: int = 4096
-    memory_epochs: int = 2
+    memory_epochs: int = 2  # the paper's WikiText setting (App. D)
     memory_lr: float = 1e-5
     memory_batch_tokens: int = 9216
     memory_max_steps: int | None = None
@@ -69,9 +73,7 @@ class ReproduceConfig:
     macondo_lr: float | None = None
     macondo_sizes: dict[str, Any] = field(default_factory=dict)
     macondo_eval_every: int | None = None
-    macondo_memory: dict[str, Any] = field(
-        default_factory=lambda: {"hidden": 1024, "epochs": 10, "lr": 1e-3, "batch_tokens": 256}
-    )
+    macondo_memory: dict[str, Any] = field(default_factory=lambda: dict(MACONDO_MEMORY))
     hurdle_seeds: int = 3
     hurdle_steps: int | None = None
     hurdle_eval_every: int | None = None
@@ -90,93 +92,13 @@ class ReproduceConfig:
 
     @classmethod
     def for_scale(cls, scale: str, **overrides: Any) -> ReproduceConfig:
-        if scale == "quick":
-            # Sized for ~400 s on two idle cores (stage times in docs/results-quick.md): the
-            # first 1 MB of the slice's train split (234k BPE tokens: one epoch per LM seed,
-            # a 234k-key datastore) and ~30 kB of valid and test (~8k tokens each: every one
-            # searched exactly against every key, for each seed).
-            base = cls(
-                scale="quick",
-                embedded_chars={"train": 1_000_000, "valid": 30_000, "test": 30_000},
-                lm_preset="tiny",
-                lm_seeds=3,
-                # 8192 entries: 214 given names are single tokens under a BPE of this size
-                # trained on that text, enough for the 90 children below.
-                tokenizer_vocab=8192,
-                lm_epochs=1,
-                context_len=64,
-                stride=32,
-                k=256,
-                projection_positions=300,
-                memory_hidden=256,
-                memory_epochs=1,
-                memory_max_steps=100,
-                memory_lr=1e-3,
-                memory_batch_tokens=1024,
-                macondo_seeds=3,
-                macondo_preset="quick-finetune",
-                # 6 parents per n (90 children, 450 sentences; the paper has 20 per n): small
-                # enough that the tiny LM fits its training facts in 30 epochs (measured: the
-                # LM's train log-likelihood within 0.5 nats of log(1/n) for every n), which
-                # 14 per n with 12 epochs did not.
-                macondo_epochs=30,
-                macondo_sizes={"n_parents_per_count": 6},
-                macondo_eval_every=145,  # every 5 epochs of 29 steps
-                macondo_memory={"hidden": 256, "epochs": 10, "lr": 1e-3, "batch_tokens": 256},
-                hurdle_seeds=3,
-                hurdle_steps=150,
-                hurdle_eval_every=15,
-                hurdle_corpus_max_chars=1_000_000,
-                torch_threads=1,
-            )
-        elif scale == "corpus":
-            # Sized for a 2-core CPU on a WikiText-2-sized corpus: IVF-PQ with exact
-            # re-ranking, k=256, and a capped MLP-memory training run.
-            base = cls(
-                scale="corpus",
-                lm_preset="small",
-                lm_seeds=1,
-                context_len=256,
-                stride=256,
-                k=256,
-                index="ivfpq",
-                index_nlist=4096,
-                index_train_size=200_000,
-                nprobe=16,
-                projection_positions=1000,
-                memory_hidden=1024,
-                memory_epochs=1,
-                memory_lr=1e-3,
-                memory_batch_tokens=4096,
-                memory_max_steps=300,
-                macondo_seeds=3,
-                macondo_preset="quick-finetune",
-                macondo_eval_every=200,
-                hurdle_seeds=2,
-            )
-        elif scale == "paper":
-            base = cls(
-                scale="paper",
-                corpus="hf:wikitext:wikitext-103-raw-v1",
-                lm_preset="paper",
-                lm_seeds=1,
-                context_len=3072,
-                stride=1536,
-                k=1024,
-                index="ivfpq",
-                projection_positions=10000,
-                memory_hidden=4096,
-                memory_epochs=2,  # the paper's WikiText setting (App. D)
-                memory_lr=1e-5,
-                memory_batch_tokens=9216,
-                macondo_seeds=5,
-                macondo_preset="paper-gpt2",
-                macondo_eval_every=1000,
-                macondo_memory={"hidden": 4096, "epochs": 10, "lr": 1e-5, "batch_tokens": 9216},
-                hurdle_seeds=5,
-            )
-        else:
+        """The settings of ``scale``, then every ``overrides`` value that is not None."""
+        if scale not in SCALES:
             raise KnnlmError(f"unknown scale {scale!r}; choose quick, corpus or paper")
+        changes = copy.deepcopy(SCALES[scale])  # each config owns its dicts
+        # The LM trained here reads blocks of its preset's context.
+        context_len = get_preset(changes.get("lm_preset", cls.lm_preset)).context_len
+        base = cls(scale=scale, context_len=context_len, **changes)
         for key, value in overrides.items():
             if value is not None:
                 setattr(base, key, value)
@@ -185,3 +107,75 @@ class ReproduceConfig:
         if base.lm_seeds < 1 or base.macondo_seeds < 1 or base.hurdle_seeds < 1:
             raise KnnlmError("every part needs at least one seed")
         return base
+
+
+# What each scale changes from the field defaults of ReproduceConfig, and why.
+SCALES: dict[str, dict[str, Any]] = {
+    # Sized for ~400 s on two idle cores (stage times in docs/results-quick.md): the first
+    # 1 MB of the slice's train split (234k BPE tokens: one epoch per LM seed, a 234k-key
+    # datastore) and ~30 kB of valid and test (~8k tokens each: every one searched exactly
+    # against every key, for each seed).
+    "quick": dict(
+        embedded_chars={"train": 1_000_000, "valid": 30_000, "test": 30_000},
+        lm_preset="tiny",
+        # 8192 entries: 214 given names are single tokens under a BPE of this size trained on
+        # that text, enough for the 90 children below.
+        tokenizer_vocab=8192,
+        lm_epochs=1,
+        stride=32,
+        k=256,
+        projection_positions=300,
+        memory_hidden=256,
+        memory_epochs=1,
+        memory_max_steps=100,
+        memory_lr=1e-3,
+        memory_batch_tokens=1024,
+        macondo_preset="quick-finetune",
+        # 6 parents per n (90 children, 450 sentences; the paper has 20 per n): small enough
+        # that the tiny LM fits its training facts in 30 epochs (measured: the LM's train
+        # log-likelihood within 0.5 nats of log(1/n) for every n), which 14 per n with 12
+        # epochs did not.
+        macondo_epochs=30,
+        macondo_sizes={"n_parents_per_count": 6},
+        macondo_eval_every=145,  # every 5 epochs of 29 steps
+        macondo_memory=MACONDO_MEMORY | {"hidden": 256},  # as the natural-text memory here
+        hurdle_steps=150,
+        hurdle_eval_every=15,
+        hurdle_corpus_max_chars=1_000_000,
+        torch_threads=1,
+    ),
+    # Sized for a 2-core CPU on a WikiText-2-sized corpus: IVF-PQ with exact re-ranking,
+    # k=256, and a capped MLP-memory training run.
+    "corpus": dict(
+        lm_seeds=1,
+        stride=256,
+        k=256,
+        index="ivfpq",
+        index_nlist=4096,
+        index_train_size=200_000,
+        nprobe=16,
+        memory_hidden=1024,
+        memory_epochs=1,
+        memory_lr=1e-3,
+        memory_batch_tokens=4096,
+        memory_max_steps=300,
+        macondo_preset="quick-finetune",
+        macondo_eval_every=200,
+        hurdle_seeds=2,
+    ),
+    # The paper's settings, for GPU users.
+    "paper": dict(
+        corpus="hf:wikitext:wikitext-103-raw-v1",
+        lm_preset="paper",
+        lm_seeds=1,
+        stride=1536,
+        index="ivfpq",
+        projection_positions=10000,
+        macondo_seeds=5,
+        macondo_preset="paper-gpt2",
+        macondo_eval_every=1000,
+        # The natural-text memory's sizes and rate, with Macondo's 10 epochs (App. D).
+        macondo_memory=MACONDO_MEMORY | {"hidden": 4096, "lr": 1e-5, "batch_tokens": 9216},
+        hurdle_seeds=5,
+    ),
+}
