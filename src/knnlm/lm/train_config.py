@@ -1,4 +1,4 @@
-"""The settings of one training run (:class:`TrainConfig`) and what it returns (:class:`TrainResult`)."""
+"""Settings of one training run (:class:`TrainConfig`) and its outcome (:class:`TrainResult`)."""
 
 from __future__ import annotations
 
