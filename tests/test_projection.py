@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from knnlm.evaluate import KnnSettings, evaluate
-from knnlm.experiments.projection import projection_tables, run_projection
+from knnlm.experiments.projection import run_projection
 from knnlm.lm.loading import load_lm
+from knnlm.report.tables import projection_tables
 from knnlm.retrieval.datastore import build_datastore
 
 CTX = 32

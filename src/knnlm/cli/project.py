@@ -49,8 +49,9 @@ def project_cmd(
     """Project p_knnlm onto the output space of f and of f∘g (Eq. 2) and compare perplexities."""
     quiet_libraries()
     from knnlm.evaluate import KnnSettings
-    from knnlm.experiments.projection import projection_tables, run_projection
+    from knnlm.experiments.projection import run_projection
     from knnlm.lm.loading import load_lm
+    from knnlm.report.tables import projection_tables
 
     lm = load_lm(model, device=device, dtype=dtype)
     result = run_projection(

@@ -205,3 +205,39 @@ def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
     return markdown_table(
         ["Claim", "Status", "Criterion", "Evidence"], rows, align=["l", "l", "l", "l"]
     )
+
+
+def projection_tables(result: Mapping[str, Any]) -> str:
+    """Table 1 (perplexities) and Table 3 (KL statistics) of a
+    :func:`knnlm.experiments.projection.run_projection` result, as Markdown."""
+    s = result["settings"]
+    t1 = markdown_table(
+        ["", "perplexity"],
+        [
+            ["LM", result["lm"]["perplexity"]],
+            ["kNN-LM", result["knnlm"]["perplexity"]],
+            ["f(z*) (projection onto f)", result["proj_f"]["perplexity"]],
+            ["f∘g(z*) (projection onto f∘g)", result["proj_fg"]["perplexity"]],
+        ],
+    )
+    t3 = markdown_table(
+        ["projection", "KL mean", "KL median", "KL p90", "KL max", "steps (mean)"],
+        [
+            [
+                label,
+                result[key]["kl_mean"],
+                result[key]["kl_median"],
+                result[key]["kl_p90"],
+                result[key]["kl_max"],
+                result[key]["steps_mean"],
+            ]
+            for label, key in (("f", "proj_f"), ("f∘g", "proj_fg"))
+        ],
+        floatfmt=[".4f"] * 5 + [".1f"],
+    )
+    keep = ("split", "context_len", "stride", "k", "knn_weight", "temperature", "lr", "tol")
+    line = settings_line({k: s[k] for k in keep} | {"positions": result["positions"]})
+    return (
+        f"**Table 1: perplexity on the same {result['positions']} positions**\n\n{t1}\n\n"
+        f"{line}\n\n**Table 3: KL[f(z*) || p_knnlm] after solving Eq. 2**\n\n{t3}\n"
+    )
