@@ -113,7 +113,8 @@ def test_every_contract_key(run):
     assert "Figure 2" in whats and "GPT-2 XL" in whats and "WikiText-103" in whats
     assert all(x["why"] and x["command"] for x in r["not_run"])
     assert set(r["stages"]) >= {"corpus", "lm-0", "knnlm-1", "macondo", "hurdle"}
-    assert r["wall_seconds"] > 0
+    w = r["wall_seconds"]
+    assert isinstance(w, float) and math.isfinite(w) and w >= 0  # recorded, not timed
     assert {c["status"] for c in r["claims"]} <= {"held", "not held", "untestable here"}
 
 
