@@ -19,6 +19,7 @@ from knnlm.experiments.hurdle import (
     run_hurdle,
 )
 from knnlm.lm.loading import load_lm
+from knnlm.report.runs import render_hurdle
 
 SIZES = {"n_villagers": 30, "n_parents_per_count": 2, "max_children": 3}
 STEPS, EVERY = 12, 4
@@ -119,7 +120,7 @@ def test_quick_run_same_batches_curves_cache_and_figures(tmp_path, tiny_corpus):
         progress=False,
         **SIZES,
     )
-    res = run_hurdle(out, keep_models=True, on_model=on_model, **kw)
+    res = render_hurdle(out, run_hurdle(out, keep_models=True, on_model=on_model, **kw))
 
     # Same batches, same order, for both variants of a seed; other seeds see other orders.
     assert len(seen) == 8

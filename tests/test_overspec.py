@@ -12,6 +12,7 @@ import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.experiments.overspec import aggregate_groups, group_means, reproduced, run_macondo
+from knnlm.report.runs import render_macondo
 
 SIZES = {"n_villagers": 60, "n_parents_per_count": 3}
 K, WEIGHT, TEMP = 16, 0.25, 2.0
@@ -32,6 +33,7 @@ def run(tmp_path_factory):
         macondo_kwargs=SIZES,
         progress=False,
     )
+    render_macondo(out, results)
     return out, results
 
 

@@ -76,6 +76,7 @@ def register(app: typer.Typer) -> None:
         """Train GPT-2 models with and without the last MLP from the same initialisation on the
         same batches, and compare how fast they learn (paper Appendix E)."""
         from knnlm.experiments.hurdle import resolve_preset, run_hurdle
+        from knnlm.report.runs import render_hurdle
 
         if preset is not None:
             from knnlm.errors import KnnlmError
@@ -100,6 +101,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             progress=not quiet,
         )
+        render_hurdle(out, result)
         write_json(json_out, result)
         w, wo = result["with_mlp"], result["without_mlp"]
         typer.echo(

@@ -74,6 +74,7 @@ def run_cmd(
     """Fine-tune on Macondo, score children's names with the LM and the kNN-LM (Table 5)."""
     from knnlm.experiments.overspec import cli_summary, contract_view, run_macondo
     from knnlm.report.macondo import table5
+    from knnlm.report.runs import render_macondo
 
     if seeds < 1:
         raise KnnlmError(f"--seeds must be at least 1, got {seeds}")
@@ -107,6 +108,7 @@ def run_cmd(
         device=device,
         progress=not quiet,
     )
+    render_macondo(out, results)
     write_json(json_out, cli_summary(results))
     typer.echo(table5(contract_view(results)))
     typer.echo(f"reproduced: {results['reproduced']['summary']}")

@@ -11,10 +11,10 @@ second simply loses that MLP, so every remaining weight is equal) and trained wi
 (b) A text corpus (e.g. WikiText-2), when given: trained on its train split; the training loss
     (mean over each ``eval_every``-step window) is logged.
 
-Curves are averaged over seeds (mean, std), drawn as ``figure4.png`` / ``figure5.png`` and
-summarised: does the model without the last MLP lead early (mean gap over the first half of
-training, per logged step), and which variant first reaches a threshold half-way from the
-starting value to the best value either reached. Each (part, seed, variant) run is cached in
+Curves are averaged over seeds (mean, std), drawn as ``figure4.png`` / ``figure5.png`` by the
+report layer, and summarised: does the model without the last MLP lead early (mean gap over
+the first half of training, per logged step), and which variant first reaches a threshold
+half-way from the starting value to the best value either reached. Each (part, seed, variant) run is cached in
 ``out/runs/`` and skipped on a rerun with the same settings.
 
 Tokenizers: a byte-level BPE trained on the Macondo text (train + test sentences; children's
@@ -220,7 +220,7 @@ def run_hurdle(
     progress: bool = True,
     on_model: ModelHook | None = None,
 ) -> dict:
-    """Run Appendix E and write ``out/hurdle.json``, ``out/figure4.png`` (and ``figure5.png``).
+    """Run Appendix E and write ``out/hurdle.json`` (the report layer draws its figures).
 
     ``quick`` switches the defaults to a tiny model and a few hundred steps (CPU, a minute or
     two); explicit arguments still win. ``corpus`` adds part (b) on its train split
@@ -276,7 +276,6 @@ def _run_hurdle(
 ) -> dict:
     from knnlm.lm.loading import pick_device, tokenizer_fingerprint
     from knnlm.lm.train import TrainConfig
-    from knnlm.report.figures import plot_hurdle
 
     t0 = time.perf_counter()
     base = QUICK if quick else FULL
@@ -417,20 +416,6 @@ def _run_hurdle(
             "seconds": float(sum(r["seconds"] for r in mac[v])),
         }
     params = {v: int(mac[v][0]["params"]) for v in VARIANTS}
-    figures = {
-        "figure4": str(
-            plot_hurdle(
-                mac_steps,
-                result["with_mlp"]["loglik"],
-                result["with_mlp"]["loglik_std"],
-                result["without_mlp"]["loglik"],
-                result["without_mlp"]["loglik_std"],
-                ylabel="mean log-likelihood of the child",
-                path=out / "figure4.png",
-                title=f"Macondo test set ({arch.name}, {len(seeds)} seeds)",
-            )
-        )
-    }
     summary: dict[str, Any] = {
         "loglik": compare_curves(
             mac_steps,
@@ -471,18 +456,6 @@ def _run_hurdle(
         # (step 0 included); the windowed loss of the optimiser stays in loss / loss_per_seed.
         ev_steps = result["with_mlp"]["loss_eval_steps"]
         ev = {v: _mean_std(result[v]["loss_eval_per_seed"]) for v in VARIANTS}
-        figures["figure5"] = str(
-            plot_hurdle(
-                ev_steps,
-                ev["with_mlp"][0],
-                ev["with_mlp"][1],
-                ev["without_mlp"][0],
-                ev["without_mlp"][1],
-                ylabel="training loss (fixed training blocks)",
-                path=out / "figure5.png",
-                title=f"{Path(corpus).name or corpus} ({arch.name}, {len(seeds)} seeds)",
-            )
-        )
         summary["loss"] = compare_curves(
             ev_steps,
             ev["with_mlp"][0],
@@ -523,7 +496,6 @@ def _run_hurdle(
             "corpus": corpus_info,
         },
         summary=summary,
-        figures=figures,
         wall_seconds=time.perf_counter() - t0,
     )
     write_json_atomic(out / RESULT_FILE, result)

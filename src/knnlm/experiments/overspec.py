@@ -33,8 +33,9 @@ from knnlm.experiments.macondo_settings import (  # noqa: F401  (re-exported)
     get_run_preset,
     resolve_settings,
 )
-from knnlm.fileio import claim_work_dir, write_json_atomic, write_text_atomic
+from knnlm.fileio import claim_work_dir, write_json_atomic
 
+# The run's results; the report layer draws the table and figures from them.
 RESULTS = "results.json"
 TABLE = "table5.md"
 FIGURE_GROUPS = "figure1.png"
@@ -89,7 +90,8 @@ def run_macondo(
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the Macondo experiment for every seed and write results, Table 5 and figures.
+    """Run the Macondo experiment for every seed and write ``out/results.json`` (the report
+    layer draws Table 5 and the figures from it).
 
     ``preset`` defaults to ``quick`` without ``model`` and ``default`` with one; ``epochs``,
     ``lr``, ``batch_size``, ``warmup_ratio``, ``lora`` override the preset. ``eval_every``
@@ -98,8 +100,7 @@ def run_macondo(
     ``macondo_kwargs`` sets sizes (``n_villagers``, ``n_parents_per_count``, ``max_children``,
     ``min_children``, ``sentences_per_pair``). ``memory`` (hidden, epochs, lr, batch_tokens)
     trains the MLP memory on each seed's datastore and scores LM + memory too. Returns the
-    results dict written to
-    ``out/results.json``.
+    results dict written to ``out/results.json``.
     """
     from tqdm.auto import tqdm
 
@@ -165,7 +166,7 @@ def run_macondo(
     if curves is not None:
         results["curves"] = curves
         results["files"]["figure3"] = FIGURE_CURVES
-    write_outputs(out, results)
+    write_json_atomic(out / RESULTS, results)
     return results
 
 
@@ -214,43 +215,6 @@ def _macondo_curves(per_seed: list[dict], keys: list[str]) -> dict | None:
             continue
         out[model] = {n: [[seed[s][model][n] for s in steps] for seed in by_step] for n in keys}
     return out
-
-
-def write_outputs(out: Path, results: Mapping[str, Any]) -> None:
-    """``results.json``, ``table5.md``, ``figure1.png`` and (with curves) ``figure3.png``."""
-    from knnlm.report.figures import plot_macondo_curves, plot_macondo_groups
-    from knnlm.report.macondo import table5
-    from knnlm.report.tables import settings_line
-
-    settings = results["settings"]
-    n_seeds = len(settings["seeds"])
-    model = settings["model"] or f"{settings['scratch_architecture']} GPT-2 trained from scratch"
-    md = [
-        "# Macondo: log-likelihood of the child's name (Table 5)",
-        "",
-        table5(contract_view(results)),
-        "",
-        f"Model: {model}; preset {settings['preset']}; mean ± sample std over {n_seeds} seed(s).",
-        "",
-        f"Reproduced: {results['reproduced']['summary']}",
-        "",
-        "Settings: "
-        + settings_line({k: v for k, v in settings.items() if k != "knn_weight_convention"}),
-        "",
-    ]
-    write_text_atomic(out / TABLE, "\n".join(md))
-    plot_macondo_groups(
-        results["groups"], out / FIGURE_GROUPS, title=f"Macondo: {model} ({n_seeds} seeds)"
-    )
-    if results.get("curves"):
-        c = results["curves"]
-        plot_macondo_curves(
-            c["steps"],
-            {n: {"lm": g["lm"], "knnlm": g.get("knnlm")} for n, g in c["groups"].items()},
-            out / FIGURE_CURVES,
-            title=f"Macondo during fine-tuning: {model}",
-        )
-    write_json_atomic(out / RESULTS, results)
 
 
 def cli_summary(results: Mapping[str, Any]) -> dict[str, Any]:
