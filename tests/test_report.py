@@ -587,3 +587,32 @@ def test_paper_report_draws_kl_figures_and_drops_per_position_lists(tmp_path):
     assert saved["projection"]["lr_0.001"]["proj_f"]["kl_curve"] == [1.0, 0.5, 0.3]
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(out["figures"]) == 5
+
+
+def test_stage_figures_are_drawn_where_the_results_point(tmp_path):
+    """A reproduction's per-stage figures come from the data its stages saved: a seed whose
+    sweep data is missing gets no heatmap (and no error); Macondo and hurdle outputs are
+    drawn only from their own results files."""
+    from knnlm.report.runs import draw_stage_figures
+
+    r = make_results()
+    per_seed = r["knnlm"]["per_seed"]
+    for i, p in enumerate(per_seed):
+        p["figure"] = str(tmp_path / f"knnlm-{i}" / "sweep.png")
+    grid = {"weights": [0.1, 0.25], "temperatures": [1.0, 3.0], "k": 8,
+            "valid": [[30.0, 29.0], [28.0, 31.0]], "lm_ppl": 30.5}  # fmt: skip
+    (tmp_path / "knnlm-0").mkdir()
+    (tmp_path / "knnlm-0" / "sweep.json").write_text(json.dumps(grid))
+    p, q = r["projection"]["lr_0.1"], r["projection"]["lr_0.001"]
+    p["proj_f"]["kl"], p["proj_fg"]["kl"] = [0.01, 0.05, 0.2], [0.02, 0.06]
+    q["proj_f"]["kl_curve"], q["proj_fg"]["kl_curve"] = [1.0, 0.5, 0.3], [1.0, 0.8, 0.7]
+    p["figure"], q["figure"] = str(tmp_path / "kl_hist.png"), str(tmp_path / "kl_steps.png")
+    r["macondo"]["table5"] = str(tmp_path / "macondo" / "table5.md")
+    r["hurdle"]["figure4"] = str(tmp_path / "hurdle" / "figure4.png")
+    draw_stage_figures(r)
+    assert len(per_seed) >= 2
+    assert Path(per_seed[0]["figure"]).read_bytes()[:8] == PNG_SIGNATURE
+    assert not any(Path(x["figure"]).exists() for x in per_seed[1:])
+    for f in (p["figure"], q["figure"]):
+        assert Path(f).read_bytes()[:8] == PNG_SIGNATURE
+    assert not (tmp_path / "macondo").exists() and not (tmp_path / "hurdle").exists()

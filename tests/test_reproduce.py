@@ -67,6 +67,8 @@ def test_every_contract_key(run):
             for key in ("lm", "knnlm_paper", "knnlm_tuned"):
                 assert math.isfinite(p[split][key]) and p[split][key] > 1
     assert Path(k["figure"]).is_file() and "sweep" in k and "settings" in k
+    # Each seed's own heatmap, drawn by the report layer from the data saved beside it.
+    assert all(Path(p["figure"]).is_file() for p in k["per_seed"])
     for name in ("lr_0.1", "lr_0.001"):
         p = r["projection"][name]
         assert p["split"] == "test" and p["seed"] == seeds[0] and p["positions"] > 0

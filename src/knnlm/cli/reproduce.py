@@ -71,6 +71,7 @@ def reproduce_cmd(
     quiet_libraries()
     from knnlm.errors import KnnlmError
     from knnlm.experiments.reproduce import ReproduceConfig, reproduce
+    from knnlm.report.paper import write_reproduction_report
 
     if preset not in (None, "paper"):
         raise KnnlmError(f"unknown preset {preset!r}; the only preset is 'paper'")
@@ -83,7 +84,7 @@ def reproduce_cmd(
     overrides.update({key: v for key, v in given.items() if v is not None})
     cfg = ReproduceConfig.for_scale(scale, **overrides)
     t0 = time.perf_counter()
-    results = reproduce(cfg, out, progress=not quiet)
+    results = write_reproduction_report(out, reproduce(cfg, out, progress=not quiet))
     typer.echo(f"report: {out / 'report.md'} and {out / 'report.html'}")
     for c in results["claims"]:
         typer.echo(f"  [{c.get('status', 'held' if c['held'] else 'not held')}] {c['claim']}")

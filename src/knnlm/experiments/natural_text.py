@@ -20,6 +20,7 @@ import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
+from knnlm.fileio import write_json_atomic
 from knnlm.lm.loading import load_lm
 
 
@@ -150,7 +151,6 @@ def _grid(cfg: ReproduceConfig) -> tuple[list[float], list[float]]:
 def stage_knnlm(cfg: ReproduceConfig, model: str, corpus: str, ds: str, art: Path) -> dict:
     """LM and kNN-LM on valid and test; (weight, T) tuned on valid from cached neighbours."""
     from knnlm.evaluate import evaluate
-    from knnlm.report.figures import plot_sweep_heatmap
     from knnlm.sweep import sweep
 
     lm = load_lm(model)
@@ -185,9 +185,11 @@ def stage_knnlm(cfg: ReproduceConfig, model: str, corpus: str, ds: str, art: Pat
         direct = splits[split]["knnlm"]["perplexity"]
         if not abs(direct - ppl[pw][pt]) <= 1e-3 * direct:
             raise KnnlmError(f"sweep and evaluate disagree on {split}: {ppl[pw][pt]} vs {direct}")
-    plot_sweep_heatmap(
-        weights, temps, grids["valid"]["perplexity"][0], art / "sweep.png",
-        title=f"kNN-LM valid perplexity (k={cfg.k})", lm_ppl=out["valid"]["lm"],
+    # The heatmap's data, beside where the report layer draws it (sweep.png).
+    write_json_atomic(
+        art / "sweep.json",
+        {"weights": weights, "temperatures": temps, "k": cfg.k,
+         "valid": grids["valid"]["perplexity"][0], "lm_ppl": out["valid"]["lm"]},
     )  # fmt: skip
     out.update(
         sweep={"weights": weights, "temperatures": temps, "k": cfg.k,
@@ -206,7 +208,6 @@ def stage_projection(
     """Section 3 on the test split at the valid-tuned setting: Eq. 2 at lr 0.1 with early stop
     (Tables 1, 3), or lr 1e-3 for 100 steps (Appendix E, Table 4)."""
     from knnlm.experiments.projection import run_projection
-    from knnlm.report.figures import plot_kl_hist, plot_kl_steps
 
     res = run_projection(
         load_lm(model), corpus, ds, "test", context_len=cfg.context_len, stride=cfg.stride,
@@ -215,18 +216,14 @@ def stage_projection(
         seed=seed, lr=1e-3 if lr_study else 0.1, max_steps=cfg.projection_max_steps,
         fixed_steps=100 if lr_study else None, progress=False,
     )  # fmt: skip
-    if lr_study:
-        fig = plot_kl_steps(
-            res["proj_f"]["kl_curve"], res["proj_fg"]["kl_curve"], art / "kl_steps.png", lr=1e-3
-        )
-    else:
-        fig = plot_kl_hist(res["proj_f"]["kl"], res["proj_fg"]["kl"], art / "kl_hist.png")
+    # The figure is drawn there by the report layer, from the per-position KL values
+    # (or the KL curve) kept in this result.
     res.update(
         split="test",
         seed=seed,
         max_steps=100 if lr_study else cfg.projection_max_steps,
         tuned=tuned,
-        figure=str(fig),
+        figure=str(art / ("kl_steps.png" if lr_study else "kl_hist.png")),
     )
     return res
 

@@ -1,4 +1,4 @@
-"""``knnlm reproduce``: every analysis of the paper, end to end, with a report.
+"""``knnlm reproduce``: every analysis of the paper, end to end.
 
 The pipeline composes the library; it re-implements nothing. Stages (cached, see
 :mod:`knnlm.experiments.pipeline`) in order:
@@ -12,6 +12,8 @@ The pipeline composes the library; it re-implements nothing. Stages (cached, see
 
 ``results.json`` follows the contract the report's claims read (``knnlm``, ``projection``,
 ``memory``, ``macondo``, ``hurdle``, ``not_run``, ``config``, ``stages``, ``wall_seconds``).
+This module computes and saves; the report layer draws the figures, the claims and the
+report from those results.
 Settings and scales: :mod:`knnlm.experiments.reproduce_config`.
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 from knnlm.experiments import natural_text as nt
 from knnlm.experiments.pipeline import Pipeline, StageDisplay
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
-from knnlm.fileio import claim_work_dir
+from knnlm.fileio import claim_work_dir, write_json_atomic
 
 __all__ = ["ReproduceConfig", "reproduce", "not_run"]
 
@@ -99,7 +101,7 @@ def stage_hurdle(cfg: ReproduceConfig, corpus: str | None, art: Path) -> dict:
         },
         "loss": loss,
         "figure4": str(art / "figure4.png"),
-        "figure5": str(art / "figure5.png") if (art / "figure5.png").is_file() else None,
+        "figure5": str(art / "figure5.png") if res["settings"]["corpus"] else None,
         "summary": res["summary"],
         "params": res["params"],
         "settings": res["settings"],
@@ -140,14 +142,13 @@ def not_run(cfg: ReproduceConfig) -> list[dict]:
 
 
 def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> dict:
-    """Run every stage (or reuse cached ones) and write the report. Returns results.json."""
+    """Run every stage (or reuse cached ones) and write ``results.json``; the report layer
+    writes the report from it. Returns its content."""
     with nt.torch_threads(cfg.torch_threads):
         return _reproduce(cfg, out, progress)
 
 
 def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
-    from knnlm.report.paper import write_paper_report
-
     # Resumes a reproduction of ours; a folder of the user's own files is refused, untouched.
     out = claim_work_dir(Path(out).expanduser(), "reproduction")
     t_start = time.perf_counter()
@@ -235,11 +236,10 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
             ["corpus"],
             lambda art: stage_hurdle(cfg, corpus, art),
         )  # fmt: skip
-        display.update("report", pipe.total, pipe.total)
         results = _assemble(cfg, data, per_seed, proj, macondo, hurdle)
         results["stages"] = pipe.stage_times()
         results["wall_seconds"] = time.perf_counter() - t_start
-        write_paper_report(out, results)
+        write_json_atomic(out / "results.json", results)
     finally:
         display.close()
     return json.loads((out / "results.json").read_text())
@@ -260,7 +260,13 @@ def _assemble(cfg, data, per_seed, proj, macondo, hurdle) -> dict:
             "seeds": seeds,
             "paper_setting": dict(PAPER_SETTING),
             "per_seed": [
-                {"seed": s, "tuned": r["tuned"], "valid": r["valid"], "test": r["test"]}
+                {
+                    "seed": s,
+                    "tuned": r["tuned"],
+                    "valid": r["valid"],
+                    "test": r["test"],
+                    "figure": r["figure"],
+                }
                 for s, r in zip(seeds, knn, strict=True)
             ],
             "sweep": first["knnlm"]["sweep"],

@@ -186,3 +186,13 @@ def write_paper_report(out: Path, results: dict) -> dict:
     write_json_atomic(out / "results.json", results)
     write_report(out, md, "knnlm reproduction report")
     return results
+
+
+def write_reproduction_report(out: str | Path, results: dict) -> dict:
+    """The report of a :func:`knnlm.experiments.reproduce.reproduce` run in ``out``: each
+    stage's own figures (and Table 5) where its results point, then :func:`write_paper_report`.
+    Returns the results with the claims."""
+    from knnlm.report.runs import draw_stage_figures
+
+    draw_stage_figures(results)
+    return write_paper_report(Path(out).expanduser(), results)
