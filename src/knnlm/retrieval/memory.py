@@ -7,7 +7,8 @@ affine) and W (V x d) starts as a copy of the LM's output embedding. The LM comb
 own distribution like the kNN component (log-space mix, ``knnlm.retrieval.knn``).
 
 This module holds what evaluation needs: the model, loading a saved one and its storage
-accounting. Training (the Section 5 experiment) lives in ``knnlm.experiments.mlp_memory``.
+accounting. Training (the Section 5 experiment) lives in the experiments layer
+(``experiments/mlp_memory.py``).
 
 Files of a saved memory (one folder): ``model.safetensors`` and ``config.json`` are the model;
 ``train_state.safetensors`` (optimiser state) and ``loss_curve.json`` are training artefacts and
