@@ -127,7 +127,7 @@ def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, ar
         t0 = time.perf_counter()
         build_index(
             path, kind=cfg.index, nlist=cfg.index_nlist, train_size=cfg.index_train_size,
-            nprobe=cfg.nprobe or 32, seed=seed, progress=False,
+            nprobe=cfg.nprobe, seed=seed, progress=False,  # None: the library default
         )  # fmt: skip
         out["index_seconds"] = time.perf_counter() - t0
     ds = open_datastore(path)
