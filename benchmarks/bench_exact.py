@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,15 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     Timer,
     add_common_args,
-    emit,
     machine_info,
     model_context,
+    model_under_test,
     peak_rss_mib,
     prefix_corpus,
     quiet_libraries,
-    random_small_model,
     resolve_model,
+    run_and_emit,
     skip_unless_corpus,
+    stderr_logger,
 )
 
 
@@ -68,18 +68,14 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
     corpus = skip_unless_corpus(args.corpus, args.out)
     res: dict = {"benchmark": "exact", "machine": machine_info()}
-    log = _logger()
+    log = stderr_logger()
     part = work / "corpus"
     sizes = prefix_corpus(
         corpus, part, {"train": args.train_fraction, "valid": args.valid_fraction, "test": 0.01}
     )
-    model = resolve_model(args.model)
-    if model is None:
+    if resolve_model(args.model) is None:
         log("random small model (tokenizer trained on the train prefix)")
-        model = str(random_small_model(part, work / "random-small", args.seed))
-        res["model"] = {"path": None, "weights": "random weights (small preset)"}
-    else:
-        res["model"] = {"path": model, "weights": "trained"}
+    model, res["model"] = model_under_test(args.model, part, work, args.seed)
     ctx = args.context_len or model_context(model)
     stride = args.stride or ctx // 2
     lm = load_lm(model, device=args.device)
@@ -215,15 +211,6 @@ def _keep_best(steps: dict, name: str, new: dict) -> None:
     steps[name] = {**best, "runs_seconds": runs}
 
 
-def _logger():
-    t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    return log
-
-
 def main() -> None:
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -237,15 +224,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=None, help="default: half the context")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="where the LM runs (search stays on CPU)")
-    args = ap.parse_args()
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-        res = run(args, work)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-exact-") as tmp:
-            res = run(args, Path(tmp))
-    emit(res, args.out)
+    run_and_emit("exact", run, ap.parse_args())
 
 
 if __name__ == "__main__":

@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     add_common_args,
-    emit,
     machine_info,
     model_context,
+    model_under_test,
     peak_rss_mib,
     prefix_corpus,
     quiet_libraries,
-    random_small_model,
-    resolve_model,
+    run_and_emit,
     skip_unless_corpus,
 )
 
@@ -122,12 +120,7 @@ def bench_train(tokenizer, corpus: Path, work: Path, args: argparse.Namespace) -
 def run(args: argparse.Namespace, work: Path) -> dict:
     corpus = skip_unless_corpus(args.corpus, args.out)
     res: dict = {"benchmark": "foundation", "quick": args.quick, "machine": machine_info()}
-    model = resolve_model(args.model)
-    if model is None:
-        model = str(random_small_model(corpus, work / "random-small", args.seed))
-        res["model"] = {"path": None, "weights": "random weights (small preset)"}
-    else:
-        res["model"] = {"path": model, "weights": "trained"}
+    model, res["model"] = model_under_test(args.model, corpus, work, args.seed)
     # Enough train text for the steps (with margin); valid cut to --valid-fraction.
     from knnlm.lm.presets import get_preset
 
@@ -161,15 +154,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 def main() -> None:
     quiet_libraries()
-    args = parse_args()
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-        res = run(args, work)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-foundation-") as tmp:
-            res = run(args, Path(tmp))
-    emit(res, args.out)
+    run_and_emit("foundation", run, parse_args())
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +103,28 @@ def emit(result: dict, out: str | None) -> None:
         tmp.replace(path)
 
 
+def run_and_emit(name: str, run: Callable[[argparse.Namespace, Path], dict], args) -> None:
+    """``run(args, work)`` in ``--workdir`` (kept) or a temporary folder; emit its JSON."""
+    if args.workdir:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        res = run(args, work)
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+            res = run(args, Path(tmp))
+    emit(res, args.out)
+
+
+def stderr_logger() -> Callable[[str], None]:
+    """log(msg): ``msg`` on stderr with the seconds since this call (the JSON is on stdout)."""
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return log
+
+
 def _jsonable(x):
     if hasattr(x, "item"):  # numpy / torch scalars
         return x.item()
@@ -182,6 +205,16 @@ def resolve_model(arg: str | None) -> str | None:
             raise SystemExit(f"--model {arg} is not a directory")
         return arg
     return DEFAULT_MODEL if Path(DEFAULT_MODEL, "config.json").is_file() else None
+
+
+def model_under_test(arg: str | None, corpus: Path, work: Path, seed: int) -> tuple[str, dict]:
+    """(model dir, the result's ``model`` entry): the trained model of :func:`resolve_model`,
+    else a random ``small`` one with a tokenizer trained on ``corpus`` (built under ``work``)."""
+    model = resolve_model(arg)
+    if model is not None:
+        return model, {"path": model, "weights": "trained"}
+    model = str(random_small_model(corpus, work / "random-small", seed))
+    return model, {"path": None, "weights": "random weights (small preset)"}
 
 
 def random_small_model(corpus: Path, out: Path, seed: int = 0) -> Path:
