@@ -111,10 +111,10 @@ class ReproduceConfig:
 
 # What each scale changes from the field defaults of ReproduceConfig, and why.
 SCALES: dict[str, dict[str, Any]] = {
-    # Sized for ~400 s on two idle cores (stage times in docs/results-quick.md): the first
-    # 1 MB of the slice's train split (234k BPE tokens: one epoch per LM seed, a 234k-key
-    # datastore) and ~30 kB of valid and test (~8k tokens each: every one searched exactly
-    # against every key, for each seed).
+    # Sized for under 600 s on two idle cores (521 s measured; stage times at the end of
+    # docs/results-quick/report.md): the first 1 MB of the slice's train split (234k BPE
+    # tokens: one epoch per LM seed, a 234k-key datastore) and ~30 kB of valid and test (~8k
+    # tokens each: every one searched exactly against every key, for each seed).
     "quick": dict(
         embedded_chars={"train": 1_000_000, "valid": 30_000, "test": 30_000},
         lm_preset="tiny",
