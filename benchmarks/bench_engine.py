@@ -18,7 +18,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,16 +27,16 @@ from common import (  # noqa: E402
     Timer,
     add_common_args,
     child_main,
-    emit,
     machine_info,
     model_context,
+    model_under_test,
     prefix_corpus,
     quiet_libraries,
-    random_small_model,
-    resolve_model,
     rss_mib,
+    run_and_emit,
     run_child,
     skip_unless_corpus,
+    stderr_logger,
 )
 
 SCRIPT = str(Path(__file__).resolve())
@@ -288,13 +287,8 @@ def parse_args() -> argparse.Namespace:
 def run(args: argparse.Namespace, work: Path) -> dict:
     corpus = skip_unless_corpus(args.corpus, args.out)
     res: dict = {"benchmark": "engine", "quick": args.quick, "machine": machine_info()}
-    model = resolve_model(args.model)
     with Timer() as t:
-        if model is None:
-            model = str(random_small_model(corpus, work / "random-small", args.seed))
-            res["model"] = {"path": None, "weights": "random weights (small preset)"}
-        else:
-            res["model"] = {"path": model, "weights": "trained"}
+        model, res["model"] = model_under_test(args.model, corpus, work, args.seed)
     res["model"]["prepare_seconds"] = t.seconds
     ctx = args.context_len or model_context(model)
     stride = args.stride or ctx
@@ -322,7 +316,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     ds, ds_ivf, ds_q = work / "ds", work / "ds-ivfpq", work / "ds-quarter"
     for d in (ds, ds_ivf, ds_q):  # a kept workdir must not turn a build into a reuse
         shutil.rmtree(d, ignore_errors=True)
-    log = _logger(args)
+    log = stderr_logger()
 
     steps: dict = {}
     train = {**base, "corpus": str(full), "split": "train"}
@@ -439,28 +433,11 @@ def summarize(s: dict, k: int) -> dict:
     return out
 
 
-def _logger(args: argparse.Namespace):
-    t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    return log
-
-
 def main() -> None:
     if child_main(STEPS):
         return
     quiet_libraries()
-    args = parse_args()
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-        res = run(args, work)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
-            res = run(args, Path(tmp))
-    emit(res, args.out)
+    run_and_emit("engine", run, parse_args())
 
 
 if __name__ == "__main__":
