@@ -260,6 +260,9 @@ ROWS = [
     Row("project_context_over_positions", [*PROJECT, "--context-len", "256"],
         expect="128 positions"),
     Row("project_stride_zero", [*PROJECT, "--stride", "0"], expect="--stride"),
+    Row("project_k_zero", [*PROJECT, "--k", "0"], expect="k"),
+    Row("project_ds_meta_corrupt", PROJECT, write("ds/meta.json", b'{"format_version": 1, "n": '),
+        expect="meta.json"),
     Row("train_context_over_positions",
         ["train", "--model", "{model}", "--corpus", "{corpus}", "--out", "{ws}/tr",
          "--context-len", "256", "--quiet"], expect="128 positions"),
@@ -391,7 +394,8 @@ def test_knn_log_probs_refuses_out_of_vocabulary_values():
 BEFORE_MODEL = ["missing_datastore", "ds_meta_corrupt", "ds_keys_truncated", "ds_values_missing",
                 "k_zero", "weight_above_one", "temperature_zero", "exclude_self_bad_mode",
                 "cache_without_datastore", "build_out_user_folder", "build_out_user_file",
-                "eval_cache_user_folder", "eval_cache_is_datastore"]  # fmt: skip
+                "eval_cache_user_folder", "eval_cache_is_datastore", "project_k_zero",
+                "project_ds_meta_corrupt", "memory_train_missing_datastore"]  # fmt: skip
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r.id in BEFORE_MODEL], ids=lambda r: r.id)

@@ -52,7 +52,12 @@ def project_cmd(
     from knnlm.experiments.projection import run_projection
     from knnlm.lm.loading import load_lm
     from knnlm.report.tables import projection_tables
+    from knnlm.retrieval.datastore import open_datastore
 
+    # What the user can get wrong is checked before the model is loaded.
+    knn = KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature, nprobe=nprobe)
+    knn.validate()
+    open_datastore(datastore)
     lm = load_lm(model, device=device, dtype=dtype)
     result = run_projection(
         lm,
@@ -62,7 +67,7 @@ def project_cmd(
         context_len=context_len,
         stride=stride,
         batch_size=batch_size,
-        knn=KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature, nprobe=nprobe),
+        knn=knn,
         max_positions=max_positions or None,
         seed=seed,
         lr=lr,
