@@ -274,6 +274,9 @@ ROWS = [
     Row("generate_values_out_of_vocab", [*GEN, "--datastore", "{ds}", "--k", "4"],
         values_out_of_vocab, expect="vocabulary"),
     Row("generate_k_zero", [*GEN, "--datastore", "{ds}", "--k", "0"], expect="--k"),
+    Row("generate_missing_datastore", [*GEN, "--datastore", "{ws}/nope"], expect="nope"),
+    Row("generate_empty_prompt", ["generate", "--model", "{model}", "--prompt", ""],
+        expect="prompt"),
     Row("exclude_self_bad_mode", [*EVAL_DS, "--exclude-self", "maybe"], expect="exclude-self"),
     Row("exclude_self_yes_other_text",
         [*EVAL_DS[:5], "--split", "test", *EVAL_DS[7:], "--exclude-self", "yes"],
@@ -395,7 +398,8 @@ BEFORE_MODEL = ["missing_datastore", "ds_meta_corrupt", "ds_keys_truncated", "ds
                 "k_zero", "weight_above_one", "temperature_zero", "exclude_self_bad_mode",
                 "cache_without_datastore", "build_out_user_folder", "build_out_user_file",
                 "eval_cache_user_folder", "eval_cache_is_datastore", "project_k_zero",
-                "project_ds_meta_corrupt", "memory_train_missing_datastore"]  # fmt: skip
+                "project_ds_meta_corrupt", "memory_train_missing_datastore",
+                "generate_k_zero", "generate_missing_datastore", "generate_empty_prompt"]  # fmt: skip
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r.id in BEFORE_MODEL], ids=lambda r: r.id)

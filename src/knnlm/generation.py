@@ -34,6 +34,16 @@ class KnnLogitsProcessor(LogitsProcessor):
 
 
 @torch.no_grad()
+def check_settings(prompt: str, max_new_tokens: int, top_p: float) -> None:
+    """The settings of :func:`generate` that need no model (checked again there)."""
+    if not prompt:
+        raise KnnlmError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise KnnlmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise KnnlmError(f"--top-p must be in (0, 1], got {top_p}")
+
+
 def generate(
     lm: LoadedLM,
     prompt: str,
@@ -49,12 +59,7 @@ def generate(
     nprobe: int | None = None,
 ) -> str:
     """Continue ``prompt`` with the kNN-LM (or the plain LM when ``datastore`` is None)."""
-    if not prompt:
-        raise KnnlmError("the prompt is empty")
-    if max_new_tokens < 1:
-        raise KnnlmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if not 0.0 < top_p <= 1.0:
-        raise KnnlmError(f"--top-p must be in (0, 1], got {top_p}")
+    check_settings(prompt, max_new_tokens, top_p)
     torch.manual_seed(seed)
     enc = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
     limit = position_limit(lm.model)

@@ -290,8 +290,15 @@ def generate_cmd(
     quiet: bool = QUIET,  # no bar here; accepted so that every command takes --quiet
 ) -> None:
     """Continue a prompt with the kNN-LM (or the plain LM without --datastore)."""
-    from knnlm.generation import generate
+    from knnlm.evaluate import KnnSettings
+    from knnlm.generation import check_settings, generate
+    from knnlm.retrieval.datastore import open_datastore
 
+    # What the user can get wrong is checked before the model is loaded.
+    check_settings(prompt, max_new_tokens, top_p)
+    if datastore is not None:
+        KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature).validate()
+        open_datastore(datastore)
     lm = _load(model, device, dtype)
     text = generate(
         lm,
