@@ -106,6 +106,23 @@ def _cache_layout(k: int) -> dict[str, tuple[tuple[int, ...], type]]:
     }
 
 
+def open_inputs(
+    datastore: str | Path | Datastore | None, cache: str | Path | None, knn: KnnSettings
+) -> Datastore | None:
+    """Check what needs no model (kNN settings, the cache target) and open the datastore.
+
+    Callers run it before loading a model, so a mistake costs nothing; ``evaluate`` runs it too.
+    """
+    knn.validate()
+    if cache is not None:
+        if datastore is None:
+            raise KnnlmError("--cache needs --datastore (it stores the retrieved neighbours)")
+        claim_target(cache, CACHE_KIND, "meta.json", what="neighbour cache")
+    if datastore is None or isinstance(datastore, Datastore):
+        return datastore
+    return open_datastore(datastore)
+
+
 def evaluate(
     lm: LoadedLM,
     corpus: str,
@@ -134,22 +151,17 @@ def evaluate(
     stride = resolve_stride(context_len, stride)
     check_context_len(lm.model, context_len)
     knn = knn or KnnSettings()
-    knn.validate()
+    ds = open_inputs(datastore, cache, knn)
     if not 0.0 <= memory_weight <= 1.0:
         raise KnnlmError(f"--memory-weight must be in [0, 1], got {memory_weight}")
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
     eval_fp = corpus_fingerprint(ids)
 
-    if cache is not None:
-        if datastore is None:
-            raise KnnlmError("--cache needs --datastore (it stores the retrieved neighbours)")
-        claim_target(cache, _Cache.KIND, "meta.json", what="neighbour cache")
     # The user's settings are checked before the searcher is set up (it may log a notice).
-    retriever = ds = None
+    retriever = None
     exclude = False
     warnings: list[str] = []
-    if datastore is not None:
-        ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
+    if ds is not None:
         ds.check_compatible(lm)
         exclude = _should_exclude(ds, knn.exclude_self, eval_fp)
         if not exclude and is_own_stream(ds, eval_fp):

@@ -178,20 +178,11 @@ def eval_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
-    from knnlm.errors import KnnlmError
-    from knnlm.evaluate import CACHE_KIND, KnnSettings, evaluate
-    from knnlm.fileio import claim_target
-    from knnlm.retrieval.datastore import open_datastore
+    from knnlm.evaluate import KnnSettings, evaluate, open_inputs
 
-    # What the user can get wrong is checked before the model is loaded (evaluate checks again).
+    # What the user can get wrong is checked before the model is loaded.
     knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self)
-    knn.validate()
-    if cache is not None:
-        if datastore is None:
-            raise KnnlmError("--cache needs --datastore (it stores the retrieved neighbours)")
-        claim_target(cache, CACHE_KIND, "meta.json", what="neighbour cache")
-    if datastore is not None:
-        datastore = open_datastore(datastore)
+    datastore = open_inputs(datastore, cache, knn)
     lm = _load(model, device, dtype)
     result = evaluate(
         lm,
@@ -290,15 +281,15 @@ def generate_cmd(
     quiet: bool = QUIET,  # no bar here; accepted so that every command takes --quiet
 ) -> None:
     """Continue a prompt with the kNN-LM (or the plain LM without --datastore)."""
-    from knnlm.evaluate import KnnSettings
+    from knnlm.evaluate import KnnSettings, open_inputs
     from knnlm.generation import check_settings, generate
-    from knnlm.retrieval.datastore import open_datastore
 
     # What the user can get wrong is checked before the model is loaded.
     check_settings(prompt, max_new_tokens, top_p)
     if datastore is not None:
-        KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature).validate()
-        open_datastore(datastore)
+        open_inputs(
+            datastore, None, KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature)
+        )
     lm = _load(model, device, dtype)
     text = generate(
         lm,
