@@ -107,7 +107,7 @@ def setup(tiny_lm_dir, tiny_corpus, tmp_path_factory):
     }
 
 
-def _eval(s, ds, knn, cache=None):
+def _eval(s, ds, knn, cache=None, **kw):
     return evaluate(
         s["lm"],
         s["corpus"],
@@ -118,6 +118,7 @@ def _eval(s, ds, knn, cache=None):
         knn=knn,
         cache=cache,
         progress=False,
+        **kw,
     )
 
 
@@ -224,9 +225,8 @@ def test_overlapped_pass_equals_brute_force_and_the_sequential_pass(setup):
     knn = KnnSettings(k=k, knn_weight=w, temperature=temp)
     runs = {}
     for overlap in (False, True):
-        runs[overlap] = evaluate(s["lm"], s["corpus"], "valid", context_len=CTX, batch_size=4,
-                                 datastore=s["flat"], knn=knn, overlap=overlap,
-                                 cache=s["root"] / f"c_overlap_{overlap}", progress=False)  # fmt: skip
+        cache = s["root"] / f"c_overlap_{overlap}"
+        runs[overlap] = _eval(s, s["flat"], knn, cache=cache, overlap=overlap)
     assert runs[True]["knnlm"]["perplexity"] == pytest.approx(ref, rel=1e-5)
     assert runs[True]["knnlm"]["nll_sum"] == runs[False]["knnlm"]["nll_sum"]
     a, b = load_cache(s["root"] / "c_overlap_True"), load_cache(s["root"] / "c_overlap_False")
