@@ -293,11 +293,12 @@ def _run_hurdle(
         checkpoint_every = base["checkpoint_every"]
     if corpus is not None and corpus_max_chars is None:
         corpus_max_chars = base["corpus_max_chars"]
+    corpus_text = None
     if corpus is not None:
-        # Part (b) reads it after part (a) has trained: a wrong path must stop the run first.
+        # Read before part (a) trains, so a wrong path stops the run first; part (b) uses it.
         from knnlm.data.corpus import read_split
 
-        read_split(corpus, "train")
+        corpus_text = read_split(corpus, "train")
     # Resumes a run of ours; a folder of the user's own files is refused, untouched.
     out = claim_work_dir(Path(out).expanduser(), "hurdle_run")
     dev = pick_device(device)
@@ -436,7 +437,7 @@ def _run_hurdle(
     corpus_info = None
     if corpus is not None:
         vocab = corpus_vocab_size or arch.tokenizer_vocab_size
-        ctok, ids = _corpus_tokens(corpus, vocab, corpus_max_chars)
+        ctok, ids = _corpus_tokens(corpus_text, corpus, vocab, corpus_max_chars)
         cctx = arch.context_len
         crun = part_runs("corpus", ctok, ids, cctx, corpus_loss_fn(ids, cctx), _fingerprint(ids))
         loss_steps = [p["step"] for p in crun["with_mlp"][0]["loss_curve"]]

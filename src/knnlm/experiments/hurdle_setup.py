@@ -185,12 +185,12 @@ def corpus_loss_fn(ids: np.ndarray, context_len: int, n_blocks: int = 32):
     return fn
 
 
-def _corpus_tokens(corpus: str, vocab_size: int, max_chars: int | None):
-    """(tokenizer, token stream) of the corpus's train split, cut to ``max_chars`` characters."""
-    from knnlm.data.corpus import read_split, tokenize_text
+def _corpus_tokens(text: str, corpus: str, vocab_size: int, max_chars: int | None):
+    """(tokenizer, token stream) of ``text``, the train split of ``corpus``, cut to
+    ``max_chars`` characters."""
+    from knnlm.data.corpus import tokenize_text
     from knnlm.lm.tokenizer import train_bpe_tokenizer
 
-    text = read_split(corpus, "train")
     if max_chars is not None and len(text) > max_chars:
         text = text[: text.rfind("\n", 0, max_chars) + 1 or max_chars]
     if not text.strip():
