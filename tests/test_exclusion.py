@@ -185,7 +185,7 @@ def test_exclusion_through_an_ivfpq_index(lm, ds_dir, tiny_corpus, tmp_path):
     import shutil
 
     from knnlm.evaluate import evaluate, load_cache
-    from knnlm.retrieval.index import build_index
+    from knnlm.retrieval.index_build import build_index
     from knnlm.retrieval.retriever import KnnSettings
 
     ds = tmp_path / "ds"

@@ -19,7 +19,7 @@ from knnlm.data.windows import make_windows
 from knnlm.evaluate import evaluate, load_cache
 from knnlm.lm.loading import load_lm
 from knnlm.retrieval.datastore import build_datastore, open_datastore
-from knnlm.retrieval.index import build_index
+from knnlm.retrieval.index_build import build_index
 from knnlm.retrieval.retriever import KnnSettings
 
 CTX = 32
@@ -198,7 +198,7 @@ def test_ivfpq_recall_at_k_with_fewer_probes_than_lists(setup):
 
     The keys of a random tiny LM are not clustered and 4 x 6-bit PQ codes are coarse, so
     recall@10 saturates near 0.66 (measured) whatever nprobe; 4 of 16 lists must get there."""
-    from knnlm.retrieval.index import Searcher
+    from knnlm.retrieval.search import Searcher
 
     s = setup
     k = 10

@@ -237,9 +237,9 @@ def evaluate(
                     batch.first_row,
                     lm_log_prob=host["lm_log_prob"].numpy(),
                     targets=host["targets"].numpy().astype(np.int32),
-                    ids=nb.ids,
-                    dists=nb.dists,
-                    values=nb.values.astype(np.int32),
+                    ids=nb.rows.cpu().numpy(),
+                    dists=nb.distances.cpu().numpy(),
+                    values=nb.values.cpu().numpy().astype(np.int32),
                 )
         if mem is not None:
             with torch.no_grad():
@@ -278,9 +278,8 @@ def evaluate(
             exclude_self=exclude,  # applied: each target dropped its own row (p - 1)
             exclude_self_mode=knn.exclude_self,
             own_stream=is_own_stream(ds, eval_fp),
-            index=retriever.searcher.index.kind
-            if retriever.searcher.index is not None
-            else "exact (no index)",
+            index=search_label(retriever.backend.describe()),
+            search=retriever.backend.describe(),
         )
         result["knnlm"] = {
             "perplexity": perplexity(nll["knnlm"], n_tokens),
@@ -294,6 +293,11 @@ def evaluate(
         result["mlp"] = {"perplexity": perplexity(nll["mlp"], n_tokens), "nll_sum": nll["mlp"]}
         result["storage"] = storage_report(ds, memory_storage(memory))
     return result
+
+
+def search_label(desc: dict) -> str:
+    """The index kind a FAISS search used, or how an exact search ran (results JSON)."""
+    return desc["index"] if desc["search"] == "faiss" else f"exact ({desc['engine']})"
 
 
 def _with_host_copies(stream, want: bool):

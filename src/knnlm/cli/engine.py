@@ -9,6 +9,7 @@ import typer
 from knnlm.cli.common import (
     DEVICE,
     QUIET,
+    SEARCH,
     echo_json,
     output_file,
     quiet_libraries,
@@ -158,6 +159,7 @@ def eval_cmd(
         True, "--recompute/--no-recompute", help="Exact distances from stored keys."
     ),
     nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed."),
+    search: str = SEARCH,
     exclude_self: str = typer.Option(
         "auto",
         "--exclude-self",
@@ -181,7 +183,7 @@ def eval_cmd(
     from knnlm.evaluate import KnnSettings, evaluate, open_inputs
 
     # What the user can get wrong is checked before the model is loaded.
-    knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self)
+    knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self, search)
     datastore = open_inputs(datastore, cache, knn)
     lm = _load(model, device, dtype)
     result = evaluate(
@@ -276,6 +278,7 @@ def generate_cmd(
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    search: str = SEARCH,
     device: str | None = DEVICE,
     dtype: str = DTYPE,
     quiet: bool = QUIET,  # no bar here; accepted so that every command takes --quiet
@@ -288,7 +291,9 @@ def generate_cmd(
     check_settings(prompt, max_new_tokens, top_p)
     if datastore is not None:
         open_inputs(
-            datastore, None, KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature)
+            datastore,
+            None,
+            KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature, search=search),
         )
     lm = _load(model, device, dtype)
     text = generate(
@@ -302,6 +307,7 @@ def generate_cmd(
         do_sample=sample,
         top_p=top_p,
         seed=seed,
+        search=search,
     )
     typer.echo(prompt + text)
 

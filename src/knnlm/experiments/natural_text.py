@@ -122,7 +122,7 @@ def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, ar
     )  # fmt: skip
     out = {"datastore": str(path)}
     if cfg.index:
-        from knnlm.retrieval.index import build_index
+        from knnlm.retrieval.index_build import build_index
 
         t0 = time.perf_counter()
         build_index(
