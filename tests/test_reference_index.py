@@ -136,6 +136,22 @@ def test_flat_index_equals_no_index_and_brute_force(setup):
     assert flat["knnlm"]["perplexity"] == pytest.approx(no_index["knnlm"]["perplexity"], rel=1e-6)
 
 
+def test_search_exact_equals_no_index_whatever_index_exists(setup):
+    """--search exact gives the exact kNN-LM even beside an IVF-PQ (approximate) index."""
+    s = setup
+    k, w, temp = 16, 0.3, 2.0
+    d, i = brute_force_knn(s["q"], s["keys"], k)
+    ref = knnlm_ppl(d, i, s["values"], s["lps"], s["targets"], w, temp)
+    no_index = _eval(s, s["plain"], KnnSettings(k=k, knn_weight=w, temperature=temp))
+    for ds in (s["ivf"], s["flat"]):
+        res = _eval(s, ds, KnnSettings(k=k, knn_weight=w, temperature=temp, search="exact"))
+        assert res["settings"]["search"]["search"] == "exact"
+        assert res["knnlm"]["perplexity"] == pytest.approx(ref, rel=1e-5)
+        assert res["knnlm"]["perplexity"] == no_index["knnlm"]["perplexity"]
+    ivf = _eval(s, s["ivf"], KnnSettings(k=k, knn_weight=w, temperature=temp))
+    assert ivf["settings"]["search"]["exact_neighbours"] is False  # auto: the IVF-PQ index
+
+
 def _faiss_search(s, nprobe, k):
     index = faiss.read_index(str(s["ivf"] / "index.faiss"))
     faiss.extract_index_ivf(index).nprobe = nprobe

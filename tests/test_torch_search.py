@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -157,3 +159,76 @@ def test_exact_search_runs_without_faiss(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "[[0], [1]]" in out.stdout and "refused: --search faiss needs" in out.stdout
+
+
+def _sharded_worker(rank: int, ds: str, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from knnlm.retrieval.backends import open_backend
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        data = np.load(f"{out}/queries.npz")
+        lo, hi = (0, 3) if rank == 0 else (3, 8)  # ranks search different numbers of queries
+        b = open_backend(ds, "exact")
+        assert b.describe()["shards"] == 2
+        nb = b.search(torch.from_numpy(data["q"][lo:hi]), 20, exclude_rows=data["excl"][lo:hi])
+        np.savez(f"{out}/rank{rank}.npz", rows=nb.rows.numpy(), dist=nb.distances.numpy(),
+                 values=nb.values.numpy())  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_search_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    rng = np.random.default_rng(6)
+    keys = rng.normal(size=(101, 12)).astype(np.float16)  # 50 + 51 rows: shards smaller than k
+    ds = write_keys(tmp_path / "ds", keys)
+    q = rng.normal(size=(8, 12)).astype(np.float32)
+    excl = np.array([0, 50, 51, -1, 100, 3, 60, 7])
+    np.savez(tmp_path / "queries.npz", q=q, excl=excl)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_sharded_worker, args=(str(ds), init, str(tmp_path)), nprocs=2, join=True)
+    one = open_backend(ds, "exact").search(torch.from_numpy(q), 20, exclude_rows=excl)
+    parts = [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
+    rows = np.concatenate([p["rows"] for p in parts])
+    assert (rows == one.rows.numpy()).all()
+    assert (np.concatenate([p["values"] for p in parts]) == one.values.numpy()).all()
+    assert np.allclose(np.concatenate([p["dist"] for p in parts]), one.distances.numpy(), rtol=1e-6)
+    check_against(one, brute(q, keys, "l2", excl), 20)
+
+
+def test_torchrun_two_process_knnlm_perplexity_equals_one_process(
+    tmp_path, tiny_lm_dir, tiny_corpus
+):
+    """`torchrun --nproc_per_node 2 -m knnlm eval --search exact` (gloo) = one process."""
+    from knnlm.evaluate import evaluate
+    from knnlm.lm.loading import load_lm
+    from knnlm.retrieval.datastore import build_datastore
+    from knnlm.retrieval.retriever import KnnSettings
+
+    lm = load_lm(str(tiny_lm_dir))
+    ds = build_datastore(lm, str(tiny_corpus), "train", tmp_path / "ds", context_len=32,
+                         batch_size=16, progress=False)  # fmt: skip
+    knn = KnnSettings(k=16, search="exact")
+    one = evaluate(lm, str(tiny_corpus), "valid", context_len=32, batch_size=4, datastore=ds,
+                   knn=knn, progress=False)  # fmt: skip
+    out = tmp_path / "two.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", "2", "-m", "knnlm", "eval", "--model", str(tiny_lm_dir),
+           "--corpus", str(tiny_corpus), "--datastore", str(ds), "--k", "16",
+           "--context-len", "32", "--batch-size", "4", "--search", "exact", "--quiet",
+           "--device", "cpu", "--json", str(out)]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    try:
+        _, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the workers too, not only torchrun
+        raise
+    assert p.returncode == 0, err[-2000:]
+    two = json.loads(out.read_text())
+    assert two["settings"]["search"]["shards"] == 2 and one["settings"]["search"]["shards"] == 1
+    assert two["knnlm"]["perplexity"] == pytest.approx(one["knnlm"]["perplexity"], rel=1e-9)
+    assert two["lm"]["perplexity"] == pytest.approx(one["lm"]["perplexity"], rel=1e-12)

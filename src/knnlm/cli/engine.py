@@ -185,6 +185,9 @@ def eval_cmd(
     # What the user can get wrong is checked before the model is loaded.
     knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self, search)
     datastore = open_inputs(datastore, cache, knn)
+    # Under torchrun every rank scores the whole split and holds a shard of the datastore for
+    # exact search (knnlm.retrieval.sharded); rank 0 alone writes and prints.
+    rank = _init_distributed()
     lm = _load(model, device, dtype)
     result = evaluate(
         lm,
@@ -198,9 +201,11 @@ def eval_cmd(
         knn=knn,
         memory=memory,
         memory_weight=memory_weight,
-        cache=cache,
-        progress=not quiet,
+        cache=cache if rank == 0 else None,
+        progress=not quiet and rank == 0,
     )
+    if rank != 0:
+        return
     for warning in result["warnings"]:
         typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
     write_json(json_out, result)
@@ -295,6 +300,7 @@ def generate_cmd(
             None,
             KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature, search=search),
         )
+    rank = _init_distributed()  # torchrun: the search is sharded, every rank generates
     lm = _load(model, device, dtype)
     text = generate(
         lm,
@@ -309,7 +315,8 @@ def generate_cmd(
         seed=seed,
         search=search,
     )
-    typer.echo(prompt + text)
+    if rank == 0:
+        typer.echo(prompt + text)
 
 
 def register(app: typer.Typer) -> None:
