@@ -40,7 +40,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "self_exclusion_off",
         "targets keep their own datastore row when evaluating the datastore's stream",
-        "evaluate",
+        "_add_knn",
         "own = own_rows(batch.positions) if exclude else None",
         "own = None",
         f"{ENGINE}::test_exclude_self_on_training_split",
@@ -161,12 +161,12 @@ MUTANTS: list[Mutant] = [
         "perplexity = exp(mean over batches of the batch-mean NLL), not per token",
         (
             (
-                "evaluate",
+                "_sum_nll",
                 'nll["lm"] -= float(lm_lp.double().sum())',
                 'nll["lm"] -= float(lm_lp.double().mean()); nll["batches"] = nll.get("batches", 0) + 1',
             ),
             (
-                "evaluate",
+                "_result",
                 '"lm": {"perplexity": perplexity(nll["lm"], n_tokens)',
                 '"lm": {"perplexity": perplexity(nll["lm"], nll["batches"])',
             ),
@@ -242,7 +242,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "memory_weight_wrong_side",
         "memory_weight multiplies p_lm instead of the MLP memory's distribution",
-        "evaluate",
+        "_add_memory",
         "interpolate(lm_lp, mem_lp, memory_weight)",
         "interpolate(mem_lp, lm_lp, memory_weight)",
         "tests/test_reference_memory.py::test_lm_plus_memory_perplexity_equals_numpy_forward",

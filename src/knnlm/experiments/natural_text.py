@@ -249,11 +249,10 @@ def stage_memory(
 ) -> dict:
     """Section 5: the MLP memory trained on the datastore, interpolated like p_knn; its weight
     chosen on valid, read on test. The kNN-LM numbers are the ``knnlm`` stage's."""
-    from knnlm.evaluate import storage_report
     from knnlm.experiments.mlp_memory import train_memory
     from knnlm.retrieval.datastore import open_datastore
     from knnlm.retrieval.knn import interpolate, perplexity
-    from knnlm.retrieval.memory import load_memory, memory_storage
+    from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
 
     lm = load_lm(model)
     store = open_datastore(ds)
