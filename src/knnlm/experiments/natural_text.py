@@ -57,7 +57,7 @@ def stage_corpus(cfg: ReproduceConfig, art: Path) -> dict:
     if cfg.model is None:
         from knnlm.lm.presets import get_preset
         from knnlm.lm.tokenizer import save_tokenizer
-        from knnlm.lm.train import train_tokenizer_for_corpus
+        from knnlm.lm.train_data import train_tokenizer_for_corpus
 
         vocab = cfg.tokenizer_vocab or get_preset(cfg.lm_preset).tokenizer_vocab_size
         tok = train_tokenizer_for_corpus(corpus, vocab)
@@ -75,7 +75,8 @@ def stage_lm(cfg: ReproduceConfig, seed: int, corpus: str, tokenizer_dir: str, a
 
     from knnlm.data.corpus import read_split, tokenize_text
     from knnlm.lm.presets import get_preset
-    from knnlm.lm.train import TrainConfig, model_from_preset, train
+    from knnlm.lm.train import model_from_preset, train
+    from knnlm.lm.train_config import TrainConfig
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     preset = get_preset(cfg.lm_preset)
@@ -136,7 +137,7 @@ def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, ar
 
 
 def knn_settings(cfg: ReproduceConfig, weight: float, temperature: float):
-    from knnlm.evaluate import KnnSettings
+    from knnlm.retrieval.retriever import KnnSettings
 
     return KnnSettings(nprobe=cfg.nprobe, k=cfg.k, knn_weight=weight, temperature=temperature)
 

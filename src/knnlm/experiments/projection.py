@@ -16,13 +16,12 @@ from tqdm.auto import tqdm
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import KnnSettings
 from knnlm.experiments.projection_solver import solve_projection
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.datastore import corpus_fingerprint
 from knnlm.retrieval.exclusion import should_exclude
 from knnlm.retrieval.knn import interpolate, perplexity
-from knnlm.retrieval.retriever import Retriever
+from knnlm.retrieval.retriever import KnnSettings, Retriever
 from knnlm.scoring import score_stream
 
 
