@@ -16,8 +16,9 @@ import torch
 
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
-from knnlm.evaluate import evaluate, load_cache
+from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
+from knnlm.neighbour_cache import load_cache
 from knnlm.retrieval.datastore import build_datastore, open_datastore
 from knnlm.retrieval.index_build import build_index
 from knnlm.retrieval.retriever import KnnSettings

@@ -180,7 +180,8 @@ def eval_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
-    from knnlm.evaluate import KnnSettings, evaluate, open_inputs
+    from knnlm.evaluate import evaluate, open_inputs
+    from knnlm.retrieval.retriever import KnnSettings
 
     # What the user can get wrong is checked before the model is loaded.
     knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self, search)
@@ -289,8 +290,9 @@ def generate_cmd(
     quiet: bool = QUIET,  # no bar here; accepted so that every command takes --quiet
 ) -> None:
     """Continue a prompt with the kNN-LM (or the plain LM without --datastore)."""
-    from knnlm.evaluate import KnnSettings, open_inputs
+    from knnlm.evaluate import open_inputs
     from knnlm.generation import check_settings, generate
+    from knnlm.retrieval.retriever import KnnSettings
 
     # What the user can get wrong is checked before the model is loaded.
     check_settings(prompt, max_new_tokens, top_p)

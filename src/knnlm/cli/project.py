@@ -56,10 +56,11 @@ def project_cmd(
 ) -> None:
     """Project p_knnlm onto the output space of f and of f∘g (Eq. 2) and compare perplexities."""
     quiet_libraries()
-    from knnlm.evaluate import KnnSettings, open_inputs
+    from knnlm.evaluate import open_inputs
     from knnlm.experiments.projection import run_projection
     from knnlm.lm.loading import load_lm
     from knnlm.report.tables import projection_tables
+    from knnlm.retrieval.retriever import KnnSettings
 
     # What the user can get wrong is checked before the model is loaded.
     knn = KnnSettings(

@@ -59,6 +59,7 @@ class SearchBackend(Protocol):
     metric: str  # "l2" or "ip"
     n: int  # rows searched (all ranks together)
     dim: int
+    device: torch.device  # where queries are searched without a copy (cpu for FAISS)
 
     def search(
         self, queries: torch.Tensor, k: int, exclude_rows: Any = None

@@ -25,6 +25,7 @@ K_UNBOUNDED = 1 << 30  # the interface takes k per call; Searcher's own cap is n
 
 class FaissBackend:
     kind = "faiss"
+    device = torch.device("cpu")  # FAISS takes host arrays (it may copy them to its GPU index)
 
     def __init__(
         self,

@@ -65,6 +65,7 @@ class ShardedExactSearch:
     def __init__(self, local: TorchExactSearch, n_total: int) -> None:
         self.local = local
         self.metric, self.dim, self.n = local.metric, local.dim, n_total
+        self.device = local.device
         self.rank, self.size = world()
 
     def search(self, queries: torch.Tensor, k: int, exclude_rows: Any = None) -> Neighbours:
