@@ -26,6 +26,7 @@ from knnlm.fileio import (
     write_json_atomic,
 )
 from knnlm.lm.loading import LoadedLM
+from knnlm.locking import locks
 from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
 from knnlm.retrieval.knn import interpolate, perplexity
 from knnlm.retrieval.pipeline import prefetch
@@ -123,6 +124,7 @@ def open_inputs(
     return open_datastore(datastore)
 
 
+@locks("cache", "neighbour cache")
 def evaluate(
     lm: LoadedLM,
     corpus: str,

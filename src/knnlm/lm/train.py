@@ -63,6 +63,7 @@ from knnlm.lm.train_data import (
     token_blocks,
     train_tokenizer_for_corpus,
 )
+from knnlm.locking import locks
 
 # Names other modules import from here, wherever they are defined.
 __all__ = [
@@ -315,6 +316,7 @@ def _run_eval(on_eval: EvalFn, step: int, model: nn.Module, device: torch.device
 # ---------------------------------------------------------------------------------------
 # the high-level entry point: a corpus in, a model folder out
 # ---------------------------------------------------------------------------------------
+@locks("out", "trained model")
 def train_lm(
     corpus: str,
     out: str | Path,
