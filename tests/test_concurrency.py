@@ -76,7 +76,7 @@ def setup(tmp_path_factory):
     os.environ.setdefault("TQDM_DISABLE", "1")
     fi = _driver()
     work = tmp_path_factory.mktemp("concurrency")
-    fx = fi.make_fixtures(work, train_lines=1500)
+    fx = fi.make_fixtures(work, train_lines=1000)
     base = work / "base_ds"
     subprocess.run(
         fi.cli("datastore", "build", "-m", fx["model"], "-c", fx["corpus"], "-o", base)
@@ -166,3 +166,19 @@ def test_killed_holder_never_blocks(setup, tmp_path):
     assert lock.exists()  # left by the killed holder, unlocked
     assert launch(cmd.args(tmp_path), tmp_path.with_name("after.err")).wait() == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("argv", [["reproduce"], ["hurdle"], ["macondo", "run"]])
+def test_work_folder_held_is_refused(setup, tmp_path, argv):
+    """The reproduction / hurdle / Macondo folders: a second run is refused before any work."""
+    from knnlm.locking import writer_lock
+
+    fi, cmds, launch, _ = setup
+    out = tmp_path / "run"
+    err = tmp_path.with_name(f"{tmp_path.name}.err")
+    # Another process (this one) holds the folder; the forked run must stop, touching nothing.
+    with writer_lock(out, "work folder"):
+        code = launch(["python", "-m", "knnlm", *argv, "--out", out, "-q"], err).wait()
+    lines = err.read_text().strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"pid {os.getpid()}" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
