@@ -149,7 +149,9 @@ def read_stable(target: str | Path, read: Any, tries: int = 5) -> Any:
         before = _inode(_abs(target))
         try:
             result = read(target)
-        except KnnlmError:
+        except (KnnlmError, OSError, ValueError):
+            # OSError / ValueError: numpy maps a file by name after reading its header, so a
+            # swap between the two gives a short mapping; only a swap excuses it.
             if _inode(_abs(target)) == before or attempt == tries - 1:
                 raise
             continue
