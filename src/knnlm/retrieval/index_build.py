@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
-from knnlm.fileio import fsync_dir, write_json_atomic
+from knnlm.fileio import file_sha256, fsync_dir, write_json_atomic
 from knnlm.retrieval.index_common import (
     DISTANCE_NOTE,
     FORMAT_VERSION,
@@ -43,7 +43,6 @@ from knnlm.retrieval.index_common import (
     datastore_fingerprint,
     f32,
     faiss_metric,
-    file_sha256,
     log,
     open_keys,
     to_cpu,

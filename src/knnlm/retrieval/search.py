@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import file_sha256
 from knnlm.retrieval.index_common import (
     GPU_MAX_K,
     INDEX_FILE,
@@ -28,7 +29,6 @@ from knnlm.retrieval.index_common import (
     datastore_fingerprint,
     f32,
     faiss_metric,
-    file_sha256,
     log,
     mark_missing,
     open_keys,
