@@ -11,13 +11,12 @@ from collections import Counter, defaultdict
 import pytest
 
 from knnlm.data.macondo import (
-    Attribute,
-    choice_of,
     generate_macondo,
     load_macondo,
     non_single_token_children,
     write_macondo,
 )
+from knnlm.data.macondo_attributes import Attribute, choice_of
 from knnlm.data.names import (
     NameList,
     default_given_names,
@@ -161,7 +160,7 @@ def test_custom_attributes():
         generate_macondo(attributes=[bad])
     with pytest.raises(KnnlmError, match="distinct"):
         generate_macondo(attributes=[pets, pets])
-    from knnlm.data.macondo import MARRIAGE_YEAR
+    from knnlm.data.macondo_attributes import MARRIAGE_YEAR
 
     with pytest.raises(KnnlmError, match="birth_year"):
         generate_macondo(attributes=[MARRIAGE_YEAR])

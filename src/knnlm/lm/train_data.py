@@ -10,16 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from knnlm.data.corpus import read_split
 from knnlm.errors import KnnlmError
 from knnlm.fileio import fingerprint
-
-if TYPE_CHECKING:
-    from knnlm.lm.train_config import TrainConfig
+from knnlm.lm.tokenizer import train_bpe_tokenizer
+from knnlm.lm.train_config import TrainConfig
 
 
 def token_blocks(ids: np.ndarray, context_len: int) -> np.ndarray:
@@ -133,9 +132,6 @@ def train_tokenizer_for_corpus(
     corpus_spec: str, vocab_size: int, min_frequency: int = 2, *, text: str | None = None
 ):
     """A byte-level BPE tokenizer trained on the corpus's train split (or on ``text``)."""
-    from knnlm.data.corpus import read_split
-    from knnlm.lm.tokenizer import train_bpe_tokenizer
-
     if vocab_size < 257:
         raise KnnlmError(
             f"a byte-level BPE vocabulary needs at least 257 entries, got {vocab_size}"
