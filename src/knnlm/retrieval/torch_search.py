@@ -29,7 +29,7 @@ from knnlm.retrieval.backend import Neighbours, exclusion_tensor
 from knnlm.retrieval.index_common import check_k, check_metric
 
 KEY_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SCORE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}  # float32 scores per chunk (64 MiB / 1 GiB)
+SCORE_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}  # float32 scores per chunk (256 MiB / 1 GiB)
 GATHER_BYTES = 1 << 27  # float32 key bytes gathered per block when recomputing distances
 BLOCK_BYTES = 1 << 28  # bytes of keys streamed from the memmap per block
 
@@ -56,20 +56,23 @@ def order(dist: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def select_k(
     dist: torch.Tensor, rows: torch.Tensor | None, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest of each row of ``dist`` (B, C) by (distance, row id), sorted by distance
-    (equal distances in any order).
+    """The k smallest of each row of ``dist`` (B, C) by (distance, row id), in no order.
 
     ``rows`` (B, C) are the candidates' row ids (None: the column index). torch.topk may take
-    any of several equal values at the k-th place, so k + 1 are taken (sorted): where the
-    (k+1)-th equals the k-th (rare), the row is redone by a full (distance, row) sort.
+    any of several equal values at the k-th place, so k + 1 are taken: where the (k+1)-th
+    equals the k-th (rare), the row is redone by a full (distance, row) sort; elsewhere the
+    (k+1)-th is dropped.
     """
     n = dist.shape[1]
     if k >= n:
         return dist, (idx_range(dist) if rows is None else rows)
-    vals, idx = torch.topk(dist, k + 1, dim=1, largest=False, sorted=True)
+    vals, idx = torch.topk(dist, k + 1, dim=1, largest=False, sorted=False)
     sel = idx if rows is None else rows.gather(1, idx)
-    tied = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1)
-    vals, sel = vals[:, :k], sel[:, :k]
+    top2, pos = vals.topk(2, dim=1)  # the (k+1)-th and the k-th smallest, and where they are
+    tied = (top2[:, 0] == top2[:, 1]).nonzero().squeeze(1)
+    cols = torch.arange(k, device=dist.device)
+    keep = cols + (cols >= pos[:, :1])  # every column but the (k+1)-th's
+    vals, sel = vals.gather(1, keep), sel.gather(1, keep)
     if tied.numel():
         d_o, r_o = order(dist[tied], idx_range(dist[tied]) if rows is None else rows[tied])
         vals[tied], sel[tied] = d_o[:, :k], r_o[:, :k]
@@ -273,15 +276,15 @@ def finish(
     k: int,
     table: torch.Tensor,
 ) -> Neighbours:
-    """Merged candidates -> Neighbours: |q|^2 added back (L2, clamped at 0), or the exact
-    distances re-sorted when given; missing neighbours as -1 / +inf, padded to k columns."""
+    """Merged candidates -> Neighbours: |q|^2 added back (L2, clamped at 0; the order stays
+    the candidates' (distance, row) order), or the exact distances re-sorted when given;
+    missing neighbours as -1 / +inf, padded to k columns."""
     missing = torch.isinf(d)
-    if exact is not None:
-        d = exact.masked_fill(missing, float("inf"))
-    elif qn is not None:
-        d = (d + qn).clamp_(min=0)
     rows = rows.masked_fill(missing, -1)
-    d, rows = order(d, rows)  # +inf (missing) entries last
+    if exact is not None:
+        d, rows = order(exact.masked_fill(missing, float("inf")), rows)  # +inf entries last
+    elif qn is not None:  # the (distance, row) order of the candidates stays
+        d = (d + qn).clamp_(min=0)
     if d.shape[1] < k:
         pad = k - d.shape[1]
         d = torch.nn.functional.pad(d, (0, pad), value=float("inf"))
