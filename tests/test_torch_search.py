@@ -232,3 +232,34 @@ def test_torchrun_two_process_knnlm_perplexity_equals_one_process(
     assert two["settings"]["search"]["shards"] == 2 and one["settings"]["search"]["shards"] == 1
     assert two["knnlm"]["perplexity"] == pytest.approx(one["knnlm"]["perplexity"], rel=1e-9)
     assert two["lm"]["perplexity"] == pytest.approx(one["lm"]["perplexity"], rel=1e-12)
+
+
+@pytest.mark.parametrize("factory", ["IVF8,Flat", "HNSW8"])
+def test_factory_index_reports_recall_and_searches_through_faiss(tmp_path, factory):
+    from knnlm.retrieval.index_build import build_index, index_summary
+
+    rng = np.random.default_rng(8)
+    ds = write_keys(tmp_path / "ds", rng.normal(size=(600, 8)).astype(np.float32))
+    build_index(ds, factory=factory, nprobe=8, use_gpu=False, progress=False)
+    info = json.loads((ds / "index.json").read_text())
+    assert info["type"] == "factory" and info["factory"] == factory
+    assert info["recall"]["k"] == 100 and info["recall"]["recall"] > 0.5
+    assert "recall@100" in index_summary(ds)
+    b = open_backend(ds, "auto")
+    assert b.describe()["index"] == "factory" and b.describe()["exact_neighbours"] is False
+    q = torch.from_numpy(rng.normal(size=(3, 8)).astype(np.float32))
+    exact = open_backend(ds, "exact").search(q, 5)
+    if factory.startswith("IVF"):  # nprobe = nlist: every list scanned, exact sets
+        assert (b.search(q, 5).rows == exact.rows).all()
+    with pytest.raises(KnnlmError, match="FAISS cannot build"):
+        build_index(ds, factory="NoSuchIndex", use_gpu=False, progress=False)
+
+
+def test_ivfpq_index_reports_recall(tmp_path):
+    from knnlm.retrieval.index_build import build_index
+
+    rng = np.random.default_rng(9)
+    ds = write_keys(tmp_path / "ds", rng.normal(size=(2000, 8)).astype(np.float32))
+    build_index(ds, "ivfpq", nlist=8, pq_m=4, pq_bits=4, use_gpu=False, progress=False)
+    recall = json.loads((ds / "index.json").read_text())["recall"]
+    assert 0.0 < recall["recall"] <= 1.0 and recall["queries"] == 256

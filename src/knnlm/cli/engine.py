@@ -120,10 +120,15 @@ def datastore_index(
     nprobe: int | None = typer.Option(None, "--nprobe", help="Lists probed (default 32+)."),
     train_size: int | None = typer.Option(None, "--train-size", help="Cap on training sample."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training sample."),
+    factory: str | None = typer.Option(
+        None, "--factory", help='Any faiss.index_factory string instead (e.g. "HNSW32").'
+    ),
     quiet: bool = QUIET,
     wait: bool = WAIT,
 ) -> None:
-    """Build a FAISS index beside the datastore (index.faiss + index.json); resumable."""
+    """Build a FAISS index beside the datastore (index.faiss + index.json); resumable.
+
+    Approximate indexes report their recall@k against exact search (stored in index.json)."""
     from knnlm.retrieval.index_build import build_index, index_summary
 
     path = build_index(
@@ -137,6 +142,7 @@ def datastore_index(
         train_size=train_size,
         seed=seed,
         progress=not quiet,
+        factory=factory,
     )
     typer.echo(f"index written: {path} ({index_summary(ds)})")
 

@@ -42,8 +42,9 @@ def open_backend(
 ) -> SearchBackend:
     """The backend ``search`` names for the datastore in ``ds_dir`` (see the module doc).
 
-    ``recompute``: exact distances for the returned neighbours (FAISS: re-ranking from the
-    stored keys; exact: recomputed directly as sum((q - k)^2), as the FAISS path does).
+    ``recompute``: FAISS re-ranks its candidates with exact distances from the stored keys.
+    The exact backend's neighbours are exact already; its distances are the float32 expansion
+    |q|^2 - 2 q.k + |k|^2 (~1e-6 relative), not recomputed (that would gather k keys per query).
     ``key_dtype`` (exact only): float16, bfloat16 or float32 keys on the device.
     """
     kind = resolve_search(search, ds_dir)
@@ -55,5 +56,5 @@ def open_backend(
             )
         return FaissBackend(ds_dir, metric=metric, nprobe=nprobe, recompute=recompute,
                             progress=progress)  # fmt: skip
-    return open_exact(ds_dir, device=device, metric=metric, recompute=recompute,
-                      key_dtype=key_dtype, progress=progress)  # fmt: skip
+    return open_exact(ds_dir, device=device, metric=metric, key_dtype=key_dtype,
+                      progress=progress)  # fmt: skip

@@ -47,6 +47,7 @@ from knnlm.retrieval.index_common import (
     log,
     open_keys,
 )
+from knnlm.retrieval.index_quality import build_factory, recall_at_k
 
 REFERENCE_SCAN = 32 / 4096  # Khandelwal et al.: nprobe 32 of 4096 lists (0.78% of the keys)
 MIN_NPROBE = 32
@@ -93,11 +94,15 @@ def scan_fraction(info: dict[str, Any]) -> float:
 def index_summary(ds_dir: str | Path) -> str:
     """One line describing the committed index, with its expected scan fraction."""
     info = json.loads((Path(ds_dir) / INDEX_META).read_text())
+    recall = info.get("recall") or {}
+    tail = f"; recall@{recall['k']} {recall['recall']:.3f}" if recall.get("recall") else ""
+    if info["type"] == "factory":
+        return f"factory {info['factory']!r}, {info['n']:,} keys, {info['metric']}{tail}"
     if info["type"] != "ivfpq":
         return f"flat (exact), {info['n']:,} keys, {info['metric']}"
     return (
         f"ivfpq nlist={info['nlist']} pq_bytes={info['pq_m']} nprobe={info['nprobe']}: "
-        f"expected scan {100 * scan_fraction(info):.2f}% of {info['n']:,} keys per query"
+        f"expected scan {100 * scan_fraction(info):.2f}% of {info['n']:,} keys per query{tail}"
     )
 
 
@@ -192,6 +197,7 @@ def build_index(
     progress: bool = True,
     checkpoint_every: int = 10,
     on_checkpoint: Callable[[int], None] | None = None,
+    factory: str | None = None,
 ) -> Path:
     """Build ``DS/index.faiss`` + ``DS/index.json`` over the datastore's keys; return the path.
 
@@ -208,7 +214,13 @@ def build_index(
     same settings on the same datastore continues from there. ``on_checkpoint(rows_added)`` is
     called after each checkpoint. The result is always a CPU index; its expected scan fraction
     is logged and stored in index.json (``scan_fraction``).
+
+    ``factory`` (kind ``"factory"``): any ``faiss.index_factory`` string ("HNSW32",
+    "OPQ64,IVF4096,PQ64", ...), trained on ``train_size`` seeded rows (default 100k). Every
+    index but flat gets its recall@k against exact search stored in index.json (``recall``).
     """
+    if factory is not None:
+        kind = "factory"
     if kind not in KINDS:
         raise KnnlmError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
     check_metric(metric)
@@ -240,6 +252,14 @@ def build_index(
     if kind == "flat":
         index = _build_flat(keys, metric, add_chunk, progress)
         info.update(nlist=None, pq_m=None, pq_bits=None, nprobe=None, train_size=None)
+    elif kind == "factory":
+        if not factory:
+            raise KnnlmError("an index of kind 'factory' needs a factory string (--factory)")
+        index, more = build_factory(keys, factory, metric, train_size, seed, add_chunk, progress)
+        info.update(more, nprobe=None)
+        if more["nlist"] is not None:
+            info["nprobe"] = auto_nprobe(more["nlist"]) if nprobe is None else int(nprobe)
+            faiss.extract_index_ivf(index).nprobe = min(info["nprobe"], more["nlist"])
     else:
         settings = _ivfpq_settings(n, d, nlist, pq_m, pq_bits, train_size)
         info.update(settings)
@@ -251,7 +271,9 @@ def build_index(
         info["nprobe"] = nprobe
     if index.ntotal != n:  # a bug, not a user error
         raise RuntimeError(f"index holds {index.ntotal} vectors, expected {n}")
-    info["scan_fraction"] = scan_fraction(info)
+    info["scan_fraction"] = scan_fraction(info) if kind != "factory" else None
+    if kind != "flat":
+        info["recall"] = recall_at_k(index, keys, metric, seed)
     info.update(status="complete", build_seconds=round(time.time() - t0, 3), created=time.time())
     out = _commit(ds, index, info)
     _unlink(ds / PARTIAL_FILE, ds / PARTIAL_META)

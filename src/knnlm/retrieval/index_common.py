@@ -26,7 +26,7 @@ from knnlm.fileio import short_sha256
 
 log = logging.getLogger("knnlm.retrieval.index")
 
-KINDS = ("flat", "ivfpq")
+KINDS = ("flat", "ivfpq", "factory")
 METRICS = ("l2", "ip")
 INDEX_FILE = "index.faiss"
 INDEX_META = "index.json"

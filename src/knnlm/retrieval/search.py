@@ -141,6 +141,8 @@ def _check_against(ds: Path, index: Any, info: dict[str, Any], keys: np.ndarray 
     elif kind == "ivfpq":
         ok_type = isinstance(index, faiss.IndexIVFPQ) and index.nlist == info.get("nlist")
         ok_type = ok_type and index.pq.M == info.get("pq_m")
+    elif kind == "factory":
+        ok_type = type(index).__name__ == info.get("faiss_class")
     else:
         ok_type = False
     if not ok_type:
@@ -197,7 +199,7 @@ class KnnIndex:
         _check_against(ds, index, info, keys)
         index, res = to_gpu(index, use_gpu)
         self = cls(index, info, res)
-        if self.kind == "ivfpq":
+        if self.kind == "ivfpq" or info.get("nlist"):  # IVF (a factory string may make one)
             self.set_nprobe(int(info.get("nprobe") or 32) if nprobe is None else nprobe)
         return self
 
@@ -211,7 +213,7 @@ class KnnIndex:
 
     def set_nprobe(self, nprobe: int) -> None:
         """Inverted lists visited per query (IVF only; capped at nlist)."""
-        if self.kind != "ivfpq":
+        if not self.info.get("nlist"):  # not an IVF index
             return
         if not isinstance(nprobe, (int, np.integer)) or isinstance(nprobe, bool) or nprobe < 1:
             raise KnnlmError(f"nprobe must be a positive integer, got {nprobe!r}")

@@ -111,7 +111,7 @@ def open_exact(
     *,
     device: str | torch.device = "cpu",
     metric: str | None = None,
-    recompute: bool = True,
+    recompute: bool = False,
     key_dtype: str | None = None,
     progress: bool = False,
 ) -> TorchExactSearch | ShardedExactSearch:

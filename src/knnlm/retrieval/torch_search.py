@@ -6,9 +6,10 @@ block is multiplied against key chunks (``q @ K^T`` with float32 accumulation an
 turned into distances (squared L2 ``|q|^2 - 2 q.k + |k|^2``, or ``-q.k``), reduced to a top-k
 per chunk and merged into the running top-k. The neighbour sets are exact (no approximate
 candidate stage); ties are broken by row id, so results are deterministic and equal across
-chunkings and shards. ``recompute`` replaces the winners' distances by ``sum((q - k)^2)``
-computed directly in float32 (what the FAISS path reports), free of the expansion's
-cancellation.
+chunkings and shards. The distances are the float32 expansion (relative error ~1e-6 for LM
+keys); ``recompute=True`` replaces the winners' by ``sum((q - k)^2)`` computed directly (what
+the FAISS path reports), at the cost of gathering k keys per query: B * k * d values, more
+than the search itself on a GPU, so it is off in :func:`knnlm.retrieval.backends.open_backend`.
 
 On a GPU with 16-bit keys the float32 queries are split into two (bfloat16: three) 16-bit parts
 whose products with the keys are exact in float32, so the scores match a float32 product to
@@ -28,7 +29,7 @@ from knnlm.retrieval.backend import Neighbours, exclusion_tensor
 from knnlm.retrieval.index_common import check_k, check_metric
 
 KEY_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SCORE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}  # float32 scores per chunk (64 / 512 MiB)
+SCORE_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}  # float32 scores per chunk (256 MiB / 1 GiB)
 GATHER_BYTES = 1 << 27  # float32 key bytes gathered per block when recomputing distances
 BLOCK_BYTES = 1 << 28  # bytes of keys streamed from the memmap per block
 
@@ -55,23 +56,32 @@ def order(dist: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def select_k(
     dist: torch.Tensor, rows: torch.Tensor | None, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest of each row of ``dist`` (B, C) by (distance, row id), unsorted.
+    """The k smallest of each row of ``dist`` (B, C) by (distance, row id), in no order.
 
     ``rows`` (B, C) are the candidates' row ids (None: the column index). torch.topk may take
-    any of several equal values at the k-th place; the rare rows where the k-th value has more
-    copies than were taken are redone by a full (distance, row) sort.
+    any of several equal values at the k-th place, so k + 1 are taken: where the (k+1)-th
+    equals the k-th (rare), the row is redone by a full (distance, row) sort; elsewhere the
+    (k+1)-th is dropped.
     """
-    kk = min(k, dist.shape[1])
-    vals, idx = torch.topk(dist, kk, dim=1, largest=False, sorted=False)
+    n = dist.shape[1]
+    if k >= n:
+        return dist, (idx_range(dist) if rows is None else rows)
+    vals, idx = torch.topk(dist, k + 1, dim=1, largest=False, sorted=False)
     sel = idx if rows is None else rows.gather(1, idx)
-    if kk < dist.shape[1]:
-        kth = vals.max(1, keepdim=True).values
-        over = ((dist == kth).sum(1) > (vals == kth).sum(1)).nonzero().squeeze(1)
-        if over.numel():
-            cand = idx.new_tensor(range(dist.shape[1])).expand(len(over), -1)
-            d_o, r_o = order(dist[over], cand if rows is None else rows[over])
-            vals[over], sel[over] = d_o[:, :kk], r_o[:, :kk]
+    top2, pos = vals.topk(2, dim=1)  # the (k+1)-th and the k-th smallest, and where they are
+    tied = (top2[:, 0] == top2[:, 1]).nonzero().squeeze(1)
+    cols = torch.arange(k, device=dist.device)
+    keep = cols + (cols >= pos[:, :1])  # every column but the (k+1)-th's
+    vals, sel = vals.gather(1, keep), sel.gather(1, keep)
+    if tied.numel():
+        d_o, r_o = order(dist[tied], idx_range(dist[tied]) if rows is None else rows[tied])
+        vals[tied], sel[tied] = d_o[:, :k], r_o[:, :k]
     return vals, sel
+
+
+def idx_range(dist: torch.Tensor) -> torch.Tensor:
+    """Column indices of ``dist`` as int64 (B, C)."""
+    return torch.arange(dist.shape[1], device=dist.device).expand(dist.shape[0], -1)
 
 
 def query_parts(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -249,7 +259,7 @@ def describe_exact(s: TorchExactSearch, shards: int) -> dict[str, Any]:
         "metric": s.metric,
         "shards": shards,
         "exact_neighbours": True,
-        "exact_distances": s.recompute,
+        "exact_distances": s.recompute,  # else the float32 expansion, ~1e-6 relative
     }
 
 
@@ -266,15 +276,15 @@ def finish(
     k: int,
     table: torch.Tensor,
 ) -> Neighbours:
-    """Merged candidates -> Neighbours: |q|^2 added back (L2, clamped at 0), or the exact
-    distances re-sorted when given; missing neighbours as -1 / +inf, padded to k columns."""
+    """Merged candidates -> Neighbours: |q|^2 added back (L2, clamped at 0; the order stays
+    the candidates' (distance, row) order), or the exact distances re-sorted when given;
+    missing neighbours as -1 / +inf, padded to k columns."""
     missing = torch.isinf(d)
-    if exact is not None:
-        d = exact.masked_fill(missing, float("inf"))
-    elif qn is not None:
-        d = (d + qn).clamp_(min=0)
     rows = rows.masked_fill(missing, -1)
-    d, rows = order(d, rows)  # +inf (missing) entries last
+    if exact is not None:
+        d, rows = order(exact.masked_fill(missing, float("inf")), rows)  # +inf entries last
+    elif qn is not None:  # the (distance, row) order of the candidates stays
+        d = (d + qn).clamp_(min=0)
     if d.shape[1] < k:
         pad = k - d.shape[1]
         d = torch.nn.functional.pad(d, (0, pad), value=float("inf"))

@@ -1,0 +1,254 @@
+"""Exact search in torch against its limits; prints JSON (ratios within one run, no asserts).
+
+    python benchmarks/bench_search.py --part cpu [--corpus DIR] [--out FILE]
+    python benchmarks/bench_search.py --part gpu --corpus DIR --out FILE   (benchmarks/gpu_session.sh)
+
+``cpu``: (1) torch exact vs ``faiss.knn`` on the same synthetic keys and queries (float32 keys
+in RAM for both; torch also with float16 keys streamed from a memmap), with the neighbour
+agreement; (2) kNN-LM evaluation tok/s per backend (``--search exact``, ``faiss`` without an
+index = ``faiss.knn``, ``faiss`` with IVF-PQ) against the plain LM's tok/s, with a random GPT-2.
+
+``gpu`` (needs no FAISS): (1) search of a 128-query batch (k = 1024) over 1M and 10M synthetic
+float16 keys of d = 1024 against the memory-bandwidth limit (key bytes / measured copy
+bandwidth), and its agreement with a float64 brute force on a few queries; (2) kNN-LM
+evaluation with exact search against the plain LM (random GPT-2 of 12 layers, d = 768,
+~500k keys, k = 1024).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def best_of(fn, repeats: int, sync=lambda: None) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+# --------------------------------------------------------------------------- synthetic search
+
+
+def cpu_search(n: int, d: int, b: int, k: int, repeats: int, work: Path) -> dict:
+    import faiss
+
+    from knnlm.retrieval.torch_search import TorchExactSearch
+
+    rng = np.random.default_rng(0)
+    keys16 = rng.standard_normal((n, d), dtype=np.float32).astype(np.float16)
+    np.save(work / "keys.npy", keys16)
+    mm = np.load(work / "keys.npy", mmap_mode="r")
+    keys32 = keys16.astype(np.float32)
+    q = rng.standard_normal((b, d), dtype=np.float32)
+    zeros = np.zeros(n, np.int32)
+    resident = TorchExactSearch(keys16, zeros, recompute=False)  # float32 in RAM, like faiss
+    streamed = TorchExactSearch(mm, zeros, recompute=False, budget_bytes=0)
+    res = {"n": n, "d": d, "queries": b, "k": k, "torch_threads": torch.get_num_threads()}
+    times = {"faiss_knn_s": [], "torch_exact_s": [], "torch_exact_streamed_fp16_s": []}
+    for _ in range(repeats):  # alternated, fastest kept: the machine is shared
+        t, (_, fi) = best_of(lambda: faiss.knn(q, keys32, k), 1)
+        times["faiss_knn_s"].append(t)
+        t, nb = best_of(lambda: resident.search(torch.from_numpy(q), k), 1)
+        times["torch_exact_s"].append(t)
+        t, _ = best_of(lambda: streamed.search(torch.from_numpy(q), k), 1)
+        times["torch_exact_streamed_fp16_s"].append(t)
+    res.update({name: min(v) for name, v in times.items()})
+    res["torch_over_faiss_knn"] = res["torch_exact_s"] / res["faiss_knn_s"]
+    rows = nb.rows.numpy()
+    res["same_neighbour_sets"] = float(
+        np.mean([len(np.intersect1d(a, c)) / k for a, c in zip(rows, fi, strict=True)])
+    )
+    return res
+
+
+def bandwidth(device: torch.device) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    t, _ = best_of(lambda: y.copy_(x), 5, torch.cuda.synchronize)
+    return 2 * x.numel() / t
+
+
+def gpu_search(n: int, d: int, b: int, k: int, bw: float, check: int) -> dict:
+    from knnlm.retrieval.torch_search import TorchExactSearch
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    keys = torch.empty((n, d), dtype=torch.float16, device=dev)
+    for s in range(0, n, 1 << 20):
+        keys[s : s + (1 << 20)] = torch.randn(
+            (min(1 << 20, n - s), d), generator=g, device=dev, dtype=torch.float16
+        )
+    q = torch.randn((b, d), generator=g, device=dev)
+    ts = TorchExactSearch(keys, torch.zeros(n, dtype=torch.int32, device=dev), "l2", dev,
+                          recompute=False)  # fmt: skip
+    ts.search(q, k)  # warm-up
+    t, nb = best_of(lambda: ts.search(q, k), 5, torch.cuda.synchronize)
+    limit = n * d * 2 / bw
+    res = {"n": n, "d": d, "queries": b, "k": k, "search_s": t, "bandwidth_limit_s": limit,
+           "over_limit": t / limit, "out_dtype_mm": ts.out_dtype_mm}  # fmt: skip
+    if check:  # float64 brute force on a few queries
+        qd = q[:check].double()
+        dd = torch.cat([((keys[a : a + (1 << 16)].double()[None] - qd[:, None]) ** 2).sum(-1)
+                        for a in range(0, n, 1 << 16)], 1)  # fmt: skip
+        ref = torch.topk(dd, k, largest=False).indices
+        got = nb.rows[:check]
+        res["agreement_with_float64"] = float(
+            np.mean(
+                [len(np.intersect1d(a.cpu(), c.cpu())) / k for a, c in zip(got, ref, strict=True)]
+            )
+        )
+    keys = ts = nb = None  # free the device before the next size
+    torch.cuda.empty_cache()
+    return res
+
+
+# --------------------------------------------------------------------------- kNN-LM evaluation
+
+
+def words(n_chars: int, seed: int) -> str:
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(5000)]
+    out, size = [], 0
+    while size < n_chars:
+        line = " ".join(rng.choice(vocab) for _ in range(rng.randint(5, 30))) + " .\n"
+        out.append(line)
+        size += len(line)
+    return "".join(out)
+
+
+def make_corpus(src: str | None, work: Path, train_chars: int, valid_chars: int) -> Path:
+    """Prefixes of a WikiText-style corpus (or synthetic words when none is given)."""
+    out = work / "corpus"
+    out.mkdir(exist_ok=True)
+    for split, n in (("train", train_chars), ("valid", valid_chars), ("test", 10_000)):
+        if src and (Path(src) / f"{split}.txt").is_file():
+            text = (Path(src) / f"{split}.txt").read_text()[:n]
+        else:
+            text = words(n, seed=len(split))
+        (out / f"{split}.txt").write_text(text)
+    return out
+
+
+def random_gpt2(corpus: Path, out: Path, n_layer: int, d: int, vocab: int, ctx: int) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from knnlm.lm.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer((corpus / "train.txt").read_text().splitlines(True), vocab)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_positions=ctx, n_embd=d,
+                               n_layer=n_layer, n_head=max(1, d // 64),
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def eval_part(args, work: Path, device: str, backends: list[str]) -> dict:
+    from knnlm.evaluate import evaluate
+    from knnlm.lm.loading import load_lm
+    from knnlm.retrieval.datastore import build_datastore
+    from knnlm.retrieval.retriever import KnnSettings
+
+    corpus = make_corpus(args.corpus, work, args.train_chars, args.valid_chars)
+    model = random_gpt2(corpus, work / "model", args.layers, args.d_model, args.vocab, args.context)
+    lm = load_lm(str(model), device=device, dtype=args.dtype)
+    kw = dict(context_len=args.context, batch_size=args.batch_size, progress=False)
+    t0 = time.perf_counter()
+    ds = build_datastore(lm, str(corpus), "train", work / "ds", **kw)
+    res = {"device": device, "datastore_build_s": time.perf_counter() - t0, "k": args.k,
+           "model": f"random GPT-2, {args.layers} layers, d={args.d_model}", "evals": {}}  # fmt: skip
+    evaluate(lm, str(corpus), "valid", **kw)  # warm-up
+    plain = evaluate(lm, str(corpus), "valid", **kw)
+    res["keys"] = int(np.load(Path(ds) / "keys.npy", mmap_mode="r").shape[0])
+    res["evals"]["lm"] = {"tokens_per_s": plain["timing"]["tokens_per_s"],
+                          "perplexity": plain["lm"]["perplexity"]}  # fmt: skip
+    for name in backends:
+        search = name.split("+")[0]
+        if name == "faiss+ivfpq":
+            from knnlm.retrieval.index_build import build_index
+
+            build_index(ds, "ivfpq", use_gpu=False, progress=False)
+        r = evaluate(lm, str(corpus), "valid", datastore=ds, knn=KnnSettings(k=args.k, search=search),
+                     **kw)  # fmt: skip
+        res["evals"][name] = {
+            "tokens_per_s": r["timing"]["tokens_per_s"],
+            "over_lm": r["timing"]["tokens_per_s"] / plain["timing"]["tokens_per_s"],
+            "search_s": r["timing"]["search_seconds"],
+            "perplexity": r["knnlm"]["perplexity"],
+            "search": r["settings"]["search"],
+        }
+        log(f"{name}: {res['evals'][name]['tokens_per_s']:.0f} tok/s")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=["cpu", "gpu"], required=True)
+    ap.add_argument("--corpus", default=None, help="WikiText-style dir (default: synthetic)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--skip-search", action="store_true")
+    ap.add_argument("--sizes", default=None, help="synthetic key counts (comma-separated)")
+    ap.add_argument("--k", type=int, default=1024)
+    args, _ = ap.parse_known_args()
+    gpu = args.part == "gpu"
+    defaults = dict(layers=12 if gpu else 2, d_model=768 if gpu else 128,
+                    vocab=32000 if gpu else 4000, context=1024 if gpu else 256,
+                    batch_size=8, dtype="float32",
+                    train_chars=2_400_000 if gpu else 120_000,
+                    valid_chars=1_100_000 if gpu else 20_000)  # fmt: skip
+    for name, v in defaults.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(v), default=v)
+    args = ap.parse_args()
+    out = {"part": args.part, "machine": platform.node(), "torch": torch.__version__,
+           "command": " ".join(sys.argv)}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if gpu:
+            out["gpu"] = torch.cuda.get_device_name(0)
+            bw = bandwidth(torch.device("cuda"))
+            out["copy_bandwidth_GBps"] = bw / 1e9
+            sizes = [int(x) for x in (args.sizes or "1000000,10000000").split(",")]
+            sizes = [] if args.skip_search else sizes
+            out["search"] = [gpu_search(n, 1024, 128, args.k, bw, check=4 if n <= 2_000_000 else 0)
+                             for n in sizes]  # fmt: skip
+            log(json.dumps(out["search"]))
+            if not args.skip_eval:
+                out["eval"] = eval_part(args, work, "cuda", ["exact"])
+        else:
+            sizes = [int(x) for x in (args.sizes or "100000").split(",")]
+            sizes = [] if args.skip_search else sizes
+            out["search"] = [cpu_search(n, 256, 512, args.k, args.repeats, work) for n in sizes]
+            log(json.dumps(out["search"]))
+            if not args.skip_eval:
+                out["eval"] = eval_part(args, work, "cpu", ["exact", "faiss", "faiss+ivfpq"])
+    text = json.dumps(out, indent=1, default=str)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
