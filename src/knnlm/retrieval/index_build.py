@@ -50,6 +50,7 @@ from knnlm.retrieval.index_common import (
     to_gpu,
     want_gpu,
 )
+from knnlm.retrieval.pca import check_pca, pca_sample_size, train_pca, with_pca
 
 REFERENCE_SCAN = 32 / 4096  # Khandelwal et al.: nprobe 32 of 4096 lists (0.78% of the keys)
 MIN_NPROBE = 32
@@ -194,6 +195,7 @@ def build_index(
     progress: bool = True,
     checkpoint_every: int = 10,
     on_checkpoint: Callable[[int], None] | None = None,
+    pca: int | None = None,
 ) -> Path:
     """Build ``DS/index.faiss`` + ``DS/index.json`` over the datastore's keys; return the path.
 
@@ -210,6 +212,9 @@ def build_index(
     same settings on the same datastore continues from there. ``on_checkpoint(rows_added)`` is
     called after each checkpoint. The result is always a CPU index; its expected scan fraction
     is logged and stored in index.json (``scan_fraction``).
+
+    ``pca=D`` puts a PCA d -> D (:mod:`knnlm.retrieval.pca`), trained on a seeded sample, in
+    front of the index: it stores D-dim vectors and takes d-dim queries.
     """
     if kind not in KINDS:
         raise KnnlmError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -226,6 +231,7 @@ def build_index(
     keys, _ = open_keys(ds)
     finish_pending_commit(ds)
     n, d = keys.shape
+    pca = check_pca(pca, d)
     info: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "type": kind,
@@ -237,13 +243,14 @@ def build_index(
         "seed": seed,
         "datastore_fingerprint": datastore_fingerprint(ds),
         "faiss_version": faiss.__version__,
+        "pca": pca,
     }
     t0 = time.time()
     if kind == "flat":
-        index = _build_flat(keys, metric, add_chunk, progress)
+        index = _build_flat(keys, metric, add_chunk, progress, pca, seed)
         info.update(nlist=None, pq_m=None, pq_bits=None, nprobe=None, train_size=None)
     else:
-        settings = _ivfpq_settings(n, d, nlist, pq_m, pq_bits, train_size)
+        settings = _ivfpq_settings(n, pca or d, nlist, pq_m, pq_bits, train_size)
         info.update(settings)
         index = _build_ivfpq(
             ds, keys, info, add_chunk, use_gpu, progress, checkpoint_every, on_checkpoint
@@ -261,9 +268,13 @@ def build_index(
     return out
 
 
-def _build_flat(keys: np.ndarray, metric: str, chunk: int, progress: bool) -> Any:
-    d = keys.shape[1]
-    index = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+def _build_flat(
+    keys: np.ndarray, metric: str, chunk: int, progress: bool, pca: int | None, seed: int
+) -> Any:
+    index = faiss.IndexFlat(pca or keys.shape[1], faiss_metric(metric))
+    if pca is not None:
+        sample = _train_sample(keys, pca_sample_size(*keys.shape), seed, chunk)
+        index = with_pca(train_pca(sample, pca), index)
     for s in tqdm(range(0, keys.shape[0], chunk), desc="flat index", disable=not progress):
         index.add(f32(keys[s : s + chunk]))
     return index
@@ -316,7 +327,7 @@ def _build_ivfpq(
     # Everything that changes the trained index or its contents; a rerun must match it to resume.
     settings = {k: info[k] for k in ("type", "metric", "n", "dim", "key_dtype", "seed",
                                      "datastore_fingerprint", "nlist", "pq_m", "pq_bits",
-                                     "train_size")}  # fmt: skip
+                                     "train_size", "pca")}  # fmt: skip
     cpu = _load_partial(partial, partial_meta, settings)
     if cpu is None:
         _unlink(partial, partial_meta)
@@ -366,7 +377,12 @@ def _load_partial(partial: Path, partial_meta: Path, settings: dict[str, Any]) -
 def _train_ivfpq(
     keys: np.ndarray, settings: dict[str, Any], chunk: int, use_gpu: bool | str, progress: bool
 ) -> Any:
-    d = keys.shape[1]
+    x = _train_sample(keys, settings["train_size"], settings["seed"], chunk)
+    pca = None
+    if settings["pca"] is not None:  # the IVF-PQ is trained on the projected sample
+        pca = train_pca(x, settings["pca"])
+        x = pca.apply(x)
+    d = x.shape[1]
     metric = settings["metric"]
     quantizer = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
     index = faiss.IndexIVFPQ(
@@ -379,7 +395,6 @@ def _train_ivfpq(
     )
     index.cp.seed = settings["seed"]  # coarse k-means
     index.pq.cp.seed = settings["seed"]  # product-quantizer k-means
-    x = _train_sample(keys, settings["train_size"], settings["seed"], chunk)
     if progress:
         log.info("training IVF-PQ on %d keys", x.shape[0])
     # Seeded on a GPU too: the CPU index runs its own seeded k-means and only borrows a GPU
@@ -391,4 +406,4 @@ def _train_ivfpq(
     index.train(x)
     if res is not None:
         index.clustering_index = None
-    return index
+    return index if pca is None else with_pca(pca, index)

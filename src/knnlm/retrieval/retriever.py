@@ -50,6 +50,7 @@ class Neighbours:
     dists: np.ndarray  # (n, k) float32
     ids: np.ndarray  # (n, k) int64
     values: np.ndarray  # (n, k) int32
+    counts: np.ndarray | None = None  # (n, k) entries each neighbour stands for (pruned store)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (
@@ -86,12 +87,19 @@ class Retriever:
                 f"datastore {self.ds.path} holds the value {bad}, outside the model's vocabulary "
                 f"of {self.vocab_size} tokens (values.npy corrupt or from another tokenizer)"
             )
-        return Neighbours(dists, ids, values)
+        counts = None
+        if self.ds.counts is not None:  # a pruned datastore: merged entries weigh their count
+            counts = self.ds.counts[np.where(ids < 0, 0, ids)]
+        return Neighbours(dists, ids, values, counts)
 
     def target_log_prob(self, nb: Neighbours, targets: torch.Tensor) -> torch.Tensor:
         """log p_knn(target) per query, on the CPU."""
-        return knn_target_log_prob(*nb.tensors(), targets.cpu(), self.knn.temperature)
+        return knn_target_log_prob(*nb.tensors(), targets.cpu(), self.knn.temperature, _counts(nb))
 
     def log_probs(self, nb: Neighbours, vocab_size: int) -> torch.Tensor:
         """Full log p_knn over the vocabulary, (n, vocab_size), on the CPU."""
-        return knn_log_probs(*nb.tensors(), vocab_size, self.knn.temperature)
+        return knn_log_probs(*nb.tensors(), vocab_size, self.knn.temperature, _counts(nb))
+
+
+def _counts(nb: Neighbours) -> torch.Tensor | None:
+    return None if nb.counts is None else torch.from_numpy(nb.counts)
