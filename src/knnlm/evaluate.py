@@ -27,6 +27,7 @@ from knnlm.fileio import (
 )
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
+from knnlm.retrieval.gate import Gate, check_gate_for, check_rate, load_gate
 from knnlm.retrieval.knn import interpolate, perplexity
 from knnlm.retrieval.pipeline import prefetch
 from knnlm.retrieval.retriever import KnnSettings, Retriever
@@ -146,8 +147,13 @@ def evaluate(
     key_type: str | None = None,
     progress: bool = True,
     overlap: bool | None = None,
+    gate: str | Path | Gate | None = None,
+    retrieval_rate: float = 1.0,
 ) -> dict:
     """LM perplexity; plus kNN-LM with ``datastore`` and LM + MLP memory with ``memory``.
+
+    ``gate`` (adaptive retrieval, :mod:`knnlm.retrieval.gate`) searches only the share
+    ``retrieval_rate`` of the tokens it scores highest; the others keep p_lm exactly.
 
     ``key_type`` is the memory's key type when no datastore is given (default ffn_input).
     ``overlap`` runs the LM forward of batch i+1 while batch i is searched (default: when the
@@ -158,6 +164,7 @@ def evaluate(
     check_context_len(lm.model, context_len)
     knn = knn or KnnSettings()
     ds = open_inputs(datastore, cache, knn)
+    gate_obj = open_gate(gate, retrieval_rate, ds, cache)
     if not 0.0 <= memory_weight <= 1.0:
         raise KnnlmError(f"--memory-weight must be in [0, 1], got {memory_weight}")
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
@@ -182,6 +189,8 @@ def evaluate(
         mem = load_memory(memory, device=str(lm.device))
     if ds is not None:
         retriever = Retriever(lm, ds, knn)
+    if gate_obj is not None:
+        check_gate_for(gate_obj, lm.fingerprint, ds.dim)
     # Keys are needed for retrieval and for the memory (trained on ffn_input keys by default).
     if retriever is not None:
         key_type = retriever.key_type
@@ -212,6 +221,7 @@ def evaluate(
     nll = {"lm": 0.0, "knnlm": 0.0, "mlp": 0.0}
     n_tokens = 0
     t_search = 0.0
+    n_searched = 0
     if overlap is None:
         overlap = ds is not None and lm.device.type != "cpu"
     stream = score_stream(
@@ -224,19 +234,27 @@ def evaluate(
         want_lm=True,
         progress=progress,
         desc=f"eval {split}",
+        want_stats=gate_obj is not None,
     )
     t0 = time.perf_counter()
     for batch, host in prefetch(_with_host_copies(stream, ds is not None), depth=int(overlap)):
+        if gate_obj is not None:
+            host["keep"] = gate_obj.keep(host["keys"], batch.lm_stats.cpu(), retrieval_rate)
         lm_lp = batch.lm_log_prob
         n = len(batch.targets)
         nll["lm"] -= float(lm_lp.double().sum())
         if ds is not None:
             own = own_rows(batch.positions) if exclude else None
             ts = time.perf_counter()
-            nb = retriever.search(host["keys"], exclude_rows=own)
-            t_search += time.perf_counter() - ts
-            knn_lp = retriever.target_log_prob(nb, host["targets"])
-            mixed = interpolate(host["lm_log_prob"], knn_lp, knn.knn_weight)
+            if "keep" in host:
+                mixed, searched = _gated_mix(retriever, host, own, knn.knn_weight)
+                t_search += time.perf_counter() - ts  # with the gate: search and p_knn
+            else:
+                nb = retriever.search(host["keys"], exclude_rows=own)
+                t_search += time.perf_counter() - ts
+                knn_lp = retriever.target_log_prob(nb, host["targets"])
+                mixed, searched = interpolate(host["lm_log_prob"], knn_lp, knn.knn_weight), n
+            n_searched += searched
             nll["knnlm"] -= float(mixed.double().sum())
             if writer is not None:
                 writer.write(
@@ -293,6 +311,13 @@ def evaluate(
             "nll_sum": nll["knnlm"],
         }
         result["timing"]["search_seconds"] = t_search
+        result["knnlm"]["retrieval_share"] = n_searched / max(n_tokens, 1)  # searched tokens
+        if gate_obj is not None:
+            result["settings"].update(
+                gate=gate_obj.config.get("path"),
+                gate_kind=gate_obj.kind,
+                retrieval_rate=retrieval_rate,
+            )
     if mem is not None:
         from knnlm.retrieval.memory import memory_storage
 
@@ -300,6 +325,38 @@ def evaluate(
         result["mlp"] = {"perplexity": perplexity(nll["mlp"], n_tokens), "nll_sum": nll["mlp"]}
         result["storage"] = storage_report(ds, memory_storage(memory))
     return result
+
+
+def open_gate(
+    gate: str | Path | Gate | None, rate: float, ds: Datastore | None, cache: object
+) -> Gate | None:
+    """The gate, checked before any work: it needs a datastore and cannot fill a cache."""
+    check_rate(rate)
+    if gate is None:
+        if rate != 1.0:
+            raise KnnlmError("--retrieval-rate needs --gate (the gate decides which tokens)")
+        return None
+    if ds is None:
+        raise KnnlmError("--gate needs --datastore (it decides which tokens search it)")
+    if cache is not None:
+        raise KnnlmError("--gate and --cache do not combine: a cache holds every token's search")
+    return gate if isinstance(gate, Gate) else load_gate(gate)
+
+
+def _gated_mix(
+    retriever: Retriever, host: dict, own: np.ndarray | None, weight: float
+) -> tuple[torch.Tensor, int]:
+    """log p per token: p_lm exactly where the gate skips, the kNN-LM where it searches; only
+    the kept queries are searched. Returns (log p, number searched)."""
+    keep = host["keep"]
+    mixed = host["lm_log_prob"].clone()
+    rows = torch.nonzero(keep).squeeze(1)
+    if rows.numel():
+        excl = None if own is None else own[rows.numpy()]
+        nb = retriever.search(host["keys"][rows], exclude_rows=excl)
+        knn_lp = retriever.target_log_prob(nb, host["targets"][rows])
+        mixed[rows] = interpolate(host["lm_log_prob"][rows], knn_lp, weight)
+    return mixed, int(rows.numel())
 
 
 def _with_host_copies(stream, want: bool):

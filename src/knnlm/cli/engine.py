@@ -117,6 +117,7 @@ def datastore_index(
     nprobe: int | None = typer.Option(None, "--nprobe", help="Lists probed (default 32+)."),
     train_size: int | None = typer.Option(None, "--train-size", help="Cap on training sample."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training sample."),
+    pca: int | None = typer.Option(None, "--pca", help="PCA keys to D dims in front of the index."),
     quiet: bool = QUIET,
 ) -> None:
     """Build a FAISS index beside the datastore (index.faiss + index.json); resumable."""
@@ -133,6 +134,7 @@ def datastore_index(
         train_size=train_size,
         seed=seed,
         progress=not quiet,
+        pca=pca,
     )
     typer.echo(f"index written: {path} ({index_summary(ds)})")
 
@@ -172,17 +174,22 @@ def eval_cmd(
     json_out: Path | None = typer.Option(
         None, "--json", callback=output_file, help="Write results JSON here."
     ),
+    gate: Path | None = typer.Option(None, "--gate", help="Retrieval gate (knnlm gate train)."),
+    retrieval_rate: float = typer.Option(
+        1.0, "--retrieval-rate", help="Share of tokens the gate lets search (1: all, 0: none)."
+    ),
     text_field: str = TEXT_FIELD,
     device: str | None = DEVICE,
     dtype: str = DTYPE,
     quiet: bool = QUIET,
 ) -> None:
     """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
-    from knnlm.evaluate import KnnSettings, evaluate, open_inputs
+    from knnlm.evaluate import KnnSettings, evaluate, open_gate, open_inputs
 
     # What the user can get wrong is checked before the model is loaded.
     knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self)
     datastore = open_inputs(datastore, cache, knn)
+    gate_obj = open_gate(gate, retrieval_rate, datastore, cache)
     lm = _load(model, device, dtype)
     result = evaluate(
         lm,
@@ -198,6 +205,8 @@ def eval_cmd(
         memory_weight=memory_weight,
         cache=cache,
         progress=not quiet,
+        gate=gate_obj,
+        retrieval_rate=retrieval_rate,
     )
     for warning in result["warnings"]:
         typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
@@ -205,6 +214,8 @@ def eval_cmd(
     line = f"tokens {result['tokens']}  LM ppl {result['lm']['perplexity']:.3f}"
     if "knnlm" in result:
         line += f"  kNN-LM ppl {result['knnlm']['perplexity']:.3f}"
+        if gate_obj is not None:
+            line += f" (searched {100 * result['knnlm']['retrieval_share']:.1f}% of tokens)"
     if "mlp" in result:
         line += f"  LM+MLP ppl {result['mlp']['perplexity']:.3f}"
     typer.echo(line)

@@ -97,11 +97,12 @@ def scan_fraction(info: dict[str, Any]) -> float:
 def index_summary(ds_dir: str | Path) -> str:
     """One line describing the committed index, with its expected scan fraction."""
     info = json.loads((Path(ds_dir) / INDEX_META).read_text())
+    pca = f", PCA {info['dim']} -> {info['pca']} dims" if info.get("pca") else ""
     if info["type"] != "ivfpq":
-        return f"flat (exact), {info['n']:,} keys, {info['metric']}"
+        return f"flat (exact), {info['n']:,} keys, {info['metric']}{pca}"
     return (
         f"ivfpq nlist={info['nlist']} pq_bytes={info['pq_m']} nprobe={info['nprobe']}: "
-        f"expected scan {100 * scan_fraction(info):.2f}% of {info['n']:,} keys per query"
+        f"expected scan {100 * scan_fraction(info):.2f}% of {info['n']:,} keys per query{pca}"
     )
 
 
