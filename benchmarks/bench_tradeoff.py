@@ -35,7 +35,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="trained model dir (default: train one)")
     ap.add_argument("--preset", default="tiny", help="preset of the model trained here")
     ap.add_argument("--lm-steps", type=int, default=600, help="training steps of that model")
-    ap.add_argument("--train-chars", type=int, default=None, help="cut the train split")
+    ap.add_argument("--train-chars", type=int, default=1_000_000, help="cut the train split "
+                    "(0: whole)")  # fmt: skip
+    ap.add_argument("--train-per-list", type=int, default=40,
+                    help="IVF-PQ training keys per list (0: the library default, 256)")  # fmt: skip
     ap.add_argument("--eval-chars", type=int, default=60_000, help="cut valid and test")
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--knn-weight", type=float, default=0.25)
@@ -61,7 +64,7 @@ def prepare_corpus(args, work: Path) -> str:
     for split, cap in (("train", args.train_chars), ("valid", args.eval_chars),
                        ("test", args.eval_chars)):  # fmt: skip
         text = (src / f"{split}.txt").read_text(encoding="utf-8")
-        if cap is not None and len(text) > cap:
+        if cap and len(text) > cap:
             text = text[: text.rfind("\n", 0, cap) + 1]
         (out / f"{split}.txt").write_text(text, encoding="utf-8")
     return str(out)
@@ -96,7 +99,7 @@ def build(args, lm, corpus: str, work: Path, log) -> dict:
     """Datastore, its default IVF-PQ, PCA copies, the pruned store and the two gates."""
     from knnlm.retrieval.datastore import build_datastore, open_datastore
     from knnlm.retrieval.gate_train import train_gate
-    from knnlm.retrieval.index_build import build_index
+    from knnlm.retrieval.index_build import auto_nlist, build_index
     from knnlm.retrieval.prune import prune_datastore
     from knnlm.retrieval.retriever import KnnSettings
 
@@ -112,21 +115,28 @@ def build(args, lm, corpus: str, work: Path, log) -> dict:
 
     ds = Path(timed("datastore", build_datastore, lm, corpus, "train", work / "ds",
                     context_len=ctx, progress=False))  # fmt: skip
-    dim = open_datastore(ds).dim
-    info.update(n=open_datastore(ds).n, dim=dim)
-    timed("index_ivfpq", build_index, ds, "ivfpq", seed=args.seed, progress=False)
+    dim, n = open_datastore(ds).dim, open_datastore(ds).n
+    info.update(n=n, dim=dim)
+    # IVF-PQ builds (five here) train k-means on a sample: 40 keys per list keeps each one to
+    # about a minute on one core; FAISS asks for at least 39.
+    ivf = {"seed": args.seed, "progress": False}
+    if args.train_per_list:
+        ivf["train_size"] = args.train_per_list * auto_nlist(n)
+    info["ivfpq_train_size"] = ivf.get("train_size", "library default")
+    timed("index_ivfpq", build_index, ds, "ivfpq", **ivf)
     stores = {"default": ds}
     for name, d in (("pca_d2", dim // 2), ("pca_d4", dim // 4)):
         stores[name] = linked_copy(ds, work / name)
-        timed(f"index_{name}", build_index, stores[name], "ivfpq", seed=args.seed, pca=d,
-              progress=False)  # fmt: skip
+        timed(f"index_{name}", build_index, stores[name], "ivfpq", pca=d, **ivf)
     report = timed("prune", prune_datastore, ds, work / "pruned", k=args.prune_k, progress=False)
     info["prune"] = report
     stores["pruned"] = work / "pruned"
-    timed("index_pruned", build_index, stores["pruned"], "ivfpq", seed=args.seed, progress=False)
+    ivf_pruned = dict(ivf)
+    if args.train_per_list:
+        ivf_pruned["train_size"] = args.train_per_list * auto_nlist(report["entries_after"])
+    timed("index_pruned", build_index, stores["pruned"], "ivfpq", **ivf_pruned)
     stores["combined"] = linked_copy(stores["pruned"], work / "combined")
-    timed("index_combined", build_index, stores["combined"], "ivfpq", seed=args.seed,
-          pca=dim // 2, progress=False)  # fmt: skip
+    timed("index_combined", build_index, stores["combined"], "ivfpq", pca=dim // 2, **ivf_pruned)
     knn = KnnSettings(k=args.k, knn_weight=args.knn_weight, temperature=args.temperature)
     for kind in ("mlp", "entropy"):
         timed(f"gate_{kind}", train_gate, lm, ds, corpus, work / f"gate_{kind}", kind=kind,
