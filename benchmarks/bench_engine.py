@@ -215,7 +215,8 @@ def step_recall(p: dict) -> dict:
 
 
 def step_eval(p: dict) -> dict:
-    from knnlm.evaluate import KnnSettings, evaluate
+    from knnlm.evaluate import evaluate
+    from knnlm.retrieval.retriever import KnnSettings
 
     lm = _lm(p)
     knn = KnnSettings(k=p["k"], nprobe=p["nprobe"], recompute=p["recompute"])

@@ -59,10 +59,11 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     import json
 
     from knnlm.data.corpus import load_tokens
-    from knnlm.evaluate import KnnSettings, evaluate
+    from knnlm.evaluate import evaluate
     from knnlm.lm.loading import load_lm
     from knnlm.retrieval.datastore import build_datastore, open_datastore
     from knnlm.retrieval.index_build import build_index
+    from knnlm.retrieval.retriever import KnnSettings
     from knnlm.retrieval.search import Searcher
     from knnlm.scoring import score_stream
 

@@ -78,7 +78,8 @@ def bench_eval(model_dir: str, corpus: Path, args: argparse.Namespace) -> dict:
 def bench_train(tokenizer, corpus: Path, work: Path, args: argparse.Namespace) -> dict:
     from knnlm.data.corpus import load_tokens
     from knnlm.lm.presets import build_model_from_preset, get_preset
-    from knnlm.lm.train import TrainConfig, train
+    from knnlm.lm.train import train
+    from knnlm.lm.train_config import TrainConfig
 
     preset = get_preset("small")
     ids = load_tokens(tokenizer, str(corpus), "train")

@@ -223,7 +223,7 @@ def random_small_model(corpus: Path, out: Path, seed: int = 0) -> Path:
     if (out / "config.json").is_file():
         return out
     from knnlm.lm.presets import build_model_from_preset, get_preset
-    from knnlm.lm.train import train_tokenizer_for_corpus
+    from knnlm.lm.train_data import train_tokenizer_for_corpus
 
     preset = get_preset("small")
     tok = train_tokenizer_for_corpus(str(corpus), preset.tokenizer_vocab_size)

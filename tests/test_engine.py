@@ -13,10 +13,11 @@ from conftest import make_text, save_tiny_model
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import KnnSettings, evaluate
+from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
 from knnlm.retrieval.datastore import build_datastore, open_datastore
 from knnlm.retrieval.knn import interpolate, knn_log_probs, knn_target_log_prob
+from knnlm.retrieval.retriever import KnnSettings
 from knnlm.sweep import sweep
 
 CTX, STRIDE = 24, 8

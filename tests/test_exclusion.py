@@ -89,7 +89,8 @@ def test_target_position_maps_to_row_p_minus_1_for_every_layout():
 
 def test_same_split_other_layout_excludes_own_row(lm, ds_dir, tiny_corpus, tmp_path):
     from knnlm.data.corpus import load_tokens
-    from knnlm.evaluate import evaluate, load_cache
+    from knnlm.evaluate import evaluate
+    from knnlm.neighbour_cache import load_cache
     from knnlm.retrieval.retriever import KnnSettings
 
     cache = tmp_path / "cache"
@@ -184,8 +185,9 @@ def test_exclusion_through_an_ivfpq_index(lm, ds_dir, tiny_corpus, tmp_path):
     """Approximate search too: no target's neighbours hold its own row."""
     import shutil
 
-    from knnlm.evaluate import evaluate, load_cache
-    from knnlm.retrieval.index import build_index
+    from knnlm.evaluate import evaluate
+    from knnlm.neighbour_cache import load_cache
+    from knnlm.retrieval.index_build import build_index
     from knnlm.retrieval.retriever import KnnSettings
 
     ds = tmp_path / "ds"

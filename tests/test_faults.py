@@ -21,12 +21,14 @@ import torch
 
 from knnlm import fileio
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import KnnSettings, evaluate, load_cache
+from knnlm.evaluate import evaluate
 from knnlm.experiments.mlp_memory import train_memory
 from knnlm.lm.loading import load_lm
+from knnlm.neighbour_cache import load_cache
 from knnlm.retrieval import datastore as dsmod
 from knnlm.retrieval.datastore import build_datastore, build_example_datastore, open_datastore
 from knnlm.retrieval.memory import load_memory
+from knnlm.retrieval.retriever import KnnSettings
 
 CTX, STRIDE = 24, 8
 KW = dict(context_len=CTX, stride=STRIDE, batch_size=2, checkpoint_every=2, progress=False)

@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.hurdle import (
-    VARIANTS,
-    build_model,
-    compare_curves,
-    macondo_for_hurdle,
-    resolve_preset,
-    run_hurdle,
-)
+from knnlm.experiments.hurdle import VARIANTS, compare_curves, run_hurdle
+from knnlm.experiments.hurdle_setup import build_model, macondo_for_hurdle, resolve_preset
 from knnlm.lm.loading import load_lm
 from knnlm.report.runs import render_hurdle
 
@@ -246,7 +240,7 @@ def test_interrupted_run_resumes_to_the_same_curve(tmp_path):
 def test_corpus_loss_is_cross_entropy_on_fixed_blocks_by_hand(tiny_tokenizer):
     """Figure 5's logged loss: mean next-token NLL over the chosen blocks, from a softmax
     computed here in numpy (float64)."""
-    from knnlm.experiments.hurdle import corpus_loss_fn
+    from knnlm.experiments.hurdle_setup import corpus_loss_fn
 
     arch = resolve_preset("quick")
     model = build_model(arch, tiny_tokenizer, seed=1).eval()

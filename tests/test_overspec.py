@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.overspec import aggregate_groups, group_means, reproduced, run_macondo
+from knnlm.experiments.macondo_aggregate import aggregate_groups, group_means, reproduced
+from knnlm.experiments.overspec import run_macondo
 from knnlm.report.runs import render_macondo
 
 SIZES = {"n_villagers": 60, "n_parents_per_count": 3}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from knnlm.evaluate import KnnSettings, evaluate
+from knnlm.evaluate import evaluate
 from knnlm.experiments.projection import run_projection
 from knnlm.lm.loading import load_lm
 from knnlm.report.tables import projection_tables
 from knnlm.retrieval.datastore import build_datastore
+from knnlm.retrieval.retriever import KnnSettings
 
 CTX = 32
 

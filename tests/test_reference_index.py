@@ -16,10 +16,11 @@ import torch
 
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
-from knnlm.evaluate import evaluate, load_cache
+from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
+from knnlm.neighbour_cache import load_cache
 from knnlm.retrieval.datastore import build_datastore, open_datastore
-from knnlm.retrieval.index import build_index
+from knnlm.retrieval.index_build import build_index
 from knnlm.retrieval.retriever import KnnSettings
 
 CTX = 32
@@ -136,6 +137,22 @@ def test_flat_index_equals_no_index_and_brute_force(setup):
     assert flat["knnlm"]["perplexity"] == pytest.approx(no_index["knnlm"]["perplexity"], rel=1e-6)
 
 
+def test_search_exact_equals_no_index_whatever_index_exists(setup):
+    """--search exact gives the exact kNN-LM even beside an IVF-PQ (approximate) index."""
+    s = setup
+    k, w, temp = 16, 0.3, 2.0
+    d, i = brute_force_knn(s["q"], s["keys"], k)
+    ref = knnlm_ppl(d, i, s["values"], s["lps"], s["targets"], w, temp)
+    no_index = _eval(s, s["plain"], KnnSettings(k=k, knn_weight=w, temperature=temp))
+    for ds in (s["ivf"], s["flat"]):
+        res = _eval(s, ds, KnnSettings(k=k, knn_weight=w, temperature=temp, search="exact"))
+        assert res["settings"]["search"]["search"] == "exact"
+        assert res["knnlm"]["perplexity"] == pytest.approx(ref, rel=1e-5)
+        assert res["knnlm"]["perplexity"] == no_index["knnlm"]["perplexity"]
+    ivf = _eval(s, s["ivf"], KnnSettings(k=k, knn_weight=w, temperature=temp))
+    assert ivf["settings"]["search"]["exact_neighbours"] is False  # auto: the IVF-PQ index
+
+
 def _faiss_search(s, nprobe, k):
     index = faiss.read_index(str(s["ivf"] / "index.faiss"))
     faiss.extract_index_ivf(index).nprobe = nprobe
@@ -198,7 +215,7 @@ def test_ivfpq_recall_at_k_with_fewer_probes_than_lists(setup):
 
     The keys of a random tiny LM are not clustered and 4 x 6-bit PQ codes are coarse, so
     recall@10 saturates near 0.66 (measured) whatever nprobe; 4 of 16 lists must get there."""
-    from knnlm.retrieval.index import Searcher
+    from knnlm.retrieval.search import Searcher
 
     s = setup
     k = 10

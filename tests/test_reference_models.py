@@ -162,7 +162,9 @@ def test_bf16_logits_branch_equals_float32_log_softmax_of_each_window(tiny_lm_di
 
 
 def test_lora_on_llama_trains_every_target_and_merges_by_hand(tmp_path, tiny_tokenizer):
-    from knnlm.lm.train import LORA_DEFAULTS, LORA_TARGETS, TrainConfig, apply_lora, train
+    from knnlm.lm.lora import LORA_DEFAULTS, LORA_TARGETS, apply_lora
+    from knnlm.lm.train import train
+    from knnlm.lm.train_config import TrainConfig
 
     path = save_tiny_model(tmp_path / "llama", tiny_tokenizer, "llama", seed=4)
     model = apply_lora(load_lm(str(path)).model.requires_grad_(True))

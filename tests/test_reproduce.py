@@ -123,8 +123,9 @@ def test_every_contract_key(run):
 def test_tuned_on_valid_and_read_on_test(run):
     """The tuned cell is the valid argmin of the grid; its test number equals a fresh
     evaluation at that setting (no cache, no sweep)."""
-    from knnlm.evaluate import KnnSettings, evaluate
+    from knnlm.evaluate import evaluate
     from knnlm.lm.loading import load_lm
+    from knnlm.retrieval.retriever import KnnSettings
 
     _, r = run
     k = r["knnlm"]

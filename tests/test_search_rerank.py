@@ -13,7 +13,7 @@ import pytest
 
 import knnlm.retrieval.search as search_mod
 from knnlm.errors import KnnlmError
-from knnlm.retrieval import index_common
+from knnlm.retrieval import faiss_common
 from knnlm.retrieval.index_build import (
     auto_nprobe,
     build_index,
@@ -304,8 +304,8 @@ def test_flat_gpu_copy_does_not_request_float16(tmp_path, fake_gpu):
     ((name, co),) = fake_gpu
     assert name.startswith("IndexFlat") and co.useFloat16 is False
     ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(8), 8, 2, 2, 4)
-    assert index_common.gpu_cloner_options(ivf).useFloat16 is True
-    assert index_common.gpu_cloner_options(ivf).useFloat16CoarseQuantizer is False
+    assert faiss_common.gpu_cloner_options(ivf).useFloat16 is True
+    assert faiss_common.gpu_cloner_options(ivf).useFloat16CoarseQuantizer is False
 
 
 def test_gpu_ivf_training_is_seeded(tmp_path, fake_gpu):

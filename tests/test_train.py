@@ -13,15 +13,11 @@ from safetensors import safe_open
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.lm.loading import load_lm
+from knnlm.lm.lora import apply_lora
 from knnlm.lm.presets import PRESETS, build_model_from_preset
-from knnlm.lm.train import (
-    TrainConfig,
-    apply_lora,
-    batch_order,
-    make_dataset,
-    train,
-    train_lm,
-)
+from knnlm.lm.train import train, train_lm
+from knnlm.lm.train_config import TrainConfig
+from knnlm.lm.train_data import batch_order, make_dataset
 
 
 @pytest.fixture(scope="module", autouse=True)

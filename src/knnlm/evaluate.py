@@ -2,115 +2,31 @@
 
 Perplexity is token-weighted: exp(total NLL / scored tokens), every target token of the split
 scored exactly once with as much left context as the window allows (``knnlm.data.windows``).
+The per-token log-probs come from ``knnlm.token_scores``; the neighbour cache format lives in
+``knnlm.neighbour_cache``, the self-exclusion rule in ``knnlm.retrieval.exclusion``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
-from knnlm.fileio import (
-    ARTIFACT_KEY,
-    NpyRowWriter,
-    check_npy,
-    claim_target,
-    read_meta,
-    swap_in,
-    temp_dir,
-    write_json_atomic,
-)
 from knnlm.lm.loading import LoadedLM
+from knnlm.neighbour_cache import NeighbourCache, claim_cache
 from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
+from knnlm.retrieval.exclusion import is_own_stream, should_exclude
 from knnlm.retrieval.gate import Gate, check_gate_for, check_rate, load_gate
-from knnlm.retrieval.knn import interpolate, perplexity
-from knnlm.retrieval.pipeline import prefetch
+from knnlm.retrieval.knn import perplexity
+from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import check_context_len, score_stream
-
-
-def _should_exclude(ds: Datastore, mode: str, eval_fp: str, *_layout: object) -> bool:
-    """Whether each target drops its own datastore row (``mode``: auto, yes or no).
-
-    Every target position p >= 1 of a stream is scored exactly once, in stream order, so the
-    datastore row of position p is p - 1 whatever the context length and stride: exclusion
-    needs only the evaluated stream to be the datastore's own (equal corpus fingerprints).
-    Datastores of independent examples have no stream rows and are never excluded by position.
-    (Extra positional arguments, the old context length / stride, are accepted and ignored.)
-    """
-    same = is_own_stream(ds, eval_fp)
-    if mode == "yes" and not same:
-        raise KnnlmError(
-            f"--exclude-self yes needs the token stream the datastore {ds.path} was built on "
-            f"({ds.meta.get('corpus')} {ds.meta.get('split')}); this text differs"
-        )
-    exclude = mode == "yes" or (mode == "auto" and same)
-    if exclude and ds.meta.get("pruned"):
-        raise KnnlmError(
-            f"datastore {ds.path} is pruned (its rows merge several positions), so a target "
-            "cannot drop only its own entry: evaluate another split, or pass --exclude-self no"
-        )
-    return exclude
-
-
-def is_own_stream(ds: Datastore, eval_fp: str) -> bool:
-    """True when ``eval_fp`` is the fingerprint of the stream the datastore was built on."""
-    stream_built = ds.meta.get("context_len") is not None
-    return stream_built and ds.meta.get("corpus_fingerprint") == eval_fp
-
-
-def own_rows(positions: np.ndarray) -> np.ndarray:
-    """Datastore row of each target position of the datastore's own stream: p - 1."""
-    return np.asarray(positions, dtype=np.int64) - 1
-
-
-CACHE_KIND = "neighbour_cache"  # the artifact marker in a cache's meta.json
-
-
-class _Cache:
-    """Per scored token: LM log-prob of the target and the k neighbours (ids, dists, values).
-
-    Written into ``<out>.partial`` and swapped in when complete; ``out`` must be new, empty,
-    or a cache this toolkit wrote (a folder with the user's files is refused, untouched).
-    """
-
-    KIND = CACHE_KIND
-
-    def __init__(self, out: Path, n: int, k: int, meta: dict):
-        self.out = Path(out)
-        claim_target(self.out, self.KIND, "meta.json", what="neighbour cache")
-        self.partial = temp_dir(self.out, self.KIND, "meta.json", fresh=True)
-        self.meta = dict(meta, n=n, k=k, **{ARTIFACT_KEY: self.KIND})
-        self.writers = {
-            name: NpyRowWriter(self.partial / f"{name}.npy", (n, *shape), dtype, True)
-            for name, (shape, dtype) in _cache_layout(k).items()
-        }
-
-    def write(self, row: int, **arrays: np.ndarray) -> None:
-        for name, arr in arrays.items():
-            self.writers[name].write(row, arr)
-
-    def finish(self) -> None:
-        for w in self.writers.values():
-            w.close()
-        write_json_atomic(self.partial / "meta.json", self.meta)
-        swap_in(self.partial, self.out, self.KIND, "meta.json")
-
-
-def _cache_layout(k: int) -> dict[str, tuple[tuple[int, ...], type]]:
-    """Per-row shape and dtype of each cache array."""
-    return {
-        "lm_log_prob": ((), np.float32),
-        "targets": ((), np.int32),
-        "ids": ((k,), np.int64),
-        "dists": ((k,), np.float32),
-        "values": ((k,), np.int32),
-    }
+from knnlm.scoring import check_context_len, score_examples, score_stream
+from knnlm.token_scores import TokenScores, score_tokens
 
 
 def open_inputs(
@@ -124,7 +40,7 @@ def open_inputs(
     if cache is not None:
         if datastore is None:
             raise KnnlmError("--cache needs --datastore (it stores the retrieved neighbours)")
-        claim_target(cache, CACHE_KIND, "meta.json", what="neighbour cache")
+        claim_cache(cache)
     if datastore is None or isinstance(datastore, Datastore):
         return datastore
     return open_datastore(datastore)
@@ -169,26 +85,10 @@ def evaluate(
         raise KnnlmError(f"--memory-weight must be in [0, 1], got {memory_weight}")
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
     eval_fp = corpus_fingerprint(ids)
-
     # The user's settings are checked before the searcher is set up (it may log a notice).
-    retriever = None
-    exclude = False
-    warnings: list[str] = []
-    if ds is not None:
-        ds.check_compatible(lm)
-        exclude = _should_exclude(ds, knn.exclude_self, eval_fp)
-        if not exclude and is_own_stream(ds, eval_fp):
-            warnings.append(
-                f"the evaluated text is the datastore's own ({ds.path}) and --exclude-self is "
-                "no: every target can retrieve its own entry, so the kNN-LM perplexity is too good"
-            )
-    mem = None
-    if memory is not None:
-        from knnlm.retrieval.memory import load_memory
-
-        mem = load_memory(memory, device=str(lm.device))
-    if ds is not None:
-        retriever = Retriever(lm, ds, knn)
+    exclude, warnings = _exclusion(lm, ds, knn.exclude_self, eval_fp)
+    mem = load_memory(memory, device=str(lm.device)) if memory is not None else None
+    retriever = Retriever(lm, ds, knn) if ds is not None else None
     if gate_obj is not None:
         check_gate_for(gate_obj, lm.fingerprint, ds.dim)
     # Keys are needed for retrieval and for the memory (trained on ffn_input keys by default).
@@ -196,132 +96,40 @@ def evaluate(
         key_type = retriever.key_type
     elif mem is not None:
         key_type = key_type or "ffn_input"
-
-    n_total = len(ids) - 1
     writer = None
     if cache is not None:
-        writer = _Cache(
-            Path(cache),
-            n_total,
-            knn.k,
-            {
-                "model_fingerprint": lm.fingerprint,
-                "datastore": str(ds.path),
-                "datastore_n": ds.n,
-                "corpus": corpus,
-                "split": split,
-                "corpus_fingerprint": eval_fp,
-                "context_len": context_len,
-                "stride": stride,
-                "recompute": knn.recompute,
-                "exclude_self": exclude,
-            },
-        )
-
-    nll = {"lm": 0.0, "knnlm": 0.0, "mlp": 0.0}
-    n_tokens = 0
-    t_search = 0.0
-    n_searched = 0
+        meta = dict(model_fingerprint=lm.fingerprint, datastore=str(ds.path), datastore_n=ds.n,
+                    corpus=corpus, split=split, corpus_fingerprint=eval_fp,
+                    context_len=context_len, stride=stride, recompute=knn.recompute,
+                    exclude_self=exclude)  # fmt: skip
+        writer = NeighbourCache(cache, len(ids) - 1, knn.k, meta)
     if overlap is None:
         overlap = ds is not None and lm.device.type != "cpu"
-    stream = score_stream(
-        lm.model,
-        ids,
-        context_len,
-        stride,
-        batch_size=batch_size,
-        key_type=key_type,
-        want_lm=True,
-        progress=progress,
-        desc=f"eval {split}",
-        want_stats=gate_obj is not None,
-    )
-    t0 = time.perf_counter()
-    for batch, host in prefetch(_with_host_copies(stream, ds is not None), depth=int(overlap)):
-        if gate_obj is not None:
-            host["keep"] = gate_obj.keep(host["keys"], batch.lm_stats.cpu(), retrieval_rate)
-        lm_lp = batch.lm_log_prob
-        n = len(batch.targets)
-        nll["lm"] -= float(lm_lp.double().sum())
-        if ds is not None:
-            own = own_rows(batch.positions) if exclude else None
-            ts = time.perf_counter()
-            if "keep" in host:
-                mixed, searched = _gated_mix(retriever, host, own, knn.knn_weight)
-                t_search += time.perf_counter() - ts  # with the gate: search and p_knn
-            else:
-                nb = retriever.search(host["keys"], exclude_rows=own)
-                t_search += time.perf_counter() - ts
-                knn_lp = retriever.target_log_prob(nb, host["targets"])
-                mixed, searched = interpolate(host["lm_log_prob"], knn_lp, knn.knn_weight), n
-            n_searched += searched
-            nll["knnlm"] -= float(mixed.double().sum())
-            if writer is not None:
-                writer.write(
-                    batch.first_row,
-                    lm_log_prob=host["lm_log_prob"].numpy(),
-                    targets=host["targets"].numpy().astype(np.int32),
-                    ids=nb.ids,
-                    dists=nb.dists,
-                    values=nb.values.astype(np.int32),
-                )
-        if mem is not None:
-            with torch.no_grad():
-                mem_lp = mem.target_log_prob(batch.keys.float(), batch.targets)
-            nll["mlp"] -= float(interpolate(lm_lp, mem_lp, memory_weight).double().sum())
-        n_tokens += n
-    elapsed = time.perf_counter() - t0
+    stream = score_stream(lm.model, ids, context_len, stride, batch_size=batch_size,
+                          key_type=key_type, want_lm=True, progress=progress,
+                          desc=f"eval {split}", want_stats=gate_obj is not None)  # fmt: skip
+    scores = score_tokens(stream, retriever=retriever, exclude_self=exclude, memory=mem,
+                          memory_weight=memory_weight, overlap=overlap, gate=gate_obj,
+                          retrieval_rate=retrieval_rate)  # fmt: skip
+    nll, n_tokens, elapsed, t_search = _sum_nll(scores, writer)
+    searched = nll.pop("searched")
     if writer is not None:
         writer.finish()
-
-    result: dict = {
-        "settings": {
-            "model": lm.name,
-            "model_fingerprint": lm.fingerprint,
-            "corpus": corpus,
-            "split": split,
-            "context_len": context_len,
-            "stride": stride,
-            "batch_size": batch_size,
-        },
-        "tokens": n_tokens,
-        "lm": {"perplexity": perplexity(nll["lm"], n_tokens), "nll_sum": nll["lm"]},
-        "timing": {"seconds": elapsed, "tokens_per_s": n_tokens / max(elapsed, 1e-9)},
-        "warnings": warnings,
-    }
+    settings = {"model": lm.name, "model_fingerprint": lm.fingerprint, "corpus": corpus,
+                "split": split, "context_len": context_len, "stride": stride,
+                "batch_size": batch_size}  # fmt: skip
+    result = _result(settings, nll, n_tokens, elapsed, warnings)
     if ds is not None:
-        result["settings"].update(
-            datastore=str(ds.path),
-            datastore_n=ds.n,
-            key_type=ds.meta["key_type"],
-            k=knn.k,
-            knn_weight=knn.knn_weight,
-            temperature=knn.temperature,
-            recompute=knn.recompute,
-            nprobe=knn.nprobe,
-            exclude_self=exclude,  # applied: each target dropped its own row (p - 1)
-            exclude_self_mode=knn.exclude_self,
-            own_stream=is_own_stream(ds, eval_fp),
-            index=retriever.searcher.index.kind
-            if retriever.searcher.index is not None
-            else "exact (no index)",
-        )
-        result["knnlm"] = {
-            "perplexity": perplexity(nll["knnlm"], n_tokens),
-            "nll_sum": nll["knnlm"],
-        }
+        settings.update(_knn_settings(retriever, exclude, is_own_stream(ds, eval_fp)))
+        result["knnlm"] = {"perplexity": perplexity(nll["knnlm"], n_tokens),
+                           "nll_sum": nll["knnlm"]}  # fmt: skip
         result["timing"]["search_seconds"] = t_search
-        result["knnlm"]["retrieval_share"] = n_searched / max(n_tokens, 1)  # searched tokens
+        result["knnlm"]["retrieval_share"] = searched / max(n_tokens, 1)  # tokens searched
         if gate_obj is not None:
-            result["settings"].update(
-                gate=gate_obj.config.get("path"),
-                gate_kind=gate_obj.kind,
-                retrieval_rate=retrieval_rate,
-            )
+            settings.update(gate=gate_obj.config.get("path"), gate_kind=gate_obj.kind,
+                            retrieval_rate=retrieval_rate)  # fmt: skip
     if mem is not None:
-        from knnlm.retrieval.memory import memory_storage
-
-        result["settings"].update(memory=str(memory), memory_weight=memory_weight)
+        settings.update(memory=str(memory), memory_weight=memory_weight)
         result["mlp"] = {"perplexity": perplexity(nll["mlp"], n_tokens), "nll_sum": nll["mlp"]}
         result["storage"] = storage_report(ds, memory_storage(memory))
     return result
@@ -343,68 +151,80 @@ def open_gate(
     return gate if isinstance(gate, Gate) else load_gate(gate)
 
 
-def _gated_mix(
-    retriever: Retriever, host: dict, own: np.ndarray | None, weight: float
-) -> tuple[torch.Tensor, int]:
-    """log p per token: p_lm exactly where the gate skips, the kNN-LM where it searches; only
-    the kept queries are searched. Returns (log p, number searched)."""
-    keep = host["keep"]
-    mixed = host["lm_log_prob"].clone()
-    rows = torch.nonzero(keep).squeeze(1)
-    if rows.numel():
-        excl = None if own is None else own[rows.numpy()]
-        nb = retriever.search(host["keys"][rows], exclude_rows=excl)
-        knn_lp = retriever.target_log_prob(nb, host["targets"][rows])
-        mixed[rows] = interpolate(host["lm_log_prob"][rows], knn_lp, weight)
-    return mixed, int(rows.numel())
+def _exclusion(
+    lm: LoadedLM, ds: Datastore | None, mode: str, eval_fp: str
+) -> tuple[bool, list[str]]:
+    """Whether targets drop their own row, and the warning when they could but do not."""
+    if ds is None:
+        return False, []
+    ds.check_compatible(lm)
+    exclude = should_exclude(ds, mode, eval_fp)
+    if not exclude and is_own_stream(ds, eval_fp):
+        return exclude, [
+            f"the evaluated text is the datastore's own ({ds.path}) and --exclude-self is "
+            "no: every target can retrieve its own entry, so the kNN-LM perplexity is too good"
+        ]
+    return exclude, []
 
 
-def _with_host_copies(stream, want: bool):
-    """Each batch with CPU copies of what retrieval reads, made in the producing thread.
-
-    With ``prefetch`` the copy then waits only for its own batch's forward: a copy asked for by
-    the consumer would queue on the device behind the next batch's forward and undo the overlap.
-    """
-    for b in stream:
-        host = {}
-        if want:
-            host = {
-                "keys": b.keys.float().cpu(),
-                "targets": b.targets.cpu(),
-                "lm_log_prob": b.lm_log_prob.cpu(),
-            }
-        yield b, host
-
-
-def storage_report(ds: Datastore | None, mem_storage: dict) -> dict:
-    """Bytes on disk, measured from the files, and the datastore / memory ratio."""
-    out = dict(mem_storage)
-    if ds is not None:
-        out["datastore_bytes"] = ds.storage_bytes()
-        index = ds.path / "index.faiss"
-        out["index_bytes"] = index.stat().st_size if index.is_file() else 0
-        out["ratio_datastore_to_memory"] = (out["datastore_bytes"] + out["index_bytes"]) / max(
-            out["memory_bytes"], 1
-        )
-    return out
+def _sum_nll(
+    scores: Iterator[TokenScores], writer: NeighbourCache | None
+) -> tuple[dict[str, float], int, float, float]:
+    """Total NLL per model (and ``searched``: queries searched), scored tokens, seconds, and
+    seconds spent searching."""
+    nll = {"lm": 0.0, "knnlm": 0.0, "mlp": 0.0, "searched": 0}
+    n_tokens = 0
+    t_search = 0.0
+    t0 = time.perf_counter()
+    for s in scores:
+        lm_lp = s.lm
+        nll["lm"] -= float(lm_lp.double().sum())
+        if s.knnlm is not None:
+            t_search += s.search_seconds
+            nll["searched"] += s.searched
+            nll["knnlm"] -= float(s.knnlm.double().sum())
+            if writer is not None:
+                nb = s.neighbours
+                writer.write(s.batch.first_row, lm_log_prob=s.lm_cpu.numpy(),
+                             targets=s.targets_cpu.numpy().astype(np.int32),
+                             ids=nb.rows.cpu().numpy(), dists=nb.distances.cpu().numpy(),
+                             values=nb.values.cpu().numpy().astype(np.int32))  # fmt: skip
+        if s.lm_memory is not None:
+            nll["mlp"] -= float(s.lm_memory.double().sum())
+        n_tokens += len(s.batch.targets)
+    return nll, n_tokens, time.perf_counter() - t0, t_search
 
 
-def load_cache(path: str | Path) -> dict:
-    """A neighbour cache written by ``evaluate(cache=...)``; files checked before mapping."""
-    path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise KnnlmError(f"no neighbour cache at {path}; create one with knnlm eval --cache")
-    what = f"neighbour cache {path}"
-    meta = read_meta(path / "meta.json", what)
-    try:
-        n, k = int(meta["n"]), int(meta["k"])
-    except (KeyError, TypeError, ValueError):
-        raise KnnlmError(f"{what}: meta.json lacks a valid n or k") from None
-    arrays = {}
-    for name, (shape, dtype) in _cache_layout(k).items():
-        check_npy(path / f"{name}.npy", (n, *shape), dtype, what)
-        arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-    return {"meta": meta, **arrays}
+def _result(
+    settings: dict, nll: dict[str, float], n_tokens: int, elapsed: float, warnings: list[str]
+) -> dict:
+    return {
+        "settings": settings,
+        "tokens": n_tokens,
+        "lm": {"perplexity": perplexity(nll["lm"], n_tokens), "nll_sum": nll["lm"]},
+        "timing": {"seconds": elapsed, "tokens_per_s": n_tokens / max(elapsed, 1e-9)},
+        "warnings": warnings,
+    }
+
+
+def _knn_settings(retriever: Retriever, exclude: bool, own_stream: bool) -> dict:
+    ds, knn, search = retriever.ds, retriever.knn, retriever.backend.describe()
+    return {
+        "datastore": str(ds.path),
+        "datastore_n": ds.n,
+        "key_type": ds.meta["key_type"],
+        "k": knn.k,
+        "knn_weight": knn.knn_weight,
+        "temperature": knn.temperature,
+        "recompute": knn.recompute,
+        "nprobe": knn.nprobe,
+        "exclude_self": exclude,  # applied: each target dropped its own row (p - 1)
+        "exclude_self_mode": knn.exclude_self,
+        "own_stream": own_stream,
+        # the FAISS index kind, or "exact (torch)"; the backend's own description beside it
+        "index": search["index"] if search["search"] == "faiss" else f"exact ({search['engine']})",
+        "search": search,
+    }
 
 
 def continuation_log_probs(
@@ -424,8 +244,6 @@ def continuation_log_probs(
     its prefix (SentencePiece tokenizers may split a leading space into its own token when
     the continuation is encoded alone).
     """
-    from knnlm.scoring import score_examples
-
     if len(prompts) != len(continuations):
         raise KnnlmError("prompts and continuations differ in number")
     knn = knn or KnnSettings()
@@ -446,14 +264,13 @@ def continuation_log_probs(
     retriever = Retriever(lm, datastore, knn) if datastore is not None else None
     key_type = retriever.key_type if retriever is not None else None
     lm_out, knn_out = [], []
-    for batch in score_examples(
+    batches = score_examples(
         lm.model, examples, batch_size=batch_size, key_type=key_type, score_from=starts
-    ):
-        lm_lp = batch.lm_log_prob.cpu()
-        lm_out.append(lm_lp.numpy())
+    )
+    for s in score_tokens(batches, retriever=retriever):
+        lm_out.append(s.lm_cpu.numpy())
         if retriever is not None:
-            knn_lp = retriever.target_log_prob(retriever.search(batch.keys), batch.targets)
-            knn_out.append(interpolate(lm_lp, knn_lp, knn.knn_weight).numpy())
+            knn_out.append(s.knnlm.numpy())
     result = {"lm": np.concatenate(lm_out)}
     if retriever is not None:
         result["knnlm"] = np.concatenate(knn_out)

@@ -57,6 +57,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     nprobe: int | None = None,
+    search: str = "auto",
 ) -> str:
     """Continue ``prompt`` with the kNN-LM (or the plain LM when ``datastore`` is None)."""
     check_settings(prompt, max_new_tokens, top_p)
@@ -80,7 +81,9 @@ def generate(
     if datastore is None:
         out = lm.model.generate(**enc, **kwargs)
     else:
-        knn = KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature, nprobe=nprobe)
+        knn = KnnSettings(
+            k=k, knn_weight=knn_weight, temperature=temperature, nprobe=nprobe, search=search
+        )
         retriever = Retriever(lm, datastore, knn)
         with lm.adapter.capture() as store:
             proc = KnnLogitsProcessor(store, retriever)

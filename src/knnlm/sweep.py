@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import load_cache
+from knnlm.neighbour_cache import load_cache
 from knnlm.retrieval.knn import interpolate, knn_target_log_prob, perplexity
 
 

@@ -1,8 +1,14 @@
 """Named, targeted mutants of the code behind every reported number, and the tests that must
 catch each one.
 
-An edit is ``(file under src/knnlm, exact source text, replacement)``; the text must occur
-exactly once in the file (else the driver reports an error: re-target the mutant). The tests are
+An edit is ``(anchor, exact source text, replacement)``. The anchor names where the text lives,
+not which file: a function or class by its qualified name (``own_rows``, ``Searcher.search``,
+``run_projection.solve_pending`` for a nested function) or a module-level constant
+(``MEMORY_STORAGE_MAX``), looked up in every module of src/knnlm, so a mutant follows its code
+when the code moves to another module. The anchor must be defined exactly once (where two
+modules define the same name, write ``module.path:name``, e.g. ``retrieval.search:Searcher.search``)
+and the text must occur exactly once inside the anchor's source; otherwise the driver reports an
+error: re-anchor the mutant. The tests are
 pytest node ids, run from the repository root; each compares with an independent reference
 (numpy brute force, HF hidden states, a hand-computed value), not a smoke check.
 """
@@ -20,8 +26,8 @@ class Mutant:
     tests: tuple[str, ...]
 
 
-def mutant(name: str, why: str, file: str, old: str, new: str, *tests: str) -> Mutant:
-    return Mutant(name, why, ((file, old, new),), tests)
+def mutant(name: str, why: str, anchor: str, old: str, new: str, *tests: str) -> Mutant:
+    return Mutant(name, why, ((anchor, old, new),), tests)
 
 
 ENGINE = "tests/test_engine.py"
@@ -34,7 +40,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "self_exclusion_off",
         "targets keep their own datastore row when evaluating the datastore's stream",
-        "evaluate.py",
+        "_add_knn",
         "own = own_rows(batch.positions) if exclude else None",
         "own = None",
         f"{ENGINE}::test_exclude_self_on_training_split",
@@ -42,7 +48,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "self_exclusion_wrong_row",
         "each target drops the row of the next position (p) instead of its own (p - 1)",
-        "evaluate.py",
+        "own_rows",
         "return np.asarray(positions, dtype=np.int64) - 1",
         "return np.asarray(positions, dtype=np.int64)",
         f"{ENGINE}::test_exclude_self_on_training_split",
@@ -50,7 +56,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "interpolation_weight_wrong_side",
         "knn_weight multiplies p_lm instead of p_knn",
-        "retrieval/knn.py",
+        "interpolate",
         "torch.logaddexp(lm_log_prob + math.log1p(-weight), other_log_prob + math.log(weight))",
         "torch.logaddexp(lm_log_prob + math.log(weight), other_log_prob + math.log1p(-weight))",
         BRUTE,
@@ -58,7 +64,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "temperature_ignored",
         "neighbour weights softmax(-d) whatever the temperature",
-        "retrieval/knn.py",
+        "_neighbour_logits",
         "logits = -dists.float() / temperature",
         "logits = -dists.float()",
         BRUTE,
@@ -66,7 +72,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "missing_ids_not_masked",
         "-1 neighbour ids (fewer than k found) get weight",
-        "retrieval/knn.py",
+        "_neighbour_logits",
         "valid = (ids >= 0) & torch.isfinite(logits)",
         "valid = torch.isfinite(logits)",
         f"{ENGINE}::test_p_knn_sums_to_one_and_masks_missing",
@@ -74,7 +80,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "window_layout_off_by_one",
         "the next window starts one token late, so one target per window is never scored",
-        "data/windows.py",
+        "make_windows",
         "begin = min(begin + stride, scored_until - 1)",
         "begin = min(begin + stride, scored_until)",
         "tests/test_foundation.py::test_every_target_scored_once_with_most_context",
@@ -83,7 +89,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "window_scoring_off_by_one",
         "each window scores from one logit column too late (its first target is skipped)",
-        "scoring.py",
+        "_stream",
         "first = torch.tensor([w.score_from - w.begin - 1 for w in group])",
         "first = torch.tensor([w.score_from - w.begin for w in group])",
         "tests/test_foundation.py::test_perplexity_equals_token_by_token",
@@ -91,7 +97,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "key_from_wrong_layer",
         "keys (and Eq. 1's split) taken from the second-to-last block",
-        "lm/adapters.py",
+        "Adapter.last_block",
         "return _get(self.base, self.family.blocks)[-1]",
         "return _get(self.base, self.family.blocks)[-2]",
         "tests/test_reference_models.py::test_datastore_keys_equal_hf_hidden_states",
@@ -102,12 +108,12 @@ MUTANTS: list[Mutant] = [
         "IVF-PQ distances are never replaced by exact ones (fused and memmap paths)",
         (
             (
-                "retrieval/search.py",
+                "Searcher.__init__",
                 "            if recompute:\n                self._refined",
                 "            if False:\n                self._refined",
             ),
             (
-                "retrieval/search.py",
+                "Searcher.search",
                 "            if self.recompute:\n                dist, ids = ",
                 "            if False:\n                dist, ids = ",
             ),
@@ -120,7 +126,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "generation_passthrough",
         "the kNN logits processor returns the LM's scores unchanged",
-        "generation.py",
+        "KnnLogitsProcessor.__call__",
         "return interpolate(lm_lp, knn_lp, self.retriever.knn.knn_weight).to(scores.dtype)",
         "return scores",
         f"{GEN}::test_processor_scores_equal_hand_built_interpolation",
@@ -129,7 +135,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "dimension_check_removed",
         "a datastore whose keys have another size is accepted",
-        "retrieval/datastore.py",
+        "Datastore.check_compatible",
         'if m["dim"] != lm.adapter.hidden_size:',
         "if False:",
         f"{ENGINE}::test_datastore_from_other_model_is_refused",
@@ -137,7 +143,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "tokenizer_check_removed",
         "a datastore built with another tokenizer is accepted",
-        "retrieval/datastore.py",
+        "Datastore.check_compatible",
         'if m["tokenizer_fingerprint"] != lm.tokenizer_fingerprint:',
         "if False:",
         f"{ENGINE}::test_datastore_from_other_model_is_refused",
@@ -145,7 +151,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "model_check_removed",
         "a datastore built with another model is accepted",
-        "retrieval/datastore.py",
+        "Datastore.check_compatible",
         'if m["model_fingerprint"] != lm.fingerprint:',
         "if False:",
         f"{ENGINE}::test_datastore_from_other_model_is_refused",
@@ -155,12 +161,12 @@ MUTANTS: list[Mutant] = [
         "perplexity = exp(mean over batches of the batch-mean NLL), not per token",
         (
             (
-                "evaluate.py",
+                "_sum_nll",
                 'nll["lm"] -= float(lm_lp.double().sum())',
                 'nll["lm"] -= float(lm_lp.double().mean()); nll["batches"] = nll.get("batches", 0) + 1',
             ),
             (
-                "evaluate.py",
+                "_result",
                 '"lm": {"perplexity": perplexity(nll["lm"], n_tokens)',
                 '"lm": {"perplexity": perplexity(nll["lm"], nll["batches"])',
             ),
@@ -170,7 +176,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "datastore_resume_skips_a_batch",
         "a resumed build starts one batch after the last recorded one",
-        "retrieval/datastore.py",
+        "build_datastore",
         '["batches_done"]))',
         '["batches_done"]) + 1)',
         f"{ENGINE}::test_datastore_resume_is_byte_identical",
@@ -178,7 +184,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "mlp_memory_layernorm_dropped",
         "the MLP memory computes W (z + MLP(z)) without its LayerNorm",
-        "retrieval/memory.py",
+        "MemoryMLP.features",
         "return z + self.ln(self.mlp(z))",
         "return z + self.mlp(z)",
         "tests/test_mlp_memory.py::test_forward_matches_manual_computation",
@@ -187,7 +193,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "projection_init_wrong_point",
         "the projection onto f starts at enc(c) instead of g(enc(c))",
-        "experiments/projection.py",
+        "run_projection.solve_pending",
         '("proj_f", adapter.f_logits, g_enc),',
         '("proj_f", adapter.f_logits, enc),',
         "tests/test_reference_projection.py",
@@ -195,7 +201,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "nprobe_not_passed",
         "--nprobe never reaches the searcher (the index's stored default is used)",
-        "retrieval/retriever.py",
+        "Retriever.__init__",
         "nprobe=knn.nprobe,",
         "nprobe=None,",
         f"{REFIDX}::test_nprobe_reaches_the_search",
@@ -203,7 +209,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "no_recompute_ignored",
         "--no-recompute still re-ranks exactly (PQ distances never used)",
-        "retrieval/retriever.py",
+        "Retriever.__init__",
         "recompute=knn.recompute",
         "recompute=True",
         f"{REFIDX}::test_ivfpq_reranked_is_exact_on_its_ids_and_pq_mode_uses_pq_distances",
@@ -211,7 +217,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "block_input_key_is_ffn_input",
         "block_input datastores store the normed MLP input instead of the residual stream",
-        "lm/adapters.py",
+        "Adapter.key_from",
         'return store["enc" if key_type == "block_input" else key_type]',
         'return store["ffn_input" if key_type == "block_input" else key_type]',
         "tests/test_reference_models.py::test_datastore_keys_equal_hf_hidden_states",
@@ -219,7 +225,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "bf16_logits_not_upcast",
         "bf16 logits go through log-softmax in bf16 instead of float32",
-        "scoring.py",
+        "_score_batch",
         "sel = out.logits[mask].float()",
         "sel = out.logits[mask]",
         "tests/test_reference_models.py::"
@@ -228,7 +234,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "sweep_ignores_k",
         "the sweep scores all cached neighbours whatever k",
-        "sweep.py",
+        "sweep",
         "knn_target_log_prob(dists[:, :k], ids[:, :k], vals[:, :k], targets, t)",
         "knn_target_log_prob(dists, ids, vals, targets, t)",
         f"{ENGINE}::test_sweep_from_cache_equals_direct_eval",
@@ -236,7 +242,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "memory_weight_wrong_side",
         "memory_weight multiplies p_lm instead of the MLP memory's distribution",
-        "evaluate.py",
+        "_add_memory",
         "interpolate(lm_lp, mem_lp, memory_weight)",
         "interpolate(mem_lp, lm_lp, memory_weight)",
         "tests/test_reference_memory.py::test_lm_plus_memory_perplexity_equals_numpy_forward",
@@ -245,7 +251,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "claim_a_any_seed",
         "(a) held when the kNN-LM wins in one seed instead of every seed",
-        "report/claims.py",
+        "claim_knnlm",
         "HELD if wins == len(per) else NOT_HELD, CRITERION_A",
         "HELD if wins >= 1 else NOT_HELD, CRITERION_A",
         f"{CLAIMS}::test_a_fails_when_one_seed_loses",
@@ -253,7 +259,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "claim_b_premise_dropped",
         "(b) judged even when the kNN-LM has no gain over the LM to explain",
-        "report/claims.py",
+        "claim_projection",
         "if not knn < lm * (1 - PROJECTION_MIN_GAIN):",
         "if False:",
         f"{CLAIMS}::test_b_premise_no_knn_gain_is_untestable",
@@ -261,7 +267,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "claim_b_kl_ignored",
         "(b) held without the paper's mean KL < 0.1",
-        "report/claims.py",
+        "claim_projection",
         ' and q["kl_mean"] < KL_MEAN_MAX',
         "",
         f"{CLAIMS}::test_b_fails_on_kl_even_when_perplexity_matches",
@@ -269,7 +275,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "claim_c_no_seed_spread",
         "(c) held for a gain of any size, within the seed spread",
-        "report/claims.py",
+        "claim_overspec",
         "ok = ok and mean > SPREAD_MULTIPLIER * std",
         "ok = ok and mean > 0",
         f"{CLAIMS}::test_c_gain_within_seed_spread_fails",
@@ -277,7 +283,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "claim_c_premise_dropped",
         "(c) judged even when the LM never fitted its training facts",
-        "report/claims.py",
+        "claim_overspec",
         'if not p["train"]["lm"][n] >= -math.log(int(n)) - FIT_MARGIN_NATS',
         "if False",
         f"{CLAIMS}::test_c_premise_unfitted_lm_is_untestable",
@@ -285,7 +291,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "claim_d_storage_25_percent",
         "(d) accepts an MLP of 25% of the kNN storage (the paper: under 4%)",
-        "report/claims.py",
+        "MEMORY_STORAGE_MAX",
         "MEMORY_STORAGE_MAX = 0.04",
         "MEMORY_STORAGE_MAX = 0.25",
         f"{CLAIMS}::test_d_storage_bound_is_4_percent_of_what_the_mlp_adds",
@@ -293,7 +299,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "claim_e_step_zero_counted",
         "(e) the shared initialisation (step 0) counts towards the early gap",
-        "report/claims.py",
+        "early_gaps",
         "if 0 < s <= half]",
         "if 0 <= s <= half]",
         f"{CLAIMS}::test_e_step_zero_and_second_half_do_not_count",
@@ -301,7 +307,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "claim_e_any_seed",
         "(e) held when the model without the last MLP is ahead in one seed only",
-        "report/claims.py",
+        "_hurdle_part",
         "(HELD if ahead == len(gaps) else NOT_HELD)",
         "(HELD if ahead >= 1 else NOT_HELD)",
         f"{CLAIMS}::test_e_fails_when_one_seed_is_behind",

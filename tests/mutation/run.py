@@ -1,23 +1,28 @@
 #!/usr/bin/env python
 """Targeted mutation check: break one thing at a time and rerun the tests meant to catch it.
 
-Each mutant of ``mutants.py`` is applied to its own copy of ``src/knnlm`` in a temporary folder;
-its tests run with ``PYTHONPATH`` pointing at that copy (checked to win over the installed
-package). A mutant is *killed* when its tests fail, *survived* when they pass. A pattern that
-no longer matches exactly once is an error, not a pass. The selected tests are first run on an
-unmodified copy: they must pass there, or no kill means anything.
+Each mutant of ``mutants.py`` edits the source of one named function (or class, or module-level
+constant) wherever it lives in ``src/knnlm``, so it follows the code when the code moves. It is
+applied to its own copy of ``src/knnlm`` in a temporary folder; its tests run with
+``PYTHONPATH`` pointing at that copy (checked to win over the installed package). A mutant is
+*killed* when its tests fail, *survived* when they pass. An anchor that is not defined exactly
+once, or a pattern that does not occur exactly once inside it, is an error, not a pass. The
+selected tests are first run on an unmodified copy: they must pass there, or no kill means
+anything.
 
     python tests/mutation/run.py              # every mutant, 2 in parallel
     python tests/mutation/run.py -k claim -j 1
     python tests/mutation/run.py --list
-    python tests/mutation/run.py --check     # patterns and test ids only, no test runs
+    python tests/mutation/run.py --check     # anchors, patterns and test ids only, no test runs
 
-Exit code 0 only when every mutant is killed, every pattern matched and the baseline passed.
+Exit code 0 only when every mutant is killed, every anchor and pattern matched and the
+baseline passed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import resource
 import shutil
@@ -36,17 +41,67 @@ sys.path.insert(0, str(HERE))
 from mutants import MUTANTS, Mutant  # noqa: E402
 
 
+def defined_names(tree: ast.Module) -> dict[str, ast.AST]:
+    """Every def and class by qualified name (``Class.method``, ``outer.inner``), and every
+    module-level assignment by its name (for constants such as a threshold)."""
+    found: dict[str, ast.AST] = {}
+
+    def walk(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                found[prefix + child.name] = child
+                walk(child, prefix + child.name + ".")
+
+    walk(tree, "")
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for t in targets if isinstance(node, (ast.Assign, ast.AnnAssign)) else []:
+            if isinstance(t, ast.Name):
+                found.setdefault(t.id, node)
+    return found
+
+
+def module_of(path: Path, pkg: Path) -> str:
+    return ".".join(path.relative_to(pkg).with_suffix("").parts)
+
+
+def locate(anchor: str, pkg: Path) -> tuple[Path | None, str]:
+    """The file defining ``anchor`` (``name``, ``Class.method`` or ``module.path:name``);
+    an error message instead when no module or more than one defines it."""
+    module, _, qualname = anchor.rpartition(":")
+    hits = [path for path in sorted(pkg.rglob("*.py"))
+            if (not module or module_of(path, pkg) == module)
+            and qualname in defined_names(ast.parse(path.read_text()))]  # fmt: skip
+    if len(hits) == 1:
+        return hits[0], ""
+    if not hits:
+        return None, f"{anchor} is defined nowhere in src/knnlm"
+    where = ", ".join(module_of(h, pkg) for h in hits)
+    return None, f"{anchor} is defined in {where}: prefix it with its module ('module:{anchor}')"
+
+
+def span(text: str, node: ast.AST) -> tuple[int, int]:
+    """Character offsets of the lines ``node`` covers (decorators included)."""
+    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    starts = [0]
+    for line in text.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    return starts[first - 1], starts[node.end_lineno]
+
+
 def apply(mutant: Mutant, pkg: Path) -> str | None:
-    """Edit the copy at ``pkg``; returns an error message when a pattern does not match once."""
-    for file, old, new in mutant.edits:
-        path = pkg / file
-        if not path.is_file():
-            return f"{file} does not exist"
+    """Edit the copy at ``pkg``; returns an error message when an anchor is not found once or
+    its pattern does not occur exactly once inside the anchor's source."""
+    for anchor, old, new in mutant.edits:
+        path, err = locate(anchor, pkg)
+        if path is None:
+            return err
         text = path.read_text()
-        count = text.count(old)
+        begin, end = span(text, defined_names(ast.parse(text))[anchor.rpartition(":")[2]])
+        count = text[begin:end].count(old)
         if count != 1:
-            return f"pattern found {count} times in {file}: {old!r}"
-        path.write_text(text.replace(old, new))
+            return f"pattern found {count} times in {anchor}: {old!r}"
+        path.write_text(text[:begin] + text[begin:end].replace(old, new) + text[end:])
     return None
 
 
@@ -127,7 +182,8 @@ def main() -> int:
         sys.exit("error: duplicate mutant names")
     if args.list:
         for m in mutants:
-            print(f"{m.name}: {m.why}\n    " + "\n    ".join(m.tests))
+            anchors = ", ".join(dict.fromkeys(a for a, _, _ in m.edits))
+            print(f"{m.name} [{anchors}]: {m.why}\n    " + "\n    ".join(m.tests))
         return 0
     if not mutants:
         sys.exit(f"error: no mutant matches {args.select!r}")
@@ -153,7 +209,8 @@ def main() -> int:
             print(f"ERROR    tests not found (renamed?): {missing}", flush=True)
             jobs = []
         elif args.check:
-            print(f"{len(jobs)}/{len(mutants)} patterns match once; all {len(union)} tests exist")
+            found = f"{len(jobs)}/{len(mutants)} anchors found, patterns match once"
+            print(f"{found}; all {len(union)} tests exist")
             return 1 if errors else 0
         elif not args.no_baseline:
             jobs.insert(0, (None, copy_package(root, "_baseline")))

@@ -14,6 +14,13 @@ from knnlm.fileio import write_json_atomic
 
 QUIET = typer.Option(False, "--quiet", "-q", help="Silence progress bars.")
 SEED = typer.Option(0, "--seed", help="Random seed.")
+SEARCH = typer.Option(
+    "auto",
+    "--search",
+    help="Neighbour search: exact (torch brute force on the model's device: exact neighbour "
+    "sets), faiss (the datastore's FAISS index; IVF-PQ is approximate) or auto (faiss when "
+    "the datastore has an index, else exact).",
+)
 DEVICE = typer.Option(None, "--device", help="torch device (default: cuda when present, else cpu).")
 
 

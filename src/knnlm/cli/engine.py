@@ -9,6 +9,7 @@ import typer
 from knnlm.cli.common import (
     DEVICE,
     QUIET,
+    SEARCH,
     echo_json,
     output_file,
     quiet_libraries,
@@ -160,6 +161,7 @@ def eval_cmd(
         True, "--recompute/--no-recompute", help="Exact distances from stored keys."
     ),
     nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed."),
+    search: str = SEARCH,
     exclude_self: str = typer.Option(
         "auto",
         "--exclude-self",
@@ -184,12 +186,16 @@ def eval_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
-    from knnlm.evaluate import KnnSettings, evaluate, open_gate, open_inputs
+    from knnlm.evaluate import evaluate, open_gate, open_inputs
+    from knnlm.retrieval.retriever import KnnSettings
 
     # What the user can get wrong is checked before the model is loaded.
-    knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self)
+    knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self, search)
     datastore = open_inputs(datastore, cache, knn)
     gate_obj = open_gate(gate, retrieval_rate, datastore, cache)
+    # Under torchrun every rank scores the whole split and holds a shard of the datastore for
+    # exact search (knnlm.retrieval.sharded); rank 0 alone writes and prints.
+    rank = _init_distributed()
     lm = _load(model, device, dtype)
     result = evaluate(
         lm,
@@ -203,11 +209,13 @@ def eval_cmd(
         knn=knn,
         memory=memory,
         memory_weight=memory_weight,
-        cache=cache,
-        progress=not quiet,
+        cache=cache if rank == 0 else None,
+        progress=not quiet and rank == 0,
         gate=gate_obj,
         retrieval_rate=retrieval_rate,
     )
+    if rank != 0:
+        return
     for warning in result["warnings"]:
         typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
     write_json(json_out, result)
@@ -287,20 +295,25 @@ def generate_cmd(
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    search: str = SEARCH,
     device: str | None = DEVICE,
     dtype: str = DTYPE,
     quiet: bool = QUIET,  # no bar here; accepted so that every command takes --quiet
 ) -> None:
     """Continue a prompt with the kNN-LM (or the plain LM without --datastore)."""
-    from knnlm.evaluate import KnnSettings, open_inputs
+    from knnlm.evaluate import open_inputs
     from knnlm.generation import check_settings, generate
+    from knnlm.retrieval.retriever import KnnSettings
 
     # What the user can get wrong is checked before the model is loaded.
     check_settings(prompt, max_new_tokens, top_p)
     if datastore is not None:
         open_inputs(
-            datastore, None, KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature)
+            datastore,
+            None,
+            KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature, search=search),
         )
+    rank = _init_distributed()  # torchrun: the search is sharded, every rank generates
     lm = _load(model, device, dtype)
     text = generate(
         lm,
@@ -313,8 +326,10 @@ def generate_cmd(
         do_sample=sample,
         top_p=top_p,
         seed=seed,
+        search=search,
     )
-    typer.echo(prompt + text)
+    if rank == 0:
+        typer.echo(prompt + text)
 
 
 def register(app: typer.Typer) -> None:

@@ -75,7 +75,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train GPT-2 models with and without the last MLP from the same initialisation on the
         same batches, and compare how fast they learn (paper Appendix E)."""
-        from knnlm.experiments.hurdle import resolve_preset, run_hurdle
+        from knnlm.experiments.hurdle import run_hurdle
+        from knnlm.experiments.hurdle_setup import resolve_preset
         from knnlm.report.runs import render_hurdle
 
         if preset is not None:

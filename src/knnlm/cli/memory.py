@@ -5,7 +5,6 @@ Evaluation of a trained memory is ``knnlm eval --memory DIR``.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import typer
@@ -16,23 +15,6 @@ memory_app = typer.Typer(
     help="Train an MLP memory on a datastore's (key, next token) pairs (Section 5).",
     no_args_is_help=True,
 )
-
-
-def datastore_record(ds) -> dict:
-    """What the memory config keeps about its training datastore (to trace and compare)."""
-    meta_bytes = (ds.path / "meta.json").read_bytes()
-    return {
-        "path": str(Path(ds.path).resolve()),
-        "meta_sha256": "sha256:" + hashlib.sha256(meta_bytes).hexdigest()[:16],
-        "n": ds.n,
-        "dim": ds.dim,
-        "key_type": ds.meta.get("key_type"),
-        "keys_dtype": str(ds.keys.dtype),
-        "model": ds.meta.get("model"),
-        "model_fingerprint": ds.meta.get("model_fingerprint"),
-        "tokenizer_fingerprint": ds.meta.get("tokenizer_fingerprint"),
-        "corpus_fingerprint": ds.meta.get("corpus_fingerprint"),
-    }
 
 
 @memory_app.command("train")
@@ -87,8 +69,8 @@ def memory_train(
     from knnlm.experiments.mlp_memory import train_memory
     from knnlm.fileio import claim_target
     from knnlm.lm.loading import load_lm
-    from knnlm.retrieval.datastore import open_datastore
-    from knnlm.retrieval.memory import CONFIG_FILE, KIND, memory_storage
+    from knnlm.retrieval.datastore import datastore_record, open_datastore
+    from knnlm.retrieval.memory import CONFIG_FILE, KIND, memory_storage, storage_report
 
     claim_target(out, KIND, CONFIG_FILE, what="memory model")  # before loading anything
     quiet_libraries()
@@ -114,8 +96,7 @@ def memory_train(
         overwrite=overwrite,
         datastore=record,
     )
-    storage = memory_storage(out)
-    ds_bytes = ds.storage_bytes()
+    storage = storage_report(ds, memory_storage(out))
     summary = {
         "out": str(out),
         "steps": result.steps,
@@ -123,11 +104,7 @@ def memory_train(
         "n_train": result.n_train,
         "final_loss": result.final_loss,
         "seconds": result.seconds,
-        "storage": {
-            **storage,
-            "datastore_bytes": ds_bytes,
-            "ratio_datastore_to_memory": ds_bytes / max(storage["memory_bytes"], 1),
-        },
+        "storage": storage,
         "datastore": record,
     }
     write_json(json_out, summary)
@@ -139,8 +116,8 @@ def memory_train(
     typer.echo(
         f"memory {storage['memory_bytes']:,} bytes "
         f"({storage['memory_bytes_without_shared_W']:,} without the LM's W); "
-        f"datastore keys+values {ds_bytes:,} bytes "
-        f"({summary['storage']['ratio_datastore_to_memory']:.2f}x the memory)"
+        f"datastore keys+values+index {storage['datastore_bytes'] + storage['index_bytes']:,} "
+        f"bytes ({storage['ratio_datastore_to_memory']:.2f}x the memory)"
     )
     if record["key_type"] != "ffn_input":
         typer.echo(

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, output_file, quiet_libraries, write_json
+from knnlm.cli.common import (
+    DEVICE,
+    QUIET,
+    SEARCH,
+    output_file,
+    quiet_libraries,
+    write_json,
+)
 from knnlm.cli.engine import BATCH, CONTEXT, CORPUS, DTYPE, MODEL, STRIDE, TEXT_FIELD
 
 
@@ -22,6 +29,7 @@ def project_cmd(
     knn_weight: float = typer.Option(0.25, "--knn-weight", help="Weight on p_knn."),
     temperature: float = typer.Option(1.0, "--temperature", help="kNN softmax temperature."),
     nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed (index default)."),
+    search: str = SEARCH,
     max_positions: int | None = typer.Option(
         2000, "--max-positions", help="Seeded sample of positions (default 2000; 0 = all)."
     ),
@@ -48,13 +56,16 @@ def project_cmd(
 ) -> None:
     """Project p_knnlm onto the output space of f and of f∘g (Eq. 2) and compare perplexities."""
     quiet_libraries()
-    from knnlm.evaluate import KnnSettings, open_inputs
+    from knnlm.evaluate import open_inputs
     from knnlm.experiments.projection import run_projection
     from knnlm.lm.loading import load_lm
     from knnlm.report.tables import projection_tables
+    from knnlm.retrieval.retriever import KnnSettings
 
     # What the user can get wrong is checked before the model is loaded.
-    knn = KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature, nprobe=nprobe)
+    knn = KnnSettings(
+        k=k, knn_weight=knn_weight, temperature=temperature, nprobe=nprobe, search=search
+    )
     open_inputs(datastore, None, knn)
     lm = load_lm(model, device=device, dtype=dtype)
     result = run_projection(

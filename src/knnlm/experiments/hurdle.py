@@ -38,9 +38,8 @@ import torch
 from torch import nn
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.hurdle_setup import (  # noqa: F401  (re-exported)
+from knnlm.experiments.hurdle_setup import (
     FULL,
-    HURDLE_PRESETS,
     QUICK,
     _corpus_tokens,
     _fingerprint,
@@ -275,7 +274,7 @@ def _run_hurdle(
     on_model: ModelHook | None,
 ) -> dict:
     from knnlm.lm.loading import pick_device, tokenizer_fingerprint
-    from knnlm.lm.train import TrainConfig
+    from knnlm.lm.train_config import TrainConfig
 
     t0 = time.perf_counter()
     base = QUICK if quick else FULL

@@ -170,7 +170,7 @@ def corpus_loss_fn(ids: np.ndarray, context_len: int, n_blocks: int = 32):
     The training loss of Figure 5, measured the same way at every logged step, step 0 (the
     shared initialisation) included; both variants of a seed see the same blocks.
     """
-    from knnlm.lm.train import token_blocks
+    from knnlm.lm.train_data import token_blocks
 
     blocks = token_blocks(ids, context_len)
     pick = np.linspace(0, len(blocks) - 1, num=min(n_blocks, len(blocks))).astype(np.int64)

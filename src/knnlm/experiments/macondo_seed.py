@@ -107,8 +107,9 @@ def _score(
     progress: bool,
 ) -> dict[str, np.ndarray]:
     """Per-example log p(child | prompt) for the LM and (with a datastore dir) the kNN-LM."""
-    from knnlm.evaluate import KnnSettings, continuation_log_probs
+    from knnlm.evaluate import continuation_log_probs
     from knnlm.retrieval.datastore import build_example_datastore
+    from knnlm.retrieval.retriever import KnnSettings
 
     prompts = [r["prompt"] for r in test]
     if datastore_dir is None:
@@ -243,7 +244,9 @@ def run_seed(
 
     from knnlm.evaluate import continuation_log_probs
     from knnlm.lm.loading import load_lm, pick_device
-    from knnlm.lm.train import TrainConfig, apply_lora, model_from_pretrained, train
+    from knnlm.lm.lora import apply_lora
+    from knnlm.lm.train import model_from_pretrained, train
+    from knnlm.lm.train_config import TrainConfig
 
     seed_settings = dict(settings, seed=seed)
     seed_settings.pop("seeds", None)

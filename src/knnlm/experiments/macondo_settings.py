@@ -189,7 +189,7 @@ def resolve_settings(
     memory: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Check every input and return the full settings dict (the cache key of each seed)."""
-    from knnlm.evaluate import KnnSettings
+    from knnlm.retrieval.retriever import KnnSettings
 
     seeds = list(seeds)
     if not seeds:

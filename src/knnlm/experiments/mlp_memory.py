@@ -51,22 +51,18 @@ from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import ARTIFACT_KEY, claim_target, read_json, swap_in, temp_dir, write_json_atomic
-from knnlm.retrieval.memory import (  # noqa: F401  (re-exported for existing callers)
+from knnlm.retrieval.memory import (
     CONFIG_FILE,
     CURVE_FILE,
     FORMAT_VERSION,
     KIND,
     MODEL_FILE,
-    OUTPUT_WEIGHT,
     STATE_FILE,
     MemoryMLP,
     _atomic_safetensors,
     _device,
     _header,
     _read_config,
-    load_memory,
-    memory_bytes,
-    memory_storage,
 )
 
 # Settings that must agree for a run to resume from an existing checkpoint.

@@ -57,7 +57,7 @@ def stage_corpus(cfg: ReproduceConfig, art: Path) -> dict:
     if cfg.model is None:
         from knnlm.lm.presets import get_preset
         from knnlm.lm.tokenizer import save_tokenizer
-        from knnlm.lm.train import train_tokenizer_for_corpus
+        from knnlm.lm.train_data import train_tokenizer_for_corpus
 
         vocab = cfg.tokenizer_vocab or get_preset(cfg.lm_preset).tokenizer_vocab_size
         tok = train_tokenizer_for_corpus(corpus, vocab)
@@ -75,7 +75,8 @@ def stage_lm(cfg: ReproduceConfig, seed: int, corpus: str, tokenizer_dir: str, a
 
     from knnlm.data.corpus import read_split, tokenize_text
     from knnlm.lm.presets import get_preset
-    from knnlm.lm.train import TrainConfig, model_from_preset, train
+    from knnlm.lm.train import model_from_preset, train
+    from knnlm.lm.train_config import TrainConfig
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     preset = get_preset(cfg.lm_preset)
@@ -122,7 +123,7 @@ def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, ar
     )  # fmt: skip
     out = {"datastore": str(path)}
     if cfg.index:
-        from knnlm.retrieval.index import build_index
+        from knnlm.retrieval.index_build import build_index
 
         t0 = time.perf_counter()
         build_index(
@@ -136,7 +137,7 @@ def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, ar
 
 
 def knn_settings(cfg: ReproduceConfig, weight: float, temperature: float):
-    from knnlm.evaluate import KnnSettings
+    from knnlm.retrieval.retriever import KnnSettings
 
     return KnnSettings(nprobe=cfg.nprobe, k=cfg.k, knn_weight=weight, temperature=temperature)
 
@@ -249,11 +250,10 @@ def stage_memory(
 ) -> dict:
     """Section 5: the MLP memory trained on the datastore, interpolated like p_knn; its weight
     chosen on valid, read on test. The kNN-LM numbers are the ``knnlm`` stage's."""
-    from knnlm.evaluate import storage_report
     from knnlm.experiments.mlp_memory import train_memory
     from knnlm.retrieval.datastore import open_datastore
     from knnlm.retrieval.knn import interpolate, perplexity
-    from knnlm.retrieval.memory import load_memory, memory_storage
+    from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
 
     lm = load_lm(model)
     store = open_datastore(ds)

@@ -20,16 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from knnlm.experiments.macondo_aggregate import (  # noqa: F401  (re-exported)
+from knnlm.experiments.macondo_aggregate import (
     aggregate_curves,
     aggregate_groups,
-    group_means,
     reproduced,
 )
-from knnlm.experiments.macondo_seed import child_continuations, run_seed  # noqa: F401
-from knnlm.experiments.macondo_settings import (  # noqa: F401  (re-exported)
-    MACONDO_SIZE_KEYS,
-    RUN_PRESETS,
+from knnlm.experiments.macondo_seed import run_seed
+from knnlm.experiments.macondo_settings import (
     get_run_preset,
     resolve_settings,
 )

@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import KnnSettings, _should_exclude
 from knnlm.experiments.projection_solver import solve_projection
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.datastore import corpus_fingerprint
+from knnlm.retrieval.exclusion import should_exclude
 from knnlm.retrieval.knn import interpolate, perplexity
-from knnlm.retrieval.retriever import Retriever
+from knnlm.retrieval.retriever import KnnSettings, Retriever
 from knnlm.scoring import score_stream
 
 
@@ -64,7 +64,7 @@ def run_projection(
     retriever = Retriever(lm, datastore, knn)
     ds = retriever.ds
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
-    exclude = _should_exclude(ds, knn.exclude_self, corpus_fingerprint(ids), context_len, stride)
+    exclude = should_exclude(ds, knn.exclude_self, corpus_fingerprint(ids))
     n_scored = len(ids) - 1
     if max_positions is not None and max_positions < 1:
         raise KnnlmError("--max-positions must be at least 1")

@@ -17,7 +17,7 @@ and the Appendix E "hurdle" runs all go through :func:`train`:
 The pieces live beside this module: the settings and result in :mod:`knnlm.lm.train_config`,
 token blocks, examples and the batch order in :mod:`knnlm.lm.train_data`, LoRA in
 :mod:`knnlm.lm.lora`, checkpoints, the final save and the finished-run check in
-:mod:`knnlm.lm.checkpoint`. Their public names are re-exported here.
+:mod:`knnlm.lm.checkpoint`; import their names from there.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from knnlm.errors import KnnlmError
 from knnlm.fileio import ARTIFACT_KEY, claim_target, swap_in, temp_dir, write_json_atomic
 from knnlm.lm.adapters import Adapter
 from knnlm.lm.checkpoint import (
-    CHECKPOINT_DIR,
     LOSS_CURVE,
     MODEL_KIND,
     TRAIN_META,
@@ -54,45 +53,13 @@ from knnlm.lm.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from knnlm.lm.lora import LORA_DEFAULTS, LORA_TARGETS, apply_lora, merge_lora
-from knnlm.lm.train_config import PRECISIONS, TrainConfig, TrainResult
+from knnlm.lm.lora import LORA_DEFAULTS, LORA_TARGETS, apply_lora
+from knnlm.lm.train_config import TrainConfig, TrainResult
 from knnlm.lm.train_data import (
     StepPlan,
-    batch_order,
     make_dataset,
-    token_blocks,
     train_tokenizer_for_corpus,
 )
-
-# Names other modules import from here, wherever they are defined.
-__all__ = [
-    "CHECKPOINT_DIR",
-    "LOSS_CURVE",
-    "LORA_DEFAULTS",
-    "LORA_TARGETS",
-    "MODEL_KIND",
-    "PRECISIONS",
-    "TRAIN_META",
-    "EvalFn",
-    "StepPlan",
-    "TrainConfig",
-    "TrainResult",
-    "apply_lora",
-    "batch_order",
-    "find_checkpoint",
-    "library_bars",
-    "make_dataset",
-    "merge_lora",
-    "model_from_preset",
-    "model_from_pretrained",
-    "remove_checkpoints",
-    "run_key",
-    "save_final",
-    "token_blocks",
-    "train",
-    "train_lm",
-    "train_tokenizer_for_corpus",
-]
 
 EvalFn = Callable[[int, nn.Module], dict]
 

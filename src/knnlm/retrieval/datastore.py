@@ -112,6 +112,23 @@ class Datastore:
             raise KnnlmError(f"datastore {self.path} holds {m['key_type']} keys, not {key_type}")
 
 
+def datastore_record(ds: Datastore) -> dict:
+    """What an artifact trained on ``ds`` keeps about it (to trace and compare)."""
+    meta_bytes = (ds.path / META).read_bytes()
+    return {
+        "path": str(Path(ds.path).resolve()),
+        "meta_sha256": "sha256:" + hashlib.sha256(meta_bytes).hexdigest()[:16],
+        "n": ds.n,
+        "dim": ds.dim,
+        "key_type": ds.meta.get("key_type"),
+        "keys_dtype": str(ds.keys.dtype),
+        "model": ds.meta.get("model"),
+        "model_fingerprint": ds.meta.get("model_fingerprint"),
+        "tokenizer_fingerprint": ds.meta.get("tokenizer_fingerprint"),
+        "corpus_fingerprint": ds.meta.get("corpus_fingerprint"),
+    }
+
+
 def _dtype_name(lm: LoadedLM) -> str:
     return str(next(lm.model.parameters()).dtype).removeprefix("torch.")
 

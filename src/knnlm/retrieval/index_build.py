@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import fsync_dir, write_json_atomic
+from knnlm.retrieval.faiss_common import faiss_metric, to_cpu, to_gpu, want_gpu
 from knnlm.retrieval.index_common import (
     DISTANCE_NOTE,
     FORMAT_VERSION,
@@ -42,13 +43,9 @@ from knnlm.retrieval.index_common import (
     check_metric,
     datastore_fingerprint,
     f32,
-    faiss_metric,
     file_sha256,
     log,
     open_keys,
-    to_cpu,
-    to_gpu,
-    want_gpu,
 )
 from knnlm.retrieval.pca import check_pca, pca_sample_size, train_pca, with_pca
 

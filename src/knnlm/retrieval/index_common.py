@@ -1,5 +1,6 @@
 """What building, searching and re-ranking share: the distance convention, the datastore's keys,
-argument checks, the padding of missing neighbours, and moving FAISS indexes to a GPU.
+argument checks and the padding of missing neighbours (no FAISS here: the torch backend
+uses it; FAISS-only helpers are in :mod:`knnlm.retrieval.faiss_common`).
 
 Distance convention (every function of the index layer): smaller is closer.
 
@@ -19,7 +20,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from knnlm.errors import KnnlmError
@@ -34,7 +34,6 @@ PENDING_META = "index.json.pending"  # the new metadata while index.faiss is bei
 PARTIAL_FILE = "index.faiss.partial"
 PARTIAL_META = "index.partial.json"
 FORMAT_VERSION = 2
-GPU_MAX_K = 2048  # FAISS GPU k-selection limit
 DISTANCE_NOTE = "smaller is closer: l2 = squared L2; ip = negated inner product; missing = -1/+inf"
 
 
@@ -42,10 +41,6 @@ def check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise KnnlmError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     return metric
-
-
-def faiss_metric(metric: str) -> int:
-    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
 
 def f32(a: np.ndarray) -> np.ndarray:
@@ -129,49 +124,3 @@ def pad(dist: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     pd[:, :w] = dist
     pi[:, :w] = ids
     return pd, pi
-
-
-# --------------------------------------------------------------------------- GPU
-
-
-def want_gpu(use_gpu: bool | str) -> bool:
-    if use_gpu not in (True, False, "auto"):
-        raise KnnlmError(f"use_gpu must be True, False or 'auto', got {use_gpu!r}")
-    if use_gpu is False:
-        return False
-    has = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if use_gpu is True and not has:
-        raise KnnlmError("use_gpu=True but FAISS sees no GPU (is faiss-gpu installed?)")
-    return has
-
-
-def gpu_cloner_options(index: Any) -> Any:
-    """Options for the GPU copy of ``index``.
-
-    A flat index keeps float32 storage and maths on the GPU: it is the exact index, and
-    ``useFloat16`` would make it fp16. IVF-PQ keeps float16 lookup tables (needed by the GPU
-    kernels for large ``pq_m``); its distances are approximate anyway and re-ranked exactly.
-    """
-    co = faiss.GpuClonerOptions()
-    is_flat = isinstance(index, faiss.IndexFlat) or "Flat" in type(index).__name__
-    co.useFloat16 = not is_flat
-    co.useFloat16CoarseQuantizer = False  # the coarse quantizer picks lists: keep it exact
-    return co
-
-
-def to_gpu(index: Any, use_gpu: bool | str) -> tuple[Any, Any]:
-    """(index, resources): a GPU copy when wanted and supported, else the CPU index and None."""
-    if not want_gpu(use_gpu):
-        return index, None
-    try:
-        res = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(res, 0, index, gpu_cloner_options(index)), res
-    except (RuntimeError, AttributeError) as e:  # e.g. a pq_m the GPU kernels do not support
-        if use_gpu is True:
-            raise KnnlmError(f"cannot move this index to the GPU: {e}") from e
-        log.warning("FAISS GPU cannot hold this index (%s); using the CPU", e)
-        return index, None
-
-
-def to_cpu(index: Any, res: Any) -> Any:
-    return faiss.index_gpu_to_cpu(index) if res is not None else index

@@ -30,6 +30,7 @@ from torch import nn
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import fsync_dir
+from knnlm.retrieval.datastore import Datastore
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -224,6 +225,24 @@ def memory_storage(out_dir: str | Path) -> dict[str, int]:
         "memory_bytes_without_shared_W": params - (0 if cfg["train_output"] else w),
         "output_bytes": w,
     }
+
+
+def storage_report(ds: Datastore | None, mem_storage: dict) -> dict:
+    """Bytes on disk, measured from the files, and the datastore / memory ratio.
+
+    The kNN side counts everything a kNN-LM deployment stores besides the LM: keys, values and
+    the FAISS index when one was built (``index_bytes``, 0 for exact search). ``mem_storage``
+    is :func:`memory_storage` of the memory; the ratio divides by its ``memory_bytes``.
+    """
+    out = dict(mem_storage)
+    if ds is not None:
+        out["datastore_bytes"] = ds.storage_bytes()
+        index = ds.path / "index.faiss"  # index_common.INDEX_FILE (not imported: it loads FAISS)
+        out["index_bytes"] = index.stat().st_size if index.is_file() else 0
+        out["ratio_datastore_to_memory"] = (out["datastore_bytes"] + out["index_bytes"]) / max(
+            out["memory_bytes"], 1
+        )
+    return out
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.lm.loading import LoadedLM
+from knnlm.retrieval.backend import Neighbours, SearchBackend, check_search
+from knnlm.retrieval.backends import open_backend
 from knnlm.retrieval.datastore import Datastore, open_datastore
 from knnlm.retrieval.knn import knn_log_probs, knn_target_log_prob
 
@@ -26,6 +29,7 @@ class KnnSettings:
     recompute: bool = True
     nprobe: int | None = None
     exclude_self: str = "auto"  # auto | yes | no
+    search: str = "auto"  # exact | faiss | auto (knnlm.retrieval.backend); nprobe is FAISS's
 
     def validate(self) -> None:
         if not 0.0 <= self.knn_weight <= 1.0:
@@ -36,70 +40,61 @@ class KnnSettings:
             raise KnnlmError(f"--temperature must be positive, got {self.temperature}")
         if self.exclude_self not in ("auto", "yes", "no"):
             raise KnnlmError("--exclude-self must be auto, yes or no")
-
-
-def neighbour_values(ds: Datastore, ids: np.ndarray) -> np.ndarray:
-    """Values of the retrieved ids; -1 ids read row 0 and are masked by the caller."""
-    return np.asarray(ds.values[np.where(ids < 0, 0, ids).ravel()]).reshape(ids.shape)
-
-
-@dataclass
-class Neighbours:
-    """The k neighbours of each query: distances, datastore ids (-1 = none) and values."""
-
-    dists: np.ndarray  # (n, k) float32
-    ids: np.ndarray  # (n, k) int64
-    values: np.ndarray  # (n, k) int32
-    counts: np.ndarray | None = None  # (n, k) entries each neighbour stands for (pruned store)
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            torch.from_numpy(self.dists),
-            torch.from_numpy(self.ids),
-            torch.from_numpy(self.values.astype(np.int64)),
-        )
+        check_search(self.search)
 
 
 class Retriever:
-    def __init__(self, lm: LoadedLM, datastore: str | Path | Datastore, knn: KnnSettings):
-        from knnlm.retrieval.search import Searcher
+    """A datastore checked against the LM and searched by the backend ``knn.search`` names,
+    on the LM's device (:mod:`knnlm.retrieval.backends`)."""
 
+    def __init__(self, lm: LoadedLM, datastore: str | Path | Datastore, knn: KnnSettings):
         knn.validate()
         self.ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
         self.ds.check_compatible(lm)
         self.knn = knn
         self.vocab_size = lm.adapter.vocab_size
         self.key_type = self.ds.meta["key_type"]
-        self.searcher = Searcher(
-            self.ds.path, k_max=knn.k, nprobe=knn.nprobe, recompute=knn.recompute
+        check_values(self.ds, self.vocab_size)
+        # A pruned datastore: each row weighs the number of entries merged into it.
+        self.counts = None if self.ds.counts is None else torch.from_numpy(self.ds.counts)
+        self.backend: SearchBackend = open_backend(
+            self.ds.path, knn.search, device=lm.device, nprobe=knn.nprobe, recompute=knn.recompute
         )
 
-    def search(self, keys: torch.Tensor, exclude_rows: np.ndarray | None = None) -> Neighbours:
-        """Neighbours of ``keys``; ``exclude_rows`` drops each query's own datastore entry."""
-        dists, ids = self.searcher.search(
-            keys.float().cpu().numpy(), self.knn.k, exclude_ids=exclude_rows
-        )
-        values = neighbour_values(self.ds, ids)
-        found = values[ids >= 0]
-        if found.size and (found.min() < 0 or found.max() >= self.vocab_size):
-            bad = int(found[(found < 0) | (found >= self.vocab_size)][0])
-            raise KnnlmError(
-                f"datastore {self.ds.path} holds the value {bad}, outside the model's vocabulary "
-                f"of {self.vocab_size} tokens (values.npy corrupt or from another tokenizer)"
-            )
-        counts = None
-        if self.ds.counts is not None:  # a pruned datastore: merged entries weigh their count
-            counts = self.ds.counts[np.where(ids < 0, 0, ids)]
-        return Neighbours(dists, ids, values, counts)
+    def search(self, keys: torch.Tensor, exclude_rows: Any = None) -> Neighbours:
+        """Neighbours of ``keys``, on their device; ``exclude_rows`` drops each query's own
+        datastore entry."""
+        return self.backend.search(keys, self.knn.k, exclude_rows=exclude_rows)
 
     def target_log_prob(self, nb: Neighbours, targets: torch.Tensor) -> torch.Tensor:
-        """log p_knn(target) per query, on the CPU."""
-        return knn_target_log_prob(*nb.tensors(), targets.cpu(), self.knn.temperature, _counts(nb))
+        """log p_knn(target) per query, on the neighbours' device."""
+        t = targets.to(nb.rows.device)
+        return knn_target_log_prob(
+            nb.distances, nb.rows, nb.values, t, self.knn.temperature, self.row_counts(nb)
+        )
 
     def log_probs(self, nb: Neighbours, vocab_size: int) -> torch.Tensor:
-        """Full log p_knn over the vocabulary, (n, vocab_size), on the CPU."""
-        return knn_log_probs(*nb.tensors(), vocab_size, self.knn.temperature, _counts(nb))
+        """Full log p_knn over the vocabulary, (n, vocab_size), on the neighbours' device."""
+        return knn_log_probs(
+            nb.distances, nb.rows, nb.values, vocab_size, self.knn.temperature, self.row_counts(nb)
+        )
+
+    def row_counts(self, nb: Neighbours) -> torch.Tensor | None:
+        """(B, k) entries each neighbour stands for (pruned store), None when unpruned."""
+        if self.counts is None:
+            return None
+        self.counts = self.counts.to(nb.rows.device)
+        return self.counts[nb.rows.clamp_min(0)]
 
 
-def _counts(nb: Neighbours) -> torch.Tensor | None:
-    return None if nb.counts is None else torch.from_numpy(nb.counts)
+def check_values(ds: Datastore, vocab_size: int) -> None:
+    """Every stored value must be a token of the model's vocabulary (checked once, in blocks)."""
+    step = 1 << 24
+    for s in range(0, ds.n, step):
+        v = np.asarray(ds.values[s : s + step])
+        bad = v[(v < 0) | (v >= vocab_size)]
+        if bad.size:
+            raise KnnlmError(
+                f"datastore {ds.path} holds the value {int(bad[0])}, outside the model's "
+                f"vocabulary of {vocab_size} tokens (values.npy corrupt or from another tokenizer)"
+            )

@@ -16,8 +16,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
+from knnlm.retrieval.faiss_common import GPU_MAX_K, faiss_metric, to_gpu
 from knnlm.retrieval.index_common import (
-    GPU_MAX_K,
     INDEX_FILE,
     INDEX_META,
     PARTIAL_FILE,
@@ -27,13 +27,11 @@ from knnlm.retrieval.index_common import (
     check_metric,
     datastore_fingerprint,
     f32,
-    faiss_metric,
     file_sha256,
     log,
     mark_missing,
     open_keys,
     pad,
-    to_gpu,
 )
 from knnlm.retrieval.pca import base_index
 from knnlm.retrieval.rerank import KeyStore, recompute_distances, refine

@@ -1,0 +1,97 @@
+"""One retrieval interface: every search backend answers ``search(queries, k, exclude_rows)``.
+
+A backend (:class:`SearchBackend`) holds a datastore's keys (or a shard of them) and returns
+:class:`Neighbours` on the queries' device, so the kNN distribution, the interpolation, the
+neighbour cache and generation consume the same tensors whatever searched them.
+
+Backends, chosen by ``--search`` (:func:`open_backend`):
+
+- ``exact``: :class:`knnlm.retrieval.torch_search.TorchExactSearch`, brute force in torch on the
+  LM's device (CPU or GPU), exact neighbour sets, ties broken by row id; sharded over the ranks
+  of a torch.distributed job (:mod:`knnlm.retrieval.sharded`) when one is running.
+- ``faiss``: the datastore's saved FAISS index (:mod:`knnlm.retrieval.search`), re-ranked
+  exactly by default; approximate neighbour sets for IVF-PQ. Needs the faiss package.
+- ``auto``: ``faiss`` when the datastore has an index, else ``exact``.
+
+:func:`knnlm.retrieval.backends.open_backend` opens the one a name asks for.
+
+Distances follow :mod:`knnlm.retrieval.index_common`: smaller is closer (squared L2, or the
+negated inner product for ``ip``); a missing neighbour has row -1 and distance +inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from knnlm.errors import KnnlmError
+
+SEARCH_CHOICES = ("exact", "faiss", "auto")
+
+
+@dataclass
+class Neighbours:
+    """The k neighbours of each of B queries, on the queries' device."""
+
+    distances: torch.Tensor  # (B, k) float32, ascending; +inf where missing
+    rows: torch.Tensor  # (B, k) int64 datastore rows; -1 = none
+    values: torch.Tensor  # (B, k) int64 next-token ids; 0 where rows == -1
+
+    @classmethod
+    def lookup(cls, distances: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> Neighbours:
+        """Neighbours whose values are read from ``table`` (the datastore's values, int64)."""
+        table = table.to(rows.device)
+        values = table[rows.clamp_min(0)].masked_fill(rows < 0, 0)
+        return cls(distances, rows, values)
+
+    def to(self, device: torch.device | str) -> Neighbours:
+        return Neighbours(self.distances.to(device), self.rows.to(device), self.values.to(device))
+
+
+class SearchBackend(Protocol):
+    """What every backend provides; ``describe()`` goes into the results JSON."""
+
+    kind: str  # "exact" or "faiss"
+    metric: str  # "l2" or "ip"
+    n: int  # rows searched (all ranks together)
+    dim: int
+    device: torch.device  # where queries are searched without a copy (cpu for FAISS)
+
+    def search(
+        self, queries: torch.Tensor, k: int, exclude_rows: Any = None
+    ) -> Neighbours:  # pragma: no cover - protocol
+        ...
+
+    def describe(self) -> dict[str, Any]:  # pragma: no cover - protocol
+        ...
+
+
+def check_search(search: str) -> str:
+    if search not in SEARCH_CHOICES:
+        raise KnnlmError(f"--search must be one of {', '.join(SEARCH_CHOICES)}, got {search!r}")
+    return search
+
+
+def has_index(ds_dir: str | Path) -> bool:
+    """True when the datastore has a FAISS index file and its metadata (complete or pending)."""
+    ds = Path(ds_dir)
+    meta = (ds / "index.json").is_file() or (ds / "index.json.pending").is_file()
+    return (ds / "index.faiss").is_file() and meta
+
+
+def exclusion_tensor(
+    exclude_rows: Any, n_queries: int, device: torch.device
+) -> torch.Tensor | None:
+    """``exclude_rows`` (array or tensor of B ints, -1 = none) as int64 on ``device``."""
+    if exclude_rows is None:
+        return None
+    ex = torch.as_tensor(
+        np.asarray(exclude_rows) if not torch.is_tensor(exclude_rows) else exclude_rows
+    )
+    if ex.shape != (n_queries,) or ex.dtype.is_floating_point or ex.dtype == torch.bool:
+        raise KnnlmError(f"exclude_rows must be integers of shape ({n_queries},)")
+    return ex.to(device=device, dtype=torch.int64)

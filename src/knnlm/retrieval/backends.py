@@ -1,0 +1,59 @@
+"""Open the search backend ``--search`` names (see :mod:`knnlm.retrieval.backend`).
+
+FAISS is optional: its backend is imported guarded, so ``exact`` runs where it is not installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from knnlm.errors import KnnlmError
+from knnlm.retrieval.backend import SearchBackend, check_search, has_index
+from knnlm.retrieval.sharded import open_exact
+
+try:
+    from knnlm.retrieval.faiss_backend import FaissBackend
+except ImportError as _e:  # only a missing faiss is tolerated; any other import error is a bug
+    if _e.name != "faiss":
+        raise
+    FaissBackend = None
+
+
+def resolve_search(search: str, ds_dir: str | Path) -> str:
+    """``exact`` or ``faiss``: what ``auto`` means for this datastore."""
+    if check_search(search) != "auto":
+        return search
+    # auto with an index but no faiss installed: search exactly rather than fail
+    return "faiss" if has_index(ds_dir) and FaissBackend is not None else "exact"
+
+
+def open_backend(
+    ds_dir: str | Path,
+    search: str = "auto",
+    *,
+    device: str | torch.device = "cpu",
+    metric: str | None = None,
+    nprobe: int | None = None,
+    recompute: bool = True,
+    key_dtype: str | None = None,
+    progress: bool = False,
+) -> SearchBackend:
+    """The backend ``search`` names for the datastore in ``ds_dir`` (see the module doc).
+
+    ``recompute``: exact distances for the returned neighbours (FAISS: re-ranking from the
+    stored keys; exact: recomputed directly as sum((q - k)^2), as the FAISS path does).
+    ``key_dtype`` (exact only): float16, bfloat16 or float32 keys on the device.
+    """
+    kind = resolve_search(search, ds_dir)
+    if kind == "faiss":
+        if FaissBackend is None:
+            raise KnnlmError(
+                "--search faiss needs the faiss package (pip install faiss-cpu); "
+                "--search exact runs without it"
+            )
+        return FaissBackend(ds_dir, metric=metric, nprobe=nprobe, recompute=recompute,
+                            progress=progress)  # fmt: skip
+    return open_exact(ds_dir, device=device, metric=metric, recompute=recompute,
+                      key_dtype=key_dtype, progress=progress)  # fmt: skip

@@ -1,0 +1,296 @@
+"""Exact k-nearest-neighbour search in torch, on the CPU or a GPU.
+
+The keys sit on the device (float16 / bfloat16 / float32; squared norms in float32), or are
+streamed from the memory-mapped datastore in blocks when they exceed the device budget. A query
+block is multiplied against key chunks (``q @ K^T`` with float32 accumulation and output),
+turned into distances (squared L2 ``|q|^2 - 2 q.k + |k|^2``, or ``-q.k``), reduced to a top-k
+per chunk and merged into the running top-k. The neighbour sets are exact (no approximate
+candidate stage); ties are broken by row id, so results are deterministic and equal across
+chunkings and shards. ``recompute`` replaces the winners' distances by ``sum((q - k)^2)``
+computed directly in float32 (what the FAISS path reports), free of the expansion's
+cancellation.
+
+On a GPU with 16-bit keys the float32 queries are split into two (bfloat16: three) 16-bit parts
+whose products with the keys are exact in float32, so the scores match a float32 product to
+~2^-22 relative while the keys are read once, in 16 bits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from knnlm.errors import KnnlmError
+from knnlm.retrieval.backend import Neighbours, exclusion_tensor
+from knnlm.retrieval.index_common import check_k, check_metric
+
+KEY_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SCORE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}  # float32 scores per chunk (16 MiB / 512 MiB)
+GATHER_BYTES = 1 << 27  # float32 key bytes gathered per block when recomputing distances
+BLOCK_BYTES = 1 << 28  # bytes of keys streamed from the memmap per block
+
+
+def device_budget(device: torch.device) -> int:
+    """Bytes the resident keys may take: 80% of free GPU memory, half of available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.8 * free)
+    try:
+        return int(0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 32
+
+
+def _order(dist: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row of candidates by (distance, row id)."""
+    o = torch.argsort(rows, dim=1)
+    dist, rows = dist.gather(1, o), rows.gather(1, o)
+    o = torch.argsort(dist, dim=1, stable=True)
+    return dist.gather(1, o), rows.gather(1, o)
+
+
+def chunk_topk(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest of each row of ``dist`` (B, C) by (value, column), sorted that way.
+
+    torch.topk may take any of several equal values at the k-th place; the rows where the
+    k-th value has more copies than were taken are redone with a stable sort.
+    """
+    kk = min(k, dist.shape[1])
+    vals, idx = torch.topk(dist, kk, dim=1, largest=False, sorted=False)
+    if kk < dist.shape[1]:
+        kth = vals[:, -1:]
+        over = ((dist == kth).sum(1) > (vals == kth).sum(1)).nonzero().squeeze(1)
+        if over.numel():
+            s_vals, s_idx = torch.sort(dist[over], dim=1, stable=True)
+            vals[over], idx[over] = s_vals[:, :kk], s_idx[:, :kk]
+    return _order(vals, idx)
+
+
+def merge_sorted(
+    d1: torch.Tensor, r1: torch.Tensor, d2: torch.Tensor, r2: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of two (distance, row)-sorted lists whose rows in ``r1`` all precede ``r2``'s."""
+    d, r = torch.cat([d1, d2], 1), torch.cat([r1, r2], 1)
+    o = torch.argsort(d, dim=1, stable=True)[:, :k]
+    return d.gather(1, o), r.gather(1, o)
+
+
+def query_parts(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 queries as a sum of 16-bit parts stacked (P * B, d), exact to ~2^-22."""
+    parts, rest = [], q
+    for _ in range(2 if dtype == torch.float16 else 3):
+        p = rest.to(dtype)
+        parts.append(p)
+        rest = rest - p.float()
+    return torch.cat(parts, 0)
+
+
+class TorchExactSearch:
+    """Brute-force search of ``keys`` (rows ``row_offset`` onwards of a datastore) in torch.
+
+    ``keys``: (N, d) float16/float32 array (the datastore's memmap, or a shard of it);
+    ``values``: the datastore's values (all rows, for the lookup after the search).
+    """
+
+    kind = "exact"
+
+    def __init__(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        metric: str = "l2",
+        device: str | torch.device = "cpu",
+        *,
+        key_dtype: str | None = None,
+        row_offset: int = 0,
+        budget_bytes: int | None = None,
+        recompute: bool = False,
+        chunk_rows: int | None = None,
+    ) -> None:
+        self.metric = check_metric(metric)
+        self.device = torch.device(device)
+        self.keys_np = keys
+        self.n_local, self.dim = keys.shape
+        self.n = self.n_local
+        self.row_offset = row_offset
+        self.recompute = recompute
+        self.chunk_rows = chunk_rows
+        self.dtype = self._pick_dtype(key_dtype)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        budget = device_budget(self.device) if budget_bytes is None else budget_bytes
+        self.resident = self.n_local * self.dim * itemsize <= budget
+        self.keys = self._load_keys() if self.resident else None
+        self.norms = self._norms()
+        self.values = torch.from_numpy(np.array(values)).to(self.device)
+        self.split_queries = self.device.type == "cuda" and self.dtype != torch.float32
+        self.out_dtype_mm = self.split_queries and _has_out_dtype_mm(self.device, self.dtype)
+
+    def _pick_dtype(self, key_dtype: str | None) -> torch.dtype:
+        """float32 on the CPU (16-bit matmuls are slow there), the file's dtype on a GPU."""
+        if key_dtype is not None:
+            if key_dtype not in KEY_DTYPES:
+                raise KnnlmError(
+                    f"key dtype must be one of {', '.join(KEY_DTYPES)}, got {key_dtype!r}"
+                )
+            return KEY_DTYPES[key_dtype]
+        if self.device.type == "cpu" or self.keys_np.dtype == np.float32:
+            return torch.float32
+        return torch.float16
+
+    def _block(self, s: int, e: int) -> torch.Tensor:
+        """Rows s:e of the keys on the device in the search dtype (read from the memmap)."""
+        if self.keys is not None:
+            return self.keys[s:e]
+        x = torch.from_numpy(np.array(self.keys_np[s:e]))
+        return x.to(self.device, non_blocking=True).to(self.dtype)
+
+    def _load_keys(self) -> torch.Tensor:
+        out = torch.empty((self.n_local, self.dim), dtype=self.dtype, device=self.device)
+        step = max(1, BLOCK_BYTES // (4 * self.dim))
+        for s in range(0, self.n_local, step):
+            x = torch.from_numpy(np.array(self.keys_np[s : s + step]))
+            out[s : s + step] = x.to(self.device).to(self.dtype)
+        return out
+
+    def _norms(self) -> torch.Tensor:
+        """Squared norms of the keys as stored on the device, in float32."""
+        out = torch.empty(self.n_local, dtype=torch.float32, device=self.device)
+        step = max(1, BLOCK_BYTES // (4 * self.dim))
+        for s in range(0, self.n_local, step):
+            out[s : s + step] = self._block(s, s + step).float().pow(2).sum(1)
+        return out
+
+    def _scores(self, q: torch.Tensor, qp: torch.Tensor | None, kc: torch.Tensor) -> torch.Tensor:
+        """q @ kc^T in float32 (B, C)."""
+        if qp is None:
+            return q @ kc.float().T if kc.dtype != torch.float32 else q @ kc.T
+        if self.out_dtype_mm:
+            s = torch.mm(qp, kc.T, out_dtype=torch.float32)
+        else:  # older torch: upcast the chunk (correct, more memory traffic)
+            s = qp.float() @ kc.float().T
+        return s.view(-1, q.shape[0], s.shape[1]).sum(0)
+
+    def _distances(
+        self,
+        q: torch.Tensor,
+        qp: torch.Tensor | None,
+        qn: torch.Tensor,
+        kc: torch.Tensor,
+        s: int,
+        excl: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(B, C) distances to rows s:s+C; a query's own row (local id) is +inf."""
+        scores = self._scores(q, qp, kc)
+        if self.metric == "ip":
+            dist = scores.neg_()
+        else:
+            dist = scores.mul_(-2).add_(self.norms[s : s + kc.shape[0]]).add_(qn).clamp_(min=0)
+        if excl is not None:
+            hit = ((excl >= s) & (excl < s + kc.shape[0])).nonzero().squeeze(1)
+            dist[hit, excl[hit] - s] = float("inf")
+        return dist
+
+    def candidates(
+        self, queries: torch.Tensor, k: int, exclude_rows: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(distances, global rows, exact distances or None), sorted by (distance, row), on
+        this backend's device; rows with an infinite distance are not yet marked -1."""
+        q = queries.to(self.device, torch.float32)
+        excl = exclusion_tensor(exclude_rows, q.shape[0], self.device)
+        if excl is not None:
+            excl = excl - self.row_offset
+        qp = query_parts(q, self.dtype) if self.split_queries else None
+        qn = q.pow(2).sum(1, keepdim=True)
+        chunk = self.chunk_rows or max(
+            1, SCORE_ELEMENTS.get(self.device.type, 1 << 24) // max(1, q.shape[0])
+        )
+        best_d = torch.empty((q.shape[0], 0), dtype=torch.float32, device=self.device)
+        best_r = torch.empty((q.shape[0], 0), dtype=torch.int64, device=self.device)
+        for s in range(0, self.n_local, chunk):
+            kc = self._block(s, min(s + chunk, self.n_local))
+            d, idx = chunk_topk(self._distances(q, qp, qn, kc, s, excl), k)
+            best_d, best_r = merge_sorted(best_d, best_r, d, idx + s, k)
+        exact = self.exact_distances(q, best_r) if self.recompute else None
+        return best_d, best_r + self.row_offset, exact
+
+    def exact_distances(self, q: torch.Tensor, local_rows: torch.Tensor) -> torch.Tensor:
+        """sum((q - k)^2) (or -q.k) in float32 for each (query, local row), +inf for none."""
+        out = torch.empty(local_rows.shape, dtype=torch.float32, device=self.device)
+        step = max(1, GATHER_BYTES // max(1, 4 * self.dim * max(1, local_rows.shape[1])))
+        for a in range(0, q.shape[0], step):
+            r = local_rows[a : a + step]
+            kg = self._gather(r.clamp_min(0)).float()  # (b, k, d)
+            qa = q[a : a + step, None, :]
+            d = (kg - qa).pow_(2).sum(-1) if self.metric == "l2" else -(kg * qa).sum(-1)
+            out[a : a + step] = d
+        return out
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.keys is not None:
+            return self.keys[rows]
+        flat = rows.reshape(-1).cpu().numpy()
+        uniq, inv = np.unique(flat, return_inverse=True)
+        g = torch.from_numpy(np.array(self.keys_np[uniq])).to(self.device, self.dtype)
+        return g[torch.from_numpy(inv).to(self.device)].reshape(*rows.shape, self.dim)
+
+    def search(self, queries: torch.Tensor, k: int, exclude_rows: Any = None) -> Neighbours:
+        """The k nearest rows of each query, on the queries' device (k > N pads -1 / +inf)."""
+        k = check_k(k)
+        check_queries(queries, self.dim)
+        d, rows, exact = self.candidates(queries, k, exclude_rows)
+        return finish(d, rows, exact, k, self.values).to(queries.device)
+
+    def describe(self) -> dict[str, Any]:
+        return describe_exact(self, shards=1)
+
+
+def describe_exact(s: TorchExactSearch, shards: int) -> dict[str, Any]:
+    return {
+        "search": "exact",
+        "engine": "torch",
+        "device": str(s.device),
+        "key_dtype": str(s.dtype).removeprefix("torch."),
+        "keys_resident": s.resident,
+        "metric": s.metric,
+        "shards": shards,
+        "exact_neighbours": True,
+        "exact_distances": s.recompute,
+    }
+
+
+def finish(
+    d: torch.Tensor, rows: torch.Tensor, exact: torch.Tensor | None, k: int, table: torch.Tensor
+) -> Neighbours:
+    """Merged candidates -> Neighbours: re-sorted by exact distances when given, missing
+    neighbours (infinite distance, i.e. excluded or k > N) as -1 / +inf, padded to k."""
+    missing = torch.isinf(d)
+    if exact is not None:
+        d = exact.masked_fill(missing, float("inf"))
+    rows = rows.masked_fill(missing, -1)
+    if exact is not None:  # +inf (missing) entries stay last
+        d, rows = _order(d, rows)
+    if d.shape[1] < k:
+        pad = k - d.shape[1]
+        d = torch.nn.functional.pad(d, (0, pad), value=float("inf"))
+        rows = torch.nn.functional.pad(rows, (0, pad), value=-1)
+    return Neighbours.lookup(d, rows, table)
+
+
+def check_queries(queries: Any, dim: int) -> None:
+    if not torch.is_tensor(queries) or queries.ndim != 2 or queries.shape[1] != dim:
+        shape = tuple(queries.shape) if hasattr(queries, "shape") else type(queries).__name__
+        raise KnnlmError(f"queries must be a tensor of shape (n, {dim}), got {shape}")
+    if queries.numel() and not torch.isfinite(queries).all():
+        raise KnnlmError("queries contain NaN or infinite values")
+
+
+def _has_out_dtype_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm can multiply 16-bit inputs into a float32 output on this device."""
+    try:
+        a = torch.ones((2, 2), dtype=dtype, device=device)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False

@@ -1,0 +1,131 @@
+"""The per-token scorer: from the scoring pass, each target's LM, kNN and memory log-probs.
+
+Every consumer that needs log-probabilities of scored targets (perplexity, continuation
+scoring, the neighbour cache) reads them from :func:`score_tokens`, so retrieval, self-exclusion
+and the interpolations are written once. Batches stay batches: one row per target, no loop over
+tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from knnlm.retrieval.exclusion import own_rows
+from knnlm.retrieval.gate import Gate
+from knnlm.retrieval.knn import interpolate
+from knnlm.retrieval.memory import MemoryMLP
+from knnlm.retrieval.pipeline import prefetch
+from knnlm.retrieval.retriever import Neighbours, Retriever
+from knnlm.scoring import ScoredBatch
+
+
+@dataclass
+class TokenScores:
+    """Log-probabilities of one batch of scored targets (row i = target i of ``batch``).
+
+    ``lm`` and the memory's tensors stay on the model's device; the ``*_cpu`` copies and the
+    kNN log-probs are on the CPU; ``neighbours`` on the search backend's device (the model's
+    for exact search on a GPU, where the queries never leave it). kNN fields are None without a retriever, memory fields without a
+    memory.
+    """
+
+    batch: ScoredBatch  # positions, targets, keys, first_row of the scoring pass
+    lm: torch.Tensor  # log p_lm(target)
+    lm_cpu: torch.Tensor
+    targets_cpu: torch.Tensor
+    neighbours: Neighbours | None = None
+    knn: torch.Tensor | None = None  # log p_knn(target)
+    knnlm: torch.Tensor | None = None  # log of (1 - knn_weight) p_lm + knn_weight p_knn
+    memory: torch.Tensor | None = None  # log p_memory(target)
+    lm_memory: torch.Tensor | None = None  # log of (1 - memory_weight) p_lm + w p_memory
+    search_seconds: float = 0.0
+    searched: int = 0  # queries searched (fewer than the targets when a gate skips some)
+
+
+def score_tokens(
+    batches: Iterable[ScoredBatch],
+    *,
+    retriever: Retriever | None = None,
+    exclude_self: bool = False,
+    memory: MemoryMLP | None = None,
+    memory_weight: float = 0.25,
+    overlap: bool = False,
+    gate: Gate | None = None,
+    retrieval_rate: float = 1.0,
+) -> Iterator[TokenScores]:
+    """Score each batch of ``batches`` (``scoring.score_stream`` or ``score_examples`` with
+    ``want_lm`` and the keys the retriever or memory needs).
+
+    ``exclude_self``: each target drops its own datastore row (positions of the datastore's own
+    stream, ``retrieval.exclusion``). ``overlap`` produces batch i+1 (the LM forward) in a
+    background thread while batch i is searched; the results are identical either way.
+    ``gate`` (batches scored ``want_stats``) searches only the share ``retrieval_rate`` of the
+    targets it scores highest; the others keep p_lm exactly (:mod:`knnlm.retrieval.gate`).
+    """
+    # host copies of the keys only for a search on the host (FAISS, or exact on the CPU)
+    want_keys = retriever is not None and retriever.backend.device.type == "cpu"
+    for batch, host in prefetch(_with_host_copies(batches, want_keys), depth=int(overlap)):
+        scores = TokenScores(batch, batch.lm_log_prob, host["lm_log_prob"], host["targets"])
+        if retriever is not None and gate is not None:
+            keep = gate.keep(batch.keys.float().cpu(), batch.lm_stats.cpu(), retrieval_rate)
+            _add_gated_knn(scores, retriever, host.get("keys", batch.keys), exclude_self, keep)
+        elif retriever is not None:
+            _add_knn(scores, retriever, host.get("keys", batch.keys), exclude_self)
+        if memory is not None:
+            _add_memory(scores, memory, memory_weight)
+        yield scores
+
+
+def _with_host_copies(batches: Iterable[ScoredBatch], want_keys: bool):
+    """Each batch with CPU copies of what retrieval reads, made in the producing thread.
+
+    With ``prefetch`` the copy then waits only for its own batch's forward: a copy asked for by
+    the consumer would queue on the device behind the next batch's forward and undo the overlap.
+    """
+    for b in batches:
+        host = {"targets": b.targets.cpu(), "lm_log_prob": b.lm_log_prob.cpu()}
+        if want_keys:
+            host["keys"] = b.keys.float().cpu()
+        yield b, host
+
+
+def _add_knn(scores: TokenScores, retriever: Retriever, keys: torch.Tensor, exclude: bool) -> None:
+    batch = scores.batch
+    own = own_rows(batch.positions) if exclude else None
+    ts = time.perf_counter()
+    nb = retriever.search(keys, exclude_rows=own)
+    scores.search_seconds = time.perf_counter() - ts
+    scores.neighbours = nb
+    scores.knn = retriever.target_log_prob(nb, scores.targets_cpu).cpu()
+    scores.knnlm = interpolate(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
+    scores.searched = len(scores.targets_cpu)
+
+
+def _add_gated_knn(
+    scores: TokenScores, retriever: Retriever, keys: torch.Tensor, exclude: bool,
+    keep: torch.Tensor,
+) -> None:  # fmt: skip
+    """p_lm exactly where ``keep`` is False; the kNN-LM where it is True, searching only those."""
+    rows = torch.nonzero(keep).squeeze(1)
+    scores.knnlm = scores.lm_cpu.clone()
+    scores.searched = int(rows.numel())
+    if not scores.searched:
+        return
+    own = own_rows(scores.batch.positions)[rows.numpy()] if exclude else None
+    ts = time.perf_counter()
+    nb = retriever.search(keys[rows.to(keys.device)], exclude_rows=own)
+    scores.search_seconds = time.perf_counter() - ts
+    knn = retriever.target_log_prob(nb, scores.targets_cpu[rows]).cpu()
+    scores.knnlm[rows] = interpolate(scores.lm_cpu[rows], knn, retriever.knn.knn_weight)
+
+
+def _add_memory(scores: TokenScores, mem: MemoryMLP, memory_weight: float) -> None:
+    batch, lm_lp = scores.batch, scores.lm
+    with torch.no_grad():
+        mem_lp = mem.target_log_prob(batch.keys.float(), batch.targets)
+    scores.memory = mem_lp
+    scores.lm_memory = interpolate(lm_lp, mem_lp, memory_weight)

@@ -1,0 +1,234 @@
+"""Torch exact search against a numpy float64 brute force; sharding; FAISS optional."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from knnlm.errors import KnnlmError
+from knnlm.retrieval.backends import open_backend, resolve_search
+from knnlm.retrieval.torch_search import TorchExactSearch, chunk_topk
+
+
+def brute(q: np.ndarray, keys: np.ndarray, metric: str, excl=None) -> np.ndarray:
+    """(n, N) float64 distances (smaller is closer); a query's own row +inf."""
+    q, keys = q.astype(np.float64), keys.astype(np.float64)
+    if metric == "l2":
+        d = ((q[:, None, :] - keys[None]) ** 2).sum(-1)
+    else:
+        d = -(q @ keys.T)
+    if excl is not None:
+        hit = excl >= 0
+        d[np.nonzero(hit)[0], excl[hit]] = np.inf
+    return d
+
+
+def check_against(nb, d_ref: np.ndarray, k: int) -> None:
+    """Sets and order equal the brute force's (ties within 1e-5 relative allowed)."""
+    rows, dist = nb.rows.numpy(), nb.distances.numpy()
+    want = np.sort(d_ref, axis=1, kind="stable")[:, :k]
+    finite = np.isfinite(want)
+    assert ((rows >= 0) == finite).all()
+    got = np.take_along_axis(d_ref, np.where(rows >= 0, rows, 0), axis=1)
+    tol = 1e-5 * np.maximum(np.abs(want), 1.0)
+    assert (np.abs(np.where(finite, got - want, 0)) <= tol).all()
+    assert (np.abs(np.where(finite, dist - want, 0)) <= tol).all()
+    for r in rows:  # no row twice
+        r = r[r >= 0]
+        assert len(np.unique(r)) == len(r)
+    ref_rows = np.argsort(d_ref, axis=1, kind="stable")[:, :k]
+    assert (np.where(finite, rows, -1) == np.where(finite, ref_rows, -1)).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("file_dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("exclude", [False, True])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_equals_float64_brute_force(metric, file_dtype, exclude, streamed):
+    rng = np.random.default_rng(3)
+    keys = (rng.normal(size=(700, 24)) * 3).astype(file_dtype)
+    values = rng.integers(0, 100, size=700).astype(np.int32)
+    q = rng.normal(size=(9, 24)).astype(np.float32) * 3
+    excl = rng.integers(-1, 700, size=9) if exclude else None
+    kw = {"budget_bytes": 0} if streamed else {}
+    for recompute in (False, True):
+        s = TorchExactSearch(keys, values, metric, chunk_rows=64, recompute=recompute, **kw)
+        assert s.resident is not streamed
+        nb = s.search(torch.from_numpy(q), 20, exclude_rows=excl)
+        d_ref = brute(q, keys, metric, excl)
+        check_against(nb, d_ref, 20)
+        rows = nb.rows.numpy()
+        assert (nb.values.numpy() == values[rows]).all()
+
+
+@pytest.mark.parametrize("key_dtype", ["float16", "bfloat16"])
+def test_16_bit_keys_on_device_equal_brute_force_of_the_rounded_keys(key_dtype):
+    rng = np.random.default_rng(4)
+    keys = rng.normal(size=(300, 16)).astype(np.float32)
+    q = rng.normal(size=(5, 16)).astype(np.float32)
+    s = TorchExactSearch(keys, np.zeros(300, np.int32), "l2", key_dtype=key_dtype, chunk_rows=50)
+    rounded = torch.from_numpy(keys).to(getattr(torch, key_dtype)).float().numpy()
+    check_against(s.search(torch.from_numpy(q), 10), brute(q, rounded, "l2"), 10)
+
+
+def test_ties_break_by_row_id_whatever_the_chunking():
+    keys = np.zeros((50, 4), np.float32)
+    keys[::2] = 1.0  # 25 identical rows at distance 0, 25 at distance 4 from the origin
+    q = torch.zeros((2, 4))
+    expect = np.arange(1, 50, 2)[:10]
+    for chunk in (3, 7, 50):
+        nb = TorchExactSearch(keys, np.zeros(50, np.int32), chunk_rows=chunk).search(q, 10)
+        assert (nb.rows.numpy() == expect).all()
+    d = torch.tensor([[1.0, 0.0, 0.0, 0.0, 2.0]])
+    vals, idx = chunk_topk(d, 2)
+    assert idx.tolist() == [[1, 2]] and vals.tolist() == [[0.0, 0.0]]
+
+
+def test_k_larger_than_n_pads_and_bad_input_is_one_error():
+    keys = np.eye(3, dtype=np.float32)
+    s = TorchExactSearch(keys, np.array([5, 6, 7], np.int32))
+    nb = s.search(torch.zeros((1, 3)), 5, exclude_rows=np.array([1]))
+    assert nb.rows.tolist() == [[0, 2, -1, -1, -1]]
+    assert nb.values.tolist() == [[5, 7, 0, 0, 0]]
+    assert np.isinf(nb.distances.numpy()[0, 2:]).all()
+    with pytest.raises(KnnlmError):
+        s.search(torch.zeros((1, 4)), 2)
+    with pytest.raises(KnnlmError):
+        s.search(torch.full((1, 3), float("nan")), 2)
+    with pytest.raises(KnnlmError):
+        s.search(torch.zeros((2, 3)), 2, exclude_rows=np.array([1]))
+    with pytest.raises(KnnlmError):
+        TorchExactSearch(keys, np.zeros(3, np.int32), key_dtype="int8")
+
+
+def write_keys(path, keys, index_metric=None):
+    path.mkdir()
+    np.save(path / "keys.npy", keys)
+    np.save(path / "values.npy", np.arange(len(keys), dtype=np.int32) % 7)
+    (path / "meta.json").write_text(json.dumps({"n": len(keys), "dim": keys.shape[1]}))
+    return path
+
+
+def test_auto_means_faiss_only_with_an_index(tmp_path):
+    from knnlm.retrieval.index_build import build_index
+
+    rng = np.random.default_rng(5)
+    ds = write_keys(tmp_path / "ds", rng.normal(size=(200, 8)).astype(np.float32))
+    assert resolve_search("auto", ds) == "exact"
+    assert open_backend(ds, "auto").describe()["search"] == "exact"
+    build_index(ds, "flat", metric="ip", use_gpu=False, progress=False)
+    assert resolve_search("auto", ds) == "faiss"
+    exact, faiss_b = open_backend(ds, "exact"), open_backend(ds, "faiss")
+    assert exact.metric == "ip"  # exact search follows the index's metric
+    q = torch.from_numpy(rng.normal(size=(4, 8)).astype(np.float32))
+    a, b = exact.search(q, 6), faiss_b.search(q, 6)
+    assert (a.rows == b.rows).all() and (a.values == b.values).all()
+    assert torch.allclose(a.distances, b.distances, rtol=1e-5)
+    with pytest.raises(KnnlmError, match="--search"):
+        open_backend(ds, "brute")
+
+
+def test_exact_search_runs_without_faiss(tmp_path):
+    from knnlm.retrieval.index_build import build_index
+
+    ds = write_keys(tmp_path / "ds", np.eye(4, dtype=np.float32))
+    build_index(ds, "flat", use_gpu=False, progress=False)  # an index exists, faiss does not
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["faiss"] = None
+        import torch
+        from knnlm.errors import KnnlmError
+        from knnlm.retrieval.backends import open_backend
+        import knnlm.evaluate, knnlm.generation, knnlm.experiments.projection
+        b = open_backend({str(ds)!r}, "auto")
+        assert b.describe()["search"] == "exact"
+        print(b.search(torch.eye(4)[:2], 1).rows.tolist())
+        try:
+            open_backend({str(ds)!r}, "faiss")
+        except KnnlmError as e:
+            print("refused:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "[[0], [1]]" in out.stdout and "refused: --search faiss needs" in out.stdout
+
+
+def _sharded_worker(rank: int, ds: str, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from knnlm.retrieval.backends import open_backend
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        data = np.load(f"{out}/queries.npz")
+        lo, hi = (0, 3) if rank == 0 else (3, 8)  # ranks search different numbers of queries
+        b = open_backend(ds, "exact")
+        assert b.describe()["shards"] == 2
+        nb = b.search(torch.from_numpy(data["q"][lo:hi]), 20, exclude_rows=data["excl"][lo:hi])
+        np.savez(f"{out}/rank{rank}.npz", rows=nb.rows.numpy(), dist=nb.distances.numpy(),
+                 values=nb.values.numpy())  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_search_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    rng = np.random.default_rng(6)
+    keys = rng.normal(size=(101, 12)).astype(np.float16)  # 50 + 51 rows: shards smaller than k
+    ds = write_keys(tmp_path / "ds", keys)
+    q = rng.normal(size=(8, 12)).astype(np.float32)
+    excl = np.array([0, 50, 51, -1, 100, 3, 60, 7])
+    np.savez(tmp_path / "queries.npz", q=q, excl=excl)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_sharded_worker, args=(str(ds), init, str(tmp_path)), nprocs=2, join=True)
+    one = open_backend(ds, "exact").search(torch.from_numpy(q), 20, exclude_rows=excl)
+    parts = [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
+    rows = np.concatenate([p["rows"] for p in parts])
+    assert (rows == one.rows.numpy()).all()
+    assert (np.concatenate([p["values"] for p in parts]) == one.values.numpy()).all()
+    assert np.allclose(np.concatenate([p["dist"] for p in parts]), one.distances.numpy(), rtol=1e-6)
+    check_against(one, brute(q, keys, "l2", excl), 20)
+
+
+def test_torchrun_two_process_knnlm_perplexity_equals_one_process(
+    tmp_path, tiny_lm_dir, tiny_corpus
+):
+    """`torchrun --nproc_per_node 2 -m knnlm eval --search exact` (gloo) = one process."""
+    from knnlm.evaluate import evaluate
+    from knnlm.lm.loading import load_lm
+    from knnlm.retrieval.datastore import build_datastore
+    from knnlm.retrieval.retriever import KnnSettings
+
+    lm = load_lm(str(tiny_lm_dir))
+    ds = build_datastore(lm, str(tiny_corpus), "train", tmp_path / "ds", context_len=32,
+                         batch_size=16, progress=False)  # fmt: skip
+    knn = KnnSettings(k=16, search="exact")
+    one = evaluate(lm, str(tiny_corpus), "valid", context_len=32, batch_size=4, datastore=ds,
+                   knn=knn, progress=False)  # fmt: skip
+    out = tmp_path / "two.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", "2", "-m", "knnlm", "eval", "--model", str(tiny_lm_dir),
+           "--corpus", str(tiny_corpus), "--datastore", str(ds), "--k", "16",
+           "--context-len", "32", "--batch-size", "4", "--search", "exact", "--quiet",
+           "--device", "cpu", "--json", str(out)]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    try:
+        _, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the workers too, not only torchrun
+        raise
+    assert p.returncode == 0, err[-2000:]
+    two = json.loads(out.read_text())
+    assert two["settings"]["search"]["shards"] == 2 and one["settings"]["search"]["shards"] == 1
+    assert two["knnlm"]["perplexity"] == pytest.approx(one["knnlm"]["perplexity"], rel=1e-9)
+    assert two["lm"]["perplexity"] == pytest.approx(one["lm"]["perplexity"], rel=1e-12)
