@@ -21,6 +21,11 @@ scheduler and RNG state) reproduces it bit for bit.
 
 Prints one JSON object: per command the trial counts (killed while running / finished before
 the kill / identical after rerun / failures with reasons) and timings.
+
+``--concurrent`` runs two writers instead: each trial starts the command, then the same command
+on the same target after a seeded random delay in [0, reference wall time], and checks that
+both exit 0 or 2 (2 with one line naming the holder), at least one exits 0, the artifact is
+identical to the reference and nothing else is left beside it (no lock file, no temporary).
 """
 
 from __future__ import annotations
@@ -211,6 +216,12 @@ def _temps(trial: Path, target: Path) -> list[str]:
     return found
 
 
+def _left_behind(trial: Path, target: Path) -> list[str]:
+    """Temporaries, and the writer lock file (its holder removes it; a killed one leaves it)."""
+    lock = target.with_name(target.name + ".lock")
+    return _temps(trial, target) + ([lock.name] if lock.exists() else [])
+
+
 def _wait_for_temp(p: subprocess.Popen, trial: Path, target: Path) -> float | None:
     """Seconds until the command's first temporary appears (None: it ended first)."""
     t0 = time.perf_counter()
@@ -299,7 +310,7 @@ def run_command(cmd: Command, root: Path, trials: int, rng: random.Random) -> St
             )
             continue
         got = snapshot(target, trial)
-        left = _temps(trial, target)
+        left = _left_behind(trial, target)
         if got != reference:
             st.failures.append(f"trial {i} (kill at {instant:.2f}s): {_diff(got, reference)}")
         elif left:
@@ -309,6 +320,70 @@ def run_command(cmd: Command, root: Path, trials: int, rng: random.Random) -> St
         shutil.rmtree(trial, ignore_errors=True)
     st.seconds = time.perf_counter() - t_all
     return st
+
+
+def concurrent_trial(cmd: Command, trial: Path, delay: float, launch: Any, reference: dict) -> list:
+    """Two writers of ``cmd`` on one target, the second ``delay`` s after the first; failures.
+
+    ``launch(argv, err_path)`` starts a writer and returns an object whose ``wait()`` gives its
+    exit code (a ``subprocess.Popen`` here; tests fork them from a preloaded server).
+    """
+    if cmd.prepare:
+        cmd.prepare(trial)
+    errs = [trial.with_name(f"{trial.name}.err{i}") for i in range(2)]
+    first = launch(cmd.args(trial), errs[0])
+    time.sleep(delay)
+    second = launch(cmd.args(trial), errs[1])
+    codes = [first.wait(), second.wait()]
+    failures = []
+    for who, code, err in zip(("first", "second"), codes, errs, strict=True):
+        lines = err.read_text(errors="replace").strip().splitlines()
+        if code not in (0, 2):
+            failures.append(f"{who} writer exit {code}: {' | '.join(lines[-3:])}")
+        elif code == 2 and (len(lines) != 1 or "being written by" not in lines[0]):
+            failures.append(f"{who} writer refused without one line naming the holder: {lines}")
+    if 0 not in codes:
+        failures.append(f"no writer finished (exits {codes})")
+    got = snapshot(trial / cmd.target, trial)
+    if got != reference:
+        failures.append(f"artifact {_diff(got, reference)}")
+    left = _left_behind(trial, trial / cmd.target)
+    if left:
+        failures.append(f"left behind: {left}")
+    return failures
+
+
+def _popen(argv: list[str], err: Path) -> subprocess.Popen:
+    with open(err, "w") as fh:
+        return subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=fh)
+
+
+def run_concurrent(cmd: Command, root: Path, trials: int, rng: random.Random) -> dict:
+    """The reference run, then ``trials`` two-writer trials at seeded random offsets."""
+    ref_dir = root / f"{cmd.name.replace(' ', '_')}-ref"
+    shutil.rmtree(ref_dir, ignore_errors=True)
+    ref_dir.mkdir(parents=True)
+    if cmd.prepare:
+        cmd.prepare(ref_dir)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd.args(ref_dir), env=_env(), capture_output=True, text=True)
+    ref_seconds = time.perf_counter() - t0
+    if r.returncode != 0:
+        return {"failures": [f"reference run failed ({r.returncode}): {r.stderr[-300:]}"]}
+    reference = snapshot(ref_dir / cmd.target, ref_dir)
+    out: dict[str, Any] = {"trials": trials, "reference_seconds": round(ref_seconds, 2)}
+    out.update(offsets=[], failures=[])
+    for i in range(trials):
+        trial = root / f"{cmd.name.replace(' ', '_')}-c{i}"
+        shutil.rmtree(trial, ignore_errors=True)
+        trial.mkdir(parents=True)
+        delay = rng.uniform(0.0, ref_seconds)
+        out["offsets"].append(round(delay, 2))
+        bad = concurrent_trial(cmd, trial, delay, _popen, reference)
+        out["failures"] += [f"trial {i} (offset {delay:.2f}s): {f}" for f in bad]
+        shutil.rmtree(trial, ignore_errors=True)
+    out["complete_and_identical"] = trials - len({f.split(":")[0] for f in out["failures"]})
+    return out
 
 
 def commands(fx: dict[str, Path], base_ds: Path, quick: bool = False) -> dict[str, Command]:
@@ -366,6 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--commands", default="all", help="comma-separated names, or all")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a tmp)")
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ap.add_argument("--concurrent", action="store_true", help="two writers instead of a kill")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="knnlm-faults-"))
@@ -382,7 +458,11 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(cmds) if args.commands == "all" else args.commands.split(",")
     rng = random.Random(args.seed)
     out: dict[str, Any] = {"seed": args.seed, "trials_per_command": args.trials, "commands": {}}
+    out["mode"] = "concurrent" if args.concurrent else "kill"
     for name in names:
+        if args.concurrent:
+            out["commands"][name] = run_concurrent(cmds[name], work / "runs", args.trials, rng)
+            continue
         st = run_command(cmds[name], work / "runs", args.trials, rng)
         out["commands"][name] = {
             "trials": st.trials,

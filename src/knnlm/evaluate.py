@@ -18,6 +18,7 @@ from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
 from knnlm.lm.loading import LoadedLM
+from knnlm.locking import locks
 from knnlm.neighbour_cache import NeighbourCache, claim_cache
 from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
 from knnlm.retrieval.exclusion import is_own_stream, should_exclude
@@ -46,6 +47,7 @@ def open_inputs(
     return open_datastore(datastore)
 
 
+@locks("cache", "neighbour cache")
 def evaluate(
     lm: LoadedLM,
     corpus: str,

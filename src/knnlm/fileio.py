@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from knnlm.errors import KnnlmError
+from knnlm.locking import waiting, writer_lock
 
 ARTIFACT_KEY = "knnlm_artifact"
 TEMP_MARKER = ".knnlm-temp.json"  # inside a temporary folder while it is being written
@@ -116,23 +117,62 @@ def aside_path(target: Path) -> Path:
 
 
 def recover(target: str | Path, kind: str, meta_name: str) -> None:
-    """Undo a swap cut short between its two renames (kernels without RENAME_EXCHANGE)."""
+    """Undo a swap cut short between its two renames (kernels without RENAME_EXCHANGE).
+
+    Readers call it too: it acts only under the target's writer lock (waiting for a writer in
+    the middle of its swap), so it never undoes a swap that is still going on.
+    """
     target = _abs(target)
     old = aside_path(target)
-    if not target.exists() and is_ours(old, kind, meta_name):
-        os.rename(old, target)
-        fsync_dir(target.parent)
+    if target.exists() or not old.exists():
+        return
+    with waiting(), writer_lock(target, f"{kind.replace('_', ' ')} {target}"):
+        if not target.exists() and is_ours(old, kind, meta_name):
+            os.rename(old, target)
+            fsync_dir(target.parent)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def read_stable(target: str | Path, read: Any, tries: int = 5) -> Any:
+    """``read(target)`` with no swap of the target folder in between (retried when one fell).
+
+    A swap replaces the folder by another one (another inode): a reader that opened some files
+    of the old folder and some of the new one, or saw the old one deleted under it, reads again.
+    """
+    for attempt in range(tries):
+        before = _inode(_abs(target))
+        try:
+            result = read(target)
+        except KnnlmError:
+            if _inode(_abs(target)) == before or attempt == tries - 1:
+                raise
+            continue
+        if _inode(_abs(target)) == before:
+            return result
+    return result
 
 
 def claim_target(target: str | Path, kind: str, meta_name: str, *, what: str | None = None) -> str:
     """Check ``target`` before any work: "absent" (missing or an empty folder) or "ours".
 
     Anything else (a file, a link, a folder with the user's files, another kind of artifact)
-    raises ``KnnlmError`` and is left as it is.
+    raises ``KnnlmError`` and is left as it is. So does a target another process is writing
+    (its writer lock is taken for the check; see ``knnlm.locking``).
     """
     target = _abs(target)
     what = what or kind.replace("_", " ")
-    recover(target, kind, meta_name)
+    with writer_lock(target, f"{what} {target}"):
+        recover(target, kind, meta_name)
+        return _claim_checks(target, kind, meta_name, what)
+
+
+def _claim_checks(target: Path, kind: str, meta_name: str, what: str) -> str:
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise KnnlmError(f"{target} exists and is not a {what} folder; choose another path")
     if not target.exists() or _is_empty_dir(target):

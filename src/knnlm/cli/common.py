@@ -11,6 +11,7 @@ import typer
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import write_json_atomic
+from knnlm.locking import set_wait
 
 QUIET = typer.Option(False, "--quiet", "-q", help="Silence progress bars.")
 SEED = typer.Option(0, "--seed", help="Random seed.")
@@ -22,6 +23,13 @@ SEARCH = typer.Option(
     "the datastore has an index, else exact).",
 )
 DEVICE = typer.Option(None, "--device", help="torch device (default: cuda when present, else cpu).")
+# Every command that writes an artifact takes it: one writer per artifact (knnlm.locking).
+WAIT = typer.Option(
+    False,
+    "--wait",
+    callback=set_wait,
+    help="If another process is writing the same output, wait for it instead of stopping.",
+)
 
 
 def output_file(value: Path | None) -> Path | None:

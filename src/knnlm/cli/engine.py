@@ -10,6 +10,7 @@ from knnlm.cli.common import (
     DEVICE,
     QUIET,
     SEARCH,
+    WAIT,
     echo_json,
     output_file,
     quiet_libraries,
@@ -77,6 +78,7 @@ def datastore_build(
     device: str | None = DEVICE,
     dtype: str = DTYPE,
     quiet: bool = QUIET,
+    wait: bool = WAIT,
 ) -> None:
     """Score a corpus split and store one (key, next token) pair per position; resumable.
 
@@ -85,8 +87,8 @@ def datastore_build(
     from knnlm.fileio import claim_target
     from knnlm.retrieval.datastore import KIND, META, build_datastore, open_datastore
 
+    rank = _init_distributed()  # first: rank 0 takes the writer lock for the group
     claim_target(out, KIND, META)  # a foreign --out is refused before the model is loaded
-    rank = _init_distributed()
     lm = _load(model, device, dtype)
     path = build_datastore(
         lm,
@@ -120,6 +122,7 @@ def datastore_index(
     seed: int = typer.Option(0, "--seed", help="Seed of the training sample."),
     pca: int | None = typer.Option(None, "--pca", help="PCA keys to D dims in front of the index."),
     quiet: bool = QUIET,
+    wait: bool = WAIT,
 ) -> None:
     """Build a FAISS index beside the datastore (index.faiss + index.json); resumable."""
     from knnlm.retrieval.index_build import build_index, index_summary
@@ -184,6 +187,7 @@ def eval_cmd(
     device: str | None = DEVICE,
     dtype: str = DTYPE,
     quiet: bool = QUIET,
+    wait: bool = WAIT,
 ) -> None:
     """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
     from knnlm.evaluate import evaluate, open_gate, open_inputs

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, output_file, quiet_libraries, write_json
+from knnlm.cli.common import DEVICE, QUIET, WAIT, output_file, quiet_libraries, write_json
 
 
 def register(app: typer.Typer) -> None:
@@ -72,6 +72,7 @@ def register(app: typer.Typer) -> None:
         ),
         device: str | None = DEVICE,
         quiet: bool = QUIET,
+        wait: bool = WAIT,
     ) -> None:
         """Train GPT-2 models with and without the last MLP from the same initialisation on the
         same batches, and compare how fast they learn (paper Appendix E)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, output_file, quiet_libraries, write_json
+from knnlm.cli.common import DEVICE, QUIET, WAIT, output_file, quiet_libraries, write_json
 from knnlm.errors import KnnlmError
 
 
@@ -65,6 +65,7 @@ def run_cmd(
     ),
     device: str | None = DEVICE,
     quiet: bool = QUIET,
+    wait: bool = WAIT,
     villagers: int | None = typer.Option(None, "--villagers", hidden=True),
     parents_per_count: int | None = typer.Option(None, "--parents-per-count", hidden=True),
     max_children: int | None = typer.Option(None, "--max-children", hidden=True),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, SEED, quiet_libraries, write_json
+from knnlm.cli.common import DEVICE, QUIET, SEED, WAIT, quiet_libraries, write_json
 
 memory_app = typer.Typer(
     help="Train an MLP memory on a datastore's (key, next token) pairs (Section 5).",
@@ -64,6 +64,7 @@ def memory_train(
     seed: int = SEED,
     device: str | None = DEVICE,
     quiet: bool = QUIET,
+    wait: bool = WAIT,
 ) -> None:
     """Train the memory MLP logits = W (z + LN(MLP(z))) on a datastore's keys -> next tokens."""
     from knnlm.experiments.mlp_memory import train_memory

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import QUIET, quiet_libraries
+from knnlm.cli.common import QUIET, WAIT, quiet_libraries
 
 # Sizes small enough for a test of the whole pipeline (a minute or two on 2 cores): the
 # embedded slice cut short, two LM seeds, a few steps everywhere.
@@ -66,6 +66,7 @@ def reproduce_cmd(
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs of the LM trained here."),
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help="Test-sized run."),
     quiet: bool = QUIET,
+    wait: bool = WAIT,
 ) -> None:
     """Run every analysis of the paper and write report.md, report.html, results.json, figures."""
     quiet_libraries()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, SEED, quiet_libraries
+from knnlm.cli.common import DEVICE, QUIET, SEED, WAIT, quiet_libraries
 from knnlm.errors import KnnlmError
 
 
@@ -113,6 +113,7 @@ def register(app: typer.Typer) -> None:
         seed: int = SEED,
         device: str | None = DEVICE,
         quiet: bool = QUIET,
+        wait: bool = WAIT,
     ) -> None:
         """Train a language model and save it in Hugging Face format."""
         from knnlm.lm.train import train_lm

@@ -51,6 +51,7 @@ from knnlm.experiments.hurdle_setup import (
     resolve_preset,
 )
 from knnlm.fileio import claim_work_dir, write_json_atomic
+from knnlm.locking import locks
 
 FORMAT_VERSION = 1
 VARIANTS = ("with_mlp", "without_mlp")
@@ -194,6 +195,7 @@ def _sentence(name: str, cmp: dict, n_seeds: int) -> str:
 # ---------------------------------------------------------------------------------------
 # the experiment
 # ---------------------------------------------------------------------------------------
+@locks("out", "hurdle run")
 def run_hurdle(
     out: str | Path,
     seeds: Sequence[int] = (0, 1, 2),

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import ARTIFACT_KEY, claim_target, read_json, swap_in, temp_dir, write_json_atomic
+from knnlm.locking import locks
 from knnlm.retrieval.memory import (
     CONFIG_FILE,
     CURVE_FILE,
@@ -238,6 +239,7 @@ def _restore(folder: Path, model: MemoryMLP, opt: torch.optim.Optimizer) -> None
     _load_optimizer(opt, load_file(str(folder / STATE_FILE)))
 
 
+@locks("out_dir", "memory model")
 def train_memory(
     keys: Any,
     values: Any,

@@ -31,6 +31,7 @@ from knnlm.experiments.macondo_settings import (
     resolve_settings,
 )
 from knnlm.fileio import claim_work_dir, write_json_atomic
+from knnlm.locking import locks
 
 # The run's results; the report layer draws the table and figures from them.
 RESULTS = "results.json"
@@ -60,6 +61,7 @@ def _cpu_threads(n: int | None, device: str | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+@locks("out", "Macondo run")
 def run_macondo(
     out: str | Path,
     model: str | None = None,

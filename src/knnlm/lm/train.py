@@ -60,6 +60,7 @@ from knnlm.lm.train_data import (
     make_dataset,
     train_tokenizer_for_corpus,
 )
+from knnlm.locking import locks
 
 EvalFn = Callable[[int, nn.Module], dict]
 
@@ -282,6 +283,7 @@ def _run_eval(on_eval: EvalFn, step: int, model: nn.Module, device: torch.device
 # ---------------------------------------------------------------------------------------
 # the high-level entry point: a corpus in, a model folder out
 # ---------------------------------------------------------------------------------------
+@locks("out", "trained model")
 def train_lm(
     corpus: str,
     out: str | Path,

@@ -43,6 +43,7 @@ from knnlm.fileio import (
     fsync_dir,
     read_json,
     read_meta,
+    read_stable,
     recover,
     swap_in,
     temp_dir,
@@ -50,6 +51,7 @@ from knnlm.fileio import (
 )
 from knnlm.lm.adapters import KEY_TYPES
 from knnlm.lm.loading import LoadedLM
+from knnlm.locking import locks
 from knnlm.scoring import check_context_len, rows_before, score_stream, window_batches
 
 FORMAT_VERSION = 1
@@ -134,8 +136,14 @@ def _dtype_name(lm: LoadedLM) -> str:
 
 
 def open_datastore(path: str | Path) -> Datastore:
-    """Open a finished datastore; sizes and shapes are checked against meta.json before mapping."""
-    path = Path(path)
+    """Open a finished datastore; sizes and shapes are checked against meta.json before mapping.
+
+    Opened again when a writer swapped a new datastore in while this one was being read.
+    """
+    return read_stable(Path(path), _open_once)
+
+
+def _open_once(path: Path) -> Datastore:
     recover(path, KIND, META)
     if not (path / META).is_file():
         if Path(str(path) + ".partial").is_dir():
@@ -207,6 +215,7 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+@locks("out", "datastore")
 def build_datastore(
     lm: LoadedLM,
     corpus: str,
@@ -341,6 +350,7 @@ def build_datastore(
     return out
 
 
+@locks("out", "datastore")
 def build_example_datastore(
     lm: LoadedLM,
     texts: list[str],

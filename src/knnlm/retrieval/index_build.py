@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import fsync_dir, write_json_atomic
+from knnlm.locking import locks
 from knnlm.retrieval.faiss_common import faiss_metric, to_cpu, to_gpu, want_gpu
 from knnlm.retrieval.index_common import (
     DISTANCE_NOTE,
@@ -178,6 +179,7 @@ def _train_sample(keys: np.ndarray, size: int, seed: int, chunk: int) -> np.ndar
     return out
 
 
+@locks("ds_dir", "datastore")
 def build_index(
     ds_dir: str | Path,
     kind: str = "flat",
