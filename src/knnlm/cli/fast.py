@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, SEED, echo_json, quiet_libraries
+from knnlm.cli.common import DEVICE, QUIET, SEED, WAIT, echo_json, quiet_libraries
 from knnlm.cli.engine import BATCH, CONTEXT, CORPUS, DTYPE, MODEL, STRIDE, datastore_app
 
 gate_app = typer.Typer(help="Adaptive retrieval: a gate that decides which tokens search.",
@@ -35,6 +35,7 @@ def gate_train_cmd(
     device: str | None = DEVICE,
     dtype: str = DTYPE,
     quiet: bool = QUIET,
+    wait: bool = WAIT,
 ) -> None:
     """Train (mlp) or calibrate (entropy) a retrieval gate on a held-out split."""
     from knnlm.fileio import claim_target
@@ -66,6 +67,7 @@ def prune_cmd(
     k: int = typer.Option(9, "--k", help="Neighbours of each entry considered for merging."),
     nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed (with an index)."),
     quiet: bool = QUIET,
+    wait: bool = WAIT,
 ) -> None:
     """Greedy merging (He et al.): merge each entry's same-token neighbours into one entry
     with a count (a weight in p_knn); resumable. Build the new store's index afterwards."""

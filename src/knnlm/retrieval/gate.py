@@ -29,6 +29,7 @@ from torch import nn
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import ARTIFACT_KEY, claim_target, read_meta, swap_in, temp_dir, write_json_atomic
+from knnlm.locking import locks
 
 KIND = "retrieval_gate"
 CONFIG = "config.json"
@@ -100,6 +101,7 @@ def score_quantiles(scores: torch.Tensor) -> np.ndarray:
     return np.quantile(scores.double().numpy(), np.linspace(0.0, 1.0, N_QUANTILES))
 
 
+@locks("out", "retrieval gate")
 def save_gate(out: str | Path, gate: Gate) -> Path:
     """Write ``gate`` to the folder ``out`` by the artifact rule (temporary sibling, swap)."""
     claim_target(out, KIND, CONFIG, what="retrieval gate")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.lm.loading import LoadedLM
+from knnlm.locking import locks
 from knnlm.retrieval.datastore import corpus_fingerprint, open_datastore
 from knnlm.retrieval.gate import (
     GATE_KINDS,
@@ -89,6 +90,7 @@ def fit_mlp(
     return model, {"held_out_mixture_nll": best, "held_out_history": history}
 
 
+@locks("out", "retrieval gate")
 def train_gate(
     lm: LoadedLM, datastore: str | Path, corpus: str, out: str | Path, *, split: str = "valid",
     kind: str = "mlp", knn: KnnSettings | None = None, context_len: int = 1024,

@@ -34,6 +34,7 @@ from knnlm.fileio import (
     temp_dir,
     write_json_atomic,
 )
+from knnlm.locking import locks
 from knnlm.retrieval.datastore import KIND, META, Datastore, open_datastore
 from knnlm.retrieval.search import Searcher
 
@@ -122,6 +123,7 @@ def _write_rows(partial: Path, ds: Datastore, rows: np.ndarray, chunk: int) -> N
     np.save(partial / "positions.npy", origin.astype(np.int64))
 
 
+@locks("out", "datastore")
 def prune_datastore(
     datastore: str | Path,
     out: str | Path,
