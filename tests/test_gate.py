@@ -124,3 +124,26 @@ def test_gate_mistakes_are_one_line(lm, corpus, ds, gate_dir, tmp_path):
         evaluate(lm, str(corpus), "test", datastore=ds, retrieval_rate=0.5, **kw)
     with pytest.raises(KnnlmError, match="no retrieval gate"):
         evaluate(lm, str(corpus), "test", datastore=ds, gate=tmp_path / "none", **kw)
+
+
+def test_per_token_skipped_equal_lm_and_kept_equal_knnlm(lm, corpus, ds, gate_dir):
+    """Token by token: skipped = log p_lm bit for bit, kept = the full kNN-LM (1e-6)."""
+    from knnlm.retrieval.retriever import Retriever
+    from knnlm.token_scores import score_tokens
+
+    gate, retriever = load_gate(gate_dir), Retriever(lm, ds, KNN)
+    ids = load_tokens(lm.tokenizer, str(corpus), "test")
+
+    def stream():
+        return score_stream(lm.model, ids, CTX, STRIDE, want_stats=True, progress=False)
+
+    full = torch.cat([s.knnlm for s in score_tokens(stream(), retriever=retriever)])
+    parts = list(score_tokens(stream(), retriever=retriever, gate=gate, retrieval_rate=0.5))
+    gated = torch.cat([s.knnlm for s in parts])
+    lm_lp = torch.cat([s.lm_cpu for s in parts])
+    keep = torch.cat([gate.keep(s.batch.keys, s.batch.lm_stats, 0.5) for s in parts])
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert sum(s.searched for s in parts) == int(keep.sum())
+    assert torch.equal(gated[~keep], lm_lp[~keep])
+    torch.testing.assert_close(gated[keep], full[keep], rtol=0, atol=1e-6)
+    assert not torch.allclose(gated[keep], lm_lp[keep])  # searched tokens really changed

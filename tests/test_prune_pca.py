@@ -217,3 +217,35 @@ def test_pca_in_front_of_ivfpq_with_exact_reranking(tmp_path):
     exact = ((keys[:20, None, :] - keys[ids]) ** 2).sum(-1)
     np.testing.assert_allclose(dist, exact, rtol=1e-4, atol=1e-4)
     assert (ids[:, 0] == np.arange(20)).mean() > 0.5  # the PCA-8 search still finds itself mostly
+
+
+def test_interrupted_prune_resumes_to_the_same_store(tmp_path, monkeypatch):
+    import knnlm.retrieval.prune as prune_mod
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 8)) * 5
+    keys = (centres[rng.integers(0, 20, 400)] + rng.normal(0, 0.1, (400, 8))).astype(np.float32)
+    values = rng.integers(0, 3, 400)
+    write_ds(tmp_path / "ds", keys, values)
+    straight = prune_datastore(tmp_path / "ds", tmp_path / "a", k=5, chunk=64, progress=False)
+
+    real, calls = prune_mod.Searcher.search, {"n": 0}
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(prune_mod.Searcher, "search", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        prune_datastore(tmp_path / "ds", tmp_path / "b", k=5, chunk=64, progress=False)
+    assert not (tmp_path / "b").exists()  # nothing half-written at the target
+    done = json.loads((tmp_path / "b.partial" / "prune-progress.json").read_text())["done"]
+    assert done == 3 * 64
+    resumed = prune_datastore(tmp_path / "ds", tmp_path / "b", k=5, chunk=64, progress=False)
+    assert calls["n"] == 4 + (400 - done + 63) // 64  # only the missing chunks were searched
+    assert resumed["entries_after"] == straight["entries_after"] < 400
+    for name in ("keys", "values", "counts", "positions"):
+        a, b = np.load(tmp_path / "a" / f"{name}.npy"), np.load(tmp_path / "b" / f"{name}.npy")
+        np.testing.assert_array_equal(a, b)
