@@ -188,6 +188,9 @@ def test_evaluating_a_pruned_store_uses_its_counts(lm, small_corpus, lm_ds, tmp_
     assert res["knnlm"]["perplexity"] == pytest.approx(math.exp(nll / len(tgts)), rel=1e-5)
     with pytest.raises(KnnlmError, match="pruned"):
         evaluate(lm, str(small_corpus), "train", datastore=pruned, knn=KnnSettings(k=4), **kw)
+    with pytest.raises(KnnlmError, match="counts"):
+        evaluate(lm, str(small_corpus), "valid", datastore=pruned, cache=tmp_path / "c", **kw)
+    assert not (tmp_path / "c").exists()
 
 
 def test_pca_with_full_dimension_keeps_the_perplexity(lm, small_corpus, lm_ds, tmp_path):

@@ -42,9 +42,14 @@ def open_inputs(
         if datastore is None:
             raise KnnlmError("--cache needs --datastore (it stores the retrieved neighbours)")
         claim_cache(cache)
-    if datastore is None or isinstance(datastore, Datastore):
-        return datastore
-    return open_datastore(datastore)
+    if datastore is not None and not isinstance(datastore, Datastore):
+        datastore = open_datastore(datastore)
+    if cache is not None and datastore.counts is not None:
+        raise KnnlmError(
+            f"datastore {datastore.path} is pruned: a neighbour cache does not keep its counts "
+            "(weights in p_knn), so knnlm sweep would score it wrongly; evaluate without --cache"
+        )
+    return datastore
 
 
 @locks("cache", "neighbour cache")
