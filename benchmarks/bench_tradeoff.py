@@ -146,12 +146,13 @@ def build(args, lm, corpus: str, work: Path, log) -> dict:
     return info
 
 
-METHODS = [  # (name, store, gate, retrieval rate)
+METHODS = [  # (name, store, gate, retrieval rate); "mlp+w": the gate's learned weight too
     ("lm", None, None, 1.0),
     ("knnlm", "default", None, 1.0),
     ("adaptive_25", "default", "mlp", 0.25),
     ("adaptive_50", "default", "mlp", 0.5),
     ("adaptive_75", "default", "mlp", 0.75),
+    ("adaptive_50_learned_weight", "default", "mlp+w", 0.5),
     ("entropy_50", "default", "entropy", 0.5),
     ("pca_d2", "pca_d2", None, 1.0),
     ("pca_d4", "pca_d4", None, 1.0),
@@ -169,8 +170,10 @@ def measure(args, lm, corpus: str, work: Path, info: dict, log) -> dict:
     for name, store, gate, rate in METHODS:
         kw = {}
         if store is not None:
-            kw = dict(datastore=info["stores"][store], knn=knn, retrieval_rate=rate,
-                      gate=None if gate is None else work / f"gate_{gate}")  # fmt: skip
+            kw = dict(datastore=info["stores"][store], knn=knn, retrieval_rate=rate)
+            if gate is not None:
+                kind, _, learned = gate.partition("+")
+                kw.update(gate=work / f"gate_{kind}", gate_weight="learned" if learned else "fixed")
         res = evaluate(lm, corpus, "test", context_len=info["context_len"],
                        batch_size=args.batch_size, progress=False, **kw)  # fmt: skip
         part = res["knnlm"] if store is not None else res["lm"]

@@ -304,6 +304,7 @@ ROWS = [
     Row("retrieval_rate_above_one", [*EVAL_DS, "--gate", "{ws}/g", "--retrieval-rate", "1.5"],
         expect="--retrieval-rate"),
     Row("retrieval_rate_without_gate", [*EVAL_DS, "--retrieval-rate", "0.5"], expect="--gate"),
+    Row("gate_weight_unknown", [*EVAL_DS, "--gate-weight", "mine"], expect="--gate-weight"),
     Row("gate_train_on_datastore_text", [*GATE, "--out", "{ws}/g"], expect="held-out"),
     Row("gate_train_out_user_folder", [*GATE, "--out", "{mine}"], expect="mine"),
     Row("prune_out_user_folder", ["datastore", "prune", "{ds}", "--out", "{mine}", "--quiet"],

@@ -147,3 +147,30 @@ def test_per_token_skipped_equal_lm_and_kept_equal_knnlm(lm, corpus, ds, gate_di
     assert torch.equal(gated[~keep], lm_lp[~keep])
     torch.testing.assert_close(gated[keep], full[keep], rtol=0, atol=1e-6)
     assert not torch.allclose(gated[keep], lm_lp[keep])  # searched tokens really changed
+
+
+def test_learned_weight_uses_the_gates_prediction(lm, corpus, ds, gate_dir, tmp_path):
+    """Searched tokens mix with the gate's predicted weight w_i: numpy brute force."""
+    gate = load_gate(gate_dir)
+    rec = _records(lm, corpus)
+    kw = dict(context_len=CTX, stride=STRIDE, progress=False, datastore=ds, knn=KNN)
+    res = evaluate(lm, str(corpus), "test", gate=gate_dir, retrieval_rate=0.5,
+                   gate_weight="learned", **kw)  # fmt: skip
+    keep = gate.keep(rec["keys"], rec["stats"], 0.5).numpy()
+    w = gate.scores(rec["keys"], rec["stats"]).double().numpy()
+    store = open_datastore(ds)
+    keys, values = np.asarray(store.keys, np.float64), np.asarray(store.values)
+    d = ((rec["keys"].double().numpy()[:, None, :] - keys[None]) ** 2).sum(-1)
+    nearest = np.argsort(d, axis=1, kind="stable")[:, : KNN.k]
+    logit = -np.take_along_axis(d, nearest, 1) / KNN.temperature
+    p = np.exp(logit - logit.max(1, keepdims=True))
+    p_knn = (p * (values[nearest] == rec["tgt"].numpy()[:, None])).sum(1) / p.sum(1)
+    p_lm = np.exp(rec["lp"].numpy())
+    want = np.where(keep, np.log((1 - w) * p_lm + w * p_knn), np.log(p_lm))
+    assert res["knnlm"]["nll_sum"] == pytest.approx(-want.sum(), rel=1e-6)
+    fixed = evaluate(lm, str(corpus), "test", gate=gate_dir, retrieval_rate=0.5, **kw)
+    assert fixed["knnlm"]["nll_sum"] != pytest.approx(res["knnlm"]["nll_sum"], rel=1e-6)
+    train_gate(lm, ds, str(corpus), tmp_path / "e", kind="entropy", knn=KNN, context_len=CTX,
+               stride=STRIDE, progress=False)  # fmt: skip
+    with pytest.raises(KnnlmError, match="mlp gate"):
+        evaluate(lm, str(corpus), "test", gate=tmp_path / "e", gate_weight="learned", **kw)

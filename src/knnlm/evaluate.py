@@ -72,11 +72,14 @@ def evaluate(
     overlap: bool | None = None,
     gate: str | Path | Gate | None = None,
     retrieval_rate: float = 1.0,
+    gate_weight: str = "fixed",
 ) -> dict:
     """LM perplexity; plus kNN-LM with ``datastore`` and LM + MLP memory with ``memory``.
 
     ``gate`` (adaptive retrieval, :mod:`knnlm.retrieval.gate`) searches only the share
     ``retrieval_rate`` of the tokens it scores highest; the others keep p_lm exactly.
+    ``gate_weight``: searched tokens use ``knn.knn_weight`` (``fixed``) or the weight an ``mlp``
+    gate predicts for each (``learned``, He et al.).
 
     ``key_type`` is the memory's key type when no datastore is given (default ffn_input).
     ``overlap`` runs the LM forward of batch i+1 while batch i is searched (default: when the
@@ -87,7 +90,7 @@ def evaluate(
     check_context_len(lm.model, context_len)
     knn = knn or KnnSettings()
     ds = open_inputs(datastore, cache, knn)
-    gate_obj = open_gate(gate, retrieval_rate, ds, cache)
+    gate_obj = open_gate(gate, retrieval_rate, ds, cache, gate_weight)
     if not 0.0 <= memory_weight <= 1.0:
         raise KnnlmError(f"--memory-weight must be in [0, 1], got {memory_weight}")
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
@@ -117,7 +120,8 @@ def evaluate(
                           desc=f"eval {split}", want_stats=gate_obj is not None)  # fmt: skip
     scores = score_tokens(stream, retriever=retriever, exclude_self=exclude, memory=mem,
                           memory_weight=memory_weight, overlap=overlap, gate=gate_obj,
-                          retrieval_rate=retrieval_rate)  # fmt: skip
+                          retrieval_rate=retrieval_rate,
+                          learned_weight=gate_weight == "learned")  # fmt: skip
     nll, n_tokens, elapsed, t_search = _sum_nll(scores, writer)
     searched = nll.pop("searched")
     if writer is not None:
@@ -134,7 +138,7 @@ def evaluate(
         result["knnlm"]["retrieval_share"] = searched / max(n_tokens, 1)  # tokens searched
         if gate_obj is not None:
             settings.update(gate=gate_obj.config.get("path"), gate_kind=gate_obj.kind,
-                            retrieval_rate=retrieval_rate)  # fmt: skip
+                            retrieval_rate=retrieval_rate, gate_weight=gate_weight)  # fmt: skip
     if mem is not None:
         settings.update(memory=str(memory), memory_weight=memory_weight)
         result["mlp"] = {"perplexity": perplexity(nll["mlp"], n_tokens), "nll_sum": nll["mlp"]}
@@ -143,10 +147,15 @@ def evaluate(
 
 
 def open_gate(
-    gate: str | Path | Gate | None, rate: float, ds: Datastore | None, cache: object
-) -> Gate | None:
+    gate: str | Path | Gate | None, rate: float, ds: Datastore | None, cache: object,
+    weight: str = "fixed",
+) -> Gate | None:  # fmt: skip
     """The gate, checked before any work: it needs a datastore and cannot fill a cache."""
     check_rate(rate)
+    if weight not in ("fixed", "learned"):
+        raise KnnlmError(f"--gate-weight must be fixed or learned, got {weight!r}")
+    if weight == "learned" and gate is None:
+        raise KnnlmError("--gate-weight learned needs --gate (an mlp gate predicts the weight)")
     if gate is None:
         if rate != 1.0:
             raise KnnlmError("--retrieval-rate needs --gate (the gate decides which tokens)")
@@ -155,7 +164,10 @@ def open_gate(
         raise KnnlmError("--gate needs --datastore (it decides which tokens search it)")
     if cache is not None:
         raise KnnlmError("--gate and --cache do not combine: a cache holds every token's search")
-    return gate if isinstance(gate, Gate) else load_gate(gate)
+    gate = gate if isinstance(gate, Gate) else load_gate(gate)
+    if weight == "learned" and gate.kind != "mlp":
+        raise KnnlmError(f"--gate-weight learned needs an mlp gate; this one is {gate.kind}")
+    return gate
 
 
 def _exclusion(

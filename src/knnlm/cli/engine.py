@@ -183,6 +183,12 @@ def eval_cmd(
     retrieval_rate: float = typer.Option(
         1.0, "--retrieval-rate", help="Share of tokens the gate lets search (1: all, 0: none)."
     ),
+    gate_weight: str = typer.Option(
+        "fixed",
+        "--gate-weight",
+        help="Searched tokens use --knn-weight (fixed) or the weight "
+        "the mlp gate predicts per token (learned).",
+    ),
     text_field: str = TEXT_FIELD,
     device: str | None = DEVICE,
     dtype: str = DTYPE,
@@ -196,7 +202,7 @@ def eval_cmd(
     # What the user can get wrong is checked before the model is loaded.
     knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self, search)
     datastore = open_inputs(datastore, cache, knn)
-    gate_obj = open_gate(gate, retrieval_rate, datastore, cache)
+    gate_obj = open_gate(gate, retrieval_rate, datastore, cache, gate_weight)
     # Under torchrun every rank scores the whole split and holds a shard of the datastore for
     # exact search (knnlm.retrieval.sharded); rank 0 alone writes and prints.
     rank = _init_distributed()
@@ -217,6 +223,7 @@ def eval_cmd(
         progress=not quiet and rank == 0,
         gate=gate_obj,
         retrieval_rate=retrieval_rate,
+        gate_weight=gate_weight,
     )
     if rank != 0:
         return

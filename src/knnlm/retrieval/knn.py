@@ -101,6 +101,15 @@ def interpolate(
     return torch.logaddexp(lm_log_prob + math.log1p(-weight), other_log_prob + math.log(weight))
 
 
+def interpolate_per_token(
+    lm_log_prob: torch.Tensor, other_log_prob: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """log((1 - w_i) p_lm + w_i p_other) with one weight w_i in [0, 1] per token (a learned
+    weight, :mod:`knnlm.retrieval.gate`)."""
+    w = weights.to(lm_log_prob.dtype)
+    return torch.logaddexp(lm_log_prob + torch.log1p(-w), other_log_prob + torch.log(w))
+
+
 def perplexity(nll_sum: float, n_tokens: int) -> float:
     """exp(total NLL / number of scored tokens), token-weighted."""
     if n_tokens <= 0:
