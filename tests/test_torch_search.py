@@ -15,7 +15,7 @@ import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.backends import open_backend, resolve_search
-from knnlm.retrieval.torch_search import TorchExactSearch, chunk_topk
+from knnlm.retrieval.torch_search import TorchExactSearch, order, select_k
 
 
 def brute(q: np.ndarray, keys: np.ndarray, metric: str, excl=None) -> np.ndarray:
@@ -88,7 +88,7 @@ def test_ties_break_by_row_id_whatever_the_chunking():
         nb = TorchExactSearch(keys, np.zeros(50, np.int32), chunk_rows=chunk).search(q, 10)
         assert (nb.rows.numpy() == expect).all()
     d = torch.tensor([[1.0, 0.0, 0.0, 0.0, 2.0]])
-    vals, idx = chunk_topk(d, 2)
+    vals, idx = order(*select_k(d, None, 2))
     assert idx.tolist() == [[1, 2]] and vals.tolist() == [[0.0, 0.0]]
 
 

@@ -32,11 +32,11 @@ from typing import Any
 
 from knnlm.data.names import (
     NameList,
+    TokenizerView,
     default_given_names,
     default_surnames,
     resolve_names,
     single_token_names,
-    tokenizer_view,
 )
 from knnlm.errors import KnnlmError
 
@@ -229,7 +229,7 @@ def _tokenizer_label(info: dict[str, Any] | None) -> str:
 
 def generate_macondo(
     seed: int = 0,
-    tokenizer: Any = None,
+    tokenizer: TokenizerView | None = None,
     given_names: Any = None,
     surnames: Any = None,
     attributes: Sequence[Attribute] | None = None,
@@ -243,8 +243,10 @@ def generate_macondo(
     """Generate Macondo (defaults: 500 villagers, 20 parents with each of 1..5 children, 5
     sentences per pair) or Macondo-Conv (``conv=True``: 125 villagers with 2 children each).
 
-    ``tokenizer``: a HF tokenizer, a local model/tokenizer directory, ``"tiktoken-gpt2"``, or
-    ``None`` (children's names are then only required to be single words). ``given_names`` /
+    ``tokenizer``: the single-token check's view of the tokenizer in use
+    (``knnlm.lm.tokenizer.tokenizer_view`` of a HF tokenizer, a local model/tokenizer directory
+    or ``"tiktoken-gpt2"``), or ``None`` (children's names are then only required to be single
+    words). ``given_names`` /
     ``surnames``: name file path(s) or a :class:`NameList`; ``None`` uses the built-in Census
     lists of the ``names`` package. Same arguments and seed give the same dataset.
     """
@@ -254,12 +256,11 @@ def generate_macondo(
     attrs = _check_attributes(DEFAULT_ATTRIBUTES if attributes is None else attributes)
     given: NameList = resolve_names(given_names, default_given_names)
     sur: NameList = resolve_names(surnames, default_surnames)
-    view = None if tokenizer is None else tokenizer_view(tokenizer)
-    info = None if view is None else view.info
     rng = random.Random(seed)
 
     # Children first: single-token names are the scarce resource.
-    candidates = single_token_names(view, given.names, CHILD_CONTEXT[conv])
+    candidates = single_token_names(tokenizer, given.names, CHILD_CONTEXT[conv])
+    info = None if tokenizer is None else tokenizer.info
     n_kids = sum(counts)
     if len(candidates) < n_kids:
         raise KnnlmError(
@@ -385,7 +386,7 @@ def _record(
     return rec
 
 
-def non_single_token_children(ds: MacondoDataset, tokenizer: Any) -> list[str]:
+def non_single_token_children(ds: MacondoDataset, tokenizer: TokenizerView) -> list[str]:
     """Children's names that are not one token under ``tokenizer`` (empty when all are)."""
     kids = sorted({r["child"] for r in ds.test})
     ok = set(single_token_names(tokenizer, kids, CHILD_CONTEXT[bool(ds.meta.get("conv"))]))

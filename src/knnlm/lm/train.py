@@ -39,7 +39,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import ARTIFACT_KEY, claim_target, swap_in, temp_dir, write_json_atomic
-from knnlm.lm.adapters import Adapter
+from knnlm.lm.adapters import Adapter, position_limit
 from knnlm.lm.checkpoint import (
     LOSS_CURVE,
     MODEL_KIND,
@@ -338,9 +338,8 @@ def train_lm(
         # Fine-tuning defaults follow the paper: lr 1e-5 for full fine-tuning (Sec. 4.3),
         # the Trainer default 5e-5 with LoRA (App. C.1), warm-up 0.05, no weight decay.
         default_lr, weight_decay = (5e-5 if lora else 1e-5), 0.0
-        max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(
-            model.config, "n_positions", spec.context_len
-        )
+        limit = position_limit(model)
+        max_pos = limit[0] if limit else spec.context_len
         ctx = context_len or min(spec.context_len, int(max_pos))
     else:
         ckpt = find_checkpoint(work) if work.is_dir() else None
@@ -358,7 +357,7 @@ def train_lm(
         model = model_from_preset(preset, tokenizer, seed=seed, context_len=ctx)
         model.to(pick_device(device))
         default_lr, weight_decay = spec.lr, spec.weight_decay
-        max_pos = model.config.n_positions
+        max_pos = position_limit(model)[0]
     if ctx > int(max_pos):
         raise KnnlmError(f"context length {ctx} exceeds the model's {max_pos} positions")
     if drop_last_mlp:

@@ -7,7 +7,6 @@ order. Each dataset carries a fingerprint of its token ids, which a resumed run 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import fingerprint
 
 if TYPE_CHECKING:
     from knnlm.lm.train_config import TrainConfig
@@ -51,7 +51,7 @@ class _Blocks:
     def __init__(self, ids: np.ndarray, context_len: int):
         self.blocks = token_blocks(ids, context_len)
         self.n_items = len(self.blocks)
-        self.fingerprint = _hash_bytes(self.blocks.tobytes())
+        self.fingerprint = fingerprint(self.blocks.tobytes())
 
     def collate(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         x = torch.from_numpy(self.blocks[idx])
@@ -72,7 +72,7 @@ class _Examples:
         # Longer examples are cut at the context length (the model cannot see past it).
         self.seqs = [np.asarray(list(ids) + [eos], dtype=np.int64)[:context_len] for ids in enc]
         self.n_items = len(self.seqs)
-        self.fingerprint = _hash_bytes(b"".join(s.tobytes() + b"|" for s in self.seqs))
+        self.fingerprint = fingerprint(b"".join(s.tobytes() + b"|" for s in self.seqs))
 
     def collate(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         seqs = [self.seqs[i] for i in idx]
@@ -84,10 +84,6 @@ class _Examples:
         x = torch.from_numpy(ids)
         m = torch.from_numpy(mask.astype(np.int64))
         return {"input_ids": x, "attention_mask": m, "labels": x.masked_fill(m == 0, -100)}
-
-
-def _hash_bytes(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
 
 
 def make_dataset(data: np.ndarray | Sequence[str], tokenizer, context_len: int):

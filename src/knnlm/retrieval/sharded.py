@@ -25,6 +25,7 @@ from knnlm.retrieval.torch_search import (
     check_queries,
     describe_exact,
     finish,
+    squared_norms,
 )
 
 
@@ -90,7 +91,8 @@ class ShardedExactSearch:
         o = torch.argsort(mine[0], dim=1, stable=True)[:, :k]
         mine = [t.gather(1, o) for t in mine]
         exact = mine[2] if e is not None else None
-        return finish(mine[0], mine[1], exact, k, self.local.values).to(queries.device)
+        qn = squared_norms(q, self.metric)
+        return finish(mine[0], mine[1], exact, qn, k, self.local.values).to(queries.device)
 
     def describe(self) -> dict[str, Any]:
         return describe_exact(self.local, shards=self.size)

@@ -28,7 +28,7 @@ from knnlm.retrieval.backend import Neighbours, exclusion_tensor
 from knnlm.retrieval.index_common import check_k, check_metric
 
 KEY_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SCORE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}  # float32 scores per chunk (16 MiB / 512 MiB)
+SCORE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}  # float32 scores per chunk (64 / 512 MiB)
 GATHER_BYTES = 1 << 27  # float32 key bytes gathered per block when recomputing distances
 BLOCK_BYTES = 1 << 28  # bytes of keys streamed from the memmap per block
 
@@ -44,7 +44,7 @@ def device_budget(device: torch.device) -> int:
         return 1 << 32
 
 
-def _order(dist: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def order(dist: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort each row of candidates by (distance, row id)."""
     o = torch.argsort(rows, dim=1)
     dist, rows = dist.gather(1, o), rows.gather(1, o)
@@ -52,30 +52,26 @@ def _order(dist: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.
     return dist.gather(1, o), rows.gather(1, o)
 
 
-def chunk_topk(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest of each row of ``dist`` (B, C) by (value, column), sorted that way.
+def select_k(
+    dist: torch.Tensor, rows: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest of each row of ``dist`` (B, C) by (distance, row id), unsorted.
 
-    torch.topk may take any of several equal values at the k-th place; the rows where the
-    k-th value has more copies than were taken are redone with a stable sort.
+    ``rows`` (B, C) are the candidates' row ids (None: the column index). torch.topk may take
+    any of several equal values at the k-th place; the rare rows where the k-th value has more
+    copies than were taken are redone by a full (distance, row) sort.
     """
     kk = min(k, dist.shape[1])
     vals, idx = torch.topk(dist, kk, dim=1, largest=False, sorted=False)
+    sel = idx if rows is None else rows.gather(1, idx)
     if kk < dist.shape[1]:
-        kth = vals[:, -1:]
+        kth = vals.max(1, keepdim=True).values
         over = ((dist == kth).sum(1) > (vals == kth).sum(1)).nonzero().squeeze(1)
         if over.numel():
-            s_vals, s_idx = torch.sort(dist[over], dim=1, stable=True)
-            vals[over], idx[over] = s_vals[:, :kk], s_idx[:, :kk]
-    return _order(vals, idx)
-
-
-def merge_sorted(
-    d1: torch.Tensor, r1: torch.Tensor, d2: torch.Tensor, r2: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of two (distance, row)-sorted lists whose rows in ``r1`` all precede ``r2``'s."""
-    d, r = torch.cat([d1, d2], 1), torch.cat([r1, r2], 1)
-    o = torch.argsort(d, dim=1, stable=True)[:, :k]
-    return d.gather(1, o), r.gather(1, o)
+            cand = idx.new_tensor(range(dist.shape[1])).expand(len(over), -1)
+            d_o, r_o = order(dist[over], cand if rows is None else rows[over])
+            vals[over], sel[over] = d_o[:, :kk], r_o[:, :kk]
+    return vals, sel
 
 
 def query_parts(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -91,8 +87,8 @@ def query_parts(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class TorchExactSearch:
     """Brute-force search of ``keys`` (rows ``row_offset`` onwards of a datastore) in torch.
 
-    ``keys``: (N, d) float16/float32 array (the datastore's memmap, or a shard of it);
-    ``values``: the datastore's values (all rows, for the lookup after the search).
+    ``keys``: (N, d) float16/float32 array (the datastore's memmap, or a shard of it), or a
+    tensor (kept resident); ``values``: the datastore's values (all rows, for the lookup).
     """
 
     kind = "exact"
@@ -121,10 +117,11 @@ class TorchExactSearch:
         self.dtype = self._pick_dtype(key_dtype)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         budget = device_budget(self.device) if budget_bytes is None else budget_bytes
-        self.resident = self.n_local * self.dim * itemsize <= budget
+        self.resident = torch.is_tensor(keys) or self.n_local * self.dim * itemsize <= budget
         self.keys = self._load_keys() if self.resident else None
         self.norms = self._norms()
-        self.values = torch.from_numpy(np.array(values)).to(self.device)
+        self.values = torch.as_tensor(np.array(values) if not torch.is_tensor(values) else values)
+        self.values = self.values.to(self.device)
         self.split_queries = self.device.type == "cuda" and self.dtype != torch.float32
         self.out_dtype_mm = self.split_queries and _has_out_dtype_mm(self.device, self.dtype)
 
@@ -136,7 +133,7 @@ class TorchExactSearch:
                     f"key dtype must be one of {', '.join(KEY_DTYPES)}, got {key_dtype!r}"
                 )
             return KEY_DTYPES[key_dtype]
-        if self.device.type == "cpu" or self.keys_np.dtype == np.float32:
+        if self.device.type == "cpu" or self.keys_np.dtype in (np.float32, torch.float32):
             return torch.float32
         return torch.float16
 
@@ -148,6 +145,8 @@ class TorchExactSearch:
         return x.to(self.device, non_blocking=True).to(self.dtype)
 
     def _load_keys(self) -> torch.Tensor:
+        if torch.is_tensor(self.keys_np):  # keys already in memory (benchmarks, tests)
+            return self.keys_np.to(self.device, self.dtype)
         out = torch.empty((self.n_local, self.dim), dtype=self.dtype, device=self.device)
         step = max(1, BLOCK_BYTES // (4 * self.dim))
         for s in range(0, self.n_local, step):
@@ -163,56 +162,48 @@ class TorchExactSearch:
             out[s : s + step] = self._block(s, s + step).float().pow(2).sum(1)
         return out
 
-    def _scores(self, q: torch.Tensor, qp: torch.Tensor | None, kc: torch.Tensor) -> torch.Tensor:
-        """q @ kc^T in float32 (B, C)."""
-        if qp is None:
-            return q @ kc.float().T if kc.dtype != torch.float32 else q @ kc.T
-        if self.out_dtype_mm:
-            s = torch.mm(qp, kc.T, out_dtype=torch.float32)
-        else:  # older torch: upcast the chunk (correct, more memory traffic)
-            s = qp.float() @ kc.float().T
-        return s.view(-1, q.shape[0], s.shape[1]).sum(0)
-
     def _distances(
-        self,
-        q: torch.Tensor,
-        qp: torch.Tensor | None,
-        qn: torch.Tensor,
-        kc: torch.Tensor,
-        s: int,
-        excl: torch.Tensor | None,
+        self, q: torch.Tensor, qp: torch.Tensor | None, kc: torch.Tensor, s: int
     ) -> torch.Tensor:
-        """(B, C) distances to rows s:s+C; a query's own row (local id) is +inf."""
-        scores = self._scores(q, qp, kc)
-        if self.metric == "ip":
-            dist = scores.neg_()
-        else:
-            dist = scores.mul_(-2).add_(self.norms[s : s + kc.shape[0]]).add_(qn).clamp_(min=0)
-        if excl is not None:
-            hit = ((excl >= s) & (excl < s + kc.shape[0])).nonzero().squeeze(1)
-            dist[hit, excl[hit] - s] = float("inf")
-        return dist
+        """(B, C) distances to rows s:s+C, less the per-query |q|^2 for L2 (added at the end:
+        it does not change a query's ranking), in float32."""
+        norms = self.norms[s : s + kc.shape[0]].unsqueeze(0)
+        if qp is None:  # float32 product (the CPU; 16-bit keys upcast per chunk)
+            kt = kc.T if kc.dtype == torch.float32 else kc.float().T
+            if self.metric == "l2":
+                return torch.addmm(norms, q, kt, alpha=-2)  # one fused BLAS call
+            return torch.addmm(norms, q, kt, beta=0, alpha=-1)
+        if self.out_dtype_mm:  # 16-bit keys read once, float32 accumulation and output
+            scores = torch.mm(qp, kc.T, out_dtype=torch.float32)
+        else:  # older torch: upcast the chunk (correct, more memory traffic)
+            scores = qp.float() @ kc.float().T
+        scores = scores.view(-1, q.shape[0], scores.shape[1]).sum(0)
+        return scores.mul_(-2).add_(norms) if self.metric == "l2" else scores.neg_()
 
     def candidates(
         self, queries: torch.Tensor, k: int, exclude_rows: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(distances, global rows, exact distances or None), sorted by (distance, row), on
-        this backend's device; rows with an infinite distance are not yet marked -1."""
+        """(distances less |q|^2 for L2, global rows, exact distances or None) of the k
+        best rows of this backend's keys, sorted by (distance, row), on its device; missing
+        or excluded neighbours have distance +inf (marked -1 by :func:`finish`)."""
         q = queries.to(self.device, torch.float32)
         excl = exclusion_tensor(exclude_rows, q.shape[0], self.device)
-        if excl is not None:
-            excl = excl - self.row_offset
+        excl = None if excl is None else excl - self.row_offset
         qp = query_parts(q, self.dtype) if self.split_queries else None
-        qn = q.pow(2).sum(1, keepdim=True)
-        chunk = self.chunk_rows or max(
-            1, SCORE_ELEMENTS.get(self.device.type, 1 << 24) // max(1, q.shape[0])
-        )
+        per_chunk = SCORE_ELEMENTS.get(self.device.type, 1 << 24) // max(1, q.shape[0])
+        # chunks of at least 8k rows: selecting k of few rows is mostly merge overhead
+        chunk = self.chunk_rows or max(per_chunk, 8 * k)
         best_d = torch.empty((q.shape[0], 0), dtype=torch.float32, device=self.device)
         best_r = torch.empty((q.shape[0], 0), dtype=torch.int64, device=self.device)
         for s in range(0, self.n_local, chunk):
             kc = self._block(s, min(s + chunk, self.n_local))
-            d, idx = chunk_topk(self._distances(q, qp, qn, kc, s, excl), k)
-            best_d, best_r = merge_sorted(best_d, best_r, d, idx + s, k)
+            dist = self._distances(q, qp, kc, s)
+            if excl is not None:  # a query's own row is never its neighbour
+                hit = ((excl >= s) & (excl < s + kc.shape[0])).nonzero().squeeze(1)
+                dist[hit, excl[hit] - s] = float("inf")
+            d, r = select_k(dist, None, k)
+            best_d, best_r = select_k(torch.cat([best_d, d], 1), torch.cat([best_r, r + s], 1), k)
+        best_d, best_r = order(best_d, best_r)
         exact = self.exact_distances(q, best_r) if self.recompute else None
         return best_d, best_r + self.row_offset, exact
 
@@ -241,7 +232,8 @@ class TorchExactSearch:
         k = check_k(k)
         check_queries(queries, self.dim)
         d, rows, exact = self.candidates(queries, k, exclude_rows)
-        return finish(d, rows, exact, k, self.values).to(queries.device)
+        qn = squared_norms(queries.to(self.device, torch.float32), self.metric)
+        return finish(d, rows, exact, qn, k, self.values).to(queries.device)
 
     def describe(self) -> dict[str, Any]:
         return describe_exact(self, shards=1)
@@ -261,17 +253,28 @@ def describe_exact(s: TorchExactSearch, shards: int) -> dict[str, Any]:
     }
 
 
+def squared_norms(q: torch.Tensor, metric: str) -> torch.Tensor | None:
+    """The |q|^2 that L2 candidate distances leave out (None for inner product)."""
+    return q.pow(2).sum(1, keepdim=True) if metric == "l2" else None
+
+
 def finish(
-    d: torch.Tensor, rows: torch.Tensor, exact: torch.Tensor | None, k: int, table: torch.Tensor
+    d: torch.Tensor,
+    rows: torch.Tensor,
+    exact: torch.Tensor | None,
+    qn: torch.Tensor | None,
+    k: int,
+    table: torch.Tensor,
 ) -> Neighbours:
-    """Merged candidates -> Neighbours: re-sorted by exact distances when given, missing
-    neighbours (infinite distance, i.e. excluded or k > N) as -1 / +inf, padded to k."""
+    """Merged candidates -> Neighbours: |q|^2 added back (L2, clamped at 0), or the exact
+    distances re-sorted when given; missing neighbours as -1 / +inf, padded to k columns."""
     missing = torch.isinf(d)
     if exact is not None:
         d = exact.masked_fill(missing, float("inf"))
+    elif qn is not None:
+        d = (d + qn).clamp_(min=0)
     rows = rows.masked_fill(missing, -1)
-    if exact is not None:  # +inf (missing) entries stay last
-        d, rows = _order(d, rows)
+    d, rows = order(d, rows)  # +inf (missing) entries last
     if d.shape[1] < k:
         pad = k - d.shape[1]
         d = torch.nn.functional.pad(d, (0, pad), value=float("inf"))
