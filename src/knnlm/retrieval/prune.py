@@ -113,7 +113,7 @@ def self_neighbours(
     return np.load(partial / NEIGHBOURS, allow_pickle=False)
 
 
-def _write_rows(partial: Path, ds: Datastore, rows: np.ndarray, chunk: int) -> None:
+def _write_kept_rows(partial: Path, ds: Datastore, rows: np.ndarray, chunk: int) -> None:
     keys = NpyRowWriter(partial / "keys.npy", (rows.size, ds.dim), ds.keys.dtype, create=True)
     for s in range(0, rows.size, chunk):
         keys.write(s, ds.keys[rows[s : s + chunk]])
@@ -145,7 +145,7 @@ def prune_datastore(
     nbrs = self_neighbours(ds, partial, min(k, max(ds.n - 1, 1)), nprobe, chunk, progress)
     keep, total = greedy_merge(nbrs, np.asarray(ds.values), ds.counts)
     rows = np.flatnonzero(keep)
-    _write_rows(partial, ds, rows, chunk)
+    _write_kept_rows(partial, ds, rows, chunk)
     np.save(partial / "counts.npy", total[rows].astype(np.int32))
     report = {
         "entries_before": ds.n,
