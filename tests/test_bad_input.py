@@ -193,6 +193,8 @@ BUILD = ["datastore", "build", "--model", "{model}", "--corpus", "{corpus}", "--
 PROJECT = ["project", "--model", "{model}", "--corpus", "{corpus}", "--datastore", "{ds}",
            "--context-len", "32", "--k", "4", "--max-positions", "3", "--quiet"]  # fmt: skip
 HURDLE = ["hurdle", "--quick", "--seeds", "1", "--steps", "2", "--eval-every", "1", "--quiet"]
+GATE = ["gate", "train", "--model", "{model}", "--datastore", "{ds}", "--corpus", "{corpus}",
+        "--split", "valid", "--context-len", "32", "--k", "4", "--quiet"]  # fmt: skip
 GEN = ["generate", "--model", "{model}", "--prompt", "the village", "--max-new-tokens", "3"]
 
 
@@ -297,6 +299,20 @@ ROWS = [
     Row("sweep_weights_not_numbers", ["sweep", "{cache}", "--weights", "0.1,abc", "--quiet"],
         expect="--weights"),
     Row("cache_without_datastore", [*EVAL, "--cache", "{ws}/newcache"], expect="--datastore"),
+    # fast kNN-LM: gate, pruning, PCA
+    Row("gate_missing", [*EVAL_DS, "--gate", "{ws}/nogate"], expect="nogate"),
+    Row("retrieval_rate_above_one", [*EVAL_DS, "--gate", "{ws}/g", "--retrieval-rate", "1.5"],
+        expect="--retrieval-rate"),
+    Row("retrieval_rate_without_gate", [*EVAL_DS, "--retrieval-rate", "0.5"], expect="--gate"),
+    Row("gate_weight_unknown", [*EVAL_DS, "--gate-weight", "mine"], expect="--gate-weight"),
+    Row("gate_train_on_datastore_text", [*GATE, "--out", "{ws}/g"], expect="held-out"),
+    Row("gate_train_out_user_folder", [*GATE, "--out", "{mine}"], expect="mine"),
+    Row("prune_out_user_folder", ["datastore", "prune", "{ds}", "--out", "{mine}", "--quiet"],
+        expect="mine"),
+    Row("prune_missing_datastore", ["datastore", "prune", "{ws}/nods", "--out", "{ws}/p",
+                                    "--quiet"], expect="nods"),
+    Row("index_pca_above_dim", ["datastore", "index", "{ds}", "--pca", "999", "--quiet"],
+        expect="--pca"),
     # usage errors: click's text, always through a subprocess
     Row("unknown_option", [*EVAL, "--bogus"], usage=True, expect="No such option"),
     Row("unknown_command", ["evall"], usage=True, expect="No such command"),

@@ -22,6 +22,7 @@ from knnlm.locking import locks
 from knnlm.neighbour_cache import NeighbourCache, claim_cache
 from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
 from knnlm.retrieval.exclusion import is_own_stream, should_exclude
+from knnlm.retrieval.gate import Gate, check_gate_for, check_rate, load_gate
 from knnlm.retrieval.knn import perplexity
 from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
 from knnlm.retrieval.retriever import KnnSettings, Retriever
@@ -41,9 +42,14 @@ def open_inputs(
         if datastore is None:
             raise KnnlmError("--cache needs --datastore (it stores the retrieved neighbours)")
         claim_cache(cache)
-    if datastore is None or isinstance(datastore, Datastore):
-        return datastore
-    return open_datastore(datastore)
+    if datastore is not None and not isinstance(datastore, Datastore):
+        datastore = open_datastore(datastore)
+    if cache is not None and datastore.counts is not None:
+        raise KnnlmError(
+            f"datastore {datastore.path} is pruned: a neighbour cache does not keep its counts "
+            "(weights in p_knn), so knnlm sweep would score it wrongly; evaluate without --cache"
+        )
+    return datastore
 
 
 @locks("cache", "neighbour cache")
@@ -64,8 +70,16 @@ def evaluate(
     key_type: str | None = None,
     progress: bool = True,
     overlap: bool | None = None,
+    gate: str | Path | Gate | None = None,
+    retrieval_rate: float = 1.0,
+    gate_weight: str = "fixed",
 ) -> dict:
     """LM perplexity; plus kNN-LM with ``datastore`` and LM + MLP memory with ``memory``.
+
+    ``gate`` (adaptive retrieval, :mod:`knnlm.retrieval.gate`) searches only the share
+    ``retrieval_rate`` of the tokens it scores highest; the others keep p_lm exactly.
+    ``gate_weight``: searched tokens use ``knn.knn_weight`` (``fixed``) or the weight an ``mlp``
+    gate predicts for each (``learned``, He et al.).
 
     ``key_type`` is the memory's key type when no datastore is given (default ffn_input).
     ``overlap`` runs the LM forward of batch i+1 while batch i is searched (default: when the
@@ -76,6 +90,7 @@ def evaluate(
     check_context_len(lm.model, context_len)
     knn = knn or KnnSettings()
     ds = open_inputs(datastore, cache, knn)
+    gate_obj = open_gate(gate, retrieval_rate, ds, cache, gate_weight)
     if not 0.0 <= memory_weight <= 1.0:
         raise KnnlmError(f"--memory-weight must be in [0, 1], got {memory_weight}")
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
@@ -84,6 +99,8 @@ def evaluate(
     exclude, warnings = _exclusion(lm, ds, knn.exclude_self, eval_fp)
     mem = load_memory(memory, device=str(lm.device)) if memory is not None else None
     retriever = Retriever(lm, ds, knn) if ds is not None else None
+    if gate_obj is not None:
+        check_gate_for(gate_obj, lm.fingerprint, ds.dim)
     # Keys are needed for retrieval and for the memory (trained on ffn_input keys by default).
     if retriever is not None:
         key_type = retriever.key_type
@@ -100,10 +117,13 @@ def evaluate(
         overlap = ds is not None and lm.device.type != "cpu"
     stream = score_stream(lm.model, ids, context_len, stride, batch_size=batch_size,
                           key_type=key_type, want_lm=True, progress=progress,
-                          desc=f"eval {split}")  # fmt: skip
+                          desc=f"eval {split}", want_stats=gate_obj is not None)  # fmt: skip
     scores = score_tokens(stream, retriever=retriever, exclude_self=exclude, memory=mem,
-                          memory_weight=memory_weight, overlap=overlap)  # fmt: skip
+                          memory_weight=memory_weight, overlap=overlap, gate=gate_obj,
+                          retrieval_rate=retrieval_rate,
+                          learned_weight=gate_weight == "learned")  # fmt: skip
     nll, n_tokens, elapsed, t_search = _sum_nll(scores, writer)
+    searched = nll.pop("searched")
     if writer is not None:
         writer.finish()
     settings = {"model": lm.name, "model_fingerprint": lm.fingerprint, "corpus": corpus,
@@ -115,11 +135,39 @@ def evaluate(
         result["knnlm"] = {"perplexity": perplexity(nll["knnlm"], n_tokens),
                            "nll_sum": nll["knnlm"]}  # fmt: skip
         result["timing"]["search_seconds"] = t_search
+        result["knnlm"]["retrieval_share"] = searched / max(n_tokens, 1)  # tokens searched
+        if gate_obj is not None:
+            settings.update(gate=gate_obj.config.get("path"), gate_kind=gate_obj.kind,
+                            retrieval_rate=retrieval_rate, gate_weight=gate_weight)  # fmt: skip
     if mem is not None:
         settings.update(memory=str(memory), memory_weight=memory_weight)
         result["mlp"] = {"perplexity": perplexity(nll["mlp"], n_tokens), "nll_sum": nll["mlp"]}
         result["storage"] = storage_report(ds, memory_storage(memory))
     return result
+
+
+def open_gate(
+    gate: str | Path | Gate | None, rate: float, ds: Datastore | None, cache: object,
+    weight: str = "fixed",
+) -> Gate | None:  # fmt: skip
+    """The gate, checked before any work: it needs a datastore and cannot fill a cache."""
+    check_rate(rate)
+    if weight not in ("fixed", "learned"):
+        raise KnnlmError(f"--gate-weight must be fixed or learned, got {weight!r}")
+    if weight == "learned" and gate is None:
+        raise KnnlmError("--gate-weight learned needs --gate (an mlp gate predicts the weight)")
+    if gate is None:
+        if rate != 1.0:
+            raise KnnlmError("--retrieval-rate needs --gate (the gate decides which tokens)")
+        return None
+    if ds is None:
+        raise KnnlmError("--gate needs --datastore (it decides which tokens search it)")
+    if cache is not None:
+        raise KnnlmError("--gate and --cache do not combine: a cache holds every token's search")
+    gate = gate if isinstance(gate, Gate) else load_gate(gate)
+    if weight == "learned" and gate.kind != "mlp":
+        raise KnnlmError(f"--gate-weight learned needs an mlp gate; this one is {gate.kind}")
+    return gate
 
 
 def _exclusion(
@@ -141,8 +189,9 @@ def _exclusion(
 def _sum_nll(
     scores: Iterator[TokenScores], writer: NeighbourCache | None
 ) -> tuple[dict[str, float], int, float, float]:
-    """Total NLL per model, scored tokens, seconds, and seconds spent searching."""
-    nll = {"lm": 0.0, "knnlm": 0.0, "mlp": 0.0}
+    """Total NLL per model (and ``searched``: queries searched), scored tokens, seconds, and
+    seconds spent searching."""
+    nll = {"lm": 0.0, "knnlm": 0.0, "mlp": 0.0, "searched": 0}
     n_tokens = 0
     t_search = 0.0
     t0 = time.perf_counter()
@@ -151,6 +200,7 @@ def _sum_nll(
         nll["lm"] -= float(lm_lp.double().sum())
         if s.knnlm is not None:
             t_search += s.search_seconds
+            nll["searched"] += s.searched
             nll["knnlm"] -= float(s.knnlm.double().sum())
             if writer is not None:
                 nb = s.neighbours

@@ -42,6 +42,7 @@ class ScoredBatch:
     lm_logits: torch.Tensor | None  # (n, V) float32 full LM logits
     first_row: int  # index of this batch's first record among all scored targets
     windows_done: int  # number of windows fully processed after this batch
+    lm_stats: torch.Tensor | None = None  # (n, 2) float32 LM entropy and max log-prob
 
 
 def window_batches(windows: list[Window], batch_size: int) -> list[tuple[int, int]]:
@@ -66,6 +67,16 @@ class _BatchScores:
     keys: torch.Tensor | None
     enc: torch.Tensor | None
     lm_logits: torch.Tensor | None
+    lm_stats: torch.Tensor | None = None
+
+
+def lm_stats(logits: torch.Tensor) -> torch.Tensor:
+    """(..., 2) entropy and max log-probability of softmax(logits), in float32."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_p = logits - lse
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return torch.stack([entropy, log_p.max(-1).values], dim=-1)
 
 
 def _score_batch(
@@ -78,6 +89,7 @@ def _score_batch(
     want_lm: bool,
     want_enc: bool,
     want_logits: bool,
+    want_stats: bool = False,
 ) -> _BatchScores:
     """One forward over right-padded rows; records of logit columns [first, length - 1).
 
@@ -113,6 +125,7 @@ def _score_batch(
         keys=Adapter.key_from(store, key_type)[mask] if key_type else None,
         enc=store["enc"][mask] if want_enc else None,
         lm_logits=logits,
+        lm_stats=lm_stats(out.logits[mask]) if want_stats else None,
     )
 
 
@@ -130,8 +143,12 @@ def score_stream(
     batch_range: tuple[int, int] | None = None,
     progress: bool = True,
     desc: str = "scoring",
+    want_stats: bool = False,
 ) -> Iterator[ScoredBatch]:
     """Run the LM over ``ids`` in windows and yield the records of every scored target.
+
+    ``want_stats`` adds each target's LM entropy and max log-probability (``lm_stats``), the
+    cheap features of the adaptive-retrieval gate, without returning the full logits.
 
     ``batch_range`` restricts the pass to batches [a, b) of the fixed batch layout (resume,
     sharding); windows in a batch are right-padded. Settings are checked when called, before
@@ -141,7 +158,7 @@ def score_stream(
     windows = make_windows(len(ids), context_len, stride)
     return _stream(
         model, ids, windows, batch_size, key_type, want_lm, want_enc, want_logits,
-        batch_range, progress, desc,
+        batch_range, progress, desc, want_stats,
     )  # fmt: skip
 
 
@@ -158,6 +175,7 @@ def _stream(
     batch_range: tuple[int, int] | None,
     progress: bool,
     desc: str,
+    want_stats: bool = False,
 ) -> Iterator[ScoredBatch]:
     adapter = Adapter(model)
     batches = window_batches(windows, batch_size)
@@ -180,8 +198,9 @@ def _stream(
             inside = src < (begins + lengths)[:, None]
             batch_ids = torch.where(inside, ids_t[src.clamp(max=len(ids) - 1)], pad_id)
             r = _score_batch(
-                model, store, batch_ids, lengths, first, key_type, want_lm, want_enc, want_logits
-            )
+                model, store, batch_ids, lengths, first, key_type, want_lm, want_enc, want_logits,
+                want_stats,
+            )  # fmt: skip
             bar.update(len(r.targets))
             yield ScoredBatch(
                 positions=src[:, 1:][r.scored[:, :-1]].numpy(),
@@ -192,6 +211,7 @@ def _stream(
                 lm_logits=r.lm_logits,
                 first_row=int(offsets[lo]),
                 windows_done=hi,
+                lm_stats=r.lm_stats,
             )
     bar.close()
 

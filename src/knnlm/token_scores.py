@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from knnlm.retrieval.exclusion import own_rows
-from knnlm.retrieval.knn import interpolate
+from knnlm.retrieval.gate import Gate
+from knnlm.retrieval.knn import interpolate, interpolate_per_token
 from knnlm.retrieval.memory import MemoryMLP
 from knnlm.retrieval.pipeline import prefetch
 from knnlm.retrieval.retriever import Neighbours, Retriever
@@ -42,6 +43,7 @@ class TokenScores:
     memory: torch.Tensor | None = None  # log p_memory(target)
     lm_memory: torch.Tensor | None = None  # log of (1 - memory_weight) p_lm + w p_memory
     search_seconds: float = 0.0
+    searched: int = 0  # queries searched (fewer than the targets when a gate skips some)
 
 
 def score_tokens(
@@ -52,6 +54,9 @@ def score_tokens(
     memory: MemoryMLP | None = None,
     memory_weight: float = 0.25,
     overlap: bool = False,
+    gate: Gate | None = None,
+    retrieval_rate: float = 1.0,
+    learned_weight: bool = False,
 ) -> Iterator[TokenScores]:
     """Score each batch of ``batches`` (``scoring.score_stream`` or ``score_examples`` with
     ``want_lm`` and the keys the retriever or memory needs).
@@ -59,12 +64,23 @@ def score_tokens(
     ``exclude_self``: each target drops its own datastore row (positions of the datastore's own
     stream, ``retrieval.exclusion``). ``overlap`` produces batch i+1 (the LM forward) in a
     background thread while batch i is searched; the results are identical either way.
+    ``gate`` (batches scored ``want_stats``) searches only the share ``retrieval_rate`` of the
+    targets it scores highest; the others keep p_lm exactly (:mod:`knnlm.retrieval.gate`).
+    ``learned_weight`` interpolates the searched ones with the gate's predicted p_knn weight
+    instead of ``knn_weight`` (an ``mlp`` gate).
     """
     # host copies of the keys only for a search on the host (FAISS, or exact on the CPU)
     want_keys = retriever is not None and retriever.backend.device.type == "cpu"
     for batch, host in prefetch(_with_host_copies(batches, want_keys), depth=int(overlap)):
         scores = TokenScores(batch, batch.lm_log_prob, host["lm_log_prob"], host["targets"])
-        if retriever is not None:
+        if retriever is not None and gate is not None:
+            keys, stats = batch.keys.float().cpu(), batch.lm_stats.cpu()
+            keep = gate.keep(keys, stats, retrieval_rate)
+            weight = gate.scores(keys, stats) if learned_weight else None
+            _add_gated_knn(
+                scores, retriever, host.get("keys", batch.keys), exclude_self, keep, weight
+            )
+        elif retriever is not None:
             _add_knn(scores, retriever, host.get("keys", batch.keys), exclude_self)
         if memory is not None:
             _add_memory(scores, memory, memory_weight)
@@ -93,6 +109,29 @@ def _add_knn(scores: TokenScores, retriever: Retriever, keys: torch.Tensor, excl
     scores.neighbours = nb
     scores.knn = retriever.target_log_prob(nb, scores.targets_cpu).cpu()
     scores.knnlm = interpolate(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
+    scores.searched = len(scores.targets_cpu)
+
+
+def _add_gated_knn(
+    scores: TokenScores, retriever: Retriever, keys: torch.Tensor, exclude: bool,
+    keep: torch.Tensor, weight: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    """p_lm exactly where ``keep`` is False; the kNN-LM where it is True, searching only those
+    (with ``knn_weight``, or the per-token ``weight`` when given)."""
+    rows = torch.nonzero(keep).squeeze(1)
+    scores.knnlm = scores.lm_cpu.clone()
+    scores.searched = int(rows.numel())
+    if not scores.searched:
+        return
+    own = own_rows(scores.batch.positions)[rows.numpy()] if exclude else None
+    ts = time.perf_counter()
+    nb = retriever.search(keys[rows.to(keys.device)], exclude_rows=own)
+    scores.search_seconds = time.perf_counter() - ts
+    knn = retriever.target_log_prob(nb, scores.targets_cpu[rows]).cpu()
+    if weight is None:
+        scores.knnlm[rows] = interpolate(scores.lm_cpu[rows], knn, retriever.knn.knn_weight)
+    else:
+        scores.knnlm[rows] = interpolate_per_token(scores.lm_cpu[rows], knn, weight[rows])
 
 
 def _add_memory(scores: TokenScores, mem: MemoryMLP, memory_weight: float) -> None:

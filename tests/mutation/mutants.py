@@ -35,6 +35,8 @@ BRUTE = f"{ENGINE}::test_knnlm_perplexity_matches_brute_force"
 REFIDX = "tests/test_reference_index.py"
 GEN = "tests/test_generation.py"
 CLAIMS = "tests/test_claims.py"
+FAST = "tests/test_prune_pca.py"
+GATE = "tests/test_gate.py"
 
 MUTANTS: list[Mutant] = [
     mutant(
@@ -76,6 +78,39 @@ MUTANTS: list[Mutant] = [
         "valid = (ids >= 0) & torch.isfinite(logits)",
         "valid = torch.isfinite(logits)",
         f"{ENGINE}::test_p_knn_sums_to_one_and_masks_missing",
+    ),
+    mutant(
+        "fast_pruned_counts_ignored",
+        "a pruned datastore's merged rows weigh 1 in p_knn instead of their counts",
+        "_neighbour_logits",
+        "logits = logits + counts.float().clamp_min(1.0).log()",
+        "logits = logits",
+        f"{FAST}::test_known_duplicates_merge_to_counts_and_weighted_p_knn",
+        f"{FAST}::test_evaluating_a_pruned_store_uses_its_counts",
+    ),
+    mutant(
+        "fast_merge_last_kept_row_wins",
+        "a merged row's count goes to the last kept row that lists it, not the first",
+        "greedy_merge",
+        "np.minimum.at(absorber, all_dst[by_kept], all_src[by_kept])",
+        "absorber[all_dst[by_kept]] = all_src[by_kept]",
+        f"{FAST}::test_greedy_merge_equals_the_sequential_visit",
+    ),
+    mutant(
+        "fast_gate_searches_every_token",
+        "the gate's skipped tokens are searched and mixed anyway",
+        "_add_gated_knn",
+        "rows = torch.nonzero(keep).squeeze(1)",
+        "rows = torch.arange(len(keep))",
+        f"{GATE}::test_per_token_skipped_equal_lm_and_kept_equal_knnlm",
+    ),
+    mutant(
+        "fast_gate_threshold_inverted",
+        "the gate searches the tokens it scores lowest",
+        "Gate.keep",
+        "return self.scores(keys, stats) > self.threshold(rate)",
+        "return self.scores(keys, stats) < self.threshold(1.0 - rate)",
+        f"{GATE}::test_entropy_gate_retrieves_the_unsure_tokens",
     ),
     mutant(
         "window_layout_off_by_one",

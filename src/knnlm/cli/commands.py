@@ -2,6 +2,7 @@
 
 from knnlm.cli import (
     engine,
+    fast,
     hurdle,
     macondo_data,
     macondo_run,
@@ -11,4 +12,4 @@ from knnlm.cli import (
     train,
 )
 
-MODULES: list = [reproduce, train, engine, project, macondo_data, macondo_run, memory, hurdle]
+MODULES: list = [reproduce, train, engine, fast, project, macondo_data, macondo_run, memory, hurdle]

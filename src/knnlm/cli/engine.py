@@ -123,6 +123,7 @@ def datastore_index(
     factory: str | None = typer.Option(
         None, "--factory", help='Any faiss.index_factory string instead (e.g. "HNSW32").'
     ),
+    pca: int | None = typer.Option(None, "--pca", help="PCA keys to D dims in front of the index."),
     quiet: bool = QUIET,
     wait: bool = WAIT,
 ) -> None:
@@ -143,6 +144,7 @@ def datastore_index(
         seed=seed,
         progress=not quiet,
         factory=factory,
+        pca=pca,
     )
     typer.echo(f"index written: {path} ({index_summary(ds)})")
 
@@ -183,6 +185,16 @@ def eval_cmd(
     json_out: Path | None = typer.Option(
         None, "--json", callback=output_file, help="Write results JSON here."
     ),
+    gate: Path | None = typer.Option(None, "--gate", help="Retrieval gate (knnlm gate train)."),
+    retrieval_rate: float = typer.Option(
+        1.0, "--retrieval-rate", help="Share of tokens the gate lets search (1: all, 0: none)."
+    ),
+    gate_weight: str = typer.Option(
+        "fixed",
+        "--gate-weight",
+        help="Searched tokens use --knn-weight (fixed) or the weight "
+        "the mlp gate predicts per token (learned).",
+    ),
     text_field: str = TEXT_FIELD,
     device: str | None = DEVICE,
     dtype: str = DTYPE,
@@ -190,12 +202,13 @@ def eval_cmd(
     wait: bool = WAIT,
 ) -> None:
     """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
-    from knnlm.evaluate import evaluate, open_inputs
+    from knnlm.evaluate import evaluate, open_gate, open_inputs
     from knnlm.retrieval.retriever import KnnSettings
 
     # What the user can get wrong is checked before the model is loaded.
     knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self, search)
     datastore = open_inputs(datastore, cache, knn)
+    gate_obj = open_gate(gate, retrieval_rate, datastore, cache, gate_weight)
     # Under torchrun every rank scores the whole split and holds a shard of the datastore for
     # exact search (knnlm.retrieval.sharded); rank 0 alone writes and prints.
     rank = _init_distributed()
@@ -214,6 +227,9 @@ def eval_cmd(
         memory_weight=memory_weight,
         cache=cache if rank == 0 else None,
         progress=not quiet and rank == 0,
+        gate=gate_obj,
+        retrieval_rate=retrieval_rate,
+        gate_weight=gate_weight,
     )
     if rank != 0:
         return
@@ -223,6 +239,8 @@ def eval_cmd(
     line = f"tokens {result['tokens']}  LM ppl {result['lm']['perplexity']:.3f}"
     if "knnlm" in result:
         line += f"  kNN-LM ppl {result['knnlm']['perplexity']:.3f}"
+        if gate_obj is not None:
+            line += f" (searched {100 * result['knnlm']['retrieval_share']:.1f}% of tokens)"
     if "mlp" in result:
         line += f"  LM+MLP ppl {result['mlp']['perplexity']:.3f}"
     typer.echo(line)

@@ -7,6 +7,10 @@ Layout of a datastore directory::
     meta.json    model / tokenizer / corpus fingerprints, key type, d, N, dtypes,
                  context length and stride, creation time, format version
 
+A pruned datastore (:mod:`knnlm.retrieval.prune`, ``meta["pruned"]``) adds ``counts.npy``
+(N,) int32, the number of original entries each row stands for (a weight in p_knn), and
+``positions.npy`` (N,) int64, each row's row number in the unpruned datastore.
+
 A build writes into ``<out>.partial/`` and renames it to ``<out>`` when complete. Rows are
 written with positioned writes (no growing in-memory buffer, no mapping of the whole file),
 so peak memory does not grow with corpus length. Progress is recorded every few batches;
@@ -72,6 +76,8 @@ class Datastore:
     keys: np.ndarray  # memmap (N, d)
     values: np.ndarray  # memmap (N,)
     meta: dict
+    counts: np.ndarray | None = None  # (N,) int32 for a pruned datastore, else None
+    positions: np.ndarray | None = None  # (N,) int64 rows in the unpruned datastore
 
     @property
     def n(self) -> int:
@@ -82,8 +88,9 @@ class Datastore:
         return int(self.meta["dim"])
 
     def storage_bytes(self) -> int:
-        """Bytes on disk of keys + values."""
-        return sum((self.path / f).stat().st_size for f in ("keys.npy", "values.npy"))
+        """Bytes on disk of keys + values (+ counts and positions when pruned)."""
+        names = ["keys.npy", "values.npy"] + (["counts.npy"] if self.counts is not None else [])
+        return sum((self.path / f).stat().st_size for f in names)
 
     def check_compatible(self, lm: LoadedLM, key_type: str | None = None) -> None:
         """Refuse a datastore built with another model, tokenizer or key size."""
@@ -161,7 +168,13 @@ def _open_once(path: Path) -> Datastore:
     check_npy(path / "values.npy", (n,), np.int32, what)
     keys = np.load(path / "keys.npy", mmap_mode="r", allow_pickle=False)
     values = np.load(path / "values.npy", mmap_mode="r", allow_pickle=False)
-    return Datastore(path=path, keys=keys, values=values, meta=meta)
+    counts = positions = None
+    if meta.get("pruned"):
+        check_npy(path / "counts.npy", (n,), np.int32, what)
+        check_npy(path / "positions.npy", (n,), np.int64, what)
+        counts = np.load(path / "counts.npy", allow_pickle=False)
+        positions = np.load(path / "positions.npy", mmap_mode="r", allow_pickle=False)
+    return Datastore(path, keys, values, meta, counts, positions)
 
 
 def _built_with(out: Path, settings: dict) -> bool | None:

@@ -31,7 +31,13 @@ def should_exclude(ds: Datastore, mode: str, eval_fp: str) -> bool:
             f"--exclude-self yes needs the token stream the datastore {ds.path} was built on "
             f"({ds.meta.get('corpus')} {ds.meta.get('split')}); this text differs"
         )
-    return mode == "yes" or (mode == "auto" and same)
+    exclude = mode == "yes" or (mode == "auto" and same)
+    if exclude and ds.meta.get("pruned"):
+        raise KnnlmError(
+            f"datastore {ds.path} is pruned (its rows merge several positions), so a target "
+            "cannot drop only its own entry: evaluate another split, or pass --exclude-self no"
+        )
+    return exclude
 
 
 def own_rows(positions: np.ndarray) -> np.ndarray:

@@ -48,6 +48,7 @@ from knnlm.retrieval.index_common import (
     open_keys,
 )
 from knnlm.retrieval.index_quality import build_factory, recall_at_k
+from knnlm.retrieval.pca import check_pca, pca_sample_size, train_pca, with_pca
 
 REFERENCE_SCAN = 32 / 4096  # Khandelwal et al.: nprobe 32 of 4096 lists (0.78% of the keys)
 MIN_NPROBE = 32
@@ -96,13 +97,14 @@ def index_summary(ds_dir: str | Path) -> str:
     info = json.loads((Path(ds_dir) / INDEX_META).read_text())
     recall = info.get("recall") or {}
     tail = f"; recall@{recall['k']} {recall['recall']:.3f}" if recall.get("recall") else ""
+    pca = f", PCA {info['dim']} -> {info['pca']} dims" if info.get("pca") else ""
     if info["type"] == "factory":
-        return f"factory {info['factory']!r}, {info['n']:,} keys, {info['metric']}{tail}"
+        return f"factory {info['factory']!r}, {info['n']:,} keys, {info['metric']}{pca}{tail}"
     if info["type"] != "ivfpq":
-        return f"flat (exact), {info['n']:,} keys, {info['metric']}"
+        return f"flat (exact), {info['n']:,} keys, {info['metric']}{pca}"
     return (
         f"ivfpq nlist={info['nlist']} pq_bytes={info['pq_m']} nprobe={info['nprobe']}: "
-        f"expected scan {100 * scan_fraction(info):.2f}% of {info['n']:,} keys per query{tail}"
+        f"expected scan {100 * scan_fraction(info):.2f}% of {info['n']:,} keys per query{pca}{tail}"
     )
 
 
@@ -198,6 +200,7 @@ def build_index(
     checkpoint_every: int = 10,
     on_checkpoint: Callable[[int], None] | None = None,
     factory: str | None = None,
+    pca: int | None = None,
 ) -> Path:
     """Build ``DS/index.faiss`` + ``DS/index.json`` over the datastore's keys; return the path.
 
@@ -218,8 +221,12 @@ def build_index(
     ``factory`` (kind ``"factory"``): any ``faiss.index_factory`` string ("HNSW32",
     "OPQ64,IVF4096,PQ64", ...), trained on ``train_size`` seeded rows (default 100k). Every
     index but flat gets its recall@k against exact search stored in index.json (``recall``).
+    ``pca=D`` puts a PCA d -> D (:mod:`knnlm.retrieval.pca`), trained on a seeded sample, in
+    front of the index: it stores D-dim vectors and takes d-dim queries.
     """
     if factory is not None:
+        if pca is not None:  # a factory string says its own transforms ("PCA64,IVF...")
+            raise KnnlmError('--pca cannot be combined with --factory; write "PCA<D>,..." in it')
         kind = "factory"
     if kind not in KINDS:
         raise KnnlmError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -236,6 +243,7 @@ def build_index(
     keys, _ = open_keys(ds)
     finish_pending_commit(ds)
     n, d = keys.shape
+    pca = check_pca(pca, d)
     info: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "type": kind,
@@ -247,10 +255,11 @@ def build_index(
         "seed": seed,
         "datastore_fingerprint": datastore_fingerprint(ds),
         "faiss_version": faiss.__version__,
+        "pca": pca,
     }
     t0 = time.time()
     if kind == "flat":
-        index = _build_flat(keys, metric, add_chunk, progress)
+        index = _build_flat(keys, metric, add_chunk, progress, pca, seed)
         info.update(nlist=None, pq_m=None, pq_bits=None, nprobe=None, train_size=None)
     elif kind == "factory":
         if not factory:
@@ -261,7 +270,7 @@ def build_index(
             info["nprobe"] = auto_nprobe(more["nlist"]) if nprobe is None else int(nprobe)
             faiss.extract_index_ivf(index).nprobe = min(info["nprobe"], more["nlist"])
     else:
-        settings = _ivfpq_settings(n, d, nlist, pq_m, pq_bits, train_size)
+        settings = _ivfpq_settings(n, pca or d, nlist, pq_m, pq_bits, train_size)
         info.update(settings)
         index = _build_ivfpq(
             ds, keys, info, add_chunk, use_gpu, progress, checkpoint_every, on_checkpoint
@@ -272,7 +281,7 @@ def build_index(
     if index.ntotal != n:  # a bug, not a user error
         raise RuntimeError(f"index holds {index.ntotal} vectors, expected {n}")
     info["scan_fraction"] = scan_fraction(info) if kind != "factory" else None
-    if kind != "flat":
+    if kind != "flat" or pca:  # a PCA in front of a flat index is approximate too
         info["recall"] = recall_at_k(index, keys, metric, seed)
     info.update(status="complete", build_seconds=round(time.time() - t0, 3), created=time.time())
     out = _commit(ds, index, info)
@@ -281,9 +290,13 @@ def build_index(
     return out
 
 
-def _build_flat(keys: np.ndarray, metric: str, chunk: int, progress: bool) -> Any:
-    d = keys.shape[1]
-    index = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+def _build_flat(
+    keys: np.ndarray, metric: str, chunk: int, progress: bool, pca: int | None, seed: int
+) -> Any:
+    index = faiss.IndexFlat(pca or keys.shape[1], faiss_metric(metric))
+    if pca is not None:
+        sample = _train_sample(keys, pca_sample_size(*keys.shape), seed, chunk)
+        index = with_pca(train_pca(sample, pca), index)
     for s in tqdm(range(0, keys.shape[0], chunk), desc="flat index", disable=not progress):
         index.add(f32(keys[s : s + chunk]))
     return index
@@ -336,7 +349,7 @@ def _build_ivfpq(
     # Everything that changes the trained index or its contents; a rerun must match it to resume.
     settings = {k: info[k] for k in ("type", "metric", "n", "dim", "key_dtype", "seed",
                                      "datastore_fingerprint", "nlist", "pq_m", "pq_bits",
-                                     "train_size")}  # fmt: skip
+                                     "train_size", "pca")}  # fmt: skip
     cpu = _load_partial(partial, partial_meta, settings)
     if cpu is None:
         _unlink(partial, partial_meta)
@@ -386,7 +399,12 @@ def _load_partial(partial: Path, partial_meta: Path, settings: dict[str, Any]) -
 def _train_ivfpq(
     keys: np.ndarray, settings: dict[str, Any], chunk: int, use_gpu: bool | str, progress: bool
 ) -> Any:
-    d = keys.shape[1]
+    x = _train_sample(keys, settings["train_size"], settings["seed"], chunk)
+    pca = None
+    if settings["pca"] is not None:  # the IVF-PQ is trained on the projected sample
+        pca = train_pca(x, settings["pca"])
+        x = pca.apply(x)
+    d = x.shape[1]
     metric = settings["metric"]
     quantizer = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
     index = faiss.IndexIVFPQ(
@@ -399,7 +417,6 @@ def _train_ivfpq(
     )
     index.cp.seed = settings["seed"]  # coarse k-means
     index.pq.cp.seed = settings["seed"]  # product-quantizer k-means
-    x = _train_sample(keys, settings["train_size"], settings["seed"], chunk)
     if progress:
         log.info("training IVF-PQ on %d keys", x.shape[0])
     # Seeded on a GPU too: the CPU index runs its own seeded k-means and only borrows a GPU
@@ -411,4 +428,4 @@ def _train_ivfpq(
     index.train(x)
     if res is not None:
         index.clustering_index = None
-    return index
+    return index if pca is None else with_pca(pca, index)

@@ -7,6 +7,9 @@ Conventions:
 - ``ids`` (n, k) are datastore row ids; ``-1`` marks a missing neighbour (FAISS returns it when it
   finds fewer than k). Missing neighbours get zero weight and are never used as an index.
 - ``values`` (n, k) are the neighbours' next-token ids (garbage where ``ids == -1``).
+- ``counts`` (n, k), optional: how many original entries each neighbour stands for (a pruned
+  datastore merges duplicates, :mod:`knnlm.retrieval.prune`); a neighbour's weight is multiplied
+  by its count, i.e. ``log(count)`` is added to its logit. ``None`` is the unweighted kNN-LM.
 
 Interpolation weight: ``knn_weight`` is the weight on p_knn,
 ``p = (1 - w) p_lm + w p_knn`` (default 0.25). The paper writes
@@ -25,11 +28,15 @@ from knnlm.errors import KnnlmError
 NEG_INF = float("-inf")
 
 
-def _neighbour_logits(dists: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+def _neighbour_logits(
+    dists: torch.Tensor, ids: torch.Tensor, temperature: float, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     if temperature <= 0:
         raise ValueError("temperature must be positive")
     logits = -dists.float() / temperature
     valid = (ids >= 0) & torch.isfinite(logits)
+    if counts is not None:  # merged entries weigh as many as they stand for
+        logits = logits + counts.float().clamp_min(1.0).log()
     return logits.masked_fill(~valid, NEG_INF)
 
 
@@ -39,12 +46,13 @@ def knn_target_log_prob(
     values: torch.Tensor,
     targets: torch.Tensor,
     temperature: float = 1.0,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log p_knn(target) for each query, without building a (n, vocab) tensor.
 
     Returns -inf where no neighbour carries the target (or no neighbour was found).
     """
-    logits = _neighbour_logits(dists, ids, temperature)
+    logits = _neighbour_logits(dists, ids, temperature, counts)
     log_norm = torch.logsumexp(logits, dim=-1)
     hit = values.long() == targets.long().unsqueeze(-1)
     log_hit = torch.logsumexp(logits.masked_fill(~hit, NEG_INF), dim=-1)
@@ -59,13 +67,14 @@ def knn_log_probs(
     values: torch.Tensor,
     vocab_size: int,
     temperature: float = 1.0,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full log p_knn over the vocabulary, shape (n, vocab): neighbour weights scattered by value.
 
     Needed where the whole distribution is used (projection, generation); perplexity uses
     :func:`knn_target_log_prob`.
     """
-    logits = _neighbour_logits(dists, ids, temperature)
+    logits = _neighbour_logits(dists, ids, temperature, counts)
     weights = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)  # all-missing rows -> zeros
     safe_values = values.long().masked_fill(ids < 0, 0)  # missing neighbours carry garbage
     if safe_values.numel() and (safe_values.min() < 0 or safe_values.max() >= vocab_size):
@@ -90,6 +99,15 @@ def interpolate(
     if weight == 1.0:
         return other_log_prob.clone()
     return torch.logaddexp(lm_log_prob + math.log1p(-weight), other_log_prob + math.log(weight))
+
+
+def interpolate_per_token(
+    lm_log_prob: torch.Tensor, other_log_prob: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """log((1 - w_i) p_lm + w_i p_other) with one weight w_i in [0, 1] per token (a learned
+    weight, :mod:`knnlm.retrieval.gate`)."""
+    w = weights.to(lm_log_prob.dtype)
+    return torch.logaddexp(lm_log_prob + torch.log1p(-w), other_log_prob + torch.log(w))
 
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:

@@ -55,6 +55,8 @@ class Retriever:
         self.vocab_size = lm.adapter.vocab_size
         self.key_type = self.ds.meta["key_type"]
         check_values(self.ds, self.vocab_size)
+        # A pruned datastore: each row weighs the number of entries merged into it.
+        self.counts = None if self.ds.counts is None else torch.from_numpy(self.ds.counts)
         self.backend: SearchBackend = open_backend(
             self.ds.path, knn.search, device=lm.device, nprobe=knn.nprobe, recompute=knn.recompute
         )
@@ -67,11 +69,22 @@ class Retriever:
     def target_log_prob(self, nb: Neighbours, targets: torch.Tensor) -> torch.Tensor:
         """log p_knn(target) per query, on the neighbours' device."""
         t = targets.to(nb.rows.device)
-        return knn_target_log_prob(nb.distances, nb.rows, nb.values, t, self.knn.temperature)
+        return knn_target_log_prob(
+            nb.distances, nb.rows, nb.values, t, self.knn.temperature, self.row_counts(nb)
+        )
 
     def log_probs(self, nb: Neighbours, vocab_size: int) -> torch.Tensor:
         """Full log p_knn over the vocabulary, (n, vocab_size), on the neighbours' device."""
-        return knn_log_probs(nb.distances, nb.rows, nb.values, vocab_size, self.knn.temperature)
+        return knn_log_probs(
+            nb.distances, nb.rows, nb.values, vocab_size, self.knn.temperature, self.row_counts(nb)
+        )
+
+    def row_counts(self, nb: Neighbours) -> torch.Tensor | None:
+        """(B, k) entries each neighbour stands for (pruned store), None when unpruned."""
+        if self.counts is None:
+            return None
+        self.counts = self.counts.to(nb.rows.device)
+        return self.counts[nb.rows.clamp_min(0)]
 
 
 def check_values(ds: Datastore, vocab_size: int) -> None:

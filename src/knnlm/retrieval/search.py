@@ -33,6 +33,7 @@ from knnlm.retrieval.index_common import (
     open_keys,
     pad,
 )
+from knnlm.retrieval.pca import base_index
 from knnlm.retrieval.rerank import KeyStore, recompute_distances, refine
 
 # A brute-force scan of this many keys per batch is slow enough to deserve a warning (~1 GB of
@@ -134,6 +135,9 @@ def _check_against(ds: Path, index: Any, info: dict[str, Any], keys: np.ndarray 
     """The FAISS object, its metadata and the datastore must agree on type, metric, n, dim."""
     kind, metric = info.get("type"), info.get("metric")
     problems = []
+    if (base_index(index) is not index) != bool(info.get("pca")):
+        problems.append("index.json and the file disagree on the PCA in front of the index")
+    index = base_index(index)
     if info.get("status") != "complete":
         problems.append("the index build did not complete")
     if kind == "flat":
@@ -149,12 +153,12 @@ def _check_against(ds: Path, index: Any, info: dict[str, Any], keys: np.ndarray 
         problems.append(f"index.json says type {kind!r} but the file holds {type(index).__name__}")
     if metric not in ("l2", "ip") or index.metric_type != faiss_metric(metric):
         problems.append(f"index.json says metric {metric!r}, the file another")
-    if index.ntotal != info.get("n") or index.d != info.get("dim"):
+    if index.ntotal != info.get("n") or index.d != (info.get("pca") or info.get("dim")):
         problems.append(
             f"the file holds {index.ntotal} x {index.d}, index.json says "
             f"{info.get('n')} x {info.get('dim')}"
         )
-    if keys is not None and (keys.shape[0], keys.shape[1]) != (index.ntotal, index.d):
+    if keys is not None and (keys.shape[0], keys.shape[1]) != (index.ntotal, info.get("dim")):
         problems.append(f"the datastore holds {keys.shape[0]} x {keys.shape[1]} keys")
     if problems:
         raise KnnlmError(f"the index in {ds} does not fit: {'; '.join(problems)}; rebuild it")
@@ -298,8 +302,10 @@ class Searcher:
     def _make_refined(self, keys_in_ram: bool | str) -> Any:
         """IndexRefine(index, keys) for a fused exact re-ranking, or None (memmap path)."""
         idx = self.index
-        if idx.kind == "flat" and not idx.on_gpu and keys_in_ram is not False:
-            return refine(idx.faiss_index, idx.faiss_index)  # a flat index holds the keys
+        # A flat index holds the keys, unless a PCA stores their projections.
+        flat_keys = idx.kind == "flat" and not idx.info.get("pca")
+        if flat_keys and not idx.on_gpu and keys_in_ram is not False:
+            return refine(idx.faiss_index, idx.faiss_index)
         store = KeyStore.maybe(self.keys, self.metric, keys_in_ram)
         return None if store is None else refine(idx.faiss_index, store.index)
 

@@ -1,0 +1,85 @@
+"""CLI: the fast kNN-LM pieces, `knnlm gate train` and `knnlm datastore prune`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from knnlm.cli.common import DEVICE, QUIET, SEED, WAIT, echo_json, quiet_libraries
+from knnlm.cli.engine import BATCH, CONTEXT, CORPUS, DTYPE, MODEL, STRIDE, datastore_app
+
+gate_app = typer.Typer(help="Adaptive retrieval: a gate that decides which tokens search.",
+                       no_args_is_help=True)  # fmt: skip
+
+
+@gate_app.command("train")
+def gate_train_cmd(
+    model: str = MODEL,
+    datastore: Path = typer.Option(..., "--datastore", "-d", help="Datastore the gate serves."),
+    corpus: str = CORPUS,
+    split: str = typer.Option("valid", "--split", help="Held-out split (never the evaluated one)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Gate directory to create."),
+    kind: str = typer.Option("mlp", "--kind", help="mlp (He et al.) or entropy (baseline)."),
+    k: int = typer.Option(1024, "--k", help="Neighbours per query for the training p_knn."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature on -d."),
+    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed."),
+    epochs: int = typer.Option(20, "--epochs", help="Training epochs (best held-out kept)."),
+    hidden: int = typer.Option(128, "--hidden", help="MLP width."),
+    layers: int = typer.Option(5, "--layers", help="MLP linear layers."),
+    l1: float = typer.Option(0.05, "--l1", help="L1 penalty on the predicted kNN weight."),
+    context_len: int = CONTEXT,
+    stride: int | None = STRIDE,
+    batch_size: int = BATCH,
+    seed: int = SEED,
+    device: str | None = DEVICE,
+    dtype: str = DTYPE,
+    quiet: bool = QUIET,
+    wait: bool = WAIT,
+) -> None:
+    """Train (mlp) or calibrate (entropy) a retrieval gate on a held-out split."""
+    from knnlm.fileio import claim_target
+    from knnlm.lm.loading import load_lm
+    from knnlm.retrieval.datastore import open_datastore
+    from knnlm.retrieval.gate import CONFIG, KIND
+    from knnlm.retrieval.gate_train import train_gate
+    from knnlm.retrieval.retriever import KnnSettings
+
+    knn = KnnSettings(k=k, temperature=temperature, nprobe=nprobe)
+    knn.validate()
+    claim_target(out, KIND, CONFIG, what="retrieval gate")  # before the model is loaded
+    open_datastore(datastore)
+    quiet_libraries()
+    lm = load_lm(model, device=device, dtype=dtype)
+    report = train_gate(
+        lm, datastore, corpus, out, split=split, kind=kind, knn=knn, context_len=context_len,
+        stride=stride, batch_size=batch_size, hidden=hidden, layers=layers, epochs=epochs,
+        l1=l1, seed=seed, progress=not quiet,
+    )  # fmt: skip
+    report.pop("held_out_history", None)
+    typer.echo(f"gate written: {out}")
+    echo_json(report)
+
+
+def prune_cmd(
+    ds: Path = typer.Argument(..., help="Datastore directory to prune."),
+    out: Path = typer.Option(..., "--out", "-o", help="Pruned datastore directory to create."),
+    k: int = typer.Option(9, "--k", help="Neighbours of each entry considered for merging."),
+    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed (with an index)."),
+    quiet: bool = QUIET,
+    wait: bool = WAIT,
+) -> None:
+    """Greedy merging (He et al.): merge each entry's same-token neighbours into one entry
+    with a count (a weight in p_knn); resumable. Build the new store's index afterwards."""
+    from knnlm.retrieval.prune import prune_datastore
+
+    report = prune_datastore(ds, out, k=k, nprobe=nprobe, progress=not quiet)
+    typer.echo(
+        f"pruned datastore {out}: {report['entries_before']} -> {report['entries_after']} "
+        f"entries ({100 * report['removed_share']:.1f}% merged)"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(gate_app, name="gate")
+    datastore_app.command("prune")(prune_cmd)

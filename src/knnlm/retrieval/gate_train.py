@@ -1,0 +1,140 @@
+"""Training the adaptive-retrieval gate (:mod:`knnlm.retrieval.gate`) on a held-out split.
+
+One pass over the split (never the datastore's own text, never the evaluated split) records per
+token the gate's features, log p_lm(target) and log p_knn(target) with the given kNN settings.
+The ``mlp`` gate is then fitted with He et al.'s mixture loss,
+``-log(l_lm p_lm + l_knn p_knn) + l1 * l_knn`` (the L1 term pushes the kNN weight to zero where
+retrieval does not help), on 90% of the tokens; the other 10% choose the best epoch and give the
+score quantiles that turn a retrieval rate into a threshold. The ``entropy`` gate needs no fit:
+its quantiles come from the same held-out tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from knnlm.data.corpus import load_tokens
+from knnlm.errors import KnnlmError
+from knnlm.lm.loading import LoadedLM
+from knnlm.locking import locks
+from knnlm.retrieval.datastore import corpus_fingerprint, open_datastore
+from knnlm.retrieval.gate import (
+    GATE_KINDS,
+    Gate,
+    GateMLP,
+    gate_features,
+    save_gate,
+    score_quantiles,
+)
+from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.scoring import score_stream
+
+
+def collect(
+    lm: LoadedLM, retriever: Retriever, ids: np.ndarray, context_len: int, stride: int | None,
+    batch_size: int, progress: bool,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per scored token: keys, LM stats (entropy, max log-prob), log p_lm and log p_knn."""
+    parts: dict[str, list[torch.Tensor]] = {"keys": [], "stats": [], "lm": [], "knn": []}
+    for b in score_stream(
+        lm.model, ids, context_len, stride, batch_size=batch_size,
+        key_type=retriever.key_type, want_stats=True, progress=progress, desc="gate features",
+    ):  # fmt: skip
+        keys = b.keys.float().cpu()
+        nb = retriever.search(keys)
+        parts["keys"].append(keys)
+        parts["stats"].append(b.lm_stats.cpu())
+        parts["lm"].append(b.lm_log_prob.float().cpu())
+        parts["knn"].append(retriever.target_log_prob(nb, b.targets).float())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _mixture_nll(log_w: torch.Tensor, lm: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
+    return -torch.logsumexp(torch.stack([log_w[:, 0] + lm, log_w[:, 1] + knn], 1), dim=1)
+
+
+def fit_mlp(
+    x: torch.Tensor, lm: torch.Tensor, knn: torch.Tensor, held: torch.Tensor, *,
+    hidden: int, layers: int, epochs: int, lr: float, l1: float, seed: int, progress: bool,
+) -> tuple[GateMLP, dict]:  # fmt: skip
+    """The MLP minimising the mixture loss on the rows not ``held``; best held-out epoch kept."""
+    torch.manual_seed(seed)
+    model = GateMLP(x.shape[1], hidden, layers)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    train = torch.nonzero(~held).squeeze(1)
+    best, best_state, history = float("inf"), None, []
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), desc="gate epochs", disable=not progress):
+        model.train()
+        for rows in torch.randperm(train.numel(), generator=gen).split(256):
+            r = train[rows]
+            log_w = model(x[r])
+            loss = (_mixture_nll(log_w, lm[r], knn[r]) + l1 * log_w[:, 1].exp()).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            val = float(_mixture_nll(model(x[held]), lm[held], knn[held]).mean())
+        history.append(val)
+        if val < best:
+            best, best_state = val, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, {"held_out_mixture_nll": best, "held_out_history": history}
+
+
+@locks("out", "retrieval gate")
+def train_gate(
+    lm: LoadedLM, datastore: str | Path, corpus: str, out: str | Path, *, split: str = "valid",
+    kind: str = "mlp", knn: KnnSettings | None = None, context_len: int = 1024,
+    stride: int | None = None, batch_size: int = 8, hidden: int = 128, layers: int = 5,
+    epochs: int = 20, lr: float = 1e-3, l1: float = 0.05, seed: int = 0, progress: bool = True,
+) -> dict:  # fmt: skip
+    """Train (``mlp``) or calibrate (``entropy``) a gate on ``split``; write it to ``out``."""
+    if kind not in GATE_KINDS:
+        raise KnnlmError(f"--kind must be one of {', '.join(GATE_KINDS)}, got {kind!r}")
+    if hidden < 1 or layers < 1 or epochs < 1 or lr <= 0 or l1 < 0:
+        raise KnnlmError("--hidden, --layers and --epochs must be positive, --lr > 0, --l1 >= 0")
+    knn = knn or KnnSettings()
+    ds = open_datastore(datastore)
+    ids = load_tokens(lm.tokenizer, corpus, split)
+    if ds.meta.get("corpus_fingerprint") == corpus_fingerprint(ids):
+        raise KnnlmError(
+            f"{corpus} {split} is the text datastore {ds.path} was built on; train the gate on "
+            "held-out text (e.g. --split valid)"
+        )
+    retriever = Retriever(lm, ds, knn)
+    t0 = time.time()
+    data = collect(lm, retriever, ids, context_len, stride, batch_size, progress)
+    n = data["lm"].numel()
+    if n < 20:
+        raise KnnlmError(f"{corpus} {split} has {n} scored tokens; the gate needs at least 20")
+    held = torch.zeros(n, dtype=torch.bool)
+    held[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(1, n // 10)]] = True
+    x = gate_features(data["keys"], data["stats"])
+    config = {
+        "model": lm.name, "model_fingerprint": lm.fingerprint, "datastore": str(ds.path),
+        "corpus": corpus, "split": split, "tokens": n, "held_out_tokens": int(held.sum()),
+        "k": knn.k, "temperature": knn.temperature, "context_len": context_len, "seed": seed,
+    }  # fmt: skip
+    gate = Gate(kind, config, np.zeros(0))
+    if kind == "mlp":
+        mean, scale = x[~held].mean(0), x[~held].std(0).clamp_min(1e-6)
+        gate.model, report = fit_mlp(
+            (x - mean) / scale, data["lm"], data["knn"], held, hidden=hidden, layers=layers,
+            epochs=epochs, lr=lr, l1=l1, seed=seed, progress=progress,
+        )  # fmt: skip
+        gate.mean, gate.scale = mean, scale
+        config.update(report, in_dim=x.shape[1], hidden=hidden, layers=layers, epochs=epochs,
+                      lr=lr, l1=l1)  # fmt: skip
+    gate.quantiles = score_quantiles(gate.scores(data["keys"][held], data["stats"][held]))
+    config["seconds"] = round(time.time() - t0, 3)
+    save_gate(out, gate)
+    return config
