@@ -165,30 +165,33 @@ def recover(target: str | Path, kind: str, meta_name: str) -> None:
             fsync_dir(target.parent)
 
 
-def _inode(path: Path) -> int | None:
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which folder is at ``path``: its inode, and its ctime because a deleted folder's inode
+    number is soon reused by the next temporary one (a swap and back would look like none)."""
     try:
-        return os.stat(path).st_ino
+        st = os.stat(path)
     except OSError:
         return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def read_stable(target: str | Path, read: Any, tries: int = 5) -> Any:
+def read_stable(target: str | Path, read: Any, tries: int = 10) -> Any:
     """``read(target)`` with no swap of the target folder in between (retried when one fell).
 
-    A swap replaces the folder by another one (another inode): a reader that opened some files
+    A swap replaces the folder by another one (another inode, made at another time): a reader that opened some files
     of the old folder and some of the new one, or saw the old one deleted under it, reads again.
     """
     for attempt in range(tries):
-        before = _inode(_abs(target))
+        before = _identity(_abs(target))
         try:
             result = read(target)
         except (KnnlmError, OSError, ValueError):
             # OSError / ValueError: numpy maps a file by name after reading its header, so a
             # swap between the two gives a short mapping; only a swap excuses it.
-            if _inode(_abs(target)) == before or attempt == tries - 1:
+            if _identity(_abs(target)) == before or attempt == tries - 1:
                 raise
             continue
-        if _inode(_abs(target)) == before:
+        if _identity(_abs(target)) == before:
             return result
     return result
 
