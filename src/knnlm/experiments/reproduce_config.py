@@ -62,6 +62,9 @@ class ReproduceConfig:
     nprobe: int | None = None
     projection_positions: int = 1000
     projection_max_steps: int = 500
+    # The converged solve's iteration cap (L-BFGS; each position also stops at relative KL
+    # change 1e-6). The issue asks for >= 2,000; the tiny model converges within ~50.
+    projection_converged_max_steps: int = 2000
     memory_hidden: int = 4096
     memory_epochs: int = 2  # the paper's WikiText setting (App. D)
     memory_lr: float = 1e-5
