@@ -212,8 +212,10 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
         for name, lr_study in (("projection", False), ("projection_lr", True)):
             proj[name] = pipe.run(
                 name,
-                pick("projection_positions", "projection_max_steps",
-                     "projection_converged_max_steps") | {"seed": seeds[0]},
+                pick(
+                    "projection_positions", "projection_max_steps", "projection_converged_max_steps"
+                )
+                | {"seed": seeds[0]},
                 [f"knnlm-{seeds[0]}"],
                 lambda art, lr_study=lr_study: nt.stage_projection(
                     cfg, seeds[0], model0, corpus, ds0, tuned0, art, lr_study=lr_study

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from knnlm.errors import KnnlmError
-from knnlm.report.claims import FIT_MARGIN_NATS
+from knnlm.report.claims_macondo import FIT_MARGIN_NATS
 from knnlm.report.tables import fmt_pm, markdown_table
 
 _COLUMNS = (

@@ -12,12 +12,11 @@ from typing import Any
 
 from knnlm.report.claims import (
     HURDLE_FIRST_PART,
-    KL_MEAN_MAX,
     MEMORY_STORAGE_MAX,
     early_gaps,
-    gap_share,
     storage_fractions,
 )
+from knnlm.report.claims_projection import KL_MEAN_MAX, gap_share
 from knnlm.report.tables import fmt_number, fmt_pm, markdown_table, settings_line
 
 
