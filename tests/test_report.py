@@ -506,8 +506,15 @@ def test_paper_report_from_the_contract_fixture(tmp_path):
     assert t1[2][5] == _pm([p["test"]["knnlm_tuned"] for p in per]) and t1[2][3] == "valid"
     # Section 3: capped positions and the share of the gap (40 -> 36; f at 36.2 closes 95%).
     proj = _tables(_section_text(md, "## Capacity"))
-    assert proj[0][2] == ["f(z*)", "36.20", "95%"]
-    assert [row[5] for row in proj[1]] == ["3 of 300", "3 of 300"]
+    assert proj[0][2] == ["f(z*), paper's rule", "36.20", "95%"]
+    # The converged solve (36.1: (40 - 36.1) / 4 = 0.97499.. in floating point) and the two
+    # sensitivity rows.
+    assert proj[0][4] == ["f(z*), converged", "36.10", "97%"]
+    assert [row[0] for row in proj[0][6:]] == [
+        "f(z*) without final norm, converged",
+        "f(z*) for KL[p_knnlm ‖ f(z)], converged",
+    ]
+    assert [row[6] for row in proj[1]] == ["300 / 3 of 300"] * 2 + ["300 / 0 of 300"] * 4
     # Table 5 per n, every column, computed independently.
     t5 = _tables(_section_text(md, "## Generalization"))[0]
     mac = r["macondo"]["per_seed"]
