@@ -87,6 +87,7 @@ def run_macondo(
     checkpoint_every: int | None = 1000,
     batch_size_eval: int = 32,
     memory: Mapping[str, Any] | None = None,
+    tune: Mapping[str, Any] | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -100,7 +101,10 @@ def run_macondo(
     ``macondo_kwargs`` sets sizes (``n_villagers``, ``n_parents_per_count``, ``max_children``,
     ``min_children``, ``sentences_per_pair``). ``memory`` (hidden, epochs, lr, batch_tokens)
     trains the MLP memory on each seed's datastore and scores LM + memory too. Returns the
-    results dict written to ``out/results.json``.
+    results dict written to ``out/results.json``. ``tune`` (dev_share and grids of k,
+    temperature, knn_weight, memory_weight; :data:`knnlm.experiments.macondo_tuning.DEFAULT_TUNE`)
+    chooses the settings on a seeded dev share of the test parents and reads the groups on the
+    others; without it, k, temperature and knn_weight are fixed.
     """
     from tqdm.auto import tqdm
 
@@ -126,6 +130,7 @@ def run_macondo(
         checkpoint_every=checkpoint_every,
         batch_size_eval=batch_size_eval,
         memory=memory,
+        tune=tune,
     )
     # Resumes a run of ours; a folder of the user's own files is refused, untouched.
     out = claim_work_dir(Path(out).expanduser(), "macondo_run")
@@ -147,6 +152,7 @@ def run_macondo(
                 for key in (
                     "seed",
                     "groups",
+                    "tuning",
                     "train_groups_lm",
                     "memory",
                     "curve",
@@ -187,6 +193,7 @@ def contract_view(res: Mapping[str, Any]) -> dict[str, Any]:
                     if all(g[n].get(m) is not None for n in keys)
                 },
                 "train": {"lm": {n: r["train_groups_lm"][n] for n in keys}},
+                "tuned": (r.get("tuning") or {}).get("tuned"),
                 "dataset": r.get("dataset"),
                 "datastore_size": r.get("datastore_size"),
                 "memory": r.get("memory"),

@@ -51,6 +51,7 @@ def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
         eval_every=cfg.macondo_eval_every,
         macondo_kwargs=cfg.macondo_sizes or None,
         memory=cfg.macondo_memory,
+        tune=cfg.macondo_tune,
         progress=False,
     )
     out = contract_view(res)
@@ -227,7 +228,8 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
         macondo = pipe.run(
             "macondo",
             pick("macondo_seeds", "macondo_preset", "macondo_epochs", "macondo_lr",
-                 "macondo_sizes", "macondo_eval_every", "macondo_memory", "k", "seed")
+                 "macondo_sizes", "macondo_eval_every", "macondo_memory", "macondo_tune", "k",
+                 "seed")
             | {"model": mac_model},
             [f"lm-{seeds[0]}"] if mac_model == model0 else [],
             lambda art: stage_macondo(cfg, mac_model, art),

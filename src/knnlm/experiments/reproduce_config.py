@@ -23,6 +23,7 @@ from typing import Any
 
 from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo_settings import MACONDO_MEMORY
+from knnlm.experiments.macondo_tuning import DEFAULT_TUNE
 from knnlm.lm.presets import get_preset
 
 PAPER_SETTING = {"knn_weight": 0.25, "temperature": 1.0}
@@ -77,6 +78,9 @@ class ReproduceConfig:
     macondo_sizes: dict[str, Any] = field(default_factory=dict)
     macondo_eval_every: int | None = None
     macondo_memory: dict[str, Any] = field(default_factory=lambda: dict(MACONDO_MEMORY))
+    # k, temperature and the weights chosen on a seeded dev share of the test parents, the
+    # verdict read on the rest (None: the paper's k / T / weight, fixed).
+    macondo_tune: dict[str, Any] | None = field(default_factory=lambda: copy.deepcopy(DEFAULT_TUNE))
     hurdle_seeds: int = 3
     hurdle_steps: int | None = None
     hurdle_eval_every: int | None = None
