@@ -117,7 +117,7 @@ def test_groups_are_means_of_the_examples(run):
         assert g["lm"] == pytest.approx(sum(e["lm"] for e in sel) / len(sel))
         assert g["knnlm"] == pytest.approx(sum(e["knnlm"] for e in sel) / len(sel))
         assert g["perfect"] == pytest.approx(math.log(1 / n))
-        assert g["lm_std"] == 0.0  # one seed
+        assert g["lm_std"] is None  # one seed: the sample std is undefined
 
 
 def test_grouping_math_on_a_hand_made_case():
@@ -130,9 +130,11 @@ def test_grouping_math_on_a_hand_made_case():
         {"1": {"lm": -0.7, "knnlm": -0.4}, "2": {"lm": -2.0, "knnlm": -0.7}},
     ]
     g = aggregate_groups(seeds)
-    assert g["1"]["lm"] == pytest.approx(-0.6) and g["1"]["lm_std"] == pytest.approx(0.1)
-    assert g["2"]["knnlm"] == pytest.approx(-0.8) and g["2"]["knnlm_std"] == pytest.approx(0.1)
-    assert g["2"]["lm_std"] == pytest.approx(0.5)
+    # Sample std (ddof=1) of two values a, b: |a - b| / sqrt(2).
+    r2 = math.sqrt(2)
+    assert g["1"]["lm"] == pytest.approx(-0.6) and g["1"]["lm_std"] == pytest.approx(0.2 / r2)
+    assert g["2"]["knnlm"] == pytest.approx(-0.8) and g["2"]["knnlm_std"] == pytest.approx(0.2 / r2)
+    assert g["2"]["lm_std"] == pytest.approx(1.0 / r2)
     assert g["2"]["perfect"] == pytest.approx(-math.log(2))
     verdict = reproduced(g)
     assert verdict["per_n"]["1"]["knnlm_closer"] and verdict["per_n"]["2"]["knnlm_closer"]

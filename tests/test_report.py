@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
+from knnlm.experiments.stats import mean_std
 from knnlm.report import figures
 from knnlm.report.claims import make_claims
 from knnlm.report.html import markdown_to_html, write_report
@@ -25,7 +26,6 @@ from knnlm.report.tables import (
     fmt_number,
     fmt_pm,
     markdown_table,
-    mean_std,
     settings_line,
 )
 from results_contract import assert_contract, make_results

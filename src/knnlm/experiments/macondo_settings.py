@@ -261,8 +261,8 @@ def resolve_settings(
         "eval_every": eval_every,
         "curve_knn": bool(curve_knn and eval_every),
         "macondo": {key: sizes.get(key) for key in MACONDO_SIZE_KEYS},
-        "aggregation": "mean over test examples per n per seed; mean and population std "
-        "(ddof=0) over seeds",
+        "aggregation": "mean over test examples per n per seed; mean and sample std "
+        "(ddof=1, none for one seed) over seeds",
         "memory": _memory_settings(memory),
         "tune": _tune_settings(tune),
         "seeds": seeds,

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from knnlm.errors import KnnlmError
+from knnlm.experiments.stats import mean_std
 
 MISSING = "–"  # en dash: a value that was not measured (None)
 CHECK = "✓"
@@ -159,21 +160,6 @@ def settings_line(settings: Mapping[str, Any]) -> str:
 
     walk("", settings)
     return ", ".join(parts)
-
-
-def mean_std(values: Sequence[Any]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1) over seeds; std is None for one value.
-
-    None entries are dropped (a seed that did not report the value); no values -> (None, None).
-    """
-    vals = [float(_scalar(v)) for v in values if v is not None]
-    if not vals:
-        return None, None
-    mean = math.fsum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, None
-    var = math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-    return mean, math.sqrt(var)
 
 
 def fmt_pm(values: Sequence[Any], floatfmt: str = ".2f") -> str:
