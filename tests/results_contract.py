@@ -101,7 +101,8 @@ def _macondo() -> dict:
 def _memory() -> dict:
     per = [
         {"seed": s, "weight": 0.25, "valid": {"lm": 60.0 + i, "mlp": 58.5 + i},
-         "test": {"lm": 62.0 + i, "knnlm_tuned": 57.0 + i, "mlp": 60.0 + i}}
+         "test": {"lm": 62.0 + i, "knnlm_tuned": 57.0 + i, "mlp": 60.0 + i},
+         "control": {"weight": 0.3, "test": {"control": 61.0 + i, "control_alone": 63.0 + i}}}
         for i, s in enumerate(SEEDS)
     ]  # fmt: skip
     return {

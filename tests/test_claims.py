@@ -286,6 +286,22 @@ def test_d_fails_when_mlp_does_not_help_in_one_seed():
     assert status(r, 3) == NOT_HELD
 
 
+def test_d_fails_when_the_control_does_as_well():
+    r = make_results()
+    r["memory"]["per_seed"][2]["control"]["test"]["control"] = 62.0  # the MLP has 62.0 in seed 2
+    assert status(r, 3) == NOT_HELD
+    r["memory"]["per_seed"][2]["control"]["test"]["control"] = 62.01
+    assert status(r, 3) == HELD
+    assert "MLP below it in 3 of 3 seeds" in make_claims(r)[3]["evidence"]
+
+
+def test_d_untestable_without_a_control():
+    r = make_results()
+    r["memory"]["per_seed"][1]["control"] = None
+    assert status(r, 3) == UNTESTABLE
+    assert "no equal-compute control for seed(s) [1]" in make_claims(r)[3]["evidence"]
+
+
 def test_d_share_of_knn_gain():
     r = make_results()
     # Each seed: LM - MLP = 2, LM - kNN = 5 -> 40%.

@@ -299,6 +299,14 @@ MUTANTS: list[Mutant] = [
         f"{CLAIMS}::test_c_premise_lm_that_already_generalises_is_untestable",
     ),
     mutant(
+        "claim_d_control_ignored",
+        "(d) credits the MLP without beating the equal-compute control",
+        "report/claims.py",
+        "        and beats == len(per)\n",
+        "",
+        f"{CLAIMS}::test_d_fails_when_the_control_does_as_well",
+    ),
+    mutant(
         "claim_d_storage_25_percent",
         "(d) accepts an MLP of 25% of the kNN storage (the paper: under 4%)",
         "report/claims.py",

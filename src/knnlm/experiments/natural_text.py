@@ -248,6 +248,22 @@ def _token_log_probs(lm, corpus: str, split: str, cfg: ReproduceConfig, mem, key
     return torch.cat(lm_out), torch.cat(mem_out)
 
 
+def _control(cfg, seed, model, corpus, lm, lm_lp, steps, weights, art) -> dict:
+    """Section 5's equal-compute control (:mod:`knnlm.experiments.memory_control`)."""
+    from knnlm.experiments.memory_control import control_perplexities, train_control
+    from knnlm.lm.presets import get_preset
+
+    lr = get_preset(cfg.lm_preset).lr if cfg.model is None else 1e-4
+    info = train_control(
+        model, corpus, art / "control", steps=steps, batch_tokens=cfg.memory_batch_tokens,
+        context_len=cfg.context_len, lr=lr, seed=seed,
+    )  # fmt: skip
+    res = control_perplexities(lm, art / "control", corpus, lm_lp, weights, cfg.context_len,
+                               cfg.stride)  # fmt: skip
+    shutil.rmtree(art / "control")  # a copy of the LM; the numbers are kept
+    return {"train": info, **res}
+
+
 def stage_memory(
     cfg: ReproduceConfig, seed: int, model: str, corpus: str, ds: str, knn_res: dict, art: Path
 ) -> dict:
@@ -278,8 +294,10 @@ def stage_memory(
     mem = load_memory(art / "memory", device=str(lm.device))
     weights = sorted({float(w) for w in cfg.memory_weights})
     ppl: dict[str, dict] = {}
+    lm_by_split: dict[str, torch.Tensor] = {}
     for split in ("valid", "test"):
         lm_lp, mem_lp = _token_log_probs(lm, corpus, split, cfg, mem, store.meta["key_type"])
+        lm_by_split[split] = lm_lp
         n = len(lm_lp)
         ppl[split] = {
             "tokens": n,
@@ -288,7 +306,13 @@ def stage_memory(
                      for w in weights],
         }  # fmt: skip
     best = int(np.argmin(ppl["valid"]["grid"]))
+    control = (
+        _control(cfg, seed, model, corpus, lm, lm_by_split, tr.steps, weights, art)
+        if cfg.memory_control
+        else None
+    )
     return {
+        "control": control,
         "seed": seed,
         "weight": weights[best],
         "weight_tuned_on": "valid",

@@ -33,6 +33,7 @@ from knnlm.experiments.macondo_settings import (  # noqa: F401  (re-exported)
     get_run_preset,
     resolve_settings,
 )
+from knnlm.experiments.parallel import map_jobs
 from knnlm.fileio import claim_work_dir, write_json_atomic
 
 # The run's results; the report layer draws the table and figures from them.
@@ -45,6 +46,17 @@ FIGURE_CURVES = "figure3.png"
 # ---------------------------------------------------------------------------------------
 # the experiment
 # ---------------------------------------------------------------------------------------
+def _seed_job(seed: int, seed_dir: Path, settings: dict, device: str | None, progress: bool):
+    """One seed in a worker process (top level, so it can be sent there)."""
+    return run_seed(seed, seed_dir, settings, device=device, progress=progress)
+
+
+def torch_threads_now() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 @contextmanager
 def _cpu_threads(n: int | None, device: str | None) -> Iterator[None]:
     """Use ``n`` intra-op threads on the CPU for the duration, then restore the old number."""
@@ -89,6 +101,7 @@ def run_macondo(
     memory: Mapping[str, Any] | None = None,
     tune: Mapping[str, Any] | None = None,
     device: str | None = None,
+    workers: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the Macondo experiment for every seed and write ``out/results.json`` (the report
@@ -104,7 +117,8 @@ def run_macondo(
     results dict written to ``out/results.json``. ``tune`` (dev_share and grids of k,
     temperature, knn_weight, memory_weight; :data:`knnlm.experiments.macondo_tuning.DEFAULT_TUNE`)
     chooses the settings on a seeded dev share of the test parents and reads the groups on the
-    others; without it, k, temperature and knn_weight are fixed.
+    others; without it, k, temperature and knn_weight are fixed. ``workers`` > 1 runs the
+    seeds in that many processes.
     """
     from tqdm.auto import tqdm
 
@@ -137,11 +151,17 @@ def run_macondo(
     t0 = time.perf_counter()
     per_seed = []
     threads = get_run_preset(settings["preset"]).cpu_threads
-    with _cpu_threads(threads, device):
-        for s in tqdm(settings["seeds"], desc="macondo seeds", unit="seed", disable=not progress):
-            per_seed.append(
-                run_seed(s, out / f"seed-{s}", settings, device=device, progress=progress)
-            )
+    if workers > 1 and len(settings["seeds"]) > 1:
+        # Seeds are independent (each its own folder): one process per seed, ``workers`` at once.
+        jobs = [(s, out / f"seed-{s}", settings, device, False) for s in settings["seeds"]]
+        per_seed = map_jobs(_seed_job, jobs, workers, threads or torch_threads_now())
+    else:
+        with _cpu_threads(threads, device):
+            for s in tqdm(settings["seeds"], desc="macondo seeds", unit="seed",
+                          disable=not progress):  # fmt: skip
+                per_seed.append(
+                    run_seed(s, out / f"seed-{s}", settings, device=device, progress=progress)
+                )
     groups = aggregate_groups([r["groups"] for r in per_seed])
     curves = aggregate_curves([r["curve"] for r in per_seed]) if settings["eval_every"] else None
     results: dict[str, Any] = {
