@@ -529,12 +529,15 @@ def test_paper_report_from_the_contract_fixture(tmp_path):
     # What was not run, with the command.
     assert "`knnlm macondo export-conv`" in _section_text(md, "## What this run did not do")
     # Figures drawn from the data, embedded in the HTML.
-    assert set(saved["figures"]) == {"figure1", "figure4", "figure5"}
+    assert set(saved["figures"]) == {"figure1", "figure4", "figure5", "macondo_gains",
+                                     "hurdle_gaps_loglik", "hurdle_gaps_loss"}  # fmt: skip
     for rel in saved["figures"].values():
         assert f"]({rel})" in md
         assert_png(tmp_path / rel)
     html = (tmp_path / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert (
+        html.count("data:image/png;base64,") == 6
+    )  # Figures 1, 4, 5, the Macondo gains, two hurdle gap figures
     assert "Not run" not in md and "incomplete" not in md and "not drawn" not in md
 
 
@@ -554,7 +557,7 @@ def test_paper_report_partial_run(tmp_path):
                          ("## An MLP", "memory")):  # fmt: skip
         assert f"Not run in this invocation (no `{key}` results)" in _section_text(md, heading)
     assert "Figure 5): not recorded in this run" in _section_text(md, "## The last-MLP")
-    assert set(out["figures"]) == {"figure4"}
+    assert set(out["figures"]) == {"figure4", "hurdle_gaps_loglik"}
     assert "do not list what was left out" in md
     assert (tmp_path / "report.html").is_file()
 
@@ -588,13 +591,20 @@ def test_paper_report_draws_kl_figures_and_drops_per_position_lists(tmp_path):
     p, q = r["projection"]["lr_0.1"], r["projection"]["lr_0.001"]
     p["proj_f"]["kl"], p["proj_fg"]["kl"] = [0.01, 0.05, 0.2], [0.02, 0.06]
     q["proj_f"]["kl_curve"], q["proj_fg"]["kl_curve"] = [1.0, 0.5, 0.3], [1.0, 0.8, 0.7]
+    band = {"mean": [0.3, 0.2, 0.1], "q25": [0.2, 0.1, 0.05], "median": [0.3, 0.2, 0.1],
+            "q75": [0.4, 0.3, 0.2]}  # fmt: skip
+    for name in ("proj_f", "proj_fg"):
+        p["converged"][name]["kl"] = [0.01, 0.02]
+        p[name]["kl_curve_bands"] = p["converged"][name]["kl_curve_bands"] = band
     out = write_paper_report(tmp_path, r)
-    assert {"kl_hist", "kl_steps"} <= set(out["figures"])
+    assert {"kl_hist", "kl_steps", "kl_solves"} <= set(out["figures"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert "kl" not in saved["projection"]["lr_0.1"]["proj_f"]
+    assert "kl" not in saved["projection"]["lr_0.1"]["converged"]["proj_f"]
     assert saved["projection"]["lr_0.001"]["proj_f"]["kl_curve"] == [1.0, 0.5, 0.3]
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == len(out["figures"]) == 5
+    # Figures 1, 4, 5, the three KL figures, the Macondo gains and the two hurdle gap figures.
+    assert page.count("data:image/png;base64,") == len(out["figures"]) == 9
 
 
 def test_stage_figures_are_drawn_where_the_results_point(tmp_path):

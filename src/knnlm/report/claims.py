@@ -221,12 +221,12 @@ def _hurdle_part(curve: Mapping[str, Any] | None, higher: bool, name: str) -> tu
     ahead = sum(g > 0 for g in gaps)
     mean, _ = mean_std(gaps)
     p = t_test_p(gaps)
-    what = "log-likelihood higher" if higher else "loss lower"
+    what = "log-likelihood" if higher else "training loss"
     text = (
-        f"{name}: without the last MLP the {what} by {', '.join(_f(g, '.3f') for g in gaps)} "
-        f"(per seed; mean {_f(mean, '.3f')}, one-sided t-test p = {_f(p, '.3g')}) on average over "
-        f"steps {used[0]}..{used[-1]} ({len(used)} evaluations), ahead in {ahead} of "
-        f"{len(gaps)} seeds"
+        f"{name}: advantage of the model without the last MLP in {what} (nats, positive = "
+        f"ahead) averaged over steps {used[0]}..{used[-1]} ({len(used)} evaluations), per seed "
+        f"{', '.join(_f(g, '.3f') for g in gaps)}: mean {_f(mean, '.3f')}, one-sided t-test "
+        f"p = {_f(p, '.3g')}, ahead in {ahead} of {len(gaps)} seeds"
     )
     if p is None:
         return UNTESTABLE, f"{text}; one seed: no paired test"

@@ -152,6 +152,7 @@ def projection_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
         f"direction).\n\n{t3}\n\n"
         + _settings(p.get("settings"))
         + _figure(figs, "kl_hist", "per-position KL[f(z*) ‖ p_knnlm]")
+        + _figure(figs, "kl_solves", "KL against step: the paper's rule and the converged solve")
     )
     q = proj.get("lr_0.001")
     if q:
@@ -223,7 +224,26 @@ def memory_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
         f"{fmt_pm([s for s in shares if s is not None], '.0f')}"
         f"{'%' if any(s is not None for s in shares) else ''} (the paper: the MLP does not "
         "fully close the gap on WikiText).\n\n"
-        f"Per seed:\n\n{t_seed}\n\n" + _settings(m.get("settings"))
+        f"Per seed:\n\n{t_seed}\n\n" + _control_line(per) + _settings(m.get("settings"))
+    )
+
+
+def _control_line(per: Sequence[Mapping[str, Any]]) -> str:
+    """Section 5's equal-compute control per seed (claim (d) needs the MLP below it)."""
+    rows = [(p.get("seed"), p.get("control") or {}) for p in per]
+    if not any(c.get("test") for _, c in rows):
+        return "No equal-compute control in this run.\n\n"
+    parts = [
+        f"seed {s}: {_f(c['test']['control'])} (w={_f(c.get('weight'), 'g')}, "
+        f"{_f((c.get('train') or {}).get('steps'))} steps)"
+        for s, c in rows
+        if c.get("test")
+    ]
+    return (
+        "Equal-compute control, the LM trained on for the MLP's optimiser steps and tokens and "
+        "interpolated like it (weight chosen on valid), test perplexity: "
+        + "; ".join(parts)
+        + ".\n\n"
     )
 
 
@@ -234,11 +254,10 @@ def _hurdle_lines(curve: Mapping[str, Any], higher: bool, what: str) -> str:
     gaps, used = early_gaps(curve, higher)
     if not gaps:
         return f"- {what}: no evaluation between step 0 and half of training.\n"
-    sign = "higher log-likelihood" if higher else "lower loss"
     return (
         f"- {what}: over steps {used[0]}..{used[-1]} ({len(used)} evaluations, step 0 "
-        f"excluded), the model without the last MLP has {sign} by "
-        f"{', '.join(_f(g, '.3f') for g in gaps)} on average per seed (positive = ahead).\n"
+        f"excluded), the advantage of the model without the last MLP (nats, positive = ahead) "
+        f"per seed: {', '.join(_f(g, '.3f') for g in gaps)}.\n"
     )
 
 
@@ -262,8 +281,41 @@ def hurdle_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
         md += _hurdle_lines(h["loss"], False, "natural-text training loss (Figure 5)")
     else:
         md += "- Natural-text training loss (Figure 5): not recorded in this run.\n"
-    md += "\n" + _figure(figs, "figure4", "Figure 4") + _figure(figs, "figure5", "Figure 5")
+    md += _horizon(h) + "\n"
+    md += _figure(figs, "figure4", "Figure 4") + _figure(figs, "figure5", "Figure 5")
+    md += _figure(figs, "hurdle_gaps_loglik", "per-seed gap, Macondo log-likelihood")
+    md += _figure(figs, "hurdle_gaps_loss", "per-seed gap, natural-text training loss")
     return md + _settings(h.get("settings"))
+
+
+def _meet(curve: Mapping[str, Any], higher: bool) -> str:
+    """Where the mean curves meet: the first evaluation after step 0 at which the model without
+    the last MLP stops being ahead, or that it stays ahead (or behind) throughout."""
+    steps = [int(x) for x in curve["steps"]]
+    a = [sum(col) / len(col) for col in zip(*curve["with_mlp"], strict=True)]
+    b = [sum(col) / len(col) for col in zip(*curve["without_mlp"], strict=True)]
+    gap = [(y - x) if higher else (x - y) for x, y in zip(a, b, strict=True)]
+    later = [(s, g) for s, g in zip(steps, gap, strict=True) if s > 0]
+    if not later:
+        return "no evaluation after step 0"
+    first_sign = later[0][1] > 0
+    for s, g in later:
+        if (g > 0) != first_sign:
+            return f"the mean curves cross at step {s} (the model without it {'falls behind' if first_sign else 'moves ahead'})"
+    return f"the mean curves do not cross: without the last MLP stays {'ahead' if first_sign else 'behind'} up to step {later[-1][0]}"
+
+
+def _horizon(h: Mapping[str, Any]) -> str:
+    """The run's training horizon next to the paper's, and where the curves meet."""
+    st = h.get("settings") or {}
+    out = (
+        f"- Horizon: {_f(st.get('steps'))} training steps, evaluated every "
+        f"{_f(st.get('eval_every'))} (the paper reads the first 4,000 steps of GPT-2 small, "
+        "evaluated every 1,000); Figure 4: " + _meet(h["loglik"], True)
+    )
+    if h.get("loss") is not None:
+        out += "; Figure 5: " + _meet(h["loss"], False)
+    return out + ".\n"
 
 
 # ----------------------------------------------------------------------------- the run
