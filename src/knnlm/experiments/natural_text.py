@@ -148,7 +148,9 @@ def _grid(cfg: ReproduceConfig) -> tuple[list[float], list[float]]:
     return ws, ts
 
 
-def stage_knnlm(cfg: ReproduceConfig, model: str, corpus: str, ds: str, art: Path) -> dict:
+def stage_knnlm(
+    cfg: ReproduceConfig, model: str, corpus: str, ds: str, art: Path, seed: int | None = None
+) -> dict:
     """LM and kNN-LM on valid and test; (weight, T) tuned on valid from cached neighbours."""
     from knnlm.evaluate import evaluate
     from knnlm.sweep import sweep
@@ -188,7 +190,7 @@ def stage_knnlm(cfg: ReproduceConfig, model: str, corpus: str, ds: str, art: Pat
     # The heatmap's data, beside where the report layer draws it (sweep.png).
     write_json_atomic(
         art / "sweep.json",
-        {"weights": weights, "temperatures": temps, "k": cfg.k,
+        {"weights": weights, "temperatures": temps, "k": cfg.k, "seed": seed,
          "valid": grids["valid"]["perplexity"][0], "lm_ppl": out["valid"]["lm"]},
     )  # fmt: skip
     out.update(

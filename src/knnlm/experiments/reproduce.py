@@ -187,7 +187,7 @@ def _seed_chain(pipe: Pipeline, cfg: ReproduceConfig, data: dict, seed: int) -> 
         f"knnlm-{seed}",
         _pick(cfg, "k", "nprobe", "sweep_weights", "sweep_temperatures"),
         [f"datastore-{seed}"],
-        lambda art: nt.stage_knnlm(cfg, model, corpus, ds, art),
+        lambda art: nt.stage_knnlm(cfg, model, corpus, ds, art, seed=seed),
     )
     mem_res = pipe.run(
         f"memory-{seed}",

@@ -100,7 +100,8 @@ def render_sweep(figure: str | Path) -> Path | None:
     d = json.loads(data_file.read_text())
     return F.plot_sweep_heatmap(
         d["weights"], d["temperatures"], d["valid"], figure,
-        title=f"kNN-LM valid perplexity (k={d['k']})", lm_ppl=d["lm_ppl"],
+        title=f"kNN-LM valid perplexity, LM seed {d.get('seed', '?')} (k={d['k']})",
+        lm_ppl=d["lm_ppl"],
     )  # fmt: skip
 
 

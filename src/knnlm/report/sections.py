@@ -87,7 +87,9 @@ def knnlm_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
         "read on test. w is the weight on p_knn (the paper's λ = 1 - w).\n\n"
         f"{t1}\n\nPer seed:\n\n{t_seed}\n\n"
         + _settings(k.get("settings"))
-        + _figure(figs, "sweep", "valid perplexity over the weight x temperature sweep")
+        + _figure(
+            figs, "sweep", "valid perplexity over the weight x temperature sweep, first LM seed"
+        )
     )
 
 
