@@ -237,6 +237,7 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
         job = submit(ex, _worker, (cfg, out, theirs), cfg.torch_threads) if ex else None
         per_seed = {s: _seed_chain(pipe, cfg, data, s) for s in seeds if s not in theirs}
         proj, macondo = _sections_3_4(pipe, cfg, data, seeds[0], per_seed[seeds[0]])
+        width = _width_study(pipe, cfg, data, seeds[0], proj["projection"])
         ran_there = job.result() if job else []
         per_seed |= {s: _seed_chain(pipe, cfg, data, s) for s in theirs}
         per_seed = {s: per_seed[s] for s in seeds}
@@ -244,6 +245,8 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
         for name in ran_there:  # computed in this invocation, by the other process
             pipe.records[name].cached = False
         results = _assemble(cfg, data, per_seed, proj, macondo, hurdle)
+        if width is not None:
+            results["width_study"] = width
         results["stages"] = pipe.stage_times()
         results["wall_seconds"] = time.perf_counter() - t_start
         results["workers"] = {"processes": cfg.workers, "second_process_ran": ran_there}
@@ -253,6 +256,30 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
             ex.shutdown(wait=False, cancel_futures=True)
         display.close()
     return json.loads((out / "results.json").read_text())
+
+
+def _width_study(pipe: Pipeline, cfg: ReproduceConfig, data: dict, seed0: int, main: dict):
+    """Section 3 at each width of ``cfg.width_study``; the run's own LM is its width's row."""
+    if not cfg.width_study:
+        return None
+    from knnlm.experiments.width_study import stage_width, width_row
+    from knnlm.lm.presets import get_preset
+
+    own = get_preset(cfg.lm_preset).n_embd if cfg.model is None else None
+    rows = []
+    for d in sorted({int(x) for x in cfg.width_study}):
+        if d == own:
+            rows.append(width_row(d, main) | {"tuned": main.get("tuned"), "main_lm": True})
+            continue
+        rows.append(pipe.run(
+            f"width-{d}",
+            _pick(cfg, "lm_preset", "lm_epochs", "lm_max_steps", "context_len", "stride", "k",
+                  "sweep_weights", "sweep_temperatures", "projection_positions",
+                  "projection_converged_max_steps") | {"seed": seed0, "d": d},
+            ["corpus"],
+            lambda art, d=d: stage_width(cfg, d, seed0, data, art),
+        ))  # fmt: skip
+    return {"seed": seed0, "preset": cfg.lm_preset, "rows": rows}
 
 
 def _sections_3_4(pipe: Pipeline, cfg: ReproduceConfig, data: dict, seed0: int, first: dict):

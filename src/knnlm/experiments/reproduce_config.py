@@ -97,6 +97,10 @@ class ReproduceConfig:
     # Processes: 2 runs Appendix E and every other LM seed in a second process, and the
     # Macondo seeds two at a time (each process with ``torch_threads`` threads).
     workers: int = 1
+    # Section 3 against width: LMs of the run's preset at these d (e.g. [64, 128, 256]),
+    # each projected to convergence (experiments/width_study). None: not run (the quick run
+    # leaves it out: the d = 256 LM and its search cost several minutes on 2 cores).
+    width_study: list[int] | None = None
 
     @property
     def seeds(self) -> list[int]:

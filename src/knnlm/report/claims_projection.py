@@ -116,8 +116,22 @@ def claim_projection(r: Mapping[str, Any]) -> dict:
     evidence = (
         f"{where}. Converged ({conv.get('method', 'L-BFGS')}): {'; '.join(parts)}. "
         f"Sensitivity (converged): {sens}. Context, the paper's stopping rule: {rule}"
+        + _width_trend(r)
     )
     return verdict(CLAIM_B, HELD if ok else NOT_HELD, CRITERION_B, evidence)
+
+
+def _width_trend(r: Mapping[str, Any]) -> str:
+    rows = (r.get("width_study") or {}).get("rows") or []
+    if not rows:
+        return ". Width study: not run"
+    cells = ", ".join(
+        f"d={row['d']}: {_f(None if row['proj_f']['share'] is None else 100 * row['proj_f']['share'], '.0f')}%"
+        for row in rows
+    )
+    return (
+        f". Width study, share of the gap f(z*) closes (converged; the paper's d = 1024): {cells}"
+    )
 
 
 # ----------------------------------------------------------------------------- Table 4

@@ -122,3 +122,29 @@ def plot_kl_solves(p: Mapping[str, Any], path: str | os.PathLike) -> Path:
     axes[0].set_ylabel("KL[f(z) ‖ p_knnlm] (nats)")
     axes[1].legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_width(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Section 3 against width: share of the LM -> kNN-LM gap closed and converged mean KL."""
+    if not rows:
+        raise KnnlmError("no widths to draw")
+    d = [r["d"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.0))
+    for j, (key, name) in enumerate((("proj_f", "f(z*)"), ("proj_fg", "f∘g(z*)"))):
+        share = [np.nan if r[key]["share"] is None else 100 * r[key]["share"] for r in rows]
+        a1.plot(d, share, "o-", color=COLORS[j], label=name)
+        a2.plot(d, [r[key]["kl_mean"] for r in rows], "o-", color=COLORS[j], label=name)
+    a2.plot(d, [r["proj_f"]["kl_init_mean"] for r in rows], "s:", color="grey",
+            label="starting KL (the LM)")  # fmt: skip
+    a1.axhline(80, color="black", lw=1, label="claim (b): 80%")
+    a2.axhline(0.1, color="black", lw=1, label="the paper's 0.1")
+    for ax, ylabel in ((a1, "share of the LM -> kNN-LM gap closed (%)"),
+                       (a2, "mean KL[f(z*) ‖ p_knnlm] (nats)")):  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(d, [str(x) for x in d])
+        ax.set_xlabel("model width d (the paper: 1024)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Eq. 2 solved to convergence, LMs differing only in width")
+    return _save(fig, path)

@@ -131,6 +131,8 @@ def _draw_evidence(r: Mapping[str, Any], draw: Callable[..., None]) -> None:
         if hur.get(curve):
             draw(key, f"{key}.png", lambda p, c=hur[curve], h=higher, y=ylabel:
                  E.plot_hurdle_gaps(c, h, HURDLE_FIRST_PART, y, p))  # fmt: skip
+    if _get(r, "width_study", "rows"):
+        draw("width", "projection_width.png", lambda p: E.plot_width(r["width_study"]["rows"], p))
     if _get(p1, "converged", "proj_f", "kl_curve_bands") is not None:
         draw("kl_solves", "projection_kl_solves.png", lambda p: E.plot_kl_solves(p1, p))
 

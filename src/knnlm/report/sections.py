@@ -114,6 +114,32 @@ def _projection_rows(p: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]
     return rows
 
 
+def width_text(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
+    """Section 3 against model width (``reproduce --width-study``), or why it is absent."""
+    w = r.get("width_study")
+    if not w or not w.get("rows"):
+        return ("Width study: not run (`knnlm reproduce --width-study 64,128,256`; the paper's "
+                "claim is made at d = 1024).\n\n")  # fmt: skip
+    rows = [
+        [row["d"], row.get("params"), row["lm"], row["knnlm"]]
+        + [None if row[k]["share"] is None else f"{_f(100 * row[k]['share'], '.0f')}%"
+           for k in ("proj_f", "proj_fg")]
+        + [row["proj_f"]["kl_mean"], row["proj_f"]["kl_init_mean"]]
+        for row in w["rows"]
+    ]  # fmt: skip
+    table = markdown_table(
+        ["d", "parameters", "LM", "kNN-LM", "f(z*) closes", "f∘g(z*) closes", "KL f(z*)",
+         "starting KL"],
+        rows, floatfmt=["", "", ".2f", ".2f", "", "", ".4f", ".4f"], align=["r"] * 8,
+    )  # fmt: skip
+    return (
+        f"**Width study.** The run's LM preset at each width d (LM seed {w.get('seed')}), each "
+        "with its own datastore and valid-tuned kNN-LM, Eq. 2 solved to convergence on its "
+        f"test positions (the paper: d = 1024).\n\n{table}\n\n"
+        + _figure(figs, "width", "share of the gap closed and KL against width")
+    )
+
+
 def projection_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
     proj = r["projection"]
     p = proj["lr_0.1"]
@@ -155,6 +181,7 @@ def projection_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
         + _settings(p.get("settings"))
         + _figure(figs, "kl_hist", "per-position KL[f(z*) ‖ p_knnlm]")
         + _figure(figs, "kl_solves", "KL against step: the paper's rule and the converged solve")
+        + width_text(r, figs)
     )
     q = proj.get("lr_0.001")
     if q:

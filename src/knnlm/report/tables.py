@@ -176,9 +176,9 @@ CLAIM_STATUSES = ("held", "not held", "untestable here")
 
 
 def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
-    """The paper's claims: claim | status (held / not held / untestable here) | criterion |
-    evidence."""
-    rows = []
+    """The paper's claims as a short table, claim | status (held / not held / untestable here),
+    then each claim's criterion and evidence below it."""
+    rows, details = [], []
     for i, c in enumerate(claims):
         missing = [k for k in ("claim", "status", "criterion", "evidence") if k not in c]
         if missing:
@@ -187,10 +187,13 @@ def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
             raise KnnlmError(
                 f"claim {i} has status {c['status']!r}; expected one of {CLAIM_STATUSES}"
             )
-        rows.append([str(c["claim"]), c["status"], c["criterion"], c["evidence"]])
-    return markdown_table(
-        ["Claim", "Status", "Criterion", "Evidence"], rows, align=["l", "l", "l", "l"]
-    )
+        rows.append([str(c["claim"]), c["status"]])
+        details.append(
+            f"- **{c['claim']}: {c['status']}.**\n  - Criterion: {c['criterion']}.\n"
+            f"  - Evidence: {c['evidence']}."
+        )
+    table = markdown_table(["Claim", "Status"], rows, align=["l", "l"])
+    return table + "\n\nDetails, per claim:\n\n" + "\n".join(details)
 
 
 def projection_tables(result: Mapping[str, Any]) -> str:
