@@ -214,8 +214,9 @@ def assert_contract(r: Mapping[str, Any]) -> None:
         _has(m["storage"], "memory_bytes memory_bytes_without_shared_W datastore_bytes "
              "index_bytes", "memory.storage")  # fmt: skip
         for p in m["per_seed"]:
-            _has(p, "seed weight valid test", "memory.per_seed[]")
+            _has(p, "seed weight valid test control", "memory.per_seed[]")
             _has(p["test"], "lm knnlm_tuned mlp", "memory.per_seed[].test")
+            _has(p["control"]["test"], "control", "memory.per_seed[].control.test")
     if r.get("macondo"):
         m = r["macondo"]
         _has(m, "seeds n_values per_seed curves", "macondo")
@@ -224,6 +225,8 @@ def assert_contract(r: Mapping[str, Any]) -> None:
             for model in ("lm", "knnlm", "mlp"):
                 assert set(p["test"][model]) == ns, f"macondo test {model} keys"
             assert set(p["train"]["lm"]) == ns
+            if p.get("tuned"):  # retrieval chosen on a dev share of the parents
+                _has(p["tuned"], "k temperature knn_weight tuned_on", "macondo.per_seed[].tuned")
         c = m["curves"]
         for model in ("lm", "knnlm"):
             for n in ns:
@@ -235,5 +238,8 @@ def assert_contract(r: Mapping[str, Any]) -> None:
             if h[key] is not None:
                 for side in ("with_mlp", "without_mlp"):
                     _seeds_rows(h[key][side], len(h["seeds"]), len(h[key]["steps"]), key)
+    for row in (r.get("width_study") or {}).get("rows", []):
+        _has(row, "d lm knnlm proj_f proj_fg", "width_study.rows[]")
+        _has(row["proj_f"], "perplexity share kl_mean kl_init_mean", "width_study.rows[].proj_f")
     for item in r.get("not_run", []):
         _has(item, "what why command", "not_run[]")

@@ -76,6 +76,7 @@ def macondo_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
             "Figure 1 / Figure 3 as the paper draws them: test log-likelihood during "
             "fine-tuning, one colour per n, dotted kNN-LM, dashed log(1/n), mean over seeds.\n\n"
         )
+    md += _gain_table(m)
     if figs.get("macondo_gains"):
         md += (
             f"![gain over the LM per n]({figs['macondo_gains']})\n\n"
@@ -98,4 +99,24 @@ def _tuning_note(per: list) -> str:
         "Retrieval settings chosen per seed on a dev share of the test parents "
         f"({tuned[0]['dev_examples']} children), Table 5's test columns read on the other "
         f"{tuned[0]['test_examples']}: {cells}.\n\n"
+    )
+
+
+def _gain_table(m: Mapping[str, Any]) -> str:
+    """Per seed, the paired gains claims (c) and (c') test (mean over n, nats)."""
+    per, ns = m["per_seed"], [str(n) for n in m["n_values"]]
+    models = [x for x in ("knnlm", "mlp") if all(x in p["test"] for p in per)]
+    if not models:
+        return ""
+    rows = [
+        [p.get("seed")]
+        + [sum(p["test"][x][n] - p["test"]["lm"][n] for n in ns) / len(ns) for x in models]
+        for p in per
+    ]
+    names = {"knnlm": "kNN-LM - LM", "mlp": "LM+MLP - LM"}
+    table = markdown_table(["seed", *(names[x] for x in models)], rows,
+                           floatfmt=["", *([".3f"] * len(models))])  # fmt: skip
+    return (
+        "Per seed, the paired test gain over the LM averaged over n (nats; what claims (c) and "
+        f"(c') test):\n\n{table}\n\n"
     )
