@@ -241,6 +241,22 @@ MUTANTS: list[Mutant] = [
         "interpolate(mem_lp, lm_lp, memory_weight)",
         "tests/test_reference_memory.py::test_lm_plus_memory_perplexity_equals_numpy_forward",
     ),
+    mutant(
+        "converged_solve_forgets_best",
+        "the converged solve returns its last trial z instead of the best one seen",
+        "experiments/projection_solver.py",
+        'better = kl.detach() < best["kl"]  # NaN never replaces a finite best',
+        'better = torch.ones_like(best["kl"], dtype=torch.bool)',
+        "tests/test_projection_solver.py::test_converged_solve_is_at_most_the_fixed_step_solves",
+    ),
+    mutant(
+        "macondo_verdict_read_on_dev_too",
+        "Section 4's groups read on every parent, the dev parents that chose the settings too",
+        "experiments/macondo_seed.py",
+        'ns_kept = [n for n, k in zip(ns, keep, strict=True) if k]',
+        'keep = np.ones(len(test), dtype=bool)\n    ns_kept = list(ns)',
+        "tests/test_overspec.py::test_tuning_on_a_dev_share_of_the_parents",
+    ),
     # Claim verdicts (src/knnlm/report/claims.py): each criterion (a)-(e) loosened.
     mutant(
         "claim_a_any_seed",
