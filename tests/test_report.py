@@ -27,6 +27,7 @@ from knnlm.report.tables import (
     fmt_pm,
     markdown_table,
     settings_line,
+    settings_table,
 )
 from results_contract import assert_contract, make_results
 
@@ -170,6 +171,14 @@ def test_claims_table():
         claims_table([{"claim": "x", "status": "held", "evidence": "y"}])
     with pytest.raises(KnnlmError, match="status"):
         claims_table([{"claim": "x", "status": "maybe", "criterion": "c", "evidence": "y"}])
+
+
+def test_settings_table_is_compact():
+    md = settings_table({"k": 256, "index": {"nprobe": 32}, "lr": 0.1, "x": None})
+    head, body = parse_table(md)
+    assert head == ["setting", "value"] * 3
+    assert body == [["`k`", "256", "`index.nprobe`", "32", "`lr`", "0.1"],
+                    ["`x`", "none", "", "", "", ""]]  # fmt: skip
 
 
 def test_mean_std_and_fmt_pm_by_hand():

@@ -17,7 +17,7 @@ from knnlm.report.claims import (
     storage_fractions,
 )
 from knnlm.report.claims_projection import KL_MEAN_MAX, gap_share
-from knnlm.report.tables import fmt_number, fmt_pm, markdown_table, settings_line
+from knnlm.report.tables import fmt_number, fmt_pm, markdown_table, settings_table
 
 
 def _f(x: Any, fmt: str = ".2f") -> str:
@@ -43,7 +43,7 @@ def _figure(figs: Mapping[str, Any], key: str, alt: str) -> str:
 
 
 def _settings(s: Mapping[str, Any] | None) -> str:
-    return f"Settings: {settings_line(s)}\n\n" if s else ""
+    return f"Settings:\n\n{settings_table(s)}\n\n" if s else ""
 
 
 # ----------------------------------------------------------------------------- Section 2

@@ -146,9 +146,14 @@ def settings_line(settings: Mapping[str, Any]) -> str:
     Nested mappings are flattened with dotted keys ("index.nprobe=32"); floats keep their
     exact shortest representation so the line can be copied back into a command.
     """
+    return ", ".join(f"{k}={v}" for k, v in setting_pairs(settings))
+
+
+def setting_pairs(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(dotted key, exact value) of every leaf of ``settings``, in order."""
     if not isinstance(settings, Mapping):
         raise KnnlmError(f"settings must be a mapping, got {type(settings).__name__}")
-    parts: list[str] = []
+    parts: list[tuple[str, str]] = []
 
     def walk(prefix: str, d: Mapping[str, Any]) -> None:
         for k, v in d.items():
@@ -156,10 +161,22 @@ def settings_line(settings: Mapping[str, Any]) -> str:
             if isinstance(v, Mapping):
                 walk(key + ".", v)
             else:
-                parts.append(f"{key}={_setting_value(v)}")
+                parts.append((key, _setting_value(v)))
 
     walk("", settings)
-    return ", ".join(parts)
+    return parts
+
+
+def settings_table(settings: Mapping[str, Any], pairs_per_row: int = 3) -> str:
+    """The settings as a compact table: ``pairs_per_row`` (setting, value) pairs per row."""
+    pairs = setting_pairs(settings)
+    rows = []
+    for i in range(0, len(pairs), pairs_per_row):
+        chunk = pairs[i : i + pairs_per_row]
+        chunk += [("", "")] * (pairs_per_row - len(chunk))
+        rows.append([x for k, v in chunk for x in ((f"`{k}`" if k else ""), v)])
+    return markdown_table(["setting", "value"] * pairs_per_row, rows,
+                          align=["l", "l"] * pairs_per_row)  # fmt: skip
 
 
 def fmt_pm(values: Sequence[Any], floatfmt: str = ".2f") -> str:
