@@ -40,21 +40,35 @@ def _knnlm() -> dict:
 
 
 def _proj(lm: float, knn: float, f: float, fg: float, kl: float, steps: int) -> dict:
-    def stats(ppl: float, kl_mean: float) -> dict:
+    def stats(ppl: float, kl_mean: float, capped: int = 3) -> dict:
         return {"perplexity": ppl, "kl_mean": kl_mean, "kl_median": kl_mean / 2,
-                "steps_mean": 40.0, "steps_max": steps, "capped": 3}  # fmt: skip
+                "kl_init_mean": 0.3, "kl_removed": 1 - kl_mean / 0.3, "at_tolerance": 300,
+                "steps_mean": 40.0, "steps_max": steps, "capped": capped}  # fmt: skip
 
-    return {
+    def per_position(ppl: float) -> list[float]:
+        # 300 positions whose mean log-probability is -log(ppl), with a spread.
+        return [-math.log(ppl) + 0.5 * ((i % 5) - 2) for i in range(300)]
+
+    out = {
         "split": "test",
         "seed": 0,
         "positions": 300,
         "lm": {"perplexity": lm},
         "knnlm": {"perplexity": knn},
-        "proj_f": stats(f, kl),
-        "proj_fg": stats(fg, 1.5 * kl),
+        "proj_f": stats(f, kl) | {"target_logp": per_position(f)},
+        "proj_fg": stats(fg, 1.5 * kl) | {"target_logp": per_position(fg)},
         "max_steps": steps,
         "figure": None,
     }
+    # The converged solve (claim (b) reads it) with its two sensitivity rows.
+    out["converged"] = {
+        "method": "L-BFGS",
+        "proj_f": stats(f - 0.1, 0.8 * kl, 0),
+        "proj_fg": stats(fg - 0.1, 0.8 * kl, 0),
+        "proj_f_lm_head": stats(f, kl, 0),
+        "proj_f_target_first": stats(f - 0.2, 0.5 * kl, 0),
+    }
+    return out
 
 
 def _macondo() -> dict:
@@ -87,7 +101,8 @@ def _macondo() -> dict:
 def _memory() -> dict:
     per = [
         {"seed": s, "weight": 0.25, "valid": {"lm": 60.0 + i, "mlp": 58.5 + i},
-         "test": {"lm": 62.0 + i, "knnlm_tuned": 57.0 + i, "mlp": 60.0 + i}}
+         "test": {"lm": 62.0 + i, "knnlm_tuned": 57.0 + i, "mlp": 60.0 + i},
+         "control": {"weight": 0.3, "test": {"control": 61.0 + i, "control_alone": 63.0 + i}}}
         for i, s in enumerate(SEEDS)
     ]  # fmt: skip
     return {
@@ -188,14 +203,20 @@ def assert_contract(r: Mapping[str, Any]) -> None:
             _has(p, "split seed positions lm knnlm proj_f proj_fg max_steps", key)
             for name in ("proj_f", "proj_fg"):
                 _has(p[name], "perplexity kl_mean kl_median steps_mean steps_max capped", name)
+        conv = r["projection"]["lr_0.1"]["converged"]
+        for name in ("proj_f", "proj_fg", "proj_f_lm_head", "proj_f_target_first"):
+            _has(conv[name], "perplexity kl_mean kl_init_mean kl_removed at_tolerance", name)
+        low = r["projection"]["lr_0.001"]
+        assert len(low["proj_f"]["target_logp"]) == len(low["proj_fg"]["target_logp"])
     if r.get("memory"):
         m = r["memory"]
         _has(m, "seeds per_seed storage", "memory")
         _has(m["storage"], "memory_bytes memory_bytes_without_shared_W datastore_bytes "
              "index_bytes", "memory.storage")  # fmt: skip
         for p in m["per_seed"]:
-            _has(p, "seed weight valid test", "memory.per_seed[]")
+            _has(p, "seed weight valid test control", "memory.per_seed[]")
             _has(p["test"], "lm knnlm_tuned mlp", "memory.per_seed[].test")
+            _has(p["control"]["test"], "control", "memory.per_seed[].control.test")
     if r.get("macondo"):
         m = r["macondo"]
         _has(m, "seeds n_values per_seed curves", "macondo")
@@ -204,6 +225,8 @@ def assert_contract(r: Mapping[str, Any]) -> None:
             for model in ("lm", "knnlm", "mlp"):
                 assert set(p["test"][model]) == ns, f"macondo test {model} keys"
             assert set(p["train"]["lm"]) == ns
+            if p.get("tuned"):  # retrieval chosen on a dev share of the parents
+                _has(p["tuned"], "k temperature knn_weight tuned_on", "macondo.per_seed[].tuned")
         c = m["curves"]
         for model in ("lm", "knnlm"):
             for n in ns:
@@ -215,5 +238,8 @@ def assert_contract(r: Mapping[str, Any]) -> None:
             if h[key] is not None:
                 for side in ("with_mlp", "without_mlp"):
                     _seeds_rows(h[key][side], len(h["seeds"]), len(h[key]["steps"]), key)
+    for row in (r.get("width_study") or {}).get("rows", []):
+        _has(row, "d lm knnlm proj_f proj_fg", "width_study.rows[]")
+        _has(row["proj_f"], "perplexity share kl_mean kl_init_mean", "width_study.rows[].proj_f")
     for item in r.get("not_run", []):
         _has(item, "what why command", "not_run[]")

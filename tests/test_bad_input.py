@@ -345,6 +345,12 @@ ROWS = [
          "--quiet"], expect="mine"),
     Row("reproduce_out_user_folder", ["reproduce", "--quick", "--out", "{mine}", "--quiet"],
         expect="mine"),
+    Row("reproduce_bad_width_study",
+        ["reproduce", "--quick", "--out", "{ws}/r", "--width-study", "64,wide", "--quiet"],
+        expect="--width-study"),
+    Row("reproduce_zero_width",
+        ["reproduce", "--quick", "--out", "{ws}/r", "--width-study", "0", "--quiet"],
+        expect="positive widths"),
 ]
 # fmt: on
 

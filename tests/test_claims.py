@@ -12,13 +12,15 @@ import math
 import pytest
 
 from knnlm.report import claims as C
+from knnlm.report import claims_macondo as M
+from knnlm.report import claims_projection as P
 from knnlm.report.claims import HELD, NOT_HELD, UNTESTABLE, make_claims
 from results_contract import SEEDS, assert_contract, make_results
 
 
 def status(r: dict, i: int) -> str:
     out = make_claims(r)
-    assert len(out) == 5
+    assert len(out) == 7
     for c in out:
         assert set(c) == {"claim", "status", "held", "criterion", "evidence"}
         assert c["status"] in (HELD, NOT_HELD, UNTESTABLE)
@@ -31,14 +33,15 @@ def test_fixture_matches_contract_and_every_claim_holds():
     r = make_results()
     assert_contract(r)
     out = make_claims(r)
-    assert [c["status"] for c in out] == [HELD] * 5, [c["evidence"] for c in out]
+    assert [c["status"] for c in out] == [HELD] * 7, [c["evidence"] for c in out]
     json.dumps(out)  # results.json keeps them
 
 
 def test_thresholds_are_the_papers():
-    assert C.KL_MEAN_MAX == 0.1  # Section 3.2: "under 0.1"
+    assert P.KL_MEAN_MAX == 0.1  # Section 3.2: "under 0.1"
     assert C.MEMORY_STORAGE_MAX == 0.04  # "less than 4% storage space"
-    assert 0.5 < C.PROJECTION_MIN_SHARE <= 1.0  # "most of the gap"
+    assert 0.5 < P.PROJECTION_MIN_SHARE <= 1.0  # "most of the gap"
+    assert C.HURDLE_P == M.MACONDO_P == 0.05
 
 
 # ----------------------------------------------------------------------------- (a)
@@ -83,6 +86,10 @@ def test_a_untestable_when_tuned_on_test():
 # ----------------------------------------------------------------------------- (b)
 
 
+def conv(r: dict) -> dict:
+    return r["projection"]["lr_0.1"]["converged"]
+
+
 def test_b_premise_no_knn_gain_is_untestable():
     r = make_results()
     p = r["projection"]["lr_0.1"]
@@ -90,95 +97,170 @@ def test_b_premise_no_knn_gain_is_untestable():
     assert status(r, 1) == UNTESTABLE
     p["knnlm"]["perplexity"] = 39.8  # 0.5% better: below the 1% margin
     assert status(r, 1) == UNTESTABLE
-    p["knnlm"]["perplexity"] = 39.5  # 1.25% better; f closes (40-36.2)/0.5 > 1, fg too
-    p["proj_f"]["perplexity"] = p["proj_fg"]["perplexity"] = 39.5
+    p["knnlm"]["perplexity"] = 39.5  # 1.25% better; f closes (40-36.1)/0.5 > 1, fg too
     assert status(r, 1) == HELD
 
 
-def test_b_fails_when_a_projection_closes_too_little():
+def test_b_fails_when_a_converged_projection_closes_too_little():
     r = make_results()
     # Gap 40 -> 36 = 4; f∘g at 37.0 closes 75% < 80%.
-    r["projection"]["lr_0.1"]["proj_fg"]["perplexity"] = 37.0
+    conv(r)["proj_fg"]["perplexity"] = 37.0
     assert status(r, 1) == NOT_HELD
     # Gap 50 -> 40; 42 closes exactly 80% (exact in binary floating point): held.
     p = r["projection"]["lr_0.1"]
     p["lm"]["perplexity"], p["knnlm"]["perplexity"] = 50.0, 40.0
-    p["proj_f"]["perplexity"] = p["proj_fg"]["perplexity"] = 42.0
+    conv(r)["proj_f"]["perplexity"] = conv(r)["proj_fg"]["perplexity"] = 42.0
     assert status(r, 1) == HELD
-    p["proj_fg"]["perplexity"] = 42.01
+    conv(r)["proj_fg"]["perplexity"] = 42.01
     assert status(r, 1) == NOT_HELD
 
 
-def test_b_fails_on_kl_even_when_perplexity_matches():
+def test_b_is_read_on_the_converged_solve_not_the_papers_rule():
     r = make_results()
-    r["projection"]["lr_0.1"]["proj_f"]["kl_mean"] = 0.12
+    p = r["projection"]["lr_0.1"]
+    # The paper's rule stopped early and closes 10% of the gap; the converged solve 97%: held.
+    p["proj_f"]["perplexity"] = p["proj_fg"]["perplexity"] = 39.6
+    assert status(r, 1) == HELD
+    # And the other way round: a paper-rule solve at the kNN-LM does not rescue a converged
+    # one that closes 50%.
+    r = make_results()
+    p = r["projection"]["lr_0.1"]
+    p["proj_f"]["perplexity"] = 36.0
+    conv(r)["proj_f"]["perplexity"] = 38.0
     assert status(r, 1) == NOT_HELD
 
 
-def test_b_kl_must_be_under_the_bound():
+def test_b_kl_is_evidence_not_the_decision():
     r = make_results()
-    r["projection"]["lr_0.1"]["proj_fg"]["kl_mean"] = 0.1  # "under 0.1": 0.1 is not under
-    assert status(r, 1) == NOT_HELD
-    r["projection"]["lr_0.1"]["proj_fg"]["kl_mean"] = 0.0999
+    conv(r)["proj_f"]["kl_mean"] = 0.12  # above the paper's 0.1, perplexity closes the gap
+    conv(r)["proj_f"]["kl_removed"] = 1 - 0.12 / 0.3
     assert status(r, 1) == HELD
+    ev = make_claims(r)[1]["evidence"]
+    assert "mean KL 0.1200 (not under the paper's 0.1" in ev
+    assert "60% of the starting 0.3000 removed" in ev
 
 
-def test_b_lr_study_is_context_only():
+def test_b_reports_tolerance_sensitivity_and_the_papers_rule():
     r = make_results()
-    low = r["projection"]["lr_0.001"]
-    low["proj_fg"]["perplexity"], low["proj_fg"]["kl_mean"] = 45.0, 3.0
-    assert status(r, 1) == HELD
-
-
-def test_b_reports_capped_positions():
-    r = make_results()
+    conv(r)["proj_fg"]["at_tolerance"] = 287
     r["projection"]["lr_0.1"]["proj_fg"]["capped"] = 17
     ev = make_claims(r)[1]["evidence"]
-    assert "17 of 300 positions hit the 500-step cap" in ev
-    # Without the count the verdict is not given: the cap must be accounted for.
-    del r["projection"]["lr_0.1"]["proj_fg"]["capped"]
+    assert "287 of 300 positions at tolerance" in ev
+    assert "17 of 300 at the 500-step cap" in ev
+    assert "f without its final norm (lm_head only): 36.20, closes 95%" in ev
+    assert "KL[p_knnlm ‖ f(z)]: 36.00, closes 100%" in ev
+    del conv(r)["proj_fg"]["at_tolerance"]
+    assert status(r, 1) == UNTESTABLE  # positions at tolerance must be accounted for
+
+
+def test_b_untestable_without_a_converged_solve():
+    r = make_results()
+    del r["projection"]["lr_0.1"]["converged"]
     assert status(r, 1) == UNTESTABLE
-    assert "capped" in make_claims(r)[1]["evidence"]
+    assert "converged" in make_claims(r)[1]["evidence"]
 
 
-# ----------------------------------------------------------------------------- (c)
+# ----------------------------------------------------------------------------- Table 4
 
 
-def test_c_premise_unfitted_lm_is_untestable():
+def test_table4_held_when_fg_is_worse_beyond_the_position_spread():
+    r = make_results()
+    assert status(r, 5) == HELD  # f 38.5 vs f∘g 39.6, every position 0.028 nats worse
+
+
+def test_table4_fails_within_the_spread():
+    r = make_results()
+    low = r["projection"]["lr_0.001"]
+    # f∘g worse on average (0.01 nats) but by +-1 nat per position: the interval spans 0.
+    low["proj_fg"]["target_logp"] = [
+        a - 0.01 + (1.0 if i % 2 else -1.0) for i, a in enumerate(low["proj_f"]["target_logp"])
+    ]
+    assert status(r, 5) == NOT_HELD
+    # f∘g better: not held either.
+    low["proj_fg"]["target_logp"] = [a + 0.05 for a in low["proj_f"]["target_logp"]]
+    assert status(r, 5) == NOT_HELD
+
+
+def test_table4_premise_no_knn_gain_is_untestable():
+    r = make_results()
+    r["projection"]["lr_0.001"]["knnlm"]["perplexity"] = 39.9
+    assert status(r, 5) == UNTESTABLE
+
+
+# ----------------------------------------------------------------------------- (c) and (c')
+
+
+def set_gains(r: dict, model: str, gains: list[float]) -> None:
+    """The augmented model's test log-likelihood = the LM's + the seed's gain, every n."""
+    for p, g in zip(r["macondo"]["per_seed"], gains, strict=True):
+        p["test"][model] = {n: v + g for n, v in p["test"]["lm"].items()}
+
+
+@pytest.mark.parametrize("i", [2, 6])
+def test_c_premise_unfitted_lm_is_untestable(i):
     r = make_results()
     # log(1/4) - 0.5 = -1.886; -2.0 is below it in one seed.
     r["macondo"]["per_seed"][2]["train"]["lm"]["4"] = -2.0
-    assert status(r, 2) == UNTESTABLE
+    assert status(r, i) == UNTESTABLE
     r["macondo"]["per_seed"][2]["train"]["lm"]["4"] = -1.88  # just inside the margin
-    assert status(r, 2) == HELD
+    assert status(r, i) == HELD
+
+
+@pytest.mark.parametrize("i", [2, 6])
+def test_c_premise_lm_that_already_generalises_is_untestable(i):
+    r = make_results()
+    # Test log-likelihood 0.4 nats below log(1/n) on average: no gap to close (needs 0.5).
+    for p in r["macondo"]["per_seed"]:
+        p["test"]["lm"] = {n: -math.log(int(n)) - 0.4 for n in p["test"]["lm"]}
+    set_gains(r, "knnlm", [0.2, 0.2, 0.2])
+    set_gains(r, "mlp", [0.2, 0.2, 0.2])
+    assert status(r, i) == UNTESTABLE
+    assert "the LM already generalises" in make_claims(r)[i]["evidence"]
+    for p in r["macondo"]["per_seed"]:
+        p["test"]["lm"] = {n: -math.log(int(n)) - 0.5 for n in p["test"]["lm"]}
+    set_gains(r, "knnlm", [0.2, 0.2, 0.2])
+    set_gains(r, "mlp", [0.2, 0.2, 0.2])
+    assert status(r, i) == HELD
 
 
 def test_c_below_log_1_over_n_is_not_evidence():
     r = make_results()
-    # kNN-LM equal to the LM: both below log(1/n), which any model is; the claim fails.
-    for p in r["macondo"]["per_seed"]:
-        p["test"]["knnlm"] = dict(p["test"]["lm"])
+    set_gains(r, "knnlm", [0.0, 0.0, 0.0])  # both below log(1/n), which any model is
     assert status(r, 2) == NOT_HELD
 
 
 def test_c_gain_within_seed_spread_fails():
     r = make_results()
-    # n=3 gains 0.3, -0.2, 0.4: mean 0.1667, sample std 0.3215 -> not beyond the spread.
-    for p, g in zip(r["macondo"]["per_seed"], (0.3, -0.2, 0.4), strict=True):
-        p["test"]["knnlm"]["3"] = p["test"]["lm"]["3"] + g
+    # Gains 0.3, -0.2, 0.4: mean 0.1667, sd 0.3215, t = 0.898, df 2: p ~ 0.23 -> not held.
+    set_gains(r, "knnlm", [0.3, -0.2, 0.4])
     assert status(r, 2) == NOT_HELD
-    # 0.3, 0.2, 0.4: mean 0.3 > std 0.1 -> held.
-    for p, g in zip(r["macondo"]["per_seed"], (0.3, 0.2, 0.4), strict=True):
-        p["test"]["knnlm"]["3"] = p["test"]["lm"]["3"] + g
+    # 0.3, 0.2, 0.4: t = 0.3 / (0.1 / sqrt 3) = 5.2, p ~ 0.018 -> held.
+    set_gains(r, "knnlm", [0.3, 0.2, 0.4])
     assert status(r, 2) == HELD
 
 
-def test_c_one_seed_is_untestable():
+def test_c_gain_below_the_minimum_effect_fails():
+    r = make_results()
+    set_gains(r, "knnlm", [0.04, 0.041, 0.039])  # p tiny, but under 0.05 nats
+    assert status(r, 2) == NOT_HELD
+    set_gains(r, "mlp", [0.04, 0.041, 0.039])
+    assert status(r, 6) == NOT_HELD
+
+
+def test_c_mlp_is_its_own_claim():
+    r = make_results()
+    set_gains(r, "mlp", [-0.3, -0.2, -0.25])  # the MLP is worse than the LM
+    assert status(r, 6) == NOT_HELD
+    assert status(r, 2) == HELD
+
+
+@pytest.mark.parametrize("i", [2, 6])
+def test_c_one_seed_is_untestable(i):
     r = make_results()
     r["macondo"]["per_seed"] = r["macondo"]["per_seed"][:1]
     r["macondo"]["seeds"] = SEEDS[:1]
-    assert status(r, 2) == UNTESTABLE
-    assert "one seed" in make_claims(r)[2]["evidence"]
+    assert status(r, i) == UNTESTABLE
+    assert "one seed" in make_claims(r)[i]["evidence"]
 
 
 # ----------------------------------------------------------------------------- (d)
@@ -202,6 +284,22 @@ def test_d_fails_when_mlp_does_not_help_in_one_seed():
     r = make_results()
     r["memory"]["per_seed"][0]["test"]["mlp"] = 62.0  # equal to the LM
     assert status(r, 3) == NOT_HELD
+
+
+def test_d_fails_when_the_control_does_as_well():
+    r = make_results()
+    r["memory"]["per_seed"][2]["control"]["test"]["control"] = 62.0  # the MLP has 62.0 in seed 2
+    assert status(r, 3) == NOT_HELD
+    r["memory"]["per_seed"][2]["control"]["test"]["control"] = 62.01
+    assert status(r, 3) == HELD
+    assert "MLP below it in 3 of 3 seeds" in make_claims(r)[3]["evidence"]
+
+
+def test_d_untestable_without_a_control():
+    r = make_results()
+    r["memory"]["per_seed"][1]["control"] = None
+    assert status(r, 3) == UNTESTABLE
+    assert "no equal-compute control for seed(s) [1]" in make_claims(r)[3]["evidence"]
 
 
 def test_d_share_of_knn_gain():
@@ -301,7 +399,7 @@ def test_incomplete_section_is_untestable_with_the_key_named():
 def test_nan_never_holds():
     r = make_results()
     r["knnlm"]["per_seed"][0]["test"]["knnlm_tuned"] = math.nan
-    r["projection"]["lr_0.1"]["proj_f"]["kl_mean"] = math.nan
+    r["projection"]["lr_0.1"]["converged"]["proj_f"]["perplexity"] = math.nan
     r["memory"]["per_seed"][0]["test"]["mlp"] = math.nan
     out = make_claims(r)
     assert [c["held"] for c in out[:4]] == [False, False, True, False]

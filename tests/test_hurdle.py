@@ -137,7 +137,7 @@ def test_quick_run_same_batches_curves_cache_and_figures(tmp_path, tiny_corpus):
         assert r["loss_steps"] == [4, 8, 12] and len(r["loss"]) == 3
         per_seed = np.array(r["loglik_per_seed"])
         assert np.allclose(r["loglik"], per_seed.mean(0)) and np.allclose(
-            r["loglik_std"], per_seed.std(0)
+            r["loglik_std"], per_seed.std(0, ddof=1)
         )
         assert all(math.isfinite(x) and x < 0 for x in r["loglik"])
     # Step 0 is the shared initialisation; the variants differ only by the last MLP there.

@@ -118,7 +118,7 @@ def test_groups_are_means_of_the_examples(run):
         assert g["lm"] == pytest.approx(sum(e["lm"] for e in sel) / len(sel))
         assert g["knnlm"] == pytest.approx(sum(e["knnlm"] for e in sel) / len(sel))
         assert g["perfect"] == pytest.approx(math.log(1 / n))
-        assert g["lm_std"] == 0.0  # one seed
+        assert g["lm_std"] is None  # one seed: the sample std is undefined
 
 
 def test_grouping_math_on_a_hand_made_case():
@@ -131,9 +131,11 @@ def test_grouping_math_on_a_hand_made_case():
         {"1": {"lm": -0.7, "knnlm": -0.4}, "2": {"lm": -2.0, "knnlm": -0.7}},
     ]
     g = aggregate_groups(seeds)
-    assert g["1"]["lm"] == pytest.approx(-0.6) and g["1"]["lm_std"] == pytest.approx(0.1)
-    assert g["2"]["knnlm"] == pytest.approx(-0.8) and g["2"]["knnlm_std"] == pytest.approx(0.1)
-    assert g["2"]["lm_std"] == pytest.approx(0.5)
+    # Sample std (ddof=1) of two values a, b: |a - b| / sqrt(2).
+    r2 = math.sqrt(2)
+    assert g["1"]["lm"] == pytest.approx(-0.6) and g["1"]["lm_std"] == pytest.approx(0.2 / r2)
+    assert g["2"]["knnlm"] == pytest.approx(-0.8) and g["2"]["knnlm_std"] == pytest.approx(0.2 / r2)
+    assert g["2"]["lm_std"] == pytest.approx(1.0 / r2)
     assert g["2"]["perfect"] == pytest.approx(-math.log(2))
     verdict = reproduced(g)
     assert verdict["per_n"]["1"]["knnlm_closer"] and verdict["per_n"]["2"]["knnlm_closer"]
@@ -257,3 +259,56 @@ def test_scoring_settings_reuse_the_trained_model(tmp_path):
     third = run_macondo(tmp_path, k=4, epochs=2, progress=False, **{**kw, "max_steps": 12})
     assert weights.stat().st_mtime_ns != before  # training settings changed: retrained
     assert third["per_seed"][0]["train"]["steps"] == 12
+
+
+def test_tuning_on_a_dev_share_of_the_parents(tmp_path):
+    from knnlm.experiments.macondo_tuning import dev_mask
+
+    grid = {"dev_share": 1 / 3, "k": [4, 16], "temperature": [1.0, 5.0],
+            "knn_weight": [0.2, 0.6], "memory_weight": [0.3]}  # fmt: skip
+    res = run_macondo(tmp_path, seeds=(0,), preset="quick", max_steps=10, macondo_kwargs=SIZES,
+                      tune=grid, memory={"hidden": 16, "epochs": 1}, progress=False)  # fmt: skip
+    seed = _seed(tmp_path)
+    ex = seed["examples"]
+    dev = [e for e in ex if e["split"] == "dev"]
+    test = [e for e in ex if e["split"] == "test"]
+    # One of the 3 parents per n is dev (all its children), the other two are read.
+    for n in range(1, 6):
+        assert len({e["villager"] for e in dev if e["n_children"] == n}) == 1
+        assert len({e["villager"] for e in test if e["n_children"] == n}) == 2
+        assert not {e["villager"] for e in dev} & {e["villager"] for e in test}
+        sel = [e for e in test if e["n_children"] == n]
+        assert res["groups"][str(n)]["knnlm"] == pytest.approx(
+            sum(e["knnlm"] for e in sel) / len(sel)
+        )
+    tuned = seed["tuning"]["tuned"]
+    sweep = seed["tuning"]["sweep"]
+    assert len(sweep) == 8 and tuned["tuned_on"] == "dev"
+    best = max(sweep, key=lambda s: s["dev"])
+    assert (tuned["k"], tuned["temperature"], tuned["knn_weight"]) == (
+        best["k"], best["temperature"], best["knn_weight"])  # fmt: skip
+    # The chosen cell's dev mean is the dev examples' kNN-LM mean at it (stored per example).
+    assert best["dev"] == pytest.approx(sum(e["knnlm"] for e in dev) / len(dev), abs=1e-6)
+    # The read-out kNN-LM value of a test example against a brute-force search at the setting.
+    model, tok = _model(tmp_path)
+    ds = tmp_path / "seed-0" / "datastore"
+    keys = np.load(ds / "keys.npy", allow_pickle=False).astype(np.float64)
+    values = np.load(ds / "values.npy", allow_pickle=False)
+    e = test[0]
+    lp, q, child_id = _forward(model, tok, e["prompt"], e["child"])
+    d = ((keys - q) ** 2).sum(1)
+    nearest = np.argsort(d, kind="stable")[: tuned["k"]]
+    w = np.exp(-(d[nearest] - d[nearest].min()) / tuned["temperature"])
+    p_knn = w[values[nearest] == child_id].sum() / w.sum()
+    lam = tuned["knn_weight"]
+    assert e["knnlm"] == pytest.approx(math.log((1 - lam) * math.exp(lp[child_id]) + lam * p_knn),
+                                       abs=2e-4)  # fmt: skip
+    # The split is seeded: the same seed gives the same parents.
+    records = [{"villager": x["villager"], "n_children": x["n_children"]} for x in ex]
+    again = dev_mask(records, 0, 1 / 3)
+    assert [x["split"] == "dev" for x in ex] == again.tolist()
+    assert res["per_seed"][0]["tuning"]["tuned"] == tuned
+    # The memory's weight, tuned on dev too, and its groups read on the other parents.
+    assert tuned["memory_weight"] == 0.3 and seed["memory"]["weight"] == 0.3
+    sel = [e for e in test if e["n_children"] == 3]
+    assert res["groups"]["3"]["mlp"] == pytest.approx(sum(e["mlp"] for e in sel) / len(sel))

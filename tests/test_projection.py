@@ -86,3 +86,25 @@ def test_fixed_steps_records_a_curve(setup):
     for name in ("proj_f", "proj_fg"):
         assert len(res[name]["kl_curve"]) == 10
         assert res[name]["steps_max"] == 10
+
+
+def test_converged_solve_is_at_most_the_lr_study_on_the_same_positions(setup):
+    lm, ds, corpus = setup
+    common = dict(context_len=CTX, knn=KnnSettings(k=8, knn_weight=0.5, temperature=2.0),
+                  max_positions=30, seed=4, progress=False)  # fmt: skip
+    conv = run_projection(lm, corpus, ds, converged=True, keep_positions=True, **common)
+    low = run_projection(lm, corpus, ds, lr=1e-3, fixed_steps=100, keep_positions=True, **common)
+    assert conv["knnlm"]["target_logp"] == low["knnlm"]["target_logp"]  # the same positions
+    c = conv["converged"]
+    for name in ("proj_f", "proj_fg"):
+        assert all(a <= b + 1e-6 for a, b in zip(c[name]["kl"], low[name]["kl"], strict=True))
+        assert c[name]["kl_mean"] <= conv[name]["kl_mean"] + 1e-6  # and below the paper's rule
+        assert c[name]["at_tolerance"] == 30
+        assert 0 < c[name]["kl_removed"] <= 1
+        bands = c[name]["kl_curve_bands"]
+        assert bands["q25"][-1] <= bands["median"][-1] <= bands["q75"][-1]
+    # Both sensitivity rows start where f does: at p_lm (f without its norm gets the normed z).
+    assert c["proj_f_lm_head"]["kl_init_mean"] == pytest.approx(c["proj_f"]["kl_init_mean"], 1e-4)
+    rev = c["proj_f_target_first"]
+    assert rev["kl_direction"] == "KL[p_knnlm || f(z)]"
+    assert rev["kl_mean"] < rev["kl_init_mean"]

@@ -14,6 +14,7 @@ from knnlm.errors import KnnlmError
 from knnlm.experiments.projection_solver import (
     LOGP_FLOOR,
     kl_model_to_target,
+    solve_converged,
     solve_projection,
     solve_projection_loop,
 )
@@ -325,3 +326,92 @@ def test_reachable_target_is_reached(tiny_lm, space):
     assert kl_np.max() < 1e-3
     for k, v in tiny_lm.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+# -- the converged solve (L-BFGS) -----------------------------------------------------------
+
+
+def _numpy_descent(W, b, logp, z0, reverse, iters=20000):
+    """Gradient descent with backtracking on KL for f(z) = softmax(W z + b), float64 numpy,
+    one position at a time: an independent reference minimum."""
+
+    def kl_grad(z, lp):
+        a = W @ z + b
+        logq = a - a.max() - np.log(np.exp(a - a.max()).sum())
+        q, p = np.exp(logq), np.exp(lp)
+        if reverse:
+            return float((p * (lp - logq)).sum()), W.T @ (q - p)
+        kl = float((q * (logq - lp)).sum())
+        return kl, W.T @ (q * (logq - lp - kl))
+
+    out = []
+    for z, lp in zip(z0.astype(np.float64), logp.astype(np.float64), strict=True):
+        step = 1.0
+        kl, g = kl_grad(z, lp)
+        for _ in range(iters):
+            while True:
+                cand = z - step * g
+                kc, gc = kl_grad(cand, lp)
+                if kc <= kl - 1e-4 * step * (g @ g) or step < 1e-12:
+                    break
+                step /= 2
+            z, kl, g, step = cand, kc, gc, step * 2
+            if g @ g < 1e-20:
+                break
+        out.append(kl)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("direction", ["model_first", "target_first"])
+def test_converged_solve_reaches_the_numpy_minimum(direction):
+    g = torch.Generator().manual_seed(3)
+    V, d, n = 12, 3, 5
+    W, b = torch.randn(V, d, generator=g, dtype=torch.float64), torch.randn(V, generator=g)
+    z0 = torch.randn(n, d, generator=g)
+    fn = lambda z: z.double() @ W.T + b.double()  # noqa: E731
+    # As in Eq. 2: the LM's own distribution mixed with a sharp other one. KL[f(z) || p] is
+    # not convex in z, but from z0 the descent and the solve find the same nearby minimum.
+    other = torch.log_softmax(2 * torch.randn(n, V, generator=g, dtype=torch.float64), -1)
+    target = torch.logaddexp(torch.log_softmax(fn(z0), -1) + math.log(0.6), other + math.log(0.4))
+    res = solve_converged(fn, target, z0, tol=1e-9, max_steps=500, direction=direction)
+    ref = _numpy_descent(W.numpy(), b.double().numpy(), target.numpy(), z0.numpy(),
+                         reverse=direction == "target_first")  # fmt: skip
+    assert ref.mean() > 0.05  # the target is out of reach: a real minimum, not zero
+    np.testing.assert_allclose(res.kl.numpy(), ref, rtol=1e-4, atol=1e-6)
+    assert bool(res.converged.all())
+    reverse = direction == "target_first"
+    np.testing.assert_allclose(
+        res.kl.numpy(), _kl_numpy_loops(fn(res.z).numpy(), target.numpy(), reverse), rtol=1e-5
+    )
+
+
+def test_converged_solve_is_at_most_the_fixed_step_solves():
+    g = torch.Generator().manual_seed(5)
+    V, d, n = 64, 8, 16
+    lin = nn.Linear(d, V)
+    norm = nn.LayerNorm(d)
+    fn = lambda z: lin(norm(z))  # noqa: E731
+    z0 = torch.randn(n, d, generator=g)
+    with torch.no_grad():
+        mix = torch.log_softmax(3 * torch.randn(n, V, generator=g), -1)
+        target = torch.logaddexp(
+            torch.log_softmax(fn(z0), -1) + math.log(0.75), mix + math.log(0.25)
+        )
+    conv = solve_converged(fn, target, z0)
+    assert bool((conv.kl <= conv.kl_init).all())
+    for kw in (
+        {"lr": 1e-3, "fixed_steps": 100},
+        {"lr": 0.1},
+        {"lr": 0.1, "tol": 0, "max_steps": 300},
+    ):
+        other = solve_projection(fn, target, z0, **kw)
+        assert bool((conv.kl <= other.kl + 1e-6).all()), kw
+    assert conv.curve_per_position.shape == (int(conv.steps[0]), n)
+    assert bool((conv.curve_per_position.diff(dim=0) <= 0).all())  # best-so-far never rises
+
+
+def test_converged_solve_rejects_a_bad_direction():
+    with pytest.raises(KnnlmError, match="direction"):
+        solve_converged(
+            lambda z: z, torch.full((1, 2), -math.log(2)), torch.zeros(1, 2), direction="up"
+        )

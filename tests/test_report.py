@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
+from knnlm.experiments.stats import mean_std
 from knnlm.report import figures
 from knnlm.report.claims import make_claims
 from knnlm.report.html import markdown_to_html, write_report
@@ -25,8 +26,8 @@ from knnlm.report.tables import (
     fmt_number,
     fmt_pm,
     markdown_table,
-    mean_std,
     settings_line,
+    settings_table,
 )
 from results_contract import assert_contract, make_results
 
@@ -161,14 +162,23 @@ def test_claims_table():
              "criterion": "c", "evidence": "not run"},
         ]
     )  # fmt: skip
-    head, body = parse_table(md)
-    assert head == ["Claim", "Status", "Criterion", "Evidence"]
+    head, body = parse_table(md.split("\n\nDetails")[0])
+    assert head == ["Claim", "Status"]
     assert [r[1] for r in body] == ["held", "not held", "untestable here"]
-    assert body[1] == ["(b) x | y", "not held", "KL < 0.1", "KL 0.2"]
+    assert body[1] == ["(b) x | y", "not held"]
+    assert "- **(b) x | y: not held.**\n  - Criterion: KL < 0.1.\n  - Evidence: KL 0.2." in md
     with pytest.raises(KnnlmError, match="lacks criterion"):
         claims_table([{"claim": "x", "status": "held", "evidence": "y"}])
     with pytest.raises(KnnlmError, match="status"):
         claims_table([{"claim": "x", "status": "maybe", "criterion": "c", "evidence": "y"}])
+
+
+def test_settings_table_is_compact():
+    md = settings_table({"k": 256, "index": {"nprobe": 32}, "lr": 0.1, "x": None})
+    head, body = parse_table(md)
+    assert head == ["setting", "value"] * 3
+    assert body == [["`k`", "256", "`index.nprobe`", "32", "`lr`", "0.1"],
+                    ["`x`", "none", "", "", "", ""]]  # fmt: skip
 
 
 def test_mean_std_and_fmt_pm_by_hand():
@@ -496,8 +506,11 @@ def test_paper_report_from_the_contract_fixture(tmp_path):
     assert saved["claims"] == out["claims"] == make_claims(r)
     md = (tmp_path / "report.md").read_text()
     # Claims table: one row per claim, status and criterion as in results.json.
-    rows = _tables(_section_text(md, "## Claims"))[0]
-    assert [(x[1], x[2]) for x in rows] == [(c["status"], c["criterion"]) for c in saved["claims"]]
+    claims_md = _section_text(md, "## Claims")
+    rows = _tables(claims_md)[0]
+    assert [x[1] for x in rows] == [c["status"] for c in saved["claims"]]
+    for c in saved["claims"]:
+        assert f"  - Criterion: {c['criterion']}." in claims_md
     # Section 2: mean ± sample std over seeds, computed here with numpy.
     t1 = _tables(_section_text(md, "## kNN-LM"))[0]
     per = r["knnlm"]["per_seed"]
@@ -506,8 +519,15 @@ def test_paper_report_from_the_contract_fixture(tmp_path):
     assert t1[2][5] == _pm([p["test"]["knnlm_tuned"] for p in per]) and t1[2][3] == "valid"
     # Section 3: capped positions and the share of the gap (40 -> 36; f at 36.2 closes 95%).
     proj = _tables(_section_text(md, "## Capacity"))
-    assert proj[0][2] == ["f(z*)", "36.20", "95%"]
-    assert [row[5] for row in proj[1]] == ["3 of 300", "3 of 300"]
+    assert proj[0][2] == ["f(z*), paper's rule", "36.20", "95%"]
+    # The converged solve (36.1: (40 - 36.1) / 4 = 0.97499.. in floating point) and the two
+    # sensitivity rows.
+    assert proj[0][4] == ["f(z*), converged", "36.10", "97%"]
+    assert [row[0] for row in proj[0][6:]] == [
+        "f(z*) without final norm, converged",
+        "f(z*) for KL[p_knnlm ‖ f(z)], converged",
+    ]
+    assert [row[6] for row in proj[1]] == ["300 / 3 of 300"] * 2 + ["300 / 0 of 300"] * 4
     # Table 5 per n, every column, computed independently.
     t5 = _tables(_section_text(md, "## Generalization"))[0]
     mac = r["macondo"]["per_seed"]
@@ -522,12 +542,15 @@ def test_paper_report_from_the_contract_fixture(tmp_path):
     # What was not run, with the command.
     assert "`knnlm macondo export-conv`" in _section_text(md, "## What this run did not do")
     # Figures drawn from the data, embedded in the HTML.
-    assert set(saved["figures"]) == {"figure1", "figure4", "figure5"}
+    assert set(saved["figures"]) == {"figure1", "figure4", "figure5", "macondo_gains",
+                                     "hurdle_gaps_loglik", "hurdle_gaps_loss"}  # fmt: skip
     for rel in saved["figures"].values():
         assert f"]({rel})" in md
         assert_png(tmp_path / rel)
     html = (tmp_path / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert (
+        html.count("data:image/png;base64,") == 6
+    )  # Figures 1, 4, 5, the Macondo gains, two hurdle gap figures
     assert "Not run" not in md and "incomplete" not in md and "not drawn" not in md
 
 
@@ -541,12 +564,13 @@ def test_paper_report_partial_run(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert [c["status"] for c in out["claims"]] == [
         "held", "untestable here", "untestable here", "untestable here", "untestable here",
+        "untestable here", "untestable here",
     ]  # fmt: skip
     for heading, key in (("## Capacity", "projection"), ("## Generalization", "macondo"),
                          ("## An MLP", "memory")):  # fmt: skip
         assert f"Not run in this invocation (no `{key}` results)" in _section_text(md, heading)
     assert "Figure 5): not recorded in this run" in _section_text(md, "## The last-MLP")
-    assert set(out["figures"]) == {"figure4"}
+    assert set(out["figures"]) == {"figure4", "hurdle_gaps_loglik"}
     assert "do not list what was left out" in md
     assert (tmp_path / "report.html").is_file()
 
@@ -580,13 +604,20 @@ def test_paper_report_draws_kl_figures_and_drops_per_position_lists(tmp_path):
     p, q = r["projection"]["lr_0.1"], r["projection"]["lr_0.001"]
     p["proj_f"]["kl"], p["proj_fg"]["kl"] = [0.01, 0.05, 0.2], [0.02, 0.06]
     q["proj_f"]["kl_curve"], q["proj_fg"]["kl_curve"] = [1.0, 0.5, 0.3], [1.0, 0.8, 0.7]
+    band = {"mean": [0.3, 0.2, 0.1], "q25": [0.2, 0.1, 0.05], "median": [0.3, 0.2, 0.1],
+            "q75": [0.4, 0.3, 0.2]}  # fmt: skip
+    for name in ("proj_f", "proj_fg"):
+        p["converged"][name]["kl"] = [0.01, 0.02]
+        p[name]["kl_curve_bands"] = p["converged"][name]["kl_curve_bands"] = band
     out = write_paper_report(tmp_path, r)
-    assert {"kl_hist", "kl_steps"} <= set(out["figures"])
+    assert {"kl_hist", "kl_steps", "kl_solves"} <= set(out["figures"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert "kl" not in saved["projection"]["lr_0.1"]["proj_f"]
+    assert "kl" not in saved["projection"]["lr_0.1"]["converged"]["proj_f"]
     assert saved["projection"]["lr_0.001"]["proj_f"]["kl_curve"] == [1.0, 0.5, 0.3]
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == len(out["figures"]) == 5
+    # Figures 1, 4, 5, the three KL figures, the Macondo gains and the two hurdle gap figures.
+    assert page.count("data:image/png;base64,") == len(out["figures"]) == 9
 
 
 def test_stage_figures_are_drawn_where_the_results_point(tmp_path):

@@ -203,3 +203,18 @@ def test_embedded_slice_extracts_the_recorded_text(tmp_path):
     assert "CC BY-SA 3.0" in (out / "ATTRIBUTION.md").read_text()
     with pytest.raises(KnnlmError):
         wikitext2.read_split("training")
+
+
+def test_width_study_rows(run):
+    _, r = run
+    rows = r["width_study"]["rows"]
+    assert [row["d"] for row in rows] == [32, 64]
+    assert rows[1].get("main_lm") and not rows[0].get("main_lm")  # d = 64 is the run's own LM
+    main = r["projection"]["lr_0.1"]
+    assert rows[1]["lm"] == main["lm"]["perplexity"]
+    for row in rows:
+        f = row["proj_f"]
+        gap = row["lm"] - row["knnlm"]
+        assert f["share"] == pytest.approx((row["lm"] - f["perplexity"]) / gap)
+        assert f["kl_mean"] <= f["kl_init_mean"] + 1e-9
+    assert rows[0]["params"] < 2_000_000

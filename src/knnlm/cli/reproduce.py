@@ -25,7 +25,14 @@ TINY = {
     "macondo_seeds": 2,
     "macondo_epochs": 1,
     "macondo_eval_every": 5,
-    "macondo_sizes": {"n_villagers": 40, "n_parents_per_count": 1, "sentences_per_pair": 2},
+    "macondo_sizes": {"n_villagers": 40, "n_parents_per_count": 2, "sentences_per_pair": 2},
+    "macondo_tune": {
+        "dev_share": 0.5,
+        "k": [8, 32],
+        "temperature": [1.0, 3.0],
+        "knn_weight": [0.25, 0.5],
+        "memory_weight": [0.25, 0.5],
+    },
     "macondo_memory": {"hidden": 64, "epochs": 2, "lr": 1e-3, "batch_tokens": 128},
     "hurdle_seeds": 2,
     "hurdle_steps": 20,
@@ -35,6 +42,7 @@ TINY = {
     "sweep_weights": [0.1, 0.25, 0.5],
     "sweep_temperatures": [1.0, 3.0, 10.0],
     "memory_weights": [0.1, 0.25],
+    "width_study": [32, 64],
 }
 
 
@@ -64,6 +72,12 @@ def reproduce_cmd(
     ),
     k: int | None = typer.Option(None, "--k", help="Neighbours per query."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs of the LM trained here."),
+    width_study: str | None = typer.Option(
+        None,
+        "--width-study",
+        help="Section 3 against model width: comma-separated widths d, e.g. 64,128,256 (LMs "
+        "differing only in d; not in the quick run by default: minutes per width).",
+    ),  # fmt: skip
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help="Test-sized run."),
     quiet: bool = QUIET,
     wait: bool = WAIT,
@@ -80,8 +94,18 @@ def reproduce_cmd(
         raise KnnlmError("--quick and --preset paper are different scales; choose one")
     scale = "paper" if preset == "paper" else ("corpus" if corpus and not quick else "quick")
     overrides = dict(TINY) if tiny else {}
+    widths = None
+    if width_study is not None:
+        try:
+            widths = [int(x) for x in width_study.split(",") if x.strip()]
+        except ValueError:
+            raise KnnlmError(
+                f"--width-study takes widths like 64,128,256; got {width_study!r}"
+            ) from None
+        if not widths or min(widths) < 1:
+            raise KnnlmError(f"--width-study needs positive widths; got {width_study!r}")
     given = dict(corpus=corpus, model=model, k=k, lm_epochs=epochs, lm_seeds=seeds,
-                 macondo_seeds=seeds, hurdle_seeds=seeds)  # fmt: skip
+                 macondo_seeds=seeds, hurdle_seeds=seeds, width_study=widths)  # fmt: skip
     overrides.update({key: v for key, v in given.items() if v is not None})
     cfg = ReproduceConfig.for_scale(scale, **overrides)
     t0 = time.perf_counter()

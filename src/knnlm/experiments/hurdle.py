@@ -48,6 +48,7 @@ from knnlm.experiments.hurdle_setup import (
     n_parameters,
     resolve_preset,
 )
+from knnlm.experiments.stats import mean_std_rows
 from knnlm.fileio import canonical_json, claim_work_dir, fingerprint, write_json_atomic
 from knnlm.lm.loading import torch_threads
 from knnlm.locking import locks
@@ -115,11 +116,6 @@ def _run_cached(
 # ---------------------------------------------------------------------------------------
 # summaries
 # ---------------------------------------------------------------------------------------
-def _mean_std(rows: list[list[float]]) -> tuple[list[float], list[float]]:
-    a = np.asarray(rows, dtype=np.float64)
-    return a.mean(0).tolist(), a.std(0).tolist()
-
-
 def compare_curves(
     steps: Sequence[float],
     with_mlp: Sequence[float],
@@ -390,11 +386,11 @@ def _run_hurdle(
             if [e["step"] for e in r["evals"]] != mac_steps:
                 raise KnnlmError("runs logged different steps; delete out/runs and rerun")
         per_seed = [[e["loglik"] for e in r["evals"]] for r in mac[v]]
-        mean, std = _mean_std(per_seed)
+        mean, std = mean_std_rows(per_seed)
         loss_seed = [[p["loss"] for p in r["loss_curve"]] for r in mac[v]]
-        loss_mean, loss_std = _mean_std(loss_seed)
+        loss_mean, loss_std = mean_std_rows(loss_seed)
         by_n = {
-            n: _mean_std([[e["loglik_by_n"][n] for e in r["evals"]] for r in mac[v]])[0]
+            n: mean_std_rows([[e["loglik_by_n"][n] for e in r["evals"]] for r in mac[v]])[0]
             for n in mac[v][0]["evals"][0]["loglik_by_n"]
         }
         result[v] = {
@@ -440,7 +436,7 @@ def _run_hurdle(
         loss_steps = [p["step"] for p in crun["with_mlp"][0]["loss_curve"]]
         for v in VARIANTS:
             per_seed = [[p["loss"] for p in r["loss_curve"]] for r in crun[v]]
-            mean, std = _mean_std(per_seed)
+            mean, std = mean_std_rows(per_seed)
             result[v].update(
                 loss_eval_steps=[e["step"] for e in crun[v][0]["evals"]],
                 loss_eval_per_seed=[[e["loss"] for e in r["evals"]] for r in crun[v]],
@@ -453,7 +449,7 @@ def _run_hurdle(
         # Figure 5 and its summary use the loss on fixed training blocks, logged like Figure 4
         # (step 0 included); the windowed loss of the optimiser stays in loss / loss_per_seed.
         ev_steps = result["with_mlp"]["loss_eval_steps"]
-        ev = {v: _mean_std(result[v]["loss_eval_per_seed"]) for v in VARIANTS}
+        ev = {v: mean_std_rows(result[v]["loss_eval_per_seed"]) for v in VARIANTS}
         summary["loss"] = compare_curves(
             ev_steps,
             ev["with_mlp"][0],

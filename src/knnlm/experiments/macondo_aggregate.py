@@ -1,5 +1,5 @@
-"""Aggregation of the Macondo experiment: per-n means per seed, then mean and population std
-(ddof=0) over seeds; curves over fine-tuning steps; the paper's effect as a summary line."""
+"""Aggregation of the Macondo experiment: per-n means per seed, then mean and sample std
+(ddof=1) over seeds; curves over fine-tuning steps; the paper's effect as a summary line."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 
 from knnlm.data.macondo import perfect_log_likelihood
 from knnlm.errors import KnnlmError
+from knnlm.experiments.stats import mean_std, mean_std_rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -27,7 +28,8 @@ def group_means(
 
 
 def aggregate_groups(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict]:
-    """Mean and population std (ddof=0) over seeds of each per-seed group mean.
+    """Mean and sample std (:func:`knnlm.experiments.stats.mean_std`: ddof=1, None for one
+    seed) over seeds of each per-seed group mean.
 
     ``per_seed[i][n]`` holds "lm" and optionally "knnlm" and "mlp" (LM + MLP memory) for seed
     i; the result's ``[n]`` holds each with its "_std", "perfect" (log(1/n)) and "seeds".
@@ -40,9 +42,7 @@ def aggregate_groups(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> d
         row: dict[str, Any] = {}
         present = [g[str(n)] for g in per_seed if str(n) in g]
         for key in ("lm", "knnlm", "mlp"):
-            vals = np.array([g[key] for g in present if g.get(key) is not None], dtype=np.float64)
-            row[key] = float(vals.mean()) if vals.size else None
-            row[f"{key}_std"] = float(vals.std()) if vals.size else None
+            row[key], row[f"{key}_std"] = mean_std([g.get(key) for g in present])
         row["perfect"] = perfect_log_likelihood(n)
         row["seeds"] = len(present)
         out[str(n)] = row
@@ -70,8 +70,8 @@ def aggregate_curves(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> dict[st
             if any(by_step[0][s].get(key) is None for s in steps):
                 row[key] = row[f"{key}_std"] = None
                 continue
-            m = np.array([[seed[s][key][str(n)] for s in steps] for seed in by_step])
-            row[key], row[f"{key}_std"] = m.mean(0).tolist(), m.std(0).tolist()
+            m = [[seed[s][key][str(n)] for s in steps] for seed in by_step]
+            row[key], row[f"{key}_std"] = mean_std_rows(m)
         groups[str(n)] = row
     return {"steps": steps, "groups": groups}
 

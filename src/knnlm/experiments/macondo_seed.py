@@ -186,6 +186,7 @@ def _memory_scores(
         raise KnnlmError("the MLP-memory pass scored other tokens than the LM pass")
     mixed = interpolate(lm_all, mem_all, settings["knn_weight"]).numpy()
     info = {
+        "raw_log_probs": mem_all.numpy(),  # popped by the caller (tuning on dev)
         "weight": settings["knn_weight"],
         "steps": tr.steps,
         "final_loss": tr.final_loss,
@@ -374,22 +375,34 @@ def run_seed(
     train_groups = group_means(train_lm, [int(r["n_children"]) for r in ds.train])
     times["score"] = time.perf_counter() - t2
     lm_lp, knn_lp = scored["lm"], scored["knnlm"]
-    lm_groups, knn_groups = group_means(lm_lp, ns), group_means(knn_lp, ns)
-    mem_lp, mem_info = None, None
+    mem_lp, mem_info, mem_raw = None, None, None
     if settings.get("memory"):
         t3 = time.perf_counter()
         mem_lp, mem_info = _memory_scores(
             lm, test, conts, seed_dir / "datastore", seed_dir / "memory", settings, seed
         )
+        mem_raw = mem_info.pop("raw_log_probs")
         times["memory"] = time.perf_counter() - t3
-    mem_groups = group_means(mem_lp, ns) if mem_lp is not None else {}
+    keep, tuning = np.ones(len(test), dtype=bool), None
+    if settings.get("tune"):
+        t4 = time.perf_counter()
+        knn_lp, mem_lp, keep, tuning = _tuned_scores(
+            lm, test, conts, seed_dir / "datastore", lm_lp, mem_raw, settings, seed
+        )
+        times["tune"] = time.perf_counter() - t4
+        if mem_info is not None:
+            mem_info["weight"] = tuning["tuned"].get("memory_weight")
+    # The verdict's groups: the parents not used to choose the settings.
+    ns_kept = [n for n, k in zip(ns, keep, strict=True) if k]
+    lm_groups, knn_groups = group_means(lm_lp[keep], ns_kept), group_means(knn_lp[keep], ns_kept)
+    mem_groups = group_means(mem_lp[keep], ns_kept) if mem_lp is not None else {}
     groups = {
         n: {
             "lm": lm_groups[n],
             "knnlm": knn_groups[n],
             "mlp": mem_groups.get(n),
             "perfect": perfect_log_likelihood(int(n)),
-            "count": ns.count(int(n)),
+            "count": ns_kept.count(int(n)),
         }
         for n in lm_groups
     }
@@ -403,13 +416,15 @@ def run_seed(
             "lm": float(a),
             "knnlm": float(b),
             "mlp": None if m is None else float(m),
+            "split": "test" if k else "dev",
         }
-        for r, c, a, b, m in zip(
+        for r, c, a, b, m, k in zip(
             test,
             conts,
             lm_lp,
             knn_lp,
             [None] * len(test) if mem_lp is None else mem_lp,
+            keep,
             strict=True,
         )
     ]
@@ -420,6 +435,7 @@ def run_seed(
         "dataset": ds.meta["counts"],
         "datastore_size": _datastore_n(seed_dir / "datastore"),
         "groups": groups,
+        "tuning": tuning,
         "train_groups_lm": train_groups,
         "memory": mem_info,
         "curve": curve,
@@ -429,6 +445,22 @@ def run_seed(
     }
     write_json_atomic(seed_dir / SEED_RESULTS, out)
     return out
+
+
+def _tuned_scores(lm, test, conts, datastore, lm_lp, mem_raw, settings, seed):
+    """k, T and weights chosen on a dev share of the parents (:mod:`macondo_tuning`):
+    (kNN-LM and memory log-likelihoods at them, mask of the other parents, tuning record)."""
+    from knnlm.experiments.macondo_tuning import dev_mask, knn_log_probs, tune
+
+    grid = settings["tune"]
+    dev = dev_mask(test, seed, grid["dev_share"])
+    knn = knn_log_probs(lm, test, conts, datastore, grid["k"], grid["temperature"],
+                        settings["batch_size_eval"])  # fmt: skip
+    t = tune(lm_lp, knn, mem_raw, dev, grid)
+    record = {key: t[key] for key in ("tuned", "sweep", "lm_dev") if key in t}
+    if "memory_sweep" in t:
+        record["memory_sweep"] = t["memory_sweep"]
+    return t["knnlm"], t.get("mlp"), ~dev, record
 
 
 # Settings that only affect scoring after fine-tuning; changing them reuses the trained model
@@ -443,6 +475,7 @@ _SCORING_ONLY = (
     "search",
     "batch_size_eval",
     "memory",
+    "tune",
 )
 
 

@@ -187,6 +187,7 @@ def resolve_settings(
     checkpoint_every: int | None,
     batch_size_eval: int,
     memory: Mapping[str, Any] | None = None,
+    tune: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Check every input and return the full settings dict (the cache key of each seed)."""
     from knnlm.retrieval.retriever import KnnSettings
@@ -260,11 +261,31 @@ def resolve_settings(
         "eval_every": eval_every,
         "curve_knn": bool(curve_knn and eval_every),
         "macondo": {key: sizes.get(key) for key in MACONDO_SIZE_KEYS},
-        "aggregation": "mean over test examples per n per seed; mean and population std "
-        "(ddof=0) over seeds",
+        "aggregation": "mean over test examples per n per seed; mean and sample std "
+        "(ddof=1, none for one seed) over seeds",
         "memory": _memory_settings(memory),
+        "tune": _tune_settings(tune),
         "seeds": seeds,
     }
+
+
+def _tune_settings(tune: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The dev-share tuning grid (k, temperature, knn_weight, memory_weight), checked."""
+    if not tune:
+        return None
+    t = {key: tune[key] for key in ("dev_share", "k", "temperature", "knn_weight",
+                                     "memory_weight")}  # fmt: skip
+    if not 0 < t["dev_share"] < 1:
+        raise KnnlmError(f"dev share must be in (0, 1), got {t['dev_share']}")
+    for key, ok in (
+        ("k", lambda v: isinstance(v, int) and v >= 1),
+        ("temperature", lambda v: v > 0),
+        ("knn_weight", lambda v: 0 < v < 1),
+        ("memory_weight", lambda v: 0 < v < 1),
+    ):
+        if not t[key] or not all(ok(v) for v in t[key]):
+            raise KnnlmError(f"tuning grid {key} has a value out of range: {t[key]}")
+    return {key: (list(v) if isinstance(v, list | tuple) else v) for key, v in t.items()}
 
 
 def _memory_settings(memory: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from knnlm.experiments.macondo_settings import (
     get_run_preset,
     resolve_settings,
 )
+from knnlm.experiments.parallel import map_jobs
 from knnlm.fileio import claim_work_dir, write_json_atomic
 from knnlm.lm.loading import pick_device, torch_threads
 from knnlm.locking import locks
@@ -43,6 +44,17 @@ FIGURE_CURVES = "figure3.png"
 # ---------------------------------------------------------------------------------------
 # the experiment
 # ---------------------------------------------------------------------------------------
+def _seed_job(seed: int, seed_dir: Path, settings: dict, device: str | None, progress: bool):
+    """One seed in a worker process (top level, so it can be sent there)."""
+    return run_seed(seed, seed_dir, settings, device=device, progress=progress)
+
+
+def torch_threads_now() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 @locks("out", "Macondo run")
 def run_macondo(
     out: str | Path,
@@ -68,7 +80,9 @@ def run_macondo(
     checkpoint_every: int | None = 1000,
     batch_size_eval: int = 32,
     memory: Mapping[str, Any] | None = None,
+    tune: Mapping[str, Any] | None = None,
     device: str | None = None,
+    workers: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the Macondo experiment for every seed and write ``out/results.json`` (the report
@@ -81,7 +95,11 @@ def run_macondo(
     ``macondo_kwargs`` sets sizes (``n_villagers``, ``n_parents_per_count``, ``max_children``,
     ``min_children``, ``sentences_per_pair``). ``memory`` (hidden, epochs, lr, batch_tokens)
     trains the MLP memory on each seed's datastore and scores LM + memory too. Returns the
-    results dict written to ``out/results.json``.
+    results dict written to ``out/results.json``. ``tune`` (dev_share and grids of k,
+    temperature, knn_weight, memory_weight; :data:`knnlm.experiments.macondo_tuning.DEFAULT_TUNE`)
+    chooses the settings on a seeded dev share of the test parents and reads the groups on the
+    others; without it, k, temperature and knn_weight are fixed. ``workers`` > 1 runs the
+    seeds in that many processes.
     """
     from tqdm.auto import tqdm
 
@@ -107,17 +125,24 @@ def run_macondo(
         checkpoint_every=checkpoint_every,
         batch_size_eval=batch_size_eval,
         memory=memory,
+        tune=tune,
     )
     # Resumes a run of ours; a folder of the user's own files is refused, untouched.
     out = claim_work_dir(Path(out).expanduser(), "macondo_run")
     t0 = time.perf_counter()
     per_seed = []
     threads = get_run_preset(settings["preset"]).cpu_threads
-    with torch_threads(threads if pick_device(device).type == "cpu" else None):
-        for s in tqdm(settings["seeds"], desc="macondo seeds", unit="seed", disable=not progress):
-            per_seed.append(
-                run_seed(s, out / f"seed-{s}", settings, device=device, progress=progress)
-            )
+    if workers > 1 and len(settings["seeds"]) > 1:
+        # Seeds are independent (each its own folder): one process per seed, ``workers`` at once.
+        jobs = [(s, out / f"seed-{s}", settings, device, False) for s in settings["seeds"]]
+        per_seed = map_jobs(_seed_job, jobs, workers, threads or torch_threads_now())
+    else:
+        with torch_threads(threads if pick_device(device).type == "cpu" else None):
+            for s in tqdm(settings["seeds"], desc="macondo seeds", unit="seed",
+                          disable=not progress):  # fmt: skip
+                per_seed.append(
+                    run_seed(s, out / f"seed-{s}", settings, device=device, progress=progress)
+                )
     groups = aggregate_groups([r["groups"] for r in per_seed])
     curves = aggregate_curves([r["curve"] for r in per_seed]) if settings["eval_every"] else None
     results: dict[str, Any] = {
@@ -128,6 +153,7 @@ def run_macondo(
                 for key in (
                     "seed",
                     "groups",
+                    "tuning",
                     "train_groups_lm",
                     "memory",
                     "curve",
@@ -168,6 +194,7 @@ def contract_view(res: Mapping[str, Any]) -> dict[str, Any]:
                     if all(g[n].get(m) is not None for n in keys)
                 },
                 "train": {"lm": {n: r["train_groups_lm"][n] for n in keys}},
+                "tuned": (r.get("tuning") or {}).get("tuned"),
                 "dataset": r.get("dataset"),
                 "datastore_size": r.get("datastore_size"),
                 "memory": r.get("memory"),

@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from knnlm.experiments import natural_text as nt
+from knnlm.experiments.parallel import pool, submit
 from knnlm.experiments.pipeline import Pipeline, StageDisplay
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.fileio import claim_work_dir, write_json_atomic
@@ -53,6 +54,8 @@ def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
         eval_every=cfg.macondo_eval_every,
         macondo_kwargs=cfg.macondo_sizes or None,
         memory=cfg.macondo_memory,
+        tune=cfg.macondo_tune,
+        workers=cfg.workers,
         progress=False,
     )
     out = contract_view(res)
@@ -151,101 +154,164 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
         return _reproduce(cfg, out, progress)
 
 
+def _pick(cfg: ReproduceConfig, *keys: str) -> dict:
+    s = asdict(cfg)
+    return {k: s[k] for k in keys}
+
+
+def _stage_corpus(pipe: Pipeline, cfg: ReproduceConfig) -> dict:
+    return pipe.run(
+        "corpus",
+        _pick(cfg, "corpus", "embedded_chars", "model", "lm_preset", "tokenizer_vocab"),
+        [],
+        lambda art: nt.stage_corpus(cfg, art),
+    )
+
+
+def _seed_chain(pipe: Pipeline, cfg: ReproduceConfig, data: dict, seed: int) -> dict:
+    """Sections 2 and 5 for one LM seed: lm, datastore, knnlm, memory."""
+    corpus, tok_dir = data["corpus"], data["tokenizer"]
+    lm_res = pipe.run(
+        f"lm-{seed}",
+        _pick(cfg, "model", "lm_preset", "lm_epochs", "lm_max_steps", "context_len")
+        | {"seed": seed},
+        ["corpus"],
+        lambda art: nt.stage_lm(cfg, seed, corpus, tok_dir, art),
+    )
+    model = lm_res["model"]
+    ds_res = pipe.run(
+        f"datastore-{seed}",
+        _pick(cfg, "context_len", "stride", "index", "index_nlist", "index_train_size"),
+        [f"lm-{seed}"],
+        lambda art: nt.stage_datastore(cfg, seed, model, corpus, art),
+    )
+    ds = ds_res["datastore"]
+    knn_res = pipe.run(
+        f"knnlm-{seed}",
+        _pick(cfg, "k", "nprobe", "sweep_weights", "sweep_temperatures"),
+        [f"datastore-{seed}"],
+        lambda art: nt.stage_knnlm(cfg, model, corpus, ds, art, seed=seed),
+    )
+    mem_res = pipe.run(
+        f"memory-{seed}",
+        _pick(cfg, "memory_hidden", "memory_epochs", "memory_lr", "memory_batch_tokens",
+              "memory_max_steps", "memory_weights", "memory_control") | {"seed": seed},
+        [f"datastore-{seed}", f"knnlm-{seed}"],
+        lambda art: nt.stage_memory(cfg, seed, model, corpus, ds, knn_res, art),
+    )  # fmt: skip
+    return {"lm": lm_res, "datastore": ds_res, "knnlm": knn_res, "memory": mem_res}
+
+
+def _stage_hurdle(pipe: Pipeline, cfg: ReproduceConfig, corpus: str) -> dict:
+    return pipe.run(
+        "hurdle",
+        _pick(cfg, "hurdle_seeds", "hurdle_steps", "hurdle_eval_every", "hurdle_sizes",
+              "hurdle_corpus_max_chars", "seed") | {"corpus": corpus},
+        ["corpus"],
+        lambda art: stage_hurdle(cfg, corpus, art),
+    )  # fmt: skip
+
+
+def _worker(cfg: ReproduceConfig, out: Path, seeds: list[int]) -> list[str]:
+    """The second process's share: Appendix E and some LM seeds, into the same stage cache
+    (each stage its own files); returns the stages it ran. The main process reads them back."""
+    with nt.torch_threads(cfg.torch_threads):
+        pipe = Pipeline(out)
+        data = _stage_corpus(pipe, cfg)  # cached by the main process: read, not rerun
+        _stage_hurdle(pipe, cfg, data["corpus"])
+        for seed in seeds:
+            _seed_chain(pipe, cfg, data, seed)
+    return [n for n, rec in pipe.records.items() if not rec.cached]
+
+
 def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
     # Resumes a reproduction of ours; a folder of the user's own files is refused, untouched.
     out = claim_work_dir(Path(out).expanduser(), "reproduction")
     t_start = time.perf_counter()
-
     display = StageDisplay(progress)
     pipe = Pipeline(out, on_stage=display.update)
     seeds = cfg.seeds
     pipe.total = 1 + 4 * len(seeds) + 4
-    s = asdict(cfg)
-    pick = lambda *keys: {k: s[k] for k in keys}  # noqa: E731
+    # With 2 workers a second process takes Appendix E and every other LM seed from seed 1.
+    theirs = seeds[1::2] if cfg.workers > 1 else []
+    ex = pool(1) if cfg.workers > 1 else None
     try:
-        data = pipe.run(
-            "corpus",
-            pick("corpus", "embedded_chars", "model", "lm_preset", "tokenizer_vocab"),
-            [],
-            lambda art: nt.stage_corpus(cfg, art),
-        )
-        corpus, tok_dir = data["corpus"], data["tokenizer"]
-        per_seed: dict[int, dict] = {}
-        for seed in seeds:
-            lm_res = pipe.run(
-                f"lm-{seed}",
-                pick("model", "lm_preset", "lm_epochs", "lm_max_steps", "context_len")
-                | {"seed": seed},
-                ["corpus"],
-                lambda art, seed=seed: nt.stage_lm(cfg, seed, corpus, tok_dir, art),
-            )
-            model = lm_res["model"]
-            ds_res = pipe.run(
-                f"datastore-{seed}",
-                pick("context_len", "stride", "index", "index_nlist", "index_train_size"),
-                [f"lm-{seed}"],
-                lambda art, seed=seed, model=model: nt.stage_datastore(
-                    cfg, seed, model, corpus, art
-                ),
-            )
-            ds = ds_res["datastore"]
-            knn_res = pipe.run(
-                f"knnlm-{seed}",
-                pick("k", "nprobe", "sweep_weights", "sweep_temperatures"),
-                [f"datastore-{seed}"],
-                lambda art, model=model, ds=ds: nt.stage_knnlm(cfg, model, corpus, ds, art),
-            )
-            mem_res = pipe.run(
-                f"memory-{seed}",
-                pick("memory_hidden", "memory_epochs", "memory_lr", "memory_batch_tokens",
-                     "memory_max_steps", "memory_weights") | {"seed": seed},
-                [f"datastore-{seed}", f"knnlm-{seed}"],
-                lambda art, seed=seed, model=model, ds=ds, kr=knn_res: nt.stage_memory(
-                    cfg, seed, model, corpus, ds, kr, art
-                ),
-            )  # fmt: skip
-            per_seed[seed] = {"lm": lm_res, "datastore": ds_res, "knnlm": knn_res,
-                              "memory": mem_res}  # fmt: skip
-
-        first = per_seed[seeds[0]]
-        model0, ds0, tuned0 = (
-            first["lm"]["model"], first["datastore"]["datastore"], first["knnlm"]["tuned"]
-        )  # fmt: skip
-        proj = {}
-        for name, lr_study in (("projection", False), ("projection_lr", True)):
-            proj[name] = pipe.run(
-                name,
-                pick("projection_positions", "projection_max_steps") | {"seed": seeds[0]},
-                [f"knnlm-{seeds[0]}"],
-                lambda art, lr_study=lr_study: nt.stage_projection(
-                    cfg, seeds[0], model0, corpus, ds0, tuned0, art, lr_study=lr_study
-                ),
-            )
-        # Section 4 fine-tunes the first LM of this run (the paper fine-tunes GPT-2); at paper
-        # scale it is the given --model or GPT-2 XL.
-        mac_model = model0 if cfg.scale != "paper" else cfg.model
-        macondo = pipe.run(
-            "macondo",
-            pick("macondo_seeds", "macondo_preset", "macondo_epochs", "macondo_lr",
-                 "macondo_sizes", "macondo_eval_every", "macondo_memory", "k", "seed")
-            | {"model": mac_model},
-            [f"lm-{seeds[0]}"] if mac_model == model0 else [],
-            lambda art: stage_macondo(cfg, mac_model, art),
-        )  # fmt: skip
-        hurdle = pipe.run(
-            "hurdle",
-            pick("hurdle_seeds", "hurdle_steps", "hurdle_eval_every", "hurdle_sizes",
-                 "hurdle_corpus_max_chars", "seed") | {"corpus": corpus},
-            ["corpus"],
-            lambda art: stage_hurdle(cfg, corpus, art),
-        )  # fmt: skip
+        data = _stage_corpus(pipe, cfg)
+        job = submit(ex, _worker, (cfg, out, theirs), cfg.torch_threads) if ex else None
+        per_seed = {s: _seed_chain(pipe, cfg, data, s) for s in seeds if s not in theirs}
+        proj, macondo = _sections_3_4(pipe, cfg, data, seeds[0], per_seed[seeds[0]])
+        width = _width_study(pipe, cfg, data, seeds[0], proj["projection"])
+        ran_there = job.result() if job else []
+        per_seed |= {s: _seed_chain(pipe, cfg, data, s) for s in theirs}
+        per_seed = {s: per_seed[s] for s in seeds}
+        hurdle = _stage_hurdle(pipe, cfg, data["corpus"])
+        for name in ran_there:  # computed in this invocation, by the other process
+            pipe.records[name].cached = False
         results = _assemble(cfg, data, per_seed, proj, macondo, hurdle)
+        if width is not None:
+            results["width_study"] = width
         results["stages"] = pipe.stage_times()
         results["wall_seconds"] = time.perf_counter() - t_start
+        results["workers"] = {"processes": cfg.workers, "second_process_ran": ran_there}
         write_json_atomic(out / "results.json", results)
     finally:
+        if ex is not None:
+            ex.shutdown(wait=False, cancel_futures=True)
         display.close()
     return json.loads((out / "results.json").read_text())
+
+
+def _width_study(pipe: Pipeline, cfg: ReproduceConfig, data: dict, seed0: int, main: dict):
+    """Section 3 at each width of ``cfg.width_study``; the run's own LM is its width's row."""
+    if not cfg.width_study:
+        return None
+    from knnlm.experiments.width_study import stage_width, width_row
+    from knnlm.lm.presets import get_preset
+
+    own = get_preset(cfg.lm_preset).n_embd if cfg.model is None else None
+    rows = []
+    for d in sorted({int(x) for x in cfg.width_study}):
+        if d == own:
+            rows.append(width_row(d, main) | {"tuned": main.get("tuned"), "main_lm": True})
+            continue
+        rows.append(pipe.run(
+            f"width-{d}",
+            _pick(cfg, "lm_preset", "lm_epochs", "lm_max_steps", "context_len", "stride", "k",
+                  "sweep_weights", "sweep_temperatures", "projection_positions",
+                  "projection_converged_max_steps") | {"seed": seed0, "d": d},
+            ["corpus"],
+            lambda art, d=d: stage_width(cfg, d, seed0, data, art),
+        ))  # fmt: skip
+    return {"seed": seed0, "preset": cfg.lm_preset, "rows": rows}
+
+
+def _sections_3_4(pipe: Pipeline, cfg: ReproduceConfig, data: dict, seed0: int, first: dict):
+    """Section 3 (first LM seed) and Section 4 (that LM fine-tuned on Macondo)."""
+    model0, ds0 = first["lm"]["model"], first["datastore"]["datastore"]
+    tuned0 = first["knnlm"]["tuned"]
+    proj = {}
+    for name, lr_study in (("projection", False), ("projection_lr", True)):
+        proj[name] = pipe.run(
+            name,
+            _pick(cfg, "projection_positions", "projection_max_steps",
+                  "projection_converged_max_steps") | {"seed": seed0},
+            [f"knnlm-{seed0}"],
+            lambda art, lr_study=lr_study: nt.stage_projection(
+                cfg, seed0, model0, data["corpus"], ds0, tuned0, art, lr_study=lr_study
+            ),
+        )  # fmt: skip
+    # Section 4 fine-tunes the first LM of this run (the paper fine-tunes GPT-2); at paper
+    # scale it is the given --model or GPT-2 XL.
+    mac_model = model0 if cfg.scale != "paper" else cfg.model
+    macondo = pipe.run(
+        "macondo",
+        _pick(cfg, "macondo_seeds", "macondo_preset", "macondo_epochs", "macondo_lr",
+              "macondo_sizes", "macondo_eval_every", "macondo_memory", "macondo_tune", "k",
+              "seed") | {"model": mac_model},
+        [f"lm-{seed0}"] if mac_model == model0 else [],
+        lambda art: stage_macondo(cfg, mac_model, art),
+    )  # fmt: skip
+    return proj, macondo
 
 
 def _assemble(cfg, data, per_seed, proj, macondo, hurdle) -> dict:
@@ -280,7 +346,10 @@ def _assemble(cfg, data, per_seed, proj, macondo, hurdle) -> dict:
         "memory": {
             "seeds": seeds,
             "per_seed": [
-                {k: r[k] for k in ("seed", "weight", "valid", "test", "weight_sweep", "train")}
+                {
+                    k: r.get(k)
+                    for k in ("seed", "weight", "valid", "test", "weight_sweep", "train", "control")
+                }
                 for r in mem
             ],
             "storage": first["memory"]["storage"],

@@ -23,6 +23,7 @@ from typing import Any
 
 from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo_settings import MACONDO_MEMORY
+from knnlm.experiments.macondo_tuning import DEFAULT_TUNE
 from knnlm.lm.presets import get_preset
 
 PAPER_SETTING = {"knn_weight": 0.25, "temperature": 1.0}
@@ -62,11 +63,16 @@ class ReproduceConfig:
     nprobe: int | None = None
     projection_positions: int = 1000
     projection_max_steps: int = 500
+    # The converged solve's iteration cap (L-BFGS; each position also stops at relative KL
+    # change 1e-6). The issue asks for >= 2,000; the tiny model converges within ~50.
+    projection_converged_max_steps: int = 2000
     memory_hidden: int = 4096
     memory_epochs: int = 2  # the paper's WikiText setting (App. D)
     memory_lr: float = 1e-5
     memory_batch_tokens: int = 9216
     memory_max_steps: int | None = None
+    # Section 5's equal-compute control: the LM trained on for the MLP's steps and tokens.
+    memory_control: bool = True
     macondo_seeds: int = 3
     macondo_preset: str | None = None
     macondo_epochs: int | None = None
@@ -74,6 +80,9 @@ class ReproduceConfig:
     macondo_sizes: dict[str, Any] = field(default_factory=dict)
     macondo_eval_every: int | None = None
     macondo_memory: dict[str, Any] = field(default_factory=lambda: dict(MACONDO_MEMORY))
+    # k, temperature and the weights chosen on a seeded dev share of the test parents, the
+    # verdict read on the rest (None: the paper's k / T / weight, fixed).
+    macondo_tune: dict[str, Any] | None = field(default_factory=lambda: copy.deepcopy(DEFAULT_TUNE))
     hurdle_seeds: int = 3
     hurdle_steps: int | None = None
     hurdle_eval_every: int | None = None
@@ -85,6 +94,13 @@ class ReproduceConfig:
     # machine they cost far more than the work (measured: a datastore pass 8x the CPU time
     # with 2 threads than with 1 while other jobs ran).
     torch_threads: int | None = None
+    # Processes: 2 runs Appendix E and every other LM seed in a second process, and the
+    # Macondo seeds two at a time (each process with ``torch_threads`` threads).
+    workers: int = 1
+    # Section 3 against width: LMs of the run's preset at these d (e.g. [64, 128, 256]),
+    # each projected to convergence (experiments/width_study). None: not run (the quick run
+    # leaves it out: the d = 256 LM and its search cost several minutes on 2 cores).
+    width_study: list[int] | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -143,6 +159,11 @@ SCALES: dict[str, dict[str, Any]] = {
         hurdle_eval_every=15,
         hurdle_corpus_max_chars=1_000_000,
         torch_threads=1,
+        # The paper's 5 seeds for Section 4 and Appendix E (a paired test over seeds needs
+        # them), paid for by the second core: two processes.
+        macondo_seeds=5,
+        hurdle_seeds=5,
+        workers=2,
     ),
     # Sized for a 2-core CPU on a WikiText-2-sized corpus: IVF-PQ with exact re-ranking,
     # k=256, and a capped MLP-memory training run.
@@ -161,7 +182,13 @@ SCALES: dict[str, dict[str, Any]] = {
         memory_max_steps=300,
         macondo_preset="quick-finetune",
         macondo_eval_every=200,
-        hurdle_seeds=2,
+        macondo_seeds=5,
+        hurdle_seeds=5,
+        # Long enough that "early" (the first half) is more than a warm-up: the paper reads
+        # the first 4,000 steps of GPT-2 small; 1,000 steps of the quick hurdle model here.
+        hurdle_steps=1000,
+        hurdle_eval_every=50,
+        workers=2,
     ),
     # The paper's settings, for GPU users.
     "paper": dict(

@@ -95,8 +95,13 @@ def draw_figures(r: Mapping[str, Any], out: Path) -> tuple[dict[str, str | None]
             figs[key] = _copy_figure(hur.get(key), out, name)
     p1, p3 = _get(r, "projection", "lr_0.1"), _get(r, "projection", "lr_0.001")
     if _get(p1, "proj_f", "kl") is not None:
+        # The converged solve's KL where there is one: claim (b) reads it.
+        conv = p1.get("converged") or {}
+        src = conv if _get(conv, "proj_f", "kl") is not None else p1
         draw("kl_hist", "projection_kl_hist.png",
-             lambda p: F.plot_kl_hist(p1["proj_f"]["kl"], p1["proj_fg"]["kl"], p), p1.get("figure"))  # fmt: skip
+             lambda p: F.plot_kl_hist(src["proj_f"]["kl"], src["proj_fg"]["kl"], p, bound=0.1,
+                                      title="converged solve" if src is not p1 else None),
+             p1.get("figure"))  # fmt: skip
     else:
         figs["kl_hist"] = _copy_figure(_get(p1, "figure"), out, "projection_kl_hist.png")
     if _get(p3, "proj_f", "kl_curve") is not None:
@@ -106,7 +111,30 @@ def draw_figures(r: Mapping[str, Any], out: Path) -> tuple[dict[str, str | None]
     else:
         figs["kl_steps"] = _copy_figure(_get(p3, "figure"), out, "projection_kl_steps.png")
     figs["sweep"] = _copy_figure(_get(r, "knnlm", "figure"), out, "sweep_heatmap.png")
+    _draw_evidence(r, draw)
     return figs, why
+
+
+def _draw_evidence(r: Mapping[str, Any], draw: Callable[..., None]) -> None:
+    """The figures of what the verdicts read (:mod:`knnlm.report.evidence_figures`)."""
+    from knnlm.report import evidence_figures as E
+    from knnlm.report.claims import HURDLE_FIRST_PART
+
+    mac, hur = r.get("macondo") or {}, r.get("hurdle") or {}
+    p1 = _get(r, "projection", "lr_0.1")
+    if mac.get("per_seed"):
+        draw("macondo_gains", "macondo_gains.png", lambda p: E.plot_macondo_gains(mac, p))
+    for key, curve, higher, ylabel in (
+        ("hurdle_gaps_loglik", "loglik", True, "log-likelihood advantage (nats)"),
+        ("hurdle_gaps_loss", "loss", False, "training-loss advantage (nats)"),
+    ):  # fmt: skip
+        if hur.get(curve):
+            draw(key, f"{key}.png", lambda p, c=hur[curve], h=higher, y=ylabel:
+                 E.plot_hurdle_gaps(c, h, HURDLE_FIRST_PART, y, p))  # fmt: skip
+    if _get(r, "width_study", "rows"):
+        draw("width", "projection_width.png", lambda p: E.plot_width(r["width_study"]["rows"], p))
+    if _get(p1, "converged", "proj_f", "kl_curve_bands") is not None:
+        draw("kl_solves", "projection_kl_solves.png", lambda p: E.plot_kl_solves(p1, p))
 
 
 def _header(r: Mapping[str, Any]) -> str:
@@ -177,9 +205,10 @@ def write_paper_report(out: Path, results: dict) -> dict:
     results["claims"] = make_claims(results)
     results["figures"] = {k: v for k, v in figs.items() if v}
     # Per-position KL lists are large; the report keeps their statistics and histogram.
-    for key in ("lr_0.1", "lr_0.001"):
-        for name in ("proj_f", "proj_fg"):
-            q = _get(results, "projection", key, name)
+    # Table 4's per-position log-probabilities stay: its claim is re-read from them.
+    for where in (("lr_0.1",), ("lr_0.001",), ("lr_0.1", "converged")):
+        for name in ("proj_f", "proj_fg", "proj_f_lm_head", "proj_f_target_first"):
+            q = _get(results, "projection", *where, name)
             if isinstance(q, dict):
                 q.pop("kl", None)
     md = render_markdown(results, figs, why)

@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 
 from knnlm.errors import KnnlmError
+from knnlm.experiments.stats import mean_std_rows
 from knnlm.report.claims import HURDLE_FIRST_PART
 from knnlm.report.figures import _arr, _int_keys, _marker, _new_figure, _save, plot_hurdle
 
@@ -37,11 +38,6 @@ def seed_matrix(rows: Any, n_steps: int, name: str) -> np.ndarray:
             raise KnnlmError(f"{name}[{i}] has {len(a)} values but there are {n_steps} steps")
         out.append(a)
     return np.stack(out)
-
-
-def _mean_std(m: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mean over seeds and sample std (ddof=1), None for one seed, as in the report tables."""
-    return m.mean(0), (m.std(0, ddof=1) if m.shape[0] > 1 else None)
 
 
 def plot_figure1(
@@ -74,7 +70,7 @@ def plot_figure1(
             series = (curves.get(key) or {}).get(str(n))
             if series is None:
                 continue
-            mean, _ = _mean_std(seed_matrix(series, len(x), f"curves.{key}.{n}"))
+            mean, _ = mean_std_rows(seed_matrix(series, len(x), f"curves.{key}.{n}"))
             ax.plot(x, mean, ls=ls, color=color, marker=_marker(len(x)),
                     label=f"n = {n}" if key == "lm" else None)  # fmt: skip
             drawn.add(key)
@@ -119,7 +115,7 @@ def plot_hurdle_runs(
     b = seed_matrix(curve.get("without_mlp"), len(x), "without_mlp")
     if a.shape != b.shape:
         raise KnnlmError(f"with_mlp has {a.shape[0]} seeds but without_mlp has {b.shape[0]}")
-    (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
+    (ma, sa), (mb, sb) = mean_std_rows(a), mean_std_rows(b)
     last = float(np.nanmax(x))
     window = (0.0, HURDLE_FIRST_PART * last) if last > 0 else None
     head = title or ""

@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from knnlm.experiments.stats import mean_std_rows
 from knnlm.fileio import write_json_atomic, write_text_atomic
 from knnlm.report import figures as F
 
@@ -76,8 +75,8 @@ def render_hurdle(out: str | Path, result: dict) -> dict:
     }  # fmt: skip
     if s.get("corpus") is not None:
         # The loss on fixed training blocks, logged like Figure 4 (step 0 included).
-        # (population std over seeds, as the experiment's own mean/std curves)
-        ev = {v: _mean_std(r["loss_eval_per_seed"]) for v, r in (("w", w), ("wo", wo))}
+        # (sample std over seeds, as everywhere in the report)
+        ev = {v: mean_std_rows(r["loss_eval_per_seed"]) for v, r in (("w", w), ("wo", wo))}
         corpus = s["corpus"]["corpus"]
         figures["figure5"] = str(
             F.plot_hurdle(
@@ -91,11 +90,6 @@ def render_hurdle(out: str | Path, result: dict) -> dict:
     return result
 
 
-def _mean_std(rows: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
-    a = np.asarray(rows, dtype=np.float64)
-    return a.mean(0), a.std(0)
-
-
 def render_sweep(figure: str | Path) -> Path | None:
     """The (weight x temperature) heatmap of one ``knnlm`` stage, from the ``sweep.json``
     saved beside where it goes. None when that file is not there."""
@@ -106,7 +100,8 @@ def render_sweep(figure: str | Path) -> Path | None:
     d = json.loads(data_file.read_text())
     return F.plot_sweep_heatmap(
         d["weights"], d["temperatures"], d["valid"], figure,
-        title=f"kNN-LM valid perplexity (k={d['k']})", lm_ppl=d["lm_ppl"],
+        title=f"kNN-LM valid perplexity, LM seed {d.get('seed', '?')} (k={d['k']})",
+        lm_ppl=d["lm_ppl"],
     )  # fmt: skip
 
 

@@ -12,13 +12,12 @@ from typing import Any
 
 from knnlm.report.claims import (
     HURDLE_FIRST_PART,
-    KL_MEAN_MAX,
     MEMORY_STORAGE_MAX,
     early_gaps,
-    gap_share,
     storage_fractions,
 )
-from knnlm.report.tables import fmt_number, fmt_pm, markdown_table, settings_line
+from knnlm.report.claims_projection import KL_MEAN_MAX, gap_share
+from knnlm.report.tables import fmt_number, fmt_pm, markdown_table, settings_table
 
 
 def _f(x: Any, fmt: str = ".2f") -> str:
@@ -44,7 +43,7 @@ def _figure(figs: Mapping[str, Any], key: str, alt: str) -> str:
 
 
 def _settings(s: Mapping[str, Any] | None) -> str:
-    return f"Settings: {settings_line(s)}\n\n" if s else ""
+    return f"Settings:\n\n{settings_table(s)}\n\n" if s else ""
 
 
 # ----------------------------------------------------------------------------- Section 2
@@ -88,7 +87,9 @@ def knnlm_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
         "read on test. w is the weight on p_knn (the paper's λ = 1 - w).\n\n"
         f"{t1}\n\nPer seed:\n\n{t_seed}\n\n"
         + _settings(k.get("settings"))
-        + _figure(figs, "sweep", "valid perplexity over the weight x temperature sweep")
+        + _figure(
+            figs, "sweep", "valid perplexity over the weight x temperature sweep, first LM seed"
+        )
     )
 
 
@@ -101,37 +102,86 @@ def _capped(p: Mapping[str, Any], q: Mapping[str, Any]) -> str:
     return f"{_f(q.get('capped'))} of {_f(p.get('positions'))}"
 
 
+def _projection_rows(p: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(label, solve) for the paper's rule, the converged solve and its sensitivity rows."""
+    rows = [(f"{name}, paper's rule", p[key]) for key, name in _PROJ]
+    conv = p.get("converged") or {}
+    rows += [(f"{name}, converged", conv[key]) for key, name in _PROJ if key in conv]
+    rows += [(f"f(z*) {label}, converged", conv[key]) for key, label in (
+        ("proj_f_lm_head", "without final norm"),
+        ("proj_f_target_first", "for KL[p_knnlm ‖ f(z)]"),
+    ) if key in conv]  # fmt: skip
+    return rows
+
+
+def width_text(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
+    """Section 3 against model width (``reproduce --width-study``), or why it is absent."""
+    w = r.get("width_study")
+    if not w or not w.get("rows"):
+        return ("Width study: not run (`knnlm reproduce --width-study 64,128,256`; the paper's "
+                "claim is made at d = 1024).\n\n")  # fmt: skip
+    rows = [
+        [row["d"], row.get("params"), row["lm"], row["knnlm"]]
+        + [None if row[k]["share"] is None else f"{_f(100 * row[k]['share'], '.0f')}%"
+           for k in ("proj_f", "proj_fg")]
+        + [row["proj_f"]["kl_mean"], row["proj_f"]["kl_init_mean"]]
+        for row in w["rows"]
+    ]  # fmt: skip
+    table = markdown_table(
+        ["d", "parameters", "LM", "kNN-LM", "f(z*) closes", "f∘g(z*) closes", "KL f(z*)",
+         "starting KL"],
+        rows, floatfmt=["", "", ".2f", ".2f", "", "", ".4f", ".4f"], align=["r"] * 8,
+    )  # fmt: skip
+    return (
+        f"**Width study.** The run's LM preset at each width d (LM seed {w.get('seed')}), each "
+        "with its own datastore and valid-tuned kNN-LM, Eq. 2 solved to convergence on its "
+        f"test positions (the paper: d = 1024).\n\n{table}\n\n"
+        + _figure(figs, "width", "share of the gap closed and KL against width")
+    )
+
+
 def projection_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
     proj = r["projection"]
     p = proj["lr_0.1"]
     lm, knn = p["lm"]["perplexity"], p["knnlm"]["perplexity"]
+    rows = _projection_rows(p)
     t1 = markdown_table(
         ["model", "perplexity", "share of the LM -> kNN-LM gap closed"],
         [["LM", lm, None], ["kNN-LM", knn, None]]
-        + [[name, p[key]["perplexity"],
-            None if lm == knn else f"{_f(100 * gap_share(lm, p[key]['perplexity'], knn), '.0f')}%"]
-           for key, name in _PROJ],
+        + [[name, q["perplexity"],
+            None if lm == knn else f"{_f(100 * gap_share(lm, q['perplexity'], knn), '.0f')}%"]
+           for name, q in rows],
         align=["l", "r", "r"],
     )  # fmt: skip
     t3 = markdown_table(
-        ["projection", "KL mean", "KL median", "steps (mean)", "steps (max)",
-         "positions at the step cap"],
-        [[name, p[key]["kl_mean"], p[key].get("kl_median"), p[key].get("steps_mean"),
-          p[key].get("steps_max"), _capped(p, p[key])] for key, name in _PROJ],
-        floatfmt=["", ".4f", ".4f", ".1f", "", ""],
-        align=["l", "r", "r", "r", "r", "r"],
+        ["solve", "KL mean", "KL median", "starting KL", "KL removed", "steps (mean)",
+         "positions at tolerance / at the cap"],
+        [[name, q["kl_mean"], q.get("kl_median"), q.get("kl_init_mean"),
+          None if q.get("kl_removed") is None else f"{_f(100 * q['kl_removed'], '.0f')}%",
+          q.get("steps_mean"),
+          f"{_f(q.get('at_tolerance'))} / {_f(q.get('capped'))} of {_f(p.get('positions'))}"]
+         for name, q in rows],
+        floatfmt=["", ".4f", ".4f", ".4f", "", ".1f", ""],
+        align=["l", "r", "r", "r", "r", "r", "r"],
     )  # fmt: skip
     md = (
         "## Capacity of the last layers (Section 3)\n\n"
         f"**Table 1.** Perplexity on the same {_f(p['positions'])} positions of "
         f"the {p.get('split', '?')} split (LM seed {p.get('seed', '?')}), kNN-LM at the "
-        "valid-tuned setting. Eq. 2 solved with Adam at lr 0.1; each position stops when its KL "
-        f"moves by less than the tolerance, or at the {_f(p.get('max_steps'))}-step cap.\n\n"
+        "valid-tuned setting. Eq. 2 solved twice: the paper's rule (Adam at lr 0.1, each position "
+        f"stops when its KL moves by less than the tolerance, or at the {_f(p.get('max_steps'))}"
+        "-step cap), and to convergence (L-BFGS, best z kept, relative KL change <= "
+        f"{_f((p.get('converged') or {}).get('tol'), 'g')}), which claim (b) reads. Sensitivity:"
+        ' f without its final norm (the paper\'s "last linear layer with softmax"), and the '
+        "other KL direction.\n\n"
         f"{t1}\n\n"
         f"**Table 3.** KL[f(z*) ‖ p_knnlm] at the solution, the quantity Eq. 2 minimises (the "
-        f"paper: mean under {KL_MEAN_MAX:g}).\n\n{t3}\n\n"
+        f"paper: mean under {KL_MEAN_MAX:g}; the KL[p_knnlm ‖ f(z)] row is in its own "
+        f"direction).\n\n{t3}\n\n"
         + _settings(p.get("settings"))
         + _figure(figs, "kl_hist", "per-position KL[f(z*) ‖ p_knnlm]")
+        + _figure(figs, "kl_solves", "KL against step: the paper's rule and the converged solve")
+        + width_text(r, figs)
     )
     q = proj.get("lr_0.001")
     if q:
@@ -203,7 +253,26 @@ def memory_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
         f"{fmt_pm([s for s in shares if s is not None], '.0f')}"
         f"{'%' if any(s is not None for s in shares) else ''} (the paper: the MLP does not "
         "fully close the gap on WikiText).\n\n"
-        f"Per seed:\n\n{t_seed}\n\n" + _settings(m.get("settings"))
+        f"Per seed:\n\n{t_seed}\n\n" + _control_line(per) + _settings(m.get("settings"))
+    )
+
+
+def _control_line(per: Sequence[Mapping[str, Any]]) -> str:
+    """Section 5's equal-compute control per seed (claim (d) needs the MLP below it)."""
+    rows = [(p.get("seed"), p.get("control") or {}) for p in per]
+    if not any(c.get("test") for _, c in rows):
+        return "No equal-compute control in this run.\n\n"
+    parts = [
+        f"seed {s}: {_f(c['test']['control'])} (w={_f(c.get('weight'), 'g')}, "
+        f"{_f((c.get('train') or {}).get('steps'))} steps)"
+        for s, c in rows
+        if c.get("test")
+    ]
+    return (
+        "Equal-compute control, the LM trained on for the MLP's optimiser steps and tokens and "
+        "interpolated like it (weight chosen on valid), test perplexity: "
+        + "; ".join(parts)
+        + ".\n\n"
     )
 
 
@@ -214,11 +283,10 @@ def _hurdle_lines(curve: Mapping[str, Any], higher: bool, what: str) -> str:
     gaps, used = early_gaps(curve, higher)
     if not gaps:
         return f"- {what}: no evaluation between step 0 and half of training.\n"
-    sign = "higher log-likelihood" if higher else "lower loss"
     return (
         f"- {what}: over steps {used[0]}..{used[-1]} ({len(used)} evaluations, step 0 "
-        f"excluded), the model without the last MLP has {sign} by "
-        f"{', '.join(_f(g, '.3f') for g in gaps)} on average per seed (positive = ahead).\n"
+        f"excluded), the advantage of the model without the last MLP (nats, positive = ahead) "
+        f"per seed: {', '.join(_f(g, '.3f') for g in gaps)}.\n"
     )
 
 
@@ -242,8 +310,41 @@ def hurdle_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
         md += _hurdle_lines(h["loss"], False, "natural-text training loss (Figure 5)")
     else:
         md += "- Natural-text training loss (Figure 5): not recorded in this run.\n"
-    md += "\n" + _figure(figs, "figure4", "Figure 4") + _figure(figs, "figure5", "Figure 5")
+    md += _horizon(h) + "\n"
+    md += _figure(figs, "figure4", "Figure 4") + _figure(figs, "figure5", "Figure 5")
+    md += _figure(figs, "hurdle_gaps_loglik", "per-seed gap, Macondo log-likelihood")
+    md += _figure(figs, "hurdle_gaps_loss", "per-seed gap, natural-text training loss")
     return md + _settings(h.get("settings"))
+
+
+def _meet(curve: Mapping[str, Any], higher: bool) -> str:
+    """Where the mean curves meet: the first evaluation after step 0 at which the model without
+    the last MLP stops being ahead, or that it stays ahead (or behind) throughout."""
+    steps = [int(x) for x in curve["steps"]]
+    a = [sum(col) / len(col) for col in zip(*curve["with_mlp"], strict=True)]
+    b = [sum(col) / len(col) for col in zip(*curve["without_mlp"], strict=True)]
+    gap = [(y - x) if higher else (x - y) for x, y in zip(a, b, strict=True)]
+    later = [(s, g) for s, g in zip(steps, gap, strict=True) if s > 0]
+    if not later:
+        return "no evaluation after step 0"
+    first_sign = later[0][1] > 0
+    for s, g in later:
+        if (g > 0) != first_sign:
+            return f"the mean curves cross at step {s} (the model without it {'falls behind' if first_sign else 'moves ahead'})"
+    return f"the mean curves do not cross: without the last MLP stays {'ahead' if first_sign else 'behind'} up to step {later[-1][0]}"
+
+
+def _horizon(h: Mapping[str, Any]) -> str:
+    """The run's training horizon next to the paper's, and where the curves meet."""
+    st = h.get("settings") or {}
+    out = (
+        f"- Horizon: {_f(st.get('steps'))} training steps, evaluated every "
+        f"{_f(st.get('eval_every'))} (the paper reads the first 4,000 steps of GPT-2 small, "
+        "evaluated every 1,000); Figure 4: " + _meet(h["loglik"], True)
+    )
+    if h.get("loss") is not None:
+        out += "; Figure 5: " + _meet(h["loss"], False)
+    return out + ".\n"
 
 
 # ----------------------------------------------------------------------------- the run

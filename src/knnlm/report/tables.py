@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from knnlm.errors import KnnlmError
+from knnlm.experiments.stats import mean_std
 
 MISSING = "–"  # en dash: a value that was not measured (None)
 CHECK = "✓"
@@ -145,9 +146,14 @@ def settings_line(settings: Mapping[str, Any]) -> str:
     Nested mappings are flattened with dotted keys ("index.nprobe=32"); floats keep their
     exact shortest representation so the line can be copied back into a command.
     """
+    return ", ".join(f"{k}={v}" for k, v in setting_pairs(settings))
+
+
+def setting_pairs(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(dotted key, exact value) of every leaf of ``settings``, in order."""
     if not isinstance(settings, Mapping):
         raise KnnlmError(f"settings must be a mapping, got {type(settings).__name__}")
-    parts: list[str] = []
+    parts: list[tuple[str, str]] = []
 
     def walk(prefix: str, d: Mapping[str, Any]) -> None:
         for k, v in d.items():
@@ -155,25 +161,22 @@ def settings_line(settings: Mapping[str, Any]) -> str:
             if isinstance(v, Mapping):
                 walk(key + ".", v)
             else:
-                parts.append(f"{key}={_setting_value(v)}")
+                parts.append((key, _setting_value(v)))
 
     walk("", settings)
-    return ", ".join(parts)
+    return parts
 
 
-def mean_std(values: Sequence[Any]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1) over seeds; std is None for one value.
-
-    None entries are dropped (a seed that did not report the value); no values -> (None, None).
-    """
-    vals = [float(_scalar(v)) for v in values if v is not None]
-    if not vals:
-        return None, None
-    mean = math.fsum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, None
-    var = math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-    return mean, math.sqrt(var)
+def settings_table(settings: Mapping[str, Any], pairs_per_row: int = 3) -> str:
+    """The settings as a compact table: ``pairs_per_row`` (setting, value) pairs per row."""
+    pairs = setting_pairs(settings)
+    rows = []
+    for i in range(0, len(pairs), pairs_per_row):
+        chunk = pairs[i : i + pairs_per_row]
+        chunk += [("", "")] * (pairs_per_row - len(chunk))
+        rows.append([x for k, v in chunk for x in ((f"`{k}`" if k else ""), v)])
+    return markdown_table(["setting", "value"] * pairs_per_row, rows,
+                          align=["l", "l"] * pairs_per_row)  # fmt: skip
 
 
 def fmt_pm(values: Sequence[Any], floatfmt: str = ".2f") -> str:
@@ -190,9 +193,9 @@ CLAIM_STATUSES = ("held", "not held", "untestable here")
 
 
 def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
-    """The paper's claims: claim | status (held / not held / untestable here) | criterion |
-    evidence."""
-    rows = []
+    """The paper's claims as a short table, claim | status (held / not held / untestable here),
+    then each claim's criterion and evidence below it."""
+    rows, details = [], []
     for i, c in enumerate(claims):
         missing = [k for k in ("claim", "status", "criterion", "evidence") if k not in c]
         if missing:
@@ -201,10 +204,13 @@ def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
             raise KnnlmError(
                 f"claim {i} has status {c['status']!r}; expected one of {CLAIM_STATUSES}"
             )
-        rows.append([str(c["claim"]), c["status"], c["criterion"], c["evidence"]])
-    return markdown_table(
-        ["Claim", "Status", "Criterion", "Evidence"], rows, align=["l", "l", "l", "l"]
-    )
+        rows.append([str(c["claim"]), c["status"]])
+        details.append(
+            f"- **{c['claim']}: {c['status']}.**\n  - Criterion: {c['criterion']}.\n"
+            f"  - Evidence: {c['evidence']}."
+        )
+    table = markdown_table(["Claim", "Status"], rows, align=["l", "l"])
+    return table + "\n\nDetails, per claim:\n\n" + "\n".join(details)
 
 
 def projection_tables(result: Mapping[str, Any]) -> str:

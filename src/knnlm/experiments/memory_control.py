@@ -1,0 +1,78 @@
+"""An equal-compute control for Section 5's MLP memory.
+
+Any extra model trained on the same tokens and interpolated with the LM at a weight tuned on
+valid tends to help an under-trained LM. The control continues training the whole LM on the
+train split for the MLP's number of optimiser steps and tokens per step (its tokens), then is
+interpolated with the LM exactly like the MLP: (1 - w) p_lm + w p_control, w chosen on valid
+from the MLP's weight grid, read on test. The MLP's gain is credited to "an MLP that maps keys
+to values" only where it also beats this control.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from knnlm.data.corpus import load_tokens, read_split, tokenize_text
+from knnlm.lm.loading import load_lm
+from knnlm.lm.train import TrainConfig, model_from_pretrained, train
+from knnlm.retrieval.knn import interpolate, perplexity
+from knnlm.scoring import score_stream
+
+
+def _target_log_probs(lm: Any, ids: np.ndarray, context_len: int, stride: int | None):
+    out = [b.lm_log_prob.float().cpu()
+           for b in score_stream(lm.model, ids, context_len, stride, progress=False)]  # fmt: skip
+    return torch.cat(out)
+
+
+def train_control(
+    model_dir: str, corpus: str, out: Path, *, steps: int, batch_tokens: int, context_len: int,
+    lr: float, seed: int,
+) -> dict:  # fmt: skip
+    """Continue training the LM at ``model_dir`` for ``steps`` steps of ``batch_tokens`` tokens
+    (whole blocks of ``context_len``) on the train split; saved to ``out``."""
+    model, tok = model_from_pretrained(model_dir, "cpu")  # trainable (load_lm freezes)
+    ids = tokenize_text(tok, read_split(corpus, "train"))
+    batch = max(1, batch_tokens // context_len)
+    res = train(
+        model, tok, ids,
+        TrainConfig(lr=lr, batch_size=batch, max_steps=steps, warmup_ratio=0.0, seed=seed,
+                    data_seed=seed + 1000, context_len=context_len, checkpoint_every=None),
+        out, progress=False,
+    )  # fmt: skip
+    return {"steps": res.steps, "tokens_per_step": batch * context_len, "lr": lr,
+            "final_loss": res.final_loss, "seconds": res.seconds,
+            "what": "the whole LM, training continued on the train split"}  # fmt: skip
+
+
+def control_perplexities(
+    lm: Any, control_dir: Path, corpus: str, lm_lp: dict[str, torch.Tensor],
+    weights: Sequence[float], context_len: int, stride: int | None,
+) -> dict:  # fmt: skip
+    """LM + control interpolated, its weight chosen on valid; ``lm_lp[split]`` the LM's
+    per-token log-probs of the split, in stream order."""
+    ctrl = load_lm(str(control_dir), device=str(lm.device))
+    grid: dict[str, list[float]] = {}
+    alone: dict[str, float] = {}
+    for split in ("valid", "test"):
+        ids = load_tokens(ctrl.tokenizer, corpus, split)
+        c_lp = _target_log_probs(ctrl, ids, context_len, stride)
+        if c_lp.shape != lm_lp[split].shape:
+            raise ValueError("the control scored other tokens than the LM")
+        n = len(c_lp)
+        alone[split] = perplexity(-float(c_lp.double().sum()), n)
+        grid[split] = [perplexity(-float(interpolate(lm_lp[split], c_lp, w).double().sum()), n)
+                       for w in weights]  # fmt: skip
+    best = int(np.argmin(grid["valid"]))
+    return {
+        "weight": float(weights[best]),
+        "weight_tuned_on": "valid",
+        "valid": {"control": grid["valid"][best], "control_alone": alone["valid"]},
+        "test": {"control": grid["test"][best], "control_alone": alone["test"]},
+        "weight_sweep": {"weights": list(weights), **grid},
+    }

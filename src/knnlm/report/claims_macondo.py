@@ -1,0 +1,137 @@
+"""Verdicts on Section 4 (Macondo): claim (c) for the kNN-LM and (c') for the MLP memory, with
+the same two premises and the same paired test over seeds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from knnlm.experiments.stats import mean_std, t_test_p
+from knnlm.report.tables import fmt_number, fmt_pm
+from knnlm.report.verdicts import HELD, NOT_HELD, UNTESTABLE, per_seed, verdict
+
+# Premise 1: the paper fine-tunes for 50 epochs (App. C), long enough that its LM knows the
+# training statements; its test shortfall (Fig. 1) is then a failure to generalise, not
+# under-training. We require the LM's mean log-likelihood of the children of its *training*
+# sentences to be at least log(1/n) - 0.5 nats for every n in every seed: on average each
+# child gets at least e^-0.5 ≈ 61% of the probability a perfect model gives it (it may exceed
+# log(1/n): the clause can single the child out).
+FIT_MARGIN_NATS = 0.5
+# Premise 2: there is a generalisation gap to close. Figure 1's LM sits far below log(1/n);
+# we require its mean test log-likelihood, averaged over n (and seeds), to be at least this far
+# below log(1/n). Otherwise the LM already generalises and a retrieval gain has nothing to show.
+GENERALISE_GAP_NATS = 0.5
+# The test: per seed, the paired gain (augmented minus LM test log-likelihood, averaged over n,
+# same seed and dataset); held if its mean over seeds is at least MACONDO_MIN_GAIN nats and a
+# one-sided t-test of mean > 0 gives p < MACONDO_P. The paper prints Table 5's numbers only as
+# an image in our copy; in Figure 1 the kNN-LM's dotted lines stand visibly apart from the LM's
+# on an axis where the log(1/n) reference lines are log(5/4) = 0.22 nats apart at the closest,
+# so a real gain is taken to be at least a quarter of that: 0.05 nats.
+MACONDO_MIN_GAIN = 0.05
+MACONDO_P = 0.05
+
+
+def _f(x: Any, fmt: str = ".2f") -> str:
+    return fmt_number(x, fmt)
+
+
+def _premises(m: Mapping[str, Any], claim: str, criterion: str) -> tuple[dict | None, str]:
+    """(an untestable verdict if a premise failed, the premises' evidence)."""
+    per, ns = per_seed(m), [str(n) for n in m["n_values"]]
+    fit = ", ".join(f"n={n}: {fmt_pm([p['train']['lm'][n] for p in per])}" for n in ns)
+    unfit = [
+        (p.get("seed"), n, p["train"]["lm"][n])
+        for p in per
+        for n in ns
+        if not p["train"]["lm"][n] >= -math.log(int(n)) - FIT_MARGIN_NATS
+    ]
+    if unfit:
+        seed, n, v = unfit[0]
+        return verdict(
+            claim, UNTESTABLE, criterion,
+            f"premise failed, the LM did not fit its training facts: {len(unfit)} (seed, n) "
+            f"pair(s) below log(1/n) - {FIT_MARGIN_NATS:g}, e.g. seed {seed}, n={n}: {_f(v)} < "
+            f"{_f(-math.log(int(n)) - FIT_MARGIN_NATS)}. LM train log-likelihood: {fit}",
+        ), fit  # fmt: skip
+    below = [-math.log(int(n)) - mean_std([p["test"]["lm"][n] for p in per])[0] for n in ns]
+    gap = sum(below) / len(below)
+    text = (
+        f"LM train log-likelihood: {fit}; LM test log-likelihood below log(1/n) by "
+        f"{', '.join(_f(b) for b in below)} nats (n = {', '.join(ns)}), {_f(gap)} on average"
+    )
+    if not gap >= GENERALISE_GAP_NATS:
+        return verdict(
+            claim, UNTESTABLE, criterion,
+            f"untestable here: the LM already generalises ({text}; needs >= "
+            f"{GENERALISE_GAP_NATS:g})",
+        ), text  # fmt: skip
+    if len(per) < 2:
+        return verdict(claim, UNTESTABLE, criterion, f"one seed: no paired test. {text}"), text
+    return None, text
+
+
+def paired_gains(m: Mapping[str, Any], model: str) -> list[float]:
+    """Per seed: ``model`` minus LM test log-likelihood, averaged over n."""
+    ns = [str(n) for n in m["n_values"]]
+    return [
+        sum(p["test"][model][n] - p["test"]["lm"][n] for n in ns) / len(ns) for p in per_seed(m)
+    ]
+
+
+def _judge(m: Mapping[str, Any], model: str, claim: str, criterion: str) -> dict:
+    failed, premises = _premises(m, claim, criterion)
+    if failed:
+        return failed
+    gains = paired_gains(m, model)
+    mean, _ = mean_std(gains)
+    p = t_test_p(gains)
+    ok = mean >= MACONDO_MIN_GAIN and p < MACONDO_P
+    ns = [str(n) for n in m["n_values"]]
+    per_n = "; ".join(
+        f"n={n}: {fmt_pm([q['test'][model][n] - q['test']['lm'][n] for q in per_seed(m)], '.3f')}"
+        for n in ns
+    )
+    tuned = [q.get("tuned") or {} for q in per_seed(m)]
+    how = (
+        "retrieval tuned on a dev share of the test parents, read on the rest"
+        if all(t.get("tuned_on") == "dev" for t in tuned)
+        else "retrieval at fixed settings (not tuned)"
+    )
+    evidence = (
+        f"paired test gain {model} - LM (nats, averaged over n) per seed "
+        f"{', '.join(_f(g, '.3f') for g in gains)}: mean {_f(mean, '.3f')}, one-sided t-test "
+        f"p = {_f(p, '.3g')} over {len(gains)} seeds; per n: {per_n}; {how}. {premises}"
+    )
+    return verdict(claim, HELD if ok else NOT_HELD, criterion, evidence)
+
+
+def _criterion(what: str) -> str:
+    return (
+        f"premises: the fine-tuned LM fitted its training facts (train log-likelihood of the "
+        f"children >= log(1/n) - {FIT_MARGIN_NATS:g} nats for every n in every seed) and fails "
+        f"to generalise (mean test log-likelihood >= {GENERALISE_GAP_NATS:g} nats below log(1/n),"
+        f" averaged over n); held if the paired test gain of {what} over the LM (averaged over "
+        f"n, per seed) has mean >= {MACONDO_MIN_GAIN:g} nats and a one-sided t-test over seeds "
+        f"p < {MACONDO_P:g}"
+    )
+
+
+CLAIM_C = (
+    "(c) on Macondo the kNN-LM generalises from over-specified training sentences better than "
+    "the LM (Section 4)"
+)
+CRITERION_C = _criterion("the kNN-LM")
+CLAIM_C_MLP = (
+    "(c') on Macondo the MLP memory trained on the datastore generalises better than the LM, "
+    "like the kNN-LM (Section 5 on Section 4's data)"
+)
+CRITERION_C_MLP = _criterion("LM + MLP memory")
+
+
+def claim_overspec(r: Mapping[str, Any]) -> dict:
+    return _judge(r["macondo"], "knnlm", CLAIM_C, CRITERION_C)
+
+
+def claim_overspec_mlp(r: Mapping[str, Any]) -> dict:
+    return _judge(r["macondo"], "mlp", CLAIM_C_MLP, CRITERION_C_MLP)
