@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import QUIET, quiet_libraries
+from knnlm.cli.common import QUIET, SEARCH, quiet_libraries
 
 # Sizes small enough for a test of the whole pipeline (a minute or two on 2 cores): the
 # embedded slice cut short, two LM seeds, a few steps everywhere.
@@ -63,6 +63,7 @@ def reproduce_cmd(
         None, "--seeds", help="Seeds for every part (LMs, Macondo, hurdle)."
     ),
     k: int | None = typer.Option(None, "--k", help="Neighbours per query."),
+    search: str = SEARCH,
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs of the LM trained here."),
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help="Test-sized run."),
     quiet: bool = QUIET,
@@ -79,7 +80,7 @@ def reproduce_cmd(
         raise KnnlmError("--quick and --preset paper are different scales; choose one")
     scale = "paper" if preset == "paper" else ("corpus" if corpus and not quick else "quick")
     overrides = dict(TINY) if tiny else {}
-    given = dict(corpus=corpus, model=model, k=k, lm_epochs=epochs, lm_seeds=seeds,
+    given = dict(corpus=corpus, model=model, k=k, search=search, lm_epochs=epochs, lm_seeds=seeds,
                  macondo_seeds=seeds, hurdle_seeds=seeds)  # fmt: skip
     overrides.update({key: v for key, v in given.items() if v is not None})
     cfg = ReproduceConfig.for_scale(scale, **overrides)

@@ -188,7 +188,7 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
             ds = ds_res["datastore"]
             knn_res = pipe.run(
                 f"knnlm-{seed}",
-                pick("k", "nprobe", "sweep_weights", "sweep_temperatures"),
+                pick("k", "nprobe", "search", "sweep_weights", "sweep_temperatures"),
                 [f"datastore-{seed}"],
                 lambda art, model=model, ds=ds: nt.stage_knnlm(cfg, model, corpus, ds, art),
             )

@@ -24,6 +24,7 @@ from typing import Any
 from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo_settings import MACONDO_MEMORY
 from knnlm.lm.presets import get_preset
+from knnlm.retrieval.backend import check_search
 
 PAPER_SETTING = {"knn_weight": 0.25, "temperature": 1.0}
 
@@ -60,6 +61,7 @@ class ReproduceConfig:
     index_nlist: int | None = None  # None: the index module's default (~4 sqrt(N))
     index_train_size: int | None = None
     nprobe: int | None = None
+    search: str = "auto"  # exact | faiss | auto (knnlm.retrieval.backend)
     projection_positions: int = 1000
     projection_max_steps: int = 500
     memory_hidden: int = 4096
@@ -106,6 +108,7 @@ class ReproduceConfig:
             raise KnnlmError("the natural-text part needs --corpus DIR (or an hf: dataset spec)")
         if base.lm_seeds < 1 or base.macondo_seeds < 1 or base.hurdle_seeds < 1:
             raise KnnlmError("every part needs at least one seed")
+        check_search(base.search)
         return base
 
 
