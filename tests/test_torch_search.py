@@ -67,6 +67,9 @@ def test_equals_float64_brute_force(metric, file_dtype, exclude, streamed):
         check_against(nb, d_ref, 20)
         rows = nb.rows.numpy()
         assert (nb.values.numpy() == values[rows]).all()
+        assert (
+            nb.distances.dtype == torch.float32 and nb.rows.dtype == nb.values.dtype == torch.int64
+        )
 
 
 @pytest.mark.parametrize("key_dtype", ["float16", "bfloat16"])
