@@ -306,8 +306,8 @@ def test_fingerprint_covers_dtype_and_every_weight_byte(tiny_lm_dir, tmp_path, m
     assert load_lm(str(model_dir), dtype="bfloat16").fingerprint != fp32
     assert (model_dir / loading.HASH_CACHE).is_file()
     hashed = []
-    real = loading._file_sha256
-    monkeypatch.setattr(loading, "_file_sha256", lambda p: hashed.append(p) or real(p))
+    real = loading.file_sha256
+    monkeypatch.setattr(loading, "file_sha256", lambda p: hashed.append(p) or real(p))
     assert load_lm(str(model_dir)).fingerprint == fp32 and hashed == []  # cached
     # One byte in the middle of the weights (outside the first and last MiB when large).
     f = model_dir / "model.safetensors"

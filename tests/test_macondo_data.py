@@ -11,13 +11,12 @@ from collections import Counter, defaultdict
 import pytest
 
 from knnlm.data.macondo import (
-    Attribute,
-    choice_of,
     generate_macondo,
     load_macondo,
     non_single_token_children,
     write_macondo,
 )
+from knnlm.data.macondo_attributes import Attribute, choice_of
 from knnlm.data.names import (
     NameList,
     default_given_names,
@@ -26,6 +25,7 @@ from knnlm.data.names import (
     single_token_names,
 )
 from knnlm.errors import KnnlmError
+from knnlm.lm.tokenizer import tokenizer_view
 
 NAME = r"[A-Za-z]+"
 FULL = rf"{NAME} {NAME}"
@@ -160,7 +160,7 @@ def test_custom_attributes():
         generate_macondo(attributes=[bad])
     with pytest.raises(KnnlmError, match="distinct"):
         generate_macondo(attributes=[pets, pets])
-    from knnlm.data.macondo import MARRIAGE_YEAR
+    from knnlm.data.macondo_attributes import MARRIAGE_YEAR
 
     with pytest.raises(KnnlmError, match="birth_year"):
         generate_macondo(attributes=[MARRIAGE_YEAR])
@@ -173,24 +173,27 @@ def test_single_token_children_under_word_level_tokenizer():
     given = list(default_given_names().names)
     vocab = given[::10][:320]  # 320 single-token names; every other name maps to [UNK]
     tok = _word_level(vocab)
-    ds = generate_macondo(seed=0, tokenizer=tok)
+    ds = generate_macondo(seed=0, tokenizer=tokenizer_view(tok))
     kids = {r["child"] for r in ds.test}
     assert len(kids) == 300 and kids <= set(vocab)
     assert all(len(tok.tokenize(" " + k)) == 1 for k in kids)
     assert ds.meta["tokenizer"]["kind"] == "transformers"
     assert ds.meta["names"]["single_token_candidates"] == 320
-    assert non_single_token_children(ds, tok) == []
-    assert non_single_token_children(ds, _word_level(vocab[:10])) != []
+    assert non_single_token_children(ds, tokenizer_view(tok)) == []
+    assert non_single_token_children(ds, tokenizer_view(_word_level(vocab[:10]))) != []
     with pytest.raises(KnnlmError, match=r"only 299 .* 300 distinct"):
-        generate_macondo(seed=0, tokenizer=_word_level(vocab[:299]))
+        generate_macondo(seed=0, tokenizer=tokenizer_view(_word_level(vocab[:299])))
+    with pytest.raises(KnnlmError, match="tokenizer_view"):
+        generate_macondo(seed=0, tokenizer=tok)  # the data layer never loads a tokenizer
 
 
 def test_unknown_token_is_not_a_single_token():
     tok = _word_level(["Aaron"])
     # "Zzyzx" encodes as one id after "of", but that id is [UNK]:
     assert tok("of Zzyzx", add_special_tokens=False)["input_ids"] == [1, 0]
-    assert single_token_names(tok, ["Zzyzx", "Aaron"]) == ["Aaron"]
-    assert single_token_names(tok.backend_tokenizer, ["Zzyzx", "Aaron"]) == ["Aaron"]
+    assert single_token_names(tokenizer_view(tok), ["Zzyzx", "Aaron"]) == ["Aaron"]
+    raw = tokenizer_view(tok.backend_tokenizer)
+    assert single_token_names(raw, ["Zzyzx", "Aaron"]) == ["Aaron"]
 
 
 def test_single_token_names_under_trained_bpe(tmp_path):
@@ -202,16 +205,15 @@ def test_single_token_names_under_trained_bpe(tmp_path):
     tok = train_bpe_tokenizer(lines + [f"of {n}\n" for n in rare], vocab_size=700)
     everyone = frequent + rare
     expected = [n for n in everyone if len(tok.encode(" " + n, add_special_tokens=False)) == 1]
-    got = single_token_names(tok, everyone)
+    got = single_token_names(tokenizer_view(tok), everyone)
     assert got == expected
     assert len(set(got) & set(frequent)) >= 30 and len(got) < len(everyone)
     save_tokenizer(tok, tmp_path)
-    assert single_token_names(str(tmp_path), everyone) == expected
+    view = tokenizer_view(str(tmp_path))
+    assert single_token_names(view, everyone) == expected
     with pytest.raises(KnnlmError, match=r"only \d+ of \d+ given names .* 300 distinct"):
-        generate_macondo(tokenizer=str(tmp_path))
-    ds = generate_macondo(
-        tokenizer=str(tmp_path), n_villagers=40, n_parents_per_count=2, max_children=3
-    )
+        generate_macondo(tokenizer=view)
+    ds = generate_macondo(tokenizer=view, n_villagers=40, n_parents_per_count=2, max_children=3)
     assert {r["child"] for r in ds.test} <= set(expected)
     assert ds.meta["tokenizer"]["name"] == str(tmp_path)
 
@@ -224,9 +226,9 @@ def test_tiktoken_unavailable_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(KnnlmError, match="tiktoken"):
-        generate_macondo(tokenizer="tiktoken-gpt2")
+        tokenizer_view("tiktoken-gpt2")
     with pytest.raises(KnnlmError, match="neither"):
-        generate_macondo(tokenizer="/no/such/tokenizer")
+        tokenizer_view("/no/such/tokenizer")
 
 
 # --- name sources -------------------------------------------------------------------------

@@ -171,11 +171,12 @@ def test_memory_weight_from_valid_and_its_test_number(run):
 def test_macondo_uses_the_seed0_lm_and_its_tokenizer(run):
     from knnlm.data.macondo import load_macondo, non_single_token_children
     from knnlm.lm.loading import load_tokenizer
+    from knnlm.lm.tokenizer import tokenizer_view
 
     out, r = run
     mac = r["macondo"]
     assert mac["settings"]["model"] == r["lm"][0]["model"]
-    tok = load_tokenizer(r["lm"][0]["model"])
+    tok = tokenizer_view(load_tokenizer(r["lm"][0]["model"]))
     for s in mac["seeds"]:
         ds = load_macondo(out / "artifacts" / "macondo" / f"seed-{s}" / "data")
         assert non_single_token_children(ds, tok) == []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +36,38 @@ from knnlm.errors import KnnlmError
 
 ARTIFACT_KEY = "knnlm_artifact"
 TEMP_MARKER = ".knnlm-temp.json"  # inside a temporary folder while it is being written
+
+
+# -- fingerprints ----------------------------------------------------------------------
+
+
+def sha256_hex(data: Any) -> str:
+    """Full sha256 hex digest of ``data`` (bytes, or any buffer such as a contiguous array)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def short_sha256(data: Any) -> str:
+    """The first 16 hex digits of sha256: enough to tell artifacts and settings apart."""
+    return sha256_hex(data)[:16]
+
+
+def fingerprint(data: Any) -> str:
+    """``"sha256:"`` + :func:`short_sha256`, the form recorded in every artifact's metadata."""
+    return "sha256:" + short_sha256(data)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The bytes a settings object is fingerprinted by: sorted keys, str() for non-JSON."""
+    return json.dumps(obj, sort_keys=True, default=str).encode()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Full sha256 hex digest of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # -- single files ----------------------------------------------------------------------

@@ -8,11 +8,10 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from knnlm.errors import KnnlmError
-from knnlm.lm.adapters import Adapter
+from knnlm.lm.adapters import Adapter, position_limit
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.knn import interpolate
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import position_limit
 
 
 class KnnLogitsProcessor(LogitsProcessor):

@@ -17,21 +17,7 @@ from tqdm.auto import tqdm
 
 from knnlm.data.windows import Window, make_windows
 from knnlm.errors import KnnlmError
-from knnlm.lm.adapters import Adapter
-
-# Config fields that bound the positions a model can read (learned tables, or the length a
-# rotary model was configured for; the first one present wins).
-_POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
-
-
-def position_limit(model: torch.nn.Module) -> tuple[int, str] | None:
-    """(limit, config field) of the longest sequence ``model`` accepts, or None when unknown."""
-    config = getattr(model, "config", None)
-    for name in _POSITION_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value, name
-    return None
+from knnlm.lm.adapters import Adapter, position_limit
 
 
 def check_context_len(model: torch.nn.Module, context_len: int) -> None:

@@ -176,7 +176,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "datastore_resume_skips_a_batch",
         "a resumed build starts one batch after the last recorded one",
-        "build_datastore",
+        "_write_rows",
         '["batches_done"]))',
         '["batches_done"]) + 1)',
         f"{ENGINE}::test_datastore_resume_is_byte_identical",

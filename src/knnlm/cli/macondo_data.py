@@ -55,6 +55,7 @@ def generate(
 ) -> None:
     """Generate Macondo (or Macondo-Conv) into --out: train/test .jsonl and .txt, meta.json."""
     from knnlm.data.macondo import generate_macondo, write_macondo
+    from knnlm.lm.tokenizer import tokenizer_view
 
     if tokenizer is not None and not tokenizer.startswith("tiktoken-"):
         from knnlm.cli.common import quiet_libraries
@@ -62,7 +63,7 @@ def generate(
         quiet_libraries()
     ds = generate_macondo(
         seed=seed,
-        tokenizer=tokenizer,
+        tokenizer=None if tokenizer is None else tokenizer_view(tokenizer),
         given_names=list(given_names) if given_names else None,
         surnames=list(surnames) if surnames else None,
         n_villagers=villagers,

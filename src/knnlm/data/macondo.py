@@ -10,9 +10,9 @@ Macondo-Conv (``conv=True``) is the chat version used with hosted fine-tuning: 1
 with 2 children each, "User: Who is the child of [villager], the one who [desc]? Assistant:
 [child]."
 
-Attributes are data: a list of :class:`Attribute` records (name, clause template, sampler).
-Each villager gets one fixed value per attribute, sampled once, so every sentence about a
-villager agrees with every other.
+Attributes are data (``knnlm.data.macondo_attributes``): a list of ``Attribute`` records (name,
+clause template, sampler). Each villager gets one fixed value per attribute, sampled once, so
+every sentence about a villager agrees with every other.
 """
 
 from __future__ import annotations
@@ -22,21 +22,26 @@ import math
 import os
 import random
 import shutil
-import string
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from knnlm.data.macondo_attributes import (
+    DEFAULT_ATTRIBUTES,
+    Attribute,
+    SampleContext,
+    check_attributes,
+)
 from knnlm.data.names import (
     NameList,
+    TokenizerView,
     default_given_names,
     default_surnames,
     resolve_names,
     single_token_names,
-    tokenizer_view,
 )
 from knnlm.errors import KnnlmError
 
@@ -49,117 +54,6 @@ CONV_TRAIN_QUESTION = "Who is the child of {villager}, the one who {desc}?"
 CONV_TEST_QUESTION = "Who is the child of {villager}?"
 # The text right before the child: the single-token test encodes the child after it.
 CHILD_CONTEXT = {False: "of", True: "Assistant:"}
-
-
-# --- attributes ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SampleContext:
-    """What a sampler may look at: the seeded RNG, the villager, and its earlier attributes."""
-
-    rng: random.Random
-    index: int
-    villagers: Sequence[str]
-    values: Mapping[str, str]
-
-
-Sampler = Callable[[SampleContext], Any]
-
-
-@dataclass(frozen=True)
-class Attribute:
-    """One attribute: ``template`` is a verb phrase with one ``{field}`` filled by ``sampler``.
-
-    Samplers run in list order per villager, so a sampler can depend on attributes listed
-    before it (marriage year needs the birth year).
-    """
-
-    name: str
-    template: str
-    sampler: Sampler = field(compare=False)
-
-    @property
-    def field_name(self) -> str:
-        fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
-        if len(fields) != 1 or not fields[0].isidentifier():
-            raise KnnlmError(
-                f"attribute {self.name!r}: template {self.template!r} needs exactly one "
-                "named placeholder such as {year}"
-            )
-        return fields[0]
-
-    def render(self, value: str) -> str:
-        return self.template.format_map({self.field_name: value})
-
-
-def year_between(lo: int, hi: int) -> Sampler:
-    return lambda ctx: ctx.rng.randint(lo, hi)
-
-
-def choice_of(options: Sequence[str]) -> Sampler:
-    options = tuple(options)
-    return lambda ctx: ctx.rng.choice(options)
-
-
-def other_villager(ctx: SampleContext) -> str:
-    """Uniform over every villager except this one."""
-    n = len(ctx.villagers)
-    if n < 2:
-        raise KnnlmError("the friend attribute needs at least 2 villagers")
-    j = ctx.rng.randrange(n - 1)
-    return ctx.villagers[j + (j >= ctx.index)]
-
-
-def marriage_year(ctx: SampleContext, latest: int = 2023, min_age: int = 18) -> int:
-    """Between 1800 and 2023, and at least 18 years after the villager's birth year."""
-    if "birth_year" not in ctx.values:
-        raise KnnlmError("the marriage_year attribute needs birth_year listed before it")
-    lo = max(1800, int(ctx.values["birth_year"]) + min_age)
-    if lo > latest:
-        raise KnnlmError(f"birth year {ctx.values['birth_year']} leaves no marriage year")
-    return ctx.rng.randint(lo, latest)
-
-
-TOWNS = (
-    "Aracataca", "Barranquilla", "Cartagena", "Fonseca", "Manaure", "Mompox",
-    "Riohacha", "Santa Marta", "Sincelejo", "Soledad", "Turbaco", "Valledupar",
-)  # fmt: skip
-OCCUPATIONS = (
-    "baker", "blacksmith", "butcher", "carpenter", "doctor", "farmer", "fisherman",
-    "goldsmith", "merchant", "miller", "musician", "painter", "potter", "sailor",
-    "shepherd", "shoemaker", "tailor", "teacher", "weaver",
-)  # fmt: skip
-HOBBIES = (
-    "chess", "cooking", "dancing", "fishing", "gardening", "hunting", "painting",
-    "poetry", "riding", "singing", "swimming", "walking",
-)  # fmt: skip
-
-BIRTH_YEAR = Attribute("birth_year", "was born in {year}", year_between(1800, 2005))
-FRIEND = Attribute("friend", "was a friend of {villager}", other_villager)
-MARRIAGE_YEAR = Attribute("marriage_year", "married in {year}", marriage_year)
-# The paper's other three attributes are lost from our copy; these are of the same kind:
-# fixed facts about the villager that say nothing about who the children are.
-TOWN = Attribute("town", "lived in {town}", choice_of(TOWNS))
-OCCUPATION = Attribute("occupation", "worked as a {occupation}", choice_of(OCCUPATIONS))
-HOBBY = Attribute("hobby", "liked {hobby}", choice_of(HOBBIES))
-DEFAULT_ATTRIBUTES: tuple[Attribute, ...] = (
-    BIRTH_YEAR, FRIEND, MARRIAGE_YEAR, TOWN, OCCUPATION, HOBBY,
-)  # fmt: skip
-
-
-def _check_attributes(attributes: Sequence[Attribute]) -> list[Attribute]:
-    attributes = list(attributes)
-    if not attributes:
-        raise KnnlmError("at least one attribute is needed")
-    names = [a.name for a in attributes]
-    if len(set(names)) != len(names):
-        raise KnnlmError(f"attribute names must be distinct: {names}")
-    for a in attributes:
-        if not isinstance(a, Attribute):
-            raise KnnlmError(f"attributes must be Attribute records, got {type(a).__name__}")
-        a.field_name  # noqa: B018 - validates the template
-    return attributes
 
 
 # --- the dataset --------------------------------------------------------------------------
@@ -229,7 +123,7 @@ def _tokenizer_label(info: dict[str, Any] | None) -> str:
 
 def generate_macondo(
     seed: int = 0,
-    tokenizer: Any = None,
+    tokenizer: TokenizerView | None = None,
     given_names: Any = None,
     surnames: Any = None,
     attributes: Sequence[Attribute] | None = None,
@@ -243,79 +137,33 @@ def generate_macondo(
     """Generate Macondo (defaults: 500 villagers, 20 parents with each of 1..5 children, 5
     sentences per pair) or Macondo-Conv (``conv=True``: 125 villagers with 2 children each).
 
-    ``tokenizer``: a HF tokenizer, a local model/tokenizer directory, ``"tiktoken-gpt2"``, or
-    ``None`` (children's names are then only required to be single words). ``given_names`` /
+    ``tokenizer``: the single-token check's view of the tokenizer in use
+    (``knnlm.lm.tokenizer.tokenizer_view`` of a HF tokenizer, a local model/tokenizer directory
+    or ``"tiktoken-gpt2"``), or ``None`` (children's names are then only required to be single
+    words). ``given_names`` /
     ``surnames``: name file path(s) or a :class:`NameList`; ``None`` uses the built-in Census
     lists of the ``names`` package. Same arguments and seed give the same dataset.
     """
     n_villagers, per_count, counts = _sizes(
         conv, n_villagers, n_parents_per_count, min_children, max_children, sentences_per_pair
     )
-    attrs = _check_attributes(DEFAULT_ATTRIBUTES if attributes is None else attributes)
+    attrs = check_attributes(DEFAULT_ATTRIBUTES if attributes is None else attributes)
     given: NameList = resolve_names(given_names, default_given_names)
     sur: NameList = resolve_names(surnames, default_surnames)
-    view = None if tokenizer is None else tokenizer_view(tokenizer)
-    info = None if view is None else view.info
     rng = random.Random(seed)
-
-    # Children first: single-token names are the scarce resource.
-    candidates = single_token_names(view, given.names, CHILD_CONTEXT[conv])
-    n_kids = sum(counts)
-    if len(candidates) < n_kids:
-        raise KnnlmError(
-            f"only {len(candidates)} of {len(given)} given names are single tokens under "
-            f"{_tokenizer_label(info)}, but {n_kids} distinct children's names are needed; "
-            "pass a longer given-name list, another tokenizer, or fewer parents"
-        )
-    children = rng.sample(candidates, n_kids)
-    taken = set(children)
-    # No villager may share a given name (or surname) with a child: the child's name must
-    # identify the child alone.
-    pool = [n for n in given.names if n not in taken]
-    sur_pool = [s for s in sur.names if s not in taken]
-    if len(pool) * len(sur_pool) < n_villagers:
-        raise KnnlmError(
-            f"{len(pool)} given names x {len(sur_pool)} surnames left after choosing the "
-            f"children give fewer than {n_villagers} distinct full names"
-        )
-    picks = rng.sample(range(len(pool) * len(sur_pool)), n_villagers)
-    full = [(pool[i // len(sur_pool)], sur_pool[i % len(sur_pool)]) for i in picks]
+    # One rng, drawn in this order: children, villagers, attributes, parents, sentences.
+    children, n_candidates = _pick_children(rng, tokenizer, given, sum(counts), conv)
+    full = _pick_villagers(rng, given, sur, set(children), n_villagers)
     names = [f"{g} {s}" for g, s in full]
-
-    values: list[dict[str, str]] = []
-    for i in range(n_villagers):
-        vals: dict[str, str] = {}
-        for a in attrs:
-            vals[a.name] = str(a.sampler(SampleContext(rng, i, names, MappingProxyType(vals))))
-            if "\n" in a.render(vals[a.name]):
-                raise KnnlmError(f"attribute {a.name!r} produced a line break")
-        values.append(vals)
-
+    values = _sample_attributes(rng, attrs, names)
     parents = rng.sample(range(n_villagers), len(counts))
     kids_of: dict[int, list[str]] = {}
     start = 0
     for p, n in zip(parents, counts, strict=True):
         kids_of[p] = children[start : start + n]
         start += n
-
-    train, test = [], []
-    for p in parents:
-        villager, kids = names[p], kids_of[p]
-        for child in kids:
-            for _ in range(sentences_per_pair):
-                a = rng.choice(attrs)
-                desc = a.render(values[p][a.name])
-                rec = _record(villager, child, kids, conv, desc)
-                rec.update(attribute=a.name, desc=desc)
-                train.append(rec)
-            rec = _record(villager, child, kids, conv, None)
-            rec["children"] = list(kids)
-            test.append(rec)
-    # Shuffled so that a stream of consecutive lines does not put a sibling's sentence in
-    # the context of the next one.
-    rng.shuffle(train)
-    rng.shuffle(test)
-
+    train, test = _sentences(rng, parents, names, kids_of, values, attrs, conv,
+                             sentences_per_pair)  # fmt: skip
     villagers = [
         {
             "name": names[i],
@@ -336,7 +184,7 @@ def generate_macondo(
         "counts": {
             "villagers": n_villagers,
             "parents": len(counts),
-            "children": n_kids,
+            "children": len(children),
             "train": len(train),
             "test": len(test),
             "parents_by_n_children": by_count,
@@ -347,13 +195,91 @@ def generate_macondo(
         "names": {
             "given_names": given.source,
             "surnames": sur.source,
-            "single_token_candidates": len(candidates),
+            "single_token_candidates": n_candidates,
             "child_context": CHILD_CONTEXT[conv],
         },
-        "tokenizer": info,
+        "tokenizer": None if tokenizer is None else tokenizer.info,
         "perfect_log_likelihood": {n: perfect_log_likelihood(int(n)) for n in by_count},
     }
     return MacondoDataset(train=train, test=test, meta=meta, villagers=villagers)
+
+
+def _pick_children(
+    rng: random.Random, tokenizer: TokenizerView | None, given: NameList, n_kids: int, conv: bool
+) -> tuple[list[str], int]:
+    """Distinct single-token children's names (the scarce resource, so drawn first), and how
+    many given names were candidates."""
+    candidates = single_token_names(tokenizer, given.names, CHILD_CONTEXT[conv])
+    if len(candidates) < n_kids:
+        label = _tokenizer_label(None if tokenizer is None else tokenizer.info)
+        raise KnnlmError(
+            f"only {len(candidates)} of {len(given)} given names are single tokens under "
+            f"{label}, but {n_kids} distinct children's names are needed; "
+            "pass a longer given-name list, another tokenizer, or fewer parents"
+        )
+    return rng.sample(candidates, n_kids), len(candidates)
+
+
+def _pick_villagers(
+    rng: random.Random, given: NameList, sur: NameList, taken: set[str], n_villagers: int
+) -> list[tuple[str, str]]:
+    """Distinct (given name, surname) pairs. No villager shares a given name (or surname) with
+    a child: the child's name must identify the child alone."""
+    pool = [n for n in given.names if n not in taken]
+    sur_pool = [s for s in sur.names if s not in taken]
+    if len(pool) * len(sur_pool) < n_villagers:
+        raise KnnlmError(
+            f"{len(pool)} given names x {len(sur_pool)} surnames left after choosing the "
+            f"children give fewer than {n_villagers} distinct full names"
+        )
+    picks = rng.sample(range(len(pool) * len(sur_pool)), n_villagers)
+    return [(pool[i // len(sur_pool)], sur_pool[i % len(sur_pool)]) for i in picks]
+
+
+def _sample_attributes(
+    rng: random.Random, attrs: Sequence[Attribute], names: list[str]
+) -> list[dict[str, str]]:
+    """Each villager's value of every attribute, in villager order (samplers may read the
+    values drawn so far)."""
+    values: list[dict[str, str]] = []
+    for i in range(len(names)):
+        vals: dict[str, str] = {}
+        for a in attrs:
+            vals[a.name] = str(a.sampler(SampleContext(rng, i, names, MappingProxyType(vals))))
+            if "\n" in a.render(vals[a.name]):
+                raise KnnlmError(f"attribute {a.name!r} produced a line break")
+        values.append(vals)
+    return values
+
+
+def _sentences(
+    rng: random.Random,
+    parents: list[int],
+    names: list[str],
+    kids_of: dict[int, list[str]],
+    values: list[dict[str, str]],
+    attrs: Sequence[Attribute],
+    conv: bool,
+    sentences_per_pair: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train records (one random attribute clause each) and test records, shuffled so that a
+    stream of consecutive lines does not put a sibling's sentence in the next one's context."""
+    train, test = [], []
+    for p in parents:
+        villager, kids = names[p], kids_of[p]
+        for child in kids:
+            for _ in range(sentences_per_pair):
+                a = rng.choice(attrs)
+                desc = a.render(values[p][a.name])
+                rec = _record(villager, child, kids, conv, desc)
+                rec.update(attribute=a.name, desc=desc)
+                train.append(rec)
+            rec = _record(villager, child, kids, conv, None)
+            rec["children"] = list(kids)
+            test.append(rec)
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
 
 
 def _templates(conv: bool) -> dict[str, str]:
@@ -385,7 +311,7 @@ def _record(
     return rec
 
 
-def non_single_token_children(ds: MacondoDataset, tokenizer: Any) -> list[str]:
+def non_single_token_children(ds: MacondoDataset, tokenizer: TokenizerView) -> list[str]:
     """Children's names that are not one token under ``tokenizer`` (empty when all are)."""
     kids = sorted({r["child"] for r in ds.test})
     ok = set(single_token_names(tokenizer, kids, CHILD_CONTEXT[bool(ds.meta.get("conv"))]))

@@ -16,7 +16,6 @@ dropped) so that templates stay unambiguous; upper-case names are capitalised (`
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import re
 from collections.abc import Callable, Sequence
@@ -26,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import short_sha256
 
 # The Census surname list has 88,799 entries, most of them rare; the most common ones read
 # like the paper's "most common surnames" list.
 DEFAULT_N_SURNAMES = 1000
 _NAME_RE = re.compile(r"^[A-Za-z]{2,}$")
 _NUMBER_RE = re.compile(r"^[0-9.]+$")
-TIKTOKEN_PREFIX = "tiktoken-"
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def _read(path: Path) -> tuple[str, str]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise KnnlmError(f"name file {path} is not valid UTF-8 (byte {exc.start})") from None
-    return text, hashlib.sha256(data).hexdigest()[:16]
+    return text, short_sha256(data)
 
 
 def parse_names(text: str, origin: str = "<text>") -> list[str]:
@@ -166,91 +165,34 @@ def resolve_names(spec: Any, default: Callable[[], NameList]) -> NameList:
 
 @dataclass
 class TokenizerView:
-    """The little the generator needs from any tokenizer: batch encoding and the unk id."""
+    """The little the generator needs from any tokenizer: batch encoding and the unk id.
+
+    The layer that owns tokenizers builds one (``knnlm.lm.tokenizer.tokenizer_view``), so the
+    data layer never loads a tokenizer itself.
+    """
 
     encode_batch: Callable[[list[str]], list[list[int]]]
     unk_id: int | None
     info: dict[str, Any]
 
 
-def _load_tiktoken(name: str) -> TokenizerView:
-    encoding = name[len(TIKTOKEN_PREFIX) :]
-    try:
-        import tiktoken
-
-        enc = tiktoken.get_encoding(encoding)
-    except Exception as exc:  # no package, unknown encoding, or no network for the BPE file
-        raise KnnlmError(
-            f"cannot load tiktoken encoding {encoding!r} ({type(exc).__name__}); tiktoken "
-            "downloads its BPE file on first use: run once with network access, set "
-            "TIKTOKEN_CACHE_DIR to a cache that has it, or pass a local tokenizer directory"
-        ) from None
-    return _tiktoken_view(enc)
-
-
-def _tiktoken_view(enc: Any) -> TokenizerView:
-    """tiktoken has no unknown token: every byte string encodes."""
-    info = {
-        "name": f"{TIKTOKEN_PREFIX}{enc.name}",
-        "kind": "tiktoken",
-        "fingerprint": f"tiktoken:{enc.name}:{enc.n_vocab}",
-    }
-    return TokenizerView(enc.encode_ordinary_batch, None, info)
-
-
-def tokenizer_view(tokenizer: Any) -> TokenizerView:
-    """Accepts a HF tokenizer, a ``tokenizers.Tokenizer``, a tiktoken ``Encoding``, a local
-    tokenizer/model directory, or ``"tiktoken-<encoding>"`` such as ``"tiktoken-gpt2"``."""
-    if isinstance(tokenizer, (str, Path)):
-        name = str(tokenizer)
-        if name.startswith(TIKTOKEN_PREFIX):
-            return _load_tiktoken(name)
-        from knnlm.lm.loading import load_tokenizer
-
-        if not Path(name).expanduser().exists():
-            raise KnnlmError(f"tokenizer {name!r} is neither a local directory nor tiktoken-<name>")
-        tokenizer = load_tokenizer(name)
-        tokenizer.name_or_path = name
-    if hasattr(tokenizer, "encode_ordinary_batch"):  # tiktoken Encoding
-        return _tiktoken_view(tokenizer)
-    if hasattr(tokenizer, "encode_batch") and hasattr(tokenizer, "to_str"):  # tokenizers.Tokenizer
-        raw = tokenizer
-        unk = getattr(raw.model, "unk_token", None)
-        return TokenizerView(
-            lambda texts: [e.ids for e in raw.encode_batch(texts, add_special_tokens=False)],
-            raw.token_to_id(unk) if unk else None,
-            {
-                "name": None,
-                "kind": "tokenizers",
-                "fingerprint": "sha256:" + hashlib.sha256(raw.to_str().encode()).hexdigest()[:16],
-            },
-        )
-    if callable(tokenizer) and hasattr(tokenizer, "get_vocab"):  # transformers tokenizer
-        from knnlm.lm.loading import tokenizer_fingerprint
-
-        hf = tokenizer
-        return TokenizerView(
-            lambda texts: list(hf(texts, add_special_tokens=False)["input_ids"]),
-            hf.unk_token_id,
-            {
-                "name": getattr(hf, "name_or_path", None) or None,
-                "kind": "transformers",
-                "fingerprint": tokenizer_fingerprint(hf),
-            },
-        )
-    raise KnnlmError(f"unsupported tokenizer object of type {type(tokenizer).__name__}")
-
-
-def single_token_names(tokenizer: Any, names: Sequence[str], context: str = "of") -> list[str]:
+def single_token_names(
+    view: TokenizerView | None, names: Sequence[str], context: str = "of"
+) -> list[str]:
     """The names that are one token, not the unknown token, where they follow ``context + " "``.
 
     Encoding ``"of Aaron"`` and checking it is ``encode("of")`` plus one id is the same as
     asking whether ``" Aaron"`` is a single token for byte-level BPE (GPT-2, tiktoken), and
     stays right for tokenizers that add a prefix space (SentencePiece). One batch call.
+    ``view`` None: every single word counts.
     """
-    if tokenizer is None:
+    if view is None:
         return [n for n in names if n and not any(c.isspace() for c in n)]
-    view = tokenizer if isinstance(tokenizer, TokenizerView) else tokenizer_view(tokenizer)
+    if not isinstance(view, TokenizerView):
+        raise KnnlmError(
+            f"expected a TokenizerView, got {type(view).__name__}: "
+            "wrap the tokenizer with knnlm.lm.tokenizer.tokenizer_view"
+        )
     names = list(names)
     if not names:
         return []

@@ -28,8 +28,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,6 @@ from knnlm.experiments.hurdle_setup import (
     FULL,
     QUICK,
     _corpus_tokens,
-    _fingerprint,
     build_model,
     corpus_loss_fn,
     macondo_eval_fn,
@@ -50,7 +48,9 @@ from knnlm.experiments.hurdle_setup import (
     n_parameters,
     resolve_preset,
 )
-from knnlm.fileio import claim_work_dir, write_json_atomic
+from knnlm.fileio import canonical_json, claim_work_dir, fingerprint, write_json_atomic
+from knnlm.lm.loading import torch_threads
+from knnlm.retrieval.datastore import corpus_fingerprint
 
 FORMAT_VERSION = 1
 VARIANTS = ("with_mlp", "without_mlp")
@@ -234,19 +234,8 @@ def run_hurdle(
     """
     args = dict(locals())
     threads = args.pop("threads") or (1 if quick else None)
-    with _torch_threads(threads):
+    with torch_threads(threads):
         return _run_hurdle(**args)
-
-
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run_hurdle(
@@ -383,7 +372,12 @@ def _run_hurdle(
     texts = [r["text"] for r in ds.test]
     ctx = min(arch.context_len, 64)  # a sentence is ~10 tokens; no need for a long context
     mac = part_runs(
-        "macondo", mtok, texts, ctx, macondo_eval_fn(mtok, ds.test), _fingerprint(ds.test)
+        "macondo",
+        mtok,
+        texts,
+        ctx,
+        macondo_eval_fn(mtok, ds.test),
+        fingerprint(canonical_json(ds.test)),
     )
     perfect = float(np.mean([math.log(1.0 / r["n_children"]) for r in ds.test]))
 
@@ -438,7 +432,9 @@ def _run_hurdle(
         vocab = corpus_vocab_size or arch.tokenizer_vocab_size
         ctok, ids = _corpus_tokens(corpus_text, corpus, vocab, corpus_max_chars)
         cctx = arch.context_len
-        crun = part_runs("corpus", ctok, ids, cctx, corpus_loss_fn(ids, cctx), _fingerprint(ids))
+        crun = part_runs(
+            "corpus", ctok, ids, cctx, corpus_loss_fn(ids, cctx), corpus_fingerprint(ids)
+        )
         loss_steps = [p["step"] for p in crun["with_mlp"][0]["loss_curve"]]
         for v in VARIANTS:
             per_seed = [[p["loss"] for p in r["loss_curve"]] for r in crun[v]]

@@ -4,8 +4,6 @@ BPE, a corpus token stream, and the evaluation callbacks logged during training.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,14 +108,6 @@ def n_parameters(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------
-def _fingerprint(obj: Any) -> str:
-    if isinstance(obj, np.ndarray):
-        data = np.ascontiguousarray(obj, dtype=np.int64).tobytes()
-    else:
-        data = json.dumps(obj, sort_keys=True).encode()
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
-
-
 def macondo_for_hurdle(seed: int = 0, vocab_size: int = 16000, **sizes: Any):
     """(dataset, tokenizer): Macondo and a BPE trained on its text, children single-token.
 
@@ -125,12 +115,12 @@ def macondo_for_hurdle(seed: int = 0, vocab_size: int = 16000, **sizes: Any):
     name occurs at least six times, so the cap only bites when set small.
     """
     from knnlm.data.macondo import generate_macondo, non_single_token_children
-    from knnlm.lm.tokenizer import train_bpe_tokenizer
+    from knnlm.lm.tokenizer import tokenizer_view, train_bpe_tokenizer
 
     ds = generate_macondo(seed=seed, **sizes)
     texts = [r["text"] + "\n" for r in ds.train + ds.test]
     tokenizer = train_bpe_tokenizer(texts, vocab_size, min_frequency=2)
-    bad = non_single_token_children(ds, tokenizer)
+    bad = non_single_token_children(ds, tokenizer_view(tokenizer))
     if bad:
         raise KnnlmError(
             f"{len(bad)} children's names are not single tokens under a BPE of {vocab_size} "

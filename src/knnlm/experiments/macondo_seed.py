@@ -35,6 +35,8 @@ from knnlm.data.macondo import (
 from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo_aggregate import group_means
 from knnlm.fileio import read_json, write_json_atomic
+from knnlm.lm.adapters import position_limit
+from knnlm.lm.tokenizer import tokenizer_view
 
 SEED_RESULTS = "results.json"
 TRAIN_DONE = "train_done.json"
@@ -197,14 +199,13 @@ def _memory_scores(
 def _make_dataset(seed: int, tokenizer: Any, sizes: Mapping[str, Any]) -> MacondoDataset:
     given = {k: v for k, v in sizes.items() if v is not None}  # None: the generator's default
     try:
-        return generate_macondo(seed=seed, tokenizer=tokenizer, **given)
+        view = None if tokenizer is None else tokenizer_view(tokenizer)
+        return generate_macondo(seed=seed, tokenizer=view, **given)
     except TypeError as exc:  # an unknown size keyword
         raise KnnlmError(f"bad Macondo size settings {dict(sizes)}: {exc}") from None
 
 
 def _label_scratch_tokenizer(ds: MacondoDataset, tokenizer: Any) -> None:
-    from knnlm.data.names import tokenizer_view
-
     info = tokenizer_view(tokenizer).info
     ds.meta["tokenizer"] = dict(info, name="byte-level BPE trained on this dataset's train split")
 
@@ -220,7 +221,7 @@ def _scratch_model_and_data(seed: int, settings: Mapping[str, Any], sizes: Mappi
     tok = train_bpe_tokenizer(
         [r["text"] + "\n" for r in ds.train], settings["scratch_vocab_size"], min_frequency=2
     )
-    bad = non_single_token_children(ds, tok)
+    bad = non_single_token_children(ds, tokenizer_view(tok))
     if bad:
         raise KnnlmError(
             f"{len(bad)} children's names (e.g. {bad[0]!r}) are not single tokens under the BPE "
@@ -298,9 +299,8 @@ def run_seed(
         write_json_atomic(seed_dir / TRAIN_STARTED, train_key)
         if settings["lora"]:
             model = apply_lora(model)
-        max_pos = getattr(model.config, "n_positions", None) or getattr(
-            model.config, "max_position_embeddings", 256
-        )
+        limit = position_limit(model)
+        max_pos = limit[0] if limit else 256
         config = TrainConfig(
             lr=settings["lr"],
             batch_size=settings["batch_size"],

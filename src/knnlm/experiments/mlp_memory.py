@@ -34,7 +34,6 @@ training artefacts and do not count towards its storage.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -50,7 +49,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
-from knnlm.fileio import ARTIFACT_KEY, claim_target, read_json, swap_in, temp_dir, write_json_atomic
+from knnlm.fileio import (
+    ARTIFACT_KEY,
+    claim_target,
+    read_json,
+    sha256_hex,
+    swap_in,
+    temp_dir,
+    write_json_atomic,
+)
+from knnlm.lm.loading import pick_device
 from knnlm.retrieval.memory import (
     CONFIG_FILE,
     CURVE_FILE,
@@ -59,10 +67,9 @@ from knnlm.retrieval.memory import (
     MODEL_FILE,
     STATE_FILE,
     MemoryMLP,
-    _atomic_safetensors,
-    _device,
-    _header,
-    _read_config,
+    read_memory_config,
+    safetensors_header,
+    write_safetensors_atomic,
 )
 
 # Settings that must agree for a run to resume from an existing checkpoint.
@@ -94,10 +101,6 @@ class MemoryTrainResult:
 
 
 # -- training ----------------------------------------------------------------------------
-
-
-def _sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
 def _check_inputs(keys: Any, values: Any, W: torch.Tensor) -> None:
@@ -195,7 +198,7 @@ def _checkpoint(
     named); otherwise it is ignored (an unfinished temporary of ours).
     """
     try:
-        cfg = _read_config(folder)
+        cfg = read_memory_config(folder)
     except KnnlmError:
         return 0, None
     if not (folder / STATE_FILE).is_file():
@@ -213,7 +216,7 @@ def _checkpoint(
     # The files are renamed one after another; resume only from a consistent set.
     try:
         marks = [
-            _header(folder / f).get("__metadata__", {}).get("step")
+            safetensors_header(folder / f).get("__metadata__", {}).get("step")
             for f in (MODEL_FILE, STATE_FILE)
         ]
     except KnnlmError:
@@ -287,7 +290,7 @@ def train_memory(
         raise KnnlmError("batch_tokens, epochs and max_steps must be positive")
     if lr <= 0:
         raise KnnlmError(f"learning rate must be positive, got {lr}")
-    dev = _device(device)
+    dev = pick_device(device)
     n = int(values.shape[0])
     per_epoch = math.ceil(n / batch_tokens)
     total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
@@ -306,7 +309,7 @@ def train_memory(
         "batch_tokens": int(batch_tokens),
         "seed": int(seed),
         "n_train": n,
-        "output_init_sha256": _sha256(W),
+        "output_init_sha256": sha256_hex(W.detach().float().contiguous().cpu().numpy()),
     }
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -338,7 +341,7 @@ def train_memory(
             final_loss=float(np.mean(curve["loss"][-min(per_epoch, 100) :])),
             seconds=time.perf_counter() - t0,
             resumed_from=start,
-            config=_read_config(out_dir),
+            config=read_memory_config(out_dir),
         )
     # A temporary that is not the checkpoint we continue from is stale: start it afresh.
     partial = temp_dir(out_dir, KIND, CONFIG_FILE, fresh=source != _partial_path(out_dir))
@@ -349,8 +352,8 @@ def train_memory(
 
     def save(step: int, complete: bool) -> dict[str, Any]:
         meta = {"step": str(step)}
-        _atomic_safetensors(partial / MODEL_FILE, model.state_dict(), meta)
-        _atomic_safetensors(partial / STATE_FILE, _optimizer_tensors(opt), meta)
+        write_safetensors_atomic(partial / MODEL_FILE, model.state_dict(), meta)
+        write_safetensors_atomic(partial / STATE_FILE, _optimizer_tensors(opt), meta)
         curve = {"step": step, "batch_tokens": batch_tokens, "n_train": n, "loss": losses}
         curve["evals"] = evals
         write_json_atomic(partial / CURVE_FILE, curve, default=str)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +20,6 @@ from knnlm.errors import KnnlmError
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.fileio import write_json_atomic
 from knnlm.lm.loading import load_lm
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Use ``n`` intra-op CPU threads for the duration (None: leave torch's setting)."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def stage_corpus(cfg: ReproduceConfig, art: Path) -> dict:

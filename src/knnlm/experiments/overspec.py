@@ -15,8 +15,7 @@ Settings and presets: :mod:`knnlm.experiments.macondo_settings`. Aggregation ove
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from knnlm.experiments.macondo_settings import (
     resolve_settings,
 )
 from knnlm.fileio import claim_work_dir, write_json_atomic
+from knnlm.lm.loading import pick_device, torch_threads
 
 # The run's results; the report layer draws the table and figures from them.
 RESULTS = "results.json"
@@ -42,24 +42,6 @@ FIGURE_CURVES = "figure3.png"
 # ---------------------------------------------------------------------------------------
 # the experiment
 # ---------------------------------------------------------------------------------------
-@contextmanager
-def _cpu_threads(n: int | None, device: str | None) -> Iterator[None]:
-    """Use ``n`` intra-op threads on the CPU for the duration, then restore the old number."""
-    import torch
-
-    from knnlm.lm.loading import pick_device
-
-    if not n or pick_device(device).type != "cpu":
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def run_macondo(
     out: str | Path,
     model: str | None = None,
@@ -129,7 +111,7 @@ def run_macondo(
     t0 = time.perf_counter()
     per_seed = []
     threads = get_run_preset(settings["preset"]).cpu_threads
-    with _cpu_threads(threads, device):
+    with torch_threads(threads if pick_device(device).type == "cpu" else None):
         for s in tqdm(settings["seeds"], desc="macondo seeds", unit="seed", disable=not progress):
             per_seed.append(
                 run_seed(s, out / f"seed-{s}", settings, device=device, progress=progress)

@@ -4,22 +4,15 @@ only what it affects."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from knnlm.fileio import write_json_atomic
+from knnlm.fileio import canonical_json, short_sha256, write_json_atomic
 
 FORMAT_VERSION = 2
-
-
-def fingerprint(obj: Any) -> str:
-    data = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(data).hexdigest()[:16]
 
 
 @dataclass
@@ -54,13 +47,12 @@ class Pipeline:
         self.index += 1
         if self.on_stage:
             self.on_stage(name, self.index, self.total)
-        fp = fingerprint(
-            {
-                "format": FORMAT_VERSION,
-                "settings": settings,
-                "deps": [self.fingerprints[d] for d in deps],
-            }
-        )
+        stage = {
+            "format": FORMAT_VERSION,
+            "settings": settings,
+            "deps": [self.fingerprints[d] for d in deps],
+        }
+        fp = short_sha256(canonical_json(stage))
         self.fingerprints[name] = fp
         record_file = self.out / "stages" / f"{name}.json"
         if record_file.is_file():

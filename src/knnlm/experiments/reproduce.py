@@ -28,6 +28,7 @@ from knnlm.experiments import natural_text as nt
 from knnlm.experiments.pipeline import Pipeline, StageDisplay
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.fileio import claim_work_dir, write_json_atomic
+from knnlm.lm.loading import torch_threads
 
 __all__ = ["ReproduceConfig", "reproduce", "not_run"]
 
@@ -144,7 +145,7 @@ def not_run(cfg: ReproduceConfig) -> list[dict]:
 def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> dict:
     """Run every stage (or reuse cached ones) and write ``results.json``; the report layer
     writes the report from it. Returns its content."""
-    with nt.torch_threads(cfg.torch_threads):
+    with torch_threads(cfg.torch_threads):
         return _reproduce(cfg, out, progress)
 
 

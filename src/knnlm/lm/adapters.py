@@ -31,6 +31,20 @@ from knnlm.errors import KnnlmError
 
 KEY_TYPES = ("ffn_input", "block_input", "final_hidden")
 
+# Config fields that bound the positions a model can read (learned tables, or the length a
+# rotary model was configured for; the first one present wins).
+POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
+
+
+def position_limit(model: torch.nn.Module) -> tuple[int, str] | None:
+    """(limit, config field) of the longest sequence ``model`` accepts, or None when unknown."""
+    config = getattr(model, "config", None)
+    for name in POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
+
 
 @dataclass(frozen=True)
 class _Family:

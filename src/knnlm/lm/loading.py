@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from knnlm.errors import KnnlmError
-from knnlm.fileio import write_json_atomic
+from knnlm.fileio import file_sha256, write_json_atomic
 from knnlm.lm.adapters import SUPPORTED_MODEL_TYPES, Adapter, apply_saved_surgery
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,6 +31,19 @@ def pick_device(device: str | None = None) -> torch.device:
             raise KnnlmError(f"--device {device}: no such CUDA device on this machine")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` intra-op CPU threads for the duration, then restore the old number
+    (None or 0: leave torch's setting)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -51,14 +66,6 @@ def _is_local(name: str) -> bool:
 
 HASH_CACHE = ".knnlm_weights_sha256.json"  # beside the weights, keyed by name, size, mtime
 HASH_CACHE_MIN_BYTES = 256 << 20  # smaller weights hash in well under a second: no cache file
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weight_hashes(folder: Path) -> dict[str, str]:
@@ -87,7 +94,7 @@ def weight_hashes(folder: Path) -> dict[str, str]:
             and entry.get("stamp") == stamp
             and isinstance(entry.get("sha256"), str)
         ):
-            entry = {"stamp": stamp, "sha256": _file_sha256(f)}
+            entry = {"stamp": stamp, "sha256": file_sha256(f)}
             cache[f.name], changed = entry, True
         out[f.name] = entry["sha256"]
     total = sum(int(e["stamp"].split(":")[0]) for k, e in cache.items() if k in out)

@@ -33,13 +33,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers.utils import logging as hf_logging
 
+from knnlm.data.corpus import read_split, tokenize_text
 from knnlm.errors import KnnlmError
 from knnlm.fileio import ARTIFACT_KEY, claim_target, swap_in, temp_dir, write_json_atomic
-from knnlm.lm.adapters import Adapter
+from knnlm.lm.adapters import Adapter, position_limit
 from knnlm.lm.checkpoint import (
     LOSS_CURVE,
     MODEL_KIND,
@@ -53,7 +56,9 @@ from knnlm.lm.checkpoint import (
     save_checkpoint,
     save_final,
 )
+from knnlm.lm.loading import load_lm, pick_device
 from knnlm.lm.lora import LORA_DEFAULTS, LORA_TARGETS, apply_lora
+from knnlm.lm.presets import Preset, build_model_from_preset, get_preset
 from knnlm.lm.train_config import TrainConfig, TrainResult
 from knnlm.lm.train_data import (
     StepPlan,
@@ -71,8 +76,6 @@ def model_from_preset(
     preset: str, tokenizer, seed: int = 0, context_len: int | None = None
 ) -> nn.Module:
     """A randomly initialised GPT-2 of a named preset, sized to ``tokenizer``."""
-    from knnlm.lm.presets import build_model_from_preset
-
     return build_model_from_preset(
         preset, len(tokenizer), tokenizer, seed=seed, context_len=context_len
     )
@@ -80,8 +83,6 @@ def model_from_preset(
 
 def model_from_pretrained(name_or_path: str, device: str | None = None):
     """(model, tokenizer) of a hub name or local dir, ready for training."""
-    from knnlm.lm.loading import load_lm
-
     loaded = load_lm(name_or_path, device=device)
     model = loaded.model
     model.requires_grad_(True)
@@ -133,105 +134,20 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = make_dataset(data, tokenizer, config.context_len)
     plan = StepPlan.create(dataset.n_items, config)
-    device = next(model.parameters()).device
-    use_bf16 = config.precision == "bfloat16"
-
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
     warmup = math.ceil(config.warmup_ratio * plan.total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, plan.total_steps)
     torch.manual_seed(config.seed)
-
-    resume_key = {
-        "config": config.resume_key(),
-        "data": dataset.fingerprint,
-        "n_items": dataset.n_items,
-    }
-    state: dict[str, Any] = {
-        "step": 0,
-        "tokens_seen": 0,
-        "loss_curve": [],
-        "evals": [],
-        "resume_key": resume_key,
-    }
-    resumed_from = None
-    ckpt = find_checkpoint(out_dir)
-    if ckpt is not None and own_folder and checkpoint_key(ckpt) != resume_key:
-        remove_checkpoints(out_dir)  # our own temporary, left by a run with other settings
-        ckpt = None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, resume_key)
-        resumed_from = state["step"]
-
+    run = _Run(model, tokenizer, optimizer, scheduler, dataset, plan, config, out_dir)
+    resumed_from = run.resume(own_folder)
     model.train()
-    start_step, base_tokens = state["step"], int(state["tokens_seen"])
     t0 = time.perf_counter()
-    tokens_this_run = 0
-    window: list[float] = []
-    running = state["loss_curve"][-1]["loss"] if state["loss_curve"] else None
-    bar = tqdm(
-        total=plan.total_steps,
-        initial=start_step,
-        desc="train",
-        unit="step",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    try:
-        for step, batches in plan.step_batches(start_step):
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=device)
-            for idx in batches:
-                batch = {k: v.to(device) for k, v in dataset.collate(idx).items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = model(**batch).loss
-                (loss / len(batches)).backward()
-                step_loss += loss.detach() / len(batches)
-                tokens_this_run += int(batch["attention_mask"].sum())
-            lr = scheduler.get_last_lr()[0]
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm
-            )
-            optimizer.step()
-            scheduler.step()
-            value = float(step_loss)
-            if not math.isfinite(value):
-                raise KnnlmError(
-                    f"the training loss became {value} at step {step + 1}; lower the learning rate"
-                )
-            done = step + 1
-            window.append(value)
-            running = value if running is None else 0.95 * running + 0.05 * value
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.2e}", refresh=False)
-
-            if done % config.log_every == 0 or done == plan.total_steps:
-                state["loss_curve"].append(
-                    {"step": done, "loss": sum(window) / len(window), "lr": lr}
-                )
-                window = []
-            if (
-                on_eval is not None
-                and config.eval_every
-                and (done % config.eval_every == 0 or done == plan.total_steps)
-            ):
-                state["evals"].append({"step": done, **_run_eval(on_eval, done, model, device)})
-            state["step"] = done
-            if (
-                config.checkpoint_every
-                and done % config.checkpoint_every == 0
-                and (done < plan.total_steps)
-            ):
-                snapshot = dict(state, tokens_seen=base_tokens + tokens_this_run)
-                save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, snapshot)
-    finally:
-        bar.close()
-
-    tokens_seen = base_tokens + tokens_this_run
+    run.steps(on_eval, progress)
     seconds = time.perf_counter() - t0
     model.eval()
     with library_bars(progress):
         final = save_final(model, tokenizer, out_dir)
-    curve = state["loss_curve"]
+    state, curve = run.state, run.state["loss_curve"]
     write_json_atomic(out_dir / LOSS_CURVE, {"loss_curve": curve, "evals": state["evals"]})
     if not own_folder:
         remove_checkpoints(out_dir)
@@ -243,19 +159,117 @@ def train(
         final_loss=curve[-1]["loss"] if curve else None,
         loss_curve=curve,
         evals=state["evals"],
-        tokens_seen=tokens_seen,
+        tokens_seen=run.base_tokens + run.tokens_this_run,
         seconds=seconds,
-        tokens_this_run=tokens_this_run,
+        tokens_this_run=run.tokens_this_run,
         resumed_from=resumed_from,
         model=final,
     )
 
 
+class _Run:
+    """One training run's moving parts and its state (what a checkpoint saves)."""
+
+    def __init__(self, model, tokenizer, optimizer, scheduler, dataset, plan, config, out_dir):
+        self.model, self.tokenizer, self.dataset = model, tokenizer, dataset
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.plan, self.config, self.out_dir = plan, config, out_dir
+        self.device = next(model.parameters()).device
+        self.resume_key = {
+            "config": config.resume_key(),
+            "data": dataset.fingerprint,
+            "n_items": dataset.n_items,
+        }
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "tokens_seen": 0,
+            "loss_curve": [],
+            "evals": [],
+            "resume_key": self.resume_key,
+        }
+        self.base_tokens = 0
+        self.tokens_this_run = 0
+
+    def resume(self, own_folder: bool) -> int | None:
+        """Load the folder's checkpoint of this run, if any; the step it resumes from."""
+        ckpt = find_checkpoint(self.out_dir)
+        if ckpt is not None and own_folder and checkpoint_key(ckpt) != self.resume_key:
+            remove_checkpoints(self.out_dir)  # our own temporary, left by other settings
+            ckpt = None
+        if ckpt is None:
+            return None
+        self.state = load_checkpoint(
+            ckpt, self.model, self.optimizer, self.scheduler, self.resume_key
+        )
+        self.base_tokens = int(self.state["tokens_seen"])
+        return self.state["step"]
+
+    def steps(self, on_eval: EvalFn | None, progress: bool) -> None:
+        """Every remaining optimizer step, with logging, evaluation and checkpoints."""
+        plan, config, state = self.plan, self.config, self.state
+        window: list[float] = []
+        running = state["loss_curve"][-1]["loss"] if state["loss_curve"] else None
+        bar = tqdm(total=plan.total_steps, initial=state["step"], desc="train", unit="step",
+                   disable=not progress, dynamic_ncols=True)  # fmt: skip
+        try:
+            for step, batches in plan.step_batches(state["step"]):
+                value, lr = self.step(step, batches)
+                done = step + 1
+                window.append(value)
+                running = value if running is None else 0.95 * running + 0.05 * value
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.2e}", refresh=False)
+                last = done == plan.total_steps
+                if done % config.log_every == 0 or last:
+                    state["loss_curve"].append(
+                        {"step": done, "loss": sum(window) / len(window), "lr": lr}
+                    )
+                    window = []
+                if (
+                    on_eval is not None
+                    and config.eval_every
+                    and (done % config.eval_every == 0 or last)
+                ):
+                    evaluated = _run_eval(on_eval, done, self.model, self.device)
+                    state["evals"].append({"step": done, **evaluated})
+                state["step"] = done
+                if config.checkpoint_every and done % config.checkpoint_every == 0 and not last:
+                    snapshot = dict(state, tokens_seen=self.base_tokens + self.tokens_this_run)
+                    save_checkpoint(self.out_dir, self.model, self.tokenizer, self.optimizer,
+                                    self.scheduler, snapshot)  # fmt: skip
+        finally:
+            bar.close()
+
+    def step(self, step: int, batches: list[np.ndarray]) -> tuple[float, float]:
+        """One optimizer step over its forward batches: (mean loss, learning rate used)."""
+        device, use_bf16 = self.device, self.config.precision == "bfloat16"
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=device)
+        for idx in batches:
+            batch = {k: v.to(device) for k, v in self.dataset.collate(idx).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = self.model(**batch).loss
+            (loss / len(batches)).backward()
+            step_loss += loss.detach() / len(batches)
+            self.tokens_this_run += int(batch["attention_mask"].sum())
+        lr = self.scheduler.get_last_lr()[0]
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in self.optimizer.param_groups for p in g["params"]],
+            self.config.max_grad_norm,
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        value = float(step_loss)
+        if not math.isfinite(value):
+            raise KnnlmError(
+                f"the training loss became {value} at step {step + 1}; lower the learning rate"
+            )
+        return value, lr
+
+
 @contextmanager
 def library_bars(enabled: bool) -> Iterator[None]:
     """Silence transformers' own progress bars (e.g. while saving) unless progress is wanted."""
-    from transformers.utils import logging as hf_logging
-
     was = hf_logging.is_progress_bar_enabled()
     if was and not enabled:
         hf_logging.disable_progress_bar()
@@ -319,10 +333,6 @@ def train_lm(
     any work; a finished model of the identical run is kept and returned (``reused``); one of
     other settings is replaced, once the new one is complete, only with ``overwrite``.
     """
-    from knnlm.data.corpus import read_split, tokenize_text
-    from knnlm.lm.loading import pick_device
-    from knnlm.lm.presets import get_preset
-
     spec = get_preset(preset)
     out = Path(out)
     if lora and base_model is None:
@@ -330,40 +340,18 @@ def train_lm(
     found = claim_target(out, MODEL_KIND, TRAIN_META, what="trained model")
     work = out.with_name(out.name + ".partial")
     text = read_split(corpus, "train")
-
     if base_model is not None:
-        model, tokenizer = model_from_pretrained(base_model, device)
+        model, tokenizer, ctx = _pretrained(base_model, spec, context_len, device)
         # Fine-tuning defaults follow the paper: lr 1e-5 for full fine-tuning (Sec. 4.3),
         # the Trainer default 5e-5 with LoRA (App. C.1), warm-up 0.05, no weight decay.
         default_lr, weight_decay = (5e-5 if lora else 1e-5), 0.0
-        max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(
-            model.config, "n_positions", spec.context_len
-        )
-        ctx = context_len or min(spec.context_len, int(max_pos))
     else:
-        ckpt = find_checkpoint(work) if work.is_dir() else None
-        if ckpt is not None and (ckpt / "tokenizer").is_dir():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
-            # Loading adds these to the saved config; drop them so a resumed run saves the
-            # same tokenizer files as an uninterrupted one.
-            for k in ("is_local", "local_files_only"):
-                tokenizer.init_kwargs.pop(k, None)
-        else:
-            tokenizer = train_tokenizer_for_corpus(corpus, spec.tokenizer_vocab_size, text=text)
-        ctx = context_len or spec.context_len
-        model = model_from_preset(preset, tokenizer, seed=seed, context_len=ctx)
-        model.to(pick_device(device))
+        model, tokenizer, ctx = _from_scratch(preset, corpus, text, work, seed, context_len, device)
         default_lr, weight_decay = spec.lr, spec.weight_decay
-        max_pos = model.config.n_positions
-    if ctx > int(max_pos):
-        raise KnnlmError(f"context length {ctx} exceeds the model's {max_pos} positions")
     if drop_last_mlp:
         Adapter(model).drop_last_mlp()
     if lora:
         model = apply_lora(model)
-
     data: np.ndarray | list[str]
     if examples:
         data = [line.strip() for line in text.splitlines() if line.strip()]
@@ -386,18 +374,9 @@ def train_lm(
     )
     n_params = sum(p.numel() for p in model.parameters())
     key = run_key(data, tokenizer, config)
-    kept = finished_run(out, key) if found == "ours" else None
-    if kept is not None and not overwrite:
+    kept = _finished_before(out, work, key, found, overwrite)
+    if kept is not None:
         return kept
-    if found == "ours" and kept is None and not overwrite:
-        raise KnnlmError(
-            f"{out} holds a model trained with other settings; pass --overwrite to replace it"
-        )
-    done = finished_run(work, key) if work.is_dir() else None
-    if done is not None:  # a crash fell between marking it complete and the swap
-        remove_checkpoints(work)
-        swap_in(work, out, MODEL_KIND, TRAIN_META)
-        return finished_run(out, key)
     # Only a checkpoint is worth keeping; anything else there is a stale temporary of ours.
     resumable = work.is_dir() and find_checkpoint(work) is not None
     work = temp_dir(out, MODEL_KIND, TRAIN_META, fresh=not resumable)
@@ -405,10 +384,36 @@ def train_lm(
         model, tokenizer, data, config, work, on_eval=on_eval, progress=not quiet, own_folder=True
     )
     result.out_dir = out
+    meta = _train_meta(
+        result, config, key, tokenizer, data, n_params, corpus=corpus, preset=preset,
+        spec=spec, base_model=base_model, lora=lora, drop_last_mlp=drop_last_mlp,
+        examples=examples,
+    )  # fmt: skip
+    # The marker goes in last; checkpoints are dropped only after it, then the swap.
+    write_json_atomic(work / TRAIN_META, meta, default=str)
+    remove_checkpoints(work)
+    swap_in(work, out, MODEL_KIND, TRAIN_META)
+    return result
 
-    import transformers
 
-    meta = {
+def _train_meta(
+    result: TrainResult,
+    config: TrainConfig,
+    key: dict,
+    tokenizer,
+    data: np.ndarray | list[str],
+    n_params: int,
+    *,
+    corpus: str,
+    preset: str,
+    spec: Preset,
+    base_model: str | None,
+    lora: bool,
+    drop_last_mlp: bool,
+    examples: bool,
+) -> dict:
+    """train_meta.json: every setting of the run, its result and the artifact marker."""
+    return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "corpus": corpus,
         "preset": preset,
@@ -429,8 +434,64 @@ def train_lm(
         "run_key": key,
         ARTIFACT_KEY: MODEL_KIND,
     }
-    # The marker goes in last; checkpoints are dropped only after it, then the swap.
-    write_json_atomic(work / TRAIN_META, meta, default=str)
-    remove_checkpoints(work)
-    swap_in(work, out, MODEL_KIND, TRAIN_META)
-    return result
+
+
+def _pretrained(base_model: str, spec: Preset, context_len: int | None, device: str | None):
+    """(model, tokenizer, context length) to fine-tune ``base_model``."""
+    model, tokenizer = model_from_pretrained(base_model, device)
+    limit = position_limit(model)
+    max_pos = limit[0] if limit else spec.context_len
+    ctx = context_len or min(spec.context_len, int(max_pos))
+    if ctx > int(max_pos):
+        raise KnnlmError(f"context length {ctx} exceeds the model's {max_pos} positions")
+    return model, tokenizer, ctx
+
+
+def _from_scratch(
+    preset: str,
+    corpus: str,
+    text: str,
+    work: Path,
+    seed: int,
+    context_len: int | None,
+    device: str | None,
+):
+    """(model, tokenizer, context length) of a fresh preset model; the tokenizer is trained on
+    the corpus, or read back from the checkpoint a resumed run left in ``work``."""
+    spec = get_preset(preset)
+    ckpt = find_checkpoint(work) if work.is_dir() else None
+    if ckpt is not None and (ckpt / "tokenizer").is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
+        # Loading adds these to the saved config; drop them so a resumed run saves the
+        # same tokenizer files as an uninterrupted one.
+        for k in ("is_local", "local_files_only"):
+            tokenizer.init_kwargs.pop(k, None)
+    else:
+        tokenizer = train_tokenizer_for_corpus(corpus, spec.tokenizer_vocab_size, text=text)
+    ctx = context_len or spec.context_len
+    model = model_from_preset(preset, tokenizer, seed=seed, context_len=ctx)
+    model.to(pick_device(device))
+    max_pos = position_limit(model)[0]
+    if ctx > int(max_pos):
+        raise KnnlmError(f"context length {ctx} exceeds the model's {max_pos} positions")
+    return model, tokenizer, ctx
+
+
+def _finished_before(
+    out: Path, work: Path, key: dict, found: str | None, overwrite: bool
+) -> TrainResult | None:
+    """The result of an identical run already finished at ``out`` (or finished in ``work``
+    but not swapped in when a crash intervened); None when this run must train."""
+    kept = finished_run(out, key) if found == "ours" else None
+    if kept is not None and not overwrite:
+        return kept
+    if found == "ours" and kept is None and not overwrite:
+        raise KnnlmError(
+            f"{out} holds a model trained with other settings; pass --overwrite to replace it"
+        )
+    done = finished_run(work, key) if work.is_dir() else None
+    if done is not None:  # a crash fell between marking it complete and the swap
+        remove_checkpoints(work)
+        swap_in(work, out, MODEL_KIND, TRAIN_META)
+        return finished_run(out, key)
+    return None

@@ -7,19 +7,18 @@ order. Each dataset carries a fingerprint of its token ids, which a resumed run 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from knnlm.data.corpus import read_split
 from knnlm.errors import KnnlmError
-
-if TYPE_CHECKING:
-    from knnlm.lm.train_config import TrainConfig
+from knnlm.fileio import fingerprint
+from knnlm.lm.tokenizer import train_bpe_tokenizer
+from knnlm.lm.train_config import TrainConfig
 
 
 def token_blocks(ids: np.ndarray, context_len: int) -> np.ndarray:
@@ -51,7 +50,7 @@ class _Blocks:
     def __init__(self, ids: np.ndarray, context_len: int):
         self.blocks = token_blocks(ids, context_len)
         self.n_items = len(self.blocks)
-        self.fingerprint = _hash_bytes(self.blocks.tobytes())
+        self.fingerprint = fingerprint(self.blocks.tobytes())
 
     def collate(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         x = torch.from_numpy(self.blocks[idx])
@@ -72,7 +71,7 @@ class _Examples:
         # Longer examples are cut at the context length (the model cannot see past it).
         self.seqs = [np.asarray(list(ids) + [eos], dtype=np.int64)[:context_len] for ids in enc]
         self.n_items = len(self.seqs)
-        self.fingerprint = _hash_bytes(b"".join(s.tobytes() + b"|" for s in self.seqs))
+        self.fingerprint = fingerprint(b"".join(s.tobytes() + b"|" for s in self.seqs))
 
     def collate(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         seqs = [self.seqs[i] for i in idx]
@@ -84,10 +83,6 @@ class _Examples:
         x = torch.from_numpy(ids)
         m = torch.from_numpy(mask.astype(np.int64))
         return {"input_ids": x, "attention_mask": m, "labels": x.masked_fill(m == 0, -100)}
-
-
-def _hash_bytes(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
 
 
 def make_dataset(data: np.ndarray | Sequence[str], tokenizer, context_len: int):
@@ -137,9 +132,6 @@ def train_tokenizer_for_corpus(
     corpus_spec: str, vocab_size: int, min_frequency: int = 2, *, text: str | None = None
 ):
     """A byte-level BPE tokenizer trained on the corpus's train split (or on ``text``)."""
-    from knnlm.data.corpus import read_split
-    from knnlm.lm.tokenizer import train_bpe_tokenizer
-
     if vocab_size < 257:
         raise KnnlmError(
             f"a byte-level BPE vocabulary needs at least 257 entries, got {vocab_size}"

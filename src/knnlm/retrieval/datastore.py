@@ -18,7 +18,6 @@ boundaries are fixed by the window layout, not by the number of processes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from knnlm.fileio import (
     NpyRowWriter,
     check_npy,
     claim_target,
+    fingerprint,
     fsync_dir,
     read_json,
     read_meta,
@@ -46,7 +46,13 @@ from knnlm.fileio import (
 )
 from knnlm.lm.adapters import KEY_TYPES
 from knnlm.lm.loading import LoadedLM
-from knnlm.scoring import check_context_len, rows_before, score_stream, window_batches
+from knnlm.scoring import (
+    check_context_len,
+    rows_before,
+    score_examples,
+    score_stream,
+    window_batches,
+)
 
 FORMAT_VERSION = 1
 KIND = "datastore"  # the artifact marker in meta.json
@@ -55,7 +61,7 @@ KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def corpus_fingerprint(ids: np.ndarray) -> str:
-    return "sha256:" + hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64)).hexdigest()[:16]
+    return fingerprint(np.ascontiguousarray(ids, dtype=np.int64))
 
 
 @dataclass
@@ -110,7 +116,7 @@ def datastore_record(ds: Datastore) -> dict:
     meta_bytes = (ds.path / META).read_bytes()
     return {
         "path": str(Path(ds.path).resolve()),
-        "meta_sha256": "sha256:" + hashlib.sha256(meta_bytes).hexdigest()[:16],
+        "meta_sha256": fingerprint(meta_bytes),
         "n": ds.n,
         "dim": ds.dim,
         "key_type": ds.meta.get("key_type"),
@@ -194,6 +200,31 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def datastore_meta(
+    lm: LoadedLM, source: dict, *, batch_size: int, key_type: str, key_dtype: str, n: int
+) -> dict:
+    """The metadata every datastore records (meta.json, and the settings a rebuild compares).
+
+    ``source`` says what was scored, in this order: corpus, split, corpus_fingerprint,
+    context_len, stride (None for independent examples).
+    """
+    return {
+        ARTIFACT_KEY: KIND,
+        "format_version": FORMAT_VERSION,
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint,
+        "model_dtype": _dtype_name(lm),
+        "tokenizer_fingerprint": lm.tokenizer_fingerprint,
+        **source,
+        "batch_size": batch_size,
+        "key_type": key_type,
+        "key_dtype": key_dtype,
+        "value_dtype": "int32",
+        "dim": lm.adapter.hidden_size,
+        "n": n,
+    }
+
+
 def build_datastore(
     lm: LoadedLM,
     corpus: str,
@@ -229,33 +260,38 @@ def build_datastore(
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
     windows = make_windows(len(ids), context_len, stride)
     batches = window_batches(windows, batch_size)
-    offsets = rows_before(windows)
-    n, dim = int(offsets[-1]), lm.adapter.hidden_size
-    settings = {
-        ARTIFACT_KEY: KIND,
-        "format_version": FORMAT_VERSION,
-        "model": lm.name,
-        "model_fingerprint": lm.fingerprint,
-        "model_dtype": _dtype_name(lm),
-        "tokenizer_fingerprint": lm.tokenizer_fingerprint,
-        "corpus": corpus,
-        "split": split,
-        "corpus_fingerprint": corpus_fingerprint(ids),
-        "context_len": context_len,
-        "stride": stride,
-        "batch_size": batch_size,
-        "key_type": key_type,
-        "key_dtype": key_dtype,
-        "value_dtype": "int32",
-        "dim": dim,
-        "n": n,
-    }
+    source = {"corpus": corpus, "split": split, "corpus_fingerprint": corpus_fingerprint(ids),
+              "context_len": context_len, "stride": stride}  # fmt: skip
+    settings = datastore_meta(lm, source, batch_size=batch_size, key_type=key_type,
+                              key_dtype=key_dtype, n=int(rows_before(windows)[-1]))  # fmt: skip
     rank, world = _dist()
     built = _built_with(out, settings)
     if built:
         return out
     if built is False and not overwrite:
         raise KnnlmError(f"{out} holds a datastore with other settings; pass --overwrite")
+    partial, finished = _open_partial(out, settings, rank)
+    if finished:  # a crash cut the last step short: the rows are all there
+        if rank == 0:
+            _finish(partial, out, read_json(partial / META))
+        _barrier()
+        return out
+    # Contiguous blocks of batches per rank; the batch layout itself never changes.
+    per_rank = -(-len(batches) // world)
+    span = (rank * per_rank, min((rank + 1) * per_rank, len(batches)))
+    _write_rows(lm, ids, partial, settings, span, rank=rank, world=world, progress=progress,
+                checkpoint_every=checkpoint_every, on_batch=on_batch)  # fmt: skip
+    _barrier()
+    if rank == 0:
+        meta = dict(settings, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), world_size=world)
+        _finish(partial, out, meta)
+    _barrier()
+    return out
+
+
+def _open_partial(out: Path, settings: dict, rank: int) -> tuple[Path, bool]:
+    """The build's ``<out>.partial`` folder, with its key and value files preallocated when
+    the build starts afresh; and whether a finished build only waits to be swapped in."""
     partial = Path(str(out) + ".partial")
     settings_file = partial / "settings.json"
     # Decided by every rank before rank 0 touches the folder.
@@ -265,25 +301,37 @@ def build_datastore(
     if rank == 0:
         partial = temp_dir(out, KIND, META, fresh=fresh)
     _barrier()
-    if finished:  # a crash cut the last step short: the rows are all there
-        if rank == 0:
-            _finish(partial, out, read_json(partial / META))
-        _barrier()
-        return out
+    if finished:
+        return partial, True
     if rank == 0 and fresh:
-        key_writer = NpyRowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], True)
-        value_writer = NpyRowWriter(partial / "values.npy", (n,), np.int32, True)
-        key_writer.close()
-        value_writer.close()
+        n, dim, dtype = settings["n"], settings["dim"], KEY_DTYPES[settings["key_dtype"]]
+        NpyRowWriter(partial / "keys.npy", (n, dim), dtype, True).close()
+        NpyRowWriter(partial / "values.npy", (n,), np.int32, True).close()
         fsync_dir(partial)
         write_json_atomic(settings_file, settings)
     _barrier()
+    return partial, False
+
+
+def _write_rows(
+    lm: LoadedLM,
+    ids: np.ndarray,
+    partial: Path,
+    settings: dict,
+    span: tuple[int, int],
+    *,
+    rank: int,
+    world: int,
+    progress: bool,
+    checkpoint_every: int,
+    on_batch: Callable[[int], None] | None,
+) -> None:
+    """Score batches [a, b) of the fixed layout into the preallocated files, resuming after
+    the last batch this rank recorded; rows reach the disk before the progress counting them."""
+    n, dim, key_type, key_dtype = (settings[k] for k in ("n", "dim", "key_type", "key_dtype"))
     key_writer = NpyRowWriter(partial / "keys.npy", (n, dim), KEY_DTYPES[key_dtype], False)
     value_writer = NpyRowWriter(partial / "values.npy", (n,), np.int32, False)
-
-    # Contiguous blocks of batches per rank; the batch layout itself never changes.
-    per_rank = -(-len(batches) // world)
-    a, b = rank * per_rank, min((rank + 1) * per_rank, len(batches))
+    a, b = span
     progress_file = partial / f"progress-{rank}-of-{world}.json"
     start = a
     if progress_file.is_file():
@@ -295,14 +343,14 @@ def build_datastore(
             for batch in score_stream(
                 lm.model,
                 ids,
-                context_len,
-                stride,
-                batch_size=batch_size,
+                settings["context_len"],
+                settings["stride"],
+                batch_size=settings["batch_size"],
                 key_type=key_type,
                 want_lm=False,
                 batch_range=(start, b),
                 progress=progress and rank == 0,
-                desc=f"datastore {split}",
+                desc=f"datastore {settings['split']}",
             ):
                 _check_keys_finite(batch.keys, key_type, key_dtype)
                 keys = batch.keys.to(torch_dtype).cpu().numpy()
@@ -310,7 +358,6 @@ def build_datastore(
                 value_writer.write(batch.first_row, batch.targets.cpu().numpy().astype(np.int32))
                 done += 1
                 if (done - start) % checkpoint_every == 0:
-                    # Rows reach the disk before the progress that counts them.
                     os.fsync(key_writer.fd)
                     os.fsync(value_writer.fd)
                     write_json_atomic(progress_file, {"batches_done": done})
@@ -320,12 +367,6 @@ def build_datastore(
         key_writer.close()
         value_writer.close()
     write_json_atomic(progress_file, {"batches_done": done})
-    _barrier()
-    if rank == 0:
-        meta = dict(settings, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), world_size=world)
-        _finish(partial, out, meta)
-    _barrier()
-    return out
 
 
 def build_example_datastore(
@@ -346,8 +387,6 @@ def build_example_datastore(
     examples are seen in fine-tuning; with ``add_eos`` the tokenizer's EOS ends each example.
     A datastore with other settings at ``out`` is replaced only with ``overwrite``.
     """
-    from knnlm.scoring import score_examples
-
     if not texts:
         raise KnnlmError("no examples to store")
     if key_dtype not in KEY_DTYPES:
@@ -358,28 +397,12 @@ def build_example_datastore(
     examples = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in texts]
     n = sum(len(e) - 1 for e in examples)
     dim = lm.adapter.hidden_size
-    fp = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
-    meta = {
-        ARTIFACT_KEY: KIND,
-        "format_version": FORMAT_VERSION,
-        "model": lm.name,
-        "model_fingerprint": lm.fingerprint,
-        "model_dtype": _dtype_name(lm),
-        "tokenizer_fingerprint": lm.tokenizer_fingerprint,
-        "corpus": "examples",
-        "split": "examples",
-        "corpus_fingerprint": "sha256:" + fp,
-        "context_len": None,
-        "stride": None,
-        "batch_size": batch_size,
-        "key_type": key_type,
-        "key_dtype": key_dtype,
-        "value_dtype": "int32",
-        "dim": dim,
-        "n": n,
-        "examples": len(examples),
-        "add_eos": add_eos,
-    }
+    source = {"corpus": "examples", "split": "examples",
+              "corpus_fingerprint": fingerprint("\n".join(texts).encode()),
+              "context_len": None, "stride": None}  # fmt: skip
+    meta = datastore_meta(lm, source, batch_size=batch_size, key_type=key_type,
+                          key_dtype=key_dtype, n=n)  # fmt: skip
+    meta.update(examples=len(examples), add_eos=add_eos)
     built = _built_with(out, meta)
     if built:
         return out

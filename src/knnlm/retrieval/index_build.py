@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
-from knnlm.fileio import fsync_dir, write_json_atomic
+from knnlm.fileio import file_sha256, fsync_dir, write_json_atomic
 from knnlm.retrieval.faiss_common import faiss_metric, to_cpu, to_gpu, want_gpu
 from knnlm.retrieval.index_common import (
     DISTANCE_NOTE,
@@ -43,7 +43,6 @@ from knnlm.retrieval.index_common import (
     check_metric,
     datastore_fingerprint,
     f32,
-    file_sha256,
     log,
     open_keys,
 )

@@ -14,7 +14,6 @@ with them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import short_sha256
 
 log = logging.getLogger("knnlm.retrieval.index")
 
@@ -95,15 +95,7 @@ def open_keys(ds_dir: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 def datastore_fingerprint(ds: Path) -> str:
     """Hash of meta.json: a datastore rebuilt in place makes its old index stale."""
-    return hashlib.sha256((ds / "meta.json").read_bytes()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return short_sha256((ds / "meta.json").read_bytes())
 
 
 def mark_missing(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,7 @@ from torch import nn
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import fsync_dir
+from knnlm.lm.loading import pick_device
 from knnlm.retrieval.datastore import Datastore
 
 FORMAT_VERSION = 1
@@ -111,7 +112,10 @@ class MemoryMLP(nn.Module):
 # -- files -------------------------------------------------------------------------------
 
 
-def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+def write_safetensors_atomic(
+    path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]
+) -> None:
+    """``tensors`` saved to ``path`` through a temporary name, fsynced before the rename."""
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), meta)
     fd = os.open(tmp, os.O_RDONLY)
@@ -123,7 +127,7 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict
     fsync_dir(path.parent)
 
 
-def _header(path: Path) -> dict[str, Any]:
+def safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor dtypes, shapes, offsets; metadata)."""
     try:
         with open(path, "rb") as fh:
@@ -135,7 +139,7 @@ def _header(path: Path) -> dict[str, Any]:
 
 def _check_size(path: Path) -> None:
     """A truncated safetensors file is refused before it is mapped."""
-    header = _header(path)
+    header = safetensors_header(path)
     try:
         (n,) = struct.unpack("<Q", path.open("rb").read(8))
         end = max(
@@ -153,7 +157,7 @@ def _check_size(path: Path) -> None:
 
 def _tensor_bytes(path: Path) -> dict[str, int]:
     """Byte size of each tensor in a safetensors file, read from its header (no data loaded)."""
-    header = _header(path)
+    header = safetensors_header(path)
     return {
         k: int(v["data_offsets"][1] - v["data_offsets"][0])
         for k, v in header.items()
@@ -161,7 +165,8 @@ def _tensor_bytes(path: Path) -> dict[str, int]:
     }
 
 
-def _read_config(out_dir: Path) -> dict[str, Any]:
+def read_memory_config(out_dir: Path) -> dict[str, Any]:
+    """config.json of a saved memory, checked to describe one (KnnlmError otherwise)."""
     cfg_path, model_path = out_dir / CONFIG_FILE, out_dir / MODEL_FILE
     if not cfg_path.is_file() or not model_path.is_file():
         raise KnnlmError(
@@ -180,7 +185,7 @@ def _read_config(out_dir: Path) -> dict[str, Any]:
 def load_memory(out_dir: str | Path, device: str | torch.device | None = None) -> MemoryMLP:
     """Load a memory model saved by ``train_memory`` (safetensors only; no pickle)."""
     out_dir = Path(out_dir)
-    cfg = _read_config(out_dir)
+    cfg = read_memory_config(out_dir)
     _check_size(out_dir / MODEL_FILE)
     try:
         model = MemoryMLP(cfg["dim"], cfg["hidden"], cfg["vocab"], cfg["train_output"])
@@ -191,7 +196,7 @@ def load_memory(out_dir: str | Path, device: str | torch.device | None = None) -
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise KnnlmError(f"corrupt or mismatching {out_dir / MODEL_FILE}: {e}") from e
-    return model.to(_device(device)).eval()
+    return model.to(pick_device(device)).eval()
 
 
 def memory_bytes(out_dir: str | Path) -> int:
@@ -200,7 +205,7 @@ def memory_bytes(out_dir: str | Path) -> int:
     The optimiser state and loss curve kept for resuming are training artefacts, not counted.
     """
     out_dir = Path(out_dir)
-    _read_config(out_dir)
+    read_memory_config(out_dir)
     return sum(os.path.getsize(out_dir / f) for f in (MODEL_FILE, CONFIG_FILE))
 
 
@@ -216,7 +221,7 @@ def memory_storage(out_dir: str | Path) -> dict[str, int]:
     - ``output_bytes``: the bytes of W itself.
     """
     out_dir = Path(out_dir)
-    cfg = _read_config(out_dir)
+    cfg = read_memory_config(out_dir)
     sizes = _tensor_bytes(out_dir / MODEL_FILE)
     w = sizes.get(OUTPUT_WEIGHT, 0)
     params = sum(sizes.values())
@@ -243,9 +248,3 @@ def storage_report(ds: Datastore | None, mem_storage: dict) -> dict:
             out["memory_bytes"], 1
         )
     return out
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

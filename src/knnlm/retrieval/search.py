@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
+from knnlm.fileio import file_sha256
 from knnlm.retrieval.faiss_common import GPU_MAX_K, faiss_metric, to_gpu
 from knnlm.retrieval.index_common import (
     INDEX_FILE,
@@ -27,7 +28,6 @@ from knnlm.retrieval.index_common import (
     check_metric,
     datastore_fingerprint,
     f32,
-    file_sha256,
     log,
     mark_missing,
     open_keys,
