@@ -280,6 +280,7 @@ ROWS = [
     Row("generate_empty_prompt", ["generate", "--model", "{model}", "--prompt", ""],
         expect="prompt"),
     Row("exclude_self_bad_mode", [*EVAL_DS, "--exclude-self", "maybe"], expect="exclude-self"),
+    Row("search_bad_backend", [*EVAL_DS, "--search", "brute"], expect="--search"),
     Row("exclude_self_yes_other_text",
         [*EVAL_DS[:5], "--split", "test", *EVAL_DS[7:], "--exclude-self", "yes"],
         expect="exclude-self"),

@@ -15,7 +15,7 @@ import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.backends import open_backend, resolve_search
-from knnlm.retrieval.torch_search import TorchExactSearch, order, select_k
+from knnlm.retrieval.torch_search import TorchExactSearch, order, query_parts, select_k
 
 
 def brute(q: np.ndarray, keys: np.ndarray, metric: str, excl=None) -> np.ndarray:
@@ -67,6 +67,9 @@ def test_equals_float64_brute_force(metric, file_dtype, exclude, streamed):
         check_against(nb, d_ref, 20)
         rows = nb.rows.numpy()
         assert (nb.values.numpy() == values[rows]).all()
+        assert (
+            nb.distances.dtype == torch.float32 and nb.rows.dtype == nb.values.dtype == torch.int64
+        )
 
 
 @pytest.mark.parametrize("key_dtype", ["float16", "bfloat16"])
@@ -263,3 +266,19 @@ def test_ivfpq_index_reports_recall(tmp_path):
     build_index(ds, "ivfpq", nlist=8, pq_m=4, pq_bits=4, use_gpu=False, progress=False)
     recall = json.loads((ds / "index.json").read_text())["recall"]
     assert 0.0 < recall["recall"] <= 1.0 and recall["queries"] == 256
+
+
+@pytest.mark.parametrize("key_dtype", ["float16", "bfloat16"])
+def test_split_query_path_of_the_gpu_equals_brute_force(key_dtype):
+    """The GPU's 16-bit product (queries split into 16-bit parts), run on the CPU with the
+    chunk upcast (the fallback when torch.mm has no out_dtype)."""
+    rng = np.random.default_rng(10)
+    keys = rng.normal(size=(400, 32)).astype(np.float32)
+    q = rng.normal(size=(6, 32)).astype(np.float32) * 5
+    s = TorchExactSearch(keys, np.zeros(400, np.int32), "l2", key_dtype=key_dtype, chunk_rows=90)
+    s.split_queries, s.out_dtype_mm = True, False
+    rounded = torch.from_numpy(keys).to(getattr(torch, key_dtype)).float().numpy()
+    check_against(s.search(torch.from_numpy(q), 12), brute(q, rounded, "l2"), 12)
+    parts = query_parts(torch.from_numpy(q), getattr(torch, key_dtype)).float()
+    total = parts.view(-1, *q.shape).sum(0).numpy()
+    assert np.abs(total - q).max() <= 2.0**-20 * np.abs(q).max()

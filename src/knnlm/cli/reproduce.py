@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import QUIET, WAIT, quiet_libraries
+from knnlm.cli.common import QUIET, SEARCH, WAIT, quiet_libraries
 
 # Sizes small enough for a test of the whole pipeline (a minute or two on 2 cores): the
 # embedded slice cut short, two LM seeds, a few steps everywhere.
@@ -71,6 +71,7 @@ def reproduce_cmd(
         None, "--seeds", help="Seeds for every part (LMs, Macondo, hurdle)."
     ),
     k: int | None = typer.Option(None, "--k", help="Neighbours per query."),
+    search: str = SEARCH,
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs of the LM trained here."),
     width_study: str | None = typer.Option(
         None,
@@ -104,7 +105,7 @@ def reproduce_cmd(
             ) from None
         if not widths or min(widths) < 1:
             raise KnnlmError(f"--width-study needs positive widths; got {width_study!r}")
-    given = dict(corpus=corpus, model=model, k=k, lm_epochs=epochs, lm_seeds=seeds,
+    given = dict(corpus=corpus, model=model, k=k, search=search, lm_epochs=epochs, lm_seeds=seeds,
                  macondo_seeds=seeds, hurdle_seeds=seeds, width_study=widths)  # fmt: skip
     overrides.update({key: v for key, v in given.items() if v is not None})
     cfg = ReproduceConfig.for_scale(scale, **overrides)

@@ -125,7 +125,8 @@ def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, ar
 def knn_settings(cfg: ReproduceConfig, weight: float, temperature: float):
     from knnlm.retrieval.retriever import KnnSettings
 
-    return KnnSettings(nprobe=cfg.nprobe, k=cfg.k, knn_weight=weight, temperature=temperature)
+    return KnnSettings(nprobe=cfg.nprobe, k=cfg.k, knn_weight=weight, temperature=temperature,
+                       search=cfg.search)  # fmt: skip
 
 
 def _grid(cfg: ReproduceConfig) -> tuple[list[float], list[float]]:

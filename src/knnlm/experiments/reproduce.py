@@ -188,7 +188,7 @@ def _seed_chain(pipe: Pipeline, cfg: ReproduceConfig, data: dict, seed: int) -> 
     ds = ds_res["datastore"]
     knn_res = pipe.run(
         f"knnlm-{seed}",
-        _pick(cfg, "k", "nprobe", "sweep_weights", "sweep_temperatures"),
+        _pick(cfg, "k", "nprobe", "search", "sweep_weights", "sweep_temperatures"),
         [f"datastore-{seed}"],
         lambda art: nt.stage_knnlm(cfg, model, corpus, ds, art, seed=seed),
     )

@@ -25,6 +25,7 @@ from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo_settings import MACONDO_MEMORY
 from knnlm.experiments.macondo_tuning import DEFAULT_TUNE
 from knnlm.lm.presets import get_preset
+from knnlm.retrieval.backend import check_search
 
 PAPER_SETTING = {"knn_weight": 0.25, "temperature": 1.0}
 
@@ -61,6 +62,7 @@ class ReproduceConfig:
     index_nlist: int | None = None  # None: the index module's default (~4 sqrt(N))
     index_train_size: int | None = None
     nprobe: int | None = None
+    search: str = "auto"  # exact | faiss | auto (knnlm.retrieval.backend)
     projection_positions: int = 1000
     projection_max_steps: int = 500
     # The converged solve's iteration cap (L-BFGS; each position also stops at relative KL
@@ -122,6 +124,7 @@ class ReproduceConfig:
             raise KnnlmError("the natural-text part needs --corpus DIR (or an hf: dataset spec)")
         if base.lm_seeds < 1 or base.macondo_seeds < 1 or base.hurdle_seeds < 1:
             raise KnnlmError("every part needs at least one seed")
+        check_search(base.search)
         return base
 
 

@@ -45,7 +45,7 @@ class Neighbours:
     def lookup(cls, distances: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> Neighbours:
         """Neighbours whose values are read from ``table`` (the datastore's values, int64)."""
         table = table.to(rows.device)
-        values = table[rows.clamp_min(0)].masked_fill(rows < 0, 0)
+        values = table[rows.clamp_min(0)].long().masked_fill(rows < 0, 0)
         return cls(distances, rows, values)
 
     def to(self, device: torch.device | str) -> Neighbours:
