@@ -322,7 +322,9 @@ def run_command(cmd: Command, root: Path, trials: int, rng: random.Random) -> St
     return st
 
 
-def concurrent_trial(cmd: Command, trial: Path, delay: float, launch: Any, reference: dict) -> list:
+def concurrent_trial(
+    cmd: Command, trial: Path, delay: float, launch: Any, reference: dict, exits: list | None = None
+) -> list:
     """Two writers of ``cmd`` on one target, the second ``delay`` s after the first; failures.
 
     ``launch(argv, err_path)`` starts a writer and returns an object whose ``wait()`` gives its
@@ -335,6 +337,8 @@ def concurrent_trial(cmd: Command, trial: Path, delay: float, launch: Any, refer
     time.sleep(delay)
     second = launch(cmd.args(trial), errs[1])
     codes = [first.wait(), second.wait()]
+    if exits is not None:
+        exits.append(codes)
     failures = []
     for who, code, err in zip(("first", "second"), codes, errs, strict=True):
         lines = err.read_text(errors="replace").strip().splitlines()
@@ -372,17 +376,18 @@ def run_concurrent(cmd: Command, root: Path, trials: int, rng: random.Random) ->
         return {"failures": [f"reference run failed ({r.returncode}): {r.stderr[-300:]}"]}
     reference = snapshot(ref_dir / cmd.target, ref_dir)
     out: dict[str, Any] = {"trials": trials, "reference_seconds": round(ref_seconds, 2)}
-    out.update(offsets=[], failures=[])
+    out.update(offsets=[], exits=[], failures=[])
     for i in range(trials):
         trial = root / f"{cmd.name.replace(' ', '_')}-c{i}"
         shutil.rmtree(trial, ignore_errors=True)
         trial.mkdir(parents=True)
         delay = rng.uniform(0.0, ref_seconds)
         out["offsets"].append(round(delay, 2))
-        bad = concurrent_trial(cmd, trial, delay, _popen, reference)
+        bad = concurrent_trial(cmd, trial, delay, _popen, reference, out["exits"])
         out["failures"] += [f"trial {i} (offset {delay:.2f}s): {f}" for f in bad]
         shutil.rmtree(trial, ignore_errors=True)
     out["complete_and_identical"] = trials - len({f.split(":")[0] for f in out["failures"]})
+    out["second_writer_refused"] = sum(1 for e in out["exits"] if 2 in e)
     return out
 
 

@@ -314,6 +314,13 @@ ROWS = [
                                     "--quiet"], expect="nods"),
     Row("index_pca_above_dim", ["datastore", "index", "{ds}", "--pca", "999", "--quiet"],
         expect="--pca"),
+    # found by the CLI fuzz (tests/test_cli_fuzz.py)
+    Row("json_name_too_long", [*EVAL, "--json", "{ws}/" + "x" * 3000], expect="too long"),
+    Row("out_name_too_long", [*BUILD, "--out", "{ws}/" + "x" * 3000], expect="too long"),
+    Row("macondo_sentences_fill_memory", ["macondo", "generate", "--out", "{ws}/mg",
+        "--sentences-per-pair", "999999999999", "--quiet"], expect="sentences"),
+    Row("macondo_children_fill_memory", ["macondo", "generate", "--out", "{ws}/mg",
+        "--max-children", "999999999999", "--quiet"], expect="parents"),
     # usage errors: click's text, always through a subprocess
     Row("unknown_option", [*EVAL, "--bogus"], usage=True, expect="No such option"),
     Row("unknown_command", ["evall"], usage=True, expect="No such command"),

@@ -165,29 +165,27 @@ def recover(target: str | Path, kind: str, meta_name: str) -> None:
             fsync_dir(target.parent)
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """Which folder is at ``path``: its inode, and its ctime because a deleted folder's inode
-    number is soon reused by the next temporary one (a swap and back would look like none)."""
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Inode and ctime: a freed inode number can come back for the next folder swapped in."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_ctime_ns
+    return st.st_ino, st.st_ctime_ns
 
 
 def read_stable(target: str | Path, read: Any, tries: int = 10) -> Any:
     """``read(target)`` with no swap of the target folder in between (retried when one fell).
 
-    A swap replaces the folder by another one (another inode, made at another time): a reader that opened some files
-    of the old folder and some of the new one, or saw the old one deleted under it, reads again.
+    A swap replaces the folder by another one (another inode, or a reused one with a new ctime):
+    a reader that opened some files of the old folder and some of the new one, or saw the old one
+    deleted under it, reads again.
     """
     for attempt in range(tries):
         before = _identity(_abs(target))
         try:
             result = read(target)
-        except (KnnlmError, OSError, ValueError):
-            # OSError / ValueError: numpy maps a file by name after reading its header, so a
-            # swap between the two gives a short mapping; only a swap excuses it.
+        except (KnnlmError, OSError, ValueError):  # np.load opens a file by name three times
             if _identity(_abs(target)) == before or attempt == tries - 1:
                 raise
             continue
@@ -377,6 +375,31 @@ def read_meta(path: Path, what: str) -> dict:
     return meta
 
 
+# -- a full disk -----------------------------------------------------------------------
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also as the text FAISS and safetensors put in their own errors."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(m in str(exc) for m in ("No space left on device", "Disk quota exceeded"))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**26 else f"{n / 2**20:.2f} MiB"
+
+
+def disk_full_error(path: str | Path, need: int) -> KnnlmError:
+    """One line: what was being written, the space it needs, and what is left as it was."""
+    path = _abs(path)
+    where = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    return KnnlmError(
+        f"disk full while writing {path} (it needs {_gib(need)}; {_gib(free)} free there); "
+        "the previous artifact is left as it was: free some space and rerun"
+    )
+
+
 # -- .npy row writer -------------------------------------------------------------------
 
 
@@ -392,6 +415,7 @@ class NpyRowWriter:
         del mm
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
         self.dtype = np.dtype(dtype)
+        self.path, self.bytes = Path(path), self.header + int(shape[0]) * self.row_bytes
         self.fd = os.open(path, os.O_WRONLY)
 
     def write(self, first_row: int, rows: np.ndarray) -> None:
@@ -399,7 +423,12 @@ class NpyRowWriter:
         offset = self.header + first_row * self.row_bytes
         # One pwrite moves at most ~2 GiB on Linux (and may stop early anywhere): loop.
         while len(data):
-            n = os.pwrite(self.fd, data, offset)
+            try:
+                n = os.pwrite(self.fd, data, offset)
+            except OSError as e:  # the file is sparse: a full disk shows up here
+                if is_disk_full(e):
+                    raise disk_full_error(self.path, self.bytes) from None
+                raise
             if n <= 0:
                 raise OSError(errno.EIO, "pwrite wrote nothing")
             data, offset = data[n:], offset + n

@@ -6,6 +6,7 @@ can cause (``KnnlmError``) become one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -24,8 +25,23 @@ app = typer.Typer(
 
 _registered = False
 
+# OS errors a user's paths or machine cause (not bugs): one line, like a KnnlmError.
+USER_OS_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT,
+                  errno.EROFS, errno.ELOOP, errno.ENOTDIR, errno.EISDIR}  # fmt: skip
 
-def _register_all() -> None:
+
+def error_line(exc: BaseException) -> str | None:
+    """The one line a user-caused error prints (after "error: "), or None for a bug."""
+    if isinstance(exc, KnnlmError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in USER_OS_ERRORS:
+        name = str(exc.filename or "")
+        name = name if len(name) <= 200 else name[:100] + "..." + name[-40:]
+        return f"{exc.strerror}: {name}" if name else str(exc.strerror)
+    return None
+
+
+def register_all() -> None:
     global _registered
     if _registered:
         return
@@ -75,15 +91,19 @@ def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...
 
 
 def main() -> None:
-    """Entry point: usage errors print click's usual text and exit 2; a ``KnnlmError`` prints
-    one line and exits 2; anything else is a bug and keeps its traceback."""
-    _register_all()
+    """Entry point: usage errors print click's usual text and exit 2; a ``KnnlmError`` (or an OS
+    error of the user's paths or machine: name too long, no permission, disk full) prints one
+    line and exits 2; anything else is a bug and keeps its traceback."""
+    register_all()
     _log_to_stderr()
     errors, exits, aborts = _click_errors()
     try:
         code = app(standalone_mode=False)
-    except KnnlmError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+    except (KnnlmError, OSError) as exc:
+        line = error_line(exc)
+        if line is None:
+            raise
+        typer.secho(f"error: {line}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume where supported", err=True)

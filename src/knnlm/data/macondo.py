@@ -74,6 +74,9 @@ def perfect_log_likelihood(n_children: int) -> float:
     return math.log(1.0 / n_children)
 
 
+MAX_SENTENCES = 10_000_000  # far beyond the paper's 1,500; a typo must not fill the memory
+
+
 def _sizes(
     conv: bool,
     n_villagers: int | None,
@@ -104,12 +107,19 @@ def _sizes(
             raise KnnlmError(f"{name} must be a positive integer, got {v!r}")
     if hi < lo:
         raise KnnlmError(f"max_children ({hi}) is below min_children ({lo})")
-    counts = [n for n in range(lo, hi + 1) for _ in range(n_parents_per_count)]
-    if len(counts) > n_villagers:
+    n_parents = (hi - lo + 1) * n_parents_per_count  # counted before the list is built
+    if n_parents > n_villagers:
         raise KnnlmError(
-            f"{len(counts)} parents ({n_parents_per_count} for each of {lo}..{hi} children) "
+            f"{n_parents} parents ({n_parents_per_count} for each of {lo}..{hi} children) "
             f"do not fit among {n_villagers} villagers"
         )
+    sentences = n_parents * (lo + hi) // 2 * sentences_per_pair
+    if sentences > MAX_SENTENCES:
+        raise KnnlmError(
+            f"{sentences:,} training sentences ({sentences_per_pair} per parent-child pair) is "
+            f"more than the {MAX_SENTENCES:,} this generator writes; lower sentences_per_pair"
+        )
+    counts = [n for n in range(lo, hi + 1) for _ in range(n_parents_per_count)]
     if n_villagers < 2:
         raise KnnlmError("at least 2 villagers are needed (friends are other villagers)")
     return n_villagers, n_parents_per_count, counts

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
-from knnlm.fileio import file_sha256, fsync_dir, write_json_atomic
+from knnlm.fileio import disk_full_error, file_sha256, fsync_dir, is_disk_full, write_json_atomic
 from knnlm.locking import locks
 from knnlm.retrieval.faiss_common import faiss_metric, to_cpu, to_gpu, want_gpu
 from knnlm.retrieval.index_common import (
@@ -111,10 +111,22 @@ def index_summary(ds_dir: str | Path) -> str:
 # --------------------------------------------------------------------------- commit
 
 
+def _write_faiss(index: Any, tmp: Path) -> None:
+    """``faiss.write_index``; a full disk ends in one line (and no temporary left)."""
+    try:
+        faiss.write_index(index, str(tmp))
+    except RuntimeError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            code = int(getattr(index, "code_size", 4 * index.d))  # + 8 bytes of id (IVF)
+            raise disk_full_error(tmp, index.ntotal * (code + 8) + (1 << 20)) from None
+        raise
+
+
 def _write_index(index: Any, path: Path) -> None:
     """A FAISS file through a temporary name, fsynced before the rename."""
     tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
+    _write_faiss(index, tmp)
     _fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
@@ -131,7 +143,7 @@ def _fsync_file(path: Path) -> None:
 def _commit(ds: Path, index: Any, info: dict[str, Any]) -> Path:
     """Swap ``index.faiss`` + ``index.json`` in as a pair (see the module docstring)."""
     out, tmp = ds / INDEX_FILE, ds / (INDEX_FILE + ".tmp")
-    faiss.write_index(index, str(tmp))
+    _write_faiss(index, tmp)
     _fsync_file(tmp)
     info.update(index_sha256=file_sha256(tmp), index_bytes=tmp.stat().st_size)
     write_json_atomic(ds / PENDING_META, info)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from knnlm.errors import KnnlmError
-from knnlm.fileio import fsync_dir
+from knnlm.fileio import disk_full_error, fsync_dir, is_disk_full
 from knnlm.lm.loading import pick_device
 from knnlm.retrieval.datastore import Datastore
 
@@ -117,7 +117,15 @@ def write_safetensors_atomic(
 ) -> None:
     """``tensors`` saved to ``path`` through a temporary name, fsynced before the rename."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), meta)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        save_file(tensors, str(tmp), meta)
+    except Exception as e:  # safetensors raises its own error type for I/O failures
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            need = sum(t.numel() * t.element_size() for t in tensors.values())
+            raise disk_full_error(tmp, need) from None
+        raise
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)  # the data is on disk before the name points at it
