@@ -11,6 +11,7 @@ from knnlm.cli.common import (
     QUIET,
     WAIT,
     echo_json,
+    hold_lock,
     output_file,
     quiet_libraries,
     write_json,
@@ -61,6 +62,7 @@ def _load(model: str, device: str | None, dtype: str):
 
 @datastore_app.command("build")
 def datastore_build(
+    ctx: typer.Context,
     model: str = MODEL,
     corpus: str = CORPUS,
     out: Path = typer.Option(..., "--out", "-o", help="Datastore directory to create."),
@@ -87,6 +89,7 @@ def datastore_build(
     from knnlm.retrieval.datastore import KIND, META, build_datastore, open_datastore
 
     rank = _init_distributed()  # first: rank 0 takes the writer lock for the group
+    hold_lock(ctx, out, "datastore")
     claim_target(out, KIND, META)  # a foreign --out is refused before the model is loaded
     lm = _load(model, device, dtype)
     path = build_datastore(
@@ -141,6 +144,7 @@ def datastore_index(
 
 
 def eval_cmd(
+    ctx: typer.Context,
     model: str = MODEL,
     corpus: str = CORPUS,
     split: str = typer.Option("valid", "--split", help="Corpus split to score."),
@@ -186,6 +190,7 @@ def eval_cmd(
 
     # What the user can get wrong is checked before the model is loaded.
     knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self)
+    hold_lock(ctx, cache, "neighbour cache")
     datastore = open_inputs(datastore, cache, knn)
     lm = _load(model, device, dtype)
     result = evaluate(
