@@ -323,17 +323,26 @@ def run_command(cmd: Command, root: Path, trials: int, rng: random.Random) -> St
 
 
 def concurrent_trial(
-    cmd: Command, trial: Path, delay: float, launch: Any, reference: dict, exits: list | None = None
+    cmd: Command,
+    trial: Path,
+    delay: float,
+    launch: Any,
+    reference: dict,
+    exits: list | None = None,
+    anchored: bool = False,
 ) -> list:
-    """Two writers of ``cmd`` on one target, the second ``delay`` s after the first; failures.
+    """Two writers of ``cmd`` on one target, the second ``delay`` s after the first (after the
+    first one's first temporary appeared, when ``anchored``); returns the failures.
 
-    ``launch(argv, err_path)`` starts a writer and returns an object whose ``wait()`` gives its
-    exit code (a ``subprocess.Popen`` here; tests fork them from a preloaded server).
+    ``launch(argv, err_path)`` starts a writer and returns an object with ``poll()`` and
+    ``wait()`` as ``subprocess.Popen`` has (tests fork writers from a preloaded server).
     """
     if cmd.prepare:
         cmd.prepare(trial)
     errs = [trial.with_name(f"{trial.name}.err{i}") for i in range(2)]
     first = launch(cmd.args(trial), errs[0])
+    if anchored:
+        _wait_for_temp(first, trial, trial / cmd.target)
     time.sleep(delay)
     second = launch(cmd.args(trial), errs[1])
     codes = [first.wait(), second.wait()]

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from knnlm.cli import app, error_line, register_all
 
-EXAMPLES = 10  # per command; derandomized, so every run tries the same cases
+EXAMPLES = 25  # per command; derandomized, so every run tries the same cases
 
 INTS = ["0", "-1", "1", "2", "999999999999", "-999999999999", "1.5", "abc"]
 FLOATS = ["0", "-0.5", "1.5", "nan", "inf", "-inf", "1e308", "1e-308", "0.3", "abc"]

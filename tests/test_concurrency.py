@@ -64,6 +64,9 @@ class _Writer:
         self.p = ctx.Process(target=_cli_child, args=(argv, str(err)))
         self.p.start()
 
+    def poll(self) -> int | None:
+        return None if self.p.is_alive() else self.p.exitcode
+
     def wait(self) -> int:
         self.p.join(timeout=300)
         return self.p.exitcode
@@ -76,7 +79,7 @@ def setup(tmp_path_factory):
     os.environ.setdefault("TQDM_DISABLE", "1")
     fi = _driver()
     work = tmp_path_factory.mktemp("concurrency")
-    fx = fi.make_fixtures(work, train_lines=1000)
+    fx = fi.make_fixtures(work, train_lines=1500)
     base = work / "base_ds"
     subprocess.run(
         fi.cli("datastore", "build", "-m", fx["model"], "-c", fx["corpus"], "-o", base)
@@ -121,8 +124,9 @@ def test_two_writers_one_artifact(setup, name):
     for i in range(TRIALS[name]):
         trial = work / f"{name.replace(' ', '_')}-{i}"
         trial.mkdir()
-        delay = rng.uniform(0.0, 0.5 * seconds)  # mostly while the first one writes
-        bad = fi.concurrent_trial(cmd, trial, delay, launch, reference)
+        # From the first one's first temporary: the second starts while the first writes.
+        delay = rng.uniform(0.0, 0.3 * seconds)
+        bad = fi.concurrent_trial(cmd, trial, delay, launch, reference, anchored=True)
         failures += [f"trial {i} (second writer at +{delay:.2f}s): {f}" for f in bad]
         shutil.rmtree(trial, ignore_errors=True)
     assert not failures, "\n".join(failures)

@@ -11,7 +11,7 @@ import typer
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import write_json_atomic
-from knnlm.locking import set_wait
+from knnlm.locking import set_wait, writer_lock
 
 QUIET = typer.Option(False, "--quiet", "-q", help="Silence progress bars.")
 SEED = typer.Option(0, "--seed", help="Random seed.")
@@ -30,6 +30,13 @@ WAIT = typer.Option(
     callback=set_wait,
     help="If another process is writing the same output, wait for it instead of stopping.",
 )
+
+
+def hold_lock(ctx: typer.Context, target: Path | None, what: str) -> None:
+    """Hold the writer lock on ``target`` until the command ends. Taken before the model loads,
+    so that of two commands started together the first is the one that writes."""
+    if target is not None:
+        ctx.with_resource(writer_lock(target, f"{what} {os.path.abspath(target)}"))
 
 
 def output_file(value: Path | None) -> Path | None:

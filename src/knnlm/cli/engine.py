@@ -12,6 +12,7 @@ from knnlm.cli.common import (
     SEARCH,
     WAIT,
     echo_json,
+    hold_lock,
     output_file,
     quiet_libraries,
     write_json,
@@ -62,6 +63,7 @@ def _load(model: str, device: str | None, dtype: str):
 
 @datastore_app.command("build")
 def datastore_build(
+    ctx: typer.Context,
     model: str = MODEL,
     corpus: str = CORPUS,
     out: Path = typer.Option(..., "--out", "-o", help="Datastore directory to create."),
@@ -88,6 +90,7 @@ def datastore_build(
     from knnlm.retrieval.datastore import KIND, META, build_datastore, open_datastore
 
     rank = _init_distributed()  # first: rank 0 takes the writer lock for the group
+    hold_lock(ctx, out, "datastore")
     claim_target(out, KIND, META)  # a foreign --out is refused before the model is loaded
     lm = _load(model, device, dtype)
     path = build_datastore(
@@ -150,6 +153,7 @@ def datastore_index(
 
 
 def eval_cmd(
+    ctx: typer.Context,
     model: str = MODEL,
     corpus: str = CORPUS,
     split: str = typer.Option("valid", "--split", help="Corpus split to score."),
@@ -207,11 +211,13 @@ def eval_cmd(
 
     # What the user can get wrong is checked before the model is loaded.
     knn = KnnSettings(k, knn_weight, temperature, recompute, nprobe, exclude_self, search)
+    # Under torchrun every rank scores the whole split and holds a shard of the datastore for
+    # exact search (knnlm.retrieval.sharded); rank 0 alone writes and prints, and holds the
+    # cache's lock for the group (so the group joins before the lock is taken).
+    rank = _init_distributed()
+    hold_lock(ctx, cache, "neighbour cache")
     datastore = open_inputs(datastore, cache, knn)
     gate_obj = open_gate(gate, retrieval_rate, datastore, cache, gate_weight)
-    # Under torchrun every rank scores the whole split and holds a shard of the datastore for
-    # exact search (knnlm.retrieval.sharded); rank 0 alone writes and prints.
-    rank = _init_distributed()
     lm = _load(model, device, dtype)
     result = evaluate(
         lm,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, SEED, WAIT, quiet_libraries, write_json
+from knnlm.cli.common import DEVICE, QUIET, SEED, WAIT, hold_lock, quiet_libraries, write_json
 
 memory_app = typer.Typer(
     help="Train an MLP memory on a datastore's (key, next token) pairs (Section 5).",
@@ -19,6 +19,7 @@ memory_app = typer.Typer(
 
 @memory_app.command("train")
 def memory_train(
+    ctx: typer.Context,
     model: str = typer.Option(
         ..., "--model", "-m", help="HF hub name or local directory of the LM the datastore used."
     ),
@@ -73,6 +74,7 @@ def memory_train(
     from knnlm.retrieval.datastore import datastore_record, open_datastore
     from knnlm.retrieval.memory import CONFIG_FILE, KIND, memory_storage, storage_report
 
+    hold_lock(ctx, out, "memory model")
     claim_target(out, KIND, CONFIG_FILE, what="memory model")  # before loading anything
     quiet_libraries()
     ds = open_datastore(datastore)
