@@ -92,8 +92,16 @@ MUTANTS: list[Mutant] = [
         "fast_merge_last_kept_row_wins",
         "a merged row's count goes to the last kept row that lists it, not the first",
         "greedy_merge",
-        "np.minimum.at(absorber, all_dst[by_kept], all_src[by_kept])",
-        "absorber[all_dst[by_kept]] = all_src[by_kept]",
+        "np.minimum.at(absorber, dst[fwd][by_alive], src[fwd][by_alive])",
+        "absorber[dst[fwd][by_alive]] = src[fwd][by_alive]",
+        f"{FAST}::test_greedy_merge_equals_the_sequential_visit",
+    ),
+    mutant(
+        "fast_merge_visited_rows_never_absorbed",
+        "a visited row that absorbed nothing stays (the first pass's rule), not He et al.'s",
+        "greedy_merge",
+        "late = _absorbed_after_visit(n, src[back], dst[back])",
+        "late = np.full(n, n, np.int64)",
         f"{FAST}::test_greedy_merge_equals_the_sequential_visit",
     ),
     mutant(
