@@ -8,14 +8,14 @@ One run, one model, one datastore, one set of evaluated tokens (the test split).
 ``tiny`` GPT-2 is trained briefly on the WikiText-2 slice shipped with the package, so the run
 needs no outside data; ``--corpus`` / ``--model`` / ``--preset`` scale it up. Methods: the LM;
 the default kNN-LM (IVF-PQ + exact re-ranking, the baseline of every ratio) and, with
-``--with-exact``, the same with the exact torch search; the learned gate (He et al.) at 25/50/75% retrieval with ``--knn-weight``
-and at 50/75/90% with its learned per-token weight, the entropy gate at 50%; PCA to d/2 and d/4
-in front of the IVF-PQ; the greedy-merged datastore; combinations (pruned + PCA d/2 + gate at
-50%, as the issue names it; PCA d/4 + learned weight at 75/90%; pruned + PCA d/2 + learned
-weight at 75%). Per method: perplexity, the share of the LM -> kNN-LM gain kept (on
-log-perplexity), tokens/s, the speed-up over the kNN-LM, tokens/s as a share of the LM's,
-seconds in and outside search, storage (datastore + index bytes) and the share of tokens
-searched. The gate is trained on the valid split, never on test.
+``--with-exact``, the same with the exact torch search; the learned gate (He et al.) at
+25/50/75% retrieval with ``--knn-weight`` and at 10/25/50/75/90% with its learned per-token
+weight; the entropy gate at 50%; PCA to d/2 and d/4 in front of the IVF-PQ; the greedy-merged
+datastore; combinations (pruned + PCA d/2 + gate at 50%, as the issue names it; PCA d/4 +
+learned weight at 25/50%; pruned + PCA d/2 + learned weight at 25/50%). Per method:
+perplexity, the share of the LM -> kNN-LM gain kept (on log-perplexity), tokens/s, the speed-up
+over the kNN-LM, tokens/s as a share of the LM's, seconds in and outside search, storage
+(datastore + index bytes) and the share of tokens searched. The gate is trained on the valid split, never on test.
 """
 
 from __future__ import annotations
@@ -157,6 +157,8 @@ METHODS = [  # (name, store, gate, retrieval rate, search); "mlp+w": the gate's 
     ("adaptive_25", "default", "mlp", 0.25, "auto"),
     ("adaptive_50", "default", "mlp", 0.5, "auto"),
     ("adaptive_75", "default", "mlp", 0.75, "auto"),
+    ("adaptive_10_learned_weight", "default", "mlp+w", 0.1, "auto"),
+    ("adaptive_25_learned_weight", "default", "mlp+w", 0.25, "auto"),
     ("adaptive_50_learned_weight", "default", "mlp+w", 0.5, "auto"),
     ("adaptive_75_learned_weight", "default", "mlp+w", 0.75, "auto"),
     ("adaptive_90_learned_weight", "default", "mlp+w", 0.9, "auto"),
@@ -165,9 +167,10 @@ METHODS = [  # (name, store, gate, retrieval rate, search); "mlp+w": the gate's 
     ("pca_d4", "pca_d4", None, 1.0, "auto"),
     ("pruned", "pruned", None, 1.0, "auto"),
     ("combined", "combined", "mlp", 0.5, "auto"),
-    ("pca_d4_learned_75", "pca_d4", "mlp+w", 0.75, "auto"),
-    ("pca_d4_learned_90", "pca_d4", "mlp+w", 0.9, "auto"),
-    ("combined_learned_75", "combined", "mlp+w", 0.75, "auto"),
+    ("pca_d4_learned_25", "pca_d4", "mlp+w", 0.25, "auto"),
+    ("pca_d4_learned_50", "pca_d4", "mlp+w", 0.5, "auto"),
+    ("combined_learned_25", "combined", "mlp+w", 0.25, "auto"),
+    ("combined_learned_50", "combined", "mlp+w", 0.5, "auto"),
 ]
 # Exact torch search of every key: >= 3x slower than IVF-PQ here (1 thread, 479k keys); opt-in.
 EXACT_ROW = ("knnlm_exact_torch", "default", None, 1.0, "exact")
