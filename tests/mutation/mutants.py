@@ -89,6 +89,14 @@ MUTANTS: list[Mutant] = [
         f"{FAST}::test_evaluating_a_pruned_store_uses_its_counts",
     ),
     mutant(
+        "fast_p_knn_underflow_kept",
+        "a target weight that underflows float32 next to the nearest neighbour is not redone",
+        "knn_target_log_prob",
+        "if tiny.numel():",
+        "if False:",
+        f"{ENGINE}::test_p_knn_target_far_below_the_nearest_stays_exact",
+    ),
+    mutant(
         "fast_merge_last_kept_row_wins",
         "a merged row's count goes to the last kept row that lists it, not the first",
         "greedy_merge",
