@@ -157,6 +157,34 @@ def test_p_knn_sums_to_one_and_masks_missing():
     assert mixed.item() == pytest.approx(-2.0 + math.log(0.75))
 
 
+@pytest.mark.parametrize("temperature", [10.0, 1.0, 0.05])
+def test_p_knn_target_far_below_the_nearest_stays_exact(temperature):
+    """A target neighbour whose weight underflows float32 next to the nearest keeps its exact
+    log-probability (numpy, float64, in log space), and counts weigh in as log(count)."""
+    rng = np.random.default_rng(1)
+    n, k = 64, 32
+    dists = rng.random((n, k)) * 200
+    ids = rng.integers(0, 1000, (n, k))
+    ids[:4, 20:] = -1
+    values = rng.integers(0, 6, (n, k))
+    counts = rng.integers(1, 5, (n, k))
+    targets = rng.integers(0, 8, n)  # 6, 7: no neighbour carries them
+    logits = -dists / temperature + np.log(counts)
+    logits[ids < 0] = -np.inf
+    hit = np.where(values == targets[:, None], logits, -np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = np.logaddexp.reduce(hit, axis=1) - np.logaddexp.reduce(logits, axis=1)
+    got = knn_target_log_prob(
+        torch.tensor(dists, dtype=torch.float32), torch.tensor(ids), torch.tensor(values),
+        torch.tensor(targets), temperature, torch.tensor(counts),
+    ).double().numpy()  # fmt: skip
+    finite = np.isfinite(ref)
+    assert (np.isfinite(got) == finite).all()
+    np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-5, atol=1e-4)
+    if temperature < 1:
+        assert ref[finite].min() < -200  # the case that underflows a one-pass float32 sum
+
+
 def test_datastore_resume_is_byte_identical(lm, small_corpus, tmp_path):
     kw = dict(context_len=CTX, stride=STRIDE, batch_size=2, checkpoint_every=2, progress=False)
     straight = build_datastore(lm, str(small_corpus), "train", tmp_path / "a", **kw)

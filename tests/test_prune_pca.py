@@ -46,19 +46,20 @@ def write_ds(path: Path, keys: np.ndarray, values: np.ndarray) -> Path:
 
 
 def sequential_greedy(nbrs: np.ndarray, values: np.ndarray) -> tuple[list[int], dict[int, int]]:
-    """He et al.'s visit in row order, written as the plain loop it is."""
-    removed, kept, counts = set(), [], {}
+    """He et al.'s visit in row order, written as the plain loop it is: a present row absorbs
+    every same-token neighbour that is still fresh (present and has absorbed nothing yet),
+    whether that neighbour was visited already or not."""
+    weight = [1] * len(values)
     for i in range(len(values)):
-        if i in removed:
+        if weight[i] == 0:
             continue
-        kept.append(i)
-        counts[i] = 1
         for j in nbrs[i]:
             j = int(j)
-            if j > i and j not in removed and values[j] == values[i]:
-                removed.add(j)
-                counts[i] += 1
-    return kept, counts
+            if j >= 0 and j != i and weight[j] == 1 and values[j] == values[i]:
+                weight[j] = 0
+                weight[i] += 1
+    kept = [i for i, w in enumerate(weight) if w > 0]
+    return kept, {i: weight[i] for i in kept}
 
 
 @pytest.mark.parametrize("seed", range(6))

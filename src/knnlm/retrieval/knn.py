@@ -53,12 +53,22 @@ def knn_target_log_prob(
     Returns -inf where no neighbour carries the target (or no neighbour was found).
     """
     logits = _neighbour_logits(dists, ids, temperature, counts)
-    log_norm = torch.logsumexp(logits, dim=-1)
-    hit = values.long() == targets.long().unsqueeze(-1)
-    log_hit = torch.logsumexp(logits.masked_fill(~hit, NEG_INF), dim=-1)
-    out = log_hit - log_norm
-    # No neighbour at all: log_norm is -inf and the difference is nan; the mass is zero.
-    return torch.where(torch.isfinite(log_norm), out, torch.full_like(out, NEG_INF))
+    # One exp pass, not two logsumexps: shift by the row max, sum all and the target's weights.
+    top = logits.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # no neighbour: all -inf
+    w = (logits - top).exp_()
+    norm = w.sum(dim=-1)  # >= 1 where any neighbour exists
+    match = values.long() == targets.long().unsqueeze(-1)
+    hit = w.masked_fill_(~match, 0.0).sum(dim=-1)
+    out = hit.log() - norm.log()
+    # A target weight that underflowed float32 (far below the nearest): redo those rows exactly.
+    tiny = torch.nonzero((hit < 1e-30) & match.any(dim=-1)).squeeze(1)
+    if tiny.numel():
+        lg = logits[tiny]
+        exact = torch.logsumexp(lg.masked_fill(~match[tiny], NEG_INF), -1) - torch.logsumexp(lg, -1)
+        out[tiny] = exact
+    # No neighbour at all: the norm is 0 and the difference is nan; the mass is zero.
+    return torch.where(norm > 0, out, torch.full_like(out, NEG_INF))
 
 
 def knn_log_probs(

@@ -15,7 +15,7 @@ import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.lm.loading import LoadedLM
-from knnlm.retrieval.backend import Neighbours, SearchBackend, check_search
+from knnlm.retrieval.backend import Neighbours, SearchBackend, check_search, gather_rows
 from knnlm.retrieval.backends import open_backend
 from knnlm.retrieval.datastore import Datastore, open_datastore
 from knnlm.retrieval.knn import knn_log_probs, knn_target_log_prob
@@ -84,7 +84,7 @@ class Retriever:
         if self.counts is None:
             return None
         self.counts = self.counts.to(nb.rows.device)
-        return self.counts[nb.rows.clamp_min(0)]
+        return gather_rows(self.counts, nb.rows)
 
 
 def check_values(ds: Datastore, vocab_size: int) -> None:
