@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knnlm.data.corpus import load_tokens
+from knnlm.data.corpus import Corpus, describe_corpus, load_tokens
 from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
 from knnlm.fileio import (
@@ -125,7 +125,7 @@ def open_inputs(
 
 def evaluate(
     lm: LoadedLM,
-    corpus: str,
+    corpus: Corpus,
     split: str = "valid",
     *,
     context_len: int = 1024,
@@ -193,7 +193,7 @@ def evaluate(
                 "model_fingerprint": lm.fingerprint,
                 "datastore": str(ds.path),
                 "datastore_n": ds.n,
-                "corpus": corpus,
+                "corpus": describe_corpus(corpus),
                 "split": split,
                 "corpus_fingerprint": eval_fp,
                 "context_len": context_len,
@@ -254,7 +254,7 @@ def evaluate(
         "settings": {
             "model": lm.name,
             "model_fingerprint": lm.fingerprint,
-            "corpus": corpus,
+            "corpus": describe_corpus(corpus),
             "split": split,
             "context_len": context_len,
             "stride": stride,

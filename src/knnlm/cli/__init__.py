@@ -1,7 +1,8 @@
 """The ``knnlm`` command line: thin Typer wrappers that parse, call the library and print.
 
-Each command group lives in its own module with a ``register(app)`` function; errors a user
-can cause (``KnnlmError``) become one line on stderr and exit code 2.
+Each command group lives in its own module with a ``register(app)`` function; shared options
+are in ``common``. Usage errors print click's usual text; every other error a user can cause
+(``KnnlmError``) becomes one ``Error: ...`` line on stderr; both exit with code 2.
 """
 
 from __future__ import annotations
@@ -20,6 +21,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(show: bool) -> None:
+    if show:
+        from knnlm import __version__
+
+        typer.echo(f"knnlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Nearest-neighbour language models and the analyses of Chiang et al. (NAACL 2024)."""
 
 
 _registered = False
@@ -83,7 +101,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except KnnlmError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume where supported", err=True)

@@ -2,6 +2,7 @@
 
 from knnlm.cli import (
     engine,
+    generate,
     hurdle,
     macondo_data,
     macondo_run,
@@ -11,4 +12,14 @@ from knnlm.cli import (
     train,
 )
 
-MODULES: list = [reproduce, train, engine, project, macondo_data, macondo_run, memory, hurdle]
+MODULES: list = [
+    reproduce,
+    train,
+    engine,
+    generate,
+    project,
+    macondo_data,
+    macondo_run,
+    memory,
+    hurdle,
+]

@@ -54,7 +54,7 @@ from knnlm.lm.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from knnlm.lm.lora import LORA_DEFAULTS, LORA_TARGETS, apply_lora, merge_lora
+from knnlm.lm.lora import LORA_DEFAULTS, apply_lora, lora_targets, merge_lora
 from knnlm.lm.train_config import PRECISIONS, TrainConfig, TrainResult
 from knnlm.lm.train_data import (
     StepPlan,
@@ -69,7 +69,6 @@ __all__ = [
     "CHECKPOINT_DIR",
     "LOSS_CURVE",
     "LORA_DEFAULTS",
-    "LORA_TARGETS",
     "MODEL_KIND",
     "PRECISIONS",
     "TRAIN_META",
@@ -447,7 +446,7 @@ def train_lm(
         "preset": preset,
         "preset_settings": None if base_model else spec.to_json(),
         "base_model": base_model,
-        "lora": dict(LORA_DEFAULTS, targets=LORA_TARGETS.get(result.model.config.model_type))
+        "lora": dict(LORA_DEFAULTS, targets=lora_targets(result.model.config.model_type))
         if lora
         else None,
         "drop_last_mlp": drop_last_mlp,

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knnlm.data.corpus import load_tokens
+from knnlm.data.corpus import Corpus, describe_corpus, load_tokens
 from knnlm.data.windows import make_windows, resolve_stride
 from knnlm.errors import KnnlmError
 from knnlm.fileio import (
@@ -179,7 +179,7 @@ def _barrier() -> None:
 
 def build_datastore(
     lm: LoadedLM,
-    corpus: str,
+    corpus: Corpus,
     split: str,
     out: str | Path,
     *,
@@ -221,7 +221,7 @@ def build_datastore(
         "model_fingerprint": lm.fingerprint,
         "model_dtype": _dtype_name(lm),
         "tokenizer_fingerprint": lm.tokenizer_fingerprint,
-        "corpus": corpus,
+        "corpus": describe_corpus(corpus),
         "split": split,
         "corpus_fingerprint": corpus_fingerprint(ids),
         "context_len": context_len,
