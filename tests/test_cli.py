@@ -130,9 +130,9 @@ def _leaf_commands():
     """(name, click command) of every runnable command, groups walked."""
     import typer
 
-    from knnlm.cli import _register_all, app
+    from knnlm.cli import app, register_all
 
-    _register_all()
+    register_all()
     todo = [("knnlm", typer.main.get_command(app))]
     while todo:
         name, cmd = todo.pop()

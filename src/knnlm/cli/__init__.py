@@ -43,7 +43,8 @@ def _main(
 _registered = False
 
 
-def _register_all() -> None:
+def register_all() -> None:
+    """Add every command module's commands to ``app`` (once; cheap: no heavy imports)."""
     global _registered
     if _registered:
         return
@@ -95,7 +96,7 @@ def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...
 def main() -> None:
     """Entry point: usage errors print click's usual text and exit 2; a ``KnnlmError`` prints
     one line and exits 2; anything else is a bug and keeps its traceback."""
-    _register_all()
+    register_all()
     _log_to_stderr()
     errors, exits, aborts = _click_errors()
     try:

@@ -43,7 +43,7 @@ from knnlm.errors import KnnlmError
 datastore_app = typer.Typer(help="Build, index and describe a kNN datastore.", no_args_is_help=True)
 
 DS_ARG = typer.Argument(None, help="Datastore directory (or --datastore/-d).", show_default=False)
-DS_OPT = typer.Option(None, "--datastore", "-d", help="Datastore directory.", show_default=False)
+DS_OPT = typer.Option(None, "--datastore", "-d", help="Datastore directory (or positionally).")
 
 
 def _init_distributed() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, SEED, quiet_libraries, write_json
+from knnlm.cli.common import DEVICE, DTYPE, QUIET, SEED, Dtype, quiet_libraries, value, write_json
 
 memory_app = typer.Typer(
     help="Train an MLP memory on a datastore's (key, next token) pairs (Section 5).",
@@ -81,6 +81,7 @@ def memory_train(
     json_out: Path | None = typer.Option(None, "--json", help="Write the summary JSON here."),
     seed: int = SEED,
     device: str | None = DEVICE,
+    dtype: Dtype = DTYPE,
     quiet: bool = QUIET,
 ) -> None:
     """Train the memory MLP logits = W (z + LN(MLP(z))) on a datastore's keys -> next tokens."""
@@ -93,7 +94,7 @@ def memory_train(
     claim_target(out, KIND, CONFIG_FILE, what="memory model")  # before loading anything
     quiet_libraries()
     ds = open_datastore(datastore)
-    lm = load_lm(model, device=device)
+    lm = load_lm(model, device=device, dtype=value(dtype))
     ds.check_compatible(lm)
     record = datastore_record(ds)
     result = train_memory(
