@@ -3,6 +3,7 @@ brute-force reference."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -54,8 +55,6 @@ def test_readme_example_perplexity_equals_cli(example, tmp_path, monkeypatch, ca
     _cli(monkeypatch, capsys, "datastore", "build", "-m", m, "-c", c, "-o", tmp_path / "ds", "-q")
     _cli(monkeypatch, capsys, "eval", "-m", m, "-c", c, "-d", tmp_path / "ds", "--k", 16,
          "--json", tmp_path / "e.json", "-q")  # fmt: skip
-    import json
-
     cli = json.loads((tmp_path / "e.json").read_text())
     assert cli["tokens"] == result.tokens
     assert cli["lm"]["perplexity"] == pytest.approx(result.lm, rel=1e-6)
@@ -63,6 +62,17 @@ def test_readme_example_perplexity_equals_cli(example, tmp_path, monkeypatch, ca
     assert result.knnlm != pytest.approx(result.lm, rel=1e-3)
     assert set(result.to_dict()) == set(cli)
     assert "knnlm=" in repr(result) and "context_len=64" in repr(result)
+
+    # knnlm neighbours and datastore info on the CLI's datastore: the API's entries again.
+    want = example["knn_lm"].neighbours("the old house by the", example["ds"], k=3)
+    _cli(monkeypatch, capsys, "neighbours", "-m", m, "-d", tmp_path / "ds", "-p",
+         "the old house by the", "--k", 3, "--json", tmp_path / "nb.json")  # fmt: skip
+    got = json.loads((tmp_path / "nb.json").read_text())
+    assert [g["row"] for g in got] == [w["row"] for w in want]
+    assert [g["context"] for g in got] == [w["context"] for w in want]
+    _cli(monkeypatch, capsys, "datastore", "info", tmp_path / "ds", "--json", tmp_path / "i.json")
+    info = json.loads((tmp_path / "i.json").read_text())
+    assert info["n"] == len(example["ds"]) and info["context_len"] == 64 and info["index"] is None
 
 
 def test_neighbours_match_brute_force(example):
@@ -145,3 +155,27 @@ def test_corpus_as_dataset_and_unregistered_family(example, tmp_path):
         KnnlmError, match="registered: gpt2, llama, mistral, qwen2.*register_family"
     ):
         Datastore.build(neox, valid, tmp_path / "ds", progress=False)
+
+
+def test_every_public_name_has_a_docstring_with_an_example():
+    import inspect
+
+    import knnlm
+
+    missing = []
+    for name in knnlm.__all__:
+        if name == "__version__":
+            continue
+        obj = getattr(knnlm, name)
+        members = [(name, obj)]
+        if inspect.isclass(obj) and obj.__module__.startswith("knnlm"):
+            members += [
+                (f"{name}.{m}", v)
+                for m, v in vars(obj).items()
+                if not m.startswith("_") and (callable(v) or isinstance(v, (property, classmethod)))
+            ]
+        for label, member in members:
+            doc = inspect.getdoc(getattr(member, "__func__", member)) or ""
+            if "e.g." not in doc and "xample" not in doc:
+                missing.append(label)
+    assert missing == []

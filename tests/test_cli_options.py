@@ -140,3 +140,16 @@ def test_the_cli_starts_without_torch():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_missing_optional_package_names_its_extra(monkeypatch, capsys):
+    import knnlm.cli.engine as engine
+
+    def no_faiss(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
+
+    monkeypatch.setattr(engine, "load_model", no_faiss)
+    code, _, err = _run(monkeypatch, capsys, "eval", "-m", "m", "-c", "c")
+    assert code == 2 and err.strip().splitlines() == [
+        "Error: this needs the 'faiss' package: pip install 'knnlm[faiss]' (GPU: or faiss-gpu)"
+    ]

@@ -53,6 +53,7 @@ class PerplexityResult:
 
     @classmethod
     def from_eval(cls, result: dict) -> PerplexityResult:
+        """From the dict of ``knnlm.evaluate.evaluate``; e.g. ``from_eval(evaluate(lm, ...))``."""
         knn = result.get("knnlm")
         return cls(
             lm=result["lm"]["perplexity"],
@@ -63,7 +64,7 @@ class PerplexityResult:
         )
 
     def to_dict(self) -> dict:
-        """The result as ``knnlm eval --json`` writes it."""
+        """The result as ``knnlm eval --json`` writes it; e.g. ``to_dict()["lm"]["nll_sum"]``."""
         return dict(self.raw)
 
     def __repr__(self) -> str:
@@ -126,19 +127,22 @@ class KnnLM:
 
     @property
     def model(self) -> torch.nn.Module:
+        """The wrapped causal LM (eval mode); e.g. ``knn_lm.model.generate(...)``."""
         return self.lm.model
 
     @property
     def tokenizer(self) -> Any:
+        """Its tokenizer; e.g. ``knn_lm.tokenizer("text", return_tensors="pt")``."""
         return self.lm.tokenizer
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights are; e.g. ``torch.device("cpu")``."""
         return self.lm.device
 
     @property
     def max_positions(self) -> int | None:
-        """The longest sequence the model reads (the default context length)."""
+        """The longest sequence the model reads (the default context length); e.g. 1024."""
         limit = position_limit(self.model)
         return limit[0] if limit else None
 

@@ -56,6 +56,7 @@ class Datastore:
     """
 
     def __init__(self, stored: StoredDatastore):
+        """Wrap an opened datastore; ``Datastore.load(path)`` is the usual way in."""
         self.stored = stored
 
     @classmethod
@@ -108,11 +109,12 @@ class Datastore:
     # -- what it is --------------------------------------------------------------------
     @property
     def path(self) -> Path:
+        """The datastore's folder; e.g. ``Path("runs/ds")``."""
         return self.stored.path
 
     @property
     def meta(self) -> dict:
-        """The datastore's meta.json (model, tokenizer and corpus fingerprints, settings)."""
+        """The datastore's meta.json (fingerprints, settings); e.g. ``ds.meta["key_type"]``."""
         return self.stored.meta
 
     def __len__(self) -> int:
@@ -178,7 +180,8 @@ class Datastore:
         """The token stream the rows come from (row r's target is token r + 1).
 
         Read from ``tokens.npy`` when the build wrote it, else re-read from the corpus named
-        in meta.json with ``tokenizer`` and checked against its fingerprint.
+        in meta.json with ``tokenizer`` and checked against its fingerprint. Example:
+        ``knn_lm.tokenizer.decode(ds.tokens()[:20])``.
         """
         if (self.path / TOKENS).is_file():
             return np.load(self.path / TOKENS, mmap_mode="r", allow_pickle=False)

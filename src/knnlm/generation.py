@@ -54,7 +54,10 @@ class KnnLogitsProcessor(LogitsProcessor):
         return interpolate(lm_lp, knn_lp, self.retriever.knn.knn_weight).to(scores.dtype)
 
     def close(self) -> None:
-        """Remove the hooks this processor attached (a no-op when it attached none)."""
+        """Remove the hooks this processor attached (a no-op when it attached none).
+
+        Example: ``proc = knn_lm.logits_processor(ds); ...; proc.close()``.
+        """
         if self._release is not None:
             self._release()
             self._release = None

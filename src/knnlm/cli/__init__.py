@@ -93,6 +93,25 @@ def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...
     return tuple(errors), tuple(exits), tuple(aborts)
 
 
+# Optional parts of the install: a missing module -> the extra that brings it.
+EXTRAS = {
+    "faiss": "faiss",
+    "peft": "lora",
+    "datasets": "hf",
+    "matplotlib": "report",
+    "markdown_it": "report",
+    "tiktoken": "tiktoken",
+}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    root = (exc.name or "").split(".")[0]
+    if root not in EXTRAS:
+        return None
+    hint = " (GPU: or faiss-gpu)" if root == "faiss" else ""
+    return f"this needs the {root!r} package: pip install 'knnlm[{EXTRAS[root]}]'{hint}"
+
+
 def main() -> None:
     """Entry point: usage errors print click's usual text and exit 2; a ``KnnlmError`` prints
     one line and exits 2; anything else is a bug and keeps its traceback."""
@@ -103,6 +122,12 @@ def main() -> None:
         code = app(standalone_mode=False)
     except KnnlmError as exc:
         typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:
+        message = _missing_extra(exc)
+        if message is None:
+            raise
+        typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume where supported", err=True)

@@ -65,13 +65,16 @@ def generate_cmd(
 
     do_sample = renamed(do_sample, old_sample, "--sample", "--do-sample")
     hf = dict(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, num_beams=num_beams,
-        num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
+        max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
     )  # fmt: skip
+    if do_sample:  # sampling options only where they act (HF warns about them otherwise)
+        hf.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    if repetition_penalty != 1.0:
+        hf.update(repetition_penalty=repetition_penalty)
     # What the user can get wrong is checked before the model is loaded (the kNN settings
     # too: a bad --knn-temperature is a mistake even without a datastore).
-    check_settings(prompt, hf)
+    check_settings(prompt, dict(hf, temperature=temperature, top_k=top_k, top_p=top_p))
     knn = KnnSettings(k=k, knn_weight=knn_weight, temperature=knn_temp, nprobe=nprobe)
     knn.validate()
     if datastore is not None:

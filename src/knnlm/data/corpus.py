@@ -55,8 +55,10 @@ def _split_file(directory: Path, split: str) -> Path:
 def _read_hf(spec: str, split: str, text_field: str) -> str:
     try:
         import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        raise KnnlmError("reading hf: corpora needs the 'datasets' package") from None
+    except ImportError:  # an optional part of the install
+        raise KnnlmError(
+            "reading hf: corpora needs the 'datasets' package: pip install 'knnlm[hf]'"
+        ) from None
     parts = spec[3:].split(":", 1)
     name = parts[0]
     arg = parts[1] if len(parts) > 1 else None

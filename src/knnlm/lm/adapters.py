@@ -95,7 +95,10 @@ def family_of(model_type: str | None) -> Family | None:
 
 
 def registered_model_types() -> tuple[str, ...]:
-    """Model types with a registered family (``config.model_type`` values)."""
+    """Model types with a registered family (``config.model_type`` values).
+
+    Example: ``"llama" in knnlm.registered_model_types()`` is True.
+    """
     return tuple(_REGISTRY)
 
 

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
-from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from knnlm.errors import KnnlmError
@@ -18,8 +16,6 @@ from knnlm.fileio import write_json_atomic
 from knnlm.lm.adapters import Adapter, apply_saved_surgery
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# transformers 4.56 renamed from_pretrained's torch_dtype to dtype (the old name warns).
-_DTYPE_ARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -207,7 +203,7 @@ def load_lm(
     if not local and (name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1):
         raise KnnlmError(f"model path {name!r} does not exist")
     hf_kwargs.setdefault("local_files_only", local)
-    hf_kwargs[_DTYPE_ARG] = torch_dtype(dtype)
+    hf_kwargs["dtype"] = torch_dtype(dtype)  # transformers >= 5 (pyproject's floor)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, trust_remote_code=trust_remote_code, **hf_kwargs
@@ -215,6 +211,8 @@ def load_lm(
     except (OSError, ValueError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise KnnlmError(f"cannot load a causal LM from {name!r}: {msg}") from None
-    tokenizer = load_tokenizer(name, trust_remote_code)
     model.to(pick_device(device))
+    if not Adapter(model).registered:  # refused before the tokenizer is even looked for
+        check_causal(model.eval())
+    tokenizer = load_tokenizer(name, trust_remote_code)
     return wrap_lm(model, tokenizer, name)
