@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
 "$PY" -m venv "$WORK/build"
 "$WORK/build/bin/python" -m pip install -q build
 "$WORK/build/bin/python" -m build -q --wheel --outdir "$WORK/dist" . >/dev/null
