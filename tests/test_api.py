@@ -70,6 +70,13 @@ def test_readme_example_perplexity_equals_cli(example, tmp_path, monkeypatch, ca
     got = json.loads((tmp_path / "nb.json").read_text())
     assert [g["row"] for g in got] == [w["row"] for w in want]
     assert [g["context"] for g in got] == [w["context"] for w in want]
+    out = _cli(monkeypatch, capsys, "generate", "-m", m, "-d", tmp_path / "ds", "--k", 16,
+               "-p", "the river", "-p", "a baker was", "--num-beams", 3,
+               "--num-return-sequences", 2, "--max-new-tokens", 4)  # fmt: skip
+    beams = example["knn_lm"].generate(["the river", "a baker was"], example["ds"], k=16,
+                                       num_beams=3, num_return_sequences=2, max_new_tokens=4)  # fmt: skip
+    prompts = ["the river"] * 2 + ["a baker was"] * 2
+    assert out == "".join(p + b + "\n" for p, b in zip(prompts, beams, strict=True))
     _cli(monkeypatch, capsys, "datastore", "info", tmp_path / "ds", "--json", tmp_path / "i.json")
     info = json.loads((tmp_path / "i.json").read_text())
     assert info["n"] == len(example["ds"]) and info["context_len"] == 64 and info["index"] is None
