@@ -186,3 +186,32 @@ def test_every_public_name_has_a_docstring_with_an_example():
             if "e.g." not in doc and "xample" not in doc:
                 missing.append(label)
     assert missing == []
+
+
+def test_a_registered_family_gets_keys_and_the_split(example, tmp_path):
+    """register_family's docstring example: OLMo's split reproduces its logits, and a
+    datastore builds; the registry entry is removed again afterwards."""
+    from transformers import OlmoConfig, OlmoForCausalLM
+
+    from knnlm import Datastore, KnnLM, register_family
+    from knnlm.lm import adapters
+
+    tok, valid = example["tokenizer"], example["valid"]
+    eos = tok.eos_token_id
+    cfg = OlmoConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                     bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+    register_family("olmo", blocks="model.layers", norm2="post_attention_layernorm",
+                    mlp="mlp", final_norm="model.norm",
+                    lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
+    try:
+        olmo = KnnLM(OlmoForCausalLM(cfg), tok)
+        ids = torch.tensor([tok("the old house by the river")["input_ids"]])
+        with torch.no_grad(), olmo.lm.adapter.capture() as store:
+            logits = olmo.model(ids).logits
+            rebuilt = olmo.lm.adapter.fg_logits(store["enc"])
+        torch.testing.assert_close(rebuilt, logits, atol=1e-5, rtol=1e-5)
+        ds = Datastore.build(olmo, valid, tmp_path / "ds", progress=False)
+        assert len(ds) == olmo.perplexity(valid, context_len=64, stride=32).tokens
+    finally:
+        adapters.unregister_family("olmo")

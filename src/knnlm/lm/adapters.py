@@ -71,14 +71,12 @@ def register_family(
     Plain LM perplexity works for any causal LM; datastores, the projection, the MLP memory
     and LoRA need the family registered. A model type registered again is replaced.
 
-    Example (GPT-NeoX, whose last block runs attention and MLP in parallel, so the split is
-    only approximate there; shown for the paths)::
+    Example (OLMo, laid out as Llama; tests/test_api.py checks this registration)::
 
         import knnlm
-        knnlm.register_family("gpt_neox", blocks="gpt_neox.layers",
-                              norm2="post_attention_layernorm", mlp="mlp",
-                              final_norm="gpt_neox.final_layer_norm", lm_head="embed_out",
-                              lora_targets=["query_key_value", "dense", "dense_h_to_4h"])
+        knnlm.register_family("olmo", blocks="model.layers", norm2="post_attention_layernorm",
+                              mlp="mlp", final_norm="model.norm",
+                              lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     """
     types = (model_types,) if isinstance(model_types, str) else tuple(model_types)
     family = Family(
@@ -87,6 +85,11 @@ def register_family(
     for t in types:
         _REGISTRY[t] = family
     return family
+
+
+def unregister_family(model_type: str) -> None:
+    """Forget ``model_type``'s family (e.g. after a test); ``unregister_family("olmo")``."""
+    _REGISTRY.pop(model_type, None)
 
 
 def family_of(model_type: str | None) -> Family | None:
