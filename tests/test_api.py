@@ -215,3 +215,16 @@ def test_a_registered_family_gets_keys_and_the_split(example, tmp_path):
         assert len(ds) == olmo.perplexity(valid, context_len=64, stride=32).tokens
     finally:
         adapters.unregister_family("olmo")
+
+
+def test_index_and_info(example, tmp_path):
+    from knnlm import Datastore
+
+    knn_lm, train, valid = example["knn_lm"], example["train"], example["valid"]
+    ds = Datastore.build(knn_lm, train[:60], tmp_path / "ds", context_len=32, progress=False)
+    exact = knn_lm.perplexity(valid, ds, k=8)
+    assert ds.info()["index"] is None and ds.info()["stride"] == 16
+    assert ds.index("flat", progress=False) is ds
+    info = Datastore.load(tmp_path / "ds").info()
+    assert info["index"].startswith("flat") and info["bytes"] > ds.stored.keys.nbytes
+    assert knn_lm.perplexity(valid, ds, k=8).knnlm == pytest.approx(exact.knnlm, rel=1e-6)
