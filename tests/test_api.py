@@ -131,6 +131,13 @@ def test_generation_shapes_and_own_generate_equals_api(example):
         example["proc"](torch.tensor([[1]]), torch.zeros(1, len(tok)))
 
 
+def test_settings_hf_refuses_are_one_knnlm_error(example):
+    from knnlm.errors import KnnlmError
+
+    with pytest.raises(KnnlmError, match="^generate: "):  # greedy cannot return 2 sequences
+        example["knn_lm"].generate("the river", num_return_sequences=2, max_new_tokens=2)
+
+
 def test_padded_prompts_continue_like_single_prompts(example):
     knn_lm, ds = example["knn_lm"], example["ds"]
     both = knn_lm.generate(["the river", "a baker was by the"], ds, k=16, max_new_tokens=6)

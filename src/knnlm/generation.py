@@ -145,11 +145,14 @@ def generate(
     width = enc["input_ids"].shape[1]
     _check_length(lm, width, generate_kwargs["max_new_tokens"])
     generate_kwargs.setdefault("pad_token_id", pad_id)
-    if datastore is None:
-        out = lm.model.generate(**enc, **generate_kwargs)
-    else:
-        with attach_processor(lm, datastore, knn or KnnSettings()) as proc:
-            extra = list(generate_kwargs.pop("logits_processor", None) or [])
-            processors = LogitsProcessorList([proc, *extra])
-            out = lm.model.generate(**enc, logits_processor=processors, **generate_kwargs)
+    try:
+        if datastore is None:
+            out = lm.model.generate(**enc, **generate_kwargs)
+        else:
+            with attach_processor(lm, datastore, knn or KnnSettings()) as proc:
+                extra = list(generate_kwargs.pop("logits_processor", None) or [])
+                processors = LogitsProcessorList([proc, *extra])
+                out = lm.model.generate(**enc, logits_processor=processors, **generate_kwargs)
+    except ValueError as exc:  # HF's word on settings that do not go together
+        raise KnnlmError(f"generate: {str(exc).splitlines()[0]}") from None
     return tok.batch_decode(out[:, width:], skip_special_tokens=True)
