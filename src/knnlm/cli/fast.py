@@ -6,8 +6,22 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, SEED, WAIT, echo_json, quiet_libraries
-from knnlm.cli.engine import BATCH, CONTEXT, CORPUS, DTYPE, MODEL, STRIDE, datastore_app
+from knnlm.cli.common import (
+    BATCH,
+    CONTEXT,
+    CORPUS,
+    DEVICE,
+    DTYPE,
+    MODEL,
+    QUIET,
+    SEED,
+    STRIDE,
+    WAIT,
+    Dtype,
+    echo_json,
+    load_model,
+)
+from knnlm.cli.engine import datastore_app
 
 gate_app = typer.Typer(help="Adaptive retrieval: a gate that decides which tokens search.",
                        no_args_is_help=True)  # fmt: skip
@@ -28,29 +42,29 @@ def gate_train_cmd(
     hidden: int = typer.Option(128, "--hidden", help="MLP width."),
     layers: int = typer.Option(5, "--layers", help="MLP linear layers."),
     l1: float = typer.Option(0.05, "--l1", help="L1 penalty on the predicted kNN weight."),
-    context_len: int = CONTEXT,
+    context_len: int | None = CONTEXT,
     stride: int | None = STRIDE,
     batch_size: int = BATCH,
     seed: int = SEED,
     device: str | None = DEVICE,
-    dtype: str = DTYPE,
+    dtype: Dtype = DTYPE,
     quiet: bool = QUIET,
     wait: bool = WAIT,
 ) -> None:
     """Train (mlp) or calibrate (entropy) a retrieval gate on a held-out split."""
     from knnlm.fileio import claim_target
-    from knnlm.lm.loading import load_lm
     from knnlm.retrieval.datastore import open_datastore
     from knnlm.retrieval.gate import CONFIG, KIND
     from knnlm.retrieval.gate_train import train_gate
     from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.scoring import default_window
 
     knn = KnnSettings(k=k, temperature=temperature, nprobe=nprobe)
     knn.validate()
     claim_target(out, KIND, CONFIG, what="retrieval gate")  # before the model is loaded
     open_datastore(datastore)
-    quiet_libraries()
-    lm = load_lm(model, device=device, dtype=dtype)
+    lm = load_model(model, device, dtype).lm
+    context_len, stride = default_window(lm.model, context_len, stride)
     report = train_gate(
         lm, datastore, corpus, out, split=split, kind=kind, knn=knn, context_len=context_len,
         stride=stride, batch_size=batch_size, hidden=hidden, layers=layers, epochs=epochs,

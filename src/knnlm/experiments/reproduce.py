@@ -215,7 +215,7 @@ def _stage_hurdle(pipe: Pipeline, cfg: ReproduceConfig, corpus: str) -> dict:
 def _worker(cfg: ReproduceConfig, out: Path, seeds: list[int]) -> list[str]:
     """The second process's share: Appendix E and some LM seeds, into the same stage cache
     (each stage its own files); returns the stages it ran. The main process reads them back."""
-    with nt.torch_threads(cfg.torch_threads):
+    with torch_threads(cfg.torch_threads):
         pipe = Pipeline(out)
         data = _stage_corpus(pipe, cfg)  # cached by the main process: read, not rerun
         _stage_hurdle(pipe, cfg, data["corpus"])
