@@ -153,3 +153,69 @@ def test_a_missing_optional_package_names_its_extra(monkeypatch, capsys):
     assert code == 2 and err.strip().splitlines() == [
         "Error: this needs the 'faiss' package: pip install 'knnlm[faiss]' (GPU: or faiss-gpu)"
     ]
+
+
+def _help_of(name: str) -> dict[str, str]:
+    """Each visible option's flags of one command, e.g. {"--search": "--search <exact|...>"}."""
+    cmd = dict(leaf_commands())[name]
+    ctx = typer.Context(cmd)
+    return {opt.opts[0]: opt.get_help_record(ctx)[0] for opt in _options(cmd)}
+
+
+@pytest.mark.parametrize(
+    "name, option, choices",
+    [
+        ("knnlm eval", "--search", "exact|faiss|auto"),
+        ("knnlm eval", "--gate-weight", "fixed|learned"),
+        ("knnlm project", "--search", "exact|faiss|auto"),
+        ("knnlm generate", "--search", "exact|faiss|auto"),
+        ("knnlm neighbours", "--search", "exact|faiss|auto"),
+        ("knnlm gate train", "--search", "exact|faiss|auto"),
+        ("knnlm gate train", "--kind", "mlp|entropy"),
+        ("knnlm reproduce", "--search", "exact|faiss|auto"),
+    ],
+)
+def test_new_commands_list_their_choices(name, option, choices):
+    assert choices in _help_of(name)[option]
+
+
+def test_new_commands_share_the_options_of_the_others():
+    import knnlm.cli.common as common
+
+    gate = _help_of("knnlm gate train")
+    assert {"--knn-temperature", "--nprobe", "--search", "--dtype", "--wait"} <= set(gate)
+    assert "--temperature" not in gate  # the old name is a hidden alias
+    prune = _help_of("knnlm datastore prune")
+    assert "-d" in prune["--datastore"] and "-o" in prune["--out"]
+    # one object per shared option: the new commands use common's, not their own copies
+    engine = typer.main.get_command(app).commands["eval"]
+    by_name = {p.name: p for p in engine.params}
+    assert by_name["search"].default == common.Search.auto
+    assert by_name["gate_weight"].default == common.GateWeight.fixed
+
+
+def test_gate_train_old_temperature_name_warns(monkeypatch, capsys, tmp_path):
+    import knnlm.cli.common as common
+
+    monkeypatch.setattr(common, "_warned", set())  # once per process: eval's test may have warned
+    code, _, err = _run(monkeypatch, capsys, "gate", "train", "-m", "m", "-c", "c", "-d",
+                        tmp_path / "nods", "-o", tmp_path / "g", "--temperature", "0")  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[0].startswith("warning: --temperature is now --knn-temperature")
+    assert lines[1] == "Error: --knn-temperature must be positive, got 0.0"
+
+
+def test_prune_takes_the_datastore_either_way(monkeypatch, capsys, tmp_path):
+    code, _, err = _run(monkeypatch, capsys, "datastore", "prune", "-d", tmp_path / "nods",
+                        "-o", tmp_path / "p")  # fmt: skip
+    assert code == 2 and err.startswith("Error: ") and "nods" in err, err
+    code, _, err = _run(monkeypatch, capsys, "datastore", "prune", tmp_path / "a", "-d",
+                        tmp_path / "b", "-o", tmp_path / "p")  # fmt: skip
+    assert code == 2 and err.startswith("Usage: ") and "given twice" in err, err
+
+
+@pytest.mark.parametrize("args", [["eval", "--search", "brute"], ["gate", "train", "--kind", "x"],
+                                  ["eval", "--gate-weight", "mine"]])  # fmt: skip
+def test_a_bad_choice_is_a_usage_error(monkeypatch, capsys, args):
+    code, _, err = _run(monkeypatch, capsys, *args)
+    assert code == 2 and err.startswith("Usage: ") and "Invalid value" in err, err

@@ -48,7 +48,7 @@ def built(tmp_path, tiny_lm_dir, tiny_corpus, monkeypatch, capfd):
 
 def check(code: int, lines: list[str], before: dict, root: Path, name: str) -> None:
     assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("error: disk full while writing") and name in lines[0], lines
+    assert lines[0].startswith("Error: disk full while writing") and name in lines[0], lines
     assert "it needs" in lines[0] and "free there" in lines[0], lines
     assert tree(root) == before
 

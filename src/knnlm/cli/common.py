@@ -138,6 +138,10 @@ SEARCH = typer.Option(
     "sets), faiss (the datastore's FAISS index; IVF-PQ is approximate) or auto (faiss when "
     "the datastore has an index, else exact).",
 )
+GATE = typer.Option(None, "--gate", help="Retrieval gate (knnlm gate train).")
+RETRIEVAL_RATE = typer.Option(
+    1.0, "--retrieval-rate", help="Share of tokens the gate lets search (1: all, 0: none)."
+)
 GATE_WEIGHT = typer.Option(
     GateWeight.fixed,
     "--gate-weight",

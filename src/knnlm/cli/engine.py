@@ -12,6 +12,7 @@ from knnlm.cli.common import (
     CORPUS,
     DEVICE,
     DTYPE,
+    GATE,
     GATE_WEIGHT,
     JSON_OUT,
     KNN_TEMPERATURE,
@@ -21,6 +22,7 @@ from knnlm.cli.common import (
     OLD_TEMPERATURE,
     OPTIONAL_DATASTORE,
     QUIET,
+    RETRIEVAL_RATE,
     SEARCH,
     STRIDE,
     TEXT_FIELD,
@@ -186,10 +188,8 @@ def eval_cmd(
         None, "--cache", help="Store neighbours per token for knnlm sweep."
     ),
     json_out: Path | None = JSON_OUT,
-    gate: Path | None = typer.Option(None, "--gate", help="Retrieval gate (knnlm gate train)."),
-    retrieval_rate: float = typer.Option(
-        1.0, "--retrieval-rate", help="Share of tokens the gate lets search (1: all, 0: none)."
-    ),
+    gate: Path | None = GATE,
+    retrieval_rate: float = RETRIEVAL_RATE,
     gate_weight: GateWeight = GATE_WEIGHT,
     text_field: str = TEXT_FIELD,
     device: str | None = DEVICE,

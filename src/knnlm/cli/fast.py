@@ -10,18 +10,29 @@ from knnlm.cli.common import (
     BATCH,
     CONTEXT,
     CORPUS,
+    DATASTORE,
     DEVICE,
     DTYPE,
+    KNN_TEMPERATURE,
     MODEL,
+    NPROBE,
+    OLD_TEMPERATURE,
     QUIET,
+    SEARCH,
     SEED,
     STRIDE,
     WAIT,
     Dtype,
+    GateKind,
+    K,
+    Search,
     echo_json,
+    knn_temperature,
     load_model,
+    one_path,
+    value,
 )
-from knnlm.cli.engine import datastore_app
+from knnlm.cli.engine import DS_ARG, DS_OPT, datastore_app
 
 gate_app = typer.Typer(help="Adaptive retrieval: a gate that decides which tokens search.",
                        no_args_is_help=True)  # fmt: skip
@@ -30,14 +41,18 @@ gate_app = typer.Typer(help="Adaptive retrieval: a gate that decides which token
 @gate_app.command("train")
 def gate_train_cmd(
     model: str = MODEL,
-    datastore: Path = typer.Option(..., "--datastore", "-d", help="Datastore the gate serves."),
+    datastore: Path = DATASTORE,
     corpus: str = CORPUS,
     split: str = typer.Option("valid", "--split", help="Held-out split (never the evaluated one)."),
     out: Path = typer.Option(..., "--out", "-o", help="Gate directory to create."),
-    kind: str = typer.Option("mlp", "--kind", help="mlp (He et al.) or entropy (baseline)."),
-    k: int = typer.Option(1024, "--k", help="Neighbours per query for the training p_knn."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature on -d."),
-    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed."),
+    kind: GateKind = typer.Option(
+        GateKind.mlp, "--kind", help="mlp (He et al.'s weight predictor) or entropy (baseline)."
+    ),
+    k: int = K,
+    knn_temp: float = KNN_TEMPERATURE,
+    old_temp: float | None = OLD_TEMPERATURE,
+    nprobe: int | None = NPROBE,
+    search: Search = SEARCH,
     epochs: int = typer.Option(20, "--epochs", help="Training epochs (best held-out kept)."),
     hidden: int = typer.Option(128, "--hidden", help="MLP width."),
     layers: int = typer.Option(5, "--layers", help="MLP linear layers."),
@@ -59,14 +74,15 @@ def gate_train_cmd(
     from knnlm.retrieval.retriever import KnnSettings
     from knnlm.scoring import default_window
 
-    knn = KnnSettings(k=k, temperature=temperature, nprobe=nprobe)
+    temperature = knn_temperature(knn_temp, old_temp)
+    knn = KnnSettings(k=k, temperature=temperature, nprobe=nprobe, search=value(search))
     knn.validate()
     claim_target(out, KIND, CONFIG, what="retrieval gate")  # before the model is loaded
     open_datastore(datastore)
     lm = load_model(model, device, dtype).lm
     context_len, stride = default_window(lm.model, context_len, stride)
     report = train_gate(
-        lm, datastore, corpus, out, split=split, kind=kind, knn=knn, context_len=context_len,
+        lm, datastore, corpus, out, split=split, kind=value(kind), knn=knn, context_len=context_len,
         stride=stride, batch_size=batch_size, hidden=hidden, layers=layers, epochs=epochs,
         l1=l1, seed=seed, progress=not quiet,
     )  # fmt: skip
@@ -76,10 +92,11 @@ def gate_train_cmd(
 
 
 def prune_cmd(
-    ds: Path = typer.Argument(..., help="Datastore directory to prune."),
+    ds: Path | None = DS_ARG,
+    ds_opt: Path | None = DS_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Pruned datastore directory to create."),
     k: int = typer.Option(9, "--k", help="Neighbours of each entry considered for merging."),
-    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed (with an index)."),
+    nprobe: int | None = NPROBE,
     quiet: bool = QUIET,
     wait: bool = WAIT,
 ) -> None:
@@ -87,6 +104,7 @@ def prune_cmd(
     with a count (a weight in p_knn); resumable. Build the new store's index afterwards."""
     from knnlm.retrieval.prune import prune_datastore
 
+    ds = one_path(ds, ds_opt, "--datastore")
     report = prune_datastore(ds, out, k=k, nprobe=nprobe, progress=not quiet)
     typer.echo(
         f"pruned datastore {out}: {report['entries_before']} -> {report['entries_after']} "
