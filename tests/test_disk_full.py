@@ -64,7 +64,7 @@ def test_datastore_build(built, tmp_path, monkeypatch, capfd):
 
     monkeypatch.setattr(os, "pwrite", full)
     code, lines = cli(monkeypatch, capfd, "datastore", "build", *built, "--split", "valid",
-                      "--out", tmp_path / "ds", "--stride", 16, "--overwrite")  # fmt: skip
+                      "--out", tmp_path / "ds", "--stride", 8, "--overwrite")  # fmt: skip
     check(code, lines, before, tmp_path / "ds", "keys.npy")
 
 
