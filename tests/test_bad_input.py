@@ -249,7 +249,7 @@ ROWS = [
     Row("k_zero", [*EVAL_DS, "--k", "0"], expect="--k"),
     Row("weight_above_one", [*EVAL_DS, "--knn-weight", "1.5"], expect="--knn-weight"),
     Row("weight_negative", [*EVAL_DS, "--knn-weight", "-0.1"], expect="--knn-weight"),
-    Row("temperature_zero", [*EVAL_DS, "--temperature", "0"], expect="--temperature"),
+    Row("temperature_zero", [*EVAL_DS, "--knn-temperature", "0"], expect="--knn-temperature"),
     Row("memory_weight_above_one", [*EVAL, "--memory", "{mem}", "--memory-weight", "1.5"],
         expect="--memory-weight"),
     Row("stride_zero", [*EVAL, "--stride", "0"], expect="--stride"),
@@ -279,8 +279,9 @@ ROWS = [
     Row("generate_missing_datastore", [*GEN, "--datastore", "{ws}/nope"], expect="nope"),
     Row("generate_empty_prompt", ["generate", "--model", "{model}", "--prompt", ""],
         expect="prompt"),
-    Row("exclude_self_bad_mode", [*EVAL_DS, "--exclude-self", "maybe"], expect="exclude-self"),
-    Row("search_bad_backend", [*EVAL_DS, "--search", "brute"], expect="--search"),
+    Row("exclude_self_bad_mode", [*EVAL_DS, "--exclude-self", "maybe"], usage=True,
+        expect="exclude-self"),
+    Row("search_bad_backend", [*EVAL_DS, "--search", "brute"], usage=True, expect="--search"),
     Row("exclude_self_yes_other_text",
         [*EVAL_DS[:5], "--split", "test", *EVAL_DS[7:], "--exclude-self", "yes"],
         expect="exclude-self"),
@@ -291,7 +292,7 @@ ROWS = [
         expect="weight"),
     Row("sweep_k_above_cached", ["sweep", "{cache}", "--ks", "1,99", "--quiet"], expect="k"),
     Row("index_bad_type", ["datastore", "index", "{ds}", "--type", "hnsw", "--quiet"],
-        expect="hnsw"),
+        usage=True, expect="hnsw"),
     Row("batch_size_zero", [*EVAL, "--batch-size", "0"], expect="--batch-size"),
     Row("build_batch_size_zero", [*BUILD, "--batch-size", "0", "--out", "{ws}/new"],
         expect="--batch-size"),
@@ -305,7 +306,8 @@ ROWS = [
     Row("retrieval_rate_above_one", [*EVAL_DS, "--gate", "{ws}/g", "--retrieval-rate", "1.5"],
         expect="--retrieval-rate"),
     Row("retrieval_rate_without_gate", [*EVAL_DS, "--retrieval-rate", "0.5"], expect="--gate"),
-    Row("gate_weight_unknown", [*EVAL_DS, "--gate-weight", "mine"], expect="--gate-weight"),
+    Row("gate_weight_unknown", [*EVAL_DS, "--gate-weight", "mine"], usage=True,
+        expect="--gate-weight"),
     Row("gate_train_on_datastore_text", [*GATE, "--out", "{ws}/g"], expect="held-out"),
     Row("gate_train_out_user_folder", [*GATE, "--out", "{mine}"], expect="mine"),
     Row("prune_out_user_folder", ["datastore", "prune", "{ds}", "--out", "{mine}", "--quiet"],
@@ -401,7 +403,7 @@ def test_bad_input(row: Row, artifacts, tiny_lm_dir, tiny_corpus, tmp_path, monk
         assert lines[0].startswith("Usage: ") and lines[1].startswith("Try '"), err
         assert len(lines) == 3 and lines[2].startswith("Error: "), err
     else:
-        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert len(lines) == 1 and lines[0].startswith("Error: "), err
     assert row.expect.lower() in lines[-1].lower(), lines[-1]
     assert diff(before, snapshot(ws, env.model, env.corpus)) == []
 
@@ -425,7 +427,7 @@ def test_knn_log_probs_refuses_out_of_vocabulary_values():
 
 # Refused before the model is even loaded: nothing is spent on a command that cannot succeed.
 BEFORE_MODEL = ["missing_datastore", "ds_meta_corrupt", "ds_keys_truncated", "ds_values_missing",
-                "k_zero", "weight_above_one", "temperature_zero", "exclude_self_bad_mode",
+                "k_zero", "weight_above_one", "temperature_zero",
                 "cache_without_datastore", "build_out_user_folder", "build_out_user_file",
                 "eval_cache_user_folder", "eval_cache_is_datastore", "project_k_zero",
                 "project_ds_meta_corrupt", "memory_train_missing_datastore",
@@ -454,4 +456,4 @@ def test_refused_before_the_model_loads(
         row.mutate(env)
     monkeypatch.chdir(ws)
     code, _, err = run_inprocess(monkeypatch, capfd, env.fill(row.args))
-    assert code == 2 and err.strip().startswith("error: "), (code, err)
+    assert code == 2 and err.strip().startswith("Error: "), (code, err)

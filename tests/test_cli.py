@@ -47,14 +47,14 @@ def test_eval_datastore_sweep_generate_contract(
     out_json = tmp_path / "eval.json"
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--model", tiny_lm_dir, "--corpus",
                            tiny_corpus, "--split", "valid", "--context-len", 32, "--stride", 16,
-                           "--datastore", ds, "--k", 8, "--knn-weight", 0.25, "--temperature", 1,
+                           "--datastore", ds, "--k", 8, "--knn-weight", 0.25, "--knn-temperature", 1,
                            "--cache", tmp_path / "cache", "--json", out_json, "--quiet")  # fmt: skip
     assert code == 0, err
     res = json.loads(out_json.read_text())
     assert res["tokens"] > 0 and res["lm"]["perplexity"] > 1 and res["knnlm"]["perplexity"] > 1
     assert set(res["lm"]) >= {"perplexity", "nll_sum"}
     code, out, err = run_cli(monkeypatch, capsys, "sweep", tmp_path / "cache", "--weights",
-                             "0.1,0.5", "--temperatures", "1,5", "--json", tmp_path / "s.json",
+                             "0.1,0.5", "--knn-temperatures", "1,5", "--json", tmp_path / "s.json",
                              "--png", tmp_path / "s.png", "--quiet")  # fmt: skip
     assert code == 0, err
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -102,7 +102,7 @@ def test_bad_input_one_clear_line(monkeypatch, capsys, tiny_lm_dir, tiny_corpus,
                              "--split", "valid", "--context-len", 32, "--quiet", *extra)  # fmt: skip
     assert code == 2, (out, err)
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
     assert "Traceback" not in err
 
 
@@ -166,7 +166,7 @@ def test_usage_errors_end_to_end(tmp_path):
         (["eval", "--bogus"], "No such option: --bogus"),
         (["evall"], "No such command 'evall'"),
         (["generate", "--model", "m", "--prompt", "p", "--bogus"], "No such option"),
-        (["train", "--preset", "gigantic", "--out", tmp_path / "t"], "unknown preset 'gigantic'"),
+        (["train", "--preset", "gigantic", "--out", tmp_path / "t"], "'gigantic' is not one of"),
     ]:
         p = _python_m(*args, cwd=tmp_path)
         assert p.returncode == 2, (args, p.stderr)

@@ -138,7 +138,7 @@ def run_case(argv: list[str], runner: CliRunner) -> str | None:
     if isinstance(exc, Reached):
         return None
     line = error_line(exc) if exc is not None else None
-    if line is not None:  # main() prints it as "error: ..." and exits 2
+    if line is not None:  # main() prints it as "Error: ..." and exits 2
         return None if line and "\n" not in line else f"error of {len(line.splitlines())} lines"
     if exc is not None and not isinstance(exc, SystemExit):
         tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
@@ -192,4 +192,8 @@ def _stub(*args, **kwargs):
 
 def test_every_command_is_fuzzed():
     assert {"eval", "datastore build", "datastore index", "sweep", "train"} <= set(COMMANDS)
-    assert len(COMMANDS) >= 10
+    # the commands added since: generation and retrieval inspection, the fast kNN-LM pieces
+    assert {"generate", "neighbours", "datastore info", "datastore prune", "gate train"} <= set(
+        COMMANDS
+    )
+    assert len(COMMANDS) >= 15

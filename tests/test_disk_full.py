@@ -48,7 +48,7 @@ def built(tmp_path, tiny_lm_dir, tiny_corpus, monkeypatch, capfd):
 
 def check(code: int, lines: list[str], before: dict, root: Path, name: str) -> None:
     assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("error: disk full while writing") and name in lines[0], lines
+    assert lines[0].startswith("Error: disk full while writing") and name in lines[0], lines
     assert "it needs" in lines[0] and "free there" in lines[0], lines
     assert tree(root) == before
 
@@ -64,7 +64,7 @@ def test_datastore_build(built, tmp_path, monkeypatch, capfd):
 
     monkeypatch.setattr(os, "pwrite", full)
     code, lines = cli(monkeypatch, capfd, "datastore", "build", *built, "--split", "valid",
-                      "--out", tmp_path / "ds", "--stride", 16, "--overwrite")  # fmt: skip
+                      "--out", tmp_path / "ds", "--stride", 8, "--overwrite")  # fmt: skip
     check(code, lines, before, tmp_path / "ds", "keys.npy")
 
 

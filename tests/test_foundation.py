@@ -34,12 +34,13 @@ def test_adapter_split_reproduces_model_logits(tmp_path, tiny_tokenizer, model_t
     )
 
 
-def test_unknown_architecture_names_the_supported_ones(tmp_path):
+def test_a_model_that_is_not_causal_is_refused(tmp_path):
+    """BERT loads as a "causal" LM without is_decoder: its perplexity would see the future."""
     from transformers import BertConfig, BertForMaskedLM
 
     BertForMaskedLM(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=8)).save_pretrained(tmp_path)  # fmt: skip
-    with pytest.raises(KnnlmError, match="gpt2, llama, mistral, qwen2"):
+    with pytest.raises(KnnlmError, match="not causal"):
         load_lm(str(tmp_path))
     with pytest.raises(KnnlmError, match="does not exist"):
         load_lm(str(tmp_path / "missing" / "dir"))

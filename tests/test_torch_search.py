@@ -221,7 +221,8 @@ def test_torchrun_two_process_knnlm_perplexity_equals_one_process(
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", "2", "-m", "knnlm", "eval", "--model", str(tiny_lm_dir),
            "--corpus", str(tiny_corpus), "--datastore", str(ds), "--k", "16",
-           "--context-len", "32", "--batch-size", "4", "--search", "exact", "--quiet",
+           "--context-len", "32", "--stride", "32", "--batch-size", "4", "--search", "exact",
+           "--quiet",
            "--device", "cpu", "--json", str(out)]  # fmt: skip
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)  # fmt: skip

@@ -300,5 +300,5 @@ def test_cli_train_and_bad_preset(tiny_corpus, tmp_path):
     )
     assert bad.exit_code != 0
     message = " ".join(bad.output.replace("│", " ").split())  # undo the error panel's wrapping
-    assert "unknown preset 'huge'" in message and "tiny, small, paper" in message
+    assert "'huge' is not one of" in message and "'tiny', 'small', 'paper'" in message
     assert not (tmp_path / "x").exists()

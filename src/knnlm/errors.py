@@ -6,4 +6,12 @@ else is a bug and keeps its traceback.
 
 
 class KnnlmError(Exception):
-    """A problem with the user's input or environment, reported without a traceback."""
+    """A problem with the user's input or environment, reported without a traceback.
+
+    Example::
+
+        try:
+            Datastore.load("no/such/folder")
+        except KnnlmError as exc:
+            print(exc)  # no datastore at no/such/folder (meta.json missing)
+    """

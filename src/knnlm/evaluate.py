@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from knnlm.data.corpus import load_tokens
+from knnlm.data.corpus import Corpus, describe_corpus, load_tokens
 from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
 from knnlm.lm.loading import LoadedLM
@@ -55,7 +55,7 @@ def open_inputs(
 @locks("cache", "neighbour cache")
 def evaluate(
     lm: LoadedLM,
-    corpus: str,
+    corpus: Corpus,
     split: str = "valid",
     *,
     context_len: int = 1024,
@@ -109,7 +109,7 @@ def evaluate(
     writer = None
     if cache is not None:
         meta = dict(model_fingerprint=lm.fingerprint, datastore=str(ds.path), datastore_n=ds.n,
-                    corpus=corpus, split=split, corpus_fingerprint=eval_fp,
+                    corpus=describe_corpus(corpus), split=split, corpus_fingerprint=eval_fp,
                     context_len=context_len, stride=stride, recompute=knn.recompute,
                     exclude_self=exclude)  # fmt: skip
         writer = NeighbourCache(cache, len(ids) - 1, knn.k, meta)
@@ -126,7 +126,8 @@ def evaluate(
     searched = nll.pop("searched")
     if writer is not None:
         writer.finish()
-    settings = {"model": lm.name, "model_fingerprint": lm.fingerprint, "corpus": corpus,
+    settings = {"model": lm.name, "model_fingerprint": lm.fingerprint,
+                "corpus": describe_corpus(corpus),
                 "split": split, "context_len": context_len, "stride": stride,
                 "batch_size": batch_size}  # fmt: skip
     result = _result(settings, nll, n_tokens, elapsed, warnings)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -10,6 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from knnlm.errors import KnnlmError
 from knnlm.lm.adapters import Adapter, position_limit
 from knnlm.lm.loading import LoadedLM
+from knnlm.retrieval.datastore import Datastore
 from knnlm.retrieval.knn import interpolate
 from knnlm.retrieval.retriever import KnnSettings, Retriever
 
@@ -18,73 +22,136 @@ class KnnLogitsProcessor(LogitsProcessor):
     """Replaces the next-token scores by log((1 - w) p_lm + w p_knn).
 
     The query is the key of the last position, captured by the adapter's hooks during the
-    forward that produced ``scores``; use it inside ``adapter.capture()`` (see :func:`generate`).
+    forward that produced ``scores``. Made by :func:`attach_processor` (or
+    ``KnnLM.logits_processor``) the hooks are attached already and ``close()`` (or leaving a
+    ``with`` block) removes them; built by hand it needs ``adapter.capture()`` around it.
+
+    Example::
+
+        with knn_lm.logits_processor(datastore, k=16) as proc:
+            out = model.generate(**enc, logits_processor=LogitsProcessorList([proc]))
     """
 
-    def __init__(self, store: dict[str, torch.Tensor], retriever: Retriever):
-        self.store, self.retriever = store, retriever
+    def __init__(
+        self,
+        store: dict[str, torch.Tensor],
+        retriever: Retriever,
+        release: Callable[[], None] | None = None,
+    ):
+        self.store, self.retriever, self._release = store, retriever, release
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.store:
+            raise KnnlmError(
+                "the kNN logits processor saw no forward pass: its hooks are not attached "
+                "(it was closed, or built without knn_lm.logits_processor / adapter.capture())"
+            )
         key = Adapter.key_from(self.store, self.retriever.key_type)[:, -1]
         nb = self.retriever.search(key)
         knn_lp = self.retriever.log_probs(nb, scores.shape[-1]).to(scores.device)
         lm_lp = torch.log_softmax(scores.float(), dim=-1)
         return interpolate(lm_lp, knn_lp, self.retriever.knn.knn_weight).to(scores.dtype)
 
+    def close(self) -> None:
+        """Remove the hooks this processor attached (a no-op when it attached none).
+
+        Example: ``proc = knn_lm.logits_processor(ds); ...; proc.close()``.
+        """
+        if self._release is not None:
+            self._release()
+            self._release = None
+        self.store.clear()
+
+    def __enter__(self) -> KnnLogitsProcessor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach_processor(
+    lm: LoadedLM, datastore: str | Path | Datastore, knn: KnnSettings
+) -> KnnLogitsProcessor:
+    """A :class:`KnnLogitsProcessor` whose key hooks are attached to ``lm``'s model now."""
+    retriever = Retriever(lm, datastore, knn)
+    stack = ExitStack()
+    store = stack.enter_context(lm.adapter.capture())
+    return KnnLogitsProcessor(store, retriever, release=stack.close)
+
+
+def check_settings(prompts: list[str], generate_kwargs: dict[str, Any]) -> None:
+    """The settings of :func:`generate` that need no model (checked again there)."""
+    if not prompts or any(not p for p in prompts):
+        raise KnnlmError("the prompt is empty")
+    max_new = generate_kwargs.get("max_new_tokens")
+    if max_new is not None and max_new < 1:
+        raise KnnlmError(f"--max-new-tokens must be at least 1, got {max_new}")
+    top_p = generate_kwargs.get("top_p")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise KnnlmError(f"--top-p must be in (0, 1], got {top_p}")
+    temperature = generate_kwargs.get("temperature")
+    if temperature is not None and temperature <= 0:
+        raise KnnlmError(f"--temperature (sampling) must be positive, got {temperature}")
+    for name in ("top_k", "num_beams", "num_return_sequences"):
+        value = generate_kwargs.get(name)
+        if value is not None and value < (0 if name == "top_k" else 1):
+            raise KnnlmError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _check_length(lm: LoadedLM, width: int, max_new_tokens: int) -> None:
+    limit = position_limit(lm.model)
+    if limit is not None and width + max_new_tokens > limit[0]:
+        raise KnnlmError(
+            f"the prompt ({width} tokens) plus --max-new-tokens {max_new_tokens} is longer "
+            f"than the model's {limit[0]} positions (config {limit[1]})"
+        )
+
 
 @torch.no_grad()
-def check_settings(prompt: str, max_new_tokens: int, top_p: float) -> None:
-    """The settings of :func:`generate` that need no model (checked again there)."""
-    if not prompt:
-        raise KnnlmError("the prompt is empty")
-    if max_new_tokens < 1:
-        raise KnnlmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if not 0.0 < top_p <= 1.0:
-        raise KnnlmError(f"--top-p must be in (0, 1], got {top_p}")
-
-
 def generate(
     lm: LoadedLM,
-    prompt: str,
-    datastore: str | Path | None = None,
+    prompts: str | list[str],
+    datastore: str | Path | Datastore | None = None,
+    knn: KnnSettings | None = None,
     *,
-    k: int = 1024,
-    knn_weight: float = 0.25,
-    temperature: float = 1.0,
-    max_new_tokens: int = 50,
-    do_sample: bool = False,
-    top_p: float = 1.0,
-    seed: int = 0,
-    nprobe: int | None = None,
-    search: str = "auto",
-) -> str:
-    """Continue ``prompt`` with the kNN-LM (or the plain LM when ``datastore`` is None)."""
-    check_settings(prompt, max_new_tokens, top_p)
-    torch.manual_seed(seed)
-    enc = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
-    limit = position_limit(lm.model)
-    total = enc["input_ids"].shape[1] + max_new_tokens
-    if limit is not None and total > limit[0]:
-        raise KnnlmError(
-            f"the prompt ({enc['input_ids'].shape[1]} tokens) plus --max-new-tokens "
-            f"{max_new_tokens} is longer than the model's {limit[0]} positions "
-            f"(config {limit[1]})"
-        )
-    kwargs = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        pad_token_id=lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id,
-    )
-    if do_sample:
-        kwargs["top_p"] = top_p
-    if datastore is None:
-        out = lm.model.generate(**enc, **kwargs)
-    else:
-        knn = KnnSettings(
-            k=k, knn_weight=knn_weight, temperature=temperature, nprobe=nprobe, search=search
-        )
-        retriever = Retriever(lm, datastore, knn)
-        with lm.adapter.capture() as store:
-            proc = KnnLogitsProcessor(store, retriever)
-            out = lm.model.generate(**enc, logits_processor=LogitsProcessorList([proc]), **kwargs)
-    return lm.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    seed: int | None = None,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Continue each prompt with the kNN-LM (the plain LM when ``datastore`` is None).
+
+    Every ``model.generate`` argument passes through (``do_sample``, ``temperature``,
+    ``top_k``, ``top_p``, ``num_beams``, ``num_return_sequences``, ``max_new_tokens``, ...).
+    Prompts are left-padded into one batch; returns one continuation per returned sequence,
+    in prompt order. Example::
+
+        generate(lm, ["The tower is", "A river"], "runs/ds", KnnSettings(k=16),
+                 do_sample=True, top_p=0.9, max_new_tokens=20)
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    generate_kwargs.setdefault("max_new_tokens", 50)
+    check_settings(prompts, generate_kwargs)
+    if seed is not None:
+        torch.manual_seed(seed)
+    tok = lm.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    # Left padding: the last column is every prompt's end (the user's tokenizer is restored).
+    side, pad = tok.padding_side, tok.pad_token
+    try:
+        tok.padding_side, tok.pad_token = "left", pad if pad is not None else tok.eos_token
+        enc = tok(prompts, return_tensors="pt", padding=True).to(lm.device)
+    finally:
+        tok.padding_side, tok.pad_token = side, pad
+    width = enc["input_ids"].shape[1]
+    _check_length(lm, width, generate_kwargs["max_new_tokens"])
+    generate_kwargs.setdefault("pad_token_id", pad_id)
+    try:
+        if datastore is None:
+            out = lm.model.generate(**enc, **generate_kwargs)
+        else:
+            with attach_processor(lm, datastore, knn or KnnSettings()) as proc:
+                extra = list(generate_kwargs.pop("logits_processor", None) or [])
+                processors = LogitsProcessorList([proc, *extra])
+                out = lm.model.generate(**enc, logits_processor=processors, **generate_kwargs)
+    except ValueError as exc:  # HF's word on settings that do not go together
+        raise KnnlmError(f"generate: {str(exc).splitlines()[0]}") from None
+    return tok.batch_decode(out[:, width:], skip_special_tokens=True)

@@ -8,6 +8,7 @@ scored, with which context, and which key belongs to which target.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,23 @@ from tqdm.auto import tqdm
 from knnlm.data.windows import Window, make_windows
 from knnlm.errors import KnnlmError
 from knnlm.lm.adapters import Adapter, position_limit
+
+
+def default_window(
+    model: torch.nn.Module, context_len: int | None = None, stride: int | None = None
+) -> tuple[int, int]:
+    """(context_len, stride) with the defaults: the model's maximum positions, half of it.
+
+    Example: a GPT-2 with 1024 positions gives ``default_window(model) == (1024, 512)``.
+    """
+    if context_len is None:
+        limit = position_limit(model)
+        if limit is None:
+            raise KnnlmError("the model's config names no maximum positions; pass --context-len")
+        context_len = limit[0]
+    if stride is None:
+        stride = max(1, context_len // 2)
+    return context_len, stride
 
 
 def check_context_len(model: torch.nn.Module, context_len: int) -> None:
@@ -185,7 +203,9 @@ def _stream(
     pad_id = 0
     total = int(offsets[batches[b - 1][1]] - offsets[batches[a][0]]) if b > a else 0
     bar = tqdm(total=total, disable=not progress, desc=desc, unit="tok", smoothing=0.1)
-    with adapter.capture() as store:
+    # Plain perplexity needs no hooks, so it works for families that are not registered.
+    hooks = adapter.capture() if key_type or want_enc else nullcontext({})
+    with hooks as store:
         for bi in range(a, b):
             lo, hi = batches[bi]
             group = windows[lo:hi]

@@ -1,7 +1,8 @@
 """The ``knnlm`` command line: thin Typer wrappers that parse, call the library and print.
 
-Each command group lives in its own module with a ``register(app)`` function; errors a user
-can cause (``KnnlmError``) become one line on stderr and exit code 2.
+Each command group lives in its own module with a ``register(app)`` function; shared options
+are in ``common``. Usage errors print click's usual text; every other error a user can cause
+(``KnnlmError``) becomes one ``Error: ...`` line on stderr; both exit with code 2.
 """
 
 from __future__ import annotations
@@ -23,6 +24,23 @@ app = typer.Typer(
 )
 
 
+def _version(show: bool) -> None:
+    if show:
+        from knnlm import __version__
+
+        typer.echo(f"knnlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Nearest-neighbour language models and the analyses of Chiang et al. (NAACL 2024)."""
+
+
 _registered = False
 
 # OS errors a user's paths or machine cause (not bugs): one line, like a KnnlmError.
@@ -31,7 +49,7 @@ USER_OS_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, e
 
 
 def error_line(exc: BaseException) -> str | None:
-    """The one line a user-caused error prints (after "error: "), or None for a bug."""
+    """The one line a user-caused error prints (after "Error: "), or None for a bug."""
     if isinstance(exc, KnnlmError):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in USER_OS_ERRORS:
@@ -42,6 +60,7 @@ def error_line(exc: BaseException) -> str | None:
 
 
 def register_all() -> None:
+    """Add every command module's commands to ``app`` (once; cheap: no heavy imports)."""
     global _registered
     if _registered:
         return
@@ -90,6 +109,25 @@ def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...
     return tuple(errors), tuple(exits), tuple(aborts)
 
 
+# Optional parts of the install: a missing module -> the extra that brings it.
+EXTRAS = {
+    "faiss": "faiss",
+    "peft": "lora",
+    "datasets": "hf",
+    "matplotlib": "report",
+    "markdown_it": "report",
+    "tiktoken": "tiktoken",
+}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    root = (exc.name or "").split(".")[0]
+    if root not in EXTRAS:
+        return None
+    hint = " (GPU: or faiss-gpu)" if root == "faiss" else ""
+    return f"this needs the {root!r} package: pip install 'knnlm[{EXTRAS[root]}]'{hint}"
+
+
 def main() -> None:
     """Entry point: usage errors print click's usual text and exit 2; a ``KnnlmError`` (or an OS
     error of the user's paths or machine: name too long, no permission, disk full) prints one
@@ -103,7 +141,13 @@ def main() -> None:
         line = error_line(exc)
         if line is None:
             raise
-        typer.secho(f"error: {line}", err=True, fg=typer.colors.RED)
+        typer.secho(f"Error: {line}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:
+        message = _missing_extra(exc)
+        if message is None:
+            raise
+        typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume where supported", err=True)

@@ -3,6 +3,7 @@
 from knnlm.cli import (
     engine,
     fast,
+    generate,
     hurdle,
     macondo_data,
     macondo_run,
@@ -12,4 +13,15 @@ from knnlm.cli import (
     train,
 )
 
-MODULES: list = [reproduce, train, engine, fast, project, macondo_data, macondo_run, memory, hurdle]
+MODULES: list = [
+    reproduce,
+    train,
+    engine,
+    fast,
+    generate,
+    project,
+    macondo_data,
+    macondo_run,
+    memory,
+    hurdle,
+]

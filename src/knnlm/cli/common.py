@@ -1,9 +1,18 @@
-"""Options and helpers shared by the CLI modules."""
+"""Options and helpers shared by the CLI modules.
+
+One definition per option name, so every command spells, abbreviates, documents and
+defaults it the same way; choices are enums, which ``--help`` lists. A command adds an
+option with ``name: Annotated[Type, OPTION] = default`` or the older ``name: Type = OPTION``.
+
+Short flags: ``-m`` model, ``-c`` corpus, ``-d`` datastore, ``-o`` output, ``-p`` prompt,
+``-q`` quiet.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +22,131 @@ from knnlm.errors import KnnlmError
 from knnlm.fileio import write_json_atomic
 from knnlm.locking import set_wait, writer_lock
 
+
+class Dtype(str, Enum):
+    """Weight dtype of the model."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Precision(str, Enum):
+    """Mixed precision of training (not the weight dtype)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class KeyType(str, Enum):
+    ffn_input = "ffn_input"
+    block_input = "block_input"
+    final_hidden = "final_hidden"
+
+
+class KeyDtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class IndexType(str, Enum):
+    flat = "flat"
+    ivfpq = "ivfpq"
+
+
+class Metric(str, Enum):
+    l2 = "l2"
+    ip = "ip"
+
+
+class ExcludeSelf(str, Enum):
+    auto = "auto"
+    yes = "yes"
+    no = "no"
+
+
+# Presets: one vocabulary per option name (tests/test_cli_options.py checks these lists
+# against the registries they name, which the CLI does not import at start-up).
+class LmPreset(str, Enum):
+    """``knnlm train --preset``: the model sizes of ``knnlm.lm.presets``."""
+
+    tiny = "tiny"
+    small = "small"
+    paper = "paper"
+
+
+class HurdlePreset(str, Enum):
+    """``knnlm hurdle --hurdle-preset``: its architectures and the model sizes."""
+
+    gpt2_small = "gpt2-small"
+    quick = "quick"
+    tiny = "tiny"
+    small = "small"
+    paper = "paper"
+
+
+class MacondoPreset(str, Enum):
+    """``knnlm macondo run --macondo-preset``: the run presets of the Section 4 experiment."""
+
+    quick = "quick"
+    quick_finetune = "quick-finetune"
+    default = "default"
+    paper_gpt2 = "paper-gpt2"
+    paper_mistral = "paper-mistral"
+
+
+class Scale(str, Enum):
+    """``knnlm reproduce --scale``."""
+
+    quick = "quick"
+    paper = "paper"
+
+
+class Search(str, Enum):
+    """Neighbour search backend (knnlm.retrieval.backend)."""
+
+    exact = "exact"
+    faiss = "faiss"
+    auto = "auto"
+
+
+class GateKind(str, Enum):
+    """``knnlm gate train --kind``: the retrieval gate (knnlm.retrieval.gate)."""
+
+    mlp = "mlp"
+    entropy = "entropy"
+
+
+class GateWeight(str, Enum):
+    """``knnlm eval --gate-weight``: the kNN weight of the tokens the gate lets search."""
+
+    fixed = "fixed"
+    learned = "learned"
+
+
+def value(choice: Enum | str | None) -> str | None:
+    """The plain string of an enum choice (library code takes strings)."""
+    return choice.value if isinstance(choice, Enum) else choice
+
+
 QUIET = typer.Option(False, "--quiet", "-q", help="Silence progress bars.")
 SEED = typer.Option(0, "--seed", help="Random seed.")
 SEARCH = typer.Option(
-    "auto",
+    Search.auto,
     "--search",
     help="Neighbour search: exact (torch brute force on the model's device: exact neighbour "
     "sets), faiss (the datastore's FAISS index; IVF-PQ is approximate) or auto (faiss when "
     "the datastore has an index, else exact).",
+)
+GATE = typer.Option(None, "--gate", help="Retrieval gate (knnlm gate train).")
+RETRIEVAL_RATE = typer.Option(
+    1.0, "--retrieval-rate", help="Share of tokens the gate lets search (1: all, 0: none)."
+)
+GATE_WEIGHT = typer.Option(
+    GateWeight.fixed,
+    "--gate-weight",
+    help="Searched tokens use --knn-weight (fixed) or the weight "
+    "the mlp gate predicts per token (learned).",
 )
 DEVICE = typer.Option(None, "--device", help="torch device (default: cuda when present, else cpu).")
 # Every command that writes an artifact takes it: one writer per artifact (knnlm.locking).
@@ -30,6 +156,71 @@ WAIT = typer.Option(
     callback=set_wait,
     help="If another process is writing the same output, wait for it instead of stopping.",
 )
+MODEL = typer.Option(..., "--model", "-m", help="HF hub name or local model directory.")
+CORPUS = typer.Option(
+    ...,
+    "--corpus",
+    "-c",
+    help="Directory with {train,valid,test}.txt, a text file, or hf:NAME[:CONFIG] / hf:json:PATTERN.",
+)
+DATASTORE = typer.Option(..., "--datastore", "-d", help="Datastore directory.")
+OPTIONAL_DATASTORE = typer.Option(None, "--datastore", "-d", help="Datastore: adds the kNN-LM.")
+CONTEXT = typer.Option(
+    None,
+    "--context-len",
+    help="Tokens per scoring window. (default: the model's maximum positions)",
+    show_default=False,
+)
+STRIDE = typer.Option(
+    None,
+    "--stride",
+    help="Step between windows; smaller = more context. (default: half of --context-len)",
+    show_default=False,
+)
+BATCH = typer.Option(8, "--batch-size", help="Windows per forward pass.")
+DTYPE = typer.Option(Dtype.float32, "--dtype", help="Weight dtype of the model.")
+TEXT_FIELD = typer.Option("text", "--text-field", help="Text column of an hf: dataset.")
+K = typer.Option(1024, "--k", help="Neighbours per query.")
+KNN_WEIGHT = typer.Option(
+    0.25, "--knn-weight", help="Weight w on p_knn: (1-w) p_lm + w p_knn (the paper's lambda = 1-w)."
+)
+KNN_TEMPERATURE = typer.Option(
+    1.0, "--knn-temperature", help="Temperature T of the kNN softmax over -distance / T."
+)
+# Old names, accepted, hidden, each warning once (to be removed in a later release).
+OLD_TEMPERATURE = typer.Option(None, "--temperature", hidden=True)
+OLD_PRESET = typer.Option(None, "--preset", hidden=True)
+NPROBE = typer.Option(None, "--nprobe", help="IVF lists probed. (default: the index's)")
+_warned: set[str] = set()
+
+
+def renamed(new: Any, old: Any, old_name: str, new_name: str) -> Any:
+    """The value of an option given under its new name or (hidden, warns once) its old one."""
+    if old is None:
+        return new
+    if old_name not in _warned:
+        _warned.add(old_name)
+        typer.secho(
+            f"warning: {old_name} is now {new_name}; the old name will be removed",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+    return old
+
+
+def knn_temperature(new: float, old: float | None) -> float:
+    """The kNN temperature from ``--knn-temperature`` or its old name ``--temperature``."""
+    return renamed(new, old, "--temperature", "--knn-temperature")
+
+
+def one_path(positional: Path | None, option: Path | None, name: str) -> Path:
+    """The path given either positionally or as ``name`` (a usage error if neither or both)."""
+    if positional is not None and option is not None and positional != option:
+        raise typer.BadParameter(f"given twice ({positional} and {option})", param_hint=name)
+    path = positional if positional is not None else option
+    if path is None:
+        raise typer.BadParameter("missing (positionally or as an option)", param_hint=name)
+    return path
 
 
 def hold_lock(ctx: typer.Context, target: Path | None, what: str) -> None:
@@ -46,6 +237,9 @@ def output_file(value: Path | None) -> Path | None:
     return value
 
 
+JSON_OUT = typer.Option(None, "--json", callback=output_file, help="Write results JSON here.")
+
+
 def quiet_libraries() -> None:
     """Keep transformers / huggingface_hub from printing their own bars and warnings (hub
     retries included), so that an error stays one line."""
@@ -57,6 +251,14 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_model(model: str, device: str | None, dtype: Dtype | str):
+    """``KnnLM.from_pretrained`` with the libraries kept quiet (the API object)."""
+    quiet_libraries()
+    from knnlm.api import KnnLM
+
+    return KnnLM.from_pretrained(model, device=device, dtype=value(dtype))
 
 
 def write_json(path: Path | None, obj: Any) -> None:

@@ -6,8 +6,33 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, SEED, WAIT, echo_json, quiet_libraries
-from knnlm.cli.engine import BATCH, CONTEXT, CORPUS, DTYPE, MODEL, STRIDE, datastore_app
+from knnlm.cli.common import (
+    BATCH,
+    CONTEXT,
+    CORPUS,
+    DATASTORE,
+    DEVICE,
+    DTYPE,
+    KNN_TEMPERATURE,
+    MODEL,
+    NPROBE,
+    OLD_TEMPERATURE,
+    QUIET,
+    SEARCH,
+    SEED,
+    STRIDE,
+    WAIT,
+    Dtype,
+    GateKind,
+    K,
+    Search,
+    echo_json,
+    knn_temperature,
+    load_model,
+    one_path,
+    value,
+)
+from knnlm.cli.engine import DS_ARG, DS_OPT, datastore_app
 
 gate_app = typer.Typer(help="Adaptive retrieval: a gate that decides which tokens search.",
                        no_args_is_help=True)  # fmt: skip
@@ -16,43 +41,48 @@ gate_app = typer.Typer(help="Adaptive retrieval: a gate that decides which token
 @gate_app.command("train")
 def gate_train_cmd(
     model: str = MODEL,
-    datastore: Path = typer.Option(..., "--datastore", "-d", help="Datastore the gate serves."),
+    datastore: Path = DATASTORE,
     corpus: str = CORPUS,
     split: str = typer.Option("valid", "--split", help="Held-out split (never the evaluated one)."),
     out: Path = typer.Option(..., "--out", "-o", help="Gate directory to create."),
-    kind: str = typer.Option("mlp", "--kind", help="mlp (He et al.) or entropy (baseline)."),
-    k: int = typer.Option(1024, "--k", help="Neighbours per query for the training p_knn."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature on -d."),
-    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed."),
+    kind: GateKind = typer.Option(
+        GateKind.mlp, "--kind", help="mlp (He et al.'s weight predictor) or entropy (baseline)."
+    ),
+    k: int = K,
+    knn_temp: float = KNN_TEMPERATURE,
+    old_temp: float | None = OLD_TEMPERATURE,
+    nprobe: int | None = NPROBE,
+    search: Search = SEARCH,
     epochs: int = typer.Option(20, "--epochs", help="Training epochs (best held-out kept)."),
     hidden: int = typer.Option(128, "--hidden", help="MLP width."),
     layers: int = typer.Option(5, "--layers", help="MLP linear layers."),
     l1: float = typer.Option(0.05, "--l1", help="L1 penalty on the predicted kNN weight."),
-    context_len: int = CONTEXT,
+    context_len: int | None = CONTEXT,
     stride: int | None = STRIDE,
     batch_size: int = BATCH,
     seed: int = SEED,
     device: str | None = DEVICE,
-    dtype: str = DTYPE,
+    dtype: Dtype = DTYPE,
     quiet: bool = QUIET,
     wait: bool = WAIT,
 ) -> None:
     """Train (mlp) or calibrate (entropy) a retrieval gate on a held-out split."""
     from knnlm.fileio import claim_target
-    from knnlm.lm.loading import load_lm
     from knnlm.retrieval.datastore import open_datastore
     from knnlm.retrieval.gate import CONFIG, KIND
     from knnlm.retrieval.gate_train import train_gate
     from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.scoring import default_window
 
-    knn = KnnSettings(k=k, temperature=temperature, nprobe=nprobe)
+    temperature = knn_temperature(knn_temp, old_temp)
+    knn = KnnSettings(k=k, temperature=temperature, nprobe=nprobe, search=value(search))
     knn.validate()
     claim_target(out, KIND, CONFIG, what="retrieval gate")  # before the model is loaded
     open_datastore(datastore)
-    quiet_libraries()
-    lm = load_lm(model, device=device, dtype=dtype)
+    lm = load_model(model, device, dtype).lm
+    context_len, stride = default_window(lm.model, context_len, stride)
     report = train_gate(
-        lm, datastore, corpus, out, split=split, kind=kind, knn=knn, context_len=context_len,
+        lm, datastore, corpus, out, split=split, kind=value(kind), knn=knn, context_len=context_len,
         stride=stride, batch_size=batch_size, hidden=hidden, layers=layers, epochs=epochs,
         l1=l1, seed=seed, progress=not quiet,
     )  # fmt: skip
@@ -62,10 +92,11 @@ def gate_train_cmd(
 
 
 def prune_cmd(
-    ds: Path = typer.Argument(..., help="Datastore directory to prune."),
+    ds: Path | None = DS_ARG,
+    ds_opt: Path | None = DS_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Pruned datastore directory to create."),
     k: int = typer.Option(9, "--k", help="Neighbours of each entry considered for merging."),
-    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed (with an index)."),
+    nprobe: int | None = NPROBE,
     quiet: bool = QUIET,
     wait: bool = WAIT,
 ) -> None:
@@ -73,6 +104,7 @@ def prune_cmd(
     with a count (a weight in p_knn); resumable. Build the new store's index afterwards."""
     from knnlm.retrieval.prune import prune_datastore
 
+    ds = one_path(ds, ds_opt, "--datastore")
     report = prune_datastore(ds, out, k=k, nprobe=nprobe, progress=not quiet)
     typer.echo(
         f"pruned datastore {out}: {report['entries_before']} -> {report['entries_after']} "

@@ -6,7 +6,18 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, WAIT, output_file, quiet_libraries, write_json
+from knnlm.cli.common import (
+    DEVICE,
+    OLD_PRESET,
+    QUIET,
+    WAIT,
+    HurdlePreset,
+    output_file,
+    quiet_libraries,
+    renamed,
+    value,
+    write_json,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -15,6 +26,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             ...,
             "--out",
+            "-o",
             help="Output directory: hurdle.json, figure4.png, figure5.png (with --corpus) and "
             "runs/ (one cached curve per seed and variant; a rerun skips finished runs).",
         ),
@@ -43,15 +55,18 @@ def register(app: typer.Typer) -> None:
         corpus: str | None = typer.Option(
             None,
             "--corpus",
+            "-c",
             help="Also train on this corpus's train split (e.g. the WikiText-2 directory) and "
             "compare training-loss curves (Figure 5).",
         ),
-        preset: str | None = typer.Option(
+        preset: HurdlePreset | None = typer.Option(
             None,
-            "--preset",
-            help="Architecture: gpt2-small (the paper's, default), quick (default with "
-            "--quick), or a shared preset (tiny, small, paper).",
+            "--hurdle-preset",
+            help="Architecture: gpt2-small (the paper's), quick, or a model size of knnlm "
+            "train --preset.  (default: gpt2-small; quick with --quick)",
+            show_default=False,
         ),
+        old_preset: str | None = OLD_PRESET,
         lr: float | None = typer.Option(
             None, "--lr", help="Peak learning rate (default: the preset's)."
         ),
@@ -80,7 +95,8 @@ def register(app: typer.Typer) -> None:
         from knnlm.experiments.hurdle_setup import resolve_preset
         from knnlm.report.runs import render_hurdle
 
-        if preset is not None:
+        preset = renamed(value(preset), old_preset, "--preset", "--hurdle-preset")
+        if old_preset is not None:
             from knnlm.errors import KnnlmError
 
             try:

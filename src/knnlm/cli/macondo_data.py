@@ -22,7 +22,7 @@ def _group() -> None:
 
 @macondo_app.command("generate")
 def generate(
-    out: Path = typer.Option(..., "--out", help="Output directory (replaced atomically)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (replaced atomically)."),
     seed: int = SEED,
     tokenizer: str | None = typer.Option(
         None,

@@ -6,7 +6,23 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, WAIT, output_file, quiet_libraries, write_json
+from knnlm.cli.common import (
+    DEVICE,
+    KNN_TEMPERATURE,
+    KNN_WEIGHT,
+    OLD_PRESET,
+    OLD_TEMPERATURE,
+    QUIET,
+    WAIT,
+    K,
+    MacondoPreset,
+    knn_temperature,
+    output_file,
+    quiet_libraries,
+    renamed,
+    value,
+    write_json,
+)
 from knnlm.errors import KnnlmError
 
 
@@ -14,12 +30,14 @@ def run_cmd(
     out: Path = typer.Option(
         ...,
         "--out",
+        "-o",
         help="Output directory: results.json, table5.md, figure1.png (figure3.png with "
         "--eval-every) and per-seed artifacts; a rerun skips finished seeds.",
     ),
     model: str | None = typer.Option(
         None,
         "--model",
+        "-m",
         help="Model directory (or hub name) to fine-tune, e.g. a `knnlm train` output. "
         "Default: --quick trains a tiny GPT-2 from scratch.",
     ),
@@ -27,20 +45,17 @@ def run_cmd(
     quick: bool = typer.Option(
         False, "--quick", help="Preset quick: tiny GPT-2 from scratch on CPU (about a minute)."
     ),
-    preset: str | None = typer.Option(
+    preset: MacondoPreset | None = typer.Option(
         None,
-        "--preset",
-        help="quick | default | paper-gpt2 | paper-mistral (default: quick without --model, "
-        "default with it).",
+        "--macondo-preset",
+        help="Run preset (default: quick without --model, default with it).",
+        show_default=False,
     ),
-    k: int = typer.Option(1024, "--k", help="Neighbours retrieved (exact search)."),
-    knn_weight: float = typer.Option(
-        0.25,
-        "--knn-weight",
-        help="Weight on p_knn (the paper's lambda = 0.25 sits on p_lm; every public "
-        "implementation puts 0.25 on p_knn, as here).",
-    ),
-    temperature: float = typer.Option(1.0, "--temperature", help="kNN softmax temperature."),
+    old_preset: str | None = OLD_PRESET,
+    k: int = K,
+    knn_weight: float = KNN_WEIGHT,
+    knn_temp: float = KNN_TEMPERATURE,
+    old_temp: float | None = OLD_TEMPERATURE,
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default: the preset's)."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the preset's)."),
     batch_size: int | None = typer.Option(
@@ -77,6 +92,8 @@ def run_cmd(
     from knnlm.report.macondo import table5
     from knnlm.report.runs import render_macondo
 
+    temperature = knn_temperature(knn_temp, old_temp)
+    preset = renamed(value(preset), old_preset, "--preset", "--macondo-preset")
     if seeds < 1:
         raise KnnlmError(f"--seeds must be at least 1, got {seeds}")
     if quick and preset not in (None, "quick"):

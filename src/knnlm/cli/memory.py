@@ -9,7 +9,18 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, SEED, WAIT, hold_lock, quiet_libraries, write_json
+from knnlm.cli.common import (
+    DEVICE,
+    DTYPE,
+    QUIET,
+    SEED,
+    WAIT,
+    Dtype,
+    hold_lock,
+    quiet_libraries,
+    value,
+    write_json,
+)
 
 memory_app = typer.Typer(
     help="Train an MLP memory on a datastore's (key, next token) pairs (Section 5).",
@@ -64,6 +75,7 @@ def memory_train(
     json_out: Path | None = typer.Option(None, "--json", help="Write the summary JSON here."),
     seed: int = SEED,
     device: str | None = DEVICE,
+    dtype: Dtype = DTYPE,
     quiet: bool = QUIET,
     wait: bool = WAIT,
 ) -> None:
@@ -78,7 +90,7 @@ def memory_train(
     claim_target(out, KIND, CONFIG_FILE, what="memory model")  # before loading anything
     quiet_libraries()
     ds = open_datastore(datastore)
-    lm = load_lm(model, device=device)
+    lm = load_lm(model, device=device, dtype=value(dtype))
     ds.check_compatible(lm)
     record = datastore_record(ds)
     result = train_memory(

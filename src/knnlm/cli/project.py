@@ -7,29 +7,47 @@ from pathlib import Path
 import typer
 
 from knnlm.cli.common import (
+    BATCH,
+    CONTEXT,
+    CORPUS,
+    DATASTORE,
     DEVICE,
+    DTYPE,
+    JSON_OUT,
+    KNN_TEMPERATURE,
+    KNN_WEIGHT,
+    MODEL,
+    NPROBE,
+    OLD_TEMPERATURE,
     QUIET,
     SEARCH,
+    STRIDE,
+    TEXT_FIELD,
+    Dtype,
+    K,
+    Search,
+    knn_temperature,
+    load_model,
     output_file,
-    quiet_libraries,
+    value,
     write_json,
 )
-from knnlm.cli.engine import BATCH, CONTEXT, CORPUS, DTYPE, MODEL, STRIDE, TEXT_FIELD
 
 
 def project_cmd(
     model: str = MODEL,
-    datastore: Path = typer.Option(..., "--datastore", "-d", help="Datastore directory."),
+    datastore: Path = DATASTORE,
     corpus: str = CORPUS,
     split: str = typer.Option("valid", "--split", help="Corpus split to project."),
-    context_len: int = CONTEXT,
+    context_len: int | None = CONTEXT,
     stride: int | None = STRIDE,
     batch_size: int = BATCH,
-    k: int = typer.Option(1024, "--k", help="Neighbours per query."),
-    knn_weight: float = typer.Option(0.25, "--knn-weight", help="Weight on p_knn."),
-    temperature: float = typer.Option(1.0, "--temperature", help="kNN softmax temperature."),
-    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists probed (index default)."),
-    search: str = SEARCH,
+    k: int = K,
+    knn_weight: float = KNN_WEIGHT,
+    knn_temp: float = KNN_TEMPERATURE,
+    old_temp: float | None = OLD_TEMPERATURE,
+    nprobe: int | None = NPROBE,
+    search: Search = SEARCH,
     max_positions: int | None = typer.Option(
         2000, "--max-positions", help="Seeded sample of positions (default 2000; 0 = all)."
     ),
@@ -43,31 +61,30 @@ def project_cmd(
         help="Fixed number of steps, no early stop (Appendix E: --lr 1e-3 --steps 100).",
     ),
     solve_batch: int = typer.Option(256, "--solve-batch", help="Positions optimised at once."),
-    json_out: Path | None = typer.Option(
-        None, "--json", callback=output_file, help="Write results JSON here."
-    ),
+    json_out: Path | None = JSON_OUT,
     png: Path | None = typer.Option(
         None, "--png", callback=output_file, help="KL histogram (or KL vs step with --steps)."
     ),
     text_field: str = TEXT_FIELD,
     device: str | None = DEVICE,
-    dtype: str = DTYPE,
+    dtype: Dtype = DTYPE,
     quiet: bool = QUIET,
 ) -> None:
     """Project p_knnlm onto the output space of f and of f∘g (Eq. 2) and compare perplexities."""
-    quiet_libraries()
     from knnlm.evaluate import open_inputs
     from knnlm.experiments.projection import run_projection
-    from knnlm.lm.loading import load_lm
     from knnlm.report.tables import projection_tables
     from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.scoring import default_window
 
     # What the user can get wrong is checked before the model is loaded.
+    temp = knn_temperature(knn_temp, old_temp)
     knn = KnnSettings(
-        k=k, knn_weight=knn_weight, temperature=temperature, nprobe=nprobe, search=search
+        k=k, knn_weight=knn_weight, temperature=temp, nprobe=nprobe, search=value(search)
     )
     open_inputs(datastore, None, knn)
-    lm = load_lm(model, device=device, dtype=dtype)
+    lm = load_model(model, device, dtype).lm
+    context_len, stride = default_window(lm.model, context_len, stride)
     result = run_projection(
         lm,
         corpus,

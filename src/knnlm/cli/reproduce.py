@@ -7,7 +7,19 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import QUIET, SEARCH, WAIT, quiet_libraries
+from knnlm.cli.common import (
+    OLD_PRESET,
+    OLD_TEMPERATURE,
+    QUIET,
+    SEARCH,
+    WAIT,
+    Scale,
+    Search,
+    knn_temperature,
+    quiet_libraries,
+    renamed,
+    value,
+)
 
 # Sizes small enough for a test of the whole pipeline (a minute or two on 2 cores): the
 # embedded slice cut short, two LM seeds, a few steps everywhere.
@@ -61,18 +73,41 @@ def reproduce_cmd(
         help="Natural-text corpus (dir of {train,valid,test}.txt or hf:...); replaces the "
         "embedded slice.",
     ),
-    preset: str | None = typer.Option(
-        None, "--preset", help="'paper': the paper's settings (GPU; WikiText-103 via HF datasets)."
+    scale: Scale | None = typer.Option(
+        None,
+        "--scale",
+        help="quick (as --quick) or paper: the paper's settings (GPU; WikiText-103 via HF "
+        "datasets).  (default: quick, or your --corpus)",
+        show_default=False,
     ),
+    old_preset: str | None = OLD_PRESET,
     model: str | None = typer.Option(
         None, "--model", "-m", help="Analyse this pretrained LM instead of training one."
     ),
     seeds: int | None = typer.Option(
-        None, "--seeds", help="Seeds for every part (LMs, Macondo, hurdle)."
+        None,
+        "--seeds",
+        help="Seeds for every part (LMs, Macondo, hurdle).  (default: the scale's)",
+        show_default=False,
     ),
-    k: int | None = typer.Option(None, "--k", help="Neighbours per query."),
-    search: str = SEARCH,
-    epochs: int | None = typer.Option(None, "--epochs", help="Epochs of the LM trained here."),
+    k: int | None = typer.Option(
+        None, "--k", help="Neighbours per query.  (default: the scale's)", show_default=False
+    ),
+    knn_temp: float | None = typer.Option(
+        None,
+        "--knn-temperature",
+        help="kNN softmax temperature of the headline numbers (default: 1, the paper's; the "
+        "report adds the best on valid)",
+        show_default=False,
+    ),
+    old_temp: float | None = OLD_TEMPERATURE,
+    epochs: int | None = typer.Option(
+        None,
+        "--epochs",
+        help="Epochs of the LM trained here.  (default: the scale's)",
+        show_default=False,
+    ),
+    search: Search = SEARCH,
     width_study: str | None = typer.Option(
         None,
         "--width-study",
@@ -89,10 +124,12 @@ def reproduce_cmd(
     from knnlm.experiments.reproduce import ReproduceConfig, reproduce
     from knnlm.report.paper import write_reproduction_report
 
-    if preset not in (None, "paper"):
-        raise KnnlmError(f"unknown preset {preset!r}; the only preset is 'paper'")
-    if quick and preset:
-        raise KnnlmError("--quick and --preset paper are different scales; choose one")
+    preset = renamed(value(scale), old_preset, "--preset", "--scale")
+    if preset not in (None, "paper", "quick"):
+        raise KnnlmError(f"unknown scale {preset!r}; choose quick or paper")
+    if quick and preset == "paper":
+        raise KnnlmError("--quick and --scale paper are different scales; choose one")
+    quick = quick or preset == "quick"
     scale = "paper" if preset == "paper" else ("corpus" if corpus and not quick else "quick")
     overrides = dict(TINY) if tiny else {}
     widths = None
@@ -105,8 +142,9 @@ def reproduce_cmd(
             ) from None
         if not widths or min(widths) < 1:
             raise KnnlmError(f"--width-study needs positive widths; got {width_study!r}")
-    given = dict(corpus=corpus, model=model, k=k, search=search, lm_epochs=epochs, lm_seeds=seeds,
-                 macondo_seeds=seeds, hurdle_seeds=seeds, width_study=widths)  # fmt: skip
+    given = dict(corpus=corpus, model=model, k=k, search=value(search), lm_epochs=epochs,
+                 lm_seeds=seeds, macondo_seeds=seeds, hurdle_seeds=seeds, width_study=widths,
+                 temperature=knn_temperature(knn_temp, old_temp))  # fmt: skip
     overrides.update({key: v for key, v in given.items() if v is not None})
     cfg = ReproduceConfig.for_scale(scale, **overrides)
     t0 = time.perf_counter()

@@ -6,18 +6,7 @@ from pathlib import Path
 
 import typer
 
-from knnlm.cli.common import DEVICE, QUIET, SEED, WAIT, quiet_libraries
-from knnlm.errors import KnnlmError
-
-
-def _check_preset(name: str) -> str:
-    from knnlm.lm.presets import get_preset
-
-    try:
-        get_preset(name)
-    except KnnlmError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    return name
+from knnlm.cli.common import DEVICE, QUIET, SEED, WAIT, LmPreset, Precision, quiet_libraries, value
 
 
 def register(app: typer.Typer) -> None:
@@ -26,19 +15,20 @@ def register(app: typer.Typer) -> None:
         corpus: str = typer.Option(
             ...,
             "--corpus",
+            "-c",
             help="Corpus spec: a directory with train/valid/test.txt, a text file, or "
             "hf:NAME[:CONFIG]. Only the train split is read.",
         ),
         out: Path = typer.Option(
             ...,
             "--out",
+            "-o",
             help="Model directory to write (HF format, loadable by every other command). "
             "Rerunning with the same settings resumes from its last checkpoint.",
         ),
-        preset: str = typer.Option(
-            "small",
+        preset: LmPreset = typer.Option(
+            LmPreset.small,
             "--preset",
-            callback=_check_preset,
             help="Model size: tiny (tests), small (4x256, the CPU default) or paper (the "
             "16-layer WikiText-103 model, GPU). With --model it only sets batch size, "
             "context length and epochs.",
@@ -46,6 +36,7 @@ def register(app: typer.Typer) -> None:
         model: str | None = typer.Option(
             None,
             "--model",
+            "-m",
             help="Hub name or local path of a pretrained causal LM to fine-tune instead of "
             "training a preset from scratch (its tokenizer is kept).",
         ),
@@ -105,10 +96,10 @@ def register(app: typer.Typer) -> None:
             "--overwrite",
             help="Replace a model trained with other settings (once the new one is complete).",
         ),
-        precision: str = typer.Option(
-            "float32",
+        precision: Precision = typer.Option(
+            Precision.float32,
             "--precision",
-            help="float32, or bfloat16 autocast (GPUs, and CPUs with bf16 support: ~1.5x faster).",
+            help="Mixed precision of training: float32, or bfloat16 autocast (GPUs, and CPUs with bf16 support: ~1.5x faster).",
         ),
         seed: int = SEED,
         device: str | None = DEVICE,
@@ -122,7 +113,7 @@ def register(app: typer.Typer) -> None:
         result = train_lm(
             corpus,
             out,
-            preset=preset,
+            preset=value(preset),
             base_model=model,
             lora=lora,
             drop_last_mlp=drop_last_mlp,
@@ -136,7 +127,7 @@ def register(app: typer.Typer) -> None:
             examples=examples,
             device=device,
             checkpoint_every=checkpoint_every or None,
-            precision=precision,
+            precision=value(precision),
             grad_accum=grad_accum,
             overwrite=overwrite,
         )

@@ -9,13 +9,19 @@ A corpus spec is a string:
 - ``hf:json:PATTERN``     local data files through HF ``datasets`` (builders ``json``, ``csv``,
   ``hf:text:PATTERN``     ``text``, ``parquet``); ``{split}`` in PATTERN is replaced by the split
 
+In Python a corpus may also be a list of strings (one document or line each) or a
+``datasets.Dataset`` (its text column) / ``datasets.DatasetDict`` (the split asked for); a
+list or a ``Dataset`` is one text that serves every split.
+
 Splits are tokenized line by line and concatenated into one token stream; the result is the
 same wherever the text came from.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +29,9 @@ from knnlm.errors import KnnlmError
 
 SPLIT_ALIASES = {"valid": ("valid", "validation", "val"), "train": ("train",), "test": ("test",)}
 _LOCAL_BUILDERS = ("json", "csv", "text", "parquet")
+
+# A path or spec string, a list of strings, or a datasets.Dataset / DatasetDict.
+Corpus = str | Path | Sequence[str] | Any
 
 
 def _decode(path: Path) -> str:
@@ -46,8 +55,10 @@ def _split_file(directory: Path, split: str) -> Path:
 def _read_hf(spec: str, split: str, text_field: str) -> str:
     try:
         import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        raise KnnlmError("reading hf: corpora needs the 'datasets' package") from None
+    except ImportError:  # an optional part of the install
+        raise KnnlmError(
+            "reading hf: corpora needs the 'datasets' package: pip install 'knnlm[hf]'"
+        ) from None
     parts = spec[3:].split(":", 1)
     name = parts[0]
     arg = parts[1] if len(parts) > 1 else None
@@ -77,16 +88,61 @@ def _read_hf(spec: str, split: str, text_field: str) -> str:
         raise KnnlmError(
             f"dataset {spec!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)})"
         )
-    rows = ds[text_field]
+    return _join_rows(ds[text_field])
+
+
+def _join_rows(rows: Sequence[Any]) -> str:
+    """One line (or more) per row: each row ends with a newline."""
+    if not all(isinstance(r, str) for r in rows):
+        raise KnnlmError("a corpus list must hold strings only")
     return "".join(r if r.endswith("\n") else r + "\n" for r in rows)
 
 
-def read_split(spec: str, split: str, text_field: str = "text") -> str:
-    """The text of one split; raises ``KnnlmError`` for missing, empty or non-UTF-8 input."""
-    if spec.startswith("hf:"):
+def _read_dataset(ds: Any, split: str, text_field: str) -> str:
+    """The text of an in-memory ``datasets.Dataset`` (or the split of a ``DatasetDict``)."""
+    if isinstance(ds, Mapping):
+        found = next((a for a in SPLIT_ALIASES.get(split, (split,)) if a in ds), None)
+        if found is None:
+            raise KnnlmError(f"the DatasetDict has no split {split!r} (splits: {', '.join(ds)})")
+        ds = ds[found]
+    if text_field not in ds.column_names:
+        raise KnnlmError(
+            f"the dataset has no column {text_field!r} (columns: {', '.join(ds.column_names)})"
+        )
+    return _join_rows(ds[text_field])
+
+
+def describe_corpus(spec: Corpus) -> str:
+    """A short string naming ``spec`` for metadata and results (paths and specs as given)."""
+    if isinstance(spec, (str, Path)):
+        return str(spec)
+    if isinstance(spec, Sequence):
+        return f"<list of {len(spec)} strings>"
+    return f"<{type(spec).__name__} of {len(spec)} rows>"
+
+
+def read_split(spec: Corpus, split: str, text_field: str = "text") -> str:
+    """The text of one split; raises ``KnnlmError`` for missing, empty or non-UTF-8 input.
+
+    Example: ``read_split(["a first line", "a second"], "train")`` is
+    ``"a first line\\na second\\n"``.
+    """
+    if not isinstance(spec, (str, Path)):
+        if isinstance(spec, Sequence):
+            text = _join_rows(spec)
+        elif hasattr(spec, "column_names") or isinstance(spec, Mapping):
+            text = _read_dataset(spec, split, text_field)
+        else:
+            raise KnnlmError(
+                f"a corpus is a path, an hf: spec, a list of strings or a datasets.Dataset, "
+                f"not {type(spec).__name__}"
+            )
+        where = describe_corpus(spec)
+    elif str(spec).startswith("hf:"):
         text = _read_hf(spec, split, text_field)
         where = spec
     else:
+        spec = str(spec)
         path = Path(spec).expanduser()
         if not path.exists():
             raise KnnlmError(f"corpus {spec} does not exist")
@@ -111,5 +167,5 @@ def tokenize_text(tokenizer, text: str, batch_lines: int = 4096) -> np.ndarray:
     return ids
 
 
-def load_tokens(tokenizer, spec: str, split: str, text_field: str = "text") -> np.ndarray:
+def load_tokens(tokenizer, spec: Corpus, split: str, text_field: str = "text") -> np.ndarray:
     return tokenize_text(tokenizer, read_split(spec, split, text_field))

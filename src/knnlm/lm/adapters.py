@@ -47,8 +47,14 @@ def position_limit(model: torch.nn.Module) -> tuple[int, str] | None:
 
 
 @dataclass(frozen=True)
-class _Family:
-    """Attribute paths of one architecture family."""
+class Family:
+    """Attribute paths of one architecture family, and the modules LoRA adapts in it.
+
+    Example (what ``register_family`` stores for GPT-2)::
+
+        Family(("gpt2",), "transformer.h", "ln_2", "mlp", "transformer.ln_f", "lm_head",
+               lora_targets=("c_attn", "c_proj", "c_fc", "wte"), lora_fan_in_fan_out=True)
+    """
 
     model_types: tuple[str, ...]
     blocks: str  # dotted path from the CausalLM to the list of blocks
@@ -56,21 +62,78 @@ class _Family:
     mlp: str  # attribute of a block: the MLP
     final_norm: str  # dotted path from the CausalLM to the final norm
     lm_head: str  # dotted path from the CausalLM to the output projection
+    lora_targets: tuple[str, ...] = ()  # module names peft adapts (empty: LoRA refused)
+    lora_fan_in_fan_out: bool = False  # weights stored transposed (GPT-2's Conv1D)
 
 
-_FAMILIES = (
-    _Family(("gpt2",), "transformer.h", "ln_2", "mlp", "transformer.ln_f", "lm_head"),
-    _Family(
-        ("llama", "mistral", "qwen2"),
-        "model.layers",
-        "post_attention_layernorm",
-        "mlp",
-        "model.norm",
-        "lm_head",
+_REGISTRY: dict[str, Family] = {}
+
+
+def register_family(
+    model_types: str | tuple[str, ...] | list[str],
+    *,
+    blocks: str,
+    norm2: str,
+    mlp: str,
+    final_norm: str,
+    lm_head: str = "lm_head",
+    lora_targets: tuple[str, ...] | list[str] = (),
+    lora_fan_in_fan_out: bool = False,
+) -> Family:
+    """Teach knnlm a model family: where enc / g / f and the key hooks live, and LoRA's targets.
+
+    Plain LM perplexity works for any causal LM; datastores, the projection, the MLP memory
+    and LoRA need the family registered. A model type registered again is replaced.
+
+    Example (OLMo, laid out as Llama; tests/test_api.py checks this registration)::
+
+        import knnlm
+        knnlm.register_family("olmo", blocks="model.layers", norm2="post_attention_layernorm",
+                              mlp="mlp", final_norm="model.norm",
+                              lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    """
+    types = (model_types,) if isinstance(model_types, str) else tuple(model_types)
+    family = Family(
+        types, blocks, norm2, mlp, final_norm, lm_head, tuple(lora_targets), lora_fan_in_fan_out
+    )
+    for t in types:
+        _REGISTRY[t] = family
+    return family
+
+
+def unregister_family(model_type: str) -> None:
+    """Forget ``model_type``'s family (e.g. after a test); ``unregister_family("olmo")``."""
+    _REGISTRY.pop(model_type, None)
+
+
+def family_of(model_type: str | None) -> Family | None:
+    """The registered family of ``model_type``, or None."""
+    return _REGISTRY.get(model_type) if model_type else None
+
+
+def registered_model_types() -> tuple[str, ...]:
+    """Model types with a registered family (``config.model_type`` values).
+
+    Example: ``"llama" in knnlm.registered_model_types()`` is True.
+    """
+    return tuple(_REGISTRY)
+
+
+# The paper's LoRA setup (Appendix C.1) adapts the embeddings, the q/k/v/o projections and
+# all MLP projections. GPT-2 fuses q/k/v into c_attn; c_proj names both the attention output
+# and the MLP down projection.
+register_family(
+    "gpt2", blocks="transformer.h", norm2="ln_2", mlp="mlp", final_norm="transformer.ln_f",
+    lora_targets=("c_attn", "c_proj", "c_fc", "wte"), lora_fan_in_fan_out=True,
+)  # fmt: skip
+register_family(
+    ("llama", "mistral", "qwen2"), blocks="model.layers", norm2="post_attention_layernorm",
+    mlp="mlp", final_norm="model.norm",
+    lora_targets=(
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        "embed_tokens",
     ),
-)
-
-SUPPORTED_MODEL_TYPES = tuple(t for fam in _FAMILIES for t in fam.model_types)
+)  # fmt: skip
 
 
 def _get(obj: nn.Module, dotted: str) -> nn.Module:
@@ -87,7 +150,16 @@ class ZeroMLP(nn.Module):
 
 
 class Adapter:
-    """Exposes enc / g / f and the key hooks of one loaded causal LM."""
+    """Exposes enc / g / f and the key hooks of one loaded causal LM.
+
+    Constructing one never fails; what needs the split raises a clear ``KnnlmError`` when
+    the model's family is not registered. Example::
+
+        adapter = Adapter(model)
+        with adapter.capture() as store:
+            model(input_ids)
+        keys = store["ffn_input"]
+    """
 
     def __init__(self, model: nn.Module):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -96,16 +168,26 @@ class Adapter:
         if hasattr(model, "get_base_model"):
             base = model.get_base_model()
             model_type = base.config.model_type
-        family = next((f for f in _FAMILIES if model_type in f.model_types), None)
-        if family is None:
-            raise KnnlmError(
-                f"unsupported architecture {model_type!r}; supported model types: "
-                + ", ".join(SUPPORTED_MODEL_TYPES)
-            )
         self.model = model
         self.base = base
-        self.family = family
+        self._family = family_of(model_type)
         self.model_type = model_type
+
+    @property
+    def registered(self) -> bool:
+        """Whether the model's family is registered (needed for keys and Eq. 1's split)."""
+        return self._family is not None
+
+    @property
+    def family(self) -> Family:
+        """The registered family; one clear line when the model's family is not registered."""
+        if self._family is None:
+            raise KnnlmError(
+                f"model type {self.model_type!r} is not registered for kNN keys and Eq. 1's "
+                f"split (registered: {', '.join(registered_model_types())}); plain LM "
+                "perplexity works, the rest needs knnlm.register_family(...)"
+            )
+        return self._family
 
     # -- the pieces of Eq. 1 -------------------------------------------------------------
     @property
@@ -126,6 +208,8 @@ class Adapter:
 
     @property
     def lm_head(self) -> nn.Module:
+        if self._family is None:  # any HF causal LM names its output projection
+            return self.base.get_output_embeddings()
         return _get(self.base, self.family.lm_head)
 
     @property

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import file_sha256, write_json_atomic
-from knnlm.lm.adapters import SUPPORTED_MODEL_TYPES, Adapter, apply_saved_surgery
+from knnlm.lm.adapters import Adapter, apply_saved_surgery
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,42 +152,74 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tok
 
 
-def load_lm(
-    name: str,
-    device: str | None = None,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-) -> LoadedLM:
-    """Load model + tokenizer; the model is in eval mode with gradients disabled."""
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or a torch dtype) as a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype not in DTYPES:
         raise KnnlmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    local = _is_local(name)
-    if not local and (name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1):
-        raise KnnlmError(f"model path {name!r} does not exist")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name,
-            dtype=DTYPES[dtype],
-            trust_remote_code=trust_remote_code,
-            local_files_only=local,
-        )
-    except (OSError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise KnnlmError(f"cannot load a causal LM from {name!r}: {msg}") from None
-    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise KnnlmError(
-            f"unsupported architecture {model.config.model_type!r}; supported model types: "
-            + ", ".join(SUPPORTED_MODEL_TYPES)
-        )
+    return DTYPES[dtype]
+
+
+@torch.no_grad()
+def check_causal(model: torch.nn.Module) -> None:
+    """Refuse a model whose early positions see later tokens (e.g. BERT loaded as a "causal"
+    LM without ``is_decoder``): its perplexity would be meaningless. One 4-token probe."""
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    device = next(model.parameters()).device
+    a = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab, 4 % vocab]], device=device)
+    b = a.clone()
+    b[0, -1] = 5 % vocab
+    la, lb = model(input_ids=a).logits[0, :-1].float(), model(input_ids=b).logits[0, :-1].float()
+    if not torch.allclose(la, lb, rtol=1e-5, atol=1e-5):  # causal: identical prefixes
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise KnnlmError(f"the {kind} model is not causal: its early positions see later tokens")
+
+
+def wrap_lm(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> LoadedLM:
+    """A model and tokenizer already in memory as a :class:`LoadedLM` (eval mode, no grads)."""
     apply_saved_surgery(model)
-    tokenizer = load_tokenizer(name, trust_remote_code)
-    model.to(pick_device(device)).eval()
+    model.eval()
     model.requires_grad_(False)
+    adapter = Adapter(model)
+    if not adapter.registered:  # registered families are causal decoders by construction
+        check_causal(model)
     return LoadedLM(
         model=model,
         tokenizer=tokenizer,
-        adapter=Adapter(model),
+        adapter=adapter,
         name=name,
         fingerprint=model_fingerprint(model, name),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )
+
+
+def load_lm(
+    name: str,
+    device: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    **hf_kwargs,
+) -> LoadedLM:
+    """Load model + tokenizer; the model is in eval mode with gradients disabled.
+
+    Any causal LM loads (plain perplexity needs nothing more); what needs Eq. 1's split
+    refuses an unregistered family when used. ``hf_kwargs`` go to ``from_pretrained``.
+    """
+    local = _is_local(name)
+    if not local and (name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1):
+        raise KnnlmError(f"model path {name!r} does not exist")
+    hf_kwargs.setdefault("local_files_only", local)
+    hf_kwargs["dtype"] = torch_dtype(dtype)  # transformers >= 5 (pyproject's floor)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, trust_remote_code=trust_remote_code, **hf_kwargs
+        )
+    except (OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise KnnlmError(f"cannot load a causal LM from {name!r}: {msg}") from None
+    model.to(pick_device(device))
+    if not Adapter(model).registered:  # refused before the tokenizer is even looked for
+        check_causal(model.eval())
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    return wrap_lm(model, tokenizer, name)

@@ -7,24 +7,10 @@ from typing import Any
 from torch import nn
 
 from knnlm.errors import KnnlmError
+from knnlm.lm.adapters import family_of, registered_model_types
 
-# The paper's LoRA setup for Mistral (Appendix C.1): r=8, alpha=16, dropout 0.05 on the
-# embeddings, the q/k/v/o projections and all MLP projections. GPT-2 fuses q/k/v into c_attn;
-# c_proj names both the attention output and the MLP down projection.
-LORA_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc", "wte"],
-    "llama": [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "embed_tokens",
-    ],
-}
-LORA_TARGETS["mistral"] = LORA_TARGETS["qwen2"] = LORA_TARGETS["llama"]
+# The paper's LoRA setup for Mistral (Appendix C.1): r=8, alpha=16, dropout 0.05; the target
+# modules of each family are in its registry entry (``knnlm.register_family``).
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
 
 
@@ -33,18 +19,19 @@ def apply_lora(model: nn.Module, **overrides: Any) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     model_type = model.config.model_type
-    if model_type not in LORA_TARGETS:
+    family = family_of(model_type)
+    if family is None or not family.lora_targets:
+        known = [t for t in registered_model_types() if family_of(t).lora_targets]
         raise KnnlmError(
-            f"no LoRA target modules known for {model_type!r}; supported: "
-            + ", ".join(LORA_TARGETS)
+            f"no LoRA target modules known for {model_type!r}; supported: {', '.join(known)} "
+            "(add others with knnlm.register_family(..., lora_targets=[...]))"
         )
     # peft matches module names, so a removed last MLP simply contributes no targets.
-    targets = list(LORA_TARGETS[model_type])
+    targets = list(family.lora_targets)
     settings = {**LORA_DEFAULTS, **overrides}
     config = LoraConfig(
         target_modules=targets,
-        # GPT-2's Conv1D stores weights transposed.
-        fan_in_fan_out=model_type == "gpt2",
+        fan_in_fan_out=family.lora_fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
         **settings,
@@ -72,3 +59,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
         merged.get_output_embeddings().weight = nn.Parameter(keep)
         merged.config.tie_word_embeddings = False
     return merged
+
+
+def lora_targets(model_type: str) -> list[str] | None:
+    """The LoRA target modules registered for ``model_type`` (None when it has none)."""
+    family = family_of(model_type)
+    return list(family.lora_targets) if family is not None and family.lora_targets else None

@@ -57,7 +57,7 @@ from knnlm.lm.checkpoint import (
     save_final,
 )
 from knnlm.lm.loading import load_lm, pick_device
-from knnlm.lm.lora import LORA_DEFAULTS, LORA_TARGETS, apply_lora
+from knnlm.lm.lora import LORA_DEFAULTS, apply_lora, lora_targets
 from knnlm.lm.presets import Preset, build_model_from_preset, get_preset
 from knnlm.lm.train_config import TrainConfig, TrainResult
 from knnlm.lm.train_data import (
@@ -421,7 +421,7 @@ def _train_meta(
         "preset": preset,
         "preset_settings": None if base_model else spec.to_json(),
         "base_model": base_model,
-        "lora": dict(LORA_DEFAULTS, targets=LORA_TARGETS.get(result.model.config.model_type))
+        "lora": dict(LORA_DEFAULTS, targets=lora_targets(result.model.config.model_type))
         if lora
         else None,
         "drop_last_mlp": drop_last_mlp,

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knnlm.data.corpus import load_tokens
+from knnlm.data.corpus import Corpus, describe_corpus, load_tokens
 from knnlm.data.windows import make_windows, resolve_stride
 from knnlm.errors import KnnlmError
 from knnlm.fileio import (
@@ -249,7 +249,7 @@ def datastore_meta(
 @locks("out", "datastore")
 def build_datastore(
     lm: LoadedLM,
-    corpus: str,
+    corpus: Corpus,
     split: str,
     out: str | Path,
     *,
@@ -282,7 +282,8 @@ def build_datastore(
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
     windows = make_windows(len(ids), context_len, stride)
     batches = window_batches(windows, batch_size)
-    source = {"corpus": corpus, "split": split, "corpus_fingerprint": corpus_fingerprint(ids),
+    source = {"corpus": describe_corpus(corpus), "split": split,
+              "corpus_fingerprint": corpus_fingerprint(ids),
               "context_len": context_len, "stride": stride}  # fmt: skip
     settings = datastore_meta(lm, source, batch_size=batch_size, key_type=key_type,
                               key_dtype=key_dtype, n=int(rows_before(windows)[-1]))  # fmt: skip

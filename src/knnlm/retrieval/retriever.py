@@ -37,7 +37,7 @@ class KnnSettings:
         if self.k < 1:
             raise KnnlmError(f"--k must be at least 1, got {self.k}")
         if self.temperature <= 0:
-            raise KnnlmError(f"--temperature must be positive, got {self.temperature}")
+            raise KnnlmError(f"--knn-temperature must be positive, got {self.temperature}")
         if self.exclude_self not in ("auto", "yes", "no"):
             raise KnnlmError("--exclude-self must be auto, yes or no")
         check_search(self.search)

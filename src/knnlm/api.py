@@ -1,0 +1,267 @@
+"""``knnlm.KnnLM``: any Hugging Face causal LM as a kNN-LM in a few lines.
+
+Example::
+
+    from knnlm import KnnLM, Datastore
+    knn_lm = KnnLM.from_pretrained("gpt2")
+    ds = Datastore.build(knn_lm, "data/wikitext-2", "runs/ds")
+    print(knn_lm.perplexity("data/wikitext-2", ds, k=1024))
+    print(knn_lm.generate(["The tower is"], datastore=ds, max_new_tokens=20))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from knnlm.api_store import Datastore
+from knnlm.data.corpus import Corpus
+from knnlm.evaluate import evaluate
+from knnlm.generation import KnnLogitsProcessor, attach_processor, generate
+from knnlm.lm import loading
+from knnlm.lm.loading import LoadedLM, pick_device, torch_dtype, wrap_lm
+from knnlm.neighbours import find_neighbours
+from knnlm.retrieval.datastore import Datastore as StoredDatastore
+from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.scoring import default_window, position_limit
+
+DatastoreLike = Datastore | StoredDatastore | str | Path
+
+
+def _stored(datastore: DatastoreLike) -> StoredDatastore | str | Path:
+    return datastore.stored if isinstance(datastore, Datastore) else datastore
+
+
+@dataclass(repr=False)
+class PerplexityResult:
+    """LM (and kNN-LM) perplexity with the settings that produced it.
+
+    ``to_dict()`` has the keys of ``knnlm eval --json``. Example::
+
+        res = knn_lm.perplexity(["a b c", "d e f"], ds)
+        res.lm, res.knnlm, res.tokens, res.to_dict()["settings"]["context_len"]
+    """
+
+    lm: float
+    knnlm: float | None
+    tokens: int
+    settings: dict
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_eval(cls, result: dict) -> PerplexityResult:
+        """From the dict of ``knnlm.evaluate.evaluate``; e.g. ``from_eval(evaluate(lm, ...))``."""
+        knn = result.get("knnlm")
+        return cls(
+            lm=result["lm"]["perplexity"],
+            knnlm=knn["perplexity"] if knn else None,
+            tokens=result["tokens"],
+            settings=result["settings"],
+            raw=result,
+        )
+
+    def to_dict(self) -> dict:
+        """The result as ``knnlm eval --json`` writes it; e.g. ``to_dict()["lm"]["nll_sum"]``."""
+        return dict(self.raw)
+
+    def __repr__(self) -> str:
+        s = self.settings
+        text = f"PerplexityResult(tokens={self.tokens}, lm={self.lm:.3f}"
+        if self.knnlm is not None:
+            text += (
+                f", knnlm={self.knnlm:.3f}, k={s['k']}, knn_weight={s['knn_weight']}, "
+                f"knn_temperature={s['temperature']}"
+            )
+        return text + f", context_len={s['context_len']}, stride={s['stride']})"
+
+
+class KnnLM:
+    """A causal LM with its tokenizer, ready for datastores, kNN-LM perplexity and generation.
+
+    ``KnnLM(model, tokenizer)`` wraps a model already in memory (any device and dtype;
+    ``device=`` / ``dtype=`` move it). Its fingerprint, which datastores record, is computed
+    from ``name`` (a saved folder's files or a hub revision), or from the weights themselves
+    when no name is given. Example::
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained("gpt2")
+        knn_lm = KnnLM(model, AutoTokenizer.from_pretrained("gpt2"))
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        name: str | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+    ):
+        if dtype is not None:
+            model.to(torch_dtype(dtype))
+        if device is not None:
+            model.to(pick_device(device))
+        self.lm: LoadedLM = wrap_lm(model, tokenizer, name or "in-memory")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype = "float32",
+        trust_remote_code: bool = False,
+        **hf_kwargs: Any,
+    ) -> KnnLM:
+        """Load a hub model or a ``save_pretrained`` folder (model and tokenizer).
+
+        ``hf_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``revision``).
+        Example: ``KnnLM.from_pretrained("gpt2", device="cuda", dtype="bfloat16")``.
+        """
+        self = cls.__new__(cls)
+        self.lm = loading.load_lm(name_or_path, device, dtype, trust_remote_code, **hf_kwargs)
+        return self
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The wrapped causal LM (eval mode); e.g. ``knn_lm.model.generate(...)``."""
+        return self.lm.model
+
+    @property
+    def tokenizer(self) -> Any:
+        """Its tokenizer; e.g. ``knn_lm.tokenizer("text", return_tensors="pt")``."""
+        return self.lm.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are; e.g. ``torch.device("cpu")``."""
+        return self.lm.device
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model reads (the default context length); e.g. 1024."""
+        limit = position_limit(self.model)
+        return limit[0] if limit else None
+
+    def __repr__(self) -> str:
+        return (
+            f"KnnLM({self.lm.name!r}, type={self.lm.adapter.model_type!r}, "
+            f"device={self.device}, fingerprint={self.lm.fingerprint!r})"
+        )
+
+    def perplexity(
+        self,
+        corpus: Corpus,
+        datastore: DatastoreLike | None = None,
+        *,
+        k: int = 1024,
+        knn_weight: float = 0.25,
+        knn_temperature: float = 1.0,
+        context_len: int | None = None,
+        stride: int | None = None,
+        split: str = "valid",
+        batch_size: int = 8,
+        text_field: str = "text",
+        nprobe: int | None = None,
+        recompute: bool = True,
+        exclude_self: str = "auto",
+        search: str = "auto",
+        progress: bool = False,
+    ) -> PerplexityResult:
+        """LM perplexity of ``corpus``, and the kNN-LM's when a datastore is given.
+
+        ``knn_weight`` is the weight on p_knn (the paper's lambda is 1 - knn_weight);
+        ``context_len`` defaults to the model's maximum positions, ``stride`` to half of it.
+        Example: ``knn_lm.perplexity("data/wikitext-2", ds, k=1024).knnlm``.
+        """
+        context_len, stride = default_window(self.model, context_len, stride)
+        knn = KnnSettings(k, knn_weight, knn_temperature, recompute, nprobe, exclude_self, search)
+        result = evaluate(
+            self.lm, corpus, split, context_len=context_len, stride=stride,
+            batch_size=batch_size, text_field=text_field,
+            datastore=None if datastore is None else _stored(datastore), knn=knn,
+            progress=progress,
+        )  # fmt: skip
+        return PerplexityResult.from_eval(result)
+
+    def generate(
+        self,
+        prompts: str | list[str],
+        datastore: DatastoreLike | None = None,
+        *,
+        k: int = 1024,
+        knn_weight: float = 0.25,
+        knn_temperature: float = 1.0,
+        nprobe: int | None = None,
+        search: str = "auto",
+        seed: int | None = None,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """One continuation string per returned sequence, in prompt order.
+
+        Every ``model.generate`` argument passes through (``do_sample``, ``temperature``,
+        ``top_k``, ``top_p``, ``num_beams``, ``num_return_sequences``, ``max_new_tokens``).
+        Example: ``knn_lm.generate(["The tower"], ds, do_sample=True, top_p=0.9)``.
+        """
+        knn = KnnSettings(
+            k=k, knn_weight=knn_weight, temperature=knn_temperature, nprobe=nprobe, search=search
+        )
+        store = None if datastore is None else _stored(datastore)
+        return generate(self.lm, prompts, store, knn, seed=seed, **generate_kwargs)
+
+    def logits_processor(
+        self,
+        datastore: DatastoreLike,
+        *,
+        k: int = 1024,
+        knn_weight: float = 0.25,
+        knn_temperature: float = 1.0,
+        nprobe: int | None = None,
+        recompute: bool = True,
+        search: str = "auto",
+    ) -> KnnLogitsProcessor:
+        """A logits processor for your own ``model.generate(...)``; its hooks attach now.
+
+        Leaving a ``with`` block (or ``.close()``) removes them. Example::
+
+            with knn_lm.logits_processor(ds, k=16) as proc:
+                out = model.generate(**enc, logits_processor=LogitsProcessorList([proc]))
+        """
+        knn = KnnSettings(k, knn_weight, knn_temperature, recompute, nprobe, search=search)
+        return attach_processor(self.lm, _stored(datastore), knn)
+
+    def neighbours(
+        self,
+        text: str,
+        datastore: DatastoreLike,
+        k: int = 8,
+        *,
+        knn_temperature: float = 1.0,
+        context_tokens: int = 32,
+        nprobe: int | None = None,
+        search: str = "auto",
+    ) -> list[dict[str, Any]]:
+        """The datastore entries retrieved for the token after ``text``, nearest first.
+
+        Each is a dict: ``context`` (up to ``context_tokens`` tokens of the row's preceding
+        text), ``target`` (its next token), ``distance`` (as p_knn uses it) and ``weight``
+        (its share of p_knn), plus ``row``. Example::
+
+            for nb in knn_lm.neighbours("The tower is", ds, k=4):
+                print(f"{nb['weight']:.2f} {nb['context']!r} -> {nb['target']!r}")
+        """
+        ds = datastore if isinstance(datastore, Datastore) else Datastore(_stored_open(datastore))
+        knn = KnnSettings(
+            k=k, temperature=knn_temperature, nprobe=nprobe, exclude_self="no", search=search
+        )
+        retriever = Retriever(self.lm, ds.stored, knn)
+        return find_neighbours(self.lm, retriever, ds.tokens(self.tokenizer), text, context_tokens)
+
+
+def _stored_open(datastore: StoredDatastore | str | Path) -> StoredDatastore:
+    if isinstance(datastore, StoredDatastore):
+        return datastore
+    return Datastore.load(datastore).stored

@@ -1,0 +1,221 @@
+"""One consistent CLI: shared option names and short flags, choices and defaults in --help,
+old names as warned aliases, one error style, a fast start."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from knnlm.cli import app, main, register_all
+
+# Each option name has one short flag wherever it appears.
+SHORT = {"--model": "-m", "--corpus": "-c", "--datastore": "-d", "--out": "-o", "--quiet": "-q"}
+
+
+def leaf_commands() -> list[tuple[str, object]]:
+    register_all()
+    todo, leaves = [("knnlm", typer.main.get_command(app))], []
+    while todo:
+        name, cmd = todo.pop()
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            todo.extend((f"{name} {n}", c) for n, c in subs.items())
+        else:
+            leaves.append((name, cmd))
+    return leaves
+
+
+def _options(cmd) -> list:
+    """Visible options (Typer may vendor its own click: classes are matched by name)."""
+    return [p for p in cmd.params if p.param_type_name == "option" and not p.hidden]
+
+
+def test_short_flags_and_dtype_are_the_same_everywhere():
+    seen = set()
+    for name, cmd in leaf_commands():
+        seen.update(o for opt in _options(cmd) for o in opt.opts)
+        for opt in _options(cmd):
+            for long, short in SHORT.items():
+                if long in opt.opts:
+                    assert short in opt.opts + opt.secondary_opts, f"{name} {long} lacks {short}"
+            assert "--precision" not in opt.opts or name == "knnlm train", name
+            if "--temperature" in opt.opts:  # HF's sampling temperature, generate only
+                assert name == "knnlm generate", name
+    assert {*SHORT, "--dtype", "--knn-temperature"} <= seen
+
+
+def test_every_choice_is_listed_and_every_default_shows():
+    choices, hidden = 0, []
+    for name, cmd in leaf_commands():
+        ctx = typer.Context(cmd)
+        for opt in _options(cmd):
+            flags, text = opt.get_help_record(ctx)
+            choices += "|" in flags  # e.g. "--dtype <float32|bfloat16|float16>"
+            if opt.required or (opt.is_flag and not opt.secondary_opts):  # a plain flag is off
+                continue
+            if opt.default is None:  # "not given": the help says what it falls back to, if any
+                shown = opt.show_default is not False or "(default" in text
+            else:
+                shown = "[default:" in text
+            if not shown:
+                hidden.append(f"{name} {flags}")
+    assert hidden == []
+    assert choices >= 15  # dtype, key type, exclude-self, index type, metric, presets, ...
+
+
+def test_preset_vocabularies_match_their_registries():
+    from knnlm.cli.common import HurdlePreset, LmPreset, MacondoPreset
+    from knnlm.experiments.hurdle_setup import HURDLE_PRESETS
+    from knnlm.experiments.macondo_settings import RUN_PRESETS
+    from knnlm.lm.presets import PRESETS
+
+    assert [p.value for p in LmPreset] == list(PRESETS)
+    assert {p.value for p in HurdlePreset} == {*HURDLE_PRESETS, *PRESETS}
+    assert [p.value for p in MacondoPreset] == list(RUN_PRESETS)
+
+
+def _run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["knnlm", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_version(monkeypatch, capsys):
+    from knnlm import __version__
+
+    assert _run(monkeypatch, capsys, "--version") == (0, f"knnlm {__version__}\n", "")
+
+
+def test_old_temperature_name_warns_and_still_counts(monkeypatch, capsys, tmp_path):
+    code, _, err = _run(monkeypatch, capsys, "eval", "-m", "m", "-c", "c", "-d",
+                        tmp_path / "nods", "--temperature", "0")  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[0].startswith("warning: --temperature is now --knn-temperature")
+    assert lines[1] == "Error: --knn-temperature must be positive, got 0.0"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "-m", "nowhere", "-p", "x", "--knn-temperature", "0"], "--knn-temperature"),
+        (["generate", "-m", "nowhere", "-p", "x", "--knn-weight", "2"], "--knn-weight"),
+        (["generate", "-m", "nowhere", "-p", "x", "--temperature", "0"], "sampling"),
+        (["generate", "-m", "nowhere", "-p", "x", "--num-beams", "0"], "--num-beams"),
+        (["neighbours", "-m", "nowhere", "-d", "nods", "-p", "x", "--k", "0"], "--k"),
+    ],
+)
+def test_settings_refused_before_the_model_loads(monkeypatch, capsys, args, message):
+    code, _, err = _run(monkeypatch, capsys, *args)
+    assert code == 2 and err.startswith("Error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_sweep_on_a_datastore_says_it_is_not_a_cache(monkeypatch, capsys, tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"knnlm_artifact": "datastore"}))
+    code, _, err = _run(monkeypatch, capsys, "sweep", tmp_path)
+    assert code == 2 and "is a datastore, not a neighbour cache" in err, err
+
+
+def test_datastore_given_twice_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    code, _, err = _run(monkeypatch, capsys, "datastore", "info", tmp_path / "a", "-d",
+                        tmp_path / "b")  # fmt: skip
+    assert code == 2 and err.startswith("Usage: ") and "given twice" in err, err
+
+
+def test_the_cli_starts_without_torch():
+    code = (
+        "import sys, typer; from knnlm.cli import app, register_all; register_all(); "
+        "typer.main.get_command(app); print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_missing_optional_package_names_its_extra(monkeypatch, capsys):
+    import knnlm.cli.engine as engine
+
+    def no_faiss(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
+
+    monkeypatch.setattr(engine, "load_model", no_faiss)
+    code, _, err = _run(monkeypatch, capsys, "eval", "-m", "m", "-c", "c")
+    assert code == 2 and err.strip().splitlines() == [
+        "Error: this needs the 'faiss' package: pip install 'knnlm[faiss]' (GPU: or faiss-gpu)"
+    ]
+
+
+def _help_of(name: str) -> dict[str, str]:
+    """Each visible option's flags of one command, e.g. {"--search": "--search <exact|...>"}."""
+    cmd = dict(leaf_commands())[name]
+    ctx = typer.Context(cmd)
+    return {opt.opts[0]: opt.get_help_record(ctx)[0] for opt in _options(cmd)}
+
+
+@pytest.mark.parametrize(
+    "name, option, choices",
+    [
+        ("knnlm eval", "--search", "exact|faiss|auto"),
+        ("knnlm eval", "--gate-weight", "fixed|learned"),
+        ("knnlm project", "--search", "exact|faiss|auto"),
+        ("knnlm generate", "--search", "exact|faiss|auto"),
+        ("knnlm neighbours", "--search", "exact|faiss|auto"),
+        ("knnlm gate train", "--search", "exact|faiss|auto"),
+        ("knnlm gate train", "--kind", "mlp|entropy"),
+        ("knnlm reproduce", "--search", "exact|faiss|auto"),
+    ],
+)
+def test_new_commands_list_their_choices(name, option, choices):
+    assert choices in _help_of(name)[option]
+
+
+def test_new_commands_share_the_options_of_the_others():
+    import knnlm.cli.common as common
+
+    gate = _help_of("knnlm gate train")
+    assert {"--knn-temperature", "--nprobe", "--search", "--dtype", "--wait"} <= set(gate)
+    assert "--temperature" not in gate  # the old name is a hidden alias
+    prune = _help_of("knnlm datastore prune")
+    assert "-d" in prune["--datastore"] and "-o" in prune["--out"]
+    # one object per shared option: the new commands use common's, not their own copies
+    engine = typer.main.get_command(app).commands["eval"]
+    by_name = {p.name: p for p in engine.params}
+    assert by_name["search"].default == common.Search.auto
+    assert by_name["gate_weight"].default == common.GateWeight.fixed
+
+
+def test_gate_train_old_temperature_name_warns(monkeypatch, capsys, tmp_path):
+    import knnlm.cli.common as common
+
+    monkeypatch.setattr(common, "_warned", set())  # once per process: eval's test may have warned
+    code, _, err = _run(monkeypatch, capsys, "gate", "train", "-m", "m", "-c", "c", "-d",
+                        tmp_path / "nods", "-o", tmp_path / "g", "--temperature", "0")  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[0].startswith("warning: --temperature is now --knn-temperature")
+    assert lines[1] == "Error: --knn-temperature must be positive, got 0.0"
+
+
+def test_prune_takes_the_datastore_either_way(monkeypatch, capsys, tmp_path):
+    code, _, err = _run(monkeypatch, capsys, "datastore", "prune", "-d", tmp_path / "nods",
+                        "-o", tmp_path / "p")  # fmt: skip
+    assert code == 2 and err.startswith("Error: ") and "nods" in err, err
+    code, _, err = _run(monkeypatch, capsys, "datastore", "prune", tmp_path / "a", "-d",
+                        tmp_path / "b", "-o", tmp_path / "p")  # fmt: skip
+    assert code == 2 and err.startswith("Usage: ") and "given twice" in err, err
+
+
+@pytest.mark.parametrize("args", [["eval", "--search", "brute"], ["gate", "train", "--kind", "x"],
+                                  ["eval", "--gate-weight", "mine"]])  # fmt: skip
+def test_a_bad_choice_is_a_usage_error(monkeypatch, capsys, args):
+    code, _, err = _run(monkeypatch, capsys, *args)
+    assert code == 2 and err.startswith("Usage: ") and "Invalid value" in err, err
