@@ -51,7 +51,8 @@ USER_OS_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, e
 def error_line(exc: BaseException) -> str | None:
     """The one line a user-caused error prints (after "Error: "), or None for a bug."""
     if isinstance(exc, KnnlmError):
-        return str(exc)
+        # One line even when a library's message inside it spans several (transformers' are).
+        return " ".join(str(exc).split())
     if isinstance(exc, OSError) and exc.errno in USER_OS_ERRORS:
         name = str(exc.filename or "")
         name = name if len(name) <= 200 else name[:100] + "..." + name[-40:]
