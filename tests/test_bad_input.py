@@ -323,6 +323,8 @@ ROWS = [
         "--sentences-per-pair", "999999999999", "--quiet"], expect="sentences"),
     Row("macondo_children_fill_memory", ["macondo", "generate", "--out", "{ws}/mg",
         "--max-children", "999999999999", "--quiet"], expect="parents"),
+    Row("macondo_tokenizer_not_a_tokenizer", ["macondo", "generate", "--out", "{ws}/mg",
+        "--tokenizer", "{ds}", "--quiet"], expect="cannot load a tokenizer"),
     # usage errors: click's text, always through a subprocess
     Row("unknown_option", [*EVAL, "--bogus"], usage=True, expect="No such option"),
     Row("unknown_command", ["evall"], usage=True, expect="No such command"),
