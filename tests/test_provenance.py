@@ -84,6 +84,22 @@ def test_git_missing_gives_none(monkeypatch):
     assert prov.git_state(PKG_DIR) == {"commit": None, "dirty": None}
 
 
+def test_package_untracked_in_a_surrounding_repository_gives_none(tmp_path, monkeypatch):
+    # An installed copy inside some other project's checkout (a venv there) records no commit.
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
+    (tmp_path / "project.txt").write_text("theirs")
+    for args in (["init", "-q"], ["add", "project.txt"], ["commit", "-q", "-m", "theirs"]):
+        subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True)
+    assert prov.git_state(tmp_path)["commit"]  # that repository has a commit
+    pkg = tmp_path / "venv" / "knnlm"
+    pkg.mkdir(parents=True)
+    monkeypatch.setattr(prov, "__file__", str(pkg / "provenance.py"))
+    assert prov.git_state() == {"commit": None, "dirty": None}
+
+
 def test_dirty_tree_is_reported(tmp_path):
     if shutil.which("git") is None:
         pytest.skip("git is not installed")

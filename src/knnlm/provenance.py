@@ -50,7 +50,10 @@ def git_state(directory: str | Path | None = None) -> dict[str, Any]:
     package's folder); both None when it is not a checkout or git is missing."""
     d = Path(directory) if directory is not None else Path(__file__).resolve().parent
     head = _git(["rev-parse", "HEAD"], d)
-    if not head or not head.strip():
+    # The package's own folder inside some other repository (a venv in a project's
+    # checkout) is not a checkout of this source: its files must be tracked there.
+    tracked = _git(["ls-files", "--", "."], d) if directory is None else "yes"
+    if not head or not head.strip() or not (tracked or "").strip():
         return {"commit": None, "dirty": None}
     status = _git(["status", "--porcelain", "--untracked-files=no"], d)
     return {"commit": head.strip(), "dirty": None if status is None else bool(status.strip())}
