@@ -144,6 +144,26 @@ def _hurdle() -> dict:
     }
 
 
+PROVENANCE_PACKAGES = ("knnlm", "torch", "transformers", "tokenizers", "numpy", "faiss",
+                       "safetensors", "datasets", "peft")  # fmt: skip
+
+
+def _provenance() -> dict:
+    return {
+        "packages": {name: "1.0" for name in PROVENANCE_PACKAGES},
+        "python": "3.11.7",
+        "implementation": "cpython",
+        "platform": "Linux-x86_64",
+        "git": {"commit": "0" * 40, "dirty": False},
+        "cpu_model": "A CPU",
+        "cpu_count": 2,
+        "torch_threads": 1,
+        "device": "cpu",
+        "started_utc": "2026-01-01T00:00:00+00:00",
+        "ended_utc": "2026-01-01T00:05:00+00:00",
+    }
+
+
 def make_results() -> dict:
     """A complete results dict for three seeds in which every claim holds."""
     return copy.deepcopy(
@@ -167,6 +187,7 @@ def make_results() -> dict:
             ],  # fmt: skip
             "stages": {"lm": {"seconds": 12.5, "cached": False}},
             "wall_seconds": 100.0,
+            "provenance": _provenance(),
         }
     )
 
@@ -241,5 +262,13 @@ def assert_contract(r: Mapping[str, Any]) -> None:
     for row in (r.get("width_study") or {}).get("rows", []):
         _has(row, "d lm knnlm proj_f proj_fg", "width_study.rows[]")
         _has(row["proj_f"], "perplexity share kl_mean kl_init_mean", "width_study.rows[].proj_f")
+    if r.get("provenance"):
+        p = r["provenance"]
+        _has(p, "packages python git cpu_model cpu_count torch_threads device started_utc "
+             "ended_utc", "provenance")  # fmt: skip
+        _has(p["packages"], " ".join(PROVENANCE_PACKAGES), "provenance.packages")
+        _has(p["git"], "commit dirty", "provenance.git")
+        assert p["started_utc"] <= p["ended_utc"], "provenance: ends before it starts"
+        assert "hostname" not in p and "host" not in p, "provenance records no host name"
     for item in r.get("not_run", []):
         _has(item, "what why command", "not_run[]")

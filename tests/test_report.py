@@ -554,6 +554,28 @@ def test_paper_report_from_the_contract_fixture(tmp_path):
     assert "Not run" not in md and "incomplete" not in md and "not drawn" not in md
 
 
+def test_paper_report_provenance_table(tmp_path):
+    r = make_results()
+    r["provenance"]["git"]["dirty"] = True
+    r["provenance"]["packages"]["peft"] = None
+    write_paper_report(tmp_path, r)
+    md = (tmp_path / "report.md").read_text()
+    # Beside the header's settings, before the claims.
+    assert md.index("## Provenance") < md.index("## Claims")
+    rows = _tables(_section_text(md, "## Provenance"))[0]
+    shown = {k.strip("`"): v for row in rows for k, v in zip(row[::2], row[1::2], strict=True)}
+    p = r["provenance"]
+    assert shown["torch"] == p["packages"]["torch"] and shown["peft"] == "none"
+    assert shown["commit"] == "0" * 40 + " (uncommitted changes)"
+    assert shown["cpu_count"] == "2" and shown["torch_threads"] == "1"
+    assert shown["device"] == "cpu" and shown["cpu"] == "A CPU"
+    assert shown["started_utc"] == p["started_utc"] and shown["ended_utc"] == p["ended_utc"]
+    # A results.json from before provenance was recorded: no section, no error.
+    del r["provenance"]
+    write_paper_report(tmp_path, r)
+    assert "## Provenance" not in (tmp_path / "report.md").read_text()
+
+
 def test_paper_report_partial_run(tmp_path):
     r = make_results()
     del r["macondo"], r["memory"]

@@ -9,11 +9,13 @@ import math
 import os
 import subprocess
 import sys
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from results_contract import assert_contract
 
 N_KEYS = ["1", "2", "3", "4", "5"]
 
@@ -118,6 +120,21 @@ def test_every_contract_key(run):
     w = r["wall_seconds"]
     assert isinstance(w, float) and math.isfinite(w) and w >= 0  # recorded, not timed
     assert {c["status"] for c in r["claims"]} <= {"held", "not held", "untestable here"}
+    assert_contract(r)
+
+
+def test_provenance_of_the_run(run):
+    out, r = run
+    p = r["provenance"]
+    assert p["packages"]["torch"] == metadata.version("torch")
+    assert p["packages"]["knnlm"] == metadata.version("knnlm")
+    import torch
+
+    assert p["cpu_count"] == os.cpu_count()
+    assert p["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert p["torch_threads"] == 1  # --quick's torch_threads
+    assert p["started_utc"] <= p["ended_utc"]
+    assert "## Provenance" in (out / "report.md").read_text()
 
 
 def test_tuned_on_valid_and_read_on_test(run):
@@ -186,8 +203,10 @@ def test_rerun_reuses_every_stage(run):
     out, _ = run
     proc = _run(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    stages = json.loads((out / "results.json").read_text())["stages"]
-    assert all(s["cached"] for s in stages.values())
+    again = json.loads((out / "results.json").read_text())
+    assert all(s["cached"] for s in again["stages"].values())
+    # The provenance is the rerun's own (new times), and keys no stage's cache.
+    assert again["provenance"]["started_utc"] >= run[1]["provenance"]["ended_utc"]
 
 
 def test_embedded_slice_extracts_the_recorded_text(tmp_path):

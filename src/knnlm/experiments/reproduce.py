@@ -11,7 +11,8 @@ The pipeline composes the library; it re-implements nothing. Stages (cached, see
 5. ``hurdle`` (Appendix E: Figure 4 on Macondo, Figure 5 on the natural text).
 
 ``results.json`` follows the contract the report's claims read (``knnlm``, ``projection``,
-``memory``, ``macondo``, ``hurdle``, ``not_run``, ``config``, ``stages``, ``wall_seconds``).
+``memory``, ``macondo``, ``hurdle``, ``not_run``, ``config``, ``stages``, ``wall_seconds``,
+``provenance``: versions, commit, machine and UTC times, see :mod:`knnlm.provenance`).
 This module computes and saves; the report layer draws the figures, the claims and the
 report from those results.
 Settings and scales: :mod:`knnlm.experiments.reproduce_config`.
@@ -24,13 +25,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from knnlm.experiments import natural_text as nt
 from knnlm.experiments.parallel import pool, submit
 from knnlm.experiments.pipeline import Pipeline, StageDisplay
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.fileio import claim_work_dir, write_json_atomic
-from knnlm.lm.loading import torch_threads
+from knnlm.lm.loading import pick_device, torch_threads
 from knnlm.locking import locks
+from knnlm.provenance import provenance, utc_now
 
 __all__ = ["ReproduceConfig", "reproduce", "not_run"]
 
@@ -228,6 +232,7 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
     # Resumes a reproduction of ours; a folder of the user's own files is refused, untouched.
     out = claim_work_dir(Path(out).expanduser(), "reproduction")
     t_start = time.perf_counter()
+    started = utc_now()
     display = StageDisplay(progress)
     pipe = Pipeline(out, on_stage=display.update)
     seeds = cfg.seeds
@@ -253,6 +258,10 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
         results["stages"] = pipe.stage_times()
         results["wall_seconds"] = time.perf_counter() - t_start
         results["workers"] = {"processes": cfg.workers, "second_process_ran": ran_there}
+        # Outside every stage key: a resumed run on another machine still reuses its stages.
+        results["provenance"] = provenance(
+            started=started, threads=torch.get_num_threads(), device=str(pick_device())
+        )
         write_json_atomic(out / "results.json", results)
     finally:
         if ex is not None:

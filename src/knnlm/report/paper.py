@@ -183,7 +183,10 @@ def render_markdown(
     r: Mapping[str, Any], figs: Mapping[str, Any], why: Mapping[str, str] | None = None
 ) -> str:
     """report.md from the results (with ``r["claims"]``) and the figure paths."""
-    body = [_header(r), _claims_section(r["claims"])]
+    body = [_header(r)]
+    if r.get("provenance"):
+        body.append(sections.provenance_section(r))
+    body.append(_claims_section(r["claims"]))
     body += [_section(title, key, fn, r, dict(figs)) for title, key, fn in _SECTIONS]
     if why:
         body.append(

@@ -374,3 +374,24 @@ def stages_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
     if r.get("wall_seconds") is not None:
         md += f"\n\nTotal wall time of this invocation: {_f(r['wall_seconds'], '.1f')} s."
     return md + "\n"
+
+
+def provenance_section(r: Mapping[str, Any]) -> str:
+    """What ran the results: versions, the source's commit, the machine, UTC start and end."""
+    p = r["provenance"]
+    git = p.get("git") or {}
+    commit = git.get("commit")
+    if commit and git.get("dirty"):
+        commit += " (uncommitted changes)"
+    shown = {
+        **(p.get("packages") or {}),
+        "python": p.get("python"),
+        "commit": commit or "not a git checkout",
+        "cpu": p.get("cpu_model"),
+        "cpu_count": p.get("cpu_count"),
+        "torch_threads": p.get("torch_threads"),
+        "device": p.get("device"),
+        "started_utc": p.get("started_utc"),
+        "ended_utc": p.get("ended_utc"),
+    }
+    return "## Provenance\n\n" + settings_table(shown) + "\n\n"
