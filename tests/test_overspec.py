@@ -261,6 +261,39 @@ def test_scoring_settings_reuse_the_trained_model(tmp_path):
     assert third["per_seed"][0]["train"]["steps"] == 12
 
 
+def test_search_exact_and_auto_give_the_same_results_and_are_recorded(monkeypatch, tmp_path):
+    """``macondo run --search``: auto is exact on a Macondo datastore (it has no index), so the
+    results are identical; the seed's results record the backend; changing --search rescores
+    with the trained model instead of reusing results cached under the other backend."""
+    run, js = tmp_path / "run", tmp_path / "out.json"
+    args = ["macondo", "run", "--quick", "--seeds", "1", "--out", str(run), "--villagers", "60",
+            "--parents-per-count", "2", "--max-steps", "10", "--k", "8", "--json", str(js),
+            "--quiet"]  # fmt: skip
+    assert _main(monkeypatch, [*args, "--search", "auto"]) == 0
+    auto, auto_summary = _seed(run), json.loads(js.read_text())
+    weights = run / "seed-0" / "model" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert _main(monkeypatch, [*args, "--search", "exact"]) == 0
+    exact, exact_summary = _seed(run), json.loads(js.read_text())
+    assert weights.stat().st_mtime_ns == before  # scoring-only setting: not retrained
+    assert auto["search"] == {"requested": "auto", "used": "exact"}
+    assert exact["search"] == {"requested": "exact", "used": "exact"}
+    assert (auto["settings"]["search"], exact["settings"]["search"]) == ("auto", "exact")
+    assert exact_summary["settings"]["search"] == "exact"
+    assert [e["knnlm"] for e in exact["examples"]] == [e["knnlm"] for e in auto["examples"]]
+    assert exact_summary["groups"] == auto_summary["groups"]
+    results = json.loads((run / "results.json").read_text())
+    assert results["per_seed"][0]["search"] == exact["search"]
+
+
+def test_results_cached_before_the_search_option_are_reused_as_auto():
+    from knnlm.experiments.macondo_settings import LEGACY_SEARCH, upgrade_settings
+
+    assert upgrade_settings({"k": 8, "search": LEGACY_SEARCH}) == {"k": 8, "search": "auto"}
+    assert upgrade_settings({"k": 8, "search": "exact"}) == {"k": 8, "search": "exact"}
+    assert upgrade_settings(None) is None
+
+
 def test_tuning_on_a_dev_share_of_the_parents(tmp_path):
     from knnlm.experiments.macondo_tuning import dev_mask
 

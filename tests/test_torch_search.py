@@ -238,6 +238,49 @@ def test_torchrun_two_process_knnlm_perplexity_equals_one_process(
     assert two["lm"]["perplexity"] == pytest.approx(one["lm"]["perplexity"], rel=1e-12)
 
 
+def test_torchrun_two_process_project_equals_one_process(tmp_path, tiny_lm_dir, tiny_corpus):
+    """`torchrun --nproc_per_node 2 -m knnlm project --search exact` (gloo) joins the group,
+    shards the search and gives the one-process projection; rank 0 alone writes and prints."""
+    from knnlm.experiments.projection import run_projection
+    from knnlm.lm.loading import load_lm
+    from knnlm.retrieval.datastore import build_datastore
+    from knnlm.retrieval.retriever import KnnSettings
+
+    lm = load_lm(str(tiny_lm_dir))
+    ds = build_datastore(lm, str(tiny_corpus), "train", tmp_path / "ds", context_len=32,
+                         batch_size=16, progress=False)  # fmt: skip
+    knn = KnnSettings(k=16, knn_weight=0.5, temperature=3.0, search="exact")
+    one = run_projection(lm, str(tiny_corpus), ds, context_len=32, stride=32, batch_size=4,
+                         knn=knn, max_positions=40, max_steps=20, progress=False)  # fmt: skip
+    out = tmp_path / "two.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", "2", "-m", "knnlm", "project", "--model", str(tiny_lm_dir),
+           "--corpus", str(tiny_corpus), "--datastore", str(ds), "--k", "16",
+           "--knn-weight", "0.5", "--knn-temperature", "3.0", "--context-len", "32",
+           "--stride", "32", "--batch-size", "4", "--search", "exact", "--max-positions", "40",
+           "--max-steps", "20", "--quiet", "--device", "cpu", "--json", str(out)]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    try:
+        printed, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the workers too, not only torchrun
+        raise
+    assert p.returncode == 0, err[-2000:]
+    two = json.loads(out.read_text())
+    assert two["settings"]["search"]["shards"] == 2 and one["settings"]["search"]["shards"] == 1
+    assert two["positions"] == one["positions"] == 40
+    # The same neighbours; p_knn over the full vocabulary is float32 (shard-local distances
+    # round differently in the last bits), so the kNN-LM agrees to float32 precision.
+    assert two["knnlm"]["perplexity"] == pytest.approx(one["knnlm"]["perplexity"], rel=1e-6)
+    assert two["lm"]["perplexity"] == pytest.approx(one["lm"]["perplexity"], rel=1e-12)
+    for name in ("proj_f", "proj_fg"):
+        assert two[name]["perplexity"] == pytest.approx(one[name]["perplexity"], rel=1e-6)
+    from knnlm.report.tables import projection_tables
+
+    assert printed.count(projection_tables(one).splitlines()[0]) == 1  # rank 0 alone prints
+
+
 @pytest.mark.parametrize("factory", ["IVF8,Flat", "HNSW8"])
 def test_factory_index_reports_recall_and_searches_through_faiss(tmp_path, factory):
     from knnlm.retrieval.index_build import build_index, index_summary

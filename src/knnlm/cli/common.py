@@ -129,6 +129,25 @@ def value(choice: Enum | str | None) -> str | None:
     return choice.value if isinstance(choice, Enum) else choice
 
 
+def init_distributed() -> int:
+    """Join the process group that torchrun / accelerate launch set up; returns the rank.
+
+    Every command that searches joins it first, so its exact search is sharded over the
+    ranks (knnlm.retrieval.sharded); rank 0 alone writes and prints.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return 0
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
+
+
 QUIET = typer.Option(False, "--quiet", "-q", help="Silence progress bars.")
 SEED = typer.Option(0, "--seed", help="Random seed.")
 SEARCH = typer.Option(

@@ -38,6 +38,7 @@ from knnlm.cli.common import (
     Search,
     echo_json,
     hold_lock,
+    init_distributed,
     knn_temperature,
     load_model,
     one_path,
@@ -52,23 +53,6 @@ datastore_app = typer.Typer(help="Build, index and describe a kNN datastore.", n
 
 DS_ARG = typer.Argument(None, help="Datastore directory (or --datastore/-d).", show_default=False)
 DS_OPT = typer.Option(None, "--datastore", "-d", help="Datastore directory (or positionally).")
-
-
-def _init_distributed() -> int:
-    """Join the process group that torchrun / accelerate launch set up; returns the rank."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return 0
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank()
 
 
 @datastore_app.command("build")
@@ -98,7 +82,7 @@ def datastore_build(
     from knnlm.fileio import claim_target
     from knnlm.retrieval.datastore import KIND, META
 
-    rank = _init_distributed()  # first: rank 0 takes the writer lock for the group
+    rank = init_distributed()  # first: rank 0 takes the writer lock for the group
     hold_lock(ctx, out, "datastore")
     claim_target(out, KIND, META)  # a foreign --out is refused before the model is loaded
     knn_lm = load_model(model, device, dtype)
@@ -212,7 +196,7 @@ def eval_cmd(
     # Under torchrun every rank scores the whole split and holds a shard of the datastore for
     # exact search (knnlm.retrieval.sharded); rank 0 alone writes and prints, and holds the
     # cache's lock for the group (so the group joins before the lock is taken).
-    rank = _init_distributed()
+    rank = init_distributed()
     hold_lock(ctx, cache, "neighbour cache")
     datastore = open_inputs(datastore, cache, knn)
     gate_obj = open_gate(gate, retrieval_rate, datastore, cache, value(gate_weight))

@@ -21,6 +21,7 @@ from knnlm.cli.common import (
     Dtype,
     K,
     Search,
+    init_distributed,
     load_model,
     renamed,
     value,
@@ -64,7 +65,6 @@ def generate_cmd(
 
     Each returned sequence is printed as prompt + continuation, in prompt order.
     """
-    from knnlm.cli.engine import _init_distributed
     from knnlm.evaluate import open_inputs
     from knnlm.generation import check_settings
     from knnlm.retrieval.retriever import KnnSettings
@@ -87,7 +87,7 @@ def generate_cmd(
     knn.validate()
     if datastore is not None:
         open_inputs(datastore, None, knn)
-    rank = _init_distributed()  # torchrun: the search is sharded, every rank generates
+    rank = init_distributed()  # torchrun: the search is sharded, every rank generates
     knn_lm = load_model(model, device, dtype)
     texts = knn_lm.generate(
         prompt, datastore, k=k, knn_weight=knn_weight, knn_temperature=knn_temp,

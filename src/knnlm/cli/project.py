@@ -26,6 +26,7 @@ from knnlm.cli.common import (
     Dtype,
     K,
     Search,
+    init_distributed,
     knn_temperature,
     load_model,
     output_file,
@@ -70,7 +71,10 @@ def project_cmd(
     dtype: Dtype = DTYPE,
     quiet: bool = QUIET,
 ) -> None:
-    """Project p_knnlm onto the output space of f and of f∘g (Eq. 2) and compare perplexities."""
+    """Project p_knnlm onto the output space of f and of f∘g (Eq. 2) and compare perplexities.
+
+    Under torchrun the exact search is sharded over the ranks; rank 0 writes and prints.
+    """
     from knnlm.evaluate import open_inputs
     from knnlm.experiments.projection import run_projection
     from knnlm.report.tables import projection_tables
@@ -83,6 +87,9 @@ def project_cmd(
         k=k, knn_weight=knn_weight, temperature=temp, nprobe=nprobe, search=value(search)
     )
     open_inputs(datastore, None, knn)
+    # Under torchrun every rank projects the same positions and holds a shard of the
+    # datastore for exact search (knnlm.retrieval.sharded); rank 0 alone writes and prints.
+    rank = init_distributed()
     lm = load_model(model, device, dtype).lm
     context_len, stride = default_window(lm.model, context_len, stride)
     result = run_projection(
@@ -102,8 +109,10 @@ def project_cmd(
         fixed_steps=steps,
         solve_batch=solve_batch,
         text_field=text_field,
-        progress=not quiet,
+        progress=not quiet and rank == 0,
     )
+    if rank != 0:
+        return
     write_json(json_out, result)
     if png is not None:
         from knnlm.report.figures import plot_kl_hist, plot_kl_steps

@@ -34,6 +34,7 @@ from knnlm.data.macondo import (
 )
 from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo_aggregate import group_means
+from knnlm.experiments.macondo_settings import upgrade_settings
 from knnlm.fileio import read_json, write_json_atomic
 from knnlm.lm.adapters import position_limit
 from knnlm.lm.tokenizer import tokenizer_view
@@ -128,7 +129,10 @@ def _score(
         overwrite=True,  # the seed folder's own datastore: rebuilt when the model changes
     )
     knn = KnnSettings(
-        k=settings["k"], knn_weight=settings["knn_weight"], temperature=settings["temperature"]
+        k=settings["k"],
+        knn_weight=settings["knn_weight"],
+        temperature=settings["temperature"],
+        search=settings["search"],
     )
     return continuation_log_probs(
         lm, prompts, continuations, datastore=path, knn=knn, batch_size=settings["batch_size_eval"]
@@ -253,7 +257,7 @@ def run_seed(
     seed_settings = dict(settings, seed=seed)
     seed_settings.pop("seeds", None)
     cached = read_json(seed_dir / SEED_RESULTS)
-    if cached is not None and _same(cached.get("settings"), seed_settings):
+    if cached is not None and _same(upgrade_settings(cached.get("settings")), seed_settings):
         return cached
     seed_dir.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -434,6 +438,7 @@ def run_seed(
         "settings": seed_settings,
         "dataset": ds.meta["counts"],
         "datastore_size": _datastore_n(seed_dir / "datastore"),
+        "search": search_used(settings["search"], seed_dir / "datastore"),
         "groups": groups,
         "tuning": tuning,
         "train_groups_lm": train_groups,
@@ -455,7 +460,7 @@ def _tuned_scores(lm, test, conts, datastore, lm_lp, mem_raw, settings, seed):
     grid = settings["tune"]
     dev = dev_mask(test, seed, grid["dev_share"])
     knn = knn_log_probs(lm, test, conts, datastore, grid["k"], grid["temperature"],
-                        settings["batch_size_eval"])  # fmt: skip
+                        settings["batch_size_eval"], search=settings["search"])  # fmt: skip
     t = tune(lm_lp, knn, mem_raw, dev, grid)
     record = {key: t[key] for key in ("tuned", "sweep", "lm_dev") if key in t}
     if "memory_sweep" in t:
@@ -483,6 +488,13 @@ def _train_key(seed_settings: Mapping[str, Any]) -> dict[str, Any]:
     if seed_settings.get("eval_every"):
         return dict(seed_settings)
     return {k: v for k, v in seed_settings.items() if k not in _SCORING_ONLY}
+
+
+def search_used(search: str, datastore: Path) -> dict[str, str]:
+    """The backend ``search`` asked for and the one that searched this datastore."""
+    from knnlm.retrieval.backends import resolve_search
+
+    return {"requested": search, "used": resolve_search(search, datastore)}
 
 
 def _datastore_n(path: Path) -> int:

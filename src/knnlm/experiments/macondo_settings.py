@@ -188,8 +188,12 @@ def resolve_settings(
     batch_size_eval: int,
     memory: Mapping[str, Any] | None = None,
     tune: Mapping[str, Any] | None = None,
+    search: str = "auto",
 ) -> dict[str, Any]:
-    """Check every input and return the full settings dict (the cache key of each seed)."""
+    """Check every input and return the full settings dict (the cache key of each seed).
+
+    ``search`` is the neighbour search backend (exact, faiss or auto; auto is exact on a
+    Macondo datastore, which has no index)."""
     from knnlm.retrieval.retriever import KnnSettings
 
     seeds = list(seeds)
@@ -199,7 +203,7 @@ def resolve_settings(
         raise KnnlmError(f"seeds must be non-negative integers, got {seeds}")
     if len(set(seeds)) != len(seeds):
         raise KnnlmError(f"seeds must be distinct, got {seeds}")
-    KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature).validate()
+    KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature, search=search).validate()
     for name, v in (("epochs", epochs), ("max_steps", max_steps), ("batch_size", batch_size),
                     ("eval_every", eval_every), ("batch_size_eval", batch_size_eval)):  # fmt: skip
         if v is not None and (not isinstance(v, int) or v < 1):
@@ -256,7 +260,7 @@ def resolve_settings(
         "temperature": temperature,
         "key_type": key_type,
         "key_dtype": key_dtype,
-        "search": "exact (flat L2 over the datastore)",
+        "search": search,
         "batch_size_eval": batch_size_eval,
         "eval_every": eval_every,
         "curve_knn": bool(curve_knn and eval_every),
@@ -267,6 +271,18 @@ def resolve_settings(
         "tune": _tune_settings(tune),
         "seeds": seeds,
     }
+
+
+# What ``search`` read before it was an option: ``auto``'s behaviour (exact on a datastore
+# without an index), so results cached under it are reused by a run with ``search="auto"``.
+LEGACY_SEARCH = "exact (flat L2 over the datastore)"
+
+
+def upgrade_settings(cached: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """Cached settings with the pre-option ``search`` description read as ``auto``."""
+    if cached is None or cached.get("search") != LEGACY_SEARCH:
+        return cached
+    return {**cached, "search": "auto"}
 
 
 def _tune_settings(tune: Mapping[str, Any] | None) -> dict[str, Any] | None:

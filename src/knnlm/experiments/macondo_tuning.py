@@ -56,16 +56,17 @@ def _mix(lm: np.ndarray, other: np.ndarray, w: float) -> np.ndarray:
 
 def knn_log_probs(
     lm: Any, test: Sequence[Mapping[str, Any]], conts: list[str], datastore: Path,
-    ks: Sequence[int], temps: Sequence[float], batch_size: int,
+    ks: Sequence[int], temps: Sequence[float], batch_size: int, search: str = "auto",
 ) -> dict[tuple[int, float], np.ndarray]:  # fmt: skip
     """log p_knn(child) per example for every (k, temperature): one search per k and T."""
-    from knnlm.evaluate import KnnSettings, continuation_log_probs
+    from knnlm.evaluate import continuation_log_probs
+    from knnlm.retrieval.retriever import KnnSettings
 
     prompts = [r["prompt"] for r in test]
     return {
         (int(k), float(t)): continuation_log_probs(
             lm, prompts, conts, datastore=datastore, batch_size=batch_size,
-            knn=KnnSettings(k=int(k), knn_weight=1.0, temperature=float(t)),
+            knn=KnnSettings(k=int(k), knn_weight=1.0, temperature=float(t), search=search),
         )["knnlm"]
         for k in ks
         for t in temps

@@ -81,6 +81,7 @@ def run_macondo(
     batch_size_eval: int = 32,
     memory: Mapping[str, Any] | None = None,
     tune: Mapping[str, Any] | None = None,
+    search: str = "auto",
     device: str | None = None,
     workers: int = 1,
     progress: bool = True,
@@ -98,8 +99,9 @@ def run_macondo(
     results dict written to ``out/results.json``. ``tune`` (dev_share and grids of k,
     temperature, knn_weight, memory_weight; :data:`knnlm.experiments.macondo_tuning.DEFAULT_TUNE`)
     chooses the settings on a seeded dev share of the test parents and reads the groups on the
-    others; without it, k, temperature and knn_weight are fixed. ``workers`` > 1 runs the
-    seeds in that many processes.
+    others; without it, k, temperature and knn_weight are fixed. ``search`` is the neighbour
+    search backend (exact, faiss or auto; each seed records the one used). ``workers`` > 1
+    runs the seeds in that many processes.
     """
     from tqdm.auto import tqdm
 
@@ -126,6 +128,7 @@ def run_macondo(
         batch_size_eval=batch_size_eval,
         memory=memory,
         tune=tune,
+        search=search,
     )
     # Resumes a run of ours; a folder of the user's own files is refused, untouched.
     out = claim_work_dir(Path(out).expanduser(), "macondo_run")
@@ -159,6 +162,7 @@ def run_macondo(
                     "curve",
                     "dataset",
                     "datastore_size",
+                    "search",
                     "train",
                     "seconds",
                 )

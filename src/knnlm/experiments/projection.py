@@ -219,7 +219,8 @@ def run_projection(
             "datastore_n": ds.n, "key_type": ds.meta["key_type"], "corpus": corpus,
             "split": split, "context_len": context_len, "stride": stride, "k": knn.k,
             "knn_weight": knn.knn_weight, "temperature": knn.temperature,
-            "exclude_self": exclude, "max_positions": max_positions, "seed": seed, "lr": lr,
+            "exclude_self": exclude, "search": retriever.backend.describe(),
+            "max_positions": max_positions, "seed": seed, "lr": lr,
             "tol": tol, "max_steps": max_steps, "fixed_steps": fixed_steps,
             "stopping_rule": "the paper's: Adam, stop when |KL_t - KL_t-1| < tol"
             if fixed_steps is None else f"Adam, {fixed_steps} steps",
