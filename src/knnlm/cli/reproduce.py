@@ -122,7 +122,7 @@ def reproduce_cmd(
     quiet_libraries()
     from knnlm.errors import KnnlmError
     from knnlm.experiments.reproduce import ReproduceConfig, reproduce
-    from knnlm.report.paper import write_reproduction_report
+    from knnlm.report.reproduction_report import write_reproduction_report
 
     preset = renamed(value(scale), old_preset, "--preset", "--scale")
     if preset not in (None, "paper", "quick"):

@@ -43,7 +43,7 @@ def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
     """Section 4: fine-tune ``model`` on Macondo, one dataset per seed generated with its
     tokenizer; per-n log-likelihood of the children (LM, kNN-LM, LM + MLP memory) on the test
     sentences, the LM's on the training sentences, and curves over fine-tuning steps."""
-    from knnlm.experiments.overspec import contract_view, run_macondo
+    from knnlm.experiments.macondo import contract_view, run_macondo
 
     res = run_macondo(
         art,
