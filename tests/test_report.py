@@ -402,14 +402,14 @@ def test_write_report(tmp_path):
 def _capture_labels(monkeypatch) -> list[tuple[str, str]]:
     """Record each saved figure's axis labels (figures are cleared once written)."""
     seen: list[tuple[str, str]] = []
-    original = figures._save
+    original = figures.save
 
     def save(fig, path):
         ax = fig.axes[0]
         seen.append((ax.get_xlabel(), ax.get_ylabel()))
         return original(fig, path)
 
-    monkeypatch.setattr(figures, "_save", save)
+    monkeypatch.setattr(figures, "save", save)
     return seen
 
 
