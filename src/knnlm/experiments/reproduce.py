@@ -36,7 +36,7 @@ from knnlm.lm.loading import pick_device, torch_threads
 from knnlm.locking import locks
 from knnlm.provenance import provenance, utc_now
 
-__all__ = ["ReproduceConfig", "reproduce", "not_run"]
+__all__ = ["reproduce", "not_run"]
 
 
 def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
