@@ -17,6 +17,6 @@ python -m pip install -q torch==2.13.0 $(python scripts/floors.py faiss lora hf 
 python -m pip install -q --no-deps -e .
 python -m pip check
 python -m pip freeze | grep -iE '^(numpy|transformers|tokenizers|safetensors|typer|click|datasets|peft|faiss-cpu|matplotlib)=='
-python -m pytest -q -p no:cacheprovider tests/test_api.py tests/test_foundation.py \
+python -m pytest -q -p no:cacheprovider tests/test_api.py tests/test_adapters_and_perplexity.py \
   tests/test_cli_options.py tests/test_generation.py \
   tests/test_reference_models.py::test_lora_on_llama_trains_every_target_and_merges_by_hand

@@ -43,7 +43,7 @@ STUBBED = [
     ("knnlm.experiments.mlp_memory", "train_memory"),
     ("knnlm.experiments.reproduce", "reproduce"),
     ("knnlm.experiments.hurdle", "run_hurdle"),
-    ("knnlm.experiments.overspec", "run_macondo"),
+    ("knnlm.experiments.macondo", "run_macondo"),
     ("knnlm.experiments.projection", "run_projection"),
 ]
 

@@ -143,12 +143,12 @@ def test_the_cli_starts_without_torch():
 
 
 def test_a_missing_optional_package_names_its_extra(monkeypatch, capsys):
-    import knnlm.cli.engine as engine
+    import knnlm.cli.datastore_eval as datastore_eval
 
     def no_faiss(*args, **kwargs):
         raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
 
-    monkeypatch.setattr(engine, "load_model", no_faiss)
+    monkeypatch.setattr(datastore_eval, "load_model", no_faiss)
     code, _, err = _run(monkeypatch, capsys, "eval", "-m", "m", "-c", "c")
     assert code == 2 and err.strip().splitlines() == [
         "Error: this needs the 'faiss' package: pip install 'knnlm[faiss]' (GPU: or faiss-gpu)"

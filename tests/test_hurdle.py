@@ -13,7 +13,7 @@ from knnlm.errors import KnnlmError
 from knnlm.experiments.hurdle import VARIANTS, compare_curves, run_hurdle
 from knnlm.experiments.hurdle_setup import build_model, macondo_for_hurdle, resolve_preset
 from knnlm.lm.loading import load_lm
-from knnlm.report.runs import render_hurdle
+from knnlm.report.experiment_figures import render_hurdle
 
 SIZES = {"n_villagers": 30, "n_parents_per_count": 2, "max_children": 3}
 STEPS, EVERY = 12, 4

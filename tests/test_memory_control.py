@@ -19,7 +19,7 @@ CTX = 16
 
 def _lm_log_probs(lm, corpus, split):
     """The LM's log p(target) per scored token, from the scoring pass evaluate uses (whose
-    perplexity tests/test_engine.py checks against brute force)."""
+    perplexity tests/test_knnlm_vs_brute_force.py checks against brute force)."""
     ids = load_tokens(lm.tokenizer, corpus, split)
     return torch.cat(
         [b.lm_log_prob.double() for b in score_stream(lm.model, ids, CTX, CTX, progress=False)]

@@ -19,8 +19,8 @@ from knnlm.experiments.stats import mean_std
 from knnlm.report import figures
 from knnlm.report.claims import make_claims
 from knnlm.report.html import markdown_to_html, write_report
-from knnlm.report.paper import write_paper_report
-from knnlm.report.paper_figures import plot_figure1, plot_hurdle_runs
+from knnlm.report.reproduction_report import write_paper_report
+from knnlm.report.seed_figures import plot_figure1, plot_hurdle_runs
 from knnlm.report.tables import (
     claims_table,
     fmt_number,
@@ -402,14 +402,14 @@ def test_write_report(tmp_path):
 def _capture_labels(monkeypatch) -> list[tuple[str, str]]:
     """Record each saved figure's axis labels (figures are cleared once written)."""
     seen: list[tuple[str, str]] = []
-    original = figures._save
+    original = figures.save
 
     def save(fig, path):
         ax = fig.axes[0]
         seen.append((ax.get_xlabel(), ax.get_ylabel()))
         return original(fig, path)
 
-    monkeypatch.setattr(figures, "_save", save)
+    monkeypatch.setattr(figures, "save", save)
     return seen
 
 
@@ -646,7 +646,7 @@ def test_stage_figures_are_drawn_where_the_results_point(tmp_path):
     """A reproduction's per-stage figures come from the data its stages saved: a seed whose
     sweep data is missing gets no heatmap (and no error); Macondo and hurdle outputs are
     drawn only from their own results files."""
-    from knnlm.report.runs import draw_stage_figures
+    from knnlm.report.experiment_figures import draw_stage_figures
 
     r = make_results()
     per_seed = r["knnlm"]["per_seed"]

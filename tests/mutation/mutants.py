@@ -30,7 +30,7 @@ def mutant(name: str, why: str, anchor: str, old: str, new: str, *tests: str) ->
     return Mutant(name, why, ((anchor, old, new),), tests)
 
 
-ENGINE = "tests/test_engine.py"
+ENGINE = "tests/test_knnlm_vs_brute_force.py"
 BRUTE = f"{ENGINE}::test_knnlm_perplexity_matches_brute_force"
 REFIDX = "tests/test_reference_index.py"
 GEN = "tests/test_generation.py"
@@ -134,8 +134,8 @@ MUTANTS: list[Mutant] = [
         "make_windows",
         "begin = min(begin + stride, scored_until - 1)",
         "begin = min(begin + stride, scored_until)",
-        "tests/test_foundation.py::test_every_target_scored_once_with_most_context",
-        "tests/test_foundation.py::test_perplexity_equals_token_by_token",
+        "tests/test_adapters_and_perplexity.py::test_every_target_scored_once_with_most_context",
+        "tests/test_adapters_and_perplexity.py::test_perplexity_equals_token_by_token",
     ),
     mutant(
         "window_scoring_off_by_one",
@@ -143,7 +143,7 @@ MUTANTS: list[Mutant] = [
         "_stream",
         "first = torch.tensor([w.score_from - w.begin - 1 for w in group])",
         "first = torch.tensor([w.score_from - w.begin for w in group])",
-        "tests/test_foundation.py::test_perplexity_equals_token_by_token",
+        "tests/test_adapters_and_perplexity.py::test_perplexity_equals_token_by_token",
     ),
     mutant(
         "key_from_wrong_layer",
@@ -222,7 +222,7 @@ MUTANTS: list[Mutant] = [
                 '"lm": {"perplexity": perplexity(nll["lm"], nll["batches"])',
             ),
         ),  # fmt: skip
-        ("tests/test_foundation.py::test_perplexity_equals_token_by_token",),
+        ("tests/test_adapters_and_perplexity.py::test_perplexity_equals_token_by_token",),
     ),
     mutant(
         "datastore_resume_skips_a_batch",
@@ -312,7 +312,7 @@ MUTANTS: list[Mutant] = [
         "run_seed",
         "ns_kept = [n for n, k in zip(ns, keep, strict=True) if k]",
         "keep = np.ones(len(test), dtype=bool)\n    ns_kept = list(ns)",
-        "tests/test_overspec.py::test_tuning_on_a_dev_share_of_the_parents",
+        "tests/test_macondo.py::test_tuning_on_a_dev_share_of_the_parents",
     ),
     # Claim verdicts (src/knnlm/report/claims.py): each criterion (a)-(e) loosened.
     mutant(

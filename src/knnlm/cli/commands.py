@@ -1,7 +1,7 @@
 """The list of CLI command modules, in the order their commands appear in ``--help``."""
 
 from knnlm.cli import (
-    engine,
+    datastore_eval,
     fast,
     generate,
     hurdle,
@@ -16,7 +16,7 @@ from knnlm.cli import (
 MODULES: list = [
     reproduce,
     train,
-    engine,
+    datastore_eval,
     fast,
     generate,
     project,

@@ -32,7 +32,7 @@ from knnlm.cli.common import (
     one_path,
     value,
 )
-from knnlm.cli.engine import DS_ARG, DS_OPT, datastore_app
+from knnlm.cli.datastore_eval import DS_ARG, DS_OPT, datastore_app
 
 gate_app = typer.Typer(help="Adaptive retrieval: a gate that decides which tokens search.",
                        no_args_is_help=True)  # fmt: skip

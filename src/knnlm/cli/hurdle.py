@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
         same batches, and compare how fast they learn (paper Appendix E)."""
         from knnlm.experiments.hurdle import run_hurdle
         from knnlm.experiments.hurdle_setup import resolve_preset
-        from knnlm.report.runs import render_hurdle
+        from knnlm.report.experiment_figures import render_hurdle
 
         preset = renamed(value(preset), old_preset, "--preset", "--hurdle-preset")
         if old_preset is not None:

@@ -91,9 +91,9 @@ def run_cmd(
     max_steps: int | None = typer.Option(None, "--max-steps", hidden=True),
 ) -> None:
     """Fine-tune on Macondo, score children's names with the LM and the kNN-LM (Table 5)."""
-    from knnlm.experiments.overspec import cli_summary, contract_view, run_macondo
+    from knnlm.experiments.macondo import cli_summary, contract_view, run_macondo
+    from knnlm.report.experiment_figures import render_macondo
     from knnlm.report.macondo import table5
-    from knnlm.report.runs import render_macondo
 
     temperature = knn_temperature(knn_temp, old_temp)
     preset = renamed(value(preset), old_preset, "--preset", "--macondo-preset")

@@ -121,8 +121,9 @@ def reproduce_cmd(
     """Run every analysis of the paper and write report.md, report.html, results.json, figures."""
     quiet_libraries()
     from knnlm.errors import KnnlmError
-    from knnlm.experiments.reproduce import ReproduceConfig, reproduce
-    from knnlm.report.paper import write_reproduction_report
+    from knnlm.experiments.reproduce import reproduce
+    from knnlm.experiments.reproduce_config import ReproduceConfig
+    from knnlm.report.reproduction_report import write_reproduction_report
 
     preset = renamed(value(scale), old_preset, "--preset", "--scale")
     if preset not in (None, "paper", "quick"):

@@ -40,9 +40,9 @@ from knnlm.errors import KnnlmError
 from knnlm.experiments.hurdle_setup import (
     FULL,
     QUICK,
-    _corpus_tokens,
     build_model,
     corpus_loss_fn,
+    corpus_tokens,
     macondo_eval_fn,
     macondo_for_hurdle,
     n_parameters,
@@ -428,7 +428,7 @@ def _run_hurdle(
     corpus_info = None
     if corpus is not None:
         vocab = corpus_vocab_size or arch.tokenizer_vocab_size
-        ctok, ids = _corpus_tokens(corpus_text, corpus, vocab, corpus_max_chars)
+        ctok, ids = corpus_tokens(corpus_text, corpus, vocab, corpus_max_chars)
         cctx = arch.context_len
         crun = part_runs(
             "corpus", ctok, ids, cctx, corpus_loss_fn(ids, cctx), corpus_fingerprint(ids)

@@ -175,7 +175,7 @@ def corpus_loss_fn(ids: np.ndarray, context_len: int, n_blocks: int = 32):
     return fn
 
 
-def _corpus_tokens(text: str, corpus: str, vocab_size: int, max_chars: int | None):
+def corpus_tokens(text: str, corpus: str, vocab_size: int, max_chars: int | None):
     """(tokenizer, token stream) of ``text``, the train split of ``corpus``, cut to
     ``max_chars`` characters."""
     from knnlm.data.corpus import tokenize_text

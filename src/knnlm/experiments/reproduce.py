@@ -36,14 +36,14 @@ from knnlm.lm.loading import pick_device, torch_threads
 from knnlm.locking import locks
 from knnlm.provenance import provenance, utc_now
 
-__all__ = ["ReproduceConfig", "reproduce", "not_run"]
+__all__ = ["reproduce", "not_run"]
 
 
 def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
     """Section 4: fine-tune ``model`` on Macondo, one dataset per seed generated with its
     tokenizer; per-n log-likelihood of the children (LM, kNN-LM, LM + MLP memory) on the test
     sentences, the LM's on the training sentences, and curves over fine-tuning steps."""
-    from knnlm.experiments.overspec import contract_view, run_macondo
+    from knnlm.experiments.macondo import contract_view, run_macondo
 
     res = run_macondo(
         art,

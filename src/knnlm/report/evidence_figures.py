@@ -1,6 +1,6 @@
 """Figures that draw what the verdicts read: per-seed gains and gaps, and the Eq. 2 solves.
 
-Beside the paper-style figures (:mod:`knnlm.report.paper_figures`): the kNN-LM (and MLP)
+Beside the paper-style figures (:mod:`knnlm.report.seed_figures`): the kNN-LM (and MLP)
 minus LM gain per n with each seed drawn (claims (c), (c')), the per-seed gap curves of
 Appendix E with the half of training the claim reads (claim (e)), and KL against step for the
 paper's stopping rule and the converged solve (claim (b)).

@@ -38,13 +38,13 @@ _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _new_figure(size: tuple[float, float] = (6.4, 4.4)) -> Figure:
+def new_figure(size: tuple[float, float] = (6.4, 4.4)) -> Figure:
     fig = Figure(figsize=size, dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as PNG through a temporary name; the figure is released afterwards."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def _arr(values: Any, name: str) -> np.ndarray:
+def arr(values: Any, name: str) -> np.ndarray:
     """A 1-D float array; None entries become NaN (matplotlib leaves a gap)."""
     if values is None:
         raise KnnlmError(f"{name} is missing")
@@ -78,12 +78,12 @@ def _same_len(x: np.ndarray, y: np.ndarray, xname: str, yname: str) -> None:
         raise KnnlmError(f"{yname} has {len(y)} points but {xname} has {len(x)}")
 
 
-def _marker(n: int) -> str | None:
+def line_marker(n: int) -> str | None:
     """Markers only where a line alone would be invisible (a single point)."""
     return "o" if n < 2 else None
 
 
-def _int_keys(d: Mapping[Any, Any], name: str) -> list[tuple[int, Any]]:
+def int_keys(d: Mapping[Any, Any], name: str) -> list[tuple[int, Any]]:
     """Items of a mapping keyed by number of children (JSON gives string keys)."""
     try:
         items = sorted(((int(k), v) for k, v in d.items()), key=lambda p: p[0])
@@ -115,9 +115,9 @@ def plot_macondo_groups(
     optionally "mlp", "mlp_std". Solid = LM, dotted = kNN-LM, dash-dot = MLP; error bars are
     standard deviations; a short black bar at each n marks the perfect model's log(1/n).
     """
-    items = _int_keys(groups, "groups")
+    items = int_keys(groups, "groups")
     ns = np.array([n for n, _ in items], dtype=float)
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     series = (("lm", "LM", "-", "o"), ("knnlm", "kNN-LM", ":", "s"), ("mlp", "LM + MLP", "-.", "^"))
     for i, (key, label, ls, marker) in enumerate(series):
@@ -138,7 +138,7 @@ def plot_macondo_groups(
     ax.set_title(title or "Macondo: log-likelihood by number of children")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_macondo_curves(
@@ -152,23 +152,28 @@ def plot_macondo_curves(
     ``curves[n]`` holds "lm" and optionally "knnlm" (one value per step). Solid = LM,
     dotted = kNN-LM, dashed horizontal line = log(1/n).
     """
-    x = _arr(steps, "steps")
-    items = _int_keys(curves, "curves")
-    fig = _new_figure((7.2, 4.8))
+    x = arr(steps, "steps")
+    items = int_keys(curves, "curves")
+    fig = new_figure((7.2, 4.8))
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["tab10"]
     any_knn = False
     for i, (n, c) in enumerate(items):
         color = cmap(i % 10)
-        lm = _arr(c.get("lm"), f"curves[{n}]['lm']")
+        lm = arr(c.get("lm"), f"curves[{n}]['lm']")
         _same_len(x, lm, "steps", f"curves[{n}]['lm']")
         ax.plot(
-            x, lm, "-", color=color, marker=_marker(len(x)), label=f"{n} child" + "ren" * (n > 1)
+            x,
+            lm,
+            "-",
+            color=color,
+            marker=line_marker(len(x)),
+            label=f"{n} child" + "ren" * (n > 1),
         )
         if c.get("knnlm") is not None:
-            knn = _arr(c["knnlm"], f"curves[{n}]['knnlm']")
+            knn = arr(c["knnlm"], f"curves[{n}]['knnlm']")
             _same_len(x, knn, "steps", f"curves[{n}]['knnlm']")
-            ax.plot(x, knn, ":", color=color, marker=_marker(len(x)))
+            ax.plot(x, knn, ":", color=color, marker=line_marker(len(x)))
             any_knn = True
         ax.axhline(-math.log(n), color=color, ls="--", lw=0.8, alpha=0.7)
     # Second legend explaining the line styles; the colours are in the first.
@@ -183,7 +188,7 @@ def plot_macondo_curves(
     ax.set_ylabel("log-likelihood of the child's name")
     ax.set_title(title or "Macondo: log-likelihood during training")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # ----------------------------------------------------------------------------- hurdle
@@ -191,9 +196,9 @@ def plot_macondo_curves(
 
 def _band(ax: Any, x: np.ndarray, mean: np.ndarray, std: Any, name: str, **kw: Any) -> None:
     _same_len(x, mean, "steps", f"{name} mean")
-    ax.plot(x, mean, marker=_marker(len(x)), **kw)
+    ax.plot(x, mean, marker=line_marker(len(x)), **kw)
     if std is not None:
-        s = _arr(std, f"{name} std")
+        s = arr(std, f"{name} std")
         _same_len(x, s, "steps", f"{name} std")
         ax.fill_between(x, mean - s, mean + s, color=kw.get("color"), alpha=0.2, lw=0)
 
@@ -213,8 +218,8 @@ def plot_hurdle(
 
     ``window`` (first, last step) shades the part of training a verdict reads.
     """
-    x = _arr(steps, "steps")
-    fig = _new_figure()
+    x = arr(steps, "steps")
+    fig = new_figure()
     ax = fig.add_subplot()
     if window is not None:
         ax.axvspan(
@@ -223,7 +228,7 @@ def plot_hurdle(
     _band(
         ax,
         x,
-        _arr(with_mlp_mean, "with_mlp"),
+        arr(with_mlp_mean, "with_mlp"),
         with_mlp_std,
         "with_mlp",
         color=_COLORS[0],
@@ -232,7 +237,7 @@ def plot_hurdle(
     _band(
         ax,
         x,
-        _arr(without_mlp_mean, "without_mlp"),
+        arr(without_mlp_mean, "without_mlp"),
         without_mlp_std,
         "without_mlp",
         color=_COLORS[1],
@@ -244,7 +249,7 @@ def plot_hurdle(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -264,8 +269,8 @@ def plot_sweep_heatmap(
     cells are shown grey. With ``lm_ppl`` the colours diverge around the LM's perplexity
     (green better, red worse); values far from it saturate rather than squash the scale.
     """
-    w = _arr(weights, "weights")
-    t = _arr(temperatures, "temperatures")
+    w = arr(weights, "weights")
+    t = arr(temperatures, "temperatures")
     grid = np.asarray(ppl, dtype=float)
     if grid.shape != (len(w), len(t)):
         raise KnnlmError(
@@ -290,7 +295,7 @@ def plot_sweep_heatmap(
         cmap = matplotlib.colormaps["viridis_r"]
     cmap = cmap.with_extremes(bad="lightgray")
 
-    fig = _new_figure((max(4.8, 0.9 * len(t) + 2.5), max(3.6, 0.5 * len(w) + 2.0)))
+    fig = new_figure((max(4.8, 0.9 * len(t) + 2.5), max(3.6, 0.5 * len(w) + 2.0)))
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
     fig.colorbar(im, ax=ax, label="perplexity", extend="both")
@@ -321,7 +326,7 @@ def plot_sweep_heatmap(
     if lm_ppl is not None:
         best += f"; LM {fmt_number(lm_ppl, '.2f')}"
     ax.set_title(f"{title}\n{best}" if title else best, fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # ----------------------------------------------------------------------------- projection KL
@@ -345,8 +350,8 @@ def plot_kl_hist(
     The x axis is logarithmic when the positive values span more than two decades (zeros are
     then drawn at the smallest positive value). Dashed lines mark the means.
     """
-    a = _arr(kl_f, "kl_f")
-    b = _arr(kl_fg, "kl_fg")
+    a = arr(kl_f, "kl_f")
+    b = arr(kl_fg, "kl_fg")
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
     if a.size == 0 and b.size == 0:
         raise KnnlmError("kl_f and kl_fg hold no finite values: nothing to plot")
@@ -362,7 +367,7 @@ def plot_kl_hist(
         if hi <= lo:  # a single value (or all equal): give the bar some width
             lo, hi = lo - 0.5 * max(abs(lo), 1e-3), hi + 0.5 * max(abs(hi), 1e-3)
         bins = np.linspace(lo, hi, 41)
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for vals, label, color in ((a, "through f", _COLORS[0]), (b, "through f∘g", _COLORS[1])):
         if vals.size == 0:
@@ -386,27 +391,27 @@ def plot_kl_hist(
     ax.set_ylabel("positions")
     ax.set_title(f"Per-position KL ({title})" if title else "Per-position KL at the solution")
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _as_curve(curve: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) from {step: value}, [(step, value), ...] or [value, ...] (step = index)."""
     if isinstance(curve, Mapping):
         if "steps" in curve and "values" in curve:
-            x, y = _arr(curve["steps"], f"{name} steps"), _arr(curve["values"], f"{name} values")
+            x, y = arr(curve["steps"], f"{name} steps"), arr(curve["values"], f"{name} values")
         else:
             try:
                 pairs = sorted((float(k), v) for k, v in curve.items())
             except (TypeError, ValueError):
                 raise KnnlmError(f"{name} must map step -> value") from None
             x = np.array([p[0] for p in pairs])
-            y = _arr([p[1] for p in pairs], name)
+            y = arr([p[1] for p in pairs], name)
     else:
         seq = list(curve)
         if seq and isinstance(seq[0], (tuple, list)) and len(seq[0]) == 2:
-            x, y = _arr([p[0] for p in seq], f"{name} steps"), _arr([p[1] for p in seq], name)
+            x, y = arr([p[0] for p in seq], f"{name} steps"), arr([p[1] for p in seq], name)
         else:
-            y = _arr(seq, name)
+            y = arr(seq, name)
             x = np.arange(len(y), dtype=float)
     _same_len(x, y, f"{name} steps", name)
     return x, y
@@ -425,7 +430,7 @@ def plot_kl_steps(
     pairs, or a plain list of values (one per step, starting at 0). The y axis is logarithmic
     when the positive values span more than two decades.
     """
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     ys = []
     for curve, label, color in (
@@ -433,7 +438,7 @@ def plot_kl_steps(
         (curve_fg, "through f∘g", _COLORS[1]),
     ):
         x, y = _as_curve(curve, label)
-        ax.plot(x, y, color=color, marker=_marker(len(x)), label=label)
+        ax.plot(x, y, color=color, marker=line_marker(len(x)), label=label)
         ys.append(y[np.isfinite(y)])
     rng = _positive_range(np.concatenate(ys))
     if rng is not None and np.concatenate(ys).min() > 0 and rng[1] / rng[0] > 100:
@@ -444,7 +449,7 @@ def plot_kl_steps(
     ax.set_title(head + (f" (lr={fmt_number(lr, 'g')})" if lr is not None else ""))
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # ----------------------------------------------------------------------------- generic
@@ -459,16 +464,16 @@ def plot_loss_curve(
     ylabel: str = "loss",
 ) -> Path:
     """One curve of a metric against training step."""
-    x = _arr(steps, "steps")
-    y = _arr(losses, "losses")
+    x = arr(steps, "steps")
+    y = arr(losses, "losses")
     _same_len(x, y, "steps", "losses")
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
-    ax.plot(x, y, color=_COLORS[0], marker=_marker(len(x)), label=label)
+    ax.plot(x, y, color=_COLORS[0], marker=line_marker(len(x)), label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)

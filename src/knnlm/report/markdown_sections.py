@@ -1,7 +1,7 @@
 """Report sections for the natural-text part (Sections 2, 3, 5), Appendix E and the run itself.
 
 Each renderer takes the whole results dict and the figure paths and returns Markdown; it
-assumes its section is present (``paper.py`` says "not run" otherwise). Numbers over seeds
+assumes its section is present (``reproduction_report.py`` says "not run" otherwise). Numbers over seeds
 are "mean ± sample std" (:func:`knnlm.report.tables.fmt_pm`).
 """
 

@@ -1,7 +1,7 @@
 """kNN-LM engine on WikiText-2 with the small model: throughput, memory, recall, perplexity.
 
-    python benchmarks/bench_engine.py --quick            # a few minutes on 2 cores
-    python benchmarks/bench_engine.py --out engine.json  # full defaults, about half an hour
+    python benchmarks/bench_knnlm_pipeline.py --quick            # a few minutes on 2 cores
+    python benchmarks/bench_knnlm_pipeline.py --out engine.json  # full defaults, about half an hour
 
 Every step runs in its own child process, so each step's peak RSS is its own. Steps, in
 order: plain forward over the train prefix; datastore build over the same prefix (and over a

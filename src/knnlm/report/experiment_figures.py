@@ -20,7 +20,7 @@ from knnlm.report import figures as F
 
 def render_macondo(out: str | Path, results: Mapping[str, Any]) -> None:
     """``table5.md``, ``figure1.png`` and (with curves) ``figure3.png`` of a Macondo run."""
-    from knnlm.experiments.overspec import FIGURE_CURVES, FIGURE_GROUPS, TABLE, contract_view
+    from knnlm.experiments.macondo import FIGURE_CURVES, FIGURE_GROUPS, TABLE, contract_view
     from knnlm.report.macondo import table5
     from knnlm.report.tables import settings_line
 
@@ -125,7 +125,7 @@ def draw_stage_figures(r: Mapping[str, Any]) -> None:
     record: each seed's sweep heatmap, the two projection plots, the Macondo and hurdle
     outputs (drawn from the results files of those runs)."""
     from knnlm.experiments.hurdle import RESULT_FILE
-    from knnlm.experiments.overspec import RESULTS
+    from knnlm.experiments.macondo import RESULTS
 
     knn = r.get("knnlm") or {}
     for p in knn.get("per_seed") or []:

@@ -14,7 +14,7 @@ from typing import Any
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import write_json_atomic
-from knnlm.report import sections
+from knnlm.report import markdown_sections
 from knnlm.report.claims import make_claims
 from knnlm.report.html import write_report
 from knnlm.report.macondo import macondo_section
@@ -22,11 +22,11 @@ from knnlm.report.tables import claims_table
 
 # (title shown when the section is absent, results key, renderer)
 _SECTIONS: tuple[tuple[str, str, Callable[[Mapping[str, Any], Mapping[str, Any]], str]], ...] = (
-    ("kNN-LM (Section 2)", "knnlm", sections.knnlm_section),
-    ("Capacity of the last layers (Section 3)", "projection", sections.projection_section),
+    ("kNN-LM (Section 2)", "knnlm", markdown_sections.knnlm_section),
+    ("Capacity of the last layers (Section 3)", "projection", markdown_sections.projection_section),
     ("Generalization from over-specification: Macondo (Section 4)", "macondo", macondo_section),
-    ("An MLP instead of retrieval (Section 5)", "memory", sections.memory_section),
-    ("The last-MLP hurdle (Appendix E)", "hurdle", sections.hurdle_section),
+    ("An MLP instead of retrieval (Section 5)", "memory", markdown_sections.memory_section),
+    ("The last-MLP hurdle (Appendix E)", "hurdle", markdown_sections.hurdle_section),
 )
 
 
@@ -61,7 +61,7 @@ def draw_figures(r: Mapping[str, Any], out: Path) -> tuple[dict[str, str | None]
     results; copy the figures the pipeline drew otherwise. Returns (figure paths relative to
     ``out``, why a figure is missing)."""
     from knnlm.report import figures as F
-    from knnlm.report.paper_figures import plot_figure1, plot_hurdle_runs
+    from knnlm.report.seed_figures import plot_figure1, plot_hurdle_runs
 
     figdir = out / "figures"
     figs: dict[str, str | None] = {}
@@ -185,7 +185,7 @@ def render_markdown(
     """report.md from the results (with ``r["claims"]``) and the figure paths."""
     body = [_header(r)]
     if r.get("provenance"):
-        body.append(sections.provenance_section(r))
+        body.append(markdown_sections.provenance_section(r))
     body.append(_claims_section(r["claims"]))
     body += [_section(title, key, fn, r, dict(figs)) for title, key, fn in _SECTIONS]
     if why:
@@ -194,9 +194,9 @@ def render_markdown(
             + "".join(f"- {k}: {v}\n" for k, v in sorted(why.items()))
             + "\n"
         )
-    body.append(sections.not_run_section(r, figs))
+    body.append(markdown_sections.not_run_section(r, figs))
     if r.get("stages"):
-        body.append(sections.stages_section(r, figs))
+        body.append(markdown_sections.stages_section(r, figs))
     return "".join(body)
 
 
@@ -224,7 +224,7 @@ def write_reproduction_report(out: str | Path, results: dict) -> dict:
     """The report of a :func:`knnlm.experiments.reproduce.reproduce` run in ``out``: each
     stage's own figures (and Table 5) where its results point, then :func:`write_paper_report`.
     Returns the results with the claims."""
-    from knnlm.report.runs import draw_stage_figures
+    from knnlm.report.experiment_figures import draw_stage_figures
 
     draw_stage_figures(results)
     return write_paper_report(Path(out).expanduser(), results)

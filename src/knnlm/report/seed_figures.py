@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D
 from knnlm.errors import KnnlmError
 from knnlm.experiments.stats import mean_std_rows
 from knnlm.report.claims import HURDLE_FIRST_PART
-from knnlm.report.figures import _arr, _int_keys, _marker, _new_figure, _save, plot_hurdle
+from knnlm.report.figures import arr, int_keys, line_marker, new_figure, plot_hurdle, save
 
 
 def seed_matrix(rows: Any, n_steps: int, name: str) -> np.ndarray:
@@ -33,7 +33,7 @@ def seed_matrix(rows: Any, n_steps: int, name: str) -> np.ndarray:
     for i, row in enumerate(rows):
         if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
             raise KnnlmError(f"{name}[{i}] must be a list of values, one per step")
-        a = _arr(row, f"{name}[{i}]")
+        a = arr(row, f"{name}[{i}]")
         if len(a) != n_steps:
             raise KnnlmError(f"{name}[{i}] has {len(a)} values but there are {n_steps} steps")
         out.append(a)
@@ -55,11 +55,11 @@ def plot_figure1(
     """
     if not isinstance(curves, Mapping):
         raise KnnlmError("curves must be a mapping with 'steps' and 'lm'")
-    x = _arr(curves.get("steps"), "curves.steps")
+    x = arr(curves.get("steps"), "curves.steps")
     if len(x) == 0:
         raise KnnlmError("curves.steps is empty: nothing to plot")
-    lm = _int_keys(curves.get("lm") or {}, "curves.lm")
-    fig = _new_figure((7.2, 4.8))
+    lm = int_keys(curves.get("lm") or {}, "curves.lm")
+    fig = new_figure((7.2, 4.8))
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["tab10"]
     styles = (("lm", "-", "LM"), ("knnlm", ":", "kNN-LM"), ("mlp", "-.", "LM + MLP"))
@@ -71,7 +71,7 @@ def plot_figure1(
             if series is None:
                 continue
             mean, _ = mean_std_rows(seed_matrix(series, len(x), f"curves.{key}.{n}"))
-            ax.plot(x, mean, ls=ls, color=color, marker=_marker(len(x)),
+            ax.plot(x, mean, ls=ls, color=color, marker=line_marker(len(x)),
                     label=f"n = {n}" if key == "lm" else None)  # fmt: skip
             drawn.add(key)
         if final_mlp is not None and final_mlp.get(str(n), final_mlp.get(n)) is not None:
@@ -92,7 +92,7 @@ def plot_figure1(
     ax.set_ylabel("test log-likelihood of the child's name")
     ax.set_title(title or "Macondo: children's names during fine-tuning (mean over seeds)")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_hurdle_runs(
@@ -108,7 +108,7 @@ def plot_hurdle_runs(
     """
     if not isinstance(curve, Mapping):
         raise KnnlmError("the hurdle curve must be a mapping with steps, with_mlp, without_mlp")
-    x = _arr(curve.get("steps"), "steps")
+    x = arr(curve.get("steps"), "steps")
     if len(x) == 0:
         raise KnnlmError("steps is empty: nothing to plot")
     a = seed_matrix(curve.get("with_mlp"), len(x), "with_mlp")

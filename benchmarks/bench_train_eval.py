@@ -1,7 +1,7 @@
 """Training and evaluation throughput of the ``small`` preset on WikiText-2; prints JSON.
 
-    python benchmarks/bench_foundation.py --quick
-    python benchmarks/bench_foundation.py --model /work/runs/small-wt2 --out foundation.json
+    python benchmarks/bench_train_eval.py --quick
+    python benchmarks/bench_train_eval.py --model /work/runs/small-wt2 --out foundation.json
 
 - train tokens/s: the toolkit's training loop (``knnlm.lm.train.train``) on a fresh
   ``small``-preset model over WikiText-2 train tokens, timed over ``--train-steps`` optimizer
