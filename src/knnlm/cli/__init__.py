@@ -133,7 +133,10 @@ def main() -> None:
     """Entry point: usage errors print click's usual text and exit 2; a ``KnnlmError`` (or an OS
     error of the user's paths or machine: name too long, no permission, disk full) prints one
     line and exits 2; anything else is a bug and keeps its traceback."""
+    from knnlm.cli.common import reset_warnings
+
     register_all()
+    reset_warnings()
     _log_to_stderr()
     errors, exits, aborts = _click_errors()
     try:

@@ -213,6 +213,12 @@ NPROBE = typer.Option(None, "--nprobe", help="IVF lists probed. (default: the in
 _warned: set[str] = set()
 
 
+def reset_warnings() -> None:
+    """Start a command with no old option name warned about yet ("warns once" is per command,
+    also when several commands run in one process, as in tests or a notebook)."""
+    _warned.clear()
+
+
 def renamed(new: Any, old: Any, old_name: str, new_name: str) -> Any:
     """The value of an option given under its new name or (hidden, warns once) its old one."""
     if old is None:
