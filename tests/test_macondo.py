@@ -345,3 +345,23 @@ def test_tuning_on_a_dev_share_of_the_parents(tmp_path):
     assert tuned["memory_weight"] == 0.3 and seed["memory"]["weight"] == 0.3
     sel = [e for e in test if e["n_children"] == 3]
     assert res["groups"]["3"]["mlp"] == pytest.approx(sum(e["mlp"] for e in sel) / len(sel))
+
+
+def test_a_choice_at_the_top_of_the_grid_is_flagged():
+    from knnlm.experiments.macondo_tuning import tune
+
+    lm = np.log(np.full(6, 0.1))
+    dev = np.array([True, True, True, False, False, False])
+    grid = {"knn_weight": [0.2, 0.9], "memory_weight": [0.2, 0.9]}
+    # p_knn = 0.9 everywhere: more kNN weight is always better, so the top weight wins.
+    out = tune(lm, {(4, 10.0): np.log(np.full(6, 0.9))}, np.log(np.full(6, 0.05)), dev,
+               grid | {"temperature": [1.0, 10.0]})  # fmt: skip
+    assert out["tuned"]["at_grid_edge"] == ["temperature", "knn_weight"]
+    # A memory worse than the LM picks the bottom weight: not flagged.
+    assert out["tuned"]["memory_weight"] == 0.2
+    # Where the kNN misses one dev child badly, a middle weight wins: nothing at the edge.
+    mixed = np.log(np.array([0.9, 0.9, 1e-4, 0.9, 0.9, 0.9]))
+    inner = tune(lm, {(4, 1.0): mixed}, None, dev,
+                 {"knn_weight": [0.2, 0.6, 0.99], "temperature": [1.0, 10.0]})  # fmt: skip
+    assert inner["tuned"]["knn_weight"] == 0.6
+    assert inner["tuned"]["at_grid_edge"] == []

@@ -98,6 +98,9 @@ def _judge(m: Mapping[str, Any], model: str, claim: str, criterion: str) -> dict
         if all(t.get("tuned_on") == "dev" for t in tuned)
         else "retrieval at fixed settings (not tuned)"
     )
+    edge = sum(bool(t.get("at_grid_edge")) for t in tuned)
+    if edge:
+        how += f"; the dev choice sits at the top of the grid in {edge} of {len(tuned)} seeds"
     evidence = (
         f"paired test gain {model} - LM (nats, averaged over n) per seed "
         f"{', '.join(_f(g, '.3f') for g in gains)}: mean {_f(mean, '.3f')}, one-sided t-test "
