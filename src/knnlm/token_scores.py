@@ -18,7 +18,7 @@ from knnlm.retrieval.exclusion import own_rows
 from knnlm.retrieval.gate import Gate
 from knnlm.retrieval.knn import interpolate, interpolate_per_token
 from knnlm.retrieval.memory import MemoryMLP
-from knnlm.retrieval.pipeline import prefetch
+from knnlm.retrieval.prefetch import prefetch
 from knnlm.retrieval.retriever import Neighbours, Retriever
 from knnlm.scoring import ScoredBatch
 

@@ -1,7 +1,7 @@
 """``knnlm reproduce``: every analysis of the paper, end to end.
 
 The pipeline composes the library; it re-implements nothing. Stages (cached, see
-:mod:`knnlm.experiments.pipeline`) in order:
+:mod:`knnlm.experiments.stages`) in order:
 
 1. ``corpus``: the natural text (the embedded WikiText-2 slice at quick scale) and a tokenizer;
 2. per LM seed: ``lm-S``, ``datastore-S``, ``knnlm-S`` (Section 2: tuned on valid, read on
@@ -29,7 +29,7 @@ import torch
 
 from knnlm.experiments import natural_text as nt
 from knnlm.experiments.parallel import pool, submit
-from knnlm.experiments.pipeline import Pipeline, StageDisplay
+from knnlm.experiments.stages import Pipeline, StageDisplay
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.fileio import claim_work_dir, write_json_atomic
 from knnlm.lm.loading import pick_device, torch_threads
