@@ -293,6 +293,8 @@ ROWS = [
     Row("sweep_k_above_cached", ["sweep", "{cache}", "--ks", "1,99", "--quiet"], expect="k"),
     Row("index_bad_type", ["datastore", "index", "{ds}", "--type", "hnsw", "--quiet"],
         usage=True, expect="hnsw"),
+    Row("index_check_missing_corpus", ["datastore", "index", "{ds}", "--type", "flat",
+        "--corpus", "{ws}/nocorpus", "--quiet"], expect="nocorpus"),  # fmt: skip
     Row("batch_size_zero", [*EVAL, "--batch-size", "0"], expect="--batch-size"),
     Row("build_batch_size_zero", [*BUILD, "--batch-size", "0", "--out", "{ws}/new"],
         expect="--batch-size"),

@@ -112,21 +112,69 @@ def datastore_index(
         None, "--factory", help='Any faiss.index_factory string instead (e.g. "HNSW32").'
     ),
     pca: int | None = typer.Option(None, "--pca", help="PCA keys to D dims in front of the index."),
+    corpus: str | None = typer.Option(
+        None, "--corpus", "-c", help="Also measure the perplexity change the index causes on a "
+        "split of this corpus (kNN-LM with exact search vs through the index).",
+    ),
+    split: str = typer.Option("valid", "--split", help="Split of --corpus for that check."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="LM for the check. (default: the datastore's model)"
+    ),
+    k: int = K,
+    knn_weight: float = KNN_WEIGHT,
+    knn_temp: float = KNN_TEMPERATURE,
+    context_len: int | None = CONTEXT,
+    stride: int | None = STRIDE,
+    batch_size: int = BATCH,
+    device: str | None = DEVICE,
     quiet: bool = QUIET,
     wait: bool = WAIT,
 ) -> None:
     """Build a FAISS index beside the datastore (index.faiss + index.json); resumable.
 
-    Approximate indexes report their recall@k against exact search (stored in index.json)."""
+    Approximate indexes report their recall@k against exact search, and with --corpus the
+    kNN-LM perplexity change they cause on --split (both stored in index.json)."""
     from knnlm.retrieval.index_build import build_index, index_summary
+    from knnlm.retrieval.retriever import KnnSettings
 
     ds = one_path(ds, ds_opt, "--datastore")
+    knn = KnnSettings(k=k, knn_weight=knn_weight, temperature=knn_temp)
+    knn.validate()  # before the build: a bad setting or a missing split costs nothing
+    if corpus is not None:
+        from knnlm.data.corpus import read_split
+
+        read_split(corpus, split)
     path = build_index(
         ds, kind=value(type_), metric=value(metric), nlist=nlist, pq_m=pq_m, pq_bits=pq_bits,
         nprobe=nprobe, train_size=train_size, seed=seed, progress=not quiet, factory=factory,
         pca=pca,
     )  # fmt: skip
     typer.echo(f"index written: {path} ({index_summary(ds)})")
+    if corpus is not None:
+        _index_check(ds, corpus, split, model, knn, (context_len, stride, batch_size), device, quiet)
+
+
+def _index_check(ds: Path, corpus: str, split: str, model: str | None, knn, window: tuple,
+                 device: str | None, quiet: bool) -> None:  # fmt: skip
+    """The kNN-LM perplexity with exact search and through the new index, recorded beside it."""
+    from knnlm.index_check import index_perplexity_check
+    from knnlm.retrieval.datastore import open_datastore
+    from knnlm.retrieval.index_common import index_identity, record_index_check
+
+    meta = open_datastore(ds).meta
+    sha = index_identity(ds)
+    context_len, stride, batch_size = window
+    knn_lm = load_model(model or meta["model"], device, "float32")
+    check = index_perplexity_check(
+        knn_lm.lm, corpus, split, ds, knn, context_len=context_len or meta.get("context_len"),
+        stride=stride or meta.get("stride"), batch_size=batch_size, progress=not quiet,
+    )  # fmt: skip
+    record_index_check(ds, check, sha)
+    typer.echo(
+        f"kNN-LM perplexity on {split} ({check['tokens']} tokens, k={knn.k}): exact "
+        f"{check['exact_perplexity']:.3f}, through the index {check['index_perplexity']:.3f} "
+        f"({100 * check['relative_change']:+.2f}%)"
+    )
 
 
 @datastore_app.command("info")

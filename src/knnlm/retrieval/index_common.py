@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from knnlm.errors import KnnlmError
-from knnlm.fileio import short_sha256
+from knnlm.fileio import short_sha256, write_json_atomic
+from knnlm.locking import locks
 
 log = logging.getLogger("knnlm.retrieval.index")
 
@@ -116,3 +117,20 @@ def pad(dist: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     pd[:, :w] = dist
     pi[:, :w] = ids
     return pd, pi
+
+
+def index_identity(ds_dir: str | Path) -> str | None:
+    """The committed index's SHA-256 from index.json (None when there is no index)."""
+    path = Path(ds_dir) / INDEX_META
+    return json.loads(path.read_text()).get("index_sha256") if path.is_file() else None
+
+
+@locks("ds_dir", "datastore")
+def record_index_check(ds_dir: str | Path, check: dict[str, Any], index_sha256: str) -> None:
+    """Add ``check`` (the perplexity change the index causes) to index.json, atomically, if the
+    index is still the one that was checked."""
+    path = Path(ds_dir) / INDEX_META
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    if info.get("index_sha256") != index_sha256:
+        raise KnnlmError(f"the index of {ds_dir} changed during the perplexity check; not recorded")
+    write_json_atomic(path, info | {"perplexity_check": check})
