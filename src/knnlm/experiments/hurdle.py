@@ -232,6 +232,7 @@ def run_hurdle(
 def _run_hurdle(
     settings: HurdleSettings, out: str | Path, progress: bool, on_model: ModelHook | None
 ) -> dict:
+    """Checks, part (a), part (b) when a corpus is set, then the results file."""
     t0 = time.perf_counter()
     arch = resolve_preset(settings.preset)
     seeds = _checked_seeds(settings)
