@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,12 @@ import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.experiments.hurdle import VARIANTS, compare_curves, run_hurdle
-from knnlm.experiments.hurdle_setup import build_model, macondo_for_hurdle, resolve_preset
+from knnlm.experiments.hurdle_setup import (
+    build_model,
+    hurdle_settings,
+    macondo_for_hurdle,
+    resolve_preset,
+)
 from knnlm.lm.loading import load_lm
 from knnlm.report.experiment_figures import render_hurdle
 
@@ -104,17 +110,17 @@ def test_quick_run_same_batches_curves_cache_and_figures(tmp_path, tiny_corpus):
         model.register_forward_pre_hook(hook, with_kwargs=True)
 
     out = tmp_path / "hurdle"
-    kw = dict(
+    settings = hurdle_settings(
+        "quick",
         seeds=(0, 1),
         steps=STEPS,
         eval_every=EVERY,
         corpus=str(tiny_corpus),
-        quick=True,
         batch_size=4,
-        progress=False,
         **SIZES,
     )
-    res = render_hurdle(out, run_hurdle(out, keep_models=True, on_model=on_model, **kw))
+    kept = replace(settings, keep_models=True)
+    res = render_hurdle(out, run_hurdle(kept, out, progress=False, on_model=on_model))
 
     # Same batches, same order, for both variants of a seed; other seeds see other orders.
     assert len(seen) == 8
@@ -162,11 +168,12 @@ def test_quick_run_same_batches_curves_cache_and_figures(tmp_path, tiny_corpus):
 
     # A rerun with the same settings trains nothing and gives the same curves.
     seen.clear()
-    again = run_hurdle(out, on_model=on_model, **kw)
+    again = run_hurdle(settings, out, progress=False, on_model=on_model)
     assert seen == {}
     assert again["with_mlp"]["loglik"] == res["with_mlp"]["loglik"]
     # Another setting retrains.
-    run_hurdle(out, on_model=on_model, **{**kw, "seeds": (0,), "corpus": None, "lr": 1e-3})
+    other = replace(settings, seeds=(0,), corpus=None, lr=1e-3)
+    run_hurdle(other, out, progress=False, on_model=on_model)
     assert set(seen) == {("macondo", 0, "with_mlp"), ("macondo", 0, "without_mlp")}
 
 
@@ -174,7 +181,7 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(KnnlmError, match="unknown preset"):
         resolve_preset("huge")
     with pytest.raises(KnnlmError, match="eval_every"):
-        run_hurdle(tmp_path, steps=5, eval_every=10, quick=True, progress=False)
+        run_hurdle(hurdle_settings("quick", steps=5, eval_every=10), tmp_path, progress=False)
 
 
 def test_cli(tmp_path):
@@ -209,8 +216,10 @@ def test_cli(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_curve(tmp_path):
-    kw = dict(seeds=(0,), steps=STEPS, eval_every=EVERY, quick=True, batch_size=4, progress=False)
-    straight = run_hurdle(tmp_path / "a", **SIZES, **kw)
+    settings = hurdle_settings(
+        "quick", seeds=(0,), steps=STEPS, eval_every=EVERY, batch_size=4, **SIZES
+    )
+    straight = run_hurdle(settings, tmp_path / "a", progress=False)
     calls = {"n": 0}
 
     def crash_once(part, seed, variant, model):
@@ -227,11 +236,11 @@ def test_interrupted_run_resumes_to_the_same_curve(tmp_path):
 
         model.register_forward_pre_hook(hook)
 
-    out = tmp_path / "b"
+    out, every4 = tmp_path / "b", replace(settings, checkpoint_every=4)
     with pytest.raises(KeyboardInterrupt):
-        run_hurdle(out, checkpoint_every=4, on_model=crash_once, **SIZES, **kw)
+        run_hurdle(every4, out, progress=False, on_model=crash_once)
     assert (out / "runs" / "macondo-seed0-without_mlp" / "checkpoint").is_dir()
-    resumed = run_hurdle(out, checkpoint_every=4, on_model=crash_once, **SIZES, **kw)
+    resumed = run_hurdle(every4, out, progress=False, on_model=crash_once)
     for v in VARIANTS:
         assert resumed[v]["loglik"] == pytest.approx(straight[v]["loglik"], abs=1e-5)
     assert not (out / "runs" / "macondo-seed0-without_mlp").exists()  # removed once finished

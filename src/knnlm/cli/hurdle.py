@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         """Train GPT-2 models with and without the last MLP from the same initialisation on the
         same batches, and compare how fast they learn (paper Appendix E)."""
         from knnlm.experiments.hurdle import run_hurdle
-        from knnlm.experiments.hurdle_setup import resolve_preset
+        from knnlm.experiments.hurdle_setup import hurdle_settings, resolve_preset
         from knnlm.report.experiment_figures import render_hurdle
 
         preset = renamed(value(preset), old_preset, "--preset", "--hurdle-preset")
@@ -104,21 +104,20 @@ def register(app: typer.Typer) -> None:
             except KnnlmError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--preset") from None
         quiet_libraries()
-        result = run_hurdle(
-            out,
+        settings = hurdle_settings(
+            "quick" if quick else "full",
             seeds=range(seeds),
             preset=preset,
             steps=steps,
             eval_every=eval_every,
             corpus=corpus,
-            quick=quick,
             lr=lr,
             batch_size=batch_size,
             macondo_seed=macondo_seed,
             keep_models=keep_models,
             device=device,
-            progress=not quiet,
         )
+        result = run_hurdle(settings, out, progress=not quiet)
         render_hurdle(out, result)
         write_json(json_out, result)
         w, wo = result["with_mlp"], result["without_mlp"]

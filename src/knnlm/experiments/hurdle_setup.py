@@ -1,10 +1,12 @@
-"""Models and data of the last-MLP hurdle experiment (Appendix E): the architectures, the two
-variants (with / without the last MLP) from one seeded initialisation, Macondo with its own
-BPE, a corpus token stream, and the evaluation callbacks logged during training."""
+"""Settings, models and data of the last-MLP hurdle experiment (Appendix E): the settings of a
+run and their full / --quick defaults, the architectures, the two variants (with / without the
+last MLP) from one seeded initialisation, Macondo with its own BPE, a corpus token stream, and
+the evaluation callbacks logged during training."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -12,9 +14,15 @@ import torch
 from torch import nn
 from transformers import GPT2LMHeadModel
 
+from knnlm.data.corpus import tokenize_text
+from knnlm.data.macondo import generate_macondo, non_single_token_children
 from knnlm.errors import KnnlmError
+from knnlm.evaluate import continuation_log_probs
 from knnlm.lm.adapters import Adapter
+from knnlm.lm.loading import LoadedLM
 from knnlm.lm.presets import PRESETS, Preset, derive, get_preset
+from knnlm.lm.tokenizer import tokenizer_view, train_bpe_tokenizer
+from knnlm.lm.train_data import token_blocks
 
 # Architectures of this experiment, derived from the shared presets (tiny / small / paper).
 HURDLE_PRESETS: dict[str, Preset] = {
@@ -52,21 +60,66 @@ HURDLE_PRESETS: dict[str, Preset] = {
     ),
 }
 
-# Defaults of a full and of a --quick run.
-FULL = {
-    "preset": "gpt2-small",
-    "steps": 8000,
-    "eval_every": 1000,
-    "corpus_max_chars": None,
-    "checkpoint_every": 1000,
+
+@dataclass(frozen=True)
+class HurdleSettings:
+    """Every setting of one hurdle run (``RUN_PRESETS`` holds the full and --quick ones)."""
+
+    preset: str  # the architecture: a HURDLE_PRESETS name or a model size of knnlm train
+    steps: int  # optimiser steps per run
+    eval_every: int  # a curve point every N steps (and at step 0)
+    checkpoint_every: int | None  # lets an interrupted run resume mid-way; None: no checkpoints
+    corpus_max_chars: int | None  # part (b) keeps the train split's beginning; None: all of it
+    threads: int | None  # torch's CPU threads for the run; None: torch's setting
+    quick: bool  # recorded in the results
+    seeds: Sequence[int] = (0, 1, 2)  # a tuple or range: the settings stay immutable
+    corpus: str | None = None  # adds part (b) (Figure 5) on this corpus's train split
+    lr: float | None = None  # None: the architecture's
+    batch_size: int | None = None  # None: the architecture's
+    macondo_seed: int = 0
+    # Macondo's sizes (None: generate_macondo's defaults)
+    n_villagers: int | None = None
+    n_parents_per_count: int | None = None
+    max_children: int | None = None
+    macondo_vocab_size: int = 16000
+    corpus_vocab_size: int | None = None  # None: the architecture's tokenizer_vocab_size
+    keep_models: bool = False  # keep each trained model under out/runs/
+    device: str | None = None
+
+    def macondo_sizes(self) -> dict[str, int]:
+        """The Macondo sizes that are set, as generate_macondo keywords."""
+        names = ("n_villagers", "n_parents_per_count", "max_children")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+# A full run, and a --quick one: a tiny model, a few hundred steps, on one thread (tiny
+# matrices gain nothing from more and several threads thrash on a busy machine).
+RUN_PRESETS: dict[str, HurdleSettings] = {
+    "full": HurdleSettings(
+        preset="gpt2-small",
+        steps=8000,
+        eval_every=1000,
+        checkpoint_every=1000,
+        corpus_max_chars=None,
+        threads=None,
+        quick=False,
+    ),
+    "quick": HurdleSettings(
+        preset="quick",
+        steps=300,
+        eval_every=25,
+        checkpoint_every=None,
+        corpus_max_chars=1_500_000,
+        threads=1,
+        quick=True,
+    ),
 }
-QUICK = {
-    "preset": "quick",
-    "steps": 300,
-    "eval_every": 25,
-    "corpus_max_chars": 1_500_000,
-    "checkpoint_every": None,
-}
+
+
+def hurdle_settings(run: str = "full", **overrides: Any) -> HurdleSettings:
+    """The ``run`` preset ("full" or "quick") with ``overrides``; an override of None keeps
+    the preset's value."""
+    return replace(RUN_PRESETS[run], **{k: v for k, v in overrides.items() if v is not None})
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,9 +167,6 @@ def macondo_for_hurdle(seed: int = 0, vocab_size: int = 16000, **sizes: Any):
     ``vocab_size`` is a cap: the trainer stops when no pair occurs twice, and every child's
     name occurs at least six times, so the cap only bites when set small.
     """
-    from knnlm.data.macondo import generate_macondo, non_single_token_children
-    from knnlm.lm.tokenizer import tokenizer_view, train_bpe_tokenizer
-
     ds = generate_macondo(seed=seed, **sizes)
     texts = [r["text"] + "\n" for r in ds.train + ds.test]
     tokenizer = train_bpe_tokenizer(texts, vocab_size, min_frequency=2)
@@ -131,9 +181,6 @@ def macondo_for_hurdle(seed: int = 0, vocab_size: int = 16000, **sizes: Any):
 
 def macondo_eval_fn(tokenizer, records: Sequence[dict], batch_size: int = 64):
     """on_eval callback: mean log p(child | prompt) over ``records``, overall and by n."""
-    from knnlm.evaluate import continuation_log_probs
-    from knnlm.lm.loading import LoadedLM
-
     prompts = [r["prompt"] for r in records]
     children = [" " + r["child"] for r in records]
     n_kids = np.array([r["n_children"] for r in records])
@@ -160,8 +207,6 @@ def corpus_loss_fn(ids: np.ndarray, context_len: int, n_blocks: int = 32):
     The training loss of Figure 5, measured the same way at every logged step, step 0 (the
     shared initialisation) included; both variants of a seed see the same blocks.
     """
-    from knnlm.lm.train_data import token_blocks
-
     blocks = token_blocks(ids, context_len)
     pick = np.linspace(0, len(blocks) - 1, num=min(n_blocks, len(blocks))).astype(np.int64)
     x = torch.as_tensor(np.asarray(blocks[pick], dtype=np.int64))
@@ -178,9 +223,6 @@ def corpus_loss_fn(ids: np.ndarray, context_len: int, n_blocks: int = 32):
 def corpus_tokens(text: str, corpus: str, vocab_size: int, max_chars: int | None):
     """(tokenizer, token stream) of ``text``, the train split of ``corpus``, cut to
     ``max_chars`` characters."""
-    from knnlm.data.corpus import tokenize_text
-    from knnlm.lm.tokenizer import train_bpe_tokenizer
-
     if max_chars is not None and len(text) > max_chars:
         text = text[: text.rfind("\n", 0, max_chars) + 1 or max_chars]
     if not text.strip():

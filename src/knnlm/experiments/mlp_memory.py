@@ -24,8 +24,9 @@ Choices the paper leaves open, made here:
 
 Training streams the keys from the datastore's memmap: each epoch walks a seeded permutation
 of row indices, and each batch gathers only its own rows (sorted, for locality) and converts
-them to float32. The whole key matrix is never loaded at once. The batch order depends only on
-(seed, epoch), so a run resumes exactly at the step where its last checkpoint stopped.
+them to float32, in a thread while the batch before trains. The whole key matrix is never
+loaded at once. The batch order depends only on (seed, epoch), so a run resumes exactly at the
+step where its last checkpoint stopped.
 
 Saved files (``out_dir``): ``model.safetensors`` and ``config.json`` are the memory model;
 ``train_state.safetensors`` (optimiser state, for resuming) and ``loss_curve.json`` are
@@ -37,7 +38,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ from knnlm.retrieval.memory import (
     safetensors_header,
     write_safetensors_atomic,
 )
+from knnlm.retrieval.prefetch import prefetch
 
 # Settings that must agree for a run to resume from an existing checkpoint.
 _RESUME_KEYS = (
@@ -159,18 +160,6 @@ def _batches(
             np.asarray(keys[idx], dtype=np.float32),
             np.asarray(values[idx], dtype=np.int64),
         )
-
-
-def _prefetch(it: Iterator[Any]) -> Iterator[Any]:
-    """Gather the next batch from disk in a thread while the current one trains."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(next, it, None)
-        while True:
-            item = fut.result()
-            if item is None:
-                return
-            fut = pool.submit(next, it, None)
-            yield item
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -268,7 +257,7 @@ def train_memory(
 
     ``keys`` (N, d) float16/float32 and ``values`` (N,) integer arrays are typically
     ``np.load(path, mmap_mode="r")`` memmaps; any array that supports ``a[index_array]``
-    works. Only the current batch of rows and the next (prefetched) one are in memory.
+    works. Only the current batch of rows and at most two gathered ahead are in memory.
     ``W`` (V x d) is the LM's output embedding (copied; a bias of the LM head is ignored).
     ``batch_tokens`` defaults to the paper's 3 x 3072; ``micro_batch`` splits each batch to
     save memory (same gradient).
@@ -288,20 +277,113 @@ def train_memory(
     out_dir = Path(out_dir)
     claim_target(out_dir, KIND, CONFIG_FILE, what="memory model")
     _check_inputs(keys, values, W)
-    if batch_tokens < 1 or epochs < 1 or (max_steps is not None and max_steps < 1):
-        raise KnnlmError("batch_tokens, epochs and max_steps must be positive")
-    if lr <= 0:
-        raise KnnlmError(f"learning rate must be positive, got {lr}")
+    _check_schedule(batch_tokens, epochs, max_steps, lr)
     dev = pick_device(device)
     n = int(values.shape[0])
     per_epoch = math.ceil(n / batch_tokens)
     total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+    model = _new_model(W, hidden, train_output, seed).to(dev)
+    settings = _resume_settings(model, W, lr, weight_decay, batch_tokens, seed, n)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    start, curve, source = _resume_point(out_dir, settings, total, resume, overwrite)
+    if source == out_dir and start == total:  # finished: returned as is
+        return _finished(out_dir, model, start, curve["loss"], per_epoch, n, t0)
+    # A temporary that is not the checkpoint we continue from is stale: start it afresh.
+    partial = temp_dir(out_dir, KIND, CONFIG_FILE, fresh=source != _partial_path(out_dir))
+    run = _Training(
+        keys=keys,
+        values=values,
+        model=model,
+        opt=opt,
+        device=dev,
+        settings=settings,
+        out_dir=out_dir,
+        partial=partial,
+        batch_tokens=batch_tokens,
+        micro=micro_batch or batch_tokens,
+        per_epoch=per_epoch,
+        total=total,
+        epochs=epochs,
+        max_steps=max_steps,
+        datastore=datastore,
+        eval_fn=eval_fn,
+        losses=list(curve["loss"]) if curve else [],
+        evals=list(curve.get("evals", [])) if curve else [],
+    )
+    if source is not None:
+        _restore(source, model, opt)
+    step, cfg = _train_steps(run, start, progress)
+    return _trained(run, start, step, cfg, t0)
 
+
+def _trained(
+    run: _Training, start: int, step: int, cfg: dict[str, Any], t0: float
+) -> MemoryTrainResult:
+    """The result of a call that trained steps ``start..step-1``."""
+    run.model.eval()
+    tail = run.losses[-min(run.per_epoch, 100) :]
+    return MemoryTrainResult(
+        out_dir=run.out_dir,
+        model=run.model,
+        steps=step,
+        n_train=run.settings["n_train"],
+        losses=list(run.losses),
+        final_loss=float(np.mean(tail)) if tail else float("nan"),
+        seconds=time.perf_counter() - t0,
+        resumed_from=start,
+        config=cfg,
+    )
+
+
+def _finished(
+    out_dir: Path,
+    model: MemoryMLP,
+    steps: int,
+    losses: list[float],
+    per_epoch: int,
+    n: int,
+    t0: float,
+) -> MemoryTrainResult:
+    """The complete memory at ``out_dir`` (trained for ``steps``), loaded into ``model``."""
+    model.load_state_dict(load_file(str(out_dir / MODEL_FILE)))
+    return MemoryTrainResult(
+        out_dir=out_dir,
+        model=model.eval(),
+        steps=steps,
+        n_train=n,
+        losses=list(losses),
+        final_loss=float(np.mean(losses[-min(per_epoch, 100) :])),
+        seconds=time.perf_counter() - t0,
+        resumed_from=steps,
+        config=read_memory_config(out_dir),
+    )
+
+
+def _check_schedule(batch_tokens: int, epochs: int, max_steps: int | None, lr: float) -> None:
+    if batch_tokens < 1 or epochs < 1 or (max_steps is not None and max_steps < 1):
+        raise KnnlmError("batch_tokens, epochs and max_steps must be positive")
+    if lr <= 0:
+        raise KnnlmError(f"learning rate must be positive, got {lr}")
+
+
+def _new_model(W: torch.Tensor, hidden: int, train_output: bool, seed: int) -> MemoryMLP:
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
         torch.manual_seed(seed)
-        model = MemoryMLP.from_output_embedding(W, hidden, train_output)
-    model.to(dev)
-    settings = {
+        return MemoryMLP.from_output_embedding(W, hidden, train_output)
+
+
+def _resume_settings(
+    model: MemoryMLP,
+    W: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    batch_tokens: int,
+    seed: int,
+    n: int,
+) -> dict[str, Any]:
+    """The settings a checkpoint must share to be resumed (``_RESUME_KEYS``)."""
+    return {
         "dim": model.dim,
         "hidden": model.hidden,
         "vocab": model.vocab,
@@ -313,10 +395,15 @@ def train_memory(
         "n_train": n,
         "output_init_sha256": sha256_hex(W.detach().float().contiguous().cpu().numpy()),
     }
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
-    # Training is a function of (settings, step): the furthest consistent checkpoint wins.
+
+def _resume_point(
+    out_dir: Path, settings: dict[str, Any], total: int, resume: bool, overwrite: bool
+) -> tuple[int, dict[str, Any] | None, Path | None]:
+    """(step, curve, folder) of the checkpoint to continue from; (0, None, None): none.
+
+    Training is a function of (settings, step): the furthest consistent checkpoint wins.
+    """
     start, curve, source = 0, None, None
     partial_step, partial_curve = _checkpoint(_partial_path(out_dir), settings, strict=False)
     if resume:
@@ -332,106 +419,114 @@ def train_memory(
             f"{out_dir} holds a memory model already trained for {start} steps, more than the "
             f"{total} requested; pass resume=False to train a new one"
         )
-    if source == out_dir and start == total:  # finished: returned as is
-        model.load_state_dict(load_file(str(out_dir / MODEL_FILE)))
-        return MemoryTrainResult(
-            out_dir=out_dir,
-            model=model.eval(),
-            steps=start,
-            n_train=n,
-            losses=list(curve["loss"]),
-            final_loss=float(np.mean(curve["loss"][-min(per_epoch, 100) :])),
-            seconds=time.perf_counter() - t0,
-            resumed_from=start,
-            config=read_memory_config(out_dir),
-        )
-    # A temporary that is not the checkpoint we continue from is stale: start it afresh.
-    partial = temp_dir(out_dir, KIND, CONFIG_FILE, fresh=source != _partial_path(out_dir))
-    losses: list[float] = list(curve["loss"]) if curve else []
-    evals: list[dict[str, Any]] = list(curve.get("evals", [])) if curve else []
-    if source is not None:
-        _restore(source, model, opt)
+    return start, curve, source
 
-    def save(step: int, complete: bool) -> dict[str, Any]:
-        meta = {"step": str(step)}
-        write_safetensors_atomic(partial / MODEL_FILE, model.state_dict(), meta)
-        write_safetensors_atomic(partial / STATE_FILE, _optimizer_tensors(opt), meta)
-        curve = {"step": step, "batch_tokens": batch_tokens, "n_train": n, "loss": losses}
-        curve["evals"] = evals
-        write_json_atomic(partial / CURVE_FILE, curve, default=str)
-        cfg = {
-            ARTIFACT_KEY: KIND,
-            "kind": KIND,
-            "format_version": FORMAT_VERSION,
-            **settings,
-            "activation": "gelu",
-            "ln_eps": model.ln.eps,
-            "epochs": int(epochs),
-            "max_steps": max_steps,
-            "steps": step,
-            "total_steps": total,
-            "steps_per_epoch": per_epoch,
-            "complete": complete,
-            "keys_dtype": str(keys.dtype),
-            "datastore": datastore,
-            "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        # Written last: it marks the set consistent (and, with complete, finished).
-        write_json_atomic(partial / CONFIG_FILE, cfg, default=str)
-        if complete:
-            swap_in(partial, out_dir, KIND, CONFIG_FILE)
-        return cfg
 
-    micro = micro_batch or batch_tokens
-    model.train()
-    bar = tqdm(total=total, initial=start, desc="memory MLP", unit="step", disable=not progress)
-    pending: list[torch.Tensor] = []  # losses on the device, fetched in groups (no sync per step)
+@dataclass
+class _Training:
+    """One training call: what its steps read, and the curve they grow."""
 
-    def flush() -> None:
-        if pending:
-            losses.extend(torch.stack(pending).tolist())
-            pending.clear()
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    keys: Any
+    values: Any
+    model: MemoryMLP
+    opt: torch.optim.Optimizer
+    device: torch.device
+    settings: dict[str, Any]
+    out_dir: Path
+    partial: Path  # the checkpoint folder, swapped in as out_dir when complete
+    batch_tokens: int
+    micro: int
+    per_epoch: int
+    total: int
+    epochs: int
+    max_steps: int | None
+    datastore: dict[str, Any] | None
+    eval_fn: Callable[[MemoryMLP], dict[str, Any]] | None
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    # losses still on the device, fetched in groups (no sync per step)
+    pending: list[torch.Tensor] = field(default_factory=list)
 
+
+def _train_steps(run: _Training, start: int, progress: bool) -> tuple[int, dict[str, Any]]:
+    """Steps ``start..total-1``, a checkpoint at each epoch's end and at the last step;
+    (last step, its config)."""
+    run.model.train()
+    bar = tqdm(total=run.total, initial=start, desc="memory MLP", unit="step", disable=not progress)
     cfg: dict[str, Any] | None = None
     step = start
-    for zb, yb in _prefetch(_batches(keys, values, batch_tokens, seed, start, total)):
-        z = torch.from_numpy(zb).to(dev, non_blocking=True)
-        y = torch.from_numpy(yb).to(dev, non_blocking=True)
-        opt.zero_grad(set_to_none=True)
-        batch_loss = torch.zeros((), device=dev)
-        for s in range(0, len(y), micro):
-            logits = model(z[s : s + micro])
-            loss = nn.functional.cross_entropy(logits, y[s : s + micro], reduction="sum") / len(y)
-            loss.backward()
-            batch_loss += loss.detach()
-        opt.step()
-        pending.append(batch_loss)
+    batches = _batches(
+        run.keys, run.values, run.batch_tokens, run.settings["seed"], start, run.total
+    )
+    for zb, yb in prefetch(batches, depth=1):
+        run.pending.append(_train_batch(run, zb, yb))
         step += 1
         bar.update(1)
-        if len(pending) >= 50:
-            flush()
-        if step % per_epoch == 0 or step == total:
-            flush()
-            if eval_fn is not None:
-                model.eval()
+        if len(run.pending) >= 50:
+            _flush(run, bar)
+        if step % run.per_epoch == 0 or step == run.total:
+            _flush(run, bar)
+            if run.eval_fn is not None:
+                run.model.eval()
                 with torch.no_grad():
-                    evals.append({"step": step, **eval_fn(model)})
-                model.train()
-            cfg = save(step, complete=step == total)
+                    run.evals.append({"step": step, **run.eval_fn(run.model)})
+                run.model.train()
+            cfg = _save(run, step, complete=step == run.total)
     bar.close()
     if cfg is None:  # nothing left to train: the checkpoint already had every step
-        cfg = save(step, complete=True)
-    model.eval()
-    tail = losses[-min(per_epoch, 100) :]
-    return MemoryTrainResult(
-        out_dir=out_dir,
-        model=model,
-        steps=step,
-        n_train=n,
-        losses=list(losses),
-        final_loss=float(np.mean(tail)) if tail else float("nan"),
-        seconds=time.perf_counter() - t0,
-        resumed_from=start,
-        config=cfg,
-    )
+        cfg = _save(run, step, complete=True)
+    return step, cfg
+
+
+def _train_batch(run: _Training, zb: np.ndarray, yb: np.ndarray) -> torch.Tensor:
+    """One optimiser step on a batch (in micro-batches, same gradient); its mean loss."""
+    z = torch.from_numpy(zb).to(run.device, non_blocking=True)
+    y = torch.from_numpy(yb).to(run.device, non_blocking=True)
+    run.opt.zero_grad(set_to_none=True)
+    batch_loss = torch.zeros((), device=run.device)
+    for s in range(0, len(y), run.micro):
+        logits = run.model(z[s : s + run.micro])
+        loss = nn.functional.cross_entropy(logits, y[s : s + run.micro], reduction="sum") / len(y)
+        loss.backward()
+        batch_loss += loss.detach()
+    run.opt.step()
+    return batch_loss
+
+
+def _flush(run: _Training, bar: tqdm) -> None:
+    if run.pending:
+        run.losses.extend(torch.stack(run.pending).tolist())
+        run.pending.clear()
+        bar.set_postfix(loss=f"{np.mean(run.losses[-50:]):.4f}")
+
+
+def _save(run: _Training, step: int, complete: bool) -> dict[str, Any]:
+    """Checkpoint ``step`` into the partial folder (swapped in when ``complete``); its config."""
+    meta = {"step": str(step)}
+    write_safetensors_atomic(run.partial / MODEL_FILE, run.model.state_dict(), meta)
+    write_safetensors_atomic(run.partial / STATE_FILE, _optimizer_tensors(run.opt), meta)
+    curve = {"step": step, "batch_tokens": run.batch_tokens, "n_train": run.settings["n_train"]}
+    curve.update(loss=run.losses, evals=run.evals)
+    write_json_atomic(run.partial / CURVE_FILE, curve, default=str)
+    cfg = {
+        ARTIFACT_KEY: KIND,
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        **run.settings,
+        "activation": "gelu",
+        "ln_eps": run.model.ln.eps,
+        "epochs": int(run.epochs),
+        "max_steps": run.max_steps,
+        "steps": step,
+        "total_steps": run.total,
+        "steps_per_epoch": run.per_epoch,
+        "complete": complete,
+        "keys_dtype": str(run.keys.dtype),
+        "datastore": run.datastore,
+        "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    # Written last: it marks the set consistent (and, with complete, finished).
+    write_json_atomic(run.partial / CONFIG_FILE, cfg, default=str)
+    if complete:
+        swap_in(run.partial, run.out_dir, KIND, CONFIG_FILE)
+    return cfg

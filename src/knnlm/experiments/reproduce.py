@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from knnlm.experiments import natural_text as nt
+from knnlm.experiments.hurdle import run_hurdle
+from knnlm.experiments.hurdle_setup import hurdle_settings
 from knnlm.experiments.parallel import pool, submit
 from knnlm.experiments.stages import Pipeline, StageDisplay
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
@@ -79,19 +81,16 @@ def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
 def stage_hurdle(cfg: ReproduceConfig, corpus: str | None, art: Path) -> dict:
     """Appendix E: with vs without the last MLP, Macondo log-likelihood (Figure 4) and the
     natural-text training loss (Figure 5), per seed, step 0 recorded."""
-    from knnlm.experiments.hurdle import run_hurdle
-
-    res = run_hurdle(
-        art,
-        seeds=[cfg.seed + s for s in range(cfg.hurdle_seeds)],
+    settings = hurdle_settings(
+        "full" if cfg.scale == "paper" else "quick",
+        seeds=tuple(cfg.seed + s for s in range(cfg.hurdle_seeds)),
         steps=cfg.hurdle_steps,
         eval_every=cfg.hurdle_eval_every,
         corpus=corpus,
-        quick=cfg.scale != "paper",
         corpus_max_chars=cfg.hurdle_corpus_max_chars,
-        progress=False,
-        **{k: v for k, v in cfg.hurdle_sizes.items() if v is not None},
+        **cfg.hurdle_sizes,
     )
+    res = run_hurdle(settings, art, progress=False)
     w, wo = res["with_mlp"], res["without_mlp"]
     loss = None
     if w.get("loss_eval_steps"):
