@@ -31,8 +31,8 @@ from knnlm.experiments import natural_text as nt
 from knnlm.experiments.hurdle import run_hurdle
 from knnlm.experiments.hurdle_setup import hurdle_settings
 from knnlm.experiments.parallel import pool, submit
-from knnlm.experiments.stages import Pipeline, StageDisplay
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
+from knnlm.experiments.stages import Pipeline, StageDisplay
 from knnlm.fileio import claim_work_dir, write_json_atomic
 from knnlm.lm.loading import pick_device, torch_threads
 from knnlm.locking import locks
