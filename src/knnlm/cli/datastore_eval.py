@@ -113,7 +113,10 @@ def datastore_index(
     ),
     pca: int | None = typer.Option(None, "--pca", help="PCA keys to D dims in front of the index."),
     corpus: str | None = typer.Option(
-        None, "--corpus", "-c", help="Also measure the perplexity change the index causes on a "
+        None,
+        "--corpus",
+        "-c",
+        help="Also measure the perplexity change the index causes on a "
         "split of this corpus (kNN-LM with exact search vs through the index).",
     ),
     split: str = typer.Option("valid", "--split", help="Split of --corpus for that check."),
@@ -151,7 +154,9 @@ def datastore_index(
     )  # fmt: skip
     typer.echo(f"index written: {path} ({index_summary(ds)})")
     if corpus is not None:
-        _index_check(ds, corpus, split, model, knn, (context_len, stride, batch_size), device, quiet)
+        _index_check(
+            ds, corpus, split, model, knn, (context_len, stride, batch_size), device, quiet
+        )
 
 
 def _index_check(ds: Path, corpus: str, split: str, model: str | None, knn, window: tuple,
