@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 
 from knnlm.experiments import natural_text as nt
+from knnlm.experiments.macondo import contract_view, run_macondo
+from knnlm.experiments.macondo_settings import MacondoSettings
 from knnlm.experiments.parallel import pool, submit
-from knnlm.experiments.stages import Pipeline, StageDisplay
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
+from knnlm.experiments.stages import Pipeline, StageDisplay
 from knnlm.fileio import claim_work_dir, write_json_atomic
 from knnlm.lm.loading import pick_device, torch_threads
 from knnlm.locking import locks
@@ -43,25 +45,22 @@ def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
     """Section 4: fine-tune ``model`` on Macondo, one dataset per seed generated with its
     tokenizer; per-n log-likelihood of the children (LM, kNN-LM, LM + MLP memory) on the test
     sentences, the LM's on the training sentences, and curves over fine-tuning steps."""
-    from knnlm.experiments.macondo import contract_view, run_macondo
-
-    res = run_macondo(
-        art,
+    settings = MacondoSettings.from_preset(
+        cfg.macondo_preset,
         model=model,
         seeds=[cfg.seed + s for s in range(cfg.macondo_seeds)],
-        preset=cfg.macondo_preset,
         k=cfg.k,
         knn_weight=PAPER_SETTING["knn_weight"],
         temperature=PAPER_SETTING["temperature"],
         epochs=cfg.macondo_epochs,
         lr=cfg.macondo_lr,
         eval_every=cfg.macondo_eval_every,
-        macondo_kwargs=cfg.macondo_sizes or None,
+        sizes=cfg.macondo_sizes,
         memory=cfg.macondo_memory,
         tune=cfg.macondo_tune,
         workers=cfg.workers,
-        progress=False,
     )
+    res = run_macondo(settings, art, progress=False)
     out = contract_view(res)
     out.update(
         groups=res["groups"],
