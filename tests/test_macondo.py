@@ -13,27 +13,24 @@ import torch
 from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo import run_macondo
 from knnlm.experiments.macondo_aggregate import aggregate_groups, group_means, reproduced
+from knnlm.experiments.macondo_settings import MacondoSettings
 from knnlm.report.experiment_figures import render_macondo
 
 SIZES = {"n_villagers": 60, "n_parents_per_count": 3}
 K, WEIGHT, TEMP = 16, 0.25, 2.0
+# The module's run: one seed of the quick preset, curves every 15 steps.
+RUN = {"seeds": (0,), "k": K, "knn_weight": WEIGHT, "temperature": TEMP, "max_steps": 30,
+       "eval_every": 15, "sizes": SIZES}  # fmt: skip
+
+
+def quick(**changes) -> MacondoSettings:
+    return MacondoSettings.from_preset("quick", **changes)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("macondo")
-    results = run_macondo(
-        out,
-        seeds=(0,),
-        preset="quick",
-        k=K,
-        knn_weight=WEIGHT,
-        temperature=TEMP,
-        max_steps=30,
-        eval_every=15,
-        macondo_kwargs=SIZES,
-        progress=False,
-    )
+    results = run_macondo(quick(**RUN), out, progress=False)
     render_macondo(out, results)
     return out, results
 
@@ -168,18 +165,7 @@ def test_a_finished_seed_is_not_rerun(run):
     out, results = run
     seed_file = out / "seed-0" / "results.json"
     before = seed_file.stat().st_mtime_ns
-    again = run_macondo(
-        out,
-        seeds=(0,),
-        preset="quick",
-        k=K,
-        knn_weight=WEIGHT,
-        temperature=TEMP,
-        max_steps=30,
-        eval_every=15,
-        macondo_kwargs=SIZES,
-        progress=False,
-    )
+    again = run_macondo(quick(**RUN), out, progress=False)
     assert seed_file.stat().st_mtime_ns == before
     assert again["groups"] == results["groups"]
 
@@ -190,15 +176,34 @@ def test_a_finished_seed_is_not_rerun(run):
         {"seeds": ()},
         {"seeds": (0, 0)},
         {"model": "some-model"},  # the quick preset trains from scratch
-        {"preset": "default"},  # fine-tuning needs a model
+        {"name": "default"},  # fine-tuning needs a model
         {"k": 0},
         {"knn_weight": 1.5},
-        {"macondo_kwargs": {"villagers": 10}},
+        {"sizes": {"villagers": 10}},
     ],
 )
-def test_bad_settings_fail_clearly(tmp_path, kwargs):
+def test_bad_settings_fail_clearly(kwargs):
     with pytest.raises(KnnlmError):
-        run_macondo(tmp_path / "x", **{"preset": "quick", **kwargs})
+        MacondoSettings.from_preset(**{"name": "quick", **kwargs})
+
+
+def test_settings_resolve_the_preset_and_record_what_the_run_computes():
+    from knnlm.experiments.macondo_settings import RUN_PRESETS
+
+    p = RUN_PRESETS["quick"]
+    s = quick(epochs=None, lr=0.5, seeds=[2, 3], sizes=SIZES, memory={"hidden": 8},
+              device="cpu", workers=2)  # fmt: skip
+    assert (s.epochs, s.lr, s.batch_size, s.seeds) == (p.epochs, 0.5, p.batch_size, (2, 3))
+    record = s.as_dict()
+    assert record["seeds"] == [2, 3] and record["lr"] == 0.5 and record["model"] is None
+    assert record["macondo"] == {"n_villagers": 60, "n_parents_per_count": 3,
+                                 "min_children": None, "max_children": None,
+                                 "sentences_per_pair": None}  # fmt: skip
+    assert record["memory"] == {"hidden": 8, "epochs": 10, "lr": 1e-3, "batch_tokens": 256}
+    assert not {"device", "workers", "sizes"} & set(record)  # where it runs, not what
+    assert MacondoSettings.from_preset(model="gpt2").preset == "default"
+    with pytest.raises(AttributeError):
+        s.k = 3  # frozen
 
 
 def _main(monkeypatch, args: list[str]) -> int:
@@ -248,15 +253,15 @@ def test_cli_bad_input_exits_with_one_line(monkeypatch, tmp_path, capsys, args, 
 
 
 def test_scoring_settings_reuse_the_trained_model(tmp_path):
-    kw = {"seeds": (0,), "preset": "quick", "max_steps": 10, "macondo_kwargs": SIZES}
-    first = run_macondo(tmp_path, k=8, progress=False, **kw)
+    kw = {"seeds": (0,), "max_steps": 10, "sizes": SIZES}
+    first = run_macondo(quick(k=8, **kw), tmp_path, progress=False)
     weights = tmp_path / "seed-0" / "model" / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    second = run_macondo(tmp_path, k=4, progress=False, **kw)
+    second = run_macondo(quick(k=4, **kw), tmp_path, progress=False)
     assert weights.stat().st_mtime_ns == before  # not retrained
     assert second["settings"]["k"] == 4
     assert second["groups"]["2"]["lm"] == pytest.approx(first["groups"]["2"]["lm"])
-    third = run_macondo(tmp_path, k=4, epochs=2, progress=False, **{**kw, "max_steps": 12})
+    third = run_macondo(quick(k=4, epochs=2, **{**kw, "max_steps": 12}), tmp_path, progress=False)
     assert weights.stat().st_mtime_ns != before  # training settings changed: retrained
     assert third["per_seed"][0]["train"]["steps"] == 12
 
@@ -299,8 +304,9 @@ def test_tuning_on_a_dev_share_of_the_parents(tmp_path):
 
     grid = {"dev_share": 1 / 3, "k": [4, 16], "temperature": [1.0, 5.0],
             "knn_weight": [0.2, 0.6], "memory_weight": [0.3]}  # fmt: skip
-    res = run_macondo(tmp_path, seeds=(0,), preset="quick", max_steps=10, macondo_kwargs=SIZES,
-                      tune=grid, memory={"hidden": 16, "epochs": 1}, progress=False)  # fmt: skip
+    settings = quick(seeds=(0,), max_steps=10, sizes=SIZES, tune=grid,
+                     memory={"hidden": 16, "epochs": 1})  # fmt: skip
+    res = run_macondo(settings, tmp_path, progress=False)
     seed = _seed(tmp_path)
     ex = seed["examples"]
     dev = [e for e in ex if e["split"] == "dev"]
@@ -343,6 +349,14 @@ def test_tuning_on_a_dev_share_of_the_parents(tmp_path):
     assert res["per_seed"][0]["tuning"]["tuned"] == tuned
     # The memory's weight, tuned on dev too, and its groups read on the other parents.
     assert tuned["memory_weight"] == 0.3 and seed["memory"]["weight"] == 0.3
+    from knnlm.retrieval.memory import load_memory
+
+    mem = load_memory(tmp_path / "seed-0" / "memory")
+    with torch.no_grad():
+        key = torch.tensor(q, dtype=torch.float32)[None]
+        mem_lp = mem.target_log_prob(key, torch.tensor([child_id])).item()
+    want = math.log(0.7 * math.exp(lp[child_id]) + 0.3 * math.exp(mem_lp))
+    assert e["mlp"] == pytest.approx(want, abs=2e-4)
     sel = [e for e in test if e["n_children"] == 3]
     assert res["groups"]["3"]["mlp"] == pytest.approx(sum(e["mlp"] for e in sel) / len(sel))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datast
 from knnlm.retrieval.exclusion import is_own_stream, should_exclude
 from knnlm.retrieval.gate import Gate, check_gate_for, check_rate, load_gate
 from knnlm.retrieval.knn import perplexity
-from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
+from knnlm.retrieval.memory import MemoryMLP, load_memory, memory_storage, storage_report
 from knnlm.retrieval.retriever import KnnSettings, Retriever
 from knnlm.scoring import check_context_len, score_examples, score_stream
 from knnlm.token_scores import TokenScores, score_tokens
@@ -255,20 +256,52 @@ def continuation_log_probs(
     datastore: str | Path | Datastore | None = None,
     knn: KnnSettings | None = None,
     batch_size: int = 32,
+    memory: MemoryMLP | None = None,
+    memory_weight: float = 0.25,
+    key_type: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """log p(first token of continuation | prompt) per example, for the LM and the kNN-LM.
+    """log p(first token of continuation | prompt) per example, for the LM, the kNN-LM (with
+    ``datastore``: ``knnlm``) and the MLP memory (with ``memory``: ``memory`` alone and
+    ``lm_memory``, interpolated with ``memory_weight``).
 
     Used for Macondo: prompt "[villager], is the parent of", continuation " [child]" (a
     single-token name). Each example is scored alone, with no outside context. The scored
     token is read off the tokenization of prompt + continuation when the prompt's tokens are
     its prefix (SentencePiece tokenizers may split a leading space into its own token when
-    the continuation is encoded alone).
+    the continuation is encoded alone). ``key_type`` is the memory's key type when no datastore
+    is given (default ffn_input).
     """
     if len(prompts) != len(continuations):
         raise KnnlmError("prompts and continuations differ in number")
     knn = knn or KnnSettings()
     knn.validate()
-    tok = lm.tokenizer
+    examples, starts = _continuation_examples(lm.tokenizer, prompts, continuations)
+    retriever = Retriever(lm, datastore, knn) if datastore is not None else None
+    if retriever is not None:
+        key_type = retriever.key_type
+    elif memory is not None:
+        key_type = key_type or "ffn_input"
+    else:
+        key_type = None
+    batches = score_examples(
+        lm.model, examples, batch_size=batch_size, key_type=key_type, score_from=starts
+    )
+    out: dict[str, list[np.ndarray]] = {"lm": [], "knnlm": [], "memory": [], "lm_memory": []}
+    scores = score_tokens(batches, retriever=retriever, memory=memory, memory_weight=memory_weight)
+    for s in scores:
+        out["lm"].append(s.lm_cpu.numpy())
+        if retriever is not None:
+            out["knnlm"].append(s.knnlm.numpy())
+        if memory is not None:
+            out["memory"].append(s.memory.float().cpu().numpy())
+            out["lm_memory"].append(s.lm_memory.float().cpu().numpy())
+    return {key: np.concatenate(v) for key, v in out.items() if v}
+
+
+def _continuation_examples(
+    tok: Any, prompts: list[str], continuations: list[str]
+) -> tuple[list[list[int]], list[int]]:
+    """Per example the prompt's token ids plus the continuation's first, and where it starts."""
     examples, starts = [], []
     for p, c in zip(prompts, continuations, strict=True):
         p_ids = tok(p, add_special_tokens=False)["input_ids"]
@@ -281,17 +314,4 @@ def continuation_log_probs(
         )
         examples.append(p_ids + [first])
         starts.append(len(p_ids))
-    retriever = Retriever(lm, datastore, knn) if datastore is not None else None
-    key_type = retriever.key_type if retriever is not None else None
-    lm_out, knn_out = [], []
-    batches = score_examples(
-        lm.model, examples, batch_size=batch_size, key_type=key_type, score_from=starts
-    )
-    for s in score_tokens(batches, retriever=retriever):
-        lm_out.append(s.lm_cpu.numpy())
-        if retriever is not None:
-            knn_out.append(s.knnlm.numpy())
-    result = {"lm": np.concatenate(lm_out)}
-    if retriever is not None:
-        result["knnlm"] = np.concatenate(knn_out)
-    return result
+    return examples, starts

@@ -309,9 +309,9 @@ MUTANTS: list[Mutant] = [
     mutant(
         "macondo_verdict_read_on_dev_too",
         "Section 4's groups read on every parent, the dev parents that chose the settings too",
-        "run_seed",
+        "_verdict_groups",
         "ns_kept = [n for n, k in zip(ns, keep, strict=True) if k]",
-        "keep = np.ones(len(test), dtype=bool)\n    ns_kept = list(ns)",
+        "keep = np.ones(len(ns), dtype=bool)\n    ns_kept = list(ns)",
         "tests/test_macondo.py::test_tuning_on_a_dev_share_of_the_parents",
     ),
     # Claim verdicts (src/knnlm/report/claims.py): each criterion (a)-(e) loosened.

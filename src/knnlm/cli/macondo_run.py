@@ -92,6 +92,7 @@ def run_cmd(
 ) -> None:
     """Fine-tune on Macondo, score children's names with the LM and the kNN-LM (Table 5)."""
     from knnlm.experiments.macondo import cli_summary, contract_view, run_macondo
+    from knnlm.experiments.macondo_settings import MacondoSettings
     from knnlm.report.experiment_figures import render_macondo
     from knnlm.report.macondo import table5
 
@@ -110,11 +111,10 @@ def run_cmd(
         "max_children": max_children,
         "sentences_per_pair": sentences_per_pair,
     }
-    results = run_macondo(
-        out,
+    settings = MacondoSettings.from_preset(
+        "quick" if quick else preset,
         model=model,
         seeds=tuple(range(seeds)),
-        preset="quick" if quick else preset,
         k=k,
         knn_weight=knn_weight,
         temperature=temperature,
@@ -125,11 +125,11 @@ def run_cmd(
         warmup_ratio=warmup_ratio,
         lora=lora,
         eval_every=eval_every,
-        macondo_kwargs={key: v for key, v in sizes.items() if v is not None},
+        sizes={key: v for key, v in sizes.items() if v is not None},
         search=value(search),
         device=device,
-        progress=not quiet,
     )
+    results = run_macondo(settings, out, progress=not quiet)
     render_macondo(out, results)
     write_json(json_out, cli_summary(results))
     typer.echo(table5(contract_view(results)))

@@ -15,9 +15,12 @@ Settings and presets: :mod:`knnlm.experiments.macondo_settings`. Aggregation ove
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
+from tqdm.auto import tqdm
 
 from knnlm.experiments.macondo_aggregate import (
     aggregate_curves,
@@ -25,10 +28,7 @@ from knnlm.experiments.macondo_aggregate import (
     reproduced,
 )
 from knnlm.experiments.macondo_seed import run_seed
-from knnlm.experiments.macondo_settings import (
-    get_run_preset,
-    resolve_settings,
-)
+from knnlm.experiments.macondo_settings import MacondoSettings
 from knnlm.experiments.parallel import map_jobs
 from knnlm.fileio import claim_work_dir, write_json_atomic
 from knnlm.lm.loading import pick_device, torch_threads
@@ -44,140 +44,78 @@ FIGURE_CURVES = "figure3.png"
 # ---------------------------------------------------------------------------------------
 # the experiment
 # ---------------------------------------------------------------------------------------
-def _seed_job(seed: int, seed_dir: Path, settings: dict, device: str | None, progress: bool):
+def _seed_job(seed: int, seed_dir: Path, settings: MacondoSettings, progress: bool) -> dict:
     """One seed in a worker process (top level, so it can be sent there)."""
-    return run_seed(seed, seed_dir, settings, device=device, progress=progress)
+    return run_seed(seed, seed_dir, settings, progress=progress)
 
 
 def torch_threads_now() -> int:
-    import torch
-
     return torch.get_num_threads()
 
 
 @locks("out", "Macondo run")
 def run_macondo(
-    out: str | Path,
-    model: str | None = None,
-    seeds: Sequence[int] = (0, 1, 2, 3, 4),
-    preset: str | None = None,
-    *,
-    k: int = 1024,
-    knn_weight: float = 0.25,
-    temperature: float = 1.0,
-    epochs: int | None = None,
-    max_steps: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    warmup_ratio: float | None = None,
-    lora: bool | None = None,
-    eval_every: int | None = None,
-    curve_knn: bool = True,
-    macondo_kwargs: Mapping[str, Any] | None = None,
-    key_type: str = "ffn_input",
-    key_dtype: str = "float32",
-    precision: str | None = None,
-    checkpoint_every: int | None = 1000,
-    batch_size_eval: int = 32,
-    memory: Mapping[str, Any] | None = None,
-    tune: Mapping[str, Any] | None = None,
-    search: str = "auto",
-    device: str | None = None,
-    workers: int = 1,
-    progress: bool = True,
+    settings: MacondoSettings, out: str | Path, *, progress: bool = True
 ) -> dict[str, Any]:
-    """Run the Macondo experiment for every seed and write ``out/results.json`` (the report
-    layer draws Table 5 and the figures from it).
-
-    ``preset`` defaults to ``quick`` without ``model`` and ``default`` with one; ``epochs``,
-    ``lr``, ``batch_size``, ``warmup_ratio``, ``lora`` override the preset. ``eval_every``
-    (steps) records per-n mean log-likelihoods during fine-tuning (Figure 3), for the kNN-LM
-    too unless ``curve_knn=False`` (a datastore is built from the current model each time).
-    ``macondo_kwargs`` sets sizes (``n_villagers``, ``n_parents_per_count``, ``max_children``,
-    ``min_children``, ``sentences_per_pair``). ``memory`` (hidden, epochs, lr, batch_tokens)
-    trains the MLP memory on each seed's datastore and scores LM + memory too. Returns the
-    results dict written to ``out/results.json``. ``tune`` (dev_share and grids of k,
-    temperature, knn_weight, memory_weight; :data:`knnlm.experiments.macondo_tuning.DEFAULT_TUNE`)
-    chooses the settings on a seeded dev share of the test parents and reads the groups on the
-    others; without it, k, temperature and knn_weight are fixed. ``search`` is the neighbour
-    search backend (exact, faiss or auto; each seed records the one used). ``workers`` > 1
-    runs the seeds in that many processes.
+    """Run the Macondo experiment for every seed of ``settings`` and write
+    ``out/results.json`` (the report layer draws Table 5 and the figures from it); returns the
+    results dict written there. ``settings.workers`` > 1 runs the seeds in that many processes.
     """
-    from tqdm.auto import tqdm
-
-    settings = resolve_settings(
-        model,
-        seeds,
-        preset,
-        k=k,
-        knn_weight=knn_weight,
-        temperature=temperature,
-        epochs=epochs,
-        max_steps=max_steps,
-        lr=lr,
-        batch_size=batch_size,
-        warmup_ratio=warmup_ratio,
-        lora=lora,
-        eval_every=eval_every,
-        curve_knn=curve_knn,
-        macondo_kwargs=macondo_kwargs,
-        key_type=key_type,
-        key_dtype=key_dtype,
-        precision=precision,
-        checkpoint_every=checkpoint_every,
-        batch_size_eval=batch_size_eval,
-        memory=memory,
-        tune=tune,
-        search=search,
-    )
+    record = settings.as_dict()
     # Resumes a run of ours; a folder of the user's own files is refused, untouched.
     out = claim_work_dir(Path(out).expanduser(), "macondo_run")
     t0 = time.perf_counter()
-    per_seed = []
-    threads = get_run_preset(settings["preset"]).cpu_threads
-    if workers > 1 and len(settings["seeds"]) > 1:
+    per_seed = _run_seeds(settings, out, progress)
+    results = _results(per_seed, record, seconds=time.perf_counter() - t0)
+    write_json_atomic(out / RESULTS, results)
+    return results
+
+
+def _run_seeds(settings: MacondoSettings, out: Path, progress: bool) -> list[dict[str, Any]]:
+    """Each seed's results, in the order of ``settings.seeds``."""
+    threads = settings.run_preset.cpu_threads
+    if settings.workers > 1 and len(settings.seeds) > 1:
         # Seeds are independent (each its own folder): one process per seed, ``workers`` at once.
-        jobs = [(s, out / f"seed-{s}", settings, device, False) for s in settings["seeds"]]
-        per_seed = map_jobs(_seed_job, jobs, workers, threads or torch_threads_now())
-    else:
-        with torch_threads(threads if pick_device(device).type == "cpu" else None):
-            for s in tqdm(settings["seeds"], desc="macondo seeds", unit="seed",
-                          disable=not progress):  # fmt: skip
-                per_seed.append(
-                    run_seed(s, out / f"seed-{s}", settings, device=device, progress=progress)
-                )
+        jobs = [(s, out / f"seed-{s}", settings, False) for s in settings.seeds]
+        return map_jobs(_seed_job, jobs, settings.workers, threads or torch_threads_now())
+    per_seed = []
+    with torch_threads(threads if pick_device(settings.device).type == "cpu" else None):
+        for s in tqdm(settings.seeds, desc="macondo seeds", unit="seed", disable=not progress):
+            per_seed.append(run_seed(s, out / f"seed-{s}", settings, progress=progress))
+    return per_seed
+
+
+# What results.json keeps of each seed's results (the examples stay in the seed's folder).
+PER_SEED_KEYS = (
+    "seed",
+    "groups",
+    "tuning",
+    "train_groups_lm",
+    "memory",
+    "curve",
+    "dataset",
+    "datastore_size",
+    "search",
+    "train",
+    "seconds",
+)
+
+
+def _results(per_seed: list[dict[str, Any]], record: dict[str, Any], seconds: float) -> dict:
+    """The run's results from its seeds' (``record``: the settings as recorded)."""
     groups = aggregate_groups([r["groups"] for r in per_seed])
-    curves = aggregate_curves([r["curve"] for r in per_seed]) if settings["eval_every"] else None
+    curves = aggregate_curves([r["curve"] for r in per_seed]) if record["eval_every"] else None
     results: dict[str, Any] = {
         "groups": groups,
-        "per_seed": [
-            {
-                key: r.get(key)
-                for key in (
-                    "seed",
-                    "groups",
-                    "tuning",
-                    "train_groups_lm",
-                    "memory",
-                    "curve",
-                    "dataset",
-                    "datastore_size",
-                    "search",
-                    "train",
-                    "seconds",
-                )
-            }
-            for r in per_seed
-        ],
-        "settings": settings,
+        "per_seed": [{key: r.get(key) for key in PER_SEED_KEYS} for r in per_seed],
+        "settings": record,
         "reproduced": reproduced(groups),
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "files": {"table": TABLE, "figure1": FIGURE_GROUPS},
     }
     if curves is not None:
         results["curves"] = curves
         results["files"]["figure3"] = FIGURE_CURVES
-    write_json_atomic(out / RESULTS, results)
     return results
 
 

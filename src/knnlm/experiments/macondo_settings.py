@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from knnlm.errors import KnnlmError
 from knnlm.lm.presets import get_preset
+from knnlm.retrieval.retriever import KnnSettings
 
 MACONDO_SIZE_KEYS = (
     "n_villagers",
@@ -164,113 +166,176 @@ def _model_id(model: str) -> str:
     return f"{path.resolve()}#sha256:{h.hexdigest()[:16]}"
 
 
-def resolve_settings(
-    model: str | None,
-    seeds: Sequence[int],
-    preset: str | None,
-    *,
-    k: int,
-    knn_weight: float,
-    temperature: float,
-    epochs: int | None,
-    max_steps: int | None,
-    lr: float | None,
-    batch_size: int | None,
-    warmup_ratio: float | None,
-    lora: bool | None,
-    eval_every: int | None,
-    curve_knn: bool,
-    macondo_kwargs: Mapping[str, Any] | None,
-    key_type: str,
-    key_dtype: str,
-    precision: str | None,
-    checkpoint_every: int | None,
-    batch_size_eval: int,
-    memory: Mapping[str, Any] | None = None,
-    tune: Mapping[str, Any] | None = None,
-    search: str = "auto",
-) -> dict[str, Any]:
-    """Check every input and return the full settings dict (the cache key of each seed).
+@dataclass(frozen=True)
+class MacondoSettings:
+    """Every setting of a Macondo run, the preset's values resolved (build one with
+    :meth:`from_preset`); checked when made.
 
-    ``search`` is the neighbour search backend (exact, faiss or auto; auto is exact on a
-    Macondo datastore, which has no index)."""
-    from knnlm.retrieval.retriever import KnnSettings
+    :meth:`as_dict` is the record written into the results (each seed's cache key is made from
+    it); ``device`` and ``workers`` say where the run goes, not what it computes, and are not in
+    it. ``sizes`` are the dataset sizes (:data:`MACONDO_SIZE_KEYS`; missing: the generator's
+    default), ``memory`` the MLP memory trained on each seed's datastore (hidden, epochs, lr,
+    batch_tokens; None: none), ``tune`` the dev-share grid
+    (:data:`knnlm.experiments.macondo_tuning.DEFAULT_TUNE`; None: k, temperature and knn_weight
+    fixed), ``eval_every`` (steps) the curves over fine-tuning (Figure 3), with the kNN-LM too
+    unless ``curve_knn`` is False. ``search`` is the neighbour search backend (exact, faiss or
+    auto: exact on a Macondo datastore, which has no index).
+    """
 
-    seeds = list(seeds)
+    preset: str
+    model: str | None  # the model fine-tuned; None where the preset trains from scratch
+    epochs: int
+    lr: float
+    batch_size: int
+    warmup_ratio: float
+    weight_decay: float
+    lora: bool
+    precision: str
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    max_steps: int | None = None
+    checkpoint_every: int | None = 1000
+    eval_every: int | None = None
+    curve_knn: bool = True
+    k: int = 1024
+    knn_weight: float = 0.25
+    temperature: float = 1.0
+    search: str = "auto"
+    key_type: str = "ffn_input"
+    key_dtype: str = "float32"
+    batch_size_eval: int = 32
+    sizes: Mapping[str, int | None] = field(default_factory=dict)
+    memory: Mapping[str, Any] | None = None
+    tune: Mapping[str, Any] | None = None
+    device: str | None = None
+    workers: int = 1
+
+    @classmethod
+    def from_preset(
+        cls, name: str | None = None, *, model: str | None = None, **overrides: Any
+    ) -> MacondoSettings:
+        """Preset ``name`` (default: ``quick`` without ``model``, ``default`` with one) with
+        ``overrides`` of any field; a preset value (epochs, lr, batch_size, warmup_ratio,
+        weight_decay, lora, precision) given as None keeps the preset's."""
+        name = name or ("quick" if model is None else "default")
+        p = get_run_preset(name)
+        preset_values = {
+            "epochs": p.epochs,
+            "lr": p.lr,
+            "batch_size": p.batch_size,
+            "warmup_ratio": p.warmup_ratio,
+            "weight_decay": p.weight_decay,
+            "lora": p.lora,
+            "precision": p.precision,
+        }
+        given = {k: v for k, v in overrides.items() if v is not None or k not in preset_values}
+        return cls(preset=name, model=model, **(preset_values | given))
+
+    def __post_init__(self) -> None:
+        set_ = partial(object.__setattr__, self)  # normalised copies of what was given
+        set_("seeds", tuple(self.seeds))
+        set_("sizes", dict(self.sizes or {}))
+        set_("lora", bool(self.lora))
+        _check_seeds(self.seeds)
+        self.knn.validate()
+        for name in ("epochs", "max_steps", "batch_size", "eval_every", "batch_size_eval"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise KnnlmError(f"{name} must be a positive integer, got {v!r}")
+        if not self.lr > 0:
+            raise KnnlmError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise KnnlmError(f"warm-up ratio must be in [0, 1), got {self.warmup_ratio}")
+        unknown = sorted(set(self.sizes) - set(MACONDO_SIZE_KEYS))
+        if unknown:
+            raise KnnlmError(
+                f"unknown Macondo size setting(s) {unknown}; allowed: {', '.join(MACONDO_SIZE_KEYS)}"
+            )
+        set_("model", _base_model(self.preset, self.run_preset, self.model))
+        if self.lora and self.from_scratch:
+            raise KnnlmError(
+                "LoRA fine-tunes a pretrained model; the quick preset trains from scratch"
+            )
+        set_("memory", _memory_settings(self.memory))
+        set_("tune", _tune_settings(self.tune))
+
+    @property
+    def run_preset(self) -> RunPreset:
+        return get_run_preset(self.preset)
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.run_preset.scratch_architecture is not None
+
+    @property
+    def knn(self) -> KnnSettings:
+        """The kNN-LM's settings (fixed ones; a ``tune`` grid chooses others on dev)."""
+        return KnnSettings(
+            k=self.k, knn_weight=self.knn_weight, temperature=self.temperature, search=self.search
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The run's settings as recorded in its results."""
+        p, scratch = self.run_preset, self.from_scratch
+        return {
+            "preset": self.preset,
+            "preset_description": p.description,
+            "model": self.model,
+            "model_id": None if scratch else _model_id(self.model),
+            "from_scratch": scratch,
+            "scratch_architecture": p.scratch_architecture,
+            "scratch_vocab_size": p.scratch_vocab_size if scratch else None,
+            "tokenizer": "byte-level BPE trained on each seed's training sentences"
+            if scratch
+            else "the model's",
+            "epochs": self.epochs,
+            "max_steps": self.max_steps,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "warmup_ratio": self.warmup_ratio,
+            "weight_decay": self.weight_decay,
+            "lora": self.lora,
+            "precision": self.precision,
+            "checkpoint_every": self.checkpoint_every,
+            "k": self.k,
+            "knn_weight": self.knn_weight,
+            "knn_weight_convention": KNN_WEIGHT_NOTE,
+            "temperature": self.temperature,
+            "key_type": self.key_type,
+            "key_dtype": self.key_dtype,
+            "search": self.search,
+            "batch_size_eval": self.batch_size_eval,
+            "eval_every": self.eval_every,
+            "curve_knn": bool(self.curve_knn and self.eval_every),
+            "macondo": {key: self.sizes.get(key) for key in MACONDO_SIZE_KEYS},
+            "aggregation": "mean over test examples per n per seed; mean and sample std "
+            "(ddof=1, none for one seed) over seeds",
+            "memory": _memory_settings(self.memory),
+            "tune": _tune_settings(self.tune),
+            "seeds": list(self.seeds),
+        }
+
+
+def _base_model(name: str, p: RunPreset, model: str | None) -> str | None:
+    """The model preset ``name`` fine-tunes (``model``, else the preset's), None from scratch."""
+    if p.scratch_architecture is not None:
+        if model is not None:
+            raise KnnlmError(
+                f"preset {name!r} trains a small model from scratch; drop --model, or choose "
+                "--preset default (or paper-gpt2 / paper-mistral) to fine-tune it"
+            )
+        return None
+    if model is None and p.default_model is None:
+        raise KnnlmError(f"preset {name!r} fine-tunes a model: give --model MODEL_DIR")
+    return model if model is not None else p.default_model
+
+
+def _check_seeds(seeds: Sequence[int]) -> None:
     if not seeds:
         raise KnnlmError("at least one seed is needed")
     if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
-        raise KnnlmError(f"seeds must be non-negative integers, got {seeds}")
+        raise KnnlmError(f"seeds must be non-negative integers, got {list(seeds)}")
     if len(set(seeds)) != len(seeds):
-        raise KnnlmError(f"seeds must be distinct, got {seeds}")
-    KnnSettings(k=k, knn_weight=knn_weight, temperature=temperature, search=search).validate()
-    for name, v in (("epochs", epochs), ("max_steps", max_steps), ("batch_size", batch_size),
-                    ("eval_every", eval_every), ("batch_size_eval", batch_size_eval)):  # fmt: skip
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise KnnlmError(f"{name} must be a positive integer, got {v!r}")
-    if lr is not None and not lr > 0:
-        raise KnnlmError(f"learning rate must be positive, got {lr}")
-    if warmup_ratio is not None and not 0 <= warmup_ratio < 1:
-        raise KnnlmError(f"warm-up ratio must be in [0, 1), got {warmup_ratio}")
-    sizes = dict(macondo_kwargs or {})
-    unknown = sorted(set(sizes) - set(MACONDO_SIZE_KEYS))
-    if unknown:
-        raise KnnlmError(
-            f"unknown Macondo size setting(s) {unknown}; allowed: {', '.join(MACONDO_SIZE_KEYS)}"
-        )
-
-    name = preset or ("quick" if model is None else "default")
-    p = get_run_preset(name)
-    scratch = p.scratch_architecture is not None
-    if scratch and model is not None:
-        raise KnnlmError(
-            f"preset {name!r} trains a small model from scratch; drop --model, or choose "
-            "--preset default (or paper-gpt2 / paper-mistral) to fine-tune it"
-        )
-    if not scratch and model is None:
-        if p.default_model is None:
-            raise KnnlmError(f"preset {name!r} fine-tunes a model: give --model MODEL_DIR")
-        model = p.default_model
-    use_lora = p.lora if lora is None else bool(lora)
-    if use_lora and scratch:
-        raise KnnlmError("LoRA fine-tunes a pretrained model; the quick preset trains from scratch")
-    return {
-        "preset": name,
-        "preset_description": p.description,
-        "model": None if scratch else model,
-        "model_id": None if scratch else _model_id(model),
-        "from_scratch": scratch,
-        "scratch_architecture": p.scratch_architecture,
-        "scratch_vocab_size": p.scratch_vocab_size if scratch else None,
-        "tokenizer": "byte-level BPE trained on each seed's training sentences"
-        if scratch
-        else "the model's",
-        "epochs": epochs or p.epochs,
-        "max_steps": max_steps,
-        "lr": lr if lr is not None else p.lr,
-        "batch_size": batch_size or p.batch_size,
-        "warmup_ratio": warmup_ratio if warmup_ratio is not None else p.warmup_ratio,
-        "weight_decay": p.weight_decay,
-        "lora": use_lora,
-        "precision": precision or p.precision,
-        "checkpoint_every": checkpoint_every,
-        "k": k,
-        "knn_weight": knn_weight,
-        "knn_weight_convention": KNN_WEIGHT_NOTE,
-        "temperature": temperature,
-        "key_type": key_type,
-        "key_dtype": key_dtype,
-        "search": search,
-        "batch_size_eval": batch_size_eval,
-        "eval_every": eval_every,
-        "curve_knn": bool(curve_knn and eval_every),
-        "macondo": {key: sizes.get(key) for key in MACONDO_SIZE_KEYS},
-        "aggregation": "mean over test examples per n per seed; mean and sample std "
-        "(ddof=1, none for one seed) over seeds",
-        "memory": _memory_settings(memory),
-        "tune": _tune_settings(tune),
-        "seeds": seeds,
-    }
+        raise KnnlmError(f"seeds must be distinct, got {list(seeds)}")
 
 
 # What ``search`` read before it was an option: ``auto``'s behaviour (exact on a datastore

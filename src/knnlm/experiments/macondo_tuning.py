@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from knnlm.errors import KnnlmError
+from knnlm.evaluate import continuation_log_probs
+from knnlm.retrieval.retriever import KnnSettings
 
 # The grid the reproduction searches (the paper's k=1024 is above the quick datastores' size;
 # k is clamped to it by the search). Temperatures up to 100 and weights up to 0.95: with
@@ -60,9 +62,6 @@ def knn_log_probs(
     ks: Sequence[int], temps: Sequence[float], batch_size: int, search: str = "auto",
 ) -> dict[tuple[int, float], np.ndarray]:  # fmt: skip
     """log p_knn(child) per example for every (k, temperature): one search per k and T."""
-    from knnlm.evaluate import continuation_log_probs
-    from knnlm.retrieval.retriever import KnnSettings
-
     prompts = [r["prompt"] for r in test]
     return {
         (int(k), float(t)): continuation_log_probs(

@@ -30,6 +30,8 @@ import torch
 from knnlm.experiments import natural_text as nt
 from knnlm.experiments.hurdle import run_hurdle
 from knnlm.experiments.hurdle_setup import hurdle_settings
+from knnlm.experiments.macondo import contract_view, run_macondo
+from knnlm.experiments.macondo_settings import MacondoSettings
 from knnlm.experiments.parallel import pool, submit
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.experiments.stages import Pipeline, StageDisplay
@@ -45,25 +47,22 @@ def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
     """Section 4: fine-tune ``model`` on Macondo, one dataset per seed generated with its
     tokenizer; per-n log-likelihood of the children (LM, kNN-LM, LM + MLP memory) on the test
     sentences, the LM's on the training sentences, and curves over fine-tuning steps."""
-    from knnlm.experiments.macondo import contract_view, run_macondo
-
-    res = run_macondo(
-        art,
+    settings = MacondoSettings.from_preset(
+        cfg.macondo_preset,
         model=model,
         seeds=[cfg.seed + s for s in range(cfg.macondo_seeds)],
-        preset=cfg.macondo_preset,
         k=cfg.k,
         knn_weight=PAPER_SETTING["knn_weight"],
         temperature=PAPER_SETTING["temperature"],
         epochs=cfg.macondo_epochs,
         lr=cfg.macondo_lr,
         eval_every=cfg.macondo_eval_every,
-        macondo_kwargs=cfg.macondo_sizes or None,
+        sizes=cfg.macondo_sizes,
         memory=cfg.macondo_memory,
         tune=cfg.macondo_tune,
         workers=cfg.workers,
-        progress=False,
     )
+    res = run_macondo(settings, art, progress=False)
     out = contract_view(res)
     out.update(
         groups=res["groups"],
