@@ -1,15 +1,15 @@
-"""A synthetic ``results.json`` in the shape ``knnlm reproduce`` writes, and a checker of that shape.
+"""A synthetic ``results.json`` in the shape ``knnlm reproduce`` writes.
 
-``make_results()`` is the fixture the claims and report tests start from (every claim held);
-``assert_contract(results)`` checks the keys and per-seed shapes the report reads, so the real
-pipeline's output can be held to the same shape as this fixture.
+``make_results()`` is the fixture the claims and report tests start from (every claim held).
+The shape itself (keys and per-seed shapes the report reads) and its checker live in
+:mod:`knnlm.experiments.results_schema`; the tests hold this fixture and the real pipeline's
+output to it.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
 from typing import Any
 
 SEEDS = [0, 1, 2]
@@ -190,85 +190,3 @@ def make_results() -> dict:
             "provenance": _provenance(),
         }
     )
-
-
-# ----------------------------------------------------------------------------- shape check
-
-
-def _has(d: Any, keys: str, where: str) -> None:
-    assert isinstance(d, Mapping), f"{where} is not a mapping"
-    for k in keys.split():
-        assert k in d, f"{where} lacks {k!r}"
-
-
-def _seeds_rows(rows: Any, n_seeds: int, n_steps: int, where: str) -> None:
-    assert len(rows) == n_seeds, f"{where}: {len(rows)} rows for {n_seeds} seeds"
-    for row in rows:
-        assert len(row) == n_steps, f"{where}: a row has {len(row)} values for {n_steps} steps"
-
-
-def assert_contract(r: Mapping[str, Any]) -> None:
-    """The keys the report reads, per section present (a missing section is allowed)."""
-    if r.get("knnlm"):
-        k = r["knnlm"]
-        _has(k, "seeds paper_setting per_seed", "knnlm")
-        assert len(k["per_seed"]) == len(k["seeds"])
-        for p in k["per_seed"]:
-            _has(p, "seed tuned valid test", "knnlm.per_seed[]")
-            _has(p["tuned"], "knn_weight temperature tuned_on", "knnlm.per_seed[].tuned")
-            for split in ("valid", "test"):
-                _has(p[split], "tokens lm knnlm_paper knnlm_tuned", f"knnlm.per_seed[].{split}")
-    if r.get("projection"):
-        for key in ("lr_0.1", "lr_0.001"):
-            p = r["projection"][key]
-            _has(p, "split seed positions lm knnlm proj_f proj_fg max_steps", key)
-            for name in ("proj_f", "proj_fg"):
-                _has(p[name], "perplexity kl_mean kl_median steps_mean steps_max capped", name)
-        conv = r["projection"]["lr_0.1"]["converged"]
-        for name in ("proj_f", "proj_fg", "proj_f_lm_head", "proj_f_target_first"):
-            _has(conv[name], "perplexity kl_mean kl_init_mean kl_removed at_tolerance", name)
-        low = r["projection"]["lr_0.001"]
-        assert len(low["proj_f"]["target_logp"]) == len(low["proj_fg"]["target_logp"])
-    if r.get("memory"):
-        m = r["memory"]
-        _has(m, "seeds per_seed storage", "memory")
-        _has(m["storage"], "memory_bytes memory_bytes_without_shared_W datastore_bytes "
-             "index_bytes", "memory.storage")  # fmt: skip
-        for p in m["per_seed"]:
-            _has(p, "seed weight valid test control", "memory.per_seed[]")
-            _has(p["test"], "lm knnlm_tuned mlp", "memory.per_seed[].test")
-            _has(p["control"]["test"], "control", "memory.per_seed[].control.test")
-    if r.get("macondo"):
-        m = r["macondo"]
-        _has(m, "seeds n_values per_seed curves", "macondo")
-        ns = {str(n) for n in m["n_values"]}
-        for p in m["per_seed"]:
-            for model in ("lm", "knnlm", "mlp"):
-                assert set(p["test"][model]) == ns, f"macondo test {model} keys"
-            assert set(p["train"]["lm"]) == ns
-            if p.get("tuned"):  # retrieval chosen on a dev share of the parents
-                _has(p["tuned"], "k temperature knn_weight tuned_on", "macondo.per_seed[].tuned")
-        c = m["curves"]
-        for model in ("lm", "knnlm"):
-            for n in ns:
-                _seeds_rows(c[model][n], len(m["seeds"]), len(c["steps"]), f"curves.{model}.{n}")
-    if r.get("hurdle"):
-        h = r["hurdle"]
-        _has(h, "seeds loglik loss", "hurdle")
-        for key in ("loglik", "loss"):
-            if h[key] is not None:
-                for side in ("with_mlp", "without_mlp"):
-                    _seeds_rows(h[key][side], len(h["seeds"]), len(h[key]["steps"]), key)
-    for row in (r.get("width_study") or {}).get("rows", []):
-        _has(row, "d lm knnlm proj_f proj_fg", "width_study.rows[]")
-        _has(row["proj_f"], "perplexity share kl_mean kl_init_mean", "width_study.rows[].proj_f")
-    if r.get("provenance"):
-        p = r["provenance"]
-        _has(p, "packages python git cpu_model cpu_count torch_threads device started_utc "
-             "ended_utc", "provenance")  # fmt: skip
-        _has(p["packages"], " ".join(PROVENANCE_PACKAGES), "provenance.packages")
-        _has(p["git"], "commit dirty", "provenance.git")
-        assert p["started_utc"] <= p["ended_utc"], "provenance: ends before it starts"
-        assert "hostname" not in p and "host" not in p, "provenance records no host name"
-    for item in r.get("not_run", []):
-        _has(item, "what why command", "not_run[]")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from results_contract import assert_contract
+from knnlm.experiments.results_schema import check_results
 
 N_KEYS = ["1", "2", "3", "4", "5"]
 
@@ -120,7 +120,7 @@ def test_every_contract_key(run):
     w = r["wall_seconds"]
     assert isinstance(w, float) and math.isfinite(w) and w >= 0  # recorded, not timed
     assert {c["status"] for c in r["claims"]} <= {"held", "not held", "untestable here"}
-    assert_contract(r)
+    check_results(r)
 
 
 def test_provenance_of_the_run(run):
@@ -237,3 +237,26 @@ def test_width_study_rows(run):
         assert f["share"] == pytest.approx((row["lm"] - f["perplexity"]) / gap)
         assert f["kl_mean"] <= f["kl_init_mean"] + 1e-9
     assert rows[0]["params"] < 2_000_000
+
+
+def test_stage_plan_names_and_dependencies():
+    """The registry: every stage once, its dependencies before it; the second process's groups
+    need nothing from outside them but what the main process runs first (the corpus)."""
+    from knnlm.cli.reproduce import TINY
+    from knnlm.experiments.reproduce import second_process_groups, stage_plan
+    from knnlm.experiments.reproduce_config import ReproduceConfig
+
+    cfg = ReproduceConfig.for_scale("quick", **TINY)
+    plan = stage_plan(cfg)
+    names = [st.name for st in plan]
+    per_seed = [f"{kind}-{s}" for s in (0, 1) for kind in ("lm", "datastore", "knnlm", "memory")]
+    assert names == ["corpus", *per_seed, "projection", "projection_lr", "macondo", "width-32",
+                     "hurdle"]  # fmt: skip
+    for i, st in enumerate(plan):
+        assert set(st.deps) <= set(names[:i]), st.name
+    groups = second_process_groups(cfg)
+    assert groups == ["hurdle", "seed-1"]
+    theirs = {st.name for st in plan if st.group in groups}
+    outside = {d for st in plan if st.name in theirs for d in st.deps} - theirs
+    assert outside == {"corpus"}
+    assert second_process_groups(ReproduceConfig.for_scale("quick", **TINY, workers=1)) == []

@@ -15,20 +15,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
+from knnlm.data import wikitext2
+from knnlm.data.corpus import load_tokens, read_split, tokenize_text
 from knnlm.errors import KnnlmError
+from knnlm.evaluate import evaluate
+from knnlm.experiments.memory_control import control_perplexities, train_control
+from knnlm.experiments.mlp_memory import train_memory
+from knnlm.experiments.projection import run_projection
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.fileio import write_json_atomic
 from knnlm.lm.loading import load_lm
+from knnlm.lm.presets import get_preset
+from knnlm.lm.tokenizer import save_tokenizer
+from knnlm.lm.train import model_from_preset, train
+from knnlm.lm.train_config import TrainConfig
+from knnlm.lm.train_data import train_tokenizer_for_corpus
+from knnlm.retrieval.datastore import build_datastore, open_datastore
+from knnlm.retrieval.index_build import build_index
+from knnlm.retrieval.knn import interpolate, perplexity
+from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
+from knnlm.retrieval.retriever import KnnSettings
+from knnlm.scoring import score_stream
+from knnlm.sweep import sweep
+from knnlm.token_scores import score_tokens
 
 
 def stage_corpus(cfg: ReproduceConfig, art: Path) -> dict:
     """The corpus (the embedded slice at quick scale) and one BPE tokenizer for every LM seed."""
-    from knnlm.data.corpus import read_split
-
     if cfg.corpus is None:
-        from knnlm.data import wikitext2
-
         corpus = str(wikitext2.extract(art / "corpus"))
         info = {"name": wikitext2.NAME, "license": wikitext2.LICENSE}
         for split, n in (cfg.embedded_chars or {}).items():
@@ -41,10 +57,6 @@ def stage_corpus(cfg: ReproduceConfig, art: Path) -> dict:
         corpus, info = cfg.corpus, {"name": cfg.corpus}
     out = {"corpus": corpus, "tokenizer": None, **info}
     if cfg.model is None:
-        from knnlm.lm.presets import get_preset
-        from knnlm.lm.tokenizer import save_tokenizer
-        from knnlm.lm.train_data import train_tokenizer_for_corpus
-
         vocab = cfg.tokenizer_vocab or get_preset(cfg.lm_preset).tokenizer_vocab_size
         tok = train_tokenizer_for_corpus(corpus, vocab)
         save_tokenizer(tok, art / "tokenizer")
@@ -57,13 +69,6 @@ def stage_lm(cfg: ReproduceConfig, seed: int, corpus: str, tokenizer_dir: str, a
     """Train one LM from scratch on the train split with the shared tokenizer."""
     if cfg.model is not None:
         return {"model": cfg.model, "trained": False, "seed": seed}
-    from transformers import AutoTokenizer
-
-    from knnlm.data.corpus import read_split, tokenize_text
-    from knnlm.lm.presets import get_preset
-    from knnlm.lm.train import model_from_preset, train
-    from knnlm.lm.train_config import TrainConfig
-
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     preset = get_preset(cfg.lm_preset)
     ids = tokenize_text(tok, read_split(corpus, "train"))
@@ -100,8 +105,6 @@ def stage_lm(cfg: ReproduceConfig, seed: int, corpus: str, tokenizer_dir: str, a
 
 
 def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, art: Path) -> dict:
-    from knnlm.retrieval.datastore import build_datastore, open_datastore
-
     lm = load_lm(model)
     path = build_datastore(
         lm, corpus, "train", art / "ds", context_len=cfg.context_len, stride=cfg.stride,
@@ -109,8 +112,6 @@ def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, ar
     )  # fmt: skip
     out = {"datastore": str(path)}
     if cfg.index:
-        from knnlm.retrieval.index_build import build_index
-
         t0 = time.perf_counter()
         build_index(
             path, kind=cfg.index, nlist=cfg.index_nlist, train_size=cfg.index_train_size,
@@ -123,8 +124,6 @@ def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, ar
 
 
 def knn_settings(cfg: ReproduceConfig, weight: float, temperature: float):
-    from knnlm.retrieval.retriever import KnnSettings
-
     return KnnSettings(nprobe=cfg.nprobe, k=cfg.k, knn_weight=weight, temperature=temperature,
                        search=cfg.search)  # fmt: skip
 
@@ -140,9 +139,6 @@ def stage_knnlm(
     cfg: ReproduceConfig, model: str, corpus: str, ds: str, art: Path, seed: int | None = None
 ) -> dict:
     """LM and kNN-LM on valid and test; (weight, T) tuned on valid from cached neighbours."""
-    from knnlm.evaluate import evaluate
-    from knnlm.sweep import sweep
-
     lm = load_lm(model)
     weights, temps = _grid(cfg)
     paper = knn_settings(cfg, PAPER_SETTING["knn_weight"], PAPER_SETTING["temperature"])
@@ -198,8 +194,6 @@ def stage_projection(
     """Section 3 on the test split at the valid-tuned setting: Eq. 2 at lr 0.1 with the paper's
     early stop beside the converged solve and its sensitivity rows (Tables 1, 3), or lr 1e-3
     for 100 steps (Appendix E, Table 4)."""
-    from knnlm.experiments.projection import run_projection
-
     res = run_projection(
         load_lm(model), corpus, ds, "test", context_len=cfg.context_len, stride=cfg.stride,
         knn=knn_settings(cfg, tuned["knn_weight"], tuned["temperature"]),
@@ -223,26 +217,21 @@ def stage_projection(
 
 
 def _token_log_probs(lm, corpus: str, split: str, cfg: ReproduceConfig, mem, key_type: str):
-    """Per scored token: log p_lm(target) and log p_mem(target), one scoring pass."""
-    from knnlm.data.corpus import load_tokens
-    from knnlm.scoring import score_stream
-
+    """Per scored token: log p_lm(target) and log p_mem(target), one scoring pass read
+    through the per-token scorer."""
     ids = load_tokens(lm.tokenizer, corpus, split)
-    lm_out, mem_out = [], []
-    for batch in score_stream(
+    batches = score_stream(
         lm.model, ids, cfg.context_len, cfg.stride, key_type=key_type, progress=False
-    ):
-        lm_out.append(batch.lm_log_prob.float().cpu())
-        with torch.no_grad():
-            mem_out.append(mem.target_log_prob(batch.keys.float(), batch.targets).float().cpu())
+    )
+    lm_out, mem_out = [], []
+    for scores in score_tokens(batches, memory=mem):
+        lm_out.append(scores.lm_cpu.float())
+        mem_out.append(scores.memory.float().cpu())
     return torch.cat(lm_out), torch.cat(mem_out)
 
 
 def _control(cfg, seed, model, corpus, lm, lm_lp, steps, weights, art) -> dict:
     """Section 5's equal-compute control (:mod:`knnlm.experiments.memory_control`)."""
-    from knnlm.experiments.memory_control import control_perplexities, train_control
-    from knnlm.lm.presets import get_preset
-
     lr = get_preset(cfg.lm_preset).lr if cfg.model is None else 1e-4
     info = train_control(
         model, corpus, art / "control", steps=steps, batch_tokens=cfg.memory_batch_tokens,
@@ -259,41 +248,12 @@ def stage_memory(
 ) -> dict:
     """Section 5: the MLP memory trained on the datastore, interpolated like p_knn; its weight
     chosen on valid, read on test. The kNN-LM numbers are the ``knnlm`` stage's."""
-    from knnlm.experiments.mlp_memory import train_memory
-    from knnlm.retrieval.datastore import open_datastore
-    from knnlm.retrieval.knn import interpolate, perplexity
-    from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
-
     lm = load_lm(model)
     store = open_datastore(ds)
-    tr = train_memory(
-        store.keys,
-        store.values,
-        lm.adapter.output_embedding.detach(),
-        art / "memory",
-        hidden=cfg.memory_hidden,
-        lr=cfg.memory_lr,
-        batch_tokens=cfg.memory_batch_tokens,
-        epochs=cfg.memory_epochs,
-        max_steps=cfg.memory_max_steps,
-        seed=seed,
-        progress=False,
-        datastore={"path": str(store.path), "n": store.n},
-    )
+    tr = _train_memory(cfg, seed, lm, store, art)
     mem = load_memory(art / "memory", device=str(lm.device))
     weights = sorted({float(w) for w in cfg.memory_weights})
-    ppl: dict[str, dict] = {}
-    lm_by_split: dict[str, torch.Tensor] = {}
-    for split in ("valid", "test"):
-        lm_lp, mem_lp = _token_log_probs(lm, corpus, split, cfg, mem, store.meta["key_type"])
-        lm_by_split[split] = lm_lp
-        n = len(lm_lp)
-        ppl[split] = {
-            "tokens": n,
-            "lm": perplexity(-float(lm_lp.double().sum()), n),
-            "grid": [perplexity(-float(interpolate(lm_lp, mem_lp, w).double().sum()), n)
-                     for w in weights],
-        }  # fmt: skip
+    ppl, lm_by_split = _memory_grids(cfg, lm, corpus, mem, store.meta["key_type"], weights)
     best = int(np.argmin(ppl["valid"]["grid"]))
     control = (
         _control(cfg, seed, model, corpus, lm, lm_by_split, tr.steps, weights, art)
@@ -315,3 +275,40 @@ def stage_memory(
         "storage": storage_report(store, memory_storage(art / "memory")),
         "train": {"steps": tr.steps, "final_loss": tr.final_loss, "seconds": tr.seconds},
     }  # fmt: skip
+
+
+def _train_memory(cfg: ReproduceConfig, seed: int, lm, store, art: Path):
+    """The MLP memory on the datastore's (key, value) pairs, saved in ``art / "memory"``."""
+    return train_memory(
+        store.keys,
+        store.values,
+        lm.adapter.output_embedding.detach(),
+        art / "memory",
+        hidden=cfg.memory_hidden,
+        lr=cfg.memory_lr,
+        batch_tokens=cfg.memory_batch_tokens,
+        epochs=cfg.memory_epochs,
+        max_steps=cfg.memory_max_steps,
+        seed=seed,
+        progress=False,
+        datastore={"path": str(store.path), "n": store.n},
+    )
+
+
+def _memory_grids(cfg: ReproduceConfig, lm, corpus: str, mem, key_type: str,
+                  weights: list[float]) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:  # fmt: skip
+    """Per split: the LM's perplexity and LM + memory's at each weight; and the LM's per-token
+    log-probs (the control reuses them)."""
+    ppl: dict[str, dict] = {}
+    lm_by_split: dict[str, torch.Tensor] = {}
+    for split in ("valid", "test"):
+        lm_lp, mem_lp = _token_log_probs(lm, corpus, split, cfg, mem, key_type)
+        lm_by_split[split] = lm_lp
+        n = len(lm_lp)
+        ppl[split] = {
+            "tokens": n,
+            "lm": perplexity(-float(lm_lp.double().sum()), n),
+            "grid": [perplexity(-float(interpolate(lm_lp, mem_lp, w).double().sum()), n)
+                     for w in weights],
+        }  # fmt: skip
+    return ppl, lm_by_split

@@ -170,21 +170,60 @@ def solve_projection(
     parameters are never written and receive no ``.grad``.
     """
     _check_inputs(target_logp, z0, lr, tol, max_steps, fixed_steps)
-    n = z0.shape[0]
-    dev = z0.device
     fixed = fixed_steps is not None
     total = int(fixed_steps) if fixed else int(max_steps)
+    logp, clamped = _floored_target(target_logp)
+    run = _AdamRun(logits_fn, logp, z0, lr, tol, fixed, keep_curve=record_curve or fixed)
+    bar = tqdm(total=total, desc="projection", unit="step", disable=not progress, leave=False)
+    with torch.enable_grad():
+        for t in range(total + 1):
+            rows, kl_sub = run.evaluate(t)
+            if t == total or run.n_done == run.n:
+                break
+            run.update(rows, kl_sub)
+            bar.update(1)
+            if progress and t % 10 == 0:
+                bar.set_postfix(
+                    active=run.n - run.n_done, mean_kl=f"{float(run.kl_cur.mean()):.4g}"
+                )
+    bar.close()
+    return run.result(clamped)
 
+
+def _floored_target(target_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``target_logp`` in float32 floored at LOGP_FLOOR, and the rows that had entries below it."""
     with torch.no_grad():
         logp = target_logp.float().clamp_min(LOGP_FLOOR)
         clamped = (target_logp < LOGP_FLOOR).any(dim=-1)
-    z = torch.nn.Parameter(z0.detach().float().clone())
-    opt = torch.optim.Adam([z], lr=lr)
+    return logp, clamped
 
-    def forward(rows: torch.Tensor | None) -> torch.Tensor:
-        zz = z if rows is None else z[rows]
-        tt = logp if rows is None else logp[rows]
-        logits = logits_fn(zz.to(z0.dtype))
+
+class _AdamRun:
+    """The state of one batched Adam solve of :func:`solve_projection`: z as one (n, d)
+    parameter, and per position its current KL, Adam updates applied and whether it stopped."""
+
+    def __init__(
+        self, logits_fn: LogitsFn, logp: torch.Tensor, z0: torch.Tensor, lr: float, tol: float,
+        fixed: bool, keep_curve: bool,
+    ) -> None:  # fmt: skip
+        self.logits_fn, self.logp, self.dtype = logits_fn, logp, z0.dtype
+        self.tol, self.fixed, self.keep_curve = tol, fixed, keep_curve
+        self.n, dev = z0.shape[0], z0.device
+        self.z = torch.nn.Parameter(z0.detach().float().clone())
+        self.opt = torch.optim.Adam([self.z], lr=lr)
+        self.kl_cur = torch.zeros(self.n, device=dev)
+        self.kl_init = self.kl_cur
+        self.steps = torch.zeros(self.n, dtype=torch.long, device=dev)
+        self.done = torch.zeros(self.n, dtype=torch.bool, device=dev)
+        self.z_frozen = torch.zeros_like(self.z)  # rows of stopped positions, written back
+        self.curve: list[torch.Tensor] = []
+        self.n_done = 0  # one host sync per step: this count
+
+    def forward(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """KL of the positions ``rows`` (all when None) at the current z, with its graph."""
+        zz = self.z if rows is None else self.z[rows]
+        tt = self.logp if rows is None else self.logp[rows]
+        logits = self.logits_fn(zz.to(self.dtype))
         if logits.shape != tt.shape:
             raise KnnlmError(
                 f"logits_fn returned shape {tuple(logits.shape)}; expected {tuple(tt.shape)} "
@@ -192,71 +231,67 @@ def solve_projection(
             )
         return _kl_floored(logits, tt)
 
-    kl_cur = torch.zeros(n, device=dev)
-    steps = torch.zeros(n, dtype=torch.long, device=dev)
-    done = torch.zeros(n, dtype=torch.bool, device=dev)
-    z_frozen = torch.zeros_like(z)  # rows of stopped positions, written back after each step
-    curve: list[torch.Tensor] = []
-
-    bar = tqdm(total=total, desc="projection", unit="step", disable=not progress, leave=False)
-    n_done = 0  # one host sync per step: this count
-    with torch.enable_grad():
-        for t in range(total + 1):
-            # Forward only the positions still moving.
-            rows = None if n_done == 0 else (~done).nonzero().squeeze(1)
-            kl_sub = forward(rows) if n else torch.zeros(0, device=dev)
-            kl_prev = kl_cur.clone()
-            with torch.no_grad():
-                if rows is None:
-                    kl_cur.copy_(kl_sub.detach())
-                else:
-                    kl_cur[rows] = kl_sub.detach()
-            if t == 0:
-                kl_init = kl_cur.clone()
-                newly = kl_cur < tol
+    def evaluate(self, t: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """KL_t of the positions still moving (forwarded only those); stop the positions whose
+        KL moved by less than tol (at t = 0: those already below tol). Returns the rows
+        forwarded (None: all) and their KL."""
+        rows = None if self.n_done == 0 else (~self.done).nonzero().squeeze(1)
+        kl_sub = self.forward(rows) if self.n else torch.zeros(0, device=self.z.device)
+        kl_prev = self.kl_cur.clone()
+        with torch.no_grad():
+            if rows is None:
+                self.kl_cur.copy_(kl_sub.detach())
             else:
-                if record_curve or fixed:
-                    curve.append(kl_cur.clone())
-                newly = ~done & ((kl_cur - kl_prev).abs() < tol)
-            if not fixed:
-                with torch.no_grad():
-                    z_frozen = torch.where(newly.unsqueeze(1), z.detach(), z_frozen)
-                done |= newly
-                n_done = int(done.sum())
-            if t == total or n_done == n:
-                break
-            # Gradient of the summed KL of moving positions only: each row's gradient is its
-            # own KL's, as in a one-position solve.
-            keep = ~done if rows is None else ~done[rows]
-            (grad,) = torch.autograd.grad((kl_sub * keep).sum(), z)
-            z.grad = grad.masked_fill(done.unsqueeze(1), 0.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                z.copy_(torch.where(done.unsqueeze(1), z_frozen, z))
-                steps += (~done).long()
-            bar.update(1)
-            if progress and t % 10 == 0:
-                bar.set_postfix(active=n - n_done, mean_kl=f"{float(kl_cur.mean()):.4g}")
-    bar.close()
-
-    with torch.no_grad():
-        if fixed:
-            last = curve[-2] if len(curve) > 1 else kl_init
-            converged = (kl_cur - last).abs() < tol
+                self.kl_cur[rows] = kl_sub.detach()
+        if t == 0:
+            self.kl_init = self.kl_cur.clone()
+            newly = self.kl_cur < self.tol
         else:
-            converged = done.clone()
-        curve_t = torch.stack(curve) if curve else torch.zeros(0, n, device=dev)
-    return ProjectionResult(
-        z=z.detach().to(z0.dtype),
-        kl=kl_cur,
-        kl_init=kl_init,
-        steps=steps,
-        converged=converged,
-        clamped=clamped,
-        curve=curve_t.mean(dim=1) if (record_curve or fixed) else None,
-        curve_per_position=curve_t if (record_curve or fixed) else None,
-    )
+            if self.keep_curve:
+                self.curve.append(self.kl_cur.clone())
+            newly = ~self.done & ((self.kl_cur - kl_prev).abs() < self.tol)
+        if not self.fixed:
+            with torch.no_grad():
+                self.z_frozen = torch.where(newly.unsqueeze(1), self.z.detach(), self.z_frozen)
+            self.done |= newly
+            self.n_done = int(self.done.sum())
+        return rows, kl_sub
+
+    def update(self, rows: torch.Tensor | None, kl_sub: torch.Tensor) -> None:
+        """One Adam update of the moving positions; stopped rows are restored after it."""
+        # Gradient of the summed KL of moving positions only: each row's gradient is its
+        # own KL's, as in a one-position solve.
+        keep = ~self.done if rows is None else ~self.done[rows]
+        (grad,) = torch.autograd.grad((kl_sub * keep).sum(), self.z)
+        self.z.grad = grad.masked_fill(self.done.unsqueeze(1), 0.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.z.copy_(torch.where(self.done.unsqueeze(1), self.z_frozen, self.z))
+            self.steps += (~self.done).long()
+
+    def result(self, clamped: torch.Tensor) -> ProjectionResult:
+        with torch.no_grad():
+            if self.fixed:
+                last = self.curve[-2] if len(self.curve) > 1 else self.kl_init
+                converged = (self.kl_cur - last).abs() < self.tol
+            else:
+                converged = self.done.clone()
+            curve_t = (
+                torch.stack(self.curve)
+                if self.curve
+                else torch.zeros(0, self.n, device=self.z.device)
+            )
+        return ProjectionResult(
+            z=self.z.detach().to(self.dtype),
+            kl=self.kl_cur,
+            kl_init=self.kl_init,
+            steps=self.steps,
+            converged=converged,
+            clamped=clamped,
+            curve=curve_t.mean(dim=1) if self.keep_curve else None,
+            curve_per_position=curve_t if self.keep_curve else None,
+        )
 
 
 def solve_projection_loop(
@@ -359,9 +394,7 @@ def solve_converged(
     if patience < 1:
         raise KnnlmError(f"patience must be >= 1; got {patience}")
     kl_fn = _kl_floored if direction == "model_first" else _kl_target_first
-    with torch.no_grad():
-        logp = target_logp.float().clamp_min(LOGP_FLOOR)
-        clamped = (target_logp < LOGP_FLOOR).any(dim=-1)
+    logp, clamped = _floored_target(target_logp)
     n, dev = z0.shape[0], z0.device
     z = torch.nn.Parameter(z0.detach().float().clone())
     best = {"kl": torch.full((n,), math.inf, device=dev), "z": z.detach().clone(), "evals": 0}

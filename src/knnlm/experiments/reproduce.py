@@ -1,18 +1,20 @@
 """``knnlm reproduce``: every analysis of the paper, end to end.
 
-The pipeline composes the library; it re-implements nothing. Stages (cached, see
-:mod:`knnlm.experiments.stages`) in order:
+The pipeline composes the library; it re-implements nothing. Its stages (cached, see
+:mod:`knnlm.experiments.stages`) are the entries of :func:`stage_plan`, in order:
 
 1. ``corpus``: the natural text (the embedded WikiText-2 slice at quick scale) and a tokenizer;
 2. per LM seed: ``lm-S``, ``datastore-S``, ``knnlm-S`` (Section 2: tuned on valid, read on
    test), ``memory-S`` (Section 5);
 3. ``projection`` / ``projection_lr`` (Section 3, first seed, test split, tuned setting);
 4. ``macondo`` (Section 4: the first seed's LM fine-tuned on Macondo, one dataset per seed);
-5. ``hurdle`` (Appendix E: Figure 4 on Macondo, Figure 5 on the natural text).
+5. ``width-D`` (Section 3 at other model widths, with ``--width-study``);
+6. ``hurdle`` (Appendix E: Figure 4 on Macondo, Figure 5 on the natural text).
 
-``results.json`` follows the contract the report's claims read (``knnlm``, ``projection``,
-``memory``, ``macondo``, ``hurdle``, ``not_run``, ``config``, ``stages``, ``wall_seconds``,
-``provenance``: versions, commit, machine and UTC times, see :mod:`knnlm.provenance`).
+``results.json`` has the shape of :mod:`knnlm.experiments.results_schema` (``knnlm``,
+``projection``, ``memory``, ``macondo``, ``hurdle``, ``not_run``, ``config``, ``stages``,
+``wall_seconds``, ``provenance``: versions, commit, machine and UTC times, see
+:mod:`knnlm.provenance`), checked before it is written.
 This module computes and saves; the report layer draws the figures, the claims and the
 report from those results.
 Settings and scales: :mod:`knnlm.experiments.reproduce_config`.
@@ -22,8 +24,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,13 +39,16 @@ from knnlm.experiments.macondo import contract_view, run_macondo
 from knnlm.experiments.macondo_settings import MacondoSettings
 from knnlm.experiments.parallel import pool, submit
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
+from knnlm.experiments.results_schema import check_results
 from knnlm.experiments.stages import Pipeline, StageDisplay
+from knnlm.experiments.width_study import stage_width, width_row
 from knnlm.fileio import claim_work_dir, write_json_atomic
 from knnlm.lm.loading import pick_device, torch_threads
+from knnlm.lm.presets import get_preset
 from knnlm.locking import locks
 from knnlm.provenance import provenance, utc_now
 
-__all__ = ["reproduce", "not_run"]
+__all__ = ["reproduce", "not_run", "stage_plan", "Stage"]
 
 
 def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
@@ -156,74 +164,240 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
         return _reproduce(cfg, out, progress)
 
 
-def _pick(cfg: ReproduceConfig, *keys: str) -> dict:
-    s = asdict(cfg)
-    return {k: s[k] for k in keys}
+# ----------------------------------------------------------------------------- stage registry
+
+# The results of the stages run so far, by stage name.
+Done = dict[str, dict]
 
 
-def _stage_corpus(pipe: Pipeline, cfg: ReproduceConfig) -> dict:
-    return pipe.run(
-        "corpus",
-        _pick(cfg, "corpus", "embedded_chars", "model", "lm_preset", "tokenizer_vocab"),
-        [],
-        lambda art: nt.stage_corpus(cfg, art),
-    )
+@dataclass(frozen=True)
+class Stage:
+    """One cached stage of the reproduction.
+
+    ``name`` is its cache key; its fingerprint holds the ``ReproduceConfig`` fields ``keys``,
+    the ``fixed`` settings, those ``from_results`` reads off earlier stages, and the
+    fingerprints of the stages in ``deps``. It runs as ``run(cfg, done, art, **args)``.
+    The second process takes whole ``group``s.
+    """
+
+    name: str
+    keys: tuple[str, ...]
+    run: Callable[..., dict]
+    _: KW_ONLY
+    deps: tuple[str, ...] = ()
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    args: Mapping[str, Any] = field(default_factory=dict)
+    from_results: Callable[[ReproduceConfig, Done], dict] | None = None
+    group: str = "main"
+
+    def settings(self, cfg: ReproduceConfig, done: Done) -> dict:
+        s = asdict(cfg)
+        out = {k: s[k] for k in self.keys} | dict(self.fixed)
+        return out | self.from_results(cfg, done) if self.from_results else out
 
 
-def _seed_chain(pipe: Pipeline, cfg: ReproduceConfig, data: dict, seed: int) -> dict:
+CORPUS_KEYS = ("corpus", "embedded_chars", "model", "lm_preset", "tokenizer_vocab")
+LM_KEYS = ("model", "lm_preset", "lm_epochs", "lm_max_steps", "context_len")
+DATASTORE_KEYS = ("context_len", "stride", "index", "index_nlist", "index_train_size")
+KNNLM_KEYS = ("k", "nprobe", "search", "sweep_weights", "sweep_temperatures")
+MEMORY_KEYS = ("memory_hidden", "memory_epochs", "memory_lr", "memory_batch_tokens",
+               "memory_max_steps", "memory_weights", "memory_control")  # fmt: skip
+PROJECTION_KEYS = ("projection_positions", "projection_max_steps",
+                   "projection_converged_max_steps")  # fmt: skip
+MACONDO_KEYS = ("macondo_seeds", "macondo_preset", "macondo_epochs", "macondo_lr",
+                "macondo_sizes", "macondo_eval_every", "macondo_memory", "macondo_tune", "k",
+                "seed")  # fmt: skip
+WIDTH_KEYS = ("lm_preset", "lm_epochs", "lm_max_steps", "context_len", "stride", "k",
+              "sweep_weights", "sweep_temperatures", "projection_positions",
+              "projection_converged_max_steps")  # fmt: skip
+HURDLE_KEYS = ("hurdle_seeds", "hurdle_steps", "hurdle_eval_every", "hurdle_sizes",
+               "hurdle_corpus_max_chars", "seed")  # fmt: skip
+
+
+def stage_plan(cfg: ReproduceConfig) -> list[Stage]:
+    """Every stage of a reproduction, in the order one process runs them."""
+    seed0 = cfg.seeds[0]
+    at0 = {"seed": seed0}
+    return [
+        Stage("corpus", CORPUS_KEYS, _run_corpus),
+        *[stage for seed in cfg.seeds for stage in _seed_chain(seed)],
+        Stage("projection", PROJECTION_KEYS, _run_projection, deps=(f"knnlm-{seed0}",),
+              fixed=at0, args=at0 | {"lr_study": False}),
+        Stage("projection_lr", PROJECTION_KEYS, _run_projection, deps=(f"knnlm-{seed0}",),
+              fixed=at0, args=at0 | {"lr_study": True}),
+        Stage("macondo", MACONDO_KEYS, _run_macondo, deps=_macondo_deps(cfg),
+              from_results=_macondo_settings),
+        *[Stage(f"width-{d}", WIDTH_KEYS, _run_width, deps=("corpus",), fixed=at0 | {"d": d},
+                args=at0 | {"d": d}) for d in _widths(cfg) if d != _own_width(cfg)],
+        Stage("hurdle", HURDLE_KEYS, _run_hurdle, deps=("corpus",), group="hurdle",
+              from_results=_hurdle_settings),
+    ]  # fmt: skip
+
+
+def _seed_chain(seed: int) -> list[Stage]:
     """Sections 2 and 5 for one LM seed: lm, datastore, knnlm, memory."""
-    corpus, tok_dir = data["corpus"], data["tokenizer"]
-    lm_res = pipe.run(
-        f"lm-{seed}",
-        _pick(cfg, "model", "lm_preset", "lm_epochs", "lm_max_steps", "context_len")
-        | {"seed": seed},
-        ["corpus"],
-        lambda art: nt.stage_lm(cfg, seed, corpus, tok_dir, art),
+    one, group = {"seed": seed}, f"seed-{seed}"
+    return [
+        Stage(f"lm-{seed}", LM_KEYS, _run_lm, deps=("corpus",), fixed=one, args=one,
+              group=group),
+        Stage(f"datastore-{seed}", DATASTORE_KEYS, _run_datastore, deps=(f"lm-{seed}",),
+              args=one, group=group),
+        Stage(f"knnlm-{seed}", KNNLM_KEYS, _run_knnlm, deps=(f"datastore-{seed}",),
+              args=one, group=group),
+        Stage(f"memory-{seed}", MEMORY_KEYS, _run_memory,
+              deps=(f"datastore-{seed}", f"knnlm-{seed}"), fixed=one, args=one, group=group),
+    ]  # fmt: skip
+
+
+def second_process_groups(cfg: ReproduceConfig) -> list[str]:
+    """With 2 workers a second process takes Appendix E and every other LM seed from seed 1,
+    in that order."""
+    if cfg.workers <= 1:
+        return []
+    return ["hurdle", *[f"seed-{s}" for s in cfg.seeds[1::2]]]
+
+
+def _widths(cfg: ReproduceConfig) -> list[int]:
+    return sorted({int(x) for x in cfg.width_study or ()})
+
+
+def _own_width(cfg: ReproduceConfig) -> int | None:
+    """The width of the run's own LM (its row of the width study), when it trains one."""
+    return get_preset(cfg.lm_preset).n_embd if cfg.model is None else None
+
+
+def _macondo_model(cfg: ReproduceConfig, done: Done) -> str | None:
+    """Section 4 fine-tunes the first LM of this run (the paper fine-tunes GPT-2); at paper
+    scale it is the given --model or GPT-2 XL."""
+    return done[f"lm-{cfg.seeds[0]}"]["model"] if cfg.scale != "paper" else cfg.model
+
+
+def _macondo_settings(cfg: ReproduceConfig, done: Done) -> dict:
+    return {"model": _macondo_model(cfg, done)}
+
+
+def _hurdle_settings(cfg: ReproduceConfig, done: Done) -> dict:
+    return {"corpus": done["corpus"]["corpus"]}
+
+
+def _macondo_deps(cfg: ReproduceConfig) -> tuple[str, ...]:
+    """The first LM's stage, when Section 4 fine-tunes that LM (at paper scale: when it is the
+    given --model, which that stage passes through)."""
+    return (f"lm-{cfg.seeds[0]}",) if cfg.scale != "paper" or cfg.model is not None else ()
+
+
+# What each stage runs, from the results of the stages before it.
+
+
+def _run_corpus(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
+    return nt.stage_corpus(cfg, art)
+
+
+def _run_lm(cfg: ReproduceConfig, done: Done, art: Path, seed: int) -> dict:
+    corpus = done["corpus"]
+    return nt.stage_lm(cfg, seed, corpus["corpus"], corpus["tokenizer"], art)
+
+
+def _run_datastore(cfg: ReproduceConfig, done: Done, art: Path, seed: int) -> dict:
+    return nt.stage_datastore(cfg, seed, done[f"lm-{seed}"]["model"], done["corpus"]["corpus"], art)
+
+
+def _run_knnlm(cfg: ReproduceConfig, done: Done, art: Path, seed: int) -> dict:
+    model, corpus, ds = _seed_inputs(done, seed)
+    return nt.stage_knnlm(cfg, model, corpus, ds, art, seed=seed)
+
+
+def _run_memory(cfg: ReproduceConfig, done: Done, art: Path, seed: int) -> dict:
+    model, corpus, ds = _seed_inputs(done, seed)
+    return nt.stage_memory(cfg, seed, model, corpus, ds, done[f"knnlm-{seed}"], art)
+
+
+def _run_projection(cfg: ReproduceConfig, done: Done, art: Path, seed: int, lr_study: bool) -> dict:
+    model, corpus, ds = _seed_inputs(done, seed)
+    tuned = done[f"knnlm-{seed}"]["tuned"]
+    return nt.stage_projection(cfg, seed, model, corpus, ds, tuned, art, lr_study=lr_study)
+
+
+def _run_macondo(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
+    return stage_macondo(cfg, _macondo_model(cfg, done), art)
+
+
+def _run_width(cfg: ReproduceConfig, done: Done, art: Path, seed: int, d: int) -> dict:
+    return stage_width(cfg, d, seed, done["corpus"], art)
+
+
+def _run_hurdle(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
+    return stage_hurdle(cfg, done["corpus"]["corpus"], art)
+
+
+def _seed_inputs(done: Done, seed: int) -> tuple[str, str, str]:
+    """One LM seed's model, the corpus, and that LM's datastore."""
+    return (
+        done[f"lm-{seed}"]["model"],
+        done["corpus"]["corpus"],
+        done[f"datastore-{seed}"]["datastore"],
     )
-    model = lm_res["model"]
-    ds_res = pipe.run(
-        f"datastore-{seed}",
-        _pick(cfg, "context_len", "stride", "index", "index_nlist", "index_train_size"),
-        [f"lm-{seed}"],
-        lambda art: nt.stage_datastore(cfg, seed, model, corpus, art),
-    )
-    ds = ds_res["datastore"]
-    knn_res = pipe.run(
-        f"knnlm-{seed}",
-        _pick(cfg, "k", "nprobe", "search", "sweep_weights", "sweep_temperatures"),
-        [f"datastore-{seed}"],
-        lambda art: nt.stage_knnlm(cfg, model, corpus, ds, art, seed=seed),
-    )
-    mem_res = pipe.run(
-        f"memory-{seed}",
-        _pick(cfg, "memory_hidden", "memory_epochs", "memory_lr", "memory_batch_tokens",
-              "memory_max_steps", "memory_weights", "memory_control") | {"seed": seed},
-        [f"datastore-{seed}", f"knnlm-{seed}"],
-        lambda art: nt.stage_memory(cfg, seed, model, corpus, ds, knn_res, art),
-    )  # fmt: skip
-    return {"lm": lm_res, "datastore": ds_res, "knnlm": knn_res, "memory": mem_res}
 
 
-def _stage_hurdle(pipe: Pipeline, cfg: ReproduceConfig, corpus: str) -> dict:
-    return pipe.run(
-        "hurdle",
-        _pick(cfg, "hurdle_seeds", "hurdle_steps", "hurdle_eval_every", "hurdle_sizes",
-              "hurdle_corpus_max_chars", "seed") | {"corpus": corpus},
-        ["corpus"],
-        lambda art: stage_hurdle(cfg, corpus, art),
-    )  # fmt: skip
+# ----------------------------------------------------------------------------- running
 
 
-def _worker(cfg: ReproduceConfig, out: Path, seeds: list[int]) -> list[str]:
-    """The second process's share: Appendix E and some LM seeds, into the same stage cache
-    (each stage its own files); returns the stages it ran. The main process reads them back."""
+def run_stages(pipe: Pipeline, cfg: ReproduceConfig, stages: list[Stage], done: Done) -> None:
+    """Run (or read back from the cache) each of ``stages`` in order, into ``done``."""
+    for st in stages:
+        done[st.name] = pipe.run(
+            st.name, st.settings(cfg, done), list(st.deps), partial(st.run, cfg, done, **st.args)
+        )
+
+
+def _with_deps(plan: list[Stage], stages: list[Stage]) -> list[Stage]:
+    """``stages`` and every stage they depend on, directly or not, in the order of ``plan``."""
+    by_name = {st.name: st for st in plan}
+    need = {st.name for st in stages}
+    for st in reversed(plan):
+        if st.name in need:
+            need.update(st.deps)
+    return [by_name[name] for name in by_name if name in need]
+
+
+def _worker(cfg: ReproduceConfig, out: Path, groups: list[str]) -> list[str]:
+    """The second process's share: the stages of ``groups``, group by group, into the same
+    stage cache (each stage its own files); returns the stages it ran. The stages they depend
+    on outside those groups were run by the main process first: here they are read, not rerun."""
     with torch_threads(cfg.torch_threads):
         pipe = Pipeline(out)
-        data = _stage_corpus(pipe, cfg)  # cached by the main process: read, not rerun
-        _stage_hurdle(pipe, cfg, data["corpus"])
-        for seed in seeds:
-            _seed_chain(pipe, cfg, data, seed)
+        plan = stage_plan(cfg)
+        ours = [st for group in groups for st in plan if st.group == group]
+        needed = [st for st in _with_deps(plan, ours) if st.group not in groups]
+        run_stages(pipe, cfg, needed + ours, {})
     return [n for n, rec in pipe.records.items() if not rec.cached]
+
+
+def _run_plan(pipe: Pipeline, cfg: ReproduceConfig, out: Path) -> tuple[Done, list[str]]:
+    """Every stage of :func:`stage_plan`; with a second process, its groups there. Returns the
+    results by stage and the stages the second process ran."""
+    plan = stage_plan(cfg)
+    pipe.total = len(plan)
+    groups = second_process_groups(cfg)
+    second = [st for st in plan if st.group in groups]
+    # What the second process's stages need from outside its groups runs here first.
+    before = {st.name for st in _with_deps(plan, second)} - {st.name for st in second}
+    done: Done = {}
+    ex = pool(1) if second else None
+    try:
+        run_stages(pipe, cfg, [st for st in plan if st.name in before], done)
+        job = submit(ex, _worker, (cfg, out, groups), cfg.torch_threads) if ex else None
+        run_stages(
+            pipe, cfg, [st for st in plan if st.name not in before and st.group not in groups], done
+        )
+        ran_there = job.result() if job else []
+        run_stages(pipe, cfg, second, done)  # computed there: read back here
+    finally:
+        if ex is not None:
+            ex.shutdown(wait=False, cancel_futures=True)
+    for name in ran_there:  # computed in this invocation, by the other process
+        pipe.records[name].cached = False
+    return done, ran_there
 
 
 def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
@@ -233,144 +407,86 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
     started = utc_now()
     display = StageDisplay(progress)
     pipe = Pipeline(out, on_stage=display.update)
-    seeds = cfg.seeds
-    pipe.total = 1 + 4 * len(seeds) + 4
-    # With 2 workers a second process takes Appendix E and every other LM seed from seed 1.
-    theirs = seeds[1::2] if cfg.workers > 1 else []
-    ex = pool(1) if cfg.workers > 1 else None
     try:
-        data = _stage_corpus(pipe, cfg)
-        job = submit(ex, _worker, (cfg, out, theirs), cfg.torch_threads) if ex else None
-        per_seed = {s: _seed_chain(pipe, cfg, data, s) for s in seeds if s not in theirs}
-        proj, macondo = _sections_3_4(pipe, cfg, data, seeds[0], per_seed[seeds[0]])
-        width = _width_study(pipe, cfg, data, seeds[0], proj["projection"])
-        ran_there = job.result() if job else []
-        per_seed |= {s: _seed_chain(pipe, cfg, data, s) for s in theirs}
-        per_seed = {s: per_seed[s] for s in seeds}
-        hurdle = _stage_hurdle(pipe, cfg, data["corpus"])
-        for name in ran_there:  # computed in this invocation, by the other process
-            pipe.records[name].cached = False
-        results = _assemble(cfg, data, per_seed, proj, macondo, hurdle)
-        if width is not None:
-            results["width_study"] = width
-        results["stages"] = pipe.stage_times()
-        results["wall_seconds"] = time.perf_counter() - t_start
-        results["workers"] = {"processes": cfg.workers, "second_process_ran": ran_there}
-        # Outside every stage key: a resumed run on another machine still reuses its stages.
-        results["provenance"] = provenance(
-            started=started, threads=torch.get_num_threads(), device=str(pick_device())
-        )
-        write_json_atomic(out / "results.json", results)
+        done, ran_there = _run_plan(pipe, cfg, out)
     finally:
-        if ex is not None:
-            ex.shutdown(wait=False, cancel_futures=True)
         display.close()
+    results = _assemble(cfg, done)
+    results["stages"] = pipe.stage_times()
+    results["wall_seconds"] = time.perf_counter() - t_start
+    results["workers"] = {"processes": cfg.workers, "second_process_ran": ran_there}
+    # Outside every stage key: a resumed run on another machine still reuses its stages.
+    results["provenance"] = provenance(
+        started=started, threads=torch.get_num_threads(), device=str(pick_device())
+    )
+    check_results(results)  # a departure from the report's shape is a bug: fail before writing
+    write_json_atomic(out / "results.json", results)
     return json.loads((out / "results.json").read_text())
 
 
-def _width_study(pipe: Pipeline, cfg: ReproduceConfig, data: dict, seed0: int, main: dict):
-    """Section 3 at each width of ``cfg.width_study``; the run's own LM is its width's row."""
-    if not cfg.width_study:
-        return None
-    from knnlm.experiments.width_study import stage_width, width_row
-    from knnlm.lm.presets import get_preset
-
-    own = get_preset(cfg.lm_preset).n_embd if cfg.model is None else None
-    rows = []
-    for d in sorted({int(x) for x in cfg.width_study}):
-        if d == own:
-            rows.append(width_row(d, main) | {"tuned": main.get("tuned"), "main_lm": True})
-            continue
-        rows.append(pipe.run(
-            f"width-{d}",
-            _pick(cfg, "lm_preset", "lm_epochs", "lm_max_steps", "context_len", "stride", "k",
-                  "sweep_weights", "sweep_temperatures", "projection_positions",
-                  "projection_converged_max_steps") | {"seed": seed0, "d": d},
-            ["corpus"],
-            lambda art, d=d: stage_width(cfg, d, seed0, data, art),
-        ))  # fmt: skip
-    return {"seed": seed0, "preset": cfg.lm_preset, "rows": rows}
+# ----------------------------------------------------------------------------- results.json
 
 
-def _sections_3_4(pipe: Pipeline, cfg: ReproduceConfig, data: dict, seed0: int, first: dict):
-    """Section 3 (first LM seed) and Section 4 (that LM fine-tuned on Macondo)."""
-    model0, ds0 = first["lm"]["model"], first["datastore"]["datastore"]
-    tuned0 = first["knnlm"]["tuned"]
-    proj = {}
-    for name, lr_study in (("projection", False), ("projection_lr", True)):
-        proj[name] = pipe.run(
-            name,
-            _pick(cfg, "projection_positions", "projection_max_steps",
-                  "projection_converged_max_steps") | {"seed": seed0},
-            [f"knnlm-{seed0}"],
-            lambda art, lr_study=lr_study: nt.stage_projection(
-                cfg, seed0, model0, data["corpus"], ds0, tuned0, art, lr_study=lr_study
-            ),
-        )  # fmt: skip
-    # Section 4 fine-tunes the first LM of this run (the paper fine-tunes GPT-2); at paper
-    # scale it is the given --model or GPT-2 XL.
-    mac_model = model0 if cfg.scale != "paper" else cfg.model
-    macondo = pipe.run(
-        "macondo",
-        _pick(cfg, "macondo_seeds", "macondo_preset", "macondo_epochs", "macondo_lr",
-              "macondo_sizes", "macondo_eval_every", "macondo_memory", "macondo_tune", "k",
-              "seed") | {"model": mac_model},
-        [f"lm-{seed0}"] if mac_model == model0 else [],
-        lambda art: stage_macondo(cfg, mac_model, art),
-    )  # fmt: skip
-    return proj, macondo
-
-
-def _assemble(cfg, data, per_seed, proj, macondo, hurdle) -> dict:
-    """results.json in the contract's shape (lists per seed, in the order of ``seeds``)."""
-    seeds = list(per_seed)
-    first = per_seed[seeds[0]]
-    knn = [per_seed[s]["knnlm"] for s in seeds]
-    mem = [per_seed[s]["memory"] for s in seeds]
-    return {
+def _assemble(cfg: ReproduceConfig, done: Done) -> dict:
+    """results.json in the schema's shape (lists per seed, in the order of ``cfg.seeds``)."""
+    seeds = cfg.seeds
+    results = {
         "config": asdict(cfg),
-        "corpus": data,
-        "lm": [per_seed[s]["lm"] for s in seeds],
-        "datastore": [per_seed[s]["datastore"] for s in seeds],
-        "knnlm": {
-            "seeds": seeds,
-            "paper_setting": dict(PAPER_SETTING),
-            "per_seed": [
-                {
-                    "seed": s,
-                    "tuned": r["tuned"],
-                    "valid": r["valid"],
-                    "test": r["test"],
-                    "figure": r["figure"],
-                }
-                for s, r in zip(seeds, knn, strict=True)
-            ],
-            "sweep": first["knnlm"]["sweep"],
-            "figure": first["knnlm"]["figure"],
-            "settings": first["knnlm"]["settings"],
-        },
-        "projection": {"lr_0.1": proj["projection"], "lr_0.001": proj["projection_lr"]},
-        "memory": {
-            "seeds": seeds,
-            "per_seed": [
-                {
-                    k: r.get(k)
-                    for k in ("seed", "weight", "valid", "test", "weight_sweep", "train", "control")
-                }
-                for r in mem
-            ],
-            "storage": first["memory"]["storage"],
-            "settings": {
-                "hidden": cfg.memory_hidden,
-                "epochs": cfg.memory_epochs,
-                "lr": cfg.memory_lr,
-                "batch_tokens": cfg.memory_batch_tokens,
-                "max_steps": cfg.memory_max_steps,
-                "weights": cfg.memory_weights,
-                "weight_tuned_on": "valid",
-            },  # fmt: skip
-        },
-        "macondo": macondo,
-        "hurdle": hurdle,
+        "corpus": done["corpus"],
+        "lm": [done[f"lm-{s}"] for s in seeds],
+        "datastore": [done[f"datastore-{s}"] for s in seeds],
+        "knnlm": _knnlm_results(seeds, done),
+        "projection": {"lr_0.1": done["projection"], "lr_0.001": done["projection_lr"]},
+        "memory": _memory_results(cfg, seeds, done),
+        "macondo": done["macondo"],
+        "hurdle": done["hurdle"],
         "not_run": not_run(cfg),
     }
+    if cfg.width_study:
+        results["width_study"] = _width_study(cfg, done)
+    return results
+
+
+def _knnlm_results(seeds: list[int], done: Done) -> dict:
+    first = done[f"knnlm-{seeds[0]}"]
+    return {
+        "seeds": seeds,
+        "paper_setting": dict(PAPER_SETTING),
+        "per_seed": [
+            {"seed": s, **{k: done[f"knnlm-{s}"][k] for k in ("tuned", "valid", "test", "figure")}}
+            for s in seeds
+        ],
+        "sweep": first["sweep"],
+        "figure": first["figure"],
+        "settings": first["settings"],
+    }
+
+
+def _memory_results(cfg: ReproduceConfig, seeds: list[int], done: Done) -> dict:
+    keep = ("seed", "weight", "valid", "test", "weight_sweep", "train", "control")
+    return {
+        "seeds": seeds,
+        "per_seed": [{k: done[f"memory-{s}"].get(k) for k in keep} for s in seeds],
+        "storage": done[f"memory-{seeds[0]}"]["storage"],
+        "settings": {
+            "hidden": cfg.memory_hidden,
+            "epochs": cfg.memory_epochs,
+            "lr": cfg.memory_lr,
+            "batch_tokens": cfg.memory_batch_tokens,
+            "max_steps": cfg.memory_max_steps,
+            "weights": cfg.memory_weights,
+            "weight_tuned_on": "valid",
+        },
+    }
+
+
+def _width_study(cfg: ReproduceConfig, done: Done) -> dict:
+    """Section 3 at each width of ``cfg.width_study``; the run's own LM is its width's row."""
+    main = done["projection"]
+    rows = [
+        width_row(d, main) | {"tuned": main.get("tuned"), "main_lm": True}
+        if d == _own_width(cfg)
+        else done[f"width-{d}"]
+        for d in _widths(cfg)
+    ]
+    return {"seed": cfg.seeds[0], "preset": cfg.lm_preset, "rows": rows}

@@ -16,21 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel
 
+from knnlm.data.corpus import read_split, tokenize_text
 from knnlm.errors import KnnlmError
 from knnlm.experiments import natural_text as nt
 from knnlm.experiments.reproduce_config import ReproduceConfig
+from knnlm.lm.presets import get_preset
+from knnlm.lm.train import train
+from knnlm.lm.train_config import TrainConfig
 
 
 def stage_width_lm(cfg: ReproduceConfig, d: int, seed: int, corpus: str, tok_dir: str,
                    art: Path) -> dict:  # fmt: skip
     """The run's LM preset at width ``d``, trained like :func:`natural_text.stage_lm`."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
-    from knnlm.data.corpus import read_split, tokenize_text
-    from knnlm.lm.presets import get_preset
-    from knnlm.lm.train import TrainConfig, train
-
     base = get_preset(cfg.lm_preset)
     if d % base.n_head:
         raise KnnlmError(f"width {d} is not a multiple of the preset's {base.n_head} heads")

@@ -13,17 +13,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from knnlm.experiments.hurdle import RESULT_FILE
+from knnlm.experiments.macondo import FIGURE_CURVES, FIGURE_GROUPS, RESULTS, TABLE, contract_view
 from knnlm.experiments.stats import mean_std_rows
 from knnlm.fileio import write_json_atomic, write_text_atomic
 from knnlm.report import figures as F
+from knnlm.report.macondo import table5
+from knnlm.report.tables import settings_line
 
 
 def render_macondo(out: str | Path, results: Mapping[str, Any]) -> None:
     """``table5.md``, ``figure1.png`` and (with curves) ``figure3.png`` of a Macondo run."""
-    from knnlm.experiments.macondo import FIGURE_CURVES, FIGURE_GROUPS, TABLE, contract_view
-    from knnlm.report.macondo import table5
-    from knnlm.report.tables import settings_line
-
     out = Path(out).expanduser()
     settings = results["settings"]
     n_seeds = len(settings["seeds"])
@@ -58,8 +58,6 @@ def render_macondo(out: str | Path, results: Mapping[str, Any]) -> None:
 def render_hurdle(out: str | Path, result: dict) -> dict:
     """``figure4.png`` (and with a corpus ``figure5.png``) of a hurdle run; records their
     paths under ``result["figures"]`` and in ``hurdle.json``. Returns ``result``."""
-    from knnlm.experiments.hurdle import RESULT_FILE
-
     out = Path(out).expanduser()
     s = result["settings"]
     arch, n_seeds = s["preset"]["name"], len(s["seeds"])
@@ -124,9 +122,6 @@ def draw_stage_figures(r: Mapping[str, Any]) -> None:
     """Every stage's own figures (and Table 5) of a reproduction, at the paths its results
     record: each seed's sweep heatmap, the two projection plots, the Macondo and hurdle
     outputs (drawn from the results files of those runs)."""
-    from knnlm.experiments.hurdle import RESULT_FILE
-    from knnlm.experiments.macondo import RESULTS
-
     knn = r.get("knnlm") or {}
     for p in knn.get("per_seed") or []:
         if p.get("figure"):

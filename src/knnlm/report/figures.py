@@ -280,9 +280,33 @@ def plot_sweep_heatmap(
     finite = np.isfinite(grid)
     if not finite.any():
         raise KnnlmError("the sweep has no finite perplexity to plot")
-    vals = grid[finite]
+    best = np.unravel_index(np.where(finite, grid, np.inf).argmin(), grid.shape)
+    norm, cmap = _sweep_colours(grid[finite], lm_ppl)
+    fig = new_figure((max(4.8, 0.9 * len(t) + 2.5), max(3.6, 0.5 * len(w) + 2.0)))
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
+    fig.colorbar(im, ax=ax, label="perplexity", extend="both")
+    if grid.size <= 400:  # annotations stay legible
+        _annotate_cells(ax, grid, finite, cmap, norm, best)
+    bi, bj = best
+    ax.add_patch(Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
+    ax.set_xticks(range(len(t)), [fmt_number(v, "g") for v in t])
+    ax.set_yticks(range(len(w)), [fmt_number(v, "g") for v in w])
+    ax.set_xlabel("temperature")
+    ax.set_ylabel("kNN weight")
+    text = (
+        f"best {fmt_number(grid[bi, bj], '.2f')} at weight {fmt_number(w[bi], 'g')}, "
+        f"temperature {fmt_number(t[bj], 'g')}"
+    )
+    if lm_ppl is not None:
+        text += f"; LM {fmt_number(lm_ppl, '.2f')}"
+    ax.set_title(f"{title}\n{text}" if title else text, fontsize=10)
+    return save(fig, path)
+
+
+def _sweep_colours(vals: np.ndarray, lm_ppl: float | None) -> tuple[Normalize, Any]:
+    """The heatmap's (norm, colour map) over the finite perplexities ``vals``."""
     lo = float(vals.min())
-    bi, bj = np.unravel_index(np.where(finite, grid, np.inf).argmin(), grid.shape)
     if lm_ppl is not None and math.isfinite(lm_ppl):
         # Green = better than the LM, red = worse, symmetric around it: a few diverged
         # cells (weight near 1) saturate instead of flattening the interesting region.
@@ -293,40 +317,26 @@ def plot_sweep_heatmap(
         top = float(np.quantile(vals, 0.75))  # same reason: outliers saturate
         norm = Normalize(lo, top if top > lo else float(vals.max()) if vals.max() > lo else lo + 1)
         cmap = matplotlib.colormaps["viridis_r"]
-    cmap = cmap.with_extremes(bad="lightgray")
+    return norm, cmap.with_extremes(bad="lightgray")
 
-    fig = new_figure((max(4.8, 0.9 * len(t) + 2.5), max(3.6, 0.5 * len(w) + 2.0)))
-    ax = fig.add_subplot()
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
-    fig.colorbar(im, ax=ax, label="perplexity", extend="both")
-    if grid.size <= 400:  # annotations stay legible
-        for i, j in np.ndindex(grid.shape):
-            v = grid[i, j]
-            r, g, b, _ = cmap(norm(v)) if finite[i, j] else (0.83, 0.83, 0.83, 1.0)
-            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-            ax.text(
-                j,
-                i,
-                fmt_number(v, ".1f"),
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if dark else "black",
-                fontweight="bold" if (i, j) == (bi, bj) else "normal",
-            )
-    ax.add_patch(Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
-    ax.set_xticks(range(len(t)), [fmt_number(v, "g") for v in t])
-    ax.set_yticks(range(len(w)), [fmt_number(v, "g") for v in w])
-    ax.set_xlabel("temperature")
-    ax.set_ylabel("kNN weight")
-    best = (
-        f"best {fmt_number(grid[bi, bj], '.2f')} at weight {fmt_number(w[bi], 'g')}, "
-        f"temperature {fmt_number(t[bj], 'g')}"
-    )
-    if lm_ppl is not None:
-        best += f"; LM {fmt_number(lm_ppl, '.2f')}"
-    ax.set_title(f"{title}\n{best}" if title else best, fontsize=10)
-    return save(fig, path)
+
+def _annotate_cells(ax: Any, grid: np.ndarray, finite: np.ndarray, cmap: Any, norm: Normalize,
+                    best: tuple[int, int]) -> None:  # fmt: skip
+    """Each cell's perplexity, in white on dark cells, the best one in bold."""
+    for i, j in np.ndindex(grid.shape):
+        v = grid[i, j]
+        r, g, b, _ = cmap(norm(v)) if finite[i, j] else (0.83, 0.83, 0.83, 1.0)
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+        ax.text(
+            j,
+            i,
+            fmt_number(v, ".1f"),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if dark else "black",
+            fontweight="bold" if (i, j) == best else "normal",
+        )
 
 
 # ----------------------------------------------------------------------------- projection KL

@@ -143,27 +143,7 @@ def width_text(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
 def projection_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
     proj = r["projection"]
     p = proj["lr_0.1"]
-    lm, knn = p["lm"]["perplexity"], p["knnlm"]["perplexity"]
-    rows = _projection_rows(p)
-    t1 = markdown_table(
-        ["model", "perplexity", "share of the LM -> kNN-LM gap closed"],
-        [["LM", lm, None], ["kNN-LM", knn, None]]
-        + [[name, q["perplexity"],
-            None if lm == knn else f"{_f(100 * gap_share(lm, q['perplexity'], knn), '.0f')}%"]
-           for name, q in rows],
-        align=["l", "r", "r"],
-    )  # fmt: skip
-    t3 = markdown_table(
-        ["solve", "KL mean", "KL median", "starting KL", "KL removed", "steps (mean)",
-         "positions at tolerance / at the cap"],
-        [[name, q["kl_mean"], q.get("kl_median"), q.get("kl_init_mean"),
-          None if q.get("kl_removed") is None else f"{_f(100 * q['kl_removed'], '.0f')}%",
-          q.get("steps_mean"),
-          f"{_f(q.get('at_tolerance'))} / {_f(q.get('capped'))} of {_f(p.get('positions'))}"]
-         for name, q in rows],
-        floatfmt=["", ".4f", ".4f", ".4f", "", ".1f", ""],
-        align=["l", "r", "r", "r", "r", "r", "r"],
-    )  # fmt: skip
+    t1, t3 = _table1(p), _table3(p)
     md = (
         "## Capacity of the last layers (Section 3)\n\n"
         f"**Table 1.** Perplexity on the same {_f(p['positions'])} positions of "
@@ -184,23 +164,56 @@ def projection_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
         + width_text(r, figs)
     )
     q = proj.get("lr_0.001")
-    if q:
-        t4 = markdown_table(
-            ["model", "perplexity", "KL mean", "positions at the step cap"],
-            [["LM", q["lm"]["perplexity"], None, None],
-             ["kNN-LM", q["knnlm"]["perplexity"], None, None]]
-            + [[name.replace("*", ""), q[key]["perplexity"], q[key]["kl_mean"], _capped(q, q[key])]
-               for key, name in _PROJ],
-            floatfmt=["", ".2f", ".4f", ""],
-            align=["l", "r", "r", "r"],
-        )  # fmt: skip
-        md += (
-            f"**Table 4.** Learning rate 1e-3 for {_f(q.get('max_steps'))} steps "
-            f"({_f(q['positions'])} positions of the {q.get('split', '?')} split): the paper "
-            "finds f∘g harder to solve than f at a small learning rate (Appendix E).\n\n"
-            f"{t4}\n\n" + _figure(figs, "kl_steps", "mean KL[f(z) ‖ p_knnlm] over steps")
-        )
-    return md
+    return md + _table4_text(q, figs) if q else md
+
+
+def _table1(p: Mapping[str, Any]) -> str:
+    """Perplexity of each solve, and the share of the LM -> kNN-LM gap it closes."""
+    lm, knn = p["lm"]["perplexity"], p["knnlm"]["perplexity"]
+    rows = _projection_rows(p)
+    return markdown_table(
+        ["model", "perplexity", "share of the LM -> kNN-LM gap closed"],
+        [["LM", lm, None], ["kNN-LM", knn, None]]
+        + [[name, q["perplexity"],
+            None if lm == knn else f"{_f(100 * gap_share(lm, q['perplexity'], knn), '.0f')}%"]
+           for name, q in rows],
+        align=["l", "r", "r"],
+    )  # fmt: skip
+
+
+def _table3(p: Mapping[str, Any]) -> str:
+    """The KL at each solve's solution, how much of the starting KL it removed, and steps."""
+    rows = _projection_rows(p)
+    return markdown_table(
+        ["solve", "KL mean", "KL median", "starting KL", "KL removed", "steps (mean)",
+         "positions at tolerance / at the cap"],
+        [[name, q["kl_mean"], q.get("kl_median"), q.get("kl_init_mean"),
+          None if q.get("kl_removed") is None else f"{_f(100 * q['kl_removed'], '.0f')}%",
+          q.get("steps_mean"),
+          f"{_f(q.get('at_tolerance'))} / {_f(q.get('capped'))} of {_f(p.get('positions'))}"]
+         for name, q in rows],
+        floatfmt=["", ".4f", ".4f", ".4f", "", ".1f", ""],
+        align=["l", "r", "r", "r", "r", "r", "r"],
+    )  # fmt: skip
+
+
+def _table4_text(q: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
+    """Table 4 (Appendix E: lr 1e-3 for a fixed number of steps) with its caption and figure."""
+    t4 = markdown_table(
+        ["model", "perplexity", "KL mean", "positions at the step cap"],
+        [["LM", q["lm"]["perplexity"], None, None],
+         ["kNN-LM", q["knnlm"]["perplexity"], None, None]]
+        + [[name.replace("*", ""), q[key]["perplexity"], q[key]["kl_mean"], _capped(q, q[key])]
+           for key, name in _PROJ],
+        floatfmt=["", ".2f", ".4f", ""],
+        align=["l", "r", "r", "r"],
+    )  # fmt: skip
+    return (
+        f"**Table 4.** Learning rate 1e-3 for {_f(q.get('max_steps'))} steps "
+        f"({_f(q['positions'])} positions of the {q.get('split', '?')} split): the paper "
+        "finds f∘g harder to solve than f at a small learning rate (Appendix E).\n\n"
+        f"{t4}\n\n" + _figure(figs, "kl_steps", "mean KL[f(z) ‖ p_knnlm] over steps")
+    )
 
 
 # ----------------------------------------------------------------------------- Section 5

@@ -14,10 +14,14 @@ from typing import Any
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import write_json_atomic
+from knnlm.report import evidence_figures as E
+from knnlm.report import figures as F
 from knnlm.report import markdown_sections
-from knnlm.report.claims import make_claims
+from knnlm.report.claims import HURDLE_FIRST_PART, make_claims
+from knnlm.report.experiment_figures import draw_stage_figures
 from knnlm.report.html import write_report
 from knnlm.report.macondo import macondo_section
+from knnlm.report.seed_figures import plot_figure1, plot_hurdle_runs
 from knnlm.report.tables import claims_table
 
 # (title shown when the section is absent, results key, renderer)
@@ -60,9 +64,6 @@ def draw_figures(r: Mapping[str, Any], out: Path) -> tuple[dict[str, str | None]
     """Draw Figures 1, 4, 5 (and the KL plots when the per-position data is there) from the
     results; copy the figures the pipeline drew otherwise. Returns (figure paths relative to
     ``out``, why a figure is missing)."""
-    from knnlm.report import figures as F
-    from knnlm.report.seed_figures import plot_figure1, plot_hurdle_runs
-
     figdir = out / "figures"
     figs: dict[str, str | None] = {}
     why: dict[str, str] = {}
@@ -117,9 +118,6 @@ def draw_figures(r: Mapping[str, Any], out: Path) -> tuple[dict[str, str | None]
 
 def _draw_evidence(r: Mapping[str, Any], draw: Callable[..., None]) -> None:
     """The figures of what the verdicts read (:mod:`knnlm.report.evidence_figures`)."""
-    from knnlm.report import evidence_figures as E
-    from knnlm.report.claims import HURDLE_FIRST_PART
-
     mac, hur = r.get("macondo") or {}, r.get("hurdle") or {}
     p1 = _get(r, "projection", "lr_0.1")
     if mac.get("per_seed"):
@@ -224,7 +222,5 @@ def write_reproduction_report(out: str | Path, results: dict) -> dict:
     """The report of a :func:`knnlm.experiments.reproduce.reproduce` run in ``out``: each
     stage's own figures (and Table 5) where its results point, then :func:`write_paper_report`.
     Returns the results with the claims."""
-    from knnlm.report.experiment_figures import draw_stage_figures
-
     draw_stage_figures(results)
     return write_paper_report(Path(out).expanduser(), results)

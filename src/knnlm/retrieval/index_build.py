@@ -236,51 +236,21 @@ def build_index(
     ``pca=D`` puts a PCA d -> D (:mod:`knnlm.retrieval.pca`), trained on a seeded sample, in
     front of the index: it stores D-dim vectors and takes d-dim queries.
     """
-    if factory is not None:
-        if pca is not None:  # a factory string says its own transforms ("PCA64,IVF...")
-            raise KnnlmError('--pca cannot be combined with --factory; write "PCA<D>,..." in it')
-        kind = "factory"
-    if kind not in KINDS:
-        raise KnnlmError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
-    check_metric(metric)
-    for name, v in (
-        ("add_chunk", add_chunk),
-        ("nprobe", 1 if nprobe is None else nprobe),
-        ("checkpoint_every", checkpoint_every),
-    ):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise KnnlmError(f"{name} must be a positive integer, got {v!r}")
+    kind = _check_build_args(kind, factory, pca, metric, add_chunk, nprobe, checkpoint_every)
     want_gpu(use_gpu)  # validate early
     ds = Path(ds_dir)
     keys, _ = open_keys(ds)
     finish_pending_commit(ds)
     n, d = keys.shape
     pca = check_pca(pca, d)
-    info: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "type": kind,
-        "metric": metric,
-        "distance": DISTANCE_NOTE,
-        "n": n,
-        "dim": d,
-        "key_dtype": str(keys.dtype),
-        "seed": seed,
-        "datastore_fingerprint": datastore_fingerprint(ds),
-        "faiss_version": faiss.__version__,
-        "pca": pca,
-    }
+    info = _index_info(ds, keys, kind, metric, seed, pca)
     t0 = time.time()
     if kind == "flat":
         index = _build_flat(keys, metric, add_chunk, progress, pca, seed)
         info.update(nlist=None, pq_m=None, pq_bits=None, nprobe=None, train_size=None)
     elif kind == "factory":
-        if not factory:
-            raise KnnlmError("an index of kind 'factory' needs a factory string (--factory)")
-        index, more = build_factory(keys, factory, metric, train_size, seed, add_chunk, progress)
-        info.update(more, nprobe=None)
-        if more["nlist"] is not None:
-            info["nprobe"] = auto_nprobe(more["nlist"]) if nprobe is None else int(nprobe)
-            faiss.extract_index_ivf(index).nprobe = min(info["nprobe"], more["nlist"])
+        index = _build_factory(keys, factory, metric, train_size, seed, add_chunk, progress,
+                               nprobe, info)  # fmt: skip
     else:
         settings = _ivfpq_settings(n, pca or d, nlist, pq_m, pq_bits, train_size)
         info.update(settings)
@@ -300,6 +270,65 @@ def build_index(
     _unlink(ds / PARTIAL_FILE, ds / PARTIAL_META)
     log.info("index written: %s", index_summary(ds))
     return out
+
+
+def _check_build_args(
+    kind: str, factory: str | None, pca: int | None, metric: str, add_chunk: int,
+    nprobe: int | None, checkpoint_every: int,
+) -> str:  # fmt: skip
+    """The index kind (``"factory"`` with a factory string) once the arguments that need no
+    datastore are checked."""
+    if factory is not None:
+        if pca is not None:  # a factory string says its own transforms ("PCA64,IVF...")
+            raise KnnlmError('--pca cannot be combined with --factory; write "PCA<D>,..." in it')
+        kind = "factory"
+    if kind not in KINDS:
+        raise KnnlmError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    check_metric(metric)
+    for name, v in (
+        ("add_chunk", add_chunk),
+        ("nprobe", 1 if nprobe is None else nprobe),
+        ("checkpoint_every", checkpoint_every),
+    ):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise KnnlmError(f"{name} must be a positive integer, got {v!r}")
+    return kind
+
+
+def _index_info(
+    ds: Path, keys: np.ndarray, kind: str, metric: str, seed: int, pca: int | None
+) -> dict[str, Any]:
+    """What index.json records of every index, before the kind's own settings."""
+    n, d = keys.shape
+    return {
+        "format_version": FORMAT_VERSION,
+        "type": kind,
+        "metric": metric,
+        "distance": DISTANCE_NOTE,
+        "n": n,
+        "dim": d,
+        "key_dtype": str(keys.dtype),
+        "seed": seed,
+        "datastore_fingerprint": datastore_fingerprint(ds),
+        "faiss_version": faiss.__version__,
+        "pca": pca,
+    }
+
+
+def _build_factory(
+    keys: np.ndarray, factory: str | None, metric: str, train_size: int | None, seed: int,
+    add_chunk: int, progress: bool, nprobe: int | None, info: dict[str, Any],
+) -> Any:  # fmt: skip
+    """A ``faiss.index_factory`` index; its settings (and search nprobe, for an IVF) go into
+    ``info``."""
+    if not factory:
+        raise KnnlmError("an index of kind 'factory' needs a factory string (--factory)")
+    index, more = build_factory(keys, factory, metric, train_size, seed, add_chunk, progress)
+    info.update(more, nprobe=None)
+    if more["nlist"] is not None:
+        info["nprobe"] = auto_nprobe(more["nlist"]) if nprobe is None else int(nprobe)
+        faiss.extract_index_ivf(index).nprobe = min(info["nprobe"], more["nlist"])
+    return index
 
 
 def _build_flat(
