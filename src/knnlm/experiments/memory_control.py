@@ -22,12 +22,12 @@ from knnlm.lm.loading import load_lm
 from knnlm.lm.train import TrainConfig, model_from_pretrained, train
 from knnlm.retrieval.knn import interpolate, perplexity
 from knnlm.scoring import score_stream
+from knnlm.token_scores import score_tokens
 
 
 def _target_log_probs(lm: Any, ids: np.ndarray, context_len: int, stride: int | None):
-    out = [b.lm_log_prob.float().cpu()
-           for b in score_stream(lm.model, ids, context_len, stride, progress=False)]  # fmt: skip
-    return torch.cat(out)
+    batches = score_stream(lm.model, ids, context_len, stride, progress=False)
+    return torch.cat([s.lm_cpu.float() for s in score_tokens(batches)])
 
 
 def train_control(
