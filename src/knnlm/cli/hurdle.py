@@ -132,5 +132,4 @@ def hurdle_cmd(
     typer.echo(f"results: {Path(out) / 'hurdle.json'} ({result['wall_seconds']:.0f}s)")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("hurdle")(hurdle_cmd)
+COMMANDS = [("hurdle", hurdle_cmd)]

@@ -142,5 +142,4 @@ def train_cmd(
     typer.echo(f"model saved to {result.out_dir}")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("train")(train_cmd)
+COMMANDS = [("train", train_cmd)]
