@@ -152,6 +152,30 @@ def test_every_command_takes_quiet():
     assert len(names) >= 10 and "knnlm generate" in names
 
 
+def test_commands_register_builds_fresh_groups_and_refuses_a_duplicate():
+    """Each app gets its own group sub-apps (registering twice adds nothing twice), and a
+    command name declared in two tables is refused."""
+    import types
+
+    import typer
+
+    from knnlm.cli import commands, macondo_data, macondo_run
+
+    first, second = typer.Typer(), typer.Typer()
+    commands.register(first, [macondo_data, macondo_run])
+    commands.register(second, [macondo_data, macondo_run])
+    subs = []
+    for app in (first, second):
+        (group,) = app.registered_groups
+        assert group.name == "macondo"
+        assert [c.name for c in group.typer_instance.registered_commands] == ["generate", "run"]
+        subs.append(group.typer_instance)
+    assert subs[0] is not subs[1]
+    twice = types.SimpleNamespace(COMMANDS=[("macondo run", macondo_run.run_cmd)])
+    with pytest.raises(ValueError, match="'macondo run' is declared twice"):
+        commands.register(typer.Typer(), [macondo_run, twice])
+
+
 def _python_m(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "knnlm", *map(str, args)],

@@ -188,10 +188,11 @@ def test_cli(tmp_path):
     import typer
     from typer.testing import CliRunner
 
+    from knnlm.cli import commands
     from knnlm.cli import hurdle as hurdle_cli
 
     app = typer.Typer()
-    hurdle_cli.register(app)
+    commands.register(app, [hurdle_cli])
 
     @app.callback()
     def _root() -> None:  # keeps "hurdle" a subcommand

@@ -351,11 +351,10 @@ def test_cli_generate(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from knnlm.cli import macondo_data
+    from knnlm.cli import commands, macondo_data
 
-    assert isinstance(macondo_data.macondo_app, typer.Typer)
     app = typer.Typer()
-    macondo_data.register(app)
+    commands.register(app, [macondo_data])
     runner = CliRunner()
     out = tmp_path / "m"
     args = ["macondo", "generate", "--out", str(out), "--seed", "3", "--villagers", "60"]

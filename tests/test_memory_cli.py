@@ -13,6 +13,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from knnlm.cli import commands
 from knnlm.cli import memory as memory_cli
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
@@ -26,7 +27,7 @@ CTX = 32
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
     app = typer.Typer()
-    memory_cli.register(app)
+    commands.register(app, [memory_cli])
     return app
 
 

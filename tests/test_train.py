@@ -274,10 +274,11 @@ def test_cli_train_and_bad_preset(tiny_corpus, tmp_path):
     import typer
     from typer.testing import CliRunner
 
+    from knnlm.cli import commands
     from knnlm.cli import train as train_cli
 
     app = typer.Typer()
-    train_cli.register(app)
+    commands.register(app, [train_cli])
 
     @app.callback()
     def _root() -> None:  # keeps "train" a subcommand

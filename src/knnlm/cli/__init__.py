@@ -1,8 +1,9 @@
 """The ``knnlm`` command line: thin Typer wrappers that parse, call the library and print.
 
-Each command group lives in its own module with a ``register(app)`` function; shared options
-are in ``common``. Usage errors print click's usual text; every other error a user can cause
-(``KnnlmError``) becomes one ``Error: ...`` line on stderr; both exit with code 2.
+Each command module declares its commands in a ``COMMANDS`` table, from which ``commands``
+builds the app and its groups; shared options are in ``common``. Usage errors print click's
+usual text; every other error a user can cause (``KnnlmError``) becomes one ``Error: ...``
+line on stderr; both exit with code 2.
 """
 
 from __future__ import annotations
@@ -67,8 +68,7 @@ def register_all() -> None:
         return
     from knnlm.cli import commands
 
-    for module in commands.MODULES:
-        module.register(app)
+    commands.register(app)
     _registered = True
 
 

@@ -1,4 +1,13 @@
-"""The list of CLI command modules, in the order their commands appear in ``--help``."""
+"""The CLI's command modules and groups, and the Typer app built from them.
+
+Each command module declares ``COMMANDS``: ``(name, function)`` pairs, where the name is
+``"eval"`` for a top-level command or ``"datastore build"`` for one in a group. The groups and
+their help are declared here only; ``--help`` lists commands in ``MODULES`` order, then groups.
+"""
+
+from __future__ import annotations
+
+import typer
 
 from knnlm.cli import (
     datastore_eval,
@@ -13,6 +22,14 @@ from knnlm.cli import (
     train,
 )
 
+# Group name -> its help, in the order the groups appear in ``knnlm --help``.
+GROUPS = {
+    "datastore": "Build, index and describe a kNN datastore.",
+    "gate": "Adaptive retrieval: a gate that decides which tokens search.",
+    "macondo": "The Macondo over-specification dataset and experiments (paper Section 4).",
+    "memory": "Train an MLP memory on a datastore's (key, next token) pairs (Section 5).",
+}
+
 MODULES: list = [
     reproduce,
     train,
@@ -25,3 +42,22 @@ MODULES: list = [
     memory,
     hurdle,
 ]
+
+
+def register(app: typer.Typer, modules: list = MODULES) -> None:
+    """Add the commands of ``modules``' ``COMMANDS`` tables to ``app``, grouped commands under
+    a fresh sub-app per group; a name declared twice is an error."""
+    seen: set[str] = set()
+    groups: dict[str, typer.Typer] = {}
+    for module in modules:
+        for name, function in module.COMMANDS:
+            if name in seen:
+                raise ValueError(f"CLI command {name!r} is declared twice")
+            seen.add(name)
+            group, _, command = name.rpartition(" ")
+            if group and group not in groups:
+                groups[group] = typer.Typer(help=GROUPS[group], no_args_is_help=True)
+            (groups[group] if group else app).command(command)(function)
+    for group in GROUPS:
+        if group in groups:
+            app.add_typer(groups[group], name=group)

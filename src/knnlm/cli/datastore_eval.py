@@ -49,13 +49,10 @@ from knnlm.cli.common import (
 )
 from knnlm.errors import KnnlmError
 
-datastore_app = typer.Typer(help="Build, index and describe a kNN datastore.", no_args_is_help=True)
-
 DS_ARG = typer.Argument(None, help="Datastore directory (or --datastore/-d).", show_default=False)
 DS_OPT = typer.Option(None, "--datastore", "-d", help="Datastore directory (or positionally).")
 
 
-@datastore_app.command("build")
 def datastore_build(
     ctx: typer.Context,
     model: str = MODEL,
@@ -96,7 +93,6 @@ def datastore_build(
                    f"({ds.meta['key_type']})")  # fmt: skip
 
 
-@datastore_app.command("index")
 def datastore_index(
     ds: Path | None = DS_ARG,
     ds_opt: Path | None = DS_OPT,
@@ -182,7 +178,6 @@ def _index_check(ds: Path, corpus: str, split: str, model: str | None, knn, wind
     )
 
 
-@datastore_app.command("info")
 def datastore_info(
     ds: Path | None = DS_ARG,
     ds_opt: Path | None = DS_OPT,
@@ -351,7 +346,10 @@ def sweep_cmd(
     echo_json(result["best"])
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(datastore_app, name="datastore")
-    app.command("eval")(eval_cmd)
-    app.command("sweep")(sweep_cmd)
+COMMANDS = [
+    ("datastore build", datastore_build),
+    ("datastore index", datastore_index),
+    ("datastore info", datastore_info),
+    ("eval", eval_cmd),
+    ("sweep", sweep_cmd),
+]

@@ -32,13 +32,9 @@ from knnlm.cli.common import (
     one_path,
     value,
 )
-from knnlm.cli.datastore_eval import DS_ARG, DS_OPT, datastore_app
-
-gate_app = typer.Typer(help="Adaptive retrieval: a gate that decides which tokens search.",
-                       no_args_is_help=True)  # fmt: skip
+from knnlm.cli.datastore_eval import DS_ARG, DS_OPT
 
 
-@gate_app.command("train")
 def gate_train_cmd(
     model: str = MODEL,
     datastore: Path = DATASTORE,
@@ -112,6 +108,4 @@ def prune_cmd(
     )
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(gate_app, name="gate")
-    datastore_app.command("prune")(prune_cmd)
+COMMANDS = [("gate train", gate_train_cmd), ("datastore prune", prune_cmd)]

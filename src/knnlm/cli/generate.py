@@ -136,6 +136,4 @@ def neighbours_cmd(
         )
 
 
-def register(app: typer.Typer) -> None:
-    app.command("generate")(generate_cmd)
-    app.command("neighbours")(neighbours_cmd)
+COMMANDS = [("generate", generate_cmd), ("neighbours", neighbours_cmd)]

@@ -8,19 +8,7 @@ import typer
 
 from knnlm.cli.common import QUIET, SEED, echo_json
 
-# Other modules add their commands (e.g. ``knnlm macondo run``) to this sub-app.
-macondo_app = typer.Typer(
-    help="The Macondo over-specification dataset and experiments (paper Section 4).",
-    no_args_is_help=True,
-)
 
-
-@macondo_app.callback()
-def _group() -> None:
-    """The Macondo over-specification dataset and experiments (paper Section 4)."""
-
-
-@macondo_app.command("generate")
 def generate(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (replaced atomically)."),
     seed: int = SEED,
@@ -77,9 +65,4 @@ def generate(
         echo_json({"out": str(path), "variant": ds.meta["variant"], **ds.meta["counts"]})
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(
-        macondo_app,
-        name="macondo",
-        help="The Macondo over-specification dataset and experiments (paper Section 4).",
-    )
+COMMANDS = [("macondo generate", generate)]

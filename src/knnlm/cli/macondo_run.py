@@ -143,11 +143,4 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``run`` to the ``knnlm macondo`` sub-app (registered by ``macondo_data``)."""
-    from knnlm.cli.macondo_data import macondo_app
-
-    # The command lives on the sub-app, which macondo_data adds to ``app``; registering twice
-    # (several apps in one process) must not add a second "run".
-    if not any(c.name == "run" for c in macondo_app.registered_commands):
-        macondo_app.command("run")(run_cmd)
+COMMANDS = [("macondo run", run_cmd)]

@@ -22,13 +22,7 @@ from knnlm.cli.common import (
     write_json,
 )
 
-memory_app = typer.Typer(
-    help="Train an MLP memory on a datastore's (key, next token) pairs (Section 5).",
-    no_args_is_help=True,
-)
 
-
-@memory_app.command("train")
 def memory_train(
     ctx: typer.Context,
     model: str = typer.Option(
@@ -142,5 +136,4 @@ def memory_train(
     typer.echo(f"memory saved to {out}")
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(memory_app, name="memory")
+COMMANDS = [("memory train", memory_train)]

@@ -124,5 +124,4 @@ def project_cmd(
     typer.echo(projection_tables(result))
 
 
-def register(app: typer.Typer) -> None:
-    app.command("project")(project_cmd)
+COMMANDS = [("project", project_cmd)]

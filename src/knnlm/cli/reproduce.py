@@ -156,5 +156,4 @@ def reproduce_cmd(
     typer.echo(f"wall time {time.perf_counter() - t0:.0f} s")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("reproduce")(reproduce_cmd)
+COMMANDS = [("reproduce", reproduce_cmd)]
