@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_text
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
@@ -18,6 +17,7 @@ from knnlm.retrieval.gate import load_gate
 from knnlm.retrieval.gate_train import train_gate
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.scoring import score_stream
+from tiny import make_text
 
 CTX, STRIDE = 24, 8
 KNN = KnnSettings(k=8, knn_weight=0.4, temperature=5.0)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_text, save_tiny_model
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.errors import KnnlmError
@@ -19,6 +18,7 @@ from knnlm.retrieval.datastore import build_datastore, open_datastore
 from knnlm.retrieval.knn import interpolate, knn_log_probs, knn_target_log_prob
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.sweep import sweep
+from tiny import make_text, save_tiny_model
 
 CTX, STRIDE = 24, 8
 

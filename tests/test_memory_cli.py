@@ -19,6 +19,7 @@ from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
 from knnlm.retrieval.datastore import build_datastore
+from tiny import save_tiny_model
 
 CTX = 32
 
@@ -92,8 +93,6 @@ def test_memory_train_then_eval(app, tiny_lm_dir, tiny_corpus, datastore, tmp_pa
 
 
 def test_memory_train_refuses_another_model(app, tiny_tokenizer, datastore, tmp_path):
-    from conftest import save_tiny_model
-
     other = save_tiny_model(tmp_path / "other", tiny_tokenizer, seed=1)
     mem = tmp_path / "mem"
     args = [

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_text
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
@@ -23,6 +22,7 @@ from knnlm.retrieval.prune import greedy_merge, prune_datastore
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.retrieval.search import Searcher
 from knnlm.scoring import score_stream
+from tiny import make_text
 
 CTX, STRIDE = 24, 8
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import make_text
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.evaluate import evaluate
 from knnlm.experiments.mlp_memory import train_memory
 from knnlm.lm.loading import load_lm
 from knnlm.retrieval.datastore import build_datastore
+from tiny import make_text
 
 CTX = 16
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_text, save_tiny_model
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.evaluate import continuation_log_probs, evaluate
 from knnlm.lm.loading import load_lm
 from knnlm.retrieval.datastore import build_datastore, open_datastore
 from knnlm.scoring import score_stream, window_batches
+from tiny import make_text, save_tiny_model
 
 CTX, STRIDE = 16, 5
 

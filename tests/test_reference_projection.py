@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_text
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.experiments.projection import run_projection
 from knnlm.lm.loading import load_lm
 from knnlm.retrieval.datastore import build_datastore, open_datastore
 from knnlm.retrieval.retriever import KnnSettings
+from tiny import make_text
 
 CTX = 16
 
