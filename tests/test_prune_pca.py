@@ -14,17 +14,16 @@ import torch
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
-from knnlm.lm.loading import load_lm
-from knnlm.retrieval.datastore import build_datastore, open_datastore
+from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.index_build import build_index
 from knnlm.retrieval.knn import knn_target_log_prob
 from knnlm.retrieval.prune import greedy_merge, prune_datastore
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.retrieval.search import Searcher
 from knnlm.scoring import score_stream
-from tiny import make_text
+from tiny import SMALL_CTX, SMALL_STRIDE, small_datastore
 
-CTX, STRIDE = 24, 8
+CTX, STRIDE = SMALL_CTX, SMALL_STRIDE
 
 
 @pytest.fixture(autouse=True)
@@ -140,25 +139,8 @@ def test_prune_refuses_a_foreign_target(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("small_corpus")
-    (d / "train.txt").write_text(make_text(25, 10))
-    (d / "valid.txt").write_text(make_text(6, 11))
-    return d
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    return load_lm(str(tiny_lm_dir))
-
-
-@pytest.fixture(scope="module")
 def lm_ds(lm, small_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm_ds") / "ds"
-    return build_datastore(
-        lm, str(small_corpus), "train", out, context_len=CTX, stride=STRIDE, progress=False,
-        key_dtype="float32",
-    )  # fmt: skip
+    return small_datastore(lm, small_corpus, tmp_path_factory.mktemp("lm_ds") / "ds")
 
 
 def _valid_records(lm, corpus):
