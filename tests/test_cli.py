@@ -9,18 +9,7 @@ import sys
 
 import pytest
 
-from knnlm.cli import main
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["knnlm", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+from tiny import run_cli
 
 
 def test_help_lists_every_command(monkeypatch, capsys):

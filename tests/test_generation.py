@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ from knnlm.generation import KnnLogitsProcessor
 from knnlm.lm.loading import load_lm
 from knnlm.retrieval.datastore import build_datastore, open_datastore
 from knnlm.retrieval.retriever import KnnSettings, Retriever
+from tiny import run_cli
 
 CTX = 32
 
@@ -99,22 +98,13 @@ def _greedy_reference(lm, prompt, keys, values, steps, k, w, temp) -> tuple[list
 
 
 def test_cli_generate_equals_greedy_reference(setup, tiny_lm_dir, monkeypatch, capsys):
-    from knnlm.cli import main
-
     lm, ds_dir, keys, values = setup
     prompt, steps, k, w = "the village", 6, 8, 0.9
     knn_new, lm_new = _greedy_reference(lm, prompt, keys, values, steps, k, w, 1.0)
     assert knn_new != lm_new  # the reference tells kNN-LM and LM decoding apart
     tok = lm.tokenizer
-    monkeypatch.setattr(sys, "argv", ["knnlm", "generate", "--model", str(tiny_lm_dir),
-                                      "--datastore", str(ds_dir), "--k", str(k),
-                                      "--knn-weight", str(w), "--prompt", prompt,
-                                      "--max-new-tokens", str(steps)])  # fmt: skip
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(monkeypatch, capsys, "generate", "--model", tiny_lm_dir,
+                             "--datastore", ds_dir, "--k", k, "--knn-weight", w,
+                             "--prompt", prompt, "--max-new-tokens", steps)  # fmt: skip
     assert code == 0, err
     assert out.rstrip("\n") == prompt + tok.decode(knn_new, skip_special_tokens=True)
