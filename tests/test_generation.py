@@ -7,26 +7,17 @@ import pytest
 import torch
 
 from knnlm.generation import KnnLogitsProcessor
-from knnlm.lm.loading import load_lm
-from knnlm.retrieval.datastore import build_datastore, open_datastore
+from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from tiny import run_cli
+from tiny import quiet_datastore, run_cli
 
 CTX = 32
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_lm_dir, tiny_corpus, tmp_path_factory):
-    lm = load_lm(str(tiny_lm_dir))
-    ds_dir = build_datastore(
-        lm,
-        str(tiny_corpus),
-        "train",
-        tmp_path_factory.mktemp("gen") / "ds",
-        context_len=CTX,
-        key_dtype="float32",
-        progress=False,
-    )
+def setup(lm, tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "ds"
+    ds_dir = quiet_datastore(lm, tiny_corpus, out, context_len=CTX, key_dtype="float32")
     ds = open_datastore(ds_dir)
     return lm, ds_dir, np.asarray(ds.keys, dtype=np.float64), np.asarray(ds.values)
 

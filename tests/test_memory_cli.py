@@ -18,8 +18,7 @@ from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
-from knnlm.retrieval.datastore import build_datastore
-from tiny import save_tiny_model
+from tiny import quiet_datastore, save_tiny_model
 
 CTX = 32
 
@@ -32,10 +31,8 @@ def app() -> typer.Typer:
 
 
 @pytest.fixture(scope="module")
-def datastore(tiny_lm_dir, tiny_corpus, tmp_path_factory):
-    lm = load_lm(str(tiny_lm_dir))
-    out = tmp_path_factory.mktemp("ds") / "ds"
-    return build_datastore(lm, str(tiny_corpus), "train", out, context_len=CTX, progress=False)
+def datastore(lm, tiny_corpus, tmp_path_factory):
+    return quiet_datastore(lm, tiny_corpus, tmp_path_factory.mktemp("ds") / "ds", context_len=CTX)
 
 
 def _hand_perplexity(lm, corpus) -> tuple[float, int]:
