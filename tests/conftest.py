@@ -53,6 +53,17 @@ def small_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def one_faiss_thread():
+    """FAISS's OpenMP threads spin badly on a busy 2-core machine; one thread is faster here."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture
 def requires_wikitext():
     if not (WIKITEXT2 / "train.txt").is_file():
         pytest.skip(f"WikiText-2 not found at {WIKITEXT2}")

@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -21,27 +20,15 @@ from knnlm.retrieval.prune import greedy_merge, prune_datastore
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.retrieval.search import Searcher
 from knnlm.scoring import score_stream
-from tiny import SMALL_CTX, SMALL_STRIDE, small_datastore
+from tiny import SMALL_CTX, SMALL_STRIDE, array_datastore, small_datastore
 
 CTX, STRIDE = SMALL_CTX, SMALL_STRIDE
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def write_ds(path: Path, keys: np.ndarray, values: np.ndarray) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    np.save(path / "keys.npy", keys.astype(np.float32))
-    np.save(path / "values.npy", values.astype(np.int32))
-    meta = {"format_version": 1, "n": len(keys), "dim": keys.shape[1], "key_dtype": "float32",
-            "artifact": "datastore", "key_type": "ffn_input"}  # fmt: skip
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
+    meta = dict(format_version=1, key_dtype="float32", artifact="datastore", key_type="ffn_input")
+    return array_datastore(path, keys.astype(np.float32), values, **meta)
 
 
 def sequential_greedy(nbrs: np.ndarray, values: np.ndarray) -> tuple[list[int], dict[int, int]]:

@@ -1,15 +1,18 @@
-"""Builders of the tests' tiny inputs: word-salad corpora, random tiny LMs, quiet datastores, and
-an in-process CLI call. Plain functions; the shared fixtures in conftest.py use them."""
+"""Builders of the tests' tiny inputs: word-salad corpora, random tiny LMs, datastores (built
+quietly, or written from arrays), and an in-process CLI call. Plain functions; the shared fixtures in conftest.py use them."""
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+import typer
 
-from knnlm.cli import main
+from knnlm.cli import app, main, register_all
 from knnlm.retrieval.datastore import build_datastore
 
 _WORDS = (
@@ -86,6 +89,18 @@ def small_datastore(lm, corpus: Path, out: Path, **settings) -> Path:
     return quiet_datastore(lm, corpus, out, **{**small, **settings})
 
 
+def array_datastore(path: Path, keys: np.ndarray, values: np.ndarray | None = None, **meta) -> Path:
+    """A datastore folder from arrays, no model: ``keys`` saved as given, ``values`` as int32
+    (by default each row's index mod 7), and a meta.json of n, dim and ``meta``."""
+    path.mkdir(parents=True, exist_ok=True)
+    if values is None:
+        values = np.arange(len(keys)) % 7
+    np.save(path / "keys.npy", keys)
+    np.save(path / "values.npy", values.astype(np.int32))
+    (path / "meta.json").write_text(json.dumps({"n": len(keys), "dim": keys.shape[1], **meta}))
+    return path
+
+
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """``knnlm *args`` in this process: (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["knnlm", *map(str, args)])
@@ -96,3 +111,17 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
         code = exc.code or 0
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def leaf_commands() -> list[tuple[str, object]]:
+    """(name, click command) of every runnable command, groups walked."""
+    register_all()
+    todo, leaves = [("knnlm", typer.main.get_command(app))], []
+    while todo:
+        name, cmd = todo.pop()
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            todo.extend((f"{name} {n}", c) for n, c in subs.items())
+        else:
+            leaves.append((name, cmd))
+    return leaves
