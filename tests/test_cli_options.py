@@ -11,24 +11,11 @@ import sys
 import pytest
 import typer
 
-from knnlm.cli import app, register_all
-from tiny import run_cli
+from knnlm.cli import app
+from tiny import leaf_commands, run_cli
 
 # Each option name has one short flag wherever it appears.
 SHORT = {"--model": "-m", "--corpus": "-c", "--datastore": "-d", "--out": "-o", "--quiet": "-q"}
-
-
-def leaf_commands() -> list[tuple[str, object]]:
-    register_all()
-    todo, leaves = [("knnlm", typer.main.get_command(app))], []
-    while todo:
-        name, cmd = todo.pop()
-        subs = getattr(cmd, "commands", None)
-        if subs:
-            todo.extend((f"{name} {n}", c) for n, c in subs.items())
-        else:
-            leaves.append((name, cmd))
-    return leaves
 
 
 def _options(cmd) -> list:
