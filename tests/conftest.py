@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny corpus and tiny random models with their own tokenizer (no downloads)."""
+"""Shared fixtures: a tiny corpus and tiny random models with their own tokenizer (no downloads),
+built with the plain functions of tiny.py."""
 
 from __future__ import annotations
 

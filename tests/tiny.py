@@ -1,5 +1,6 @@
 """Builders of the tests' tiny inputs: word-salad corpora, random tiny LMs, datastores (built
-quietly, or written from arrays), and an in-process CLI call. Plain functions; the shared fixtures in conftest.py use them."""
+quietly, or written from arrays), and in-process CLI calls. Plain functions; the shared fixtures
+of conftest.py use them."""
 
 from __future__ import annotations
 
