@@ -1,12 +1,15 @@
-"""Shared fixtures: a tiny corpus and tiny random models with their own tokenizer (no downloads)."""
+"""Shared fixtures: a tiny corpus and tiny random models with their own tokenizer (no downloads),
+built with the plain functions of tiny.py."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
+
+from knnlm.lm.loading import load_lm
+from tiny import save_tiny_model, write_corpus
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WIKITEXT2 = SHARED / "data" / "wikitext-2"
@@ -15,29 +18,13 @@ NAMES = SHARED / "data" / "names"
 # The mutation driver runs its own selection of tests (python tests/mutation/run.py).
 collect_ignore = ["mutation"]
 
-_WORDS = (
-    "the a village river old new house parent child friend born married year green quiet "
-    "market bridge song winter summer road stone baker teacher of in to and was is who"
-).split()
-
-
-def make_text(n_lines: int, seed: int) -> str:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_lines):
-        n = rng.randint(4, 14)
-        lines.append(" ".join(rng.choice(_WORDS) for _ in range(n)) + " .\n")
-    return "".join(lines)
-
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A WikiText-style directory with train/valid/test.txt of random word salad."""
-    d = tmp_path_factory.mktemp("corpus")
-    (d / "train.txt").write_text(make_text(300, 0))
-    (d / "valid.txt").write_text(make_text(40, 1))
-    (d / "test.txt").write_text(make_text(40, 2))
-    return d
+    return write_corpus(
+        tmp_path_factory.mktemp("corpus"), train=(300, 0), valid=(40, 1), test=(40, 2)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -48,45 +35,33 @@ def tiny_tokenizer(tiny_corpus):
     return train_bpe_tokenizer(text.splitlines(keepends=True), vocab_size=300, min_frequency=1)
 
 
-def save_tiny_model(
-    out: Path, tokenizer, model_type: str = "gpt2", seed: int = 0, hidden: int = 32
-) -> Path:
-    """A random tiny causal LM of ``model_type`` (hidden size ``hidden``) saved with
-    ``tokenizer`` in HF format."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    vocab = len(tokenizer)
-    special = dict.fromkeys(
-        ("bos_token_id", "eos_token_id", "pad_token_id"), tokenizer.eos_token_id
-    )
-    if model_type == "gpt2":
-        cfg = AutoConfig.for_model(
-            "gpt2", vocab_size=vocab, n_positions=128, n_embd=hidden, n_layer=2, n_head=2, **special
-        )
-    else:
-        cfg = AutoConfig.for_model(
-            model_type,
-            **special,
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-    model = AutoModelForCausalLM.from_config(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A tiny random GPT-2 (2 layers, d=32) with its BPE tokenizer, saved in HF format."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny_gpt2"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm_dir):
+    """The tiny GPT-2 loaded, one per test module."""
+    return load_lm(str(tiny_lm_dir))
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A smaller corpus (train, valid) for the tests that check every token against loops."""
+    return write_corpus(tmp_path_factory.mktemp("small_corpus"), train=(25, 10), valid=(6, 11))
+
+
+@pytest.fixture
+def one_faiss_thread():
+    """FAISS's OpenMP threads spin badly on a busy 2-core machine; one thread is faster here."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 @pytest.fixture

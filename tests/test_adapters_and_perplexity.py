@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_text, save_tiny_model
 from knnlm.data.corpus import load_tokens, read_split
 from knnlm.data.windows import make_windows
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
 from knnlm.lm.adapters import Adapter
 from knnlm.lm.loading import load_lm
+from tiny import make_text, save_tiny_model
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "mistral", "qwen2"])

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from tiny import run_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -30,15 +31,7 @@ def example():
 
 
 def _cli(monkeypatch, capsys, *args) -> str:
-    from knnlm.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["knnlm", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0, err
     return out
 

@@ -9,18 +9,7 @@ import sys
 
 import pytest
 
-from knnlm.cli import main
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["knnlm", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+from tiny import leaf_commands, run_cli
 
 
 def test_help_lists_every_command(monkeypatch, capsys):
@@ -126,26 +115,9 @@ def test_project_contract(monkeypatch, capsys, tiny_lm_dir, tiny_corpus, tmp_pat
     assert "Table 1" in text and (tmp_path / "kl.png").is_file()
 
 
-def _leaf_commands():
-    """(name, click command) of every runnable command, groups walked."""
-    import typer
-
-    from knnlm.cli import app, register_all
-
-    register_all()
-    todo = [("knnlm", typer.main.get_command(app))]
-    while todo:
-        name, cmd = todo.pop()
-        subs = getattr(cmd, "commands", None)
-        if subs:
-            todo.extend((f"{name} {n}", c) for n, c in subs.items())
-        else:
-            yield name, cmd
-
-
 def test_every_command_takes_quiet():
     names = []
-    for name, cmd in _leaf_commands():
+    for name, cmd in leaf_commands():
         names.append(name)
         opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
         assert "--quiet" in opts, f"{name} has no --quiet"

@@ -11,23 +11,11 @@ import sys
 import pytest
 import typer
 
-from knnlm.cli import app, main, register_all
+from knnlm.cli import app
+from tiny import leaf_commands, run_cli
 
 # Each option name has one short flag wherever it appears.
 SHORT = {"--model": "-m", "--corpus": "-c", "--datastore": "-d", "--out": "-o", "--quiet": "-q"}
-
-
-def leaf_commands() -> list[tuple[str, object]]:
-    register_all()
-    todo, leaves = [("knnlm", typer.main.get_command(app))], []
-    while todo:
-        name, cmd = todo.pop()
-        subs = getattr(cmd, "commands", None)
-        if subs:
-            todo.extend((f"{name} {n}", c) for n, c in subs.items())
-        else:
-            leaves.append((name, cmd))
-    return leaves
 
 
 def _options(cmd) -> list:
@@ -79,25 +67,14 @@ def test_preset_vocabularies_match_their_registries():
     assert [p.value for p in MacondoPreset] == list(RUN_PRESETS)
 
 
-def _run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["knnlm", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_version(monkeypatch, capsys):
     from knnlm import __version__
 
-    assert _run(monkeypatch, capsys, "--version") == (0, f"knnlm {__version__}\n", "")
+    assert run_cli(monkeypatch, capsys, "--version") == (0, f"knnlm {__version__}\n", "")
 
 
 def test_old_temperature_name_warns_and_still_counts(monkeypatch, capsys, tmp_path):
-    code, _, err = _run(monkeypatch, capsys, "eval", "-m", "m", "-c", "c", "-d",
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", "m", "-c", "c", "-d",
                         tmp_path / "nods", "--temperature", "0")  # fmt: skip
     lines = err.strip().splitlines()
     assert code == 2 and lines[0].startswith("warning: --temperature is now --knn-temperature")
@@ -115,19 +92,19 @@ def test_old_temperature_name_warns_and_still_counts(monkeypatch, capsys, tmp_pa
     ],
 )
 def test_settings_refused_before_the_model_loads(monkeypatch, capsys, args, message):
-    code, _, err = _run(monkeypatch, capsys, *args)
+    code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and err.startswith("Error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_sweep_on_a_datastore_says_it_is_not_a_cache(monkeypatch, capsys, tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"knnlm_artifact": "datastore"}))
-    code, _, err = _run(monkeypatch, capsys, "sweep", tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", tmp_path)
     assert code == 2 and "is a datastore, not a neighbour cache" in err, err
 
 
 def test_datastore_given_twice_is_a_usage_error(monkeypatch, capsys, tmp_path):
-    code, _, err = _run(monkeypatch, capsys, "datastore", "info", tmp_path / "a", "-d",
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "info", tmp_path / "a", "-d",
                         tmp_path / "b")  # fmt: skip
     assert code == 2 and err.startswith("Usage: ") and "given twice" in err, err
 
@@ -149,7 +126,7 @@ def test_a_missing_optional_package_names_its_extra(monkeypatch, capsys):
         raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
 
     monkeypatch.setattr(datastore_eval, "load_model", no_faiss)
-    code, _, err = _run(monkeypatch, capsys, "eval", "-m", "m", "-c", "c")
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", "m", "-c", "c")
     assert code == 2 and err.strip().splitlines() == [
         "Error: this needs the 'faiss' package: pip install 'knnlm[faiss]' (GPU: or faiss-gpu)"
     ]
@@ -198,7 +175,7 @@ def test_gate_train_old_temperature_name_warns(monkeypatch, capsys, tmp_path):
     import knnlm.cli.common as common
 
     monkeypatch.setattr(common, "_warned", set())  # once per process: eval's test may have warned
-    code, _, err = _run(monkeypatch, capsys, "gate", "train", "-m", "m", "-c", "c", "-d",
+    code, _, err = run_cli(monkeypatch, capsys, "gate", "train", "-m", "m", "-c", "c", "-d",
                         tmp_path / "nods", "-o", tmp_path / "g", "--temperature", "0")  # fmt: skip
     lines = err.strip().splitlines()
     assert code == 2 and lines[0].startswith("warning: --temperature is now --knn-temperature")
@@ -206,10 +183,10 @@ def test_gate_train_old_temperature_name_warns(monkeypatch, capsys, tmp_path):
 
 
 def test_prune_takes_the_datastore_either_way(monkeypatch, capsys, tmp_path):
-    code, _, err = _run(monkeypatch, capsys, "datastore", "prune", "-d", tmp_path / "nods",
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "prune", "-d", tmp_path / "nods",
                         "-o", tmp_path / "p")  # fmt: skip
     assert code == 2 and err.startswith("Error: ") and "nods" in err, err
-    code, _, err = _run(monkeypatch, capsys, "datastore", "prune", tmp_path / "a", "-d",
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "prune", tmp_path / "a", "-d",
                         tmp_path / "b", "-o", tmp_path / "p")  # fmt: skip
     assert code == 2 and err.startswith("Usage: ") and "given twice" in err, err
 
@@ -217,5 +194,5 @@ def test_prune_takes_the_datastore_either_way(monkeypatch, capsys, tmp_path):
 @pytest.mark.parametrize("args", [["eval", "--search", "brute"], ["gate", "train", "--kind", "x"],
                                   ["eval", "--gate-weight", "mine"]])  # fmt: skip
 def test_a_bad_choice_is_a_usage_error(monkeypatch, capsys, args):
-    code, _, err = _run(monkeypatch, capsys, *args)
+    code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and err.startswith("Usage: ") and "Invalid value" in err, err

@@ -35,11 +35,6 @@ KW = dict(context_len=CTX, stride=STRIDE, batch_size=2, checkpoint_every=2, prog
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    return load_lm(str(tiny_lm_dir))
-
-
-@pytest.fixture(scope="module")
 def ds(lm, tiny_corpus, tmp_path_factory):
     return build_datastore(lm, str(tiny_corpus), "valid", tmp_path_factory.mktemp("d") / "ds", **KW)
 

@@ -8,40 +8,30 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_text
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
-from knnlm.lm.loading import load_lm
-from knnlm.retrieval.datastore import build_datastore, open_datastore
+from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.gate import load_gate
 from knnlm.retrieval.gate_train import train_gate
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.scoring import score_stream
+from tiny import SMALL_CTX, SMALL_STRIDE, small_datastore, write_corpus
 
-CTX, STRIDE = 24, 8
+CTX, STRIDE = SMALL_CTX, SMALL_STRIDE
 KNN = KnnSettings(k=8, knn_weight=0.4, temperature=5.0)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+    """The small corpus's train split, with a longer valid split and a test split."""
     d = tmp_path_factory.mktemp("gate_corpus")
-    (d / "train.txt").write_text(make_text(25, 10))
-    (d / "valid.txt").write_text(make_text(12, 11))
-    (d / "test.txt").write_text(make_text(8, 12))
-    return d
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    return load_lm(str(tiny_lm_dir))
+    return write_corpus(d, train=(25, 10), valid=(12, 11), test=(8, 12))
 
 
 @pytest.fixture(scope="module")
 def ds(lm, corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gate_ds") / "ds"
-    return build_datastore(lm, str(corpus), "train", out, context_len=CTX, stride=STRIDE,
-                           key_dtype="float32", progress=False)  # fmt: skip
+    return small_datastore(lm, corpus, tmp_path_factory.mktemp("gate_ds") / "ds")
 
 
 @pytest.fixture(scope="module")

@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 from knnlm.generation import KnnLogitsProcessor
-from knnlm.lm.loading import load_lm
-from knnlm.retrieval.datastore import build_datastore, open_datastore
+from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.retriever import KnnSettings, Retriever
+from tiny import quiet_datastore, run_cli
 
 CTX = 32
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_lm_dir, tiny_corpus, tmp_path_factory):
-    lm = load_lm(str(tiny_lm_dir))
-    ds_dir = build_datastore(
-        lm,
-        str(tiny_corpus),
-        "train",
-        tmp_path_factory.mktemp("gen") / "ds",
-        context_len=CTX,
-        key_dtype="float32",
-        progress=False,
-    )
+def setup(lm, tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "ds"
+    ds_dir = quiet_datastore(lm, tiny_corpus, out, context_len=CTX, key_dtype="float32")
     ds = open_datastore(ds_dir)
     return lm, ds_dir, np.asarray(ds.keys, dtype=np.float64), np.asarray(ds.values)
 
@@ -99,22 +89,13 @@ def _greedy_reference(lm, prompt, keys, values, steps, k, w, temp) -> tuple[list
 
 
 def test_cli_generate_equals_greedy_reference(setup, tiny_lm_dir, monkeypatch, capsys):
-    from knnlm.cli import main
-
     lm, ds_dir, keys, values = setup
     prompt, steps, k, w = "the village", 6, 8, 0.9
     knn_new, lm_new = _greedy_reference(lm, prompt, keys, values, steps, k, w, 1.0)
     assert knn_new != lm_new  # the reference tells kNN-LM and LM decoding apart
     tok = lm.tokenizer
-    monkeypatch.setattr(sys, "argv", ["knnlm", "generate", "--model", str(tiny_lm_dir),
-                                      "--datastore", str(ds_dir), "--k", str(k),
-                                      "--knn-weight", str(w), "--prompt", prompt,
-                                      "--max-new-tokens", str(steps)])  # fmt: skip
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(monkeypatch, capsys, "generate", "--model", tiny_lm_dir,
+                             "--datastore", ds_dir, "--k", k, "--knn-weight", w,
+                             "--prompt", prompt, "--max-new-tokens", steps)  # fmt: skip
     assert code == 0, err
     assert out.rstrip("\n") == prompt + tok.decode(knn_new, skip_special_tokens=True)

@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -15,26 +14,15 @@ from knnlm.retrieval.index_build import build_index
 from knnlm.retrieval.index_common import open_keys
 from knnlm.retrieval.rerank import recompute_distances
 from knnlm.retrieval.search import KnnIndex, Searcher, exact_search
+from tiny import array_datastore
 
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """FAISS's OpenMP threads spin badly on a busy 2-core machine; one thread is faster here."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def write_ds(path: Path, keys: np.ndarray, dtype=np.float16) -> Path:
     """A minimal datastore as the datastore module writes it."""
-    path.mkdir(parents=True, exist_ok=True)
     k = keys.astype(dtype)
-    np.save(path / "keys.npy", k)
-    np.save(path / "values.npy", (np.arange(len(k)) % 7).astype(np.int32))
-    meta = {"n": len(k), "dim": k.shape[1], "key_dtype": str(k.dtype)}
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
+    return array_datastore(path, k, key_dtype=str(k.dtype))
 
 
 def loop_knn(keys: np.ndarray, queries: np.ndarray, k: int, metric: str = "l2"):

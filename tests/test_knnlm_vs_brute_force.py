@@ -9,31 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_text, save_tiny_model
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
-from knnlm.retrieval.datastore import build_datastore, open_datastore
+from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.knn import interpolate, knn_log_probs, knn_target_log_prob
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.sweep import sweep
+from tiny import SMALL_CTX, SMALL_STRIDE, quiet_datastore, save_tiny_model, small_datastore
 
-CTX, STRIDE = 24, 8
-
-
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("small_corpus")
-    (d / "train.txt").write_text(make_text(25, 10))
-    (d / "valid.txt").write_text(make_text(6, 11))
-    return d
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    return load_lm(str(tiny_lm_dir))
+CTX, STRIDE = SMALL_CTX, SMALL_STRIDE
 
 
 def _reference_records(model, ids, ctx, stride):
@@ -78,17 +65,7 @@ def _reference_knnlm_nll(q_keys, q_lps, q_targets, ds_keys, ds_values, k, w, tem
 
 @pytest.mark.parametrize("key_dtype,rtol", [("float32", 1e-5), ("float16", 1e-3)])
 def test_knnlm_perplexity_matches_brute_force(lm, small_corpus, tmp_path, key_dtype, rtol):
-    ds_dir = build_datastore(
-        lm,
-        str(small_corpus),
-        "train",
-        tmp_path / "ds",
-        context_len=CTX,
-        stride=STRIDE,
-        batch_size=3,
-        key_dtype=key_dtype,
-        progress=False,
-    )
+    ds_dir = small_datastore(lm, small_corpus, tmp_path / "ds", batch_size=3, key_dtype=key_dtype)
     ds = open_datastore(ds_dir)
     train_ids = load_tokens(lm.tokenizer, str(small_corpus), "train")
     valid_ids = load_tokens(lm.tokenizer, str(small_corpus), "valid")
@@ -123,9 +100,7 @@ def test_knnlm_perplexity_matches_brute_force(lm, small_corpus, tmp_path, key_dt
 
 
 def test_weight_zero_is_lm_and_k_larger_than_datastore(lm, small_corpus, tmp_path):
-    ds_dir = build_datastore(
-        lm, str(small_corpus), "train", tmp_path / "ds", context_len=CTX, progress=False
-    )
+    ds_dir = quiet_datastore(lm, small_corpus, tmp_path / "ds", context_len=CTX)
     n = open_datastore(ds_dir).n
     kw = dict(context_len=CTX, datastore=ds_dir, progress=False)
     res0 = evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=4, knn_weight=0.0), **kw)
@@ -186,8 +161,8 @@ def test_p_knn_target_far_below_the_nearest_stays_exact(temperature):
 
 
 def test_datastore_resume_is_byte_identical(lm, small_corpus, tmp_path):
-    kw = dict(context_len=CTX, stride=STRIDE, batch_size=2, checkpoint_every=2, progress=False)
-    straight = build_datastore(lm, str(small_corpus), "train", tmp_path / "a", **kw)
+    kw = dict(context_len=CTX, stride=STRIDE, batch_size=2, checkpoint_every=2)
+    straight = quiet_datastore(lm, small_corpus, tmp_path / "a", **kw)
 
     # Interrupted right after the checkpoint at 4 batches: batch 4 was never written, so a
     # resume that skipped it would leave its rows empty.
@@ -196,23 +171,19 @@ def test_datastore_resume_is_byte_identical(lm, small_corpus, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_datastore(lm, str(small_corpus), "train", tmp_path / "b", on_batch=boom, **kw)
+        quiet_datastore(lm, small_corpus, tmp_path / "b", on_batch=boom, **kw)
     assert not (tmp_path / "b").exists() and (tmp_path / "b.partial").is_dir()
     with pytest.raises(KnnlmError, match="incomplete"):
         open_datastore(tmp_path / "b")
     resumed_from = []
-    build_datastore(
-        lm, str(small_corpus), "train", tmp_path / "b", on_batch=resumed_from.append, **kw
-    )
+    quiet_datastore(lm, small_corpus, tmp_path / "b", on_batch=resumed_from.append, **kw)
     assert resumed_from[0] == 5  # it resumed at batch 4, neither before nor after
     for f in ("keys.npy", "values.npy"):
         assert (straight / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
 def test_datastore_from_other_model_is_refused(lm, small_corpus, tmp_path, tiny_tokenizer):
-    ds_dir = build_datastore(
-        lm, str(small_corpus), "train", tmp_path / "ds", context_len=CTX, progress=False
-    )
+    ds_dir = quiet_datastore(lm, small_corpus, tmp_path / "ds", context_len=CTX)
     other = load_lm(str(save_tiny_model(tmp_path / "other", tiny_tokenizer, seed=1)))
     with pytest.raises(KnnlmError, match="another model"):
         evaluate(
@@ -228,9 +199,7 @@ def test_datastore_from_other_model_is_refused(lm, small_corpus, tmp_path, tiny_
     # Keys that truly have another size (a d=48 Llama, same tokenizer), from an LM that
     # claims the same model: only the dimension check can refuse it.
     wide = load_lm(str(save_tiny_model(tmp_path / "wide", tiny_tokenizer, "llama", hidden=48)))
-    wide_dir = build_datastore(
-        wide, str(small_corpus), "train", tmp_path / "wide_ds", context_len=CTX, progress=False
-    )
+    wide_dir = quiet_datastore(wide, small_corpus, tmp_path / "wide_ds", context_len=CTX)
     wide_ds = open_datastore(wide_dir)
     assert np.asarray(wide_ds.keys).shape[1] == 48
     same_name = dataclasses.replace(lm, fingerprint=wide_ds.meta["model_fingerprint"])
@@ -246,16 +215,7 @@ def test_bad_knn_settings_rejected(lm, small_corpus, tmp_path):
 
 def test_exclude_self_on_training_split(lm, small_corpus, tmp_path):
     # stride < context: every key but the first few has a long, unique context.
-    ds_dir = build_datastore(
-        lm,
-        str(small_corpus),
-        "train",
-        tmp_path / "ds",
-        context_len=CTX,
-        stride=STRIDE,
-        key_dtype="float32",
-        progress=False,
-    )
+    ds_dir = small_datastore(lm, small_corpus, tmp_path / "ds")
     kw = dict(context_len=CTX, stride=STRIDE, datastore=ds_dir, progress=False)
     inc = evaluate(
         lm,
@@ -288,9 +248,7 @@ def test_exclude_self_on_training_split(lm, small_corpus, tmp_path):
 
 
 def test_sweep_from_cache_equals_direct_eval(lm, small_corpus, tmp_path):
-    ds_dir = build_datastore(
-        lm, str(small_corpus), "train", tmp_path / "ds", context_len=CTX, progress=False
-    )
+    ds_dir = quiet_datastore(lm, small_corpus, tmp_path / "ds", context_len=CTX)
     kw = dict(context_len=CTX, datastore=ds_dir, progress=False)
     evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=8), cache=tmp_path / "cache", **kw)
     ks, weights, temps = [4, 8], [0.1, 0.5], [1.0, 3.0]

@@ -19,7 +19,7 @@ from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
-from knnlm.retrieval.datastore import build_datastore
+from tiny import quiet_datastore, save_tiny_model
 
 CTX = 32
 
@@ -32,10 +32,8 @@ def app() -> typer.Typer:
 
 
 @pytest.fixture(scope="module")
-def datastore(tiny_lm_dir, tiny_corpus, tmp_path_factory):
-    lm = load_lm(str(tiny_lm_dir))
-    out = tmp_path_factory.mktemp("ds") / "ds"
-    return build_datastore(lm, str(tiny_corpus), "train", out, context_len=CTX, progress=False)
+def datastore(lm, tiny_corpus, tmp_path_factory):
+    return quiet_datastore(lm, tiny_corpus, tmp_path_factory.mktemp("ds") / "ds", context_len=CTX)
 
 
 def _hand_perplexity(lm, corpus) -> tuple[float, int]:
@@ -93,8 +91,6 @@ def test_memory_train_then_eval(app, tiny_lm_dir, tiny_corpus, datastore, tmp_pa
 
 
 def test_memory_train_refuses_another_model(app, tiny_tokenizer, datastore, tmp_path):
-    from conftest import save_tiny_model
-
     other = save_tiny_model(tmp_path / "other", tiny_tokenizer, seed=1)
     mem = tmp_path / "mem"
     args = [

@@ -6,25 +6,16 @@ import pytest
 
 from knnlm.evaluate import evaluate
 from knnlm.experiments.projection import run_projection
-from knnlm.lm.loading import load_lm
 from knnlm.report.tables import projection_tables
-from knnlm.retrieval.datastore import build_datastore
 from knnlm.retrieval.retriever import KnnSettings
+from tiny import quiet_datastore
 
 CTX = 32
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_lm_dir, tiny_corpus, tmp_path_factory):
-    lm = load_lm(str(tiny_lm_dir))
-    ds = build_datastore(
-        lm,
-        str(tiny_corpus),
-        "train",
-        tmp_path_factory.mktemp("p") / "ds",
-        context_len=CTX,
-        progress=False,
-    )
+def setup(lm, tiny_corpus, tmp_path_factory):
+    ds = quiet_datastore(lm, tiny_corpus, tmp_path_factory.mktemp("p") / "ds", context_len=CTX)
     return lm, ds, str(tiny_corpus)
 
 

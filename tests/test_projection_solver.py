@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import save_tiny_model
 from knnlm.errors import KnnlmError
 from knnlm.experiments.projection_solver import (
     LOGP_FLOOR,
@@ -19,6 +18,7 @@ from knnlm.experiments.projection_solver import (
     solve_projection_loop,
 )
 from knnlm.lm.loading import load_lm
+from tiny import save_tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")

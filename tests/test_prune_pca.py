@@ -6,43 +6,29 @@ import json
 import math
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_text
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
-from knnlm.lm.loading import load_lm
-from knnlm.retrieval.datastore import build_datastore, open_datastore
+from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.index_build import build_index
 from knnlm.retrieval.knn import knn_target_log_prob
 from knnlm.retrieval.prune import greedy_merge, prune_datastore
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.retrieval.search import Searcher
 from knnlm.scoring import score_stream
+from tiny import SMALL_CTX, SMALL_STRIDE, array_datastore, small_datastore
 
-CTX, STRIDE = 24, 8
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+CTX, STRIDE = SMALL_CTX, SMALL_STRIDE
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def write_ds(path: Path, keys: np.ndarray, values: np.ndarray) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    np.save(path / "keys.npy", keys.astype(np.float32))
-    np.save(path / "values.npy", values.astype(np.int32))
-    meta = {"format_version": 1, "n": len(keys), "dim": keys.shape[1], "key_dtype": "float32",
-            "artifact": "datastore", "key_type": "ffn_input"}  # fmt: skip
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
+    meta = dict(format_version=1, key_dtype="float32", artifact="datastore", key_type="ffn_input")
+    return array_datastore(path, keys.astype(np.float32), values, **meta)
 
 
 def sequential_greedy(nbrs: np.ndarray, values: np.ndarray) -> tuple[list[int], dict[int, int]]:
@@ -140,25 +126,8 @@ def test_prune_refuses_a_foreign_target(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("small_corpus")
-    (d / "train.txt").write_text(make_text(25, 10))
-    (d / "valid.txt").write_text(make_text(6, 11))
-    return d
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    return load_lm(str(tiny_lm_dir))
-
-
-@pytest.fixture(scope="module")
 def lm_ds(lm, small_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm_ds") / "ds"
-    return build_datastore(
-        lm, str(small_corpus), "train", out, context_len=CTX, stride=STRIDE, progress=False,
-        key_dtype="float32",
-    )  # fmt: skip
+    return small_datastore(lm, small_corpus, tmp_path_factory.mktemp("lm_ds") / "ds")
 
 
 def _valid_records(lm, corpus):

@@ -9,13 +9,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import make_text
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.evaluate import evaluate
 from knnlm.experiments.mlp_memory import train_memory
-from knnlm.lm.loading import load_lm
-from knnlm.retrieval.datastore import build_datastore
+from tiny import quiet_datastore, write_corpus
 
 CTX = 16
 
@@ -32,12 +30,9 @@ def _numpy_memory_log_probs(params: dict, z: np.ndarray) -> np.ndarray:
     return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
 
 
-def test_lm_plus_memory_perplexity_equals_numpy_forward(tiny_lm_dir, tmp_path):
-    (tmp_path / "train.txt").write_text(make_text(20, 51))
-    (tmp_path / "valid.txt").write_text(make_text(4, 52))
-    lm = load_lm(str(tiny_lm_dir))
-    ds = build_datastore(lm, str(tmp_path), "train", tmp_path / "ds", context_len=CTX,
-                         key_dtype="float32", progress=False)  # fmt: skip
+def test_lm_plus_memory_perplexity_equals_numpy_forward(lm, tmp_path):
+    write_corpus(tmp_path, train=(20, 51), valid=(4, 52))
+    ds = quiet_datastore(lm, tmp_path, tmp_path / "ds", context_len=CTX, key_dtype="float32")
     keys = np.load(ds / "keys.npy", mmap_mode="r")
     values = np.load(ds / "values.npy", mmap_mode="r")
     mem = tmp_path / "mem"

@@ -12,23 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_text, save_tiny_model
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.evaluate import continuation_log_probs, evaluate
 from knnlm.lm.loading import load_lm
-from knnlm.retrieval.datastore import build_datastore, open_datastore
+from knnlm.retrieval.datastore import open_datastore
 from knnlm.scoring import score_stream, window_batches
+from tiny import quiet_datastore, save_tiny_model, write_corpus
 
 CTX, STRIDE = 16, 5
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models_corpus")
-    (d / "train.txt").write_text(make_text(12, 21))
-    (d / "valid.txt").write_text(make_text(7, 22))
-    return d
+    return write_corpus(tmp_path_factory.mktemp("models_corpus"), train=(12, 21), valid=(7, 22))
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -78,9 +75,8 @@ def reference_keys(model, ids, ctx, stride):
 @pytest.mark.parametrize("key_type", ["block_input", "ffn_input", "final_hidden"])
 def test_datastore_keys_equal_hf_hidden_states(family_lm, corpus, tmp_path, key_type):
     lm = family_lm
-    ds_dir = build_datastore(lm, str(corpus), "train", tmp_path / "ds", context_len=CTX,
-                             stride=STRIDE, batch_size=3, key_type=key_type,
-                             key_dtype="float32", progress=False)  # fmt: skip
+    ds_dir = quiet_datastore(lm, corpus, tmp_path / "ds", context_len=CTX, stride=STRIDE,
+                             batch_size=3, key_type=key_type, key_dtype="float32")  # fmt: skip
     ds = open_datastore(ds_dir)
     assert ds.meta["key_type"] == key_type
     ids = load_tokens(lm.tokenizer, str(corpus), "train")

@@ -11,25 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_text
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.experiments.projection import run_projection
-from knnlm.lm.loading import load_lm
-from knnlm.retrieval.datastore import build_datastore, open_datastore
+from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.retriever import KnnSettings
+from tiny import quiet_datastore, write_corpus
 
 CTX = 16
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_lm_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("proj_corpus")
-    (d / "train.txt").write_text(make_text(20, 41))
-    (d / "valid.txt").write_text(make_text(3, 42))
-    lm = load_lm(str(tiny_lm_dir))
-    ds_dir = build_datastore(lm, str(d), "train", d / "ds", context_len=CTX,
-                             key_dtype="float32", progress=False)  # fmt: skip
+def setup(lm, tmp_path_factory):
+    d = write_corpus(tmp_path_factory.mktemp("proj_corpus"), train=(20, 41), valid=(3, 42))
+    ds_dir = quiet_datastore(lm, d, d / "ds", context_len=CTX, key_dtype="float32")
     return lm, str(d), ds_dir
 
 

@@ -6,11 +6,11 @@ import datasets
 import numpy as np
 import pytest
 
-from conftest import make_text
 from knnlm.data.corpus import load_tokens, read_split
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
+from tiny import make_text
 
 
 @pytest.fixture

@@ -23,23 +23,13 @@ from knnlm.retrieval.index_build import (
 from knnlm.retrieval.index_common import open_keys
 from knnlm.retrieval.rerank import KeyStore, recompute_distances
 from knnlm.retrieval.search import KnnIndex, Searcher, exact_search
+from tiny import array_datastore
 
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def write_ds(path: Path, keys: np.ndarray, dtype=np.float16) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    k = keys.astype(dtype)
-    np.save(path / "keys.npy", k)
-    np.save(path / "values.npy", (np.arange(len(k)) % 7).astype(np.int32))
-    (path / "meta.json").write_text(json.dumps({"n": len(k), "dim": k.shape[1]}))
-    return path
+    return array_datastore(path, keys.astype(dtype))
 
 
 def clustered(n: int, d: int, centers: int, seed: int, nq: int = 40):

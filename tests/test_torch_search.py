@@ -16,6 +16,7 @@ import torch
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.backends import open_backend, resolve_search
 from knnlm.retrieval.torch_search import TorchExactSearch, order, query_parts, select_k
+from tiny import array_datastore, quiet_datastore
 
 
 def brute(q: np.ndarray, keys: np.ndarray, metric: str, excl=None) -> np.ndarray:
@@ -113,11 +114,7 @@ def test_k_larger_than_n_pads_and_bad_input_is_one_error():
 
 
 def write_keys(path, keys, index_metric=None):
-    path.mkdir()
-    np.save(path / "keys.npy", keys)
-    np.save(path / "values.npy", np.arange(len(keys), dtype=np.int32) % 7)
-    (path / "meta.json").write_text(json.dumps({"n": len(keys), "dim": keys.shape[1]}))
-    return path
+    return array_datastore(path, keys)
 
 
 def test_auto_means_faiss_only_with_an_index(tmp_path):
@@ -203,17 +200,13 @@ def test_two_process_gloo_search_equals_one_process(tmp_path):
 
 
 def test_torchrun_two_process_knnlm_perplexity_equals_one_process(
-    tmp_path, tiny_lm_dir, tiny_corpus
+    tmp_path, lm, tiny_lm_dir, tiny_corpus
 ):
     """`torchrun --nproc_per_node 2 -m knnlm eval --search exact` (gloo) = one process."""
     from knnlm.evaluate import evaluate
-    from knnlm.lm.loading import load_lm
-    from knnlm.retrieval.datastore import build_datastore
     from knnlm.retrieval.retriever import KnnSettings
 
-    lm = load_lm(str(tiny_lm_dir))
-    ds = build_datastore(lm, str(tiny_corpus), "train", tmp_path / "ds", context_len=32,
-                         batch_size=16, progress=False)  # fmt: skip
+    ds = quiet_datastore(lm, tiny_corpus, tmp_path / "ds", context_len=32, batch_size=16)
     knn = KnnSettings(k=16, search="exact")
     one = evaluate(lm, str(tiny_corpus), "valid", context_len=32, batch_size=4, datastore=ds,
                    knn=knn, progress=False)  # fmt: skip
@@ -238,17 +231,13 @@ def test_torchrun_two_process_knnlm_perplexity_equals_one_process(
     assert two["lm"]["perplexity"] == pytest.approx(one["lm"]["perplexity"], rel=1e-12)
 
 
-def test_torchrun_two_process_project_equals_one_process(tmp_path, tiny_lm_dir, tiny_corpus):
+def test_torchrun_two_process_project_equals_one_process(tmp_path, lm, tiny_lm_dir, tiny_corpus):
     """`torchrun --nproc_per_node 2 -m knnlm project --search exact` (gloo) joins the group,
     shards the search and gives the one-process projection; rank 0 alone writes and prints."""
     from knnlm.experiments.projection import run_projection
-    from knnlm.lm.loading import load_lm
-    from knnlm.retrieval.datastore import build_datastore
     from knnlm.retrieval.retriever import KnnSettings
 
-    lm = load_lm(str(tiny_lm_dir))
-    ds = build_datastore(lm, str(tiny_corpus), "train", tmp_path / "ds", context_len=32,
-                         batch_size=16, progress=False)  # fmt: skip
+    ds = quiet_datastore(lm, tiny_corpus, tmp_path / "ds", context_len=32, batch_size=16)
     knn = KnnSettings(k=16, knn_weight=0.5, temperature=3.0, search="exact")
     one = run_projection(lm, str(tiny_corpus), ds, context_len=32, stride=32, batch_size=4,
                          knn=knn, max_positions=40, max_steps=20, progress=False)  # fmt: skip
