@@ -6,7 +6,6 @@ A thin, stable face over :mod:`knnlm.retrieval.datastore` and
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,26 +14,20 @@ import torch
 
 from knnlm.data.corpus import Corpus, load_tokens
 from knnlm.errors import KnnlmError
+from knnlm.retrieval.datastore import (
+    TOKENS,
+    build_datastore,
+    corpus_fingerprint,
+    open_datastore,
+    write_tokens,
+)
 from knnlm.retrieval.datastore import Datastore as StoredDatastore
-from knnlm.retrieval.datastore import build_datastore, corpus_fingerprint, open_datastore
 from knnlm.retrieval.index_build import build_index, index_summary
 from knnlm.retrieval.index_common import INDEX_META
 from knnlm.scoring import default_window
 
 if TYPE_CHECKING:
     from knnlm.lm.loading import LoadedLM
-
-TOKENS = "tokens.npy"  # the datastore's token stream: row r's context ends at r, its target r+1
-
-
-def _write_tokens(path: Path, ids: np.ndarray) -> None:
-    """Save the token stream beside the keys, through a temporary name (neighbours read it)."""
-    tmp = path / f".{TOKENS}.tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(ids, dtype=np.int32), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path / TOKENS)
 
 
 def _rank() -> int:
@@ -103,7 +96,7 @@ class Datastore:
         ds = cls.load(path)
         if _rank() == 0 and not (ds.path / TOKENS).is_file():
             ids = load_tokens(lm.tokenizer, corpus, split, text_field)
-            _write_tokens(ds.path, ids)
+            write_tokens(ds.path, ids)  # a datastore built before tokens.npy was part of it
         return ds
 
     # -- what it is --------------------------------------------------------------------

@@ -63,6 +63,7 @@ from knnlm.scoring import (
 FORMAT_VERSION = 1
 KIND = "datastore"  # the artifact marker in meta.json
 META = "meta.json"
+TOKENS = "tokens.npy"  # the scored token stream: row r's context ends at r, its target r+1
 KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -186,12 +187,26 @@ def _built_with(out: Path, settings: dict) -> bool | None:
     return all(old.get(k) == v for k, v in settings.items())
 
 
-def _finish(partial: Path, out: Path, meta: dict) -> None:
-    """meta.json (with the marker) first, then drop the progress files, then swap in.
+def write_tokens(path: Path, ids: np.ndarray) -> None:
+    """Save the token stream in ``path`` through a temporary name (neighbours read it)."""
+    tmp = path / f".{TOKENS}.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(ids, dtype=np.int32), allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path / TOKENS)
+
+
+def _finish(partial: Path, out: Path, meta: dict, ids: np.ndarray | None = None) -> None:
+    """tokens.npy and meta.json (with the marker) first, then drop the progress files, then
+    swap in: the finished datastore arrives whole, its token stream (``ids``; none for a
+    datastore of independent examples) included.
 
     A crash anywhere here leaves a partial whose meta.json matches the settings: the rerun
     only swaps it in, and no finished rows are lost.
     """
+    if ids is not None and not (partial / TOKENS).is_file():
+        write_tokens(partial, ids)
     write_json_atomic(partial / META, meta)
     for f in [*partial.glob("progress-*.json"), partial / "settings.json"]:
         f.unlink(missing_ok=True)
@@ -296,7 +311,7 @@ def build_datastore(
     partial, finished = _open_partial(out, settings, rank)
     if finished:  # a crash cut the last step short: the rows are all there
         if rank == 0:
-            _finish(partial, out, read_json(partial / META))
+            _finish(partial, out, read_json(partial / META), ids)
         _barrier()
         return out
     # Contiguous blocks of batches per rank; the batch layout itself never changes.
@@ -307,7 +322,7 @@ def build_datastore(
     _barrier()
     if rank == 0:
         meta = dict(settings, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), world_size=world)
-        _finish(partial, out, meta)
+        _finish(partial, out, meta, ids)
     _barrier()
     return out
 
