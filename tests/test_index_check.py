@@ -8,7 +8,7 @@ import pytest
 
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.index_common import record_index_check
-from test_cli import run_cli
+from tiny import run_cli
 
 
 def _eval(monkeypatch, capsys, lm, corpus, ds, tmp_path, search: str) -> float:
