@@ -109,8 +109,7 @@ def tune(
                      for w in grid["memory_weight"]]  # fmt: skip
         wm = max(mem_sweep, key=lambda s: s["dev"])["weight"]
         out["tuned"]["memory_weight"] = wm
-        if wm == max(grid["memory_weight"]):
-            out["tuned"]["at_grid_edge"].append("memory_weight")
+        out["tuned"]["at_grid_edge"] += grid_edges({"memory_weight": wm}, grid, ("memory_weight",))
         out["mlp"] = _mix(lm_lp, mem_lp, wm)
         out["memory_sweep"] = mem_sweep
     return out
