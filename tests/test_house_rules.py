@@ -23,6 +23,7 @@ LAYERS = [
     {"api_store", "api"},
     {"experiments"},
     {"report"},
+    {"inspect"},
     {"cli", "__main__", "__init__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -14,6 +14,7 @@ from knnlm.cli import (
     fast,
     generate,
     hurdle,
+    inspect,
     macondo_data,
     macondo_run,
     memory,
@@ -41,6 +42,7 @@ MODULES: list = [
     macondo_run,
     memory,
     hurdle,
+    inspect,
 ]
 
 
