@@ -192,3 +192,15 @@ def test_cli_writes_the_static_page(monkeypatch, capsys, tiny_lm_dir, ds_dir, tm
                              "--html", tmp_path / "o.html")  # fmt: skip
     assert code == 0, err
     assert 'id="knnlm-data"' in (tmp_path / "o.html").read_text()
+
+
+def test_a_host_other_than_loopback_warns(monkeypatch, capsys, tiny_lm_dir, ds_dir):
+    import knnlm.inspect.server as server
+
+    monkeypatch.setattr(server, "serve", lambda app, sock, host: sock.close())
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", "-m", tiny_lm_dir, "-d", ds_dir,
+                             "--k-max", "8", "--k", "4", "--host", "0.0.0.0")  # fmt: skip
+    assert code == 0 and "warning: listening on 0.0.0.0" in err and "http://0.0.0.0:" in out
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", "-m", tiny_lm_dir, "-d", ds_dir,
+                             "--k-max", "8", "--k", "4")  # fmt: skip
+    assert code == 0 and "warning" not in err and "http://127.0.0.1:" in out
