@@ -204,3 +204,43 @@ def test_a_host_other_than_loopback_warns(monkeypatch, capsys, tiny_lm_dir, ds_d
     code, out, err = run_cli(monkeypatch, capsys, "inspect", "-m", tiny_lm_dir, "-d", ds_dir,
                              "--k-max", "8", "--k", "4")  # fmt: skip
     assert code == 0 and "warning" not in err and "http://127.0.0.1:" in out
+
+
+def test_reproduction_page_of_a_passage_and_macondo_sentences(lm, tiny_lm_dir, ds_dir,
+                                                              small_corpus, tmp_path):  # fmt: skip
+    """inspect.html from a reproduction's results: the natural-text passage under the run's LM
+    and datastore; Macondo sentences under an example datastore, whose rows' contexts are the
+    training sentences themselves."""
+    from knnlm.inspect.report_page import write_report_page
+    from knnlm.retrieval.datastore import build_example_datastore
+
+    seed = tmp_path / "macondo" / "seed-0"
+    train = ["Ana Lopez, is the parent of Rio", "Rio Lopez, who was born in 1900, is a baker"]
+    test = ["Ana Lopez, is the parent of Sol"]
+    (seed / "data").mkdir(parents=True)
+    for name, texts in (("train", train), ("test", test)):
+        lines = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+        (seed / "data" / f"{name}.jsonl").write_text(lines)
+    (seed / "model").symlink_to(tiny_lm_dir)
+    build_example_datastore(lm, train, seed / "datastore", key_dtype="float32", progress=False)
+    results = {
+        "config": {"k": 8, "knn_weight": 0.25, "temperature": 1.0},
+        "knnlm": {
+            "settings": {
+                "model": str(tiny_lm_dir),
+                "datastore": str(ds_dir),
+                "corpus": str(small_corpus),
+            }
+        },  # fmt: skip
+        "macondo": {"figure1": str(tmp_path / "macondo" / "figure1.png")},
+    }
+    (small_corpus / "test.txt").write_text(TEXT + "\n")
+    assert write_report_page(tmp_path, results) == {}
+    html = (tmp_path / "inspect.html").read_text()
+    pages = json.loads(re.search(r'type="application/json">(.*?)</script>', html).group(1))
+    natural, macondo = pages["static"]
+    assert natural["text"] == TEXT + "\n" and macondo["text"] == test[0]
+    for details in macondo["details"].values():
+        for nb in details["neighbours"]:
+            stored = (nb["before"] + nb["target"]).split("<|endoftext|>")[-1]
+            assert any(stored in t for t in train), stored  # a training sentence's text

@@ -149,11 +149,21 @@ def reproduce_cmd(
     overrides.update({key: v for key, v in given.items() if v is not None})
     cfg = ReproduceConfig.for_scale(scale, **overrides)
     t0 = time.perf_counter()
-    results = write_reproduction_report(out, reproduce(cfg, out, progress=not quiet))
+    results = reproduce(cfg, out, progress=not quiet)
+    inspect_page(out, results)
+    results = write_reproduction_report(out, results)
     typer.echo(f"report: {out / 'report.md'} and {out / 'report.html'}")
     for c in results["claims"]:
         typer.echo(f"  [{c.get('status', 'held' if c['held'] else 'not held')}] {c['claim']}")
     typer.echo(f"wall time {time.perf_counter() - t0:.0f} s")
+
+
+def inspect_page(out: Path, results: dict) -> None:
+    """knnlm inspect's static page beside the report (report.html links it when written)."""
+    from knnlm.inspect.report_page import write_report_page
+
+    for part, why in write_report_page(out, results).items():
+        typer.secho(f"warning: inspect.html has no {part} page ({why})", err=True)
 
 
 COMMANDS = [("reproduce", reproduce_cmd)]

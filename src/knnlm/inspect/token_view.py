@@ -112,7 +112,7 @@ def neighbour_list(
     values = nb.values[0, :found].numpy()
     shown = min(SHOWN, found)
     same = values[:shown, None] == values[None, :]
-    positions, stream = insp.retriever.ds.positions, insp.stream
+    positions, stream = insp.positions, insp.stream
     decode = insp.lm.tokenizer.decode
     out = []
     for i in range(shown):  # the listed neighbours themselves (display, at most SHOWN)

@@ -25,11 +25,12 @@ from knnlm.inspect.figures import perplexity_svg
 from knnlm.inspect.token_view import colours, finite, first_k, token_details
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.backend import Neighbours
+from knnlm.retrieval.datastore import Datastore
 from knnlm.retrieval.gate import Gate, check_gate_for
 from knnlm.retrieval.knn import interpolate, knn_target_log_prob
 from knnlm.retrieval.memory import MemoryMLP
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import score_stream
+from knnlm.scoring import default_window, score_stream
 from knnlm.token_scores import score_tokens
 
 
@@ -79,13 +80,20 @@ class Inspector:
     def __init__(
         self, lm: LoadedLM, datastore: str | Path, *, k_max: int = 256, search: str = "auto",
         nprobe: int | None = None, gate: Gate | None = None, memory: MemoryMLP | None = None,
-        max_tokens: int = 256, cache_size: int = 4,
+        max_tokens: int = 256, cache_size: int = 4, examples: list[str] | None = None,
     ):  # fmt: skip
         knn = KnnSettings(k=k_max, exclude_self="no", search=search, nprobe=nprobe)
         self.retriever = Retriever(lm, datastore, knn)
         self.lm, self.k_max, self.max_tokens = lm, k_max, max_tokens
-        self.stream = ApiDatastore(self.retriever.ds).tokens(lm.tokenizer)
-        self.context_len = int(self.retriever.ds.meta["context_len"])
+        ds = self.retriever.ds
+        # Where each row's text is: the datastore's token stream, or (a datastore of
+        # independent examples, ``examples``) the examples one after the other.
+        if examples is not None:
+            self.stream, self.positions = example_stream(lm, ds, examples)
+        else:
+            self.stream, self.positions = ApiDatastore(ds).tokens(lm.tokenizer), ds.positions
+        ctx = ds.meta.get("context_len")
+        self.context_len = int(ctx) if ctx else default_window(lm.model)[0]
         if gate is not None:
             check_gate_for(gate, lm.fingerprint, self.retriever.ds.dim)
         self.gate, self.memory = gate, memory
@@ -235,6 +243,26 @@ class Inspector:
         m = self.mixed(rows, s)
         out["details"] = {str(j + 1): self.details(rows, m, s, j) for j in range(len(rows.lm))}
         return out
+
+
+def example_stream(lm: LoadedLM, ds: Datastore, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The token stream of a datastore built over independent examples
+    (``build_example_datastore``: each text's tokens, EOS after each when the meta says so)
+    and each row's position in it; checked against the stored values."""
+    eos = lm.tokenizer.eos_token_id
+    tail = [eos] if ds.meta.get("add_eos") and eos is not None else []
+    examples = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] + tail for t in texts]
+    lengths = np.array([len(e) for e in examples], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    stream = np.concatenate([np.asarray(e, dtype=np.int64) for e in examples])
+    # example i's rows predict its tokens 1 .. len - 1: row positions start + 0 .. len - 2
+    positions = np.repeat(starts, lengths - 1) + (
+        np.arange(int((lengths - 1).sum()))
+        - np.repeat(np.cumsum(lengths - 1) - (lengths - 1), lengths - 1)
+    )
+    if len(positions) != ds.n or not np.array_equal(stream[positions + 1], np.asarray(ds.values)):
+        raise KnnlmError(f"the examples given are not those datastore {ds.path} was built from")
+    return stream, positions
 
 
 def running_perplexities(rows: Rows, m: Mixed) -> dict[str, list]:

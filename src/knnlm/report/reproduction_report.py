@@ -213,6 +213,8 @@ def write_paper_report(out: Path, results: dict) -> dict:
             if isinstance(q, dict):
                 q.pop("kl", None)
     md = render_markdown(results, figs, why)
+    if (out / "inspect.html").is_file():  # knnlm reproduce's static inspect page (knnlm.inspect)
+        md += "## What the kNN-LM retrieved\n\n[inspect.html](inspect.html): per token, the neighbours and p_lm, p_knn and the mixture, for a natural-text passage and Macondo test sentences.\n"
     write_json_atomic(out / "results.json", results)
     write_report(out, md, "knnlm reproduction report")
     return results
