@@ -45,6 +45,7 @@ STUBBED = [
     ("knnlm.experiments.hurdle", "run_hurdle"),
     ("knnlm.experiments.macondo", "run_macondo"),
     ("knnlm.experiments.projection", "run_projection"),
+    ("knnlm.inspect.server", "serve"),  # knnlm inspect's server would run until Ctrl-C
 ]
 
 

@@ -159,6 +159,8 @@ def test_requests_are_bounded_and_typed():
         (lambda: parse_body(b"{not json"), 400),
         (lambda: parse_body(b"\xff\xfe"), 400),
         (lambda: parse_body(b"[1, 2]"), 422),
+        (lambda: parse_body(b"[" * 30_000 + b"]" * 30_000), 400),
+        (lambda: parse_body(b'{"text": "a", "k": ' + b"9" * 5000 + b"}"), 400),
         (lambda: parse_request({"text": 3}, d), 422),
         (lambda: parse_request({"text": "a", "k": "3"}, d), 422),
         (lambda: parse_request({"text": "a", "k": 2.5}, d), 422),

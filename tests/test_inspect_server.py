@@ -87,6 +87,8 @@ def browser():
         if os.environ.get("CI") == "true":
             pytest.fail("CI: chromium and chromium-driver must be installed (.ci/run does)")
         pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver)")
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("selenium")
     from selenium import webdriver
 
     opts = webdriver.ChromeOptions()
@@ -211,6 +213,8 @@ BAD = {  # kind -> (method, path, body)
     "too many tokens": ("POST", "/api/view", json.dumps({"text": "the " * 400}).encode()),
     "text too long": ("POST", "/api/view", json.dumps({"text": "x" * 30_000}).encode()),
     "body too large": ("POST", "/api/view", b" " * 70_000),
+    "deeply nested": ("POST", "/api/view", b"[" * 30_000 + b"]" * 30_000),
+    "not a number": ("POST", "/api/view", b'{"text": "a b", "knn_weight": NaN}'),
     "steps out of range": ("POST", "/api/generate", b'{"text": "the old", "steps": 1000}'),
     "wrong method": ("GET", "/api/view", b""),
     "no such path": ("GET", "/api/../../etc/passwd", b""),

@@ -24,6 +24,8 @@ from knnlm.cli.common import (
 )
 from knnlm.errors import KnnlmError
 
+MAX_K = 4096  # neighbours kept per token of a text (memory: tokens x k_max)
+
 
 def inspect_cmd(
     model: str = MODEL,
@@ -88,8 +90,8 @@ def inspect_cmd(
 
 def pre_checks(settings, k_max, max_tokens, max_pending, port, text, html) -> None:
     """What needs no model: bounds of the numbers, and --text / --html given together."""
-    if k_max < 1:
-        raise KnnlmError(f"--k-max must be at least 1, got {k_max}")
+    if not 1 <= k_max <= MAX_K:
+        raise KnnlmError(f"--k-max must be in [1, {MAX_K}], got {k_max}")
     if not 1 <= settings.k <= k_max:
         raise KnnlmError(f"--k must be in [1, --k-max {k_max}], got {settings.k}")
     if not 0.0 <= settings.knn_weight <= 1.0:
@@ -100,8 +102,8 @@ def pre_checks(settings, k_max, max_tokens, max_pending, port, text, html) -> No
         raise KnnlmError(f"--memory-weight must be in [0, 1], got {settings.memory_weight}")
     if not 0.0 <= settings.retrieval_rate <= 1.0:
         raise KnnlmError(f"--retrieval-rate must be in [0, 1], got {settings.retrieval_rate}")
-    if max_tokens < 2:
-        raise KnnlmError(f"--max-tokens must be at least 2, got {max_tokens}")
+    if not 2 <= max_tokens <= 4096:
+        raise KnnlmError(f"--max-tokens must be in [2, 4096], got {max_tokens}")
     if max_pending < 8:
         raise KnnlmError(f"--max-pending must be at least 8, got {max_pending}")
     if not 0 <= port <= 65535:

@@ -29,7 +29,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise RequestError(413, f"the request is over {MAX_BODY} bytes")
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
         raise RequestError(400, "the request body is not JSON") from None
     if not isinstance(data, dict):
         raise RequestError(422, "the request body must be a JSON object")
