@@ -102,9 +102,13 @@ def browser():
 
 
 def wait(drv, check, what: str):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(drv, 30, poll_frequency=0.05).until(lambda d: check(d), message=what)
+    # An element read while the page redraws it is stale: look again on the next poll.
+    waiter = WebDriverWait(drv, 30, poll_frequency=0.05,
+                           ignored_exceptions=[StaleElementReferenceException])  # fmt: skip
+    return waiter.until(lambda d: check(d), message=what)
 
 
 def read_token(drv) -> dict:
@@ -177,7 +181,15 @@ def test_page_in_a_browser_equals_brute_force(server, browser, lm, ds_dir, tiny_
     wait(drv, lambda d: abs(float(d.find_element(By.ID, "p-mix").get_attribute("data-value"))
                             - want) < 2e-5, "the mixture at weight 0.7")  # fmt: skip
     check_shown(read_token(drv), ref)
-    drv.save_screenshot(str(tmp_path / "page.png"))
+
+    # Generation mode: each step is the mixture's likeliest token, shown with its probability.
+    drv.execute_script("document.getElementById('steps').value = '2';")
+    drv.find_element(By.ID, "generate").click()
+    wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#steps-table tbody tr")) == 2,
+         "two generation steps")  # fmt: skip
+    first = drv.find_element(By.CSS_SELECTOR, "#steps-table tbody tr td:nth-child(5)")
+    ref = brute_force(lm.model, ds_dir, [*ids, 0], len(ids), K, 0.7, TEMP)
+    assert float(first.get_attribute("data-value")) == pytest.approx(ref["mix"].max(), abs=2e-5)
 
     # The static export of the same text at the same settings shows the same numbers.
     (tmp_path / "t.txt").write_text(TEXT)
