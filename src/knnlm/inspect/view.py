@@ -78,7 +78,7 @@ class Inspector:
     """
 
     def __init__(
-        self, lm: LoadedLM, datastore: str | Path, *, k_max: int = 256, search: str = "auto",
+        self, lm: LoadedLM, datastore: str | Path | Datastore, *, k_max: int = 256, search: str = "auto",
         nprobe: int | None = None, gate: Gate | None = None, memory: MemoryMLP | None = None,
         max_tokens: int = 256, cache_size: int = 4, examples: list[str] | None = None,
     ):  # fmt: skip
