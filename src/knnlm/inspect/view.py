@@ -110,7 +110,8 @@ class Inspector:
             raise KnnlmError("the text needs at least two tokens (the first has no prediction)")
         if len(ids) > self.max_tokens:
             raise KnnlmError(
-                f"the text is {len(ids)} tokens; this server shows at most {self.max_tokens}"
+                f"the text is {len(ids)} tokens; at most {self.max_tokens} are shown "
+                "(knnlm inspect --max-tokens)"
             )
         return np.asarray(ids, dtype=np.int64)
 
