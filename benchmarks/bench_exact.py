@@ -62,9 +62,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     from knnlm.evaluate import evaluate
     from knnlm.lm.loading import load_lm
     from knnlm.retrieval.datastore import build_datastore, open_datastore
-    from knnlm.retrieval.index_build import build_index
     from knnlm.retrieval.retriever import KnnSettings
-    from knnlm.retrieval.search import Searcher
+    from knnlm.retrieval.search.index_build import build_index
+    from knnlm.retrieval.search.saved_index import Searcher
     from knnlm.scoring import score_stream
 
     corpus = skip_unless_corpus(args.corpus, args.out)

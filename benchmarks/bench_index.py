@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from knnlm.retrieval.index_build import build_index
-from knnlm.retrieval.index_common import open_keys
-from knnlm.retrieval.search import KnnIndex, Searcher, exact_search
+from knnlm.retrieval.search.conventions import open_keys
+from knnlm.retrieval.search.index_build import build_index
+from knnlm.retrieval.search.saved_index import KnnIndex, Searcher, exact_search
 
 
 def make_ds(path: Path, n: int, dim: int, seed: int) -> np.ndarray:

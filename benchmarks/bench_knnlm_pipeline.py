@@ -120,7 +120,7 @@ def step_build(p: dict) -> dict:
 def step_index(p: dict) -> dict:
     import json
 
-    from knnlm.retrieval.index_build import build_index
+    from knnlm.retrieval.search.index_build import build_index
 
     with Timer() as t:
         build_index(p["ds"], p["kind"], nprobe=p["nprobe"], use_gpu=False, progress=p["progress"])
@@ -165,7 +165,7 @@ def step_search(p: dict) -> dict:
     """Searcher.search alone, on the same queries in the same batches as the evaluation."""
     import numpy as np
 
-    from knnlm.retrieval.search import Searcher
+    from knnlm.retrieval.search.saved_index import Searcher
 
     q = np.load(p["queries"], allow_pickle=False)
     counts = np.load(p["counts"], allow_pickle=False)
@@ -189,7 +189,7 @@ def step_recall(p: dict) -> dict:
     """IVF-PQ top-k ids against flat top-k ids on a sample of real valid queries."""
     import numpy as np
 
-    from knnlm.retrieval.search import Searcher
+    from knnlm.retrieval.search.saved_index import Searcher
 
     q = np.load(p["queries"], allow_pickle=False)
     rng = np.random.default_rng(p["seed"])

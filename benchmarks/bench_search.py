@@ -51,7 +51,7 @@ def best_of(fn, repeats: int, sync=lambda: None) -> tuple[float, object]:
 def cpu_search(n: int, d: int, b: int, k: int, repeats: int, work: Path) -> dict:
     import faiss
 
-    from knnlm.retrieval.torch_search import TorchExactSearch
+    from knnlm.retrieval.search.exact import TorchExactSearch
 
     rng = np.random.default_rng(0)
     keys16 = rng.standard_normal((n, d), dtype=np.float32).astype(np.float16)
@@ -89,7 +89,7 @@ def bandwidth(device: torch.device) -> float:
 
 
 def gpu_search(n: int, d: int, b: int, k: int, bw: float, check: int) -> dict:
-    from knnlm.retrieval.torch_search import TorchExactSearch
+    from knnlm.retrieval.search.exact import TorchExactSearch
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -186,7 +186,7 @@ def eval_part(args, work: Path, device: str, backends: list[str]) -> dict:
     for name in backends:
         search = name.split("+")[0]
         if name == "faiss+ivfpq":
-            from knnlm.retrieval.index_build import build_index
+            from knnlm.retrieval.search.index_build import build_index
 
             build_index(ds, "ivfpq", use_gpu=False, progress=False)
         r = evaluate(lm, str(corpus), "valid", datastore=ds, knn=KnnSettings(k=args.k, search=search),

@@ -25,9 +25,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from knnlm.retrieval.index_build import build_index
-from knnlm.retrieval.index_common import open_keys
-from knnlm.retrieval.search import KnnIndex, Searcher
+from knnlm.retrieval.search.conventions import open_keys
+from knnlm.retrieval.search.index_build import build_index
+from knnlm.retrieval.search.saved_index import KnnIndex, Searcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_index import make_ds  # noqa: E402

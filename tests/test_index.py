@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.index_build import build_index
-from knnlm.retrieval.index_common import open_keys
-from knnlm.retrieval.rerank import recompute_distances
-from knnlm.retrieval.search import KnnIndex, Searcher, exact_search
+from knnlm.retrieval.search.conventions import open_keys
+from knnlm.retrieval.search.index_build import build_index
+from knnlm.retrieval.search.rerank import recompute_distances
+from knnlm.retrieval.search.saved_index import KnnIndex, Searcher, exact_search
 from tiny import array_datastore
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")

@@ -20,8 +20,8 @@ from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
 from knnlm.neighbour_cache import load_cache
 from knnlm.retrieval.datastore import build_datastore, open_datastore
-from knnlm.retrieval.index_build import build_index
 from knnlm.retrieval.retriever import KnnSettings
+from knnlm.retrieval.search.index_build import build_index
 
 CTX = 32
 NLIST = 16
@@ -215,7 +215,7 @@ def test_ivfpq_recall_at_k_with_fewer_probes_than_lists(setup):
 
     The keys of a random tiny LM are not clustered and 4 x 6-bit PQ codes are coarse, so
     recall@10 saturates near 0.66 (measured) whatever nprobe; 4 of 16 lists must get there."""
-    from knnlm.retrieval.search import Searcher
+    from knnlm.retrieval.search.saved_index import Searcher
 
     s = setup
     k = 10

@@ -11,18 +11,18 @@ import faiss
 import numpy as np
 import pytest
 
-import knnlm.retrieval.search as search_mod
+import knnlm.retrieval.search.saved_index as search_mod
 from knnlm.errors import KnnlmError
-from knnlm.retrieval import faiss_common
-from knnlm.retrieval.index_build import (
+from knnlm.retrieval.search import faiss_lib as faiss_common
+from knnlm.retrieval.search.conventions import open_keys
+from knnlm.retrieval.search.index_build import (
     auto_nprobe,
     build_index,
     finish_pending_commit,
     index_summary,
 )
-from knnlm.retrieval.index_common import open_keys
-from knnlm.retrieval.rerank import KeyStore, recompute_distances
-from knnlm.retrieval.search import KnnIndex, Searcher, exact_search
+from knnlm.retrieval.search.rerank import KeyStore, recompute_distances
+from knnlm.retrieval.search.saved_index import KnnIndex, Searcher, exact_search
 from tiny import array_datastore
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
@@ -238,7 +238,7 @@ def test_index_summary_reports_scan_fraction(tmp_path):
 def test_brute_force_fallback_warns(tmp_path, caplog, monkeypatch):
     """A missing index on a large store, or a build cut short, is a warning; a small store
     without an index (searched exactly on purpose) is only noted in the log."""
-    from knnlm.retrieval import search
+    from knnlm.retrieval.search import saved_index as search
 
     rng = np.random.default_rng(10)
     ds = write_ds(tmp_path / "ds", rng.normal(size=(50, 4)))

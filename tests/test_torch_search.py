@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.backends import open_backend, resolve_search
-from knnlm.retrieval.torch_search import TorchExactSearch, order, query_parts, select_k
+from knnlm.retrieval.search.choose import open_backend, resolve_search
+from knnlm.retrieval.search.exact import TorchExactSearch, order, query_parts, select_k
 from tiny import array_datastore, quiet_datastore
 
 
@@ -118,7 +118,7 @@ def write_keys(path, keys, index_metric=None):
 
 
 def test_auto_means_faiss_only_with_an_index(tmp_path):
-    from knnlm.retrieval.index_build import build_index
+    from knnlm.retrieval.search.index_build import build_index
 
     rng = np.random.default_rng(5)
     ds = write_keys(tmp_path / "ds", rng.normal(size=(200, 8)).astype(np.float32))
@@ -137,7 +137,7 @@ def test_auto_means_faiss_only_with_an_index(tmp_path):
 
 
 def test_exact_search_runs_without_faiss(tmp_path):
-    from knnlm.retrieval.index_build import build_index
+    from knnlm.retrieval.search.index_build import build_index
 
     ds = write_keys(tmp_path / "ds", np.eye(4, dtype=np.float32))
     build_index(ds, "flat", use_gpu=False, progress=False)  # an index exists, faiss does not
@@ -146,7 +146,7 @@ def test_exact_search_runs_without_faiss(tmp_path):
         sys.modules["faiss"] = None
         import torch
         from knnlm.errors import KnnlmError
-        from knnlm.retrieval.backends import open_backend
+        from knnlm.retrieval.search.choose import open_backend
         import knnlm.evaluate, knnlm.generation, knnlm.experiments.projection
         b = open_backend({str(ds)!r}, "auto")
         assert b.describe()["search"] == "exact"
@@ -164,7 +164,7 @@ def test_exact_search_runs_without_faiss(tmp_path):
 def _sharded_worker(rank: int, ds: str, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from knnlm.retrieval.backends import open_backend
+    from knnlm.retrieval.search.choose import open_backend
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
@@ -272,7 +272,7 @@ def test_torchrun_two_process_project_equals_one_process(tmp_path, lm, tiny_lm_d
 
 @pytest.mark.parametrize("factory", ["IVF8,Flat", "HNSW8"])
 def test_factory_index_reports_recall_and_searches_through_faiss(tmp_path, factory):
-    from knnlm.retrieval.index_build import build_index, index_summary
+    from knnlm.retrieval.search.index_build import build_index, index_summary
 
     rng = np.random.default_rng(8)
     ds = write_keys(tmp_path / "ds", rng.normal(size=(600, 8)).astype(np.float32))
@@ -292,7 +292,7 @@ def test_factory_index_reports_recall_and_searches_through_faiss(tmp_path, facto
 
 
 def test_ivfpq_index_reports_recall(tmp_path):
-    from knnlm.retrieval.index_build import build_index
+    from knnlm.retrieval.search.index_build import build_index
 
     rng = np.random.default_rng(9)
     ds = write_keys(tmp_path / "ds", rng.normal(size=(2000, 8)).astype(np.float32))

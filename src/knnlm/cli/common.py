@@ -103,7 +103,7 @@ class Scale(str, Enum):
 
 
 class Search(str, Enum):
-    """Neighbour search backend (knnlm.retrieval.backend)."""
+    """Neighbour search backend (knnlm.retrieval.search.protocol)."""
 
     exact = "exact"
     faiss = "faiss"
@@ -133,7 +133,7 @@ def init_distributed() -> int:
     """Join the process group that torchrun / accelerate launch set up; returns the rank.
 
     Every command that searches joins it first, so its exact search is sharded over the
-    ranks (knnlm.retrieval.sharded); rank 0 alone writes and prints.
+    ranks (knnlm.retrieval.search.sharded); rank 0 alone writes and prints.
     """
     import torch
     import torch.distributed as dist

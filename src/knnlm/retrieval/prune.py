@@ -39,7 +39,7 @@ from knnlm.fileio import (
 )
 from knnlm.locking import locks
 from knnlm.retrieval.datastore import KIND, META, Datastore, open_datastore
-from knnlm.retrieval.search import Searcher
+from knnlm.retrieval.search.saved_index import Searcher
 
 NEIGHBOURS = "neighbours.npy"
 PROGRESS = "prune-progress.json"

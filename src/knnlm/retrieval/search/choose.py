@@ -1,4 +1,4 @@
-"""Open the search backend ``--search`` names (see :mod:`knnlm.retrieval.backend`).
+"""Open the search backend ``--search`` names (see :mod:`knnlm.retrieval.search.protocol`).
 
 FAISS is optional: its backend is imported guarded, so ``exact`` runs where it is not installed.
 """
@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.backend import SearchBackend, check_search, has_index
-from knnlm.retrieval.sharded import open_exact
+from knnlm.retrieval.search.protocol import SearchBackend, check_search, has_index
+from knnlm.retrieval.search.sharded import open_exact
 
 try:
-    from knnlm.retrieval.faiss_backend import FaissBackend
+    from knnlm.retrieval.search.faiss_backend import FaissBackend
 except ImportError as _e:  # only a missing faiss is tolerated; any other import error is a bug
     if _e.name != "faiss":
         raise

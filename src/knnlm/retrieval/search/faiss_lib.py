@@ -7,7 +7,7 @@ from typing import Any
 import faiss
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.index_common import log
+from knnlm.retrieval.search.conventions import log
 
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit
 

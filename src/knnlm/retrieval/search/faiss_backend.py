@@ -3,8 +3,8 @@
 Wraps :class:`knnlm.retrieval.search.Searcher`: the index (IVF-PQ, flat, or a factory string),
 re-ranked with exact distances by default; without an index, ``faiss.knn`` brute force. The
 search runs on the host (or FAISS's own GPU copy); results come back on the queries' device.
-Importing this module needs faiss (through :mod:`knnlm.retrieval.search`);
-:mod:`knnlm.retrieval.backends` imports it guarded.
+Importing this module needs faiss (through :mod:`knnlm.retrieval.search.saved_index`);
+:mod:`knnlm.retrieval.search.choose` imports it guarded.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from knnlm.retrieval.backend import Neighbours
-from knnlm.retrieval.index_common import check_k
-from knnlm.retrieval.search import Searcher
-from knnlm.retrieval.torch_search import check_queries
+from knnlm.retrieval.search.conventions import check_k
+from knnlm.retrieval.search.exact import check_queries
+from knnlm.retrieval.search.protocol import Neighbours
+from knnlm.retrieval.search.saved_index import Searcher
 
 K_UNBOUNDED = 1 << 30  # the interface takes k per call; Searcher's own cap is not used
 

@@ -1,6 +1,6 @@
 """Searching a datastore: its saved FAISS index (exactly re-ranked by default) or brute force.
 
-Distances follow :mod:`knnlm.retrieval.index_common` (smaller is closer; ip = negated inner
+Distances follow :mod:`knnlm.retrieval.search.conventions` (smaller is closer; ip = negated inner
 product; missing neighbours are -1 / +inf).
 """
 
@@ -17,8 +17,7 @@ from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import file_sha256
-from knnlm.retrieval.faiss_common import GPU_MAX_K, faiss_metric, to_gpu
-from knnlm.retrieval.index_common import (
+from knnlm.retrieval.search.conventions import (
     INDEX_FILE,
     INDEX_META,
     PARTIAL_FILE,
@@ -33,8 +32,9 @@ from knnlm.retrieval.index_common import (
     open_keys,
     pad,
 )
-from knnlm.retrieval.pca import base_index
-from knnlm.retrieval.rerank import KeyStore, recompute_distances, refine
+from knnlm.retrieval.search.faiss_lib import GPU_MAX_K, faiss_metric, to_gpu
+from knnlm.retrieval.search.pca import base_index
+from knnlm.retrieval.search.rerank import KeyStore, recompute_distances, refine
 
 # A brute-force scan of this many keys per batch is slow enough to deserve a warning (~1 GB of
 # float16 keys at d = 512); below it, an exact scan is a reasonable way to search.
@@ -257,7 +257,7 @@ class Searcher:
     """k-nearest-neighbour search over a datastore: its saved index if any, else exact search.
 
     ``recompute`` (default on) replaces the index's distances by exact ones from the stored keys
-    and re-sorts (exact re-ranking, :mod:`knnlm.retrieval.rerank`); exact search is always
+    and re-sorts (exact re-ranking, :mod:`knnlm.retrieval.search.rerank`); exact search is always
     exact. ``keys_in_ram`` ("auto": when they fit the re-ranking RAM budget) holds the keys in
     RAM for a fused FAISS re-ranking; otherwise rows are gathered from the memmap per batch.
     ``metric`` defaults to the index's metric (``"l2"`` without an index); asking for another

@@ -6,16 +6,16 @@ neighbour cache and generation consume the same tensors whatever searched them.
 
 Backends, chosen by ``--search`` (:func:`open_backend`):
 
-- ``exact``: :class:`knnlm.retrieval.torch_search.TorchExactSearch`, brute force in torch on the
+- ``exact``: :class:`knnlm.retrieval.search.exact.TorchExactSearch`, brute force in torch on the
   LM's device (CPU or GPU), exact neighbour sets, ties broken by row id; sharded over the ranks
-  of a torch.distributed job (:mod:`knnlm.retrieval.sharded`) when one is running.
-- ``faiss``: the datastore's saved FAISS index (:mod:`knnlm.retrieval.search`), re-ranked
+  of a torch.distributed job (:mod:`knnlm.retrieval.search.sharded`) when one is running.
+- ``faiss``: the datastore's saved FAISS index (:mod:`knnlm.retrieval.search.saved_index`), re-ranked
   exactly by default; approximate neighbour sets for IVF-PQ. Needs the faiss package.
 - ``auto``: ``faiss`` when the datastore has an index, else ``exact``.
 
-:func:`knnlm.retrieval.backends.open_backend` opens the one a name asks for.
+:func:`knnlm.retrieval.search.choose.open_backend` opens the one a name asks for.
 
-Distances follow :mod:`knnlm.retrieval.index_common`: smaller is closer (squared L2, or the
+Distances follow :mod:`knnlm.retrieval.search.conventions`: smaller is closer (squared L2, or the
 negated inner product for ``ip``); a missing neighbour has row -1 and distance +inf.
 """
 

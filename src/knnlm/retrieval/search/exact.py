@@ -9,7 +9,7 @@ candidate stage); ties are broken by row id, so results are deterministic and eq
 chunkings and shards. The distances are the float32 expansion (relative error ~1e-6 for LM
 keys); ``recompute=True`` replaces the winners' by ``sum((q - k)^2)`` computed directly (what
 the FAISS path reports), at the cost of gathering k keys per query: B * k * d values, more
-than the search itself on a GPU, so it is off in :func:`knnlm.retrieval.backends.open_backend`.
+than the search itself on a GPU, so it is off in :func:`knnlm.retrieval.search.choose.open_backend`.
 
 On a GPU with 16-bit keys the float32 queries are split into two (bfloat16: three) 16-bit parts
 whose products with the keys are exact in float32, so the scores match a float32 product to
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.backend import Neighbours, exclusion_tensor
-from knnlm.retrieval.index_common import check_k, check_metric
+from knnlm.retrieval.search.conventions import check_k, check_metric
+from knnlm.retrieval.search.protocol import Neighbours, exclusion_tensor
 
 KEY_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SCORE_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}  # float32 scores per chunk (256 MiB / 1 GiB)
