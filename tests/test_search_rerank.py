@@ -10,11 +10,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+import torch
 
-import knnlm.retrieval.search.saved_index as search_mod
+import knnlm.retrieval.search.faiss_backend as search_mod
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.search import faiss_lib as faiss_common
 from knnlm.retrieval.search.conventions import open_keys
+from knnlm.retrieval.search.faiss_backend import FaissBackend, exact_search
 from knnlm.retrieval.search.index_build import (
     auto_nprobe,
     build_index,
@@ -22,10 +24,17 @@ from knnlm.retrieval.search.index_build import (
     index_summary,
 )
 from knnlm.retrieval.search.rerank import KeyStore, recompute_distances
-from knnlm.retrieval.search.saved_index import KnnIndex, Searcher, exact_search
+from knnlm.retrieval.search.saved_index import KnnIndex
 from tiny import array_datastore
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
+
+def nearest(ds, q, k, exclude=None, **kw):
+    """The FAISS backend's (distances, rows) for numpy queries, as numpy."""
+    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    nb = FaissBackend(ds, **kw).search(q, k, exclude_rows=exclude)
+    return nb.distances.numpy(), nb.rows.numpy()
 
 
 def write_ds(path: Path, keys: np.ndarray, dtype=np.float16) -> Path:
@@ -66,14 +75,15 @@ def test_reranked_ivfpq_distances_match_numpy(tmp_path, metric, in_ram, dtype):
     ds = write_ds(tmp_path / "ds", keys, dtype)
     build_index(ds, kind="ivfpq", metric=metric, nlist=16, pq_m=4, pq_bits=6, progress=False)
     stored = np.asarray(open_keys(ds)[0])
-    s = Searcher(ds, k_max=50, nprobe=4, use_gpu=False, keys_in_ram=in_ram)
-    assert (s._refined is not None) == in_ram  # the fused path is the one under test
-    dist, ids = s.search(q, 50)
+    s = FaissBackend(ds, nprobe=4, use_gpu=False, keys_in_ram=in_ram)
+    assert (s.refined is not None) == in_ram  # the fused path is the one under test
+    nb = s.search(torch.from_numpy(q), 50)
+    dist, ids = nb.distances.numpy(), nb.rows.numpy()
     assert (ids >= 0).all() and (np.diff(dist, axis=1) >= 0).all()
     ref = numpy_dist(stored, q, ids, metric)
     np.testing.assert_allclose(dist, ref, rtol=1e-5, atol=1e-4)
     # The same candidates as PQ search, only re-ordered by exact distance.
-    _, pq_ids = Searcher(ds, k_max=50, nprobe=4, recompute=False, use_gpu=False).search(q, 50)
+    _, pq_ids = nearest(ds, q, 50, nprobe=4, recompute=False, use_gpu=False)
     np.testing.assert_array_equal(np.sort(ids, 1), np.sort(pq_ids, 1))
 
 
@@ -83,7 +93,7 @@ def test_flat_index_reranks_itself_exactly(tmp_path):
     build_index(ds, kind="flat", progress=False)
     stored = np.asarray(open_keys(ds)[0])
     ref_d, ref_i = numpy_topk(stored, q, 20)
-    dist, ids = Searcher(ds, k_max=20, use_gpu=False).search(q, 20)
+    dist, ids = nearest(ds, q, 20, use_gpu=False)
     np.testing.assert_array_equal(ids, ref_i)
     np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-5)
 
@@ -120,7 +130,7 @@ def test_ivfpq_rerank_recall_at_k_against_exact(tmp_path):
     build_index(ds, kind="ivfpq", nlist=32, pq_m=8, pq_bits=8, progress=False)
     stored = np.asarray(open_keys(ds)[0])
     _, ref = numpy_topk(stored, q, 10)
-    _, ids = Searcher(ds, k_max=100, nprobe=8, use_gpu=False).search(q, 100)
+    _, ids = nearest(ds, q, 100, nprobe=8, use_gpu=False)
     recall_at_10 = np.mean([len(set(ref[i]) & set(ids[i, :10])) / 10 for i in range(len(q))])
     assert recall_at_10 >= 0.9
     assert (ids[:, 0] == ref[:, 0]).mean() >= 0.95
@@ -183,7 +193,7 @@ def test_index_json_mismatches_are_refused(tmp_path):
     raw = (a / "index.faiss").read_bytes()
     (a / "index.faiss").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(KnnlmError) as e:
-        Searcher(a, k_max=3, use_gpu=False)
+        FaissBackend(a, use_gpu=False)
     assert "\n" not in str(e.value)
 
 
@@ -238,25 +248,25 @@ def test_index_summary_reports_scan_fraction(tmp_path):
 def test_brute_force_fallback_warns(tmp_path, caplog, monkeypatch):
     """A missing index on a large store, or a build cut short, is a warning; a small store
     without an index (searched exactly on purpose) is only noted in the log."""
-    from knnlm.retrieval.search import saved_index as search
+    from knnlm.retrieval.search import faiss_backend as search
 
     rng = np.random.default_rng(10)
     ds = write_ds(tmp_path / "ds", rng.normal(size=(50, 4)))
     logger = "knnlm.retrieval.index"
     with caplog.at_level(logging.INFO, logger=logger):
-        Searcher(ds, k_max=3)
+        FaissBackend(ds)
     levels = {r.levelno for r in caplog.records if "no index" in r.getMessage()}
     assert levels == {logging.INFO} and "50 keys" in caplog.text
     caplog.clear()
     monkeypatch.setattr(search, "BRUTE_FORCE_WARN_KEYS", 50)
     with caplog.at_level(logging.WARNING, logger=logger):
-        Searcher(ds, k_max=3)
+        FaissBackend(ds)
     assert "no index" in caplog.text and "50 keys" in caplog.text
     caplog.clear()
     monkeypatch.setattr(search, "BRUTE_FORCE_WARN_KEYS", 10**9)
     (ds / "index.faiss.partial").write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger=logger):
-        Searcher(ds, k_max=3)
+        FaissBackend(ds)
     assert "did not finish" in caplog.text
 
 

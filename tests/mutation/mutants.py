@@ -6,7 +6,7 @@ not which file: a function or class by its qualified name (``own_rows``, ``Searc
 ``run_projection.solve_pending`` for a nested function) or a module-level constant
 (``MEMORY_STORAGE_MAX``), looked up in every module of src/knnlm, so a mutant follows its code
 when the code moves to another module. The anchor must be defined exactly once (where two
-modules define the same name, write ``module.path:name``, e.g. ``retrieval.search:Searcher.search``)
+modules define the same name, write ``module.path:name``, e.g. ``retrieval.search.faiss_backend:FaissBackend.search``)
 and the text must occur exactly once inside the anchor's source; otherwise the driver reports an
 error: re-anchor the mutant. The tests are
 pytest node ids, run from the repository root; each compares with an independent reference
@@ -159,14 +159,14 @@ MUTANTS: list[Mutant] = [
         "IVF-PQ distances are never replaced by exact ones (fused and memmap paths)",
         (
             (
-                "Searcher.__init__",
-                "            if recompute:\n                self._refined",
-                "            if False:\n                self._refined",
+                "FaissBackend.__init__",
+                "            if recompute:\n                self.refined",
+                "            if False:\n                self.refined",
             ),
             (
-                "Searcher.search",
-                "            if self.recompute:\n                dist, ids = ",
-                "            if False:\n                dist, ids = ",
+                "FaissBackend.nearest",
+                "        if self.recompute:\n            dist, ids = ",
+                "        if False:\n            dist, ids = ",
             ),
         ),  # fmt: skip
         (

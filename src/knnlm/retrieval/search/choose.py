@@ -1,6 +1,7 @@
 """Open the search backend ``--search`` names (see :mod:`knnlm.retrieval.search.protocol`).
 
-FAISS is optional: its backend is imported guarded, so ``exact`` runs where it is not installed.
+FAISS is optional (imported guarded in :mod:`knnlm.retrieval.search.faiss_lib`), so ``exact``
+runs where it is not installed.
 """
 
 from __future__ import annotations
@@ -9,16 +10,10 @@ from pathlib import Path
 
 import torch
 
-from knnlm.errors import KnnlmError
+from knnlm.retrieval.search.faiss_backend import FaissBackend
+from knnlm.retrieval.search.faiss_lib import has_faiss
 from knnlm.retrieval.search.protocol import SearchBackend, check_search, has_index
 from knnlm.retrieval.search.sharded import open_exact
-
-try:
-    from knnlm.retrieval.search.faiss_backend import FaissBackend
-except ImportError as _e:  # only a missing faiss is tolerated; any other import error is a bug
-    if _e.name != "faiss":
-        raise
-    FaissBackend = None
 
 
 def resolve_search(search: str, ds_dir: str | Path) -> str:
@@ -26,7 +21,7 @@ def resolve_search(search: str, ds_dir: str | Path) -> str:
     if check_search(search) != "auto":
         return search
     # auto with an index but no faiss installed: search exactly rather than fail
-    return "faiss" if has_index(ds_dir) and FaissBackend is not None else "exact"
+    return "faiss" if has_index(ds_dir) and has_faiss() else "exact"
 
 
 def open_backend(
@@ -49,11 +44,6 @@ def open_backend(
     """
     kind = resolve_search(search, ds_dir)
     if kind == "faiss":
-        if FaissBackend is None:
-            raise KnnlmError(
-                "--search faiss needs the faiss package (pip install faiss-cpu); "
-                "--search exact runs without it"
-            )
         return FaissBackend(ds_dir, metric=metric, nprobe=nprobe, recompute=recompute,
                             progress=progress)  # fmt: skip
     return open_exact(ds_dir, device=device, metric=metric, key_dtype=key_dtype,

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from knnlm.errors import KnnlmError
+from knnlm.retrieval.exclusion import exclusion_tensor
 from knnlm.retrieval.search.conventions import check_k, check_metric
-from knnlm.retrieval.search.protocol import Neighbours, exclusion_tensor
+from knnlm.retrieval.search.protocol import Neighbours, check_queries, pad_columns
 
 KEY_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SCORE_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}  # float32 scores per chunk (256 MiB / 1 GiB)
@@ -285,19 +286,8 @@ def finish(
         d, rows = order(exact.masked_fill(missing, float("inf")), rows)  # +inf entries last
     elif qn is not None:  # the (distance, row) order of the candidates stays
         d = (d + qn).clamp_(min=0)
-    if d.shape[1] < k:
-        pad = k - d.shape[1]
-        d = torch.nn.functional.pad(d, (0, pad), value=float("inf"))
-        rows = torch.nn.functional.pad(rows, (0, pad), value=-1)
+    d, rows = pad_columns(d, rows, k)
     return Neighbours.lookup(d, rows, table)
-
-
-def check_queries(queries: Any, dim: int) -> None:
-    if not torch.is_tensor(queries) or queries.ndim != 2 or queries.shape[1] != dim:
-        shape = tuple(queries.shape) if hasattr(queries, "shape") else type(queries).__name__
-        raise KnnlmError(f"queries must be a tensor of shape (n, {dim}), got {shape}")
-    if queries.numel() and not torch.isfinite(queries).all():
-        raise KnnlmError("queries contain NaN or infinite values")
 
 
 def _has_out_dtype_mm(device: torch.device, dtype: torch.dtype) -> bool:

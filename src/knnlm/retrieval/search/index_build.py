@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -46,7 +45,14 @@ from knnlm.retrieval.search.conventions import (
     log,
     open_keys,
 )
-from knnlm.retrieval.search.faiss_lib import faiss_metric, to_cpu, to_gpu, want_gpu
+from knnlm.retrieval.search.faiss_lib import (
+    faiss,
+    faiss_metric,
+    require_faiss,
+    to_cpu,
+    to_gpu,
+    want_gpu,
+)
 from knnlm.retrieval.search.index_factory import build_factory
 from knnlm.retrieval.search.index_recall import recall_at_k
 from knnlm.retrieval.search.pca import check_pca, pca_sample_size, train_pca, with_pca
@@ -238,6 +244,7 @@ def build_index(
     front of the index: it stores D-dim vectors and takes d-dim queries.
     """
     kind = _check_build_args(kind, factory, pca, metric, add_chunk, nprobe, checkpoint_every)
+    require_faiss("building an index")
     want_gpu(use_gpu)  # validate early
     ds = Path(ds_dir)
     keys, _ = open_keys(ds)

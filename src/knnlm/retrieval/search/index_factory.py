@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.search.conventions import f32
-from knnlm.retrieval.search.faiss_lib import faiss_metric
+from knnlm.retrieval.search.faiss_lib import faiss, faiss_metric
 
 
 def build_factory(

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from knnlm.errors import KnnlmError
@@ -89,15 +88,20 @@ def has_index(ds_dir: str | Path) -> bool:
     return (ds / "index.faiss").is_file() and meta
 
 
-def exclusion_tensor(
-    exclude_rows: Any, n_queries: int, device: torch.device
-) -> torch.Tensor | None:
-    """``exclude_rows`` (array or tensor of B ints, -1 = none) as int64 on ``device``."""
-    if exclude_rows is None:
-        return None
-    ex = torch.as_tensor(
-        np.asarray(exclude_rows) if not torch.is_tensor(exclude_rows) else exclude_rows
-    )
-    if ex.shape != (n_queries,) or ex.dtype.is_floating_point or ex.dtype == torch.bool:
-        raise KnnlmError(f"exclude_rows must be integers of shape ({n_queries},)")
-    return ex.to(device=device, dtype=torch.int64)
+def pad_columns(
+    dist: torch.Tensor, rows: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut or pad (with +inf / -1) to exactly k columns."""
+    if dist.shape[1] >= k:
+        return dist[:, :k], rows[:, :k]
+    pad = k - dist.shape[1]
+    dist = torch.nn.functional.pad(dist, (0, pad), value=float("inf"))
+    return dist, torch.nn.functional.pad(rows, (0, pad), value=-1)
+
+
+def check_queries(queries: Any, dim: int) -> None:
+    if not torch.is_tensor(queries) or queries.ndim != 2 or queries.shape[1] != dim:
+        shape = tuple(queries.shape) if hasattr(queries, "shape") else type(queries).__name__
+        raise KnnlmError(f"queries must be a tensor of shape (n, {dim}), got {shape}")
+    if queries.numel() and not torch.isfinite(queries).all():
+        raise KnnlmError("queries contain NaN or infinite values")

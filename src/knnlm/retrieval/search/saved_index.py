@@ -1,4 +1,5 @@
-"""Searching a datastore: its saved FAISS index (exactly re-ranked by default) or brute force.
+"""A datastore's saved FAISS index: its metadata read and checked against the file and the
+datastore, loaded (on a GPU when FAISS has one) and searched.
 
 Distances follow :mod:`knnlm.retrieval.search.conventions` (smaller is closer; ip = negated inner
 product; missing neighbours are -1 / +inf).
@@ -7,95 +8,26 @@ product; missing neighbours are -1 / +inf).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
-from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import file_sha256
 from knnlm.retrieval.search.conventions import (
     INDEX_FILE,
     INDEX_META,
-    PARTIAL_FILE,
     PENDING_META,
     as_queries,
     check_k,
-    check_metric,
     datastore_fingerprint,
-    f32,
-    log,
     mark_missing,
     open_keys,
     pad,
 )
-from knnlm.retrieval.search.faiss_lib import GPU_MAX_K, faiss_metric, to_gpu
+from knnlm.retrieval.search.faiss_lib import GPU_MAX_K, faiss, faiss_metric, require_faiss, to_gpu
 from knnlm.retrieval.search.pca import base_index
-from knnlm.retrieval.search.rerank import KeyStore, recompute_distances, refine
-
-# A brute-force scan of this many keys per batch is slow enough to deserve a warning (~1 GB of
-# float16 keys at d = 512); below it, an exact scan is a reasonable way to search.
-BRUTE_FORCE_WARN_KEYS = 1_000_000
-
-# --------------------------------------------------------------------------- exact search
-
-
-def _merge_topk(
-    d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The k smallest of two (n, *) candidate lists, sorted ascending."""
-    d = np.concatenate([d1, d2], axis=1)
-    i = np.concatenate([i1, i2], axis=1)
-    if d.shape[1] > k:
-        part = np.argpartition(d, k - 1, axis=1)[:, :k]
-        d = np.take_along_axis(d, part, axis=1)
-        i = np.take_along_axis(i, part, axis=1)
-    order = np.argsort(d, axis=1, kind="stable")
-    return np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)
-
-
-def exact_search(
-    keys: np.ndarray,
-    queries: np.ndarray,
-    k: int,
-    metric: str = "l2",
-    chunk: int | None = None,
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force k nearest neighbours over all datastore rows, memory bounded.
-
-    The rows are scanned in chunks (float32 per chunk, ``faiss.knn`` on each), the running top-k
-    merged with vectorised numpy, and the final distances recomputed exactly
-    (:func:`recompute_distances`). ``k`` may exceed N: the extra columns are -1 / +inf.
-    """
-    check_metric(metric)
-    k = check_k(k)
-    n_keys, d = keys.shape
-    q = as_queries(queries, d)
-    n = q.shape[0]
-    if chunk is None:
-        chunk = max(4096, (1 << 25) // max(1, d))  # ~128 MiB of float32 rows
-    if chunk < 1:
-        raise KnnlmError(f"chunk must be positive, got {chunk}")
-    best_d = np.empty((n, 0), dtype=np.float32)
-    best_i = np.empty((n, 0), dtype=np.int64)
-    starts = range(0, n_keys, chunk)
-    for s in tqdm(starts, desc="exact search", unit="chunk", disable=not progress):
-        x = f32(keys[s : s + chunk])
-        kk = min(k, x.shape[0])
-        cd, ci = faiss.knn(q, x, kk, metric=faiss_metric(metric))
-        if metric == "ip":
-            cd = -cd
-        ci = ci.astype(np.int64)
-        # FAISS marks a missing neighbour -1: it must stay -1, not become row s - 1.
-        cd, ci = mark_missing(cd, ci)
-        best_d, best_i = _merge_topk(best_d, best_i, cd, np.where(ci < 0, -1, ci + s), k)
-    dist, ids = recompute_distances(keys, q, best_i, metric)
-    return pad(dist, ids, k)
-
 
 # --------------------------------------------------------------------------- the saved index
 
@@ -191,6 +123,7 @@ class KnnIndex:
     ) -> KnnIndex:
         """Load and cross-check (type, metric, n, dim against index.json and, when given or
         present, the datastore's keys); a mismatch is a one-line KnnlmError."""
+        require_faiss("a FAISS index")
         ds = Path(ds_dir)
         info = read_index_meta(ds)
         try:
@@ -230,12 +163,13 @@ class KnnIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(dist float32 (n, k), ids int64 (n, k)); smaller distance is closer, missing = -1/+inf.
 
-        Distances are the index's own (PQ-approximate for IVF-PQ); see :class:`Searcher`.
+        Distances are the index's own (PQ-approximate for IVF-PQ); the FAISS backend
+        (:mod:`knnlm.retrieval.search.faiss_backend`) re-ranks them exactly.
         """
-        return _search(self._index, self, queries, k)
+        return search_index(self._index, self, queries, k)
 
 
-def _search(index: Any, meta: KnnIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+def search_index(index: Any, meta: KnnIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
     k = check_k(k)
     q = as_queries(queries, meta.dim)
     kk = min(k, meta.n)
@@ -248,124 +182,3 @@ def _search(index: Any, meta: KnnIndex, queries: np.ndarray, k: int) -> tuple[np
     if meta.metric == "ip":
         dist = -dist
     return pad(*mark_missing(dist, ids), k)
-
-
-# --------------------------------------------------------------------------- the searcher
-
-
-class Searcher:
-    """k-nearest-neighbour search over a datastore: its saved index if any, else exact search.
-
-    ``recompute`` (default on) replaces the index's distances by exact ones from the stored keys
-    and re-sorts (exact re-ranking, :mod:`knnlm.retrieval.search.rerank`); exact search is always
-    exact. ``keys_in_ram`` ("auto": when they fit the re-ranking RAM budget) holds the keys in
-    RAM for a fused FAISS re-ranking; otherwise rows are gathered from the memmap per batch.
-    ``metric`` defaults to the index's metric (``"l2"`` without an index); asking for another
-    metric than the index's is an error. Without a complete index, a warning says that every
-    batch scans all N keys.
-    """
-
-    def __init__(
-        self,
-        ds_dir: str | Path,
-        k_max: int,
-        nprobe: int | None = None,
-        recompute: bool = True,
-        metric: str | None = None,
-        use_gpu: bool | str = "auto",
-        progress: bool = False,
-        keys_in_ram: bool | str = "auto",
-    ) -> None:
-        self.ds_dir = Path(ds_dir)
-        self.k_max = check_k(k_max)
-        self.keys, self.meta = open_keys(self.ds_dir)
-        self.n, self.dim = self.keys.shape
-        self.recompute = recompute
-        self.progress = progress
-        self.index: KnnIndex | None = None
-        self._refined: Any = None
-        has_meta = (self.ds_dir / INDEX_META).is_file() or (self.ds_dir / PENDING_META).is_file()
-        if (self.ds_dir / INDEX_FILE).is_file() and has_meta:
-            self.index = KnnIndex.load(self.ds_dir, nprobe=nprobe, use_gpu=use_gpu, keys=self.keys)
-            if metric is not None and check_metric(metric) != self.index.metric:
-                raise KnnlmError(
-                    f"the index in {self.ds_dir} uses metric {self.index.metric!r}, not "
-                    f"{metric!r}; rebuild it with that metric or leave metric unset"
-                )
-            self.metric = self.index.metric
-            if recompute:
-                self._refined = self._make_refined(keys_in_ram)
-        else:
-            self.metric = check_metric(metric or "l2")
-            self._warn_brute_force()
-
-    def _make_refined(self, keys_in_ram: bool | str) -> Any:
-        """IndexRefine(index, keys) for a fused exact re-ranking, or None (memmap path)."""
-        idx = self.index
-        # A flat index holds the keys, unless a PCA stores their projections.
-        flat_keys = idx.kind == "flat" and not idx.info.get("pca")
-        if flat_keys and not idx.on_gpu and keys_in_ram is not False:
-            return refine(idx.faiss_index, idx.faiss_index)
-        store = KeyStore.maybe(self.keys, self.metric, keys_in_ram)
-        return None if store is None else refine(idx.faiss_index, store.index)
-
-    def _warn_brute_force(self) -> None:
-        """Say why every batch scans all keys: a warning when an index build was cut short or
-        the store is large enough for the scan to be slow; a note in the log otherwise (small
-        stores, e.g. one per Macondo checkpoint, are meant to be searched this way)."""
-        partial = (self.ds_dir / PARTIAL_FILE).is_file() or (self.ds_dir / INDEX_FILE).is_file()
-        why = (
-            "the index build did not finish"
-            if partial
-            else "it has no index (build one with `knnlm datastore index`)"
-        )
-        level = logging.WARNING if partial or self.n >= BRUTE_FORCE_WARN_KEYS else logging.INFO
-        log.log(level, "searching %s exactly: %s; every batch scans all %d keys",
-                self.ds_dir, why, self.n)  # fmt: skip
-
-    @property
-    def exact(self) -> bool:
-        """True when every returned distance is exact."""
-        return self.index is None or self.recompute
-
-    def search(
-        self, queries: np.ndarray, k: int | None = None, exclude_ids: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The k (default k_max) nearest keys: (dist float32 (n, k), ids int64 (n, k)).
-
-        ``exclude_ids`` (int64 (n,), -1 = none): each query's own datastore row, dropped from its
-        neighbours (k+1 are searched so exactly k columns remain). k > N pads with -1 / +inf.
-        """
-        k = self.k_max if k is None else check_k(k)
-        if k > self.k_max:
-            raise KnnlmError(f"k={k} is larger than this searcher's k_max={self.k_max}")
-        q = as_queries(queries, self.dim)
-        excl = None
-        if exclude_ids is not None:
-            excl = np.asarray(exclude_ids)
-            if excl.shape != (q.shape[0],) or not np.issubdtype(excl.dtype, np.integer):
-                raise KnnlmError(f"exclude_ids must be integers of shape ({q.shape[0]},)")
-            excl = excl.astype(np.int64)
-        kk = min(k + (excl is not None), self.n)
-        if self.index is None:
-            dist, ids = exact_search(self.keys, q, kk, self.metric, progress=self.progress)
-        elif self._refined is not None:
-            dist, ids = _search(self._refined, self.index, q, kk)
-        else:
-            dist, ids = self.index.search(q, kk)
-            if self.recompute:
-                dist, ids = recompute_distances(self.keys, q, ids, self.metric)
-        if excl is not None:
-            dist, ids = _drop_self(dist, ids, excl)
-        return pad(dist, ids, k)
-
-
-def _drop_self(
-    dist: np.ndarray, ids: np.ndarray, excl: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Turn each row's own id into a -1/+inf entry moved to the end (order otherwise kept)."""
-    self_hit = (ids == excl[:, None]) & (excl[:, None] >= 0)
-    dist = np.where(self_hit, np.float32(np.inf), dist)
-    ids = np.where(self_hit, -1, ids)
-    order = np.argsort(self_hit, axis=1, kind="stable")
-    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)

@@ -18,15 +18,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from knnlm.retrieval.exclusion import exclusion_tensor
 from knnlm.retrieval.search.conventions import INDEX_META, check_k, check_metric, open_keys
 from knnlm.retrieval.search.exact import (
     TorchExactSearch,
-    check_queries,
     describe_exact,
     finish,
     squared_norms,
 )
-from knnlm.retrieval.search.protocol import Neighbours, exclusion_tensor
+from knnlm.retrieval.search.protocol import Neighbours, check_queries
 
 
 def world() -> tuple[int, int]:
