@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
+from knnlm.retrieval.search.choose import open_backend
 from knnlm.retrieval.search.conventions import open_keys
-from knnlm.retrieval.search.faiss_backend import FaissBackend, exact_search
+from knnlm.retrieval.search.exact_faiss import FaissExactSearch
+from knnlm.retrieval.search.faiss_backend import FaissBackend
 from knnlm.retrieval.search.index_build import build_index
 from knnlm.retrieval.search.rerank import recompute_distances
 from knnlm.retrieval.search.saved_index import KnnIndex
@@ -22,9 +24,12 @@ pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def nearest(ds, q, k, exclude=None, **kw):
-    """The FAISS backend's (distances, rows) for numpy queries, as numpy."""
+    """``--search faiss``'s (distances, rows) for numpy queries, as numpy: the index's when
+    the datastore has one, else faiss.knn brute force."""
     q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-    nb = FaissBackend(ds, **kw).search(q, k, exclude_rows=exclude)
+    has = (Path(ds) / "index.faiss").is_file()
+    backend = FaissBackend(ds, **kw) if has else open_backend(ds, "faiss")
+    nb = backend.search(q, k, exclude_rows=exclude)
     return nb.distances.numpy(), nb.rows.numpy()
 
 
@@ -66,7 +71,8 @@ def test_exact_search_matches_loops(tmp_path, metric, dtype):
     keys, _ = open_keys(ds)
     q = rng.normal(size=(6, 8)).astype(np.float32)
     ref_d, ref_i = loop_knn(np.asarray(keys), q, 10, metric)
-    dist, ids = exact_search(keys, q, 10, metric=metric, chunk=7)  # many chunks to merge
+    nb = FaissExactSearch(keys, np.zeros(53, np.int32), metric).search(torch.from_numpy(q), 10)
+    dist, ids = nb.distances.numpy(), nb.rows.numpy()
     assert dist.dtype == np.float32 and ids.dtype == np.int64 and dist.shape == (6, 10)
     np.testing.assert_array_equal(ids, ref_i)
     np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-5)
@@ -77,7 +83,7 @@ def test_exact_search_k_larger_than_n_pads(tmp_path):
     ds = write_ds(tmp_path / "ds", rng.normal(size=(5, 4)))
     keys, _ = open_keys(ds)
     q = rng.normal(size=(3, 4)).astype(np.float32)
-    dist, ids = exact_search(keys, q, 8, chunk=2)
+    dist, ids = nearest(ds, q, 8)
     ref_d, ref_i = loop_knn(np.asarray(keys), q, 8)
     np.testing.assert_array_equal(ids, ref_i)
     assert (ids[:, 5:] == -1).all() and np.isinf(dist[:, 5:]).all()
@@ -253,10 +259,11 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(KnnlmError, match="no index"):
         KnnIndex.load(ds)
     keys, _ = open_keys(ds)
+    exact = FaissExactSearch(keys, np.zeros(len(keys), np.int32))
     with pytest.raises(KnnlmError, match="shape"):
-        exact_search(keys, np.zeros((2, 5), np.float32), 3)
+        exact.search(torch.zeros((2, 5)), 3)
     with pytest.raises(KnnlmError, match="k must"):
-        exact_search(keys, np.zeros((2, 12), np.float32), 0)
+        exact.search(torch.zeros((2, 12)), 0)
     build_index(ds, kind="flat", metric="ip", progress=False)
     with pytest.raises(KnnlmError, match="metric"):
         FaissBackend(ds, metric="l2", use_gpu=False)
@@ -267,4 +274,4 @@ def test_bad_inputs(tmp_path):
     shutil.rmtree(ds)
     (ds).mkdir()
     with pytest.raises(KnnlmError, match="keys.npy"):
-        FaissBackend(ds)
+        open_backend(ds, "faiss")

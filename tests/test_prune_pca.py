@@ -17,6 +17,7 @@ from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.knn import knn_target_log_prob
 from knnlm.retrieval.prune import greedy_merge, prune_datastore
 from knnlm.retrieval.retriever import KnnSettings
+from knnlm.retrieval.search.choose import open_backend
 from knnlm.retrieval.search.faiss_backend import FaissBackend
 from knnlm.retrieval.search.index_build import build_index
 from knnlm.scoring import score_stream
@@ -27,9 +28,12 @@ pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def nearest(ds, q, k, exclude=None, **kw):
-    """The FAISS backend's (distances, rows) for numpy queries, as numpy."""
+    """``--search faiss``'s (distances, rows) for numpy queries, as numpy: the index's when
+    the datastore has one, else faiss.knn brute force."""
     q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-    nb = FaissBackend(ds, **kw).search(q, k, exclude_rows=exclude)
+    has = (Path(ds) / "index.faiss").is_file()
+    backend = FaissBackend(ds, **kw) if has else open_backend(ds, "faiss")
+    nb = backend.search(q, k, exclude_rows=exclude)
     return nb.distances.numpy(), nb.rows.numpy()
 
 

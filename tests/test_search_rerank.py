@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import knnlm.retrieval.search.faiss_backend as search_mod
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.search import faiss_lib as faiss_common
+from knnlm.retrieval.search.choose import open_backend
 from knnlm.retrieval.search.conventions import open_keys
-from knnlm.retrieval.search.faiss_backend import FaissBackend, exact_search
+from knnlm.retrieval.search.faiss_backend import FaissBackend
 from knnlm.retrieval.search.index_build import (
     auto_nprobe,
     build_index,
@@ -31,9 +31,12 @@ pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def nearest(ds, q, k, exclude=None, **kw):
-    """The FAISS backend's (distances, rows) for numpy queries, as numpy."""
+    """``--search faiss``'s (distances, rows) for numpy queries, as numpy: the index's when
+    the datastore has one, else faiss.knn brute force."""
     q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-    nb = FaissBackend(ds, **kw).search(q, k, exclude_rows=exclude)
+    has = (Path(ds) / "index.faiss").is_file()
+    backend = FaissBackend(ds, **kw) if has else open_backend(ds, "faiss")
+    nb = backend.search(q, k, exclude_rows=exclude)
     return nb.distances.numpy(), nb.rows.numpy()
 
 
@@ -139,28 +142,23 @@ def test_ivfpq_rerank_recall_at_k_against_exact(tmp_path):
 # --------------------------------------------------------------------------- -1 masking
 
 
-def test_exact_search_keeps_faiss_missing_ids_missing(tmp_path, monkeypatch):
+def test_faiss_knn_missing_ids_stay_missing(tmp_path, monkeypatch):
+    """Ids FAISS marks -1 (with +-FLT_MAX distances) come out as -1 / +inf, never as a row."""
+    import knnlm.retrieval.search.exact_faiss as exact_faiss
+
     rng = np.random.default_rng(6)
     ds = write_ds(tmp_path / "ds", rng.normal(size=(30, 4)))
-    keys, _ = open_keys(ds)
     q = rng.normal(size=(3, 4)).astype(np.float32)
     real_knn = faiss.knn
-    calls = []
 
     def knn(xq, xb, k, metric=faiss.METRIC_L2):
         d, i = real_knn(xq, xb, k, metric=metric)
-        calls.append(1)
-        if len(calls) > 1:  # every chunk but the first "finds" nothing
-            d[:], i[:] = np.finfo(np.float32).max, -1
+        d[:, 10:], i[:, 10:] = np.finfo(np.float32).max, -1  # "finds" only 10
         return d, i
 
-    monkeypatch.setattr(search_mod.faiss, "knn", knn)
-    dist, ids = exact_search(keys, q, 15, chunk=10)
-    assert len(calls) == 3
-    # Only rows of the first chunk are real neighbours; -1 + chunk offset would name rows
-    # 19 (a wrong neighbour with a made-up distance).
-    assert ((ids < 10) | (ids == -1)).all()
-    assert (ids[:, 10:] == -1).all() and np.isinf(dist[:, 10:]).all()
+    monkeypatch.setattr(exact_faiss.faiss, "knn", knn)
+    dist, ids = nearest(ds, q, 15)
+    assert (ids[:, :10] >= 0).all() and (ids[:, 10:] == -1).all() and np.isinf(dist[:, 10:]).all()
 
 
 # --------------------------------------------------------------------------- the file pair
@@ -245,28 +243,27 @@ def test_index_summary_reports_scan_fraction(tmp_path):
     assert "25.00%" in index_summary(ds)
 
 
-def test_brute_force_fallback_warns(tmp_path, caplog, monkeypatch):
-    """A missing index on a large store, or a build cut short, is a warning; a small store
-    without an index (searched exactly on purpose) is only noted in the log."""
-    from knnlm.retrieval.search import faiss_backend as search
+def test_exact_cpu_search_of_a_large_store_warns(tmp_path, caplog, monkeypatch):
+    """Exact CPU search past EXACT_CPU_WARN_KEYS, or after an index build cut short, warns in
+    one line with the fix; a small store without an index is searched exactly in silence."""
+    from knnlm.retrieval.search import choose
 
     rng = np.random.default_rng(10)
     ds = write_ds(tmp_path / "ds", rng.normal(size=(50, 4)))
     logger = "knnlm.retrieval.index"
-    with caplog.at_level(logging.INFO, logger=logger):
-        FaissBackend(ds)
-    levels = {r.levelno for r in caplog.records if "no index" in r.getMessage()}
-    assert levels == {logging.INFO} and "50 keys" in caplog.text
-    caplog.clear()
-    monkeypatch.setattr(search, "BRUTE_FORCE_WARN_KEYS", 50)
     with caplog.at_level(logging.WARNING, logger=logger):
-        FaissBackend(ds)
-    assert "no index" in caplog.text and "50 keys" in caplog.text
+        open_backend(ds, "auto")
+    assert not caplog.records
+    monkeypatch.setattr(choose, "EXACT_CPU_WARN_KEYS", 50)
+    with caplog.at_level(logging.WARNING, logger=logger):
+        open_backend(ds, "auto")
+    assert "50 keys" in caplog.text and "knnlm datastore index" in caplog.text
+    assert "\n" not in caplog.records[0].getMessage()
     caplog.clear()
-    monkeypatch.setattr(search, "BRUTE_FORCE_WARN_KEYS", 10**9)
+    monkeypatch.setattr(choose, "EXACT_CPU_WARN_KEYS", 10**9)
     (ds / "index.faiss.partial").write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger=logger):
-        FaissBackend(ds)
+        open_backend(ds, "auto")
     assert "did not finish" in caplog.text
 
 

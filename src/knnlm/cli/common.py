@@ -154,8 +154,12 @@ SEARCH = typer.Option(
     Search.auto,
     "--search",
     help="Neighbour search: exact (torch brute force on the model's device: exact neighbour "
-    "sets), faiss (the datastore's FAISS index; IVF-PQ is approximate) or auto (faiss when "
-    "the datastore has an index, else exact).",
+    "sets), faiss (the datastore's FAISS index, re-ranked exactly; IVF-PQ is approximate) or "
+    "auto, the fastest for device and store: on a GPU, exact on the GPU when the keys fit its "
+    "memory, whatever index exists (beyond it, streamed keys or the index, whichever is "
+    "estimated faster); on the CPU, the index when there is one, else faiss.knn exact search "
+    "(torch exact without FAISS). The choice and why are in the results JSON "
+    "(settings.search.why).",
 )
 GATE = typer.Option(None, "--gate", help="Retrieval gate (knnlm gate train).")
 RETRIEVAL_RATE = typer.Option(

@@ -148,7 +148,7 @@ def self_neighbours(
     )
     done = int(rec["done"]) if resume else 0
     writer = NpyRowWriter(partial / NEIGHBOURS, (ds.n, k), np.int64, create=not resume)
-    backend = open_backend(ds.path, "faiss", nprobe=nprobe, recompute=True)
+    backend = open_backend(ds.path, "auto", nprobe=nprobe, recompute=True)
     bar = tqdm(total=ds.n, initial=done, desc="self-neighbours", unit="key", disable=not progress)
     for s in range(done, ds.n, chunk):
         rows = np.arange(s, min(s + chunk, ds.n), dtype=np.int64)

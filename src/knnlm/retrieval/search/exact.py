@@ -103,6 +103,7 @@ class TorchExactSearch:
     """
 
     kind = "exact"
+    chosen: dict[str, Any] = {}  # why open_backend chose it (knnlm.retrieval.search.choose)
 
     def __init__(
         self,
@@ -247,7 +248,7 @@ class TorchExactSearch:
         return finish(d, rows, exact, qn, k, self.values).to(queries.device)
 
     def describe(self) -> dict[str, Any]:
-        return describe_exact(self, shards=1)
+        return describe_exact(self, shards=1) | self.chosen
 
 
 def describe_exact(s: TorchExactSearch, shards: int) -> dict[str, Any]:

@@ -4,16 +4,16 @@ A backend (:class:`SearchBackend`) holds a datastore's keys (or a shard of them)
 :class:`Neighbours` on the queries' device, so the kNN distribution, the interpolation, the
 neighbour cache and generation consume the same tensors whatever searched them.
 
-Backends, chosen by ``--search`` (:func:`open_backend`):
+Backends, chosen by ``--search`` (:func:`knnlm.retrieval.search.choose.open_backend`, whose
+module states the rule ``auto`` follows):
 
-- ``exact``: :class:`knnlm.retrieval.search.exact.TorchExactSearch`, brute force in torch on the
-  LM's device (CPU or GPU), exact neighbour sets, ties broken by row id; sharded over the ranks
-  of a torch.distributed job (:mod:`knnlm.retrieval.search.sharded`) when one is running.
-- ``faiss``: the datastore's saved FAISS index (:mod:`knnlm.retrieval.search.saved_index`), re-ranked
-  exactly by default; approximate neighbour sets for IVF-PQ. Needs the faiss package.
-- ``auto``: ``faiss`` when the datastore has an index, else ``exact``.
-
-:func:`knnlm.retrieval.search.choose.open_backend` opens the one a name asks for.
+- ``exact``: exact neighbour sets, ties broken by row id: brute force in torch on the LM's
+  device (:mod:`knnlm.retrieval.search.exact`; sharded over the ranks of a torch.distributed
+  job, :mod:`knnlm.retrieval.search.sharded`), or ``faiss.knn`` on the CPU
+  (:mod:`knnlm.retrieval.search.exact_faiss`).
+- ``faiss``: the datastore's saved FAISS index (:mod:`knnlm.retrieval.search.faiss_backend`),
+  re-ranked exactly by default; approximate neighbour sets for IVF-PQ. Needs the faiss package.
+- ``auto``: the fastest of these for the device and the store.
 
 Distances follow :mod:`knnlm.retrieval.search.conventions`: smaller is closer (squared L2, or the
 negated inner product for ``ip``); a missing neighbour has row -1 and distance +inf.
@@ -65,6 +65,7 @@ class SearchBackend(Protocol):
     n: int  # rows searched (all ranks together)
     dim: int
     device: torch.device  # where queries are searched without a copy (cpu for FAISS)
+    chosen: dict[str, Any]  # what was asked for and why this backend (set by open_backend)
 
     def search(
         self, queries: torch.Tensor, k: int, exclude_rows: Any = None

@@ -62,6 +62,7 @@ class ShardedExactSearch:
     """This rank's shard of the rows, searched together with the other ranks' shards."""
 
     kind = "exact"
+    chosen: dict[str, Any] = {}
 
     def __init__(self, local: TorchExactSearch, n_total: int) -> None:
         self.local = local
@@ -95,7 +96,7 @@ class ShardedExactSearch:
         return finish(mine[0], mine[1], exact, qn, k, self.local.values).to(queries.device)
 
     def describe(self) -> dict[str, Any]:
-        return describe_exact(self.local, shards=self.size)
+        return describe_exact(self.local, shards=self.size) | self.chosen
 
 
 def index_metric(ds_dir: Path) -> str | None:
