@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.search import faiss_lib as faiss_common
+from knnlm.retrieval.search import faiss_lib
 from knnlm.retrieval.search.choose import open_backend
 from knnlm.retrieval.search.conventions import open_keys
 from knnlm.retrieval.search.faiss_backend import FaissBackend
@@ -301,8 +301,8 @@ def test_flat_gpu_copy_does_not_request_float16(tmp_path, fake_gpu):
     ((name, co),) = fake_gpu
     assert name.startswith("IndexFlat") and co.useFloat16 is False
     ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(8), 8, 2, 2, 4)
-    assert faiss_common.gpu_cloner_options(ivf).useFloat16 is True
-    assert faiss_common.gpu_cloner_options(ivf).useFloat16CoarseQuantizer is False
+    assert faiss_lib.gpu_cloner_options(ivf).useFloat16 is True
+    assert faiss_lib.gpu_cloner_options(ivf).useFloat16CoarseQuantizer is False
 
 
 def test_gpu_ivf_training_is_seeded(tmp_path, fake_gpu):

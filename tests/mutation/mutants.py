@@ -2,7 +2,7 @@
 catch each one.
 
 An edit is ``(anchor, exact source text, replacement)``. The anchor names where the text lives,
-not which file: a function or class by its qualified name (``own_rows``, ``Searcher.search``,
+not which file: a function or class by its qualified name (``own_rows``, ``FaissBackend.search``,
 ``run_projection.solve_pending`` for a nested function) or a module-level constant
 (``MEMORY_STORAGE_MAX``), looked up in every module of src/knnlm, so a mutant follows its code
 when the code moves to another module. The anchor must be defined exactly once (where two
