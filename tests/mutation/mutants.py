@@ -160,8 +160,8 @@ MUTANTS: list[Mutant] = [
         (
             (
                 "FaissBackend.__init__",
-                "            if recompute:\n                self.refined",
-                "            if False:\n                self.refined",
+                "self.refined = self._make_refined(keys_in_ram) if recompute else None",
+                "self.refined = None",
             ),
             (
                 "FaissBackend.nearest",
@@ -402,5 +402,21 @@ MUTANTS: list[Mutant] = [
         "(HELD if mean >= HURDLE_MIN_GAP and p < HURDLE_P else NOT_HELD)",
         "(HELD if ahead >= 1 else NOT_HELD)",
         f"{CLAIMS}::test_e_fails_when_one_seed_is_behind",
+    ),
+    mutant(
+        "faiss_knn_ties_unordered",
+        "faiss.knn's own order of equal distances at the k-th place is kept (not redone by row)",
+        "FaissExactSearch.search",
+        "        if tied.any():",
+        "        if False:",
+        "tests/test_search_choice.py::test_faiss_knn_equals_torch_exact_with_ties",
+    ),
+    mutant(
+        "split_gemm_norm_low_part_dropped",
+        "the one-GEMM GPU path keeps only the high 16-bit part of each key's squared norm",
+        "fused_keys",
+        "split16(norms[s : s + step] / scale, dtype, parts)",
+        "split16(norms[s : s + step] / scale, dtype, parts)[:1]",
+        "tests/test_torch_search.py::test_one_gemm_split_path_of_the_gpu_equals_float64",
     ),
 ]
