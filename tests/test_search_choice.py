@@ -116,3 +116,47 @@ def test_faiss_knn_equals_torch_exact_on_gaussian_keys():
     a, b = fx.search(q, 64, np.arange(50)), tx.search(q, 64, np.arange(50))
     assert torch.equal(a.rows, b.rows)
     torch.testing.assert_close(a.distances, b.distances, rtol=1e-5, atol=1e-4)
+
+
+class CountingSearch:
+    """A toy backend: torch exact search that counts its calls, added through the one
+    registration point (register_backend) only."""
+
+    kind = "toy"
+
+    def __init__(self, ds_dir, **options):
+        from knnlm.retrieval.search.sharded import open_exact
+
+        self.inner = open_exact(ds_dir, device=options["device"], metric=options["metric"])
+        self.metric, self.n, self.dim = self.inner.metric, self.inner.n, self.inner.dim
+        self.device, self.calls = self.inner.device, 0
+
+    def search(self, queries, k, exclude_rows=None):
+        self.calls += 1
+        return self.inner.search(queries, k, exclude_rows)
+
+    def describe(self):
+        return {"search": "toy", "engine": "counting torch", "calls": self.calls, **self.chosen}
+
+
+def test_a_toy_backend_registers_and_evaluate_uses_it(tmp_path, monkeypatch, lm, tiny_corpus):
+    from knnlm.evaluate import evaluate
+    from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.search import protocol
+    from knnlm.retrieval.search.protocol import register_backend
+    from tiny import quiet_datastore
+
+    monkeypatch.setattr(protocol, "REGISTERED", {})
+    monkeypatch.setattr(choose, "REGISTERED", protocol.REGISTERED)
+    ds = quiet_datastore(lm, tiny_corpus, tmp_path / "ds", context_len=32, batch_size=16)
+    run = dict(context_len=32, batch_size=4, datastore=ds, progress=False)
+    with pytest.raises(Exception, match="--search must be one of"):
+        KnnSettings(k=8, search="toy").validate()
+    register_backend("toy", CountingSearch)
+    toy = evaluate(lm, str(tiny_corpus), "valid", knn=KnnSettings(k=8, search="toy"), **run)
+    exact = evaluate(lm, str(tiny_corpus), "valid", knn=KnnSettings(k=8, search="exact"), **run)
+    assert toy["settings"]["search"]["search"] == "toy"
+    assert (
+        toy["settings"]["search"]["calls"] > 0 and toy["settings"]["search"]["requested"] == "toy"
+    )
+    assert toy["knnlm"]["perplexity"] == exact["knnlm"]["perplexity"]

@@ -44,7 +44,7 @@ from knnlm.retrieval.search.exact import device_budget
 from knnlm.retrieval.search.exact_faiss import FaissExactSearch
 from knnlm.retrieval.search.faiss_backend import FaissBackend
 from knnlm.retrieval.search.faiss_lib import has_faiss
-from knnlm.retrieval.search.protocol import SearchBackend, check_search, has_index
+from knnlm.retrieval.search.protocol import REGISTERED, SearchBackend, check_search, has_index
 from knnlm.retrieval.search.sharded import index_metric, open_exact, world
 
 # Assumed rates of the streaming-versus-index estimate (stated, not measured per machine):
@@ -147,8 +147,10 @@ def store_facts(ds_dir: str | Path, device: torch.device) -> StoreFacts:
 
 
 def resolve_search(search: str, ds_dir: str | Path, device: str | torch.device = "cpu") -> str:
-    """``exact`` or ``faiss``: what ``search`` means for this datastore on ``device``."""
-    check_search(search)
+    """``exact`` or ``faiss`` (or a registered name): what ``search`` means for this
+    datastore on ``device``."""
+    if check_search(search) in REGISTERED:
+        return search
     return choose_search(search, store_facts(ds_dir, torch.device(device))).search
 
 
@@ -187,6 +189,11 @@ def open_backend(
     device.
     """
     ds, device = Path(ds_dir), torch.device(device)
+    if check_search(search) in REGISTERED:
+        backend = REGISTERED[search](ds, device=device, metric=metric, nprobe=nprobe,
+                                     recompute=recompute, key_dtype=key_dtype, progress=progress)  # fmt: skip
+        backend.chosen = {"requested": search, "why": "a registered backend"}
+        return backend
     facts = store_facts(ds, device)
     choice = choose_search(search, facts)
     warn_slow_exact(choice, facts, ds)

@@ -21,6 +21,7 @@ negated inner product for ``ip``); a missing neighbour has row -1 and distance +
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +31,9 @@ import torch
 from knnlm.errors import KnnlmError
 
 SEARCH_CHOICES = ("exact", "faiss", "auto")
+
+# Backends added through the library API (register_backend): name -> opener(ds_dir, **options)
+REGISTERED: dict[str, Callable[..., Any]] = {}
 
 
 @dataclass
@@ -58,7 +62,8 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class SearchBackend(Protocol):
-    """What every backend provides; ``describe()`` goes into the results JSON."""
+    """What every backend provides; ``describe()`` goes into the results JSON (at least
+    ``search``, ``engine`` and, set by open_backend, ``requested`` / ``why``)."""
 
     kind: str  # "exact" or "faiss"
     metric: str  # "l2" or "ip"
@@ -76,10 +81,25 @@ class SearchBackend(Protocol):
         ...
 
 
+def search_choices() -> tuple[str, ...]:
+    return SEARCH_CHOICES + tuple(REGISTERED)
+
+
 def check_search(search: str) -> str:
-    if search not in SEARCH_CHOICES:
-        raise KnnlmError(f"--search must be one of {', '.join(SEARCH_CHOICES)}, got {search!r}")
+    if search not in search_choices():
+        choices = ", ".join(search_choices())
+        raise KnnlmError(f"--search must be one of {choices}, got {search!r}")
     return search
+
+
+def register_backend(name: str, opener: Callable[..., Any]) -> None:
+    """Add a search backend under ``name`` (library API; the CLI's --search lists the built-in
+    ones). ``opener(ds_dir, *, device, metric, nprobe, recompute, key_dtype, progress)``
+    returns a :class:`SearchBackend`; :func:`knnlm.retrieval.search.choose.open_backend` calls
+    it when ``search == name``, and ``KnnSettings(search=name)`` then searches with it."""
+    if name in SEARCH_CHOICES:
+        raise KnnlmError(f"search backend name {name!r} is built in; choose another")
+    REGISTERED[name] = opener
 
 
 def has_index(ds_dir: str | Path) -> bool:
