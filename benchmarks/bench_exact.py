@@ -62,9 +62,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     from knnlm.evaluate import evaluate
     from knnlm.lm.loading import load_lm
     from knnlm.retrieval.datastore import build_datastore, open_datastore
-    from knnlm.retrieval.index_build import build_index
     from knnlm.retrieval.retriever import KnnSettings
-    from knnlm.retrieval.search import Searcher
+    from knnlm.retrieval.search.choose import open_backend
+    from knnlm.retrieval.search.index_build import build_index
     from knnlm.scoring import score_stream
 
     corpus = skip_unless_corpus(args.corpus, args.out)
@@ -138,12 +138,12 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
     log("search alone on the evaluation's queries")
     ids = load_tokens(lm.tokenizer, str(part), "valid")
-    qs = [b.keys.float().cpu().numpy() for b in score_stream(lm.model, ids, ctx, stride,
+    qs = [b.keys.float().cpu() for b in score_stream(lm.model, ids, ctx, stride,
           batch_size=args.batch_size, key_type="ffn_input", want_lm=False, progress=False)]  # fmt: skip
     nq = sum(len(q) for q in qs)
     # PQ and exact search alternate batch by batch (fastest of --repeats per batch), so a
     # change in the machine's load hits both alike; the difference is the re-ranking.
-    searchers = {name: Searcher(ds, k_max=args.k, recompute=rc, use_gpu=False)
+    searchers = {name: open_backend(ds, "faiss", recompute=rc)
                  for name, rc in (("pq", False), ("exact", True))}  # fmt: skip
     timings = {"pq": 0.0, "exact": 0.0}
     for q in qs:

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from knnlm.retrieval.index_build import build_index
-from knnlm.retrieval.index_common import open_keys
-from knnlm.retrieval.search import KnnIndex, Searcher, exact_search
+from knnlm.retrieval.search.choose import open_backend
+from knnlm.retrieval.search.index_build import build_index
 
 
 def make_ds(path: Path, n: int, dim: int, seed: int) -> np.ndarray:
@@ -58,21 +58,25 @@ def one_size(n: int, args: argparse.Namespace, tmp: Path) -> dict:
     centers = make_ds(ds, n, args.dim, args.seed)
     rng = np.random.default_rng(args.seed + 1)
     q = centers[rng.integers(len(centers), size=args.queries)]
-    q = (q + rng.normal(size=q.shape)).astype(np.float32)
-    keys, _ = open_keys(ds)
+    q = torch.from_numpy((q + rng.normal(size=q.shape)).astype(np.float32))
     k = min(args.k, n)
     res: dict = {"n": n, "dim": args.dim, "queries": args.queries, "k": k}
-    (_, ex_i), res["exact_search_s"] = timed(lambda: exact_search(keys, q, k))
+    # the backends eval opens: auto without an index (exact), the index with and without
+    # exact re-ranking
+    exact = open_backend(ds, "auto")
+    res["exact_engine"] = exact.describe()["engine"]
+    ex, res["exact_search_s"] = timed(lambda: exact.search(q, k))
     _, res["ivfpq_build_s"] = timed(lambda: build_index(ds, "ivfpq", progress=False))
     info = json.loads((ds / "index.json").read_text())
     res["settings"] = {x: info[x] for x in ("nlist", "nprobe", "pq_m", "pq_bits", "train_size",
                                             "scan_fraction")}  # fmt: skip
-    raw = KnnIndex.load(ds, use_gpu=False)
-    (_, raw_i), res["ivfpq_search_s"] = timed(lambda: raw.search(q, k))
-    rr = Searcher(ds, k, use_gpu=False)
-    (_, rr_i), res["ivfpq_rerank_search_s"] = timed(lambda: rr.search(q, k))
-    res["pq_distances"] = recall(raw_i, ex_i)
-    res["reranked"] = recall(rr_i, ex_i)
+    raw = open_backend(ds, "faiss", recompute=False)
+    raw_nb, res["ivfpq_search_s"] = timed(lambda: raw.search(q, k))
+    rr = open_backend(ds, "faiss")
+    rr_nb, res["ivfpq_rerank_search_s"] = timed(lambda: rr.search(q, k))
+    ex_i = ex.rows.numpy()
+    res["pq_distances"] = recall(raw_nb.rows.numpy(), ex_i)
+    res["reranked"] = recall(rr_nb.rows.numpy(), ex_i)
     print(json.dumps({"n": n, **res["reranked"]}), file=sys.stderr, flush=True)
     return res
 

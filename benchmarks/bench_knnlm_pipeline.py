@@ -120,7 +120,7 @@ def step_build(p: dict) -> dict:
 def step_index(p: dict) -> dict:
     import json
 
-    from knnlm.retrieval.index_build import build_index
+    from knnlm.retrieval.search.index_build import build_index
 
     with Timer() as t:
         build_index(p["ds"], p["kind"], nprobe=p["nprobe"], use_gpu=False, progress=p["progress"])
@@ -162,14 +162,16 @@ def step_queries(p: dict) -> dict:
 
 
 def step_search(p: dict) -> dict:
-    """Searcher.search alone, on the same queries in the same batches as the evaluation."""
+    """The search eval runs (open_backend, --search faiss) alone, on the same queries in the
+    same batches as the evaluation."""
     import numpy as np
+    import torch
 
-    from knnlm.retrieval.search import Searcher
+    from knnlm.retrieval.search.choose import open_backend
 
-    q = np.load(p["queries"], allow_pickle=False)
+    q = torch.from_numpy(np.load(p["queries"], allow_pickle=False))
     counts = np.load(p["counts"], allow_pickle=False)
-    s = Searcher(p["ds"], k_max=p["k"], nprobe=p["nprobe"], recompute=p["recompute"], use_gpu=False)
+    s = open_backend(p["ds"], "faiss", nprobe=p["nprobe"], recompute=p["recompute"])
     bounds = np.concatenate([[0], np.cumsum(counts)])
     rss0 = rss_mib()
     total = 0.0
@@ -188,20 +190,21 @@ def step_search(p: dict) -> dict:
 def step_recall(p: dict) -> dict:
     """IVF-PQ top-k ids against flat top-k ids on a sample of real valid queries."""
     import numpy as np
+    import torch
 
-    from knnlm.retrieval.search import Searcher
+    from knnlm.retrieval.search.choose import open_backend
 
     q = np.load(p["queries"], allow_pickle=False)
     rng = np.random.default_rng(p["seed"])
-    q = q[np.sort(rng.choice(len(q), min(p["sample"], len(q)), replace=False))]
+    q = torch.from_numpy(q[np.sort(rng.choice(len(q), min(p["sample"], len(q)), replace=False))])
     k = p["k"]
-    flat = Searcher(p["flat_ds"], k, recompute=False, use_gpu=False)
+    flat = open_backend(p["flat_ds"], "faiss", recompute=False)
     n = flat.n
-    _, ref = flat.search(q, k)
+    ref = flat.search(q, k).rows.numpy()
     out: dict = {"queries": int(len(q)), "k": k, "nprobe": p["nprobe"]}
     for name, rerank in (("no_rerank", False), ("rerank", True)):
-        s = Searcher(p["ivf_ds"], k, nprobe=p["nprobe"], recompute=rerank, use_gpu=False)
-        _, ids = s.search(q, k)
+        s = open_backend(p["ivf_ds"], "faiss", nprobe=p["nprobe"], recompute=rerank)
+        ids = s.search(q, k).rows.numpy()
         # recall@k: share of the flat top-k found anywhere in the IVF-PQ top-k; (row, id)
         # pairs are folded into one integer so a single np.isin compares all rows at once.
         row = np.arange(len(q), dtype=np.int64)[:, None] * (n + 1)

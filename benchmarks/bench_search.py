@@ -3,16 +3,21 @@
     python benchmarks/bench_search.py --part cpu [--corpus DIR] [--out FILE]
     python benchmarks/bench_search.py --part gpu --corpus DIR --out FILE   (benchmarks/gpu_session.sh)
 
-``cpu``: (1) torch exact vs ``faiss.knn`` on the same synthetic keys and queries (float32 keys
-in RAM for both; torch also with float16 keys streamed from a memmap), with the neighbour
-agreement; (2) kNN-LM evaluation tok/s per backend (``--search exact``, ``faiss`` without an
-index = ``faiss.knn``, ``faiss`` with IVF-PQ) against the plain LM's tok/s, with a random GPT-2.
+``cpu``: (1) the two exact searches ``open_backend`` gives eval on the CPU, ``auto`` without an
+index (``faiss.knn`` over float32 keys in RAM) and ``--search exact`` (torch, float32 keys in
+RAM), on the same synthetic keys and queries: time, GFLOP/s (2 n d B flops for the q K^T
+product) and its share of the cores' float32 FMA peak (:func:`fma_peak_gflops` states how it is
+derived), and whether both return the same neighbours in the same order; (2) kNN-LM evaluation
+tok/s per backend (``--search exact``, ``auto`` without an index = ``faiss.knn``, ``faiss``
+with IVF-PQ) against the plain LM's tok/s, with a random GPT-2.
 
-``gpu`` (needs no FAISS): (1) search of a 128-query batch (k = 1024) over 1M and 10M synthetic
-float16 keys of d = 1024 against the memory-bandwidth limit (key bytes / measured copy
-bandwidth), and its agreement with a float64 brute force on a few queries; (2) kNN-LM
-evaluation with exact search against the plain LM (random GPT-2 of 12 layers, d = 768,
-~500k keys, k = 1024).
+``gpu`` (needs no FAISS): (1) search of a 128-query batch (k = 1024) over 1M and 4M synthetic
+float16 keys of d = 1024, opened through ``open_backend`` like eval (one split-precision GEMM),
+after a warm-up, CUDA-synchronized, against the memory-bandwidth limit (the bytes of the fused
+16-bit rows / measured copy bandwidth), and its agreement with a float64 brute force on a few
+queries; (2) kNN-LM evaluation with exact search against the plain LM (random GPT-2 of 12
+layers, d = 768, ~500k keys, k = 1024), each timed after a warm-up on the test split, with
+CUDA synchronized around the timed call. Synthetic text (no ``--corpus``) has disjoint splits.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -48,34 +54,66 @@ def best_of(fn, repeats: int, sync=lambda: None) -> tuple[float, object]:
 # --------------------------------------------------------------------------- synthetic search
 
 
-def cpu_search(n: int, d: int, b: int, k: int, repeats: int, work: Path) -> dict:
-    import faiss
+def key_store(work: Path, keys: np.ndarray) -> Path:
+    """A datastore folder of synthetic keys (values 0), opened through open_backend like eval."""
+    ds = work / f"keys-{keys.shape[0]}"
+    ds.mkdir(exist_ok=True)
+    np.save(ds / "keys.npy", keys)
+    (ds / "meta.json").write_text(json.dumps({"n": keys.shape[0], "dim": keys.shape[1]}))
+    return ds
 
-    from knnlm.retrieval.torch_search import TorchExactSearch
+
+def fma_peak_gflops() -> dict:
+    """The cores' float32 FMA peak: cores x clock x FMA units x SIMD lanes x 2 flops.
+
+    Cores: the CPUs this process may use; clock: the highest "cpu MHz" in /proc/cpuinfo (the
+    current clock; a turbo clock would be higher); lanes: 16 with AVX-512, 8 with AVX2, 4
+    else; FMA units per core: 2 (Intel Skylake-SP and later with AVX-512, AMD Zen, Intel
+    client cores), an assumption: some Xeon SKUs have one AVX-512 FMA unit (halve the peak).
+    """
+    import os
+
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    mhz = max((float(x.split(":")[1]) for x in text.splitlines() if x.startswith("cpu MHz")),
+              default=float("nan"))  # fmt: skip
+    flags = set(next((x.split(":")[1].split() for x in text.splitlines()
+                      if x.startswith("flags")), []))  # fmt: skip
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    cores = len(os.sched_getaffinity(0))
+    fma_units = 2
+    peak = cores * mhz / 1e3 * fma_units * lanes * 2
+    return {"cores": cores, "ghz": mhz / 1e3, "simd_lanes_fp32": lanes,
+            "fma_units_per_core": fma_units, "peak_gflops": peak}  # fmt: skip
+
+
+def cpu_search(n: int, d: int, b: int, k: int, repeats: int, work: Path) -> dict:
+    from knnlm.retrieval.search.choose import open_backend
 
     rng = np.random.default_rng(0)
-    keys16 = rng.standard_normal((n, d), dtype=np.float32).astype(np.float16)
-    np.save(work / "keys.npy", keys16)
-    mm = np.load(work / "keys.npy", mmap_mode="r")
-    keys32 = keys16.astype(np.float32)
-    q = rng.standard_normal((b, d), dtype=np.float32)
-    zeros = np.zeros(n, np.int32)
-    resident = TorchExactSearch(keys16, zeros, recompute=False)  # float32 in RAM, like faiss
-    streamed = TorchExactSearch(mm, zeros, recompute=False, budget_bytes=0)
-    res = {"n": n, "d": d, "queries": b, "k": k, "torch_threads": torch.get_num_threads()}
-    times = {"faiss_knn_s": [], "torch_exact_s": [], "torch_exact_streamed_fp16_s": []}
+    ds = key_store(work, rng.standard_normal((n, d), dtype=np.float32).astype(np.float16))
+    q = torch.from_numpy(rng.standard_normal((b, d), dtype=np.float32))
+    # what eval opens: auto (faiss.knn over float32 keys in RAM), and --search exact (torch)
+    backends = {"auto": open_backend(ds, "auto"), "exact": open_backend(ds, "exact")}
+    res = {"n": n, "d": d, "queries": b, "k": k, "torch_threads": torch.get_num_threads(),
+           "engines": {name: be.describe()["engine"] for name, be in backends.items()}}  # fmt: skip
+    times = {name: [] for name in backends}
+    out = {}
     for _ in range(repeats):  # alternated, fastest kept: the machine is shared
-        t, (_, fi) = best_of(lambda: faiss.knn(q, keys32, k), 1)
-        times["faiss_knn_s"].append(t)
-        t, nb = best_of(lambda: resident.search(torch.from_numpy(q), k), 1)
-        times["torch_exact_s"].append(t)
-        t, _ = best_of(lambda: streamed.search(torch.from_numpy(q), k), 1)
-        times["torch_exact_streamed_fp16_s"].append(t)
-    res.update({name: min(v) for name, v in times.items()})
-    res["torch_over_faiss_knn"] = res["torch_exact_s"] / res["faiss_knn_s"]
-    rows = nb.rows.numpy()
+        for name, be in backends.items():
+            t, out[name] = best_of(lambda be=be: be.search(q, k), 1)
+            times[name].append(t)
+    res.update({f"{name}_s": min(v) for name, v in times.items()})
+    res["exact_over_auto"] = res["exact_s"] / res["auto_s"]
+    peak = fma_peak_gflops()
+    flops = 2.0 * n * d * b  # the q @ K^T product, one multiply-add = 2 flops
+    res["fma_peak"] = peak
+    for name in backends:
+        res[f"{name}_gflops"] = flops / res[f"{name}_s"] / 1e9
+        res[f"{name}_share_of_fma_peak"] = res[f"{name}_gflops"] / peak["peak_gflops"]
+    a, e = out["auto"].rows.numpy(), out["exact"].rows.numpy()
+    res["same_neighbours_in_order"] = bool((a == e).all())
     res["same_neighbour_sets"] = float(
-        np.mean([len(np.intersect1d(a, c)) / k for a, c in zip(rows, fi, strict=True)])
+        np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(a, e, strict=True)])
     )
     return res
 
@@ -88,24 +126,29 @@ def bandwidth(device: torch.device) -> float:
     return 2 * x.numel() / t
 
 
-def gpu_search(n: int, d: int, b: int, k: int, bw: float, check: int) -> dict:
-    from knnlm.retrieval.torch_search import TorchExactSearch
+def gpu_search(
+    n: int, d: int, b: int, k: int, bw: float, check: int, work: Path, device: str = "cuda"
+) -> dict:
+    from knnlm.retrieval.search.choose import open_backend
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.Generator(device=dev).manual_seed(0)
-    keys = torch.empty((n, d), dtype=torch.float16, device=dev)
-    for s in range(0, n, 1 << 20):
-        keys[s : s + (1 << 20)] = torch.randn(
-            (min(1 << 20, n - s), d), generator=g, device=dev, dtype=torch.float16
-        )
+    host = np.empty((n, d), dtype=np.float16)
+    for s in range(0, n, 1 << 20):  # drawn on the GPU (fast), saved as a datastore's keys
+        m = min(1 << 20, n - s)
+        host[s : s + m] = torch.randn((m, d), generator=g, device=dev, dtype=torch.float16).cpu()
+    ds = key_store(work, host)
+    host = None
+    ts = open_backend(ds, "auto", device=dev)  # what eval opens on a GPU
+    keys = ts.keys
     q = torch.randn((b, d), generator=g, device=dev)
-    ts = TorchExactSearch(keys, torch.zeros(n, dtype=torch.int32, device=dev), "l2", dev,
-                          recompute=False)  # fmt: skip
-    ts.search(q, k)  # warm-up
-    t, nb = best_of(lambda: ts.search(q, k), 5, torch.cuda.synchronize)
-    limit = n * d * 2 / bw
+    ts.search(q, k)  # warm-up (kernels, allocator)
+    sync()
+    t, nb = best_of(lambda: ts.search(q, k), 5, sync)
+    limit = n * ts.width * 2 / bw  # the fused 16-bit rows the one GEMM reads
     res = {"n": n, "d": d, "queries": b, "k": k, "search_s": t, "bandwidth_limit_s": limit,
-           "over_limit": t / limit, "out_dtype_mm": ts.out_dtype_mm}  # fmt: skip
+           "over_limit": t / limit, "backend": ts.describe()}  # fmt: skip
     if check:  # float64 brute force on a few queries
         qd = q[:check].double()
         dd = torch.cat([((keys[a : a + (1 << 16)].double()[None] - qd[:, None]) ** 2).sum(-1)
@@ -118,7 +161,9 @@ def gpu_search(n: int, d: int, b: int, k: int, bw: float, check: int) -> dict:
             )
         )
     keys = ts = nb = None  # free the device before the next size
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    shutil.rmtree(ds)
     return res
 
 
@@ -144,7 +189,7 @@ def make_corpus(src: str | None, work: Path, train_chars: int, valid_chars: int)
         if src and (Path(src) / f"{split}.txt").is_file():
             text = (Path(src) / f"{split}.txt").read_text()[:n]
         else:
-            text = words(n, seed=len(split))
+            text = words(n, seed={"train": 1, "valid": 2, "test": 3}[split])  # disjoint
         (out / f"{split}.txt").write_text(text)
     return out
 
@@ -178,28 +223,39 @@ def eval_part(args, work: Path, device: str, backends: list[str]) -> dict:
     ds = build_datastore(lm, str(corpus), "train", work / "ds", **kw)
     res = {"device": device, "datastore_build_s": time.perf_counter() - t0, "k": args.k,
            "model": f"random GPT-2, {args.layers} layers, d={args.d_model}", "evals": {}}  # fmt: skip
-    evaluate(lm, str(corpus), "valid", **kw)  # warm-up
-    plain = evaluate(lm, str(corpus), "valid", **kw)
+    evaluate(lm, str(corpus), "test", **kw)  # warm-up (kernels, allocator) on another split
+    plain, plain_s = timed_eval(evaluate, lm, str(corpus), "valid", **kw)
     res["keys"] = int(np.load(Path(ds) / "keys.npy", mmap_mode="r").shape[0])
-    res["evals"]["lm"] = {"tokens_per_s": plain["timing"]["tokens_per_s"],
-                          "perplexity": plain["lm"]["perplexity"]}  # fmt: skip
+    plain_tps = plain["tokens"] / plain_s
+    res["evals"]["lm"] = {"tokens_per_s": plain_tps, "perplexity": plain["lm"]["perplexity"]}
     for name in backends:
         search = name.split("+")[0]
         if name == "faiss+ivfpq":
-            from knnlm.retrieval.index_build import build_index
+            from knnlm.retrieval.search.index_build import build_index
 
             build_index(ds, "ivfpq", use_gpu=False, progress=False)
-        r = evaluate(lm, str(corpus), "valid", datastore=ds, knn=KnnSettings(k=args.k, search=search),
-                     **kw)  # fmt: skip
+        knn = KnnSettings(k=args.k, search=search)
+        evaluate(lm, str(corpus), "test", datastore=ds, knn=knn, **kw)  # warm-up
+        r, r_s = timed_eval(evaluate, lm, str(corpus), "valid", datastore=ds, knn=knn, **kw)
         res["evals"][name] = {
-            "tokens_per_s": r["timing"]["tokens_per_s"],
-            "over_lm": r["timing"]["tokens_per_s"] / plain["timing"]["tokens_per_s"],
+            "tokens_per_s": r["tokens"] / r_s,
+            "over_lm": r["tokens"] / r_s / plain_tps,
             "search_s": r["timing"]["search_seconds"],
             "perplexity": r["knnlm"]["perplexity"],
             "search": r["settings"]["search"],
         }
         log(f"{name}: {res['evals'][name]['tokens_per_s']:.0f} tok/s")
     return res
+
+
+def timed_eval(evaluate, *a, **kw) -> tuple[dict, float]:
+    """evaluate(...) and its wall time, CUDA-synchronized on both sides when a GPU is used."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    r = evaluate(*a, **kw)
+    sync()
+    return r, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -230,9 +286,9 @@ def main() -> None:
             out["gpu"] = torch.cuda.get_device_name(0)
             bw = bandwidth(torch.device("cuda"))
             out["copy_bandwidth_GBps"] = bw / 1e9
-            sizes = [int(x) for x in (args.sizes or "1000000,10000000").split(",")]
+            sizes = [int(x) for x in (args.sizes or "1000000,4000000").split(",")]
             sizes = [] if args.skip_search else sizes
-            out["search"] = [gpu_search(n, 1024, 128, args.k, bw, check=4 if n <= 2_000_000 else 0)
+            out["search"] = [gpu_search(n, 1024, 128, args.k, bw, 4 if n <= 2_000_000 else 0, work)
                              for n in sizes]  # fmt: skip
             log(json.dumps(out["search"]))
             if not args.skip_eval:
@@ -243,7 +299,7 @@ def main() -> None:
             out["search"] = [cpu_search(n, 256, 512, args.k, args.repeats, work) for n in sizes]
             log(json.dumps(out["search"]))
             if not args.skip_eval:
-                out["eval"] = eval_part(args, work, "cpu", ["exact", "faiss", "faiss+ivfpq"])
+                out["eval"] = eval_part(args, work, "cpu", ["exact", "auto", "faiss+ivfpq"])
     text = json.dumps(out, indent=1, default=str)
     print(text)
     if args.out:

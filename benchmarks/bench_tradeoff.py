@@ -104,9 +104,9 @@ def build(args, lm, corpus: str, work: Path, log) -> dict:
     """Datastore, its default IVF-PQ, PCA copies, the pruned store and the two gates."""
     from knnlm.retrieval.datastore import build_datastore, open_datastore
     from knnlm.retrieval.gate_train import train_gate
-    from knnlm.retrieval.index_build import auto_nlist, build_index
     from knnlm.retrieval.prune import prune_datastore
     from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.search.index_build import auto_nlist, build_index
 
     ctx = model_context(lm.name)
     info: dict = {"context_len": ctx, "seconds": {}}

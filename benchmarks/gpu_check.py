@@ -24,10 +24,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
-from knnlm.retrieval.index_build import build_index
-from knnlm.retrieval.index_common import open_keys
-from knnlm.retrieval.search import KnnIndex, Searcher
+from knnlm.retrieval.search.conventions import open_keys
+from knnlm.retrieval.search.faiss_backend import FaissBackend
+from knnlm.retrieval.search.index_build import build_index
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_index import make_ds  # noqa: E402
@@ -126,11 +127,14 @@ def faiss_gpu(args: argparse.Namespace) -> dict:
         ).read_bytes()
 
         k = min(args.k, 2048)
-        gpu = KnnIndex.load(flat, use_gpu=True)
-        cpu = KnnIndex.load(flat, use_gpu=False)
-        res["flat_on_gpu"] = gpu.on_gpu
-        (gd, gi), res["flat_search_gpu_s"] = timed(lambda: gpu.search(q, k))
-        (cd, ci), res["flat_search_cpu_s"] = timed(lambda: cpu.search(q, k))
+        # the FAISS backend eval opens (open_backend picks use_gpu="auto"), GPU and CPU copies
+        gpu = FaissBackend(flat, use_gpu=True, recompute=False)
+        cpu = FaissBackend(flat, use_gpu=False, recompute=False)
+        res["flat_on_gpu"] = gpu.index.on_gpu
+        qt = torch.from_numpy(q)
+        gnb, res["flat_search_gpu_s"] = timed(lambda: gpu.search(qt, k))
+        cnb, res["flat_search_cpu_s"] = timed(lambda: cpu.search(qt, k))
+        gd, gi, cd, ci = (t.numpy() for t in (gnb.distances, gnb.rows, cnb.distances, cnb.rows))
         keys = np.asarray(open_keys(flat)[0], dtype=np.float64)
         sub = slice(0, min(64, len(q)))
         ref = ((q[sub, None, :].astype(np.float64) - keys[gi[sub]]) ** 2).sum(-1)
@@ -143,8 +147,8 @@ def faiss_gpu(args: argparse.Namespace) -> dict:
             np.max(np.abs(cd[sub] - ((q[sub, None, :] - keys[ci[sub]]) ** 2).sum(-1)) / ref)
         )
         for dev, use in (("gpu", True), ("cpu", False)):
-            s = Searcher(ivf, k, use_gpu=use)
-            _, t = timed(lambda s=s: s.search(q, k))
+            s = FaissBackend(ivf, use_gpu=use)
+            _, t = timed(lambda s=s: s.search(qt, k))
             res[f"ivfpq_rerank_search_{dev}_queries_per_s"] = len(q) / t
     return res
 

@@ -117,7 +117,7 @@ def workspace(tmp_path_factory, tiny_lm_dir, tiny_corpus):
     from knnlm.experiments.mlp_memory import train_memory
     from knnlm.lm.loading import load_lm
     from knnlm.retrieval.datastore import build_datastore, open_datastore
-    from knnlm.retrieval.index_build import build_index
+    from knnlm.retrieval.search.index_build import build_index
 
     root = tmp_path_factory.mktemp("fuzz_artifacts")
     lm = load_lm(str(tiny_lm_dir))

@@ -29,7 +29,7 @@ PRELOAD = [
     "knnlm.cli",
     "knnlm.cli.commands",
     "knnlm.retrieval.datastore",
-    "knnlm.retrieval.index_build",
+    "knnlm.retrieval.search.index_build",
     "knnlm.evaluate",
     "knnlm.lm.train",
     "knnlm.experiments.mlp_memory",

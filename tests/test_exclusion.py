@@ -187,8 +187,8 @@ def test_exclusion_through_an_ivfpq_index(lm, ds_dir, tiny_corpus, tmp_path):
 
     from knnlm.evaluate import evaluate
     from knnlm.neighbour_cache import load_cache
-    from knnlm.retrieval.index_build import build_index
     from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.search.index_build import build_index
 
     ds = tmp_path / "ds"
     shutil.copytree(ds_dir, ds)

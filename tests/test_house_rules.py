@@ -19,7 +19,7 @@ LAYERS = [
     {"scoring"},
     {"retrieval"},
     {"token_scores", "neighbour_cache", "sweep", "generation", "neighbours"},
-    {"evaluate", "index_check"},
+    {"evaluate", "index_perplexity"},
     {"api_store", "api"},
     {"experiments"},
     {"report"},

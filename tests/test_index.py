@@ -8,15 +8,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.index_build import build_index
-from knnlm.retrieval.index_common import open_keys
-from knnlm.retrieval.rerank import recompute_distances
-from knnlm.retrieval.search import KnnIndex, Searcher, exact_search
+from knnlm.retrieval.search.choose import open_backend
+from knnlm.retrieval.search.conventions import open_keys
+from knnlm.retrieval.search.exact_faiss import FaissExactSearch
+from knnlm.retrieval.search.faiss_backend import FaissBackend
+from knnlm.retrieval.search.index_build import build_index
+from knnlm.retrieval.search.rerank import recompute_distances
+from knnlm.retrieval.search.saved_index import KnnIndex
 from tiny import array_datastore
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
+
+def nearest(ds, q, k, exclude=None, **kw):
+    """``--search faiss``'s (distances, rows) for numpy queries, as numpy: the index's when
+    the datastore has one, else faiss.knn brute force."""
+    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    has = (Path(ds) / "index.faiss").is_file()
+    backend = FaissBackend(ds, **kw) if has else open_backend(ds, "faiss")
+    nb = backend.search(q, k, exclude_rows=exclude)
+    return nb.distances.numpy(), nb.rows.numpy()
 
 
 def write_ds(path: Path, keys: np.ndarray, dtype=np.float16) -> Path:
@@ -57,7 +71,8 @@ def test_exact_search_matches_loops(tmp_path, metric, dtype):
     keys, _ = open_keys(ds)
     q = rng.normal(size=(6, 8)).astype(np.float32)
     ref_d, ref_i = loop_knn(np.asarray(keys), q, 10, metric)
-    dist, ids = exact_search(keys, q, 10, metric=metric, chunk=7)  # many chunks to merge
+    nb = FaissExactSearch(keys, np.zeros(53, np.int32), metric).search(torch.from_numpy(q), 10)
+    dist, ids = nb.distances.numpy(), nb.rows.numpy()
     assert dist.dtype == np.float32 and ids.dtype == np.int64 and dist.shape == (6, 10)
     np.testing.assert_array_equal(ids, ref_i)
     np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-5)
@@ -68,7 +83,7 @@ def test_exact_search_k_larger_than_n_pads(tmp_path):
     ds = write_ds(tmp_path / "ds", rng.normal(size=(5, 4)))
     keys, _ = open_keys(ds)
     q = rng.normal(size=(3, 4)).astype(np.float32)
-    dist, ids = exact_search(keys, q, 8, chunk=2)
+    dist, ids = nearest(ds, q, 8)
     ref_d, ref_i = loop_knn(np.asarray(keys), q, 8)
     np.testing.assert_array_equal(ids, ref_i)
     assert (ids[:, 5:] == -1).all() and np.isinf(dist[:, 5:]).all()
@@ -110,7 +125,7 @@ def test_flat_index_equals_bruteforce(tmp_path, metric):
     np.testing.assert_array_equal(ids, ref_i)
     np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-4)
 
-    dist, ids = Searcher(ds, k_max=12, use_gpu=False).search(q, 12)
+    dist, ids = nearest(ds, q, 12, use_gpu=False)
     np.testing.assert_array_equal(ids, ref_i)
     np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-5)
 
@@ -135,7 +150,7 @@ def test_ivfpq_full_probe_top1_and_recompute_exact(tmp_path):
     _, ids = index.search(q, 20)
     assert (ids[:, 0] == ref_top1).mean() >= 0.5  # PQ distances alone are approximate
 
-    dist, ids = Searcher(ds, k_max=20, nprobe=16, use_gpu=False).search(q, 20)
+    dist, ids = nearest(ds, q, 20, nprobe=16, use_gpu=False)
     assert (ids[:, 0] == ref_top1).mean() >= 0.95  # exact re-ranking fixes the order
     exact = ((q[:, None, :].astype(np.float64) - ref[ids]) ** 2).sum(-1)
     np.testing.assert_allclose(dist, exact, rtol=1e-5, atol=1e-5)
@@ -153,7 +168,7 @@ def test_exclude_ids_drops_self_hits(tmp_path, with_index):
     q = stored[rows]
     excl = rows.copy()
     excl[3] = -1  # no exclusion for the last query: it finds itself first
-    dist, ids = Searcher(ds, k_max=6, use_gpu=False).search(q, 6, exclude_ids=excl)
+    dist, ids = nearest(ds, q, 6, excl, use_gpu=False)
     assert ids.shape == (4, 6)
     for i, r in enumerate(excl):
         others = np.delete(np.arange(60), r) if r >= 0 else np.arange(60)
@@ -167,15 +182,14 @@ def test_searcher_k_larger_than_n(tmp_path):
     rng = np.random.default_rng(6)
     ds = write_ds(tmp_path / "ds", rng.normal(size=(5, 4)))
     q = np.asarray(open_keys(ds)[0][:2], dtype=np.float32)
-    s = Searcher(ds, k_max=9)
-    dist, ids = s.search(q, 9)
+    dist, ids = nearest(ds, q, 9)
     assert (np.sort(ids[:, :5], axis=1) == np.arange(5)).all()
     assert (ids[:, 5:] == -1).all() and np.isinf(dist[:, 5:]).all()
-    dist, ids = s.search(q, 9, exclude_ids=np.array([0, 1]))
+    dist, ids = nearest(ds, q, 9, np.array([0, 1]))
     assert (ids[:, 4:] == -1).all() and np.isinf(dist[:, 4:]).all()
     assert 0 not in ids[0] and 1 not in ids[1] and (ids[:, :4] >= 0).all()
     build_index(ds, kind="flat", progress=False)
-    dist, ids = Searcher(ds, k_max=9, use_gpu=False).search(q, 9)
+    dist, ids = nearest(ds, q, 9, use_gpu=False)
     assert (ids[:, 5:] == -1).all() and np.isinf(dist[:, 5:]).all()
 
 
@@ -245,15 +259,14 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(KnnlmError, match="no index"):
         KnnIndex.load(ds)
     keys, _ = open_keys(ds)
+    exact = FaissExactSearch(keys, np.zeros(len(keys), np.int32))
     with pytest.raises(KnnlmError, match="shape"):
-        exact_search(keys, np.zeros((2, 5), np.float32), 3)
+        exact.search(torch.zeros((2, 5)), 3)
     with pytest.raises(KnnlmError, match="k must"):
-        exact_search(keys, np.zeros((2, 12), np.float32), 0)
-    with pytest.raises(KnnlmError, match="k_max"):
-        Searcher(ds, k_max=4).search(np.zeros((1, 12), np.float32), 5)
+        exact.search(torch.zeros((2, 12)), 0)
     build_index(ds, kind="flat", metric="ip", progress=False)
     with pytest.raises(KnnlmError, match="metric"):
-        Searcher(ds, k_max=4, metric="l2", use_gpu=False)
+        FaissBackend(ds, metric="l2", use_gpu=False)
     meta = json.loads((ds / "meta.json").read_text())
     (ds / "meta.json").write_text(json.dumps({**meta, "note": "rebuilt"}))
     with pytest.raises(KnnlmError, match="changed"):
@@ -261,4 +274,4 @@ def test_bad_inputs(tmp_path):
     shutil.rmtree(ds)
     (ds).mkdir()
     with pytest.raises(KnnlmError, match="keys.npy"):
-        Searcher(ds, k_max=1)
+        open_backend(ds, "faiss")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.index_common import record_index_check
+from knnlm.retrieval.search.conventions import record_index_check
 from tiny import run_cli
 
 

@@ -14,16 +14,27 @@ from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
 from knnlm.retrieval.datastore import open_datastore
-from knnlm.retrieval.index_build import build_index
 from knnlm.retrieval.knn import knn_target_log_prob
 from knnlm.retrieval.prune import greedy_merge, prune_datastore
 from knnlm.retrieval.retriever import KnnSettings
-from knnlm.retrieval.search import Searcher
+from knnlm.retrieval.search.choose import open_backend
+from knnlm.retrieval.search.faiss_backend import FaissBackend
+from knnlm.retrieval.search.index_build import build_index
 from knnlm.scoring import score_stream
 from tiny import SMALL_CTX, SMALL_STRIDE, array_datastore, small_datastore
 
 CTX, STRIDE = SMALL_CTX, SMALL_STRIDE
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
+
+def nearest(ds, q, k, exclude=None, **kw):
+    """``--search faiss``'s (distances, rows) for numpy queries, as numpy: the index's when
+    the datastore has one, else faiss.knn brute force."""
+    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    has = (Path(ds) / "index.faiss").is_file()
+    backend = FaissBackend(ds, **kw) if has else open_backend(ds, "faiss")
+    nb = backend.search(q, k, exclude_rows=exclude)
+    return nb.distances.numpy(), nb.rows.numpy()
 
 
 def write_ds(path: Path, keys: np.ndarray, values: np.ndarray) -> Path:
@@ -84,7 +95,7 @@ def test_known_duplicates_merge_to_counts_and_weighted_p_knn(tmp_path):
     queries = (keys[[0, 1, 3]] + rng.normal(0, 1.0, (3, 8))).astype(np.float32)
     targets = np.array([7, 4, 2])
     temp = 100.0
-    dist, ids = Searcher(ds2.path, k_max=5).search(queries, 5)
+    dist, ids = nearest(ds2.path, queries, 5)
     got = knn_target_log_prob(
         torch.from_numpy(dist), torch.from_numpy(ids), torch.from_numpy(ds2.values[ids] * 1),
         torch.from_numpy(targets), temp, torch.from_numpy(ds2.counts[ids]),
@@ -186,7 +197,7 @@ def test_pca_in_front_of_ivfpq_with_exact_reranking(tmp_path):
     build_index(ds, "ivfpq", nlist=4, pq_m=4, pq_bits=4, nprobe=4, pca=8, progress=False)
     info = json.loads((ds / "index.json").read_text())
     assert (info["pca"], info["dim"]) == (8, 16)
-    dist, ids = Searcher(ds, k_max=5, recompute=True).search(keys[:20], 5)
+    dist, ids = nearest(ds, keys[:20], 5, recompute=True)
     exact = ((keys[:20, None, :] - keys[ids]) ** 2).sum(-1)
     np.testing.assert_allclose(dist, exact, rtol=1e-4, atol=1e-4)
     assert (ids[:, 0] == np.arange(20)).mean() > 0.5  # the PCA-8 search still finds itself mostly
@@ -202,15 +213,22 @@ def test_interrupted_prune_resumes_to_the_same_store(tmp_path, monkeypatch):
     write_ds(tmp_path / "ds", keys, values)
     straight = prune_datastore(tmp_path / "ds", tmp_path / "a", k=5, chunk=64, progress=False)
 
-    real, calls = prune_mod.Searcher.search, {"n": 0}
+    real_open, calls = prune_mod.open_backend, {"n": 0}
 
-    def flaky(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(self, *a, **kw)
+    def flaky_open(*a, **kw):
+        backend = real_open(*a, **kw)
+        real = backend.search
 
-    monkeypatch.setattr(prune_mod.Searcher, "search", flaky)
+        def flaky(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+
+        backend.search = flaky
+        return backend
+
+    monkeypatch.setattr(prune_mod, "open_backend", flaky_open)
     with pytest.raises(KeyboardInterrupt):
         prune_datastore(tmp_path / "ds", tmp_path / "b", k=5, chunk=64, progress=False)
     assert not (tmp_path / "b").exists()  # nothing half-written at the target

@@ -20,8 +20,8 @@ from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
 from knnlm.neighbour_cache import load_cache
 from knnlm.retrieval.datastore import build_datastore, open_datastore
-from knnlm.retrieval.index_build import build_index
 from knnlm.retrieval.retriever import KnnSettings
+from knnlm.retrieval.search.index_build import build_index
 
 CTX = 32
 NLIST = 16
@@ -211,11 +211,11 @@ def test_nprobe_reaches_the_search(setup):
 
 
 def test_ivfpq_recall_at_k_with_fewer_probes_than_lists(setup):
-    """Searcher recall@k against numpy brute force at nprobe < nlist, distances exact.
+    """The FAISS backend's recall@k against numpy brute force at nprobe < nlist, distances exact.
 
     The keys of a random tiny LM are not clustered and 4 x 6-bit PQ codes are coarse, so
     recall@10 saturates near 0.66 (measured) whatever nprobe; 4 of 16 lists must get there."""
-    from knnlm.retrieval.search import Searcher
+    from knnlm.retrieval.search.faiss_backend import FaissBackend
 
     s = setup
     k = 10
@@ -223,8 +223,9 @@ def test_ivfpq_recall_at_k_with_fewer_probes_than_lists(setup):
     exact_d, exact_i = brute_force_knn(q, s["keys"], k)
     recall = {}
     for nprobe in (1, 4, NLIST):
-        searcher = Searcher(s["ivf"], k_max=k, nprobe=nprobe, use_gpu=False)
-        d, i = searcher.search(q.astype(np.float32), k)
+        searcher = FaissBackend(s["ivf"], nprobe=nprobe, use_gpu=False)
+        nb = searcher.search(torch.from_numpy(q.astype(np.float32)), k)
+        d, i = nb.distances.numpy(), nb.rows.numpy()
         true_d = ((s["keys"][i] - q[:, None, :]) ** 2).sum(-1)
         np.testing.assert_allclose(d, true_d, rtol=1e-4, atol=1e-4)
         hits = [len(set(a) & set(b)) / k for a, b in zip(i, exact_i, strict=True)]

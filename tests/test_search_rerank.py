@@ -10,22 +10,34 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+import torch
 
-import knnlm.retrieval.search as search_mod
 from knnlm.errors import KnnlmError
-from knnlm.retrieval import faiss_common
-from knnlm.retrieval.index_build import (
+from knnlm.retrieval.search import faiss_lib
+from knnlm.retrieval.search.choose import open_backend
+from knnlm.retrieval.search.conventions import open_keys
+from knnlm.retrieval.search.faiss_backend import FaissBackend
+from knnlm.retrieval.search.index_build import (
     auto_nprobe,
     build_index,
     finish_pending_commit,
     index_summary,
 )
-from knnlm.retrieval.index_common import open_keys
-from knnlm.retrieval.rerank import KeyStore, recompute_distances
-from knnlm.retrieval.search import KnnIndex, Searcher, exact_search
+from knnlm.retrieval.search.rerank import KeyStore, recompute_distances
+from knnlm.retrieval.search.saved_index import KnnIndex
 from tiny import array_datastore
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
+
+def nearest(ds, q, k, exclude=None, **kw):
+    """``--search faiss``'s (distances, rows) for numpy queries, as numpy: the index's when
+    the datastore has one, else faiss.knn brute force."""
+    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    has = (Path(ds) / "index.faiss").is_file()
+    backend = FaissBackend(ds, **kw) if has else open_backend(ds, "faiss")
+    nb = backend.search(q, k, exclude_rows=exclude)
+    return nb.distances.numpy(), nb.rows.numpy()
 
 
 def write_ds(path: Path, keys: np.ndarray, dtype=np.float16) -> Path:
@@ -66,14 +78,15 @@ def test_reranked_ivfpq_distances_match_numpy(tmp_path, metric, in_ram, dtype):
     ds = write_ds(tmp_path / "ds", keys, dtype)
     build_index(ds, kind="ivfpq", metric=metric, nlist=16, pq_m=4, pq_bits=6, progress=False)
     stored = np.asarray(open_keys(ds)[0])
-    s = Searcher(ds, k_max=50, nprobe=4, use_gpu=False, keys_in_ram=in_ram)
-    assert (s._refined is not None) == in_ram  # the fused path is the one under test
-    dist, ids = s.search(q, 50)
+    s = FaissBackend(ds, nprobe=4, use_gpu=False, keys_in_ram=in_ram)
+    assert (s.refined is not None) == in_ram  # the fused path is the one under test
+    nb = s.search(torch.from_numpy(q), 50)
+    dist, ids = nb.distances.numpy(), nb.rows.numpy()
     assert (ids >= 0).all() and (np.diff(dist, axis=1) >= 0).all()
     ref = numpy_dist(stored, q, ids, metric)
     np.testing.assert_allclose(dist, ref, rtol=1e-5, atol=1e-4)
     # The same candidates as PQ search, only re-ordered by exact distance.
-    _, pq_ids = Searcher(ds, k_max=50, nprobe=4, recompute=False, use_gpu=False).search(q, 50)
+    _, pq_ids = nearest(ds, q, 50, nprobe=4, recompute=False, use_gpu=False)
     np.testing.assert_array_equal(np.sort(ids, 1), np.sort(pq_ids, 1))
 
 
@@ -83,7 +96,7 @@ def test_flat_index_reranks_itself_exactly(tmp_path):
     build_index(ds, kind="flat", progress=False)
     stored = np.asarray(open_keys(ds)[0])
     ref_d, ref_i = numpy_topk(stored, q, 20)
-    dist, ids = Searcher(ds, k_max=20, use_gpu=False).search(q, 20)
+    dist, ids = nearest(ds, q, 20, use_gpu=False)
     np.testing.assert_array_equal(ids, ref_i)
     np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-5)
 
@@ -120,7 +133,7 @@ def test_ivfpq_rerank_recall_at_k_against_exact(tmp_path):
     build_index(ds, kind="ivfpq", nlist=32, pq_m=8, pq_bits=8, progress=False)
     stored = np.asarray(open_keys(ds)[0])
     _, ref = numpy_topk(stored, q, 10)
-    _, ids = Searcher(ds, k_max=100, nprobe=8, use_gpu=False).search(q, 100)
+    _, ids = nearest(ds, q, 100, nprobe=8, use_gpu=False)
     recall_at_10 = np.mean([len(set(ref[i]) & set(ids[i, :10])) / 10 for i in range(len(q))])
     assert recall_at_10 >= 0.9
     assert (ids[:, 0] == ref[:, 0]).mean() >= 0.95
@@ -129,28 +142,23 @@ def test_ivfpq_rerank_recall_at_k_against_exact(tmp_path):
 # --------------------------------------------------------------------------- -1 masking
 
 
-def test_exact_search_keeps_faiss_missing_ids_missing(tmp_path, monkeypatch):
+def test_faiss_knn_missing_ids_stay_missing(tmp_path, monkeypatch):
+    """Ids FAISS marks -1 (with +-FLT_MAX distances) come out as -1 / +inf, never as a row."""
+    import knnlm.retrieval.search.exact_faiss as exact_faiss
+
     rng = np.random.default_rng(6)
     ds = write_ds(tmp_path / "ds", rng.normal(size=(30, 4)))
-    keys, _ = open_keys(ds)
     q = rng.normal(size=(3, 4)).astype(np.float32)
     real_knn = faiss.knn
-    calls = []
 
     def knn(xq, xb, k, metric=faiss.METRIC_L2):
         d, i = real_knn(xq, xb, k, metric=metric)
-        calls.append(1)
-        if len(calls) > 1:  # every chunk but the first "finds" nothing
-            d[:], i[:] = np.finfo(np.float32).max, -1
+        d[:, 10:], i[:, 10:] = np.finfo(np.float32).max, -1  # "finds" only 10
         return d, i
 
-    monkeypatch.setattr(search_mod.faiss, "knn", knn)
-    dist, ids = exact_search(keys, q, 15, chunk=10)
-    assert len(calls) == 3
-    # Only rows of the first chunk are real neighbours; -1 + chunk offset would name rows
-    # 19 (a wrong neighbour with a made-up distance).
-    assert ((ids < 10) | (ids == -1)).all()
-    assert (ids[:, 10:] == -1).all() and np.isinf(dist[:, 10:]).all()
+    monkeypatch.setattr(exact_faiss.faiss, "knn", knn)
+    dist, ids = nearest(ds, q, 15)
+    assert (ids[:, :10] >= 0).all() and (ids[:, 10:] == -1).all() and np.isinf(dist[:, 10:]).all()
 
 
 # --------------------------------------------------------------------------- the file pair
@@ -183,7 +191,7 @@ def test_index_json_mismatches_are_refused(tmp_path):
     raw = (a / "index.faiss").read_bytes()
     (a / "index.faiss").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(KnnlmError) as e:
-        Searcher(a, k_max=3, use_gpu=False)
+        FaissBackend(a, use_gpu=False)
     assert "\n" not in str(e.value)
 
 
@@ -235,28 +243,27 @@ def test_index_summary_reports_scan_fraction(tmp_path):
     assert "25.00%" in index_summary(ds)
 
 
-def test_brute_force_fallback_warns(tmp_path, caplog, monkeypatch):
-    """A missing index on a large store, or a build cut short, is a warning; a small store
-    without an index (searched exactly on purpose) is only noted in the log."""
-    from knnlm.retrieval import search
+def test_exact_cpu_search_of_a_large_store_warns(tmp_path, caplog, monkeypatch):
+    """Exact CPU search past EXACT_CPU_WARN_KEYS, or after an index build cut short, warns in
+    one line with the fix; a small store without an index is searched exactly in silence."""
+    from knnlm.retrieval.search import choose
 
     rng = np.random.default_rng(10)
     ds = write_ds(tmp_path / "ds", rng.normal(size=(50, 4)))
     logger = "knnlm.retrieval.index"
-    with caplog.at_level(logging.INFO, logger=logger):
-        Searcher(ds, k_max=3)
-    levels = {r.levelno for r in caplog.records if "no index" in r.getMessage()}
-    assert levels == {logging.INFO} and "50 keys" in caplog.text
-    caplog.clear()
-    monkeypatch.setattr(search, "BRUTE_FORCE_WARN_KEYS", 50)
     with caplog.at_level(logging.WARNING, logger=logger):
-        Searcher(ds, k_max=3)
-    assert "no index" in caplog.text and "50 keys" in caplog.text
+        open_backend(ds, "auto")
+    assert not caplog.records
+    monkeypatch.setattr(choose, "EXACT_CPU_WARN_KEYS", 50)
+    with caplog.at_level(logging.WARNING, logger=logger):
+        open_backend(ds, "auto")
+    assert "50 keys" in caplog.text and "knnlm datastore index" in caplog.text
+    assert "\n" not in caplog.records[0].getMessage()
     caplog.clear()
-    monkeypatch.setattr(search, "BRUTE_FORCE_WARN_KEYS", 10**9)
+    monkeypatch.setattr(choose, "EXACT_CPU_WARN_KEYS", 10**9)
     (ds / "index.faiss.partial").write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger=logger):
-        Searcher(ds, k_max=3)
+        open_backend(ds, "auto")
     assert "did not finish" in caplog.text
 
 
@@ -294,8 +301,8 @@ def test_flat_gpu_copy_does_not_request_float16(tmp_path, fake_gpu):
     ((name, co),) = fake_gpu
     assert name.startswith("IndexFlat") and co.useFloat16 is False
     ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(8), 8, 2, 2, 4)
-    assert faiss_common.gpu_cloner_options(ivf).useFloat16 is True
-    assert faiss_common.gpu_cloner_options(ivf).useFloat16CoarseQuantizer is False
+    assert faiss_lib.gpu_cloner_options(ivf).useFloat16 is True
+    assert faiss_lib.gpu_cloner_options(ivf).useFloat16CoarseQuantizer is False
 
 
 def test_gpu_ivf_training_is_seeded(tmp_path, fake_gpu):

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.backends import open_backend, resolve_search
-from knnlm.retrieval.torch_search import TorchExactSearch, order, query_parts, select_k
+from knnlm.retrieval.search.choose import open_backend, resolve_search
+from knnlm.retrieval.search.exact import TorchExactSearch, order, select_k
+from knnlm.retrieval.search.split_precision import query_parts
 from tiny import array_datastore, quiet_datastore
 
 
@@ -118,7 +119,7 @@ def write_keys(path, keys, index_metric=None):
 
 
 def test_auto_means_faiss_only_with_an_index(tmp_path):
-    from knnlm.retrieval.index_build import build_index
+    from knnlm.retrieval.search.index_build import build_index
 
     rng = np.random.default_rng(5)
     ds = write_keys(tmp_path / "ds", rng.normal(size=(200, 8)).astype(np.float32))
@@ -137,7 +138,7 @@ def test_auto_means_faiss_only_with_an_index(tmp_path):
 
 
 def test_exact_search_runs_without_faiss(tmp_path):
-    from knnlm.retrieval.index_build import build_index
+    from knnlm.retrieval.search.index_build import build_index
 
     ds = write_keys(tmp_path / "ds", np.eye(4, dtype=np.float32))
     build_index(ds, "flat", use_gpu=False, progress=False)  # an index exists, faiss does not
@@ -146,7 +147,7 @@ def test_exact_search_runs_without_faiss(tmp_path):
         sys.modules["faiss"] = None
         import torch
         from knnlm.errors import KnnlmError
-        from knnlm.retrieval.backends import open_backend
+        from knnlm.retrieval.search.choose import open_backend
         import knnlm.evaluate, knnlm.generation, knnlm.experiments.projection
         b = open_backend({str(ds)!r}, "auto")
         assert b.describe()["search"] == "exact"
@@ -164,7 +165,7 @@ def test_exact_search_runs_without_faiss(tmp_path):
 def _sharded_worker(rank: int, ds: str, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from knnlm.retrieval.backends import open_backend
+    from knnlm.retrieval.search.choose import open_backend
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
@@ -272,7 +273,7 @@ def test_torchrun_two_process_project_equals_one_process(tmp_path, lm, tiny_lm_d
 
 @pytest.mark.parametrize("factory", ["IVF8,Flat", "HNSW8"])
 def test_factory_index_reports_recall_and_searches_through_faiss(tmp_path, factory):
-    from knnlm.retrieval.index_build import build_index, index_summary
+    from knnlm.retrieval.search.index_build import build_index, index_summary
 
     rng = np.random.default_rng(8)
     ds = write_keys(tmp_path / "ds", rng.normal(size=(600, 8)).astype(np.float32))
@@ -292,7 +293,7 @@ def test_factory_index_reports_recall_and_searches_through_faiss(tmp_path, facto
 
 
 def test_ivfpq_index_reports_recall(tmp_path):
-    from knnlm.retrieval.index_build import build_index
+    from knnlm.retrieval.search.index_build import build_index
 
     rng = np.random.default_rng(9)
     ds = write_keys(tmp_path / "ds", rng.normal(size=(2000, 8)).astype(np.float32))
@@ -302,16 +303,31 @@ def test_ivfpq_index_reports_recall(tmp_path):
 
 
 @pytest.mark.parametrize("key_dtype", ["float16", "bfloat16"])
-def test_split_query_path_of_the_gpu_equals_brute_force(key_dtype):
-    """The GPU's 16-bit product (queries split into 16-bit parts), run on the CPU with the
-    chunk upcast (the fallback when torch.mm has no out_dtype)."""
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("norm", [1.0, 300.0])  # 300: |k|^2 ~ 3e6, past float16's range
+def test_one_gemm_split_path_of_the_gpu_equals_float64(key_dtype, metric, streamed, norm):
+    """The GPU's one-GEMM split-precision distances ([-2 q_hi, -2 q_lo, c, c] . [k, k,
+    |k|^2_hi / c, |k|^2_lo / c]^T), run on the CPU (16-bit inputs upcast, float32
+    accumulation as on the GPU): sets, order and distances equal a float64 brute force of the
+    rounded keys, with and without streaming, self-exclusion included."""
     rng = np.random.default_rng(10)
-    keys = rng.normal(size=(400, 32)).astype(np.float32)
-    q = rng.normal(size=(6, 32)).astype(np.float32) * 5
-    s = TorchExactSearch(keys, np.zeros(400, np.int32), "l2", key_dtype=key_dtype, chunk_rows=90)
-    s.split_queries, s.out_dtype_mm = True, False
+    keys = (rng.normal(size=(400, 32)) * norm / np.sqrt(32)).astype(np.float32)
+    q = (rng.normal(size=(6, 32)) * norm / np.sqrt(32)).astype(np.float32)
+    excl = np.array([3, -1, 399, 0, 17, -1])
+    s = TorchExactSearch(keys, np.zeros(400, np.int32), metric, key_dtype=key_dtype,
+                         chunk_rows=90, split_queries=True,
+                         budget_bytes=0 if streamed else None)  # fmt: skip
+    assert s.split_queries and s.resident != streamed
+    assert (s.fused is not None) != streamed
     rounded = torch.from_numpy(keys).to(getattr(torch, key_dtype)).float().numpy()
-    check_against(s.search(torch.from_numpy(q), 12), brute(q, rounded, "l2"), 12)
-    parts = query_parts(torch.from_numpy(q), getattr(torch, key_dtype)).float()
-    total = parts.view(-1, *q.shape).sum(0).numpy()
-    assert np.abs(total - q).max() <= 2.0**-20 * np.abs(q).max()
+    nb = s.search(torch.from_numpy(q), 12, exclude_rows=excl)
+    check_against(nb, brute(q, rounded, metric, excl), 12)
+
+
+def test_query_parts_sum_to_the_query():
+    q = np.random.default_rng(11).normal(size=(6, 32)).astype(np.float32) * 5
+    for key_dtype in ("float16", "bfloat16"):
+        parts = query_parts(torch.from_numpy(q), getattr(torch, key_dtype)).float()
+        total = parts.view(-1, *q.shape).sum(0).numpy()
+        assert np.abs(total - q).max() <= 2.0**-20 * np.abs(q).max()

@@ -1,7 +1,7 @@
 """``knnlm.Datastore``: build, load, index and describe a kNN datastore from Python.
 
 A thin, stable face over :mod:`knnlm.retrieval.datastore` and
-:mod:`knnlm.retrieval.index_build`; the CLI's ``datastore`` commands go through it.
+:mod:`knnlm.retrieval.search.index_build`; the CLI's ``datastore`` commands go through it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from knnlm.retrieval.datastore import (
     write_tokens,
 )
 from knnlm.retrieval.datastore import Datastore as StoredDatastore
-from knnlm.retrieval.index_build import build_index, index_summary
-from knnlm.retrieval.index_common import INDEX_META
+from knnlm.retrieval.search.conventions import INDEX_META
+from knnlm.retrieval.search.index_build import build_index, index_summary
 from knnlm.scoring import default_window
 
 if TYPE_CHECKING:

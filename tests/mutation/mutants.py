@@ -2,11 +2,11 @@
 catch each one.
 
 An edit is ``(anchor, exact source text, replacement)``. The anchor names where the text lives,
-not which file: a function or class by its qualified name (``own_rows``, ``Searcher.search``,
+not which file: a function or class by its qualified name (``own_rows``, ``FaissBackend.search``,
 ``run_projection.solve_pending`` for a nested function) or a module-level constant
 (``MEMORY_STORAGE_MAX``), looked up in every module of src/knnlm, so a mutant follows its code
 when the code moves to another module. The anchor must be defined exactly once (where two
-modules define the same name, write ``module.path:name``, e.g. ``retrieval.search:Searcher.search``)
+modules define the same name, write ``module.path:name``, e.g. ``retrieval.search.faiss_backend:FaissBackend.search``)
 and the text must occur exactly once inside the anchor's source; otherwise the driver reports an
 error: re-anchor the mutant. The tests are
 pytest node ids, run from the repository root; each compares with an independent reference
@@ -159,14 +159,14 @@ MUTANTS: list[Mutant] = [
         "IVF-PQ distances are never replaced by exact ones (fused and memmap paths)",
         (
             (
-                "Searcher.__init__",
-                "            if recompute:\n                self._refined",
-                "            if False:\n                self._refined",
+                "FaissBackend.__init__",
+                "self.refined = self._make_refined(keys_in_ram) if recompute else None",
+                "self.refined = None",
             ),
             (
-                "Searcher.search",
-                "            if self.recompute:\n                dist, ids = ",
-                "            if False:\n                dist, ids = ",
+                "FaissBackend.nearest",
+                "        if self.recompute:\n            dist, ids = ",
+                "        if False:\n            dist, ids = ",
             ),
         ),  # fmt: skip
         (
@@ -402,5 +402,21 @@ MUTANTS: list[Mutant] = [
         "(HELD if mean >= HURDLE_MIN_GAP and p < HURDLE_P else NOT_HELD)",
         "(HELD if ahead >= 1 else NOT_HELD)",
         f"{CLAIMS}::test_e_fails_when_one_seed_is_behind",
+    ),
+    mutant(
+        "faiss_knn_ties_unordered",
+        "faiss.knn's own order of equal distances at the k-th place is kept (not redone by row)",
+        "FaissExactSearch.search",
+        "        if tied.any():",
+        "        if False:",
+        "tests/test_search_choice.py::test_faiss_knn_equals_torch_exact_with_ties",
+    ),
+    mutant(
+        "split_gemm_norm_low_part_dropped",
+        "the one-GEMM GPU path keeps only the high 16-bit part of each key's squared norm",
+        "fused_keys",
+        "split16(norms[s : s + step] / scale, dtype, parts)",
+        "split16(norms[s : s + step] / scale, dtype, parts)[:1]",
+        "tests/test_torch_search.py::test_one_gemm_split_path_of_the_gpu_equals_float64",
     ),
 ]

@@ -103,7 +103,7 @@ class Scale(str, Enum):
 
 
 class Search(str, Enum):
-    """Neighbour search backend (knnlm.retrieval.backend)."""
+    """Neighbour search backend (knnlm.retrieval.search.protocol)."""
 
     exact = "exact"
     faiss = "faiss"
@@ -133,7 +133,7 @@ def init_distributed() -> int:
     """Join the process group that torchrun / accelerate launch set up; returns the rank.
 
     Every command that searches joins it first, so its exact search is sharded over the
-    ranks (knnlm.retrieval.sharded); rank 0 alone writes and prints.
+    ranks (knnlm.retrieval.search.sharded); rank 0 alone writes and prints.
     """
     import torch
     import torch.distributed as dist
@@ -154,8 +154,12 @@ SEARCH = typer.Option(
     Search.auto,
     "--search",
     help="Neighbour search: exact (torch brute force on the model's device: exact neighbour "
-    "sets), faiss (the datastore's FAISS index; IVF-PQ is approximate) or auto (faiss when "
-    "the datastore has an index, else exact).",
+    "sets), faiss (the datastore's FAISS index, re-ranked exactly; IVF-PQ is approximate) or "
+    "auto, the fastest for device and store: on a GPU, exact on the GPU when the keys fit its "
+    "memory, whatever index exists (beyond it, streamed keys or the index, whichever is "
+    "estimated faster); on the CPU, the index when there is one, else faiss.knn exact search "
+    "(torch exact without FAISS). The choice and why are in the results JSON "
+    "(settings.search.why).",
 )
 GATE = typer.Option(None, "--gate", help="Retrieval gate (knnlm gate train).")
 RETRIEVAL_RATE = typer.Option(

@@ -133,8 +133,8 @@ def datastore_index(
 
     Approximate indexes report their recall@k against exact search, and with --corpus the
     kNN-LM perplexity change they cause on --split (both stored in index.json)."""
-    from knnlm.retrieval.index_build import build_index, index_summary
     from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.search.index_build import build_index, index_summary
 
     ds = one_path(ds, ds_opt, "--datastore")
     knn = KnnSettings(k=k, knn_weight=knn_weight, temperature=knn_temp)
@@ -158,9 +158,9 @@ def datastore_index(
 def _index_check(ds: Path, corpus: str, split: str, model: str | None, knn, window: tuple,
                  device: str | None, quiet: bool) -> None:  # fmt: skip
     """The kNN-LM perplexity with exact search and through the new index, recorded beside it."""
-    from knnlm.index_check import index_perplexity_check
+    from knnlm.index_perplexity import index_perplexity_check
     from knnlm.retrieval.datastore import open_datastore
-    from knnlm.retrieval.index_common import index_identity, record_index_check
+    from knnlm.retrieval.search.conventions import index_identity, record_index_check
 
     meta = open_datastore(ds).meta
     sha = index_identity(ds)
@@ -242,7 +242,7 @@ def eval_cmd(
     temp = knn_temperature(knn_temp, old_temp)
     knn = KnnSettings(k, knn_weight, temp, recompute, nprobe, value(exclude_self), value(search))
     # Under torchrun every rank scores the whole split and holds a shard of the datastore for
-    # exact search (knnlm.retrieval.sharded); rank 0 alone writes and prints, and holds the
+    # exact search (knnlm.retrieval.search.sharded); rank 0 alone writes and prints, and holds the
     # cache's lock for the group (so the group joins before the lock is taken).
     rank = init_distributed()
     hold_lock(ctx, cache, "neighbour cache")

@@ -88,7 +88,7 @@ def project_cmd(
     )
     open_inputs(datastore, None, knn)
     # Under torchrun every rank projects the same positions and holds a shard of the
-    # datastore for exact search (knnlm.retrieval.sharded); rank 0 alone writes and prints.
+    # datastore for exact search (knnlm.retrieval.search.sharded); rank 0 alone writes and prints.
     rank = init_distributed()
     lm = load_model(model, device, dtype).lm
     context_len, stride = default_window(lm.model, context_len, stride)

@@ -49,9 +49,9 @@ from knnlm.lm.presets import build_model_from_preset
 from knnlm.lm.tokenizer import tokenizer_view, train_bpe_tokenizer
 from knnlm.lm.train import library_bars, model_from_pretrained, train
 from knnlm.lm.train_config import TrainConfig
-from knnlm.retrieval.backends import resolve_search
 from knnlm.retrieval.datastore import build_example_datastore, open_datastore
 from knnlm.retrieval.memory import load_memory, memory_storage
+from knnlm.retrieval.search.choose import resolve_search
 
 SEED_RESULTS = "results.json"
 TRAIN_DONE = "train_done.json"

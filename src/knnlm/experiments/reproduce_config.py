@@ -25,7 +25,7 @@ from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo_settings import MACONDO_MEMORY
 from knnlm.experiments.macondo_tuning import DEFAULT_TUNE
 from knnlm.lm.presets import get_preset
-from knnlm.retrieval.backend import check_search
+from knnlm.retrieval.search.protocol import check_search
 
 PAPER_SETTING = {"knn_weight": 0.25, "temperature": 1.0}
 
@@ -62,7 +62,7 @@ class ReproduceConfig:
     index_nlist: int | None = None  # None: the index module's default (~4 sqrt(N))
     index_train_size: int | None = None
     nprobe: int | None = None
-    search: str = "auto"  # exact | faiss | auto (knnlm.retrieval.backend)
+    search: str = "auto"  # exact | faiss | auto (knnlm.retrieval.search.protocol)
     projection_positions: int = 1000
     projection_max_steps: int = 500
     # The converged solve's iteration cap (L-BFGS; each position also stops at relative KL

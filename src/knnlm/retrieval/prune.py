@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
@@ -39,7 +40,7 @@ from knnlm.fileio import (
 )
 from knnlm.locking import locks
 from knnlm.retrieval.datastore import KIND, META, Datastore, open_datastore
-from knnlm.retrieval.search import Searcher
+from knnlm.retrieval.search.choose import open_backend
 
 NEIGHBOURS = "neighbours.npy"
 PROGRESS = "prune-progress.json"
@@ -147,12 +148,12 @@ def self_neighbours(
     )
     done = int(rec["done"]) if resume else 0
     writer = NpyRowWriter(partial / NEIGHBOURS, (ds.n, k), np.int64, create=not resume)
-    searcher = Searcher(ds.path, k_max=k, nprobe=nprobe, recompute=True)
+    backend = open_backend(ds.path, "auto", nprobe=nprobe, recompute=True)
     bar = tqdm(total=ds.n, initial=done, desc="self-neighbours", unit="key", disable=not progress)
     for s in range(done, ds.n, chunk):
         rows = np.arange(s, min(s + chunk, ds.n), dtype=np.int64)
-        _, ids = searcher.search(np.asarray(ds.keys[rows]), k, exclude_ids=rows)
-        writer.write(s, ids)
+        queries = torch.from_numpy(np.asarray(ds.keys[rows]))
+        writer.write(s, backend.search(queries, k, exclude_rows=rows).rows.numpy())
         write_json_atomic(partial / PROGRESS, {"settings": settings, "done": int(rows[-1]) + 1})
         bar.update(rows.size)
     bar.close()

@@ -15,10 +15,10 @@ import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.lm.loading import LoadedLM
-from knnlm.retrieval.backend import Neighbours, SearchBackend, check_search, gather_rows
-from knnlm.retrieval.backends import open_backend
 from knnlm.retrieval.datastore import Datastore, open_datastore
 from knnlm.retrieval.knn import knn_log_probs, knn_target_log_prob
+from knnlm.retrieval.search.choose import open_backend
+from knnlm.retrieval.search.protocol import Neighbours, SearchBackend, check_search, gather_rows
 
 
 @dataclass
@@ -29,7 +29,9 @@ class KnnSettings:
     recompute: bool = True
     nprobe: int | None = None
     exclude_self: str = "auto"  # auto | yes | no
-    search: str = "auto"  # exact | faiss | auto (knnlm.retrieval.backend); nprobe is FAISS's
+    search: str = (
+        "auto"  # exact | faiss | auto (knnlm.retrieval.search.protocol); nprobe is FAISS's
+    )
 
     def validate(self) -> None:
         if not 0.0 <= self.knn_weight <= 1.0:
@@ -45,7 +47,7 @@ class KnnSettings:
 
 class Retriever:
     """A datastore checked against the LM and searched by the backend ``knn.search`` names,
-    on the LM's device (:mod:`knnlm.retrieval.backends`)."""
+    on the LM's device (:mod:`knnlm.retrieval.search.choose`)."""
 
     def __init__(self, lm: LoadedLM, datastore: str | Path | Datastore, knn: KnnSettings):
         knn.validate()

@@ -1,15 +1,38 @@
-"""FAISS-only helpers: the metric constant and moving indexes to a GPU (needs faiss)."""
+"""The one place FAISS is imported (guarded: FAISS is optional), and its helpers: the metric
+constant and moving indexes to a GPU.
+
+Every module of the search package takes ``faiss`` from here; it is None where the package is
+not installed, and whatever needs it first calls :func:`require_faiss` (a one-line error).
+Exact search (:mod:`knnlm.retrieval.search.exact`) runs without it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import faiss
-
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.index_common import log
+
+try:
+    import faiss
+except ImportError as _e:  # only a missing faiss is tolerated; any other import error is a bug
+    if _e.name != "faiss":
+        raise
+    faiss = None
+from knnlm.retrieval.search.conventions import log
 
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit
+
+
+def has_faiss() -> bool:
+    return faiss is not None
+
+
+def require_faiss(what: str) -> None:
+    """A one-line error naming ``what`` needs FAISS, where it is not installed."""
+    if faiss is None:
+        raise KnnlmError(
+            f"{what} needs the faiss package (pip install faiss-cpu); --search exact runs without it"
+        )
 
 
 def faiss_metric(metric: str) -> int:

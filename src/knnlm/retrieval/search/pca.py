@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import faiss
 import numpy as np
 
 from knnlm.errors import KnnlmError
+from knnlm.retrieval.search.faiss_lib import faiss
 
 # PCA needs far fewer points than IVF-PQ: the covariance of d dims settles with ~100 d samples.
 PCA_SAMPLE_PER_DIM = 256

@@ -18,15 +18,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from knnlm.retrieval.backend import Neighbours, exclusion_tensor
-from knnlm.retrieval.index_common import INDEX_META, check_k, check_metric, open_keys
-from knnlm.retrieval.torch_search import (
+from knnlm.retrieval.exclusion import exclusion_tensor
+from knnlm.retrieval.search.conventions import INDEX_META, check_k, check_metric, open_keys
+from knnlm.retrieval.search.exact import (
     TorchExactSearch,
-    check_queries,
     describe_exact,
     finish,
     squared_norms,
 )
+from knnlm.retrieval.search.protocol import Neighbours, check_queries
 
 
 def world() -> tuple[int, int]:
@@ -62,6 +62,7 @@ class ShardedExactSearch:
     """This rank's shard of the rows, searched together with the other ranks' shards."""
 
     kind = "exact"
+    chosen: dict[str, Any] = {}
 
     def __init__(self, local: TorchExactSearch, n_total: int) -> None:
         self.local = local
@@ -95,7 +96,7 @@ class ShardedExactSearch:
         return finish(mine[0], mine[1], exact, qn, k, self.local.values).to(queries.device)
 
     def describe(self) -> dict[str, Any]:
-        return describe_exact(self.local, shards=self.size)
+        return describe_exact(self.local, shards=self.size) | self.chosen
 
 
 def index_metric(ds_dir: Path) -> str | None:

@@ -24,15 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import disk_full_error, file_sha256, fsync_dir, is_disk_full, write_json_atomic
 from knnlm.locking import locks
-from knnlm.retrieval.faiss_common import faiss_metric, to_cpu, to_gpu, want_gpu
-from knnlm.retrieval.index_common import (
+from knnlm.retrieval.search.conventions import (
     DISTANCE_NOTE,
     FORMAT_VERSION,
     INDEX_FILE,
@@ -47,8 +45,17 @@ from knnlm.retrieval.index_common import (
     log,
     open_keys,
 )
-from knnlm.retrieval.index_quality import build_factory, recall_at_k
-from knnlm.retrieval.pca import check_pca, pca_sample_size, train_pca, with_pca
+from knnlm.retrieval.search.faiss_lib import (
+    faiss,
+    faiss_metric,
+    require_faiss,
+    to_cpu,
+    to_gpu,
+    want_gpu,
+)
+from knnlm.retrieval.search.index_factory import build_factory
+from knnlm.retrieval.search.index_recall import recall_at_k
+from knnlm.retrieval.search.pca import check_pca, pca_sample_size, train_pca, with_pca
 
 REFERENCE_SCAN = 32 / 4096  # Khandelwal et al.: nprobe 32 of 4096 lists (0.78% of the keys)
 MIN_NPROBE = 32
@@ -233,10 +240,11 @@ def build_index(
     ``factory`` (kind ``"factory"``): any ``faiss.index_factory`` string ("HNSW32",
     "OPQ64,IVF4096,PQ64", ...), trained on ``train_size`` seeded rows (default 100k). Every
     index but flat gets its recall@k against exact search stored in index.json (``recall``).
-    ``pca=D`` puts a PCA d -> D (:mod:`knnlm.retrieval.pca`), trained on a seeded sample, in
+    ``pca=D`` puts a PCA d -> D (:mod:`knnlm.retrieval.search.pca`), trained on a seeded sample, in
     front of the index: it stores D-dim vectors and takes d-dim queries.
     """
     kind = _check_build_args(kind, factory, pca, metric, add_chunk, nprobe, checkpoint_every)
+    require_faiss("building an index")
     want_gpu(use_gpu)  # validate early
     ds = Path(ds_dir)
     keys, _ = open_keys(ds)

@@ -22,12 +22,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import faiss
 import numpy as np
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.faiss_common import faiss_metric
-from knnlm.retrieval.index_common import as_queries, check_metric, f32, log
+from knnlm.retrieval.search.conventions import as_queries, check_metric, f32, log
+from knnlm.retrieval.search.faiss_lib import faiss, faiss_metric
 
 _BLOCK_BYTES = 1 << 27  # float32 bytes gathered per block on the memmap path (128 MiB)
 RAM_FRACTION = 0.5  # keys go to RAM when they take at most this share of the available memory

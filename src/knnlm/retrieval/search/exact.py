@@ -9,11 +9,12 @@ candidate stage); ties are broken by row id, so results are deterministic and eq
 chunkings and shards. The distances are the float32 expansion (relative error ~1e-6 for LM
 keys); ``recompute=True`` replaces the winners' by ``sum((q - k)^2)`` computed directly (what
 the FAISS path reports), at the cost of gathering k keys per query: B * k * d values, more
-than the search itself on a GPU, so it is off in :func:`knnlm.retrieval.backends.open_backend`.
+than the search itself on a GPU, so it is off in :func:`knnlm.retrieval.search.choose.open_backend`.
 
-On a GPU with 16-bit keys the float32 queries are split into two (bfloat16: three) 16-bit parts
-whose products with the keys are exact in float32, so the scores match a float32 product to
-~2^-22 relative while the keys are read once, in 16 bits.
+On a GPU with 16-bit keys the float32 queries (and the keys' squared norms) are split into
+two (bfloat16: three) 16-bit parts whose products with the keys are exact in float32: one GEMM
+gives the distances, matching a float32 product to ~2^-22 relative, while the keys are read in
+16 bits (:mod:`knnlm.retrieval.search.split_precision`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ import numpy as np
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.backend import Neighbours, exclusion_tensor
-from knnlm.retrieval.index_common import check_k, check_metric
+from knnlm.retrieval.exclusion import exclusion_tensor
+from knnlm.retrieval.search.conventions import check_k, check_metric
+from knnlm.retrieval.search.protocol import Neighbours, check_queries, pad_columns
+from knnlm.retrieval.search.split_precision import (
+    fused_keys,
+    fused_queries,
+    fused_scores,
+    fused_width,
+    n_parts,
+    norm_scale,
+)
 
 KEY_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SCORE_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}  # float32 scores per chunk (256 MiB / 1 GiB)
@@ -84,16 +94,6 @@ def idx_range(dist: torch.Tensor) -> torch.Tensor:
     return torch.arange(dist.shape[1], device=dist.device).expand(dist.shape[0], -1)
 
 
-def query_parts(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float32 queries as a sum of 16-bit parts stacked (P * B, d), exact to ~2^-22."""
-    parts, rest = [], q
-    for _ in range(2 if dtype == torch.float16 else 3):
-        p = rest.to(dtype)
-        parts.append(p)
-        rest = rest - p.float()
-    return torch.cat(parts, 0)
-
-
 class TorchExactSearch:
     """Brute-force search of ``keys`` (rows ``row_offset`` onwards of a datastore) in torch.
 
@@ -102,6 +102,7 @@ class TorchExactSearch:
     """
 
     kind = "exact"
+    chosen: dict[str, Any] = {}  # why open_backend chose it (knnlm.retrieval.search.choose)
 
     def __init__(
         self,
@@ -115,6 +116,7 @@ class TorchExactSearch:
         budget_bytes: int | None = None,
         recompute: bool = False,
         chunk_rows: int | None = None,
+        split_queries: bool | None = None,
     ) -> None:
         self.metric = check_metric(metric)
         self.device = torch.device(device)
@@ -127,13 +129,22 @@ class TorchExactSearch:
         self.dtype = self._pick_dtype(key_dtype)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         budget = device_budget(self.device) if budget_bytes is None else budget_bytes
-        self.resident = torch.is_tensor(keys) or self.n_local * self.dim * itemsize <= budget
+        # 16-bit keys on a GPU: the one-GEMM split-precision product (split_precision.py)
+        split = self.device.type == "cuda" if split_queries is None else split_queries
+        split = split and self.dtype != torch.float32
+        self.width = fused_width(self.dim, n_parts(self.dtype), self.metric) if split else self.dim
+        self.resident = torch.is_tensor(keys) or self.n_local * self.width * itemsize <= budget
         self.keys = self._load_keys() if self.resident else None
         self.norms = self._norms()
         self.values = torch.as_tensor(np.array(values) if not torch.is_tensor(values) else values)
         self.values = self.values.to(self.device)
-        self.split_queries = self.device.type == "cuda" and self.dtype != torch.float32
+        self.scale = norm_scale(self.norms, self.dtype) if split else None
+        self.split_queries = split and self.scale is not None  # else norms beyond float16
         self.out_dtype_mm = self.split_queries and _has_out_dtype_mm(self.device, self.dtype)
+        self.fused = None
+        if self.split_queries and self.keys is not None:  # the keys are its first d columns
+            self.fused = fused_keys(self.keys, self.norms, self.dtype, self.scale, self.metric)
+            self.keys = self.fused[:, : self.dim]
 
     def _pick_dtype(self, key_dtype: str | None) -> torch.dtype:
         """float32 on the CPU (16-bit matmuls are slow there), the file's dtype on a GPU."""
@@ -177,18 +188,17 @@ class TorchExactSearch:
     ) -> torch.Tensor:
         """(B, C) distances to rows s:s+C, less the per-query |q|^2 for L2 (added at the end:
         it does not change a query's ranking), in float32."""
-        norms = self.norms[s : s + kc.shape[0]].unsqueeze(0)
-        if qp is None:  # float32 product (the CPU; 16-bit keys upcast per chunk)
-            kt = kc.T if kc.dtype == torch.float32 else kc.float().T
-            if self.metric == "l2":
-                return torch.addmm(norms, q, kt, alpha=-2)  # one fused BLAS call
-            return torch.addmm(norms, q, kt, beta=0, alpha=-1)
-        if self.out_dtype_mm:  # 16-bit keys read once, float32 accumulation and output
-            scores = torch.mm(qp, kc.T, out_dtype=torch.float32)
-        else:  # older torch: upcast the chunk (correct, more memory traffic)
-            scores = qp.float() @ kc.float().T
-        scores = scores.view(-1, q.shape[0], scores.shape[1]).sum(0)
-        return scores.mul_(-2).add_(norms) if self.metric == "l2" else scores.neg_()
+        e = s + kc.shape[0]
+        if qp is not None:  # one split-precision GEMM (16-bit keys on a GPU)
+            kf = self.fused[s:e] if self.fused is not None else None
+            if kf is None:  # streamed keys: the block's fused rows built on the device
+                kf = fused_keys(kc, self.norms[s:e], self.dtype, self.scale, self.metric)
+            return fused_scores(qp, kf, self.out_dtype_mm)
+        norms = self.norms[s:e].unsqueeze(0)
+        kt = kc.T if kc.dtype == torch.float32 else kc.float().T  # float32 product (the CPU)
+        if self.metric == "l2":
+            return torch.addmm(norms, q, kt, alpha=-2)  # one fused BLAS call
+        return torch.addmm(norms, q, kt, beta=0, alpha=-1)
 
     def candidates(
         self, queries: torch.Tensor, k: int, exclude_rows: Any = None
@@ -199,7 +209,9 @@ class TorchExactSearch:
         q = queries.to(self.device, torch.float32)
         excl = exclusion_tensor(exclude_rows, q.shape[0], self.device)
         excl = None if excl is None else excl - self.row_offset
-        qp = query_parts(q, self.dtype) if self.split_queries else None
+        qp = None
+        if self.split_queries:
+            qp = fused_queries(q, self.dtype, self.scale, self.metric, self.width)
         per_chunk = SCORE_ELEMENTS.get(self.device.type, 1 << 24) // max(1, q.shape[0])
         # chunks of at least 8k rows: selecting k of few rows is mostly merge overhead
         chunk = self.chunk_rows or max(per_chunk, 8 * k)
@@ -246,7 +258,7 @@ class TorchExactSearch:
         return finish(d, rows, exact, qn, k, self.values).to(queries.device)
 
     def describe(self) -> dict[str, Any]:
-        return describe_exact(self, shards=1)
+        return describe_exact(self, shards=1) | self.chosen
 
 
 def describe_exact(s: TorchExactSearch, shards: int) -> dict[str, Any]:
@@ -285,19 +297,8 @@ def finish(
         d, rows = order(exact.masked_fill(missing, float("inf")), rows)  # +inf entries last
     elif qn is not None:  # the (distance, row) order of the candidates stays
         d = (d + qn).clamp_(min=0)
-    if d.shape[1] < k:
-        pad = k - d.shape[1]
-        d = torch.nn.functional.pad(d, (0, pad), value=float("inf"))
-        rows = torch.nn.functional.pad(rows, (0, pad), value=-1)
+    d, rows = pad_columns(d, rows, k)
     return Neighbours.lookup(d, rows, table)
-
-
-def check_queries(queries: Any, dim: int) -> None:
-    if not torch.is_tensor(queries) or queries.ndim != 2 or queries.shape[1] != dim:
-        shape = tuple(queries.shape) if hasattr(queries, "shape") else type(queries).__name__
-        raise KnnlmError(f"queries must be a tensor of shape (n, {dim}), got {shape}")
-    if queries.numel() and not torch.isfinite(queries).all():
-        raise KnnlmError("queries contain NaN or infinite values")
 
 
 def _has_out_dtype_mm(device: torch.device, dtype: torch.dtype) -> bool:

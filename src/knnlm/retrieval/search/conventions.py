@@ -1,6 +1,6 @@
 """What building, searching and re-ranking share: the distance convention, the datastore's keys,
 argument checks and the padding of missing neighbours (no FAISS here: the torch backend
-uses it; FAISS-only helpers are in :mod:`knnlm.retrieval.faiss_common`).
+uses it; FAISS-only helpers are in :mod:`knnlm.retrieval.search.faiss_lib`).
 
 Distance convention (every function of the index layer): smaller is closer.
 
