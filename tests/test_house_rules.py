@@ -19,7 +19,7 @@ LAYERS = [
     {"scoring"},
     {"retrieval"},
     {"token_scores", "neighbour_cache", "sweep", "generation", "neighbours"},
-    {"evaluate", "index_check"},
+    {"evaluate", "continuations", "index_check"},
     {"api_store", "api"},
     {"experiments"},
     {"report"},

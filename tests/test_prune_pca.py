@@ -13,9 +13,9 @@ import torch
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
+from knnlm.retrieval.combiner import knn_target_log_prob
 from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.index_build import build_index
-from knnlm.retrieval.knn import knn_target_log_prob
 from knnlm.retrieval.prune import greedy_merge, prune_datastore
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.retrieval.search import Searcher

@@ -13,8 +13,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from knnlm.errors import KnnlmError
 from knnlm.lm.adapters import Adapter, position_limit
 from knnlm.lm.loading import LoadedLM
+from knnlm.retrieval.combiner import interpolate
 from knnlm.retrieval.datastore import Datastore
-from knnlm.retrieval.knn import interpolate
 from knnlm.retrieval.retriever import KnnSettings, Retriever
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from knnlm.retrieval.combiner import combine
 from knnlm.retrieval.exclusion import own_rows
 from knnlm.retrieval.gate import Gate
-from knnlm.retrieval.knn import interpolate, interpolate_per_token
 from knnlm.retrieval.memory import MemoryMLP
 from knnlm.retrieval.prefetch import prefetch
 from knnlm.retrieval.retriever import Neighbours, Retriever
@@ -108,7 +108,7 @@ def _add_knn(scores: TokenScores, retriever: Retriever, keys: torch.Tensor, excl
     scores.search_seconds = time.perf_counter() - ts
     scores.neighbours = nb
     scores.knn = retriever.target_log_prob(nb, scores.targets_cpu).cpu()
-    scores.knnlm = interpolate(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
+    scores.knnlm = combine(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
     scores.searched = len(scores.targets_cpu)
 
 
@@ -119,19 +119,16 @@ def _add_gated_knn(
     """p_lm exactly where ``keep`` is False; the kNN-LM where it is True, searching only those
     (with ``knn_weight``, or the per-token ``weight`` when given)."""
     rows = torch.nonzero(keep).squeeze(1)
-    scores.knnlm = scores.lm_cpu.clone()
     scores.searched = int(rows.numel())
-    if not scores.searched:
-        return
-    own = own_rows(scores.batch.positions)[rows.numpy()] if exclude else None
-    ts = time.perf_counter()
-    nb = retriever.search(keys[rows.to(keys.device)], exclude_rows=own)
-    scores.search_seconds = time.perf_counter() - ts
-    knn = retriever.target_log_prob(nb, scores.targets_cpu[rows]).cpu()
-    if weight is None:
-        scores.knnlm[rows] = interpolate(scores.lm_cpu[rows], knn, retriever.knn.knn_weight)
-    else:
-        scores.knnlm[rows] = interpolate_per_token(scores.lm_cpu[rows], knn, weight[rows])
+    knn = torch.empty(0)
+    if scores.searched:
+        own = own_rows(scores.batch.positions)[rows.numpy()] if exclude else None
+        ts = time.perf_counter()
+        nb = retriever.search(keys[rows.to(keys.device)], exclude_rows=own)
+        scores.search_seconds = time.perf_counter() - ts
+        knn = retriever.target_log_prob(nb, scores.targets_cpu[rows]).cpu()
+    w = retriever.knn.knn_weight if weight is None else weight
+    scores.knnlm = combine(scores.lm_cpu, knn, w, rows)
 
 
 def _add_memory(scores: TokenScores, mem: MemoryMLP, memory_weight: float) -> None:
@@ -139,4 +136,4 @@ def _add_memory(scores: TokenScores, mem: MemoryMLP, memory_weight: float) -> No
     with torch.no_grad():
         mem_lp = mem.target_log_prob(batch.keys.float(), batch.targets)
     scores.memory = mem_lp
-    scores.lm_memory = interpolate(lm_lp, mem_lp, memory_weight)
+    scores.lm_memory = combine(lm_lp, mem_lp, memory_weight)

@@ -10,7 +10,7 @@ where MLP is one hidden layer (d -> hidden -> d, GELU; the paper uses hidden = 4
 as the last MLP layer of the vanilla LM"), LN a LayerNorm(d), and W (V x d) starts as a copy of
 the LM's output embedding (``Adapter.output_embedding``, i.e. ``lm_head.weight``). The LM
 combines it with its own distribution exactly like the kNN component (log-space mix with a
-weight on the memory); that interpolation lives in ``knnlm.retrieval.knn``.
+weight on the memory); that interpolation lives in ``knnlm.retrieval.combiner``.
 
 Choices the paper leaves open, made here:
 

@@ -32,9 +32,9 @@ from knnlm.lm.tokenizer import save_tokenizer
 from knnlm.lm.train import model_from_preset, train
 from knnlm.lm.train_config import TrainConfig
 from knnlm.lm.train_data import train_tokenizer_for_corpus
+from knnlm.retrieval.combiner import interpolate, perplexity
 from knnlm.retrieval.datastore import build_datastore, open_datastore
 from knnlm.retrieval.index_build import build_index
-from knnlm.retrieval.knn import interpolate, perplexity
 from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.scoring import score_stream

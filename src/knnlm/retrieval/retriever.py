@@ -17,8 +17,8 @@ from knnlm.errors import KnnlmError
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.backend import Neighbours, SearchBackend, check_search, gather_rows
 from knnlm.retrieval.backends import open_backend
+from knnlm.retrieval.combiner import knn_log_probs, knn_target_log_prob
 from knnlm.retrieval.datastore import Datastore, open_datastore
-from knnlm.retrieval.knn import knn_log_probs, knn_target_log_prob
 
 
 @dataclass
