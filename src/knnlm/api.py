@@ -20,13 +20,13 @@ import torch
 from knnlm.api_store import Datastore
 from knnlm.data.corpus import Corpus
 from knnlm.evaluate import evaluate
+from knnlm.forward_pass import default_window, position_limit
 from knnlm.generation import KnnLogitsProcessor, attach_processor, generate
 from knnlm.lm import loading
 from knnlm.lm.loading import LoadedLM, pick_device, torch_dtype, wrap_lm
-from knnlm.neighbours import find_neighbours
 from knnlm.retrieval.datastore import Datastore as StoredDatastore
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import default_window, position_limit
+from knnlm.retrieved_entries import find_neighbours
 
 DatastoreLike = Datastore | StoredDatastore | str | Path
 

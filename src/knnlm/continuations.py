@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from knnlm.errors import KnnlmError
+from knnlm.forward_pass import score_examples
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.datastore import Datastore
 from knnlm.retrieval.memory import MemoryMLP
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import score_examples
 from knnlm.token_scores import score_tokens
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from knnlm.data.corpus import Corpus, describe_corpus, load_tokens
 from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
+from knnlm.forward_pass import check_context_len, score_stream
 from knnlm.lm.loading import LoadedLM
 from knnlm.locking import locks
 from knnlm.neighbour_cache import NeighbourCache, claim_cache
@@ -27,7 +28,6 @@ from knnlm.retrieval.exclusion import is_own_stream, should_exclude
 from knnlm.retrieval.gate import Gate, check_gate_for, check_rate, load_gate
 from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import check_context_len, score_stream
 from knnlm.token_scores import TokenScores, score_tokens
 
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
+from knnlm.forward_pass import ScoredBatch
+from knnlm.prefetch import prefetch
 from knnlm.retrieval.combiner import combine
 from knnlm.retrieval.exclusion import own_rows
 from knnlm.retrieval.gate import Gate
 from knnlm.retrieval.memory import MemoryMLP
-from knnlm.retrieval.prefetch import prefetch
 from knnlm.retrieval.retriever import Neighbours, Retriever
-from knnlm.scoring import ScoredBatch
 
 
 @dataclass

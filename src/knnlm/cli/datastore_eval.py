@@ -235,8 +235,8 @@ def eval_cmd(
 ) -> None:
     """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
     from knnlm.evaluate import evaluate, open_gate, open_inputs
+    from knnlm.forward_pass import default_window
     from knnlm.retrieval.retriever import KnnSettings
-    from knnlm.scoring import default_window
 
     # What the user can get wrong is checked before the model is loaded.
     temp = knn_temperature(knn_temp, old_temp)

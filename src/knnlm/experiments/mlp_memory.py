@@ -60,6 +60,7 @@ from knnlm.fileio import (
 )
 from knnlm.lm.loading import pick_device
 from knnlm.locking import locks
+from knnlm.prefetch import prefetch
 from knnlm.retrieval.memory import (
     CONFIG_FILE,
     CURVE_FILE,
@@ -72,7 +73,6 @@ from knnlm.retrieval.memory import (
     safetensors_header,
     write_safetensors_atomic,
 )
-from knnlm.retrieval.prefetch import prefetch
 
 # Settings that must agree for a run to resume from an existing checkpoint.
 _RESUME_KEYS = (
