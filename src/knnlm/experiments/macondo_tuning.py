@@ -57,7 +57,14 @@ def knn_grid_log_probs(
     ks: Sequence[int], temps: Sequence[float], batch_size: int, search: str = "auto",
 ) -> dict[tuple[int, float], np.ndarray]:  # fmt: skip
     """log p_knn(child) per example for every (k, temperature), from one search of max(ks)
-    neighbours per example (the first k of them for a smaller k)."""
+    neighbours per example (the first k of them for a smaller k).
+
+    Exact search sorts by (distance, row), so a prefix is the smaller search itself
+    (tests/test_combiner.py). They can differ only where the candidates are chosen by one
+    distance and re-sorted by another: exact search with ``recompute`` picks by the float32
+    expansion and sorts by the direct sum (a swap across the k-th place needs two distances
+    within ~1e-6 relative), and an IVF-PQ index re-ranks the k_max PQ candidates, a superset
+    of the k a smaller search would re-rank (the prefix is then the better neighbour set)."""
     knn = KnnSettings(k=max(int(k) for k in ks), knn_weight=1.0, search=search)
     nb = continuation_neighbours(lm, [r["prompt"] for r in test], conts, datastore=datastore,
                                  knn=knn, batch_size=batch_size)  # fmt: skip
