@@ -100,3 +100,22 @@ def test_every_mixture_variant():
         np.testing.assert_allclose(got[rows].numpy(), ref, rtol=1e-6)
     assert torch.equal(combine(lm, torch.empty(0), 0.25, torch.empty(0, dtype=torch.long)), lm)
     assert combine(lm, other, 0.25)[2].item() == pytest.approx(-3.0 + math.log(0.75))
+
+
+def test_lm_stats_equal_numpy_from_the_kept_logsumexp():
+    from knnlm import forward_pass
+
+    rng = np.random.default_rng(6)
+    logits = torch.tensor(rng.standard_normal((30, 50)) * 4, dtype=torch.float32)
+    rows = torch.tensor([0, 3, 4, 9, 17, 18, 19, 20, 21, 22, 29])
+    x = logits.double().numpy()[rows.numpy()]
+    lse = np.logaddexp.reduce(x, axis=1)
+    logp = x - lse[:, None]
+    ref = np.stack([-(np.exp(logp) * logp).sum(1), logp.max(1)], 1)
+    for given in (None, torch.logsumexp(logits, -1)):
+        got = forward_pass.lm_stats(logits, given, rows).double().numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    before = logits.clone()
+    whole = forward_pass.lm_stats(logits).double().numpy()
+    np.testing.assert_allclose(whole[rows.numpy()], ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits, before)  # the caller's logits are left alone

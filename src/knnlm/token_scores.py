@@ -58,7 +58,7 @@ def score_tokens(
     retrieval_rate: float = 1.0,
     learned_weight: bool = False,
 ) -> Iterator[TokenScores]:
-    """Score each batch of ``batches`` (``scoring.score_stream`` or ``score_examples`` with
+    """Score each batch of ``batches`` (``forward_pass.score_stream`` or ``score_examples`` with
     ``want_lm`` and the keys the retriever or memory needs).
 
     ``exclude_self``: each target drops its own datastore row (positions of the datastore's own
@@ -74,9 +74,9 @@ def score_tokens(
     for batch, host in prefetch(_with_host_copies(batches, want_keys), depth=int(overlap)):
         scores = TokenScores(batch, batch.lm_log_prob, host["lm_log_prob"], host["targets"])
         if retriever is not None and gate is not None:
-            keys, stats = batch.keys.float().cpu(), batch.lm_stats.cpu()
-            keep = gate.keep(keys, stats, retrieval_rate)
-            weight = gate.scores(keys, stats) if learned_weight else None
+            # the gate runs once, where the keys are; only its decisions come to the host
+            keep, weight = gate.decide(batch.keys.float(), batch.lm_stats, retrieval_rate,
+                                       want_scores=learned_weight)  # fmt: skip
             _add_gated_knn(
                 scores, retriever, host.get("keys", batch.keys), exclude_self, keep, weight
             )
@@ -107,7 +107,7 @@ def _add_knn(scores: TokenScores, retriever: Retriever, keys: torch.Tensor, excl
     nb = retriever.search(keys, exclude_rows=own)
     scores.search_seconds = time.perf_counter() - ts
     scores.neighbours = nb
-    scores.knn = retriever.target_log_prob(nb, scores.targets_cpu).cpu()
+    scores.knn = retriever.target_log_prob(nb, _targets_on(scores, nb.rows.device)).cpu()
     scores.knnlm = combine(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
     scores.searched = len(scores.targets_cpu)
 
@@ -126,9 +126,17 @@ def _add_gated_knn(
         ts = time.perf_counter()
         nb = retriever.search(keys[rows.to(keys.device)], exclude_rows=own)
         scores.search_seconds = time.perf_counter() - ts
-        knn = retriever.target_log_prob(nb, scores.targets_cpu[rows]).cpu()
+        targets = _targets_on(scores, nb.rows.device)
+        knn = retriever.target_log_prob(nb, targets[rows.to(targets.device)]).cpu()
     w = retriever.knn.knn_weight if weight is None else weight
     scores.knnlm = combine(scores.lm_cpu, knn, w, rows)
+
+
+def _targets_on(scores: TokenScores, device: torch.device) -> torch.Tensor:
+    """The targets where the neighbours are: the scoring pass's own tensor when it is on that
+    device (no upload per batch), else the host copy."""
+    on_device = scores.batch.targets
+    return on_device if on_device.device == device else scores.targets_cpu
 
 
 def _add_memory(scores: TokenScores, mem: MemoryMLP, memory_weight: float) -> None:

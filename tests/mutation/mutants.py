@@ -123,9 +123,9 @@ MUTANTS: list[Mutant] = [
     mutant(
         "fast_gate_threshold_inverted",
         "the gate searches the tokens it scores lowest",
-        "Gate.keep",
-        "return self.scores(keys, stats) > self.threshold(rate)",
-        "return self.scores(keys, stats) < self.threshold(1.0 - rate)",
+        "Gate.decide",
+        "return scores > self.threshold(rate), wanted",
+        "return scores < self.threshold(1.0 - rate), wanted",
         f"{GATE}::test_entropy_gate_retrieves_the_unsure_tokens",
     ),
     mutant(
