@@ -170,9 +170,12 @@ class KnnLM:
         exclude_self: str = "auto",
         search: str = "auto",
         progress: bool = False,
+        pointers: float | None = None,
     ) -> PerplexityResult:
         """LM perplexity of ``corpus``, and the kNN-LM's when a datastore is given.
 
+        ``pointers``: RetoMaton's threshold (``knnlm.retrieval.pointers``); the share of
+        searches saved is ``to_dict()["knnlm"]["searches_saved"]``.
         ``knn_weight`` is the weight on p_knn (the paper's lambda is 1 - knn_weight);
         ``context_len`` defaults to the model's maximum positions, ``stride`` to half of it.
         Example: ``knn_lm.perplexity("data/wikitext-2", ds, k=1024).knnlm``.
@@ -183,7 +186,7 @@ class KnnLM:
             self.lm, corpus, split, context_len=context_len, stride=stride,
             batch_size=batch_size, text_field=text_field,
             datastore=None if datastore is None else _stored(datastore), knn=knn,
-            progress=progress,
+            progress=progress, pointers=pointers,
         )  # fmt: skip
         return PerplexityResult.from_eval(result)
 

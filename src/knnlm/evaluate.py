@@ -27,6 +27,7 @@ from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datast
 from knnlm.retrieval.exclusion import is_own_stream, should_exclude
 from knnlm.retrieval.gate import Gate, check_gate_for, check_rate, load_gate
 from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
+from knnlm.retrieval.pointers import check_threshold
 from knnlm.retrieval.retriever import KnnSettings, Retriever
 from knnlm.token_scores import TokenScores, score_tokens
 
@@ -74,6 +75,7 @@ def evaluate(
     gate: str | Path | Gate | None = None,
     retrieval_rate: float = 1.0,
     gate_weight: str = "fixed",
+    pointers: float | None = None,
 ) -> dict:
     """LM perplexity; plus kNN-LM with ``datastore`` and LM + MLP memory with ``memory``.
 
@@ -81,6 +83,9 @@ def evaluate(
     ``retrieval_rate`` of the tokens it scores highest; the others keep p_lm exactly.
     ``gate_weight``: searched tokens use ``knn.knn_weight`` (``fixed``) or the weight an ``mlp``
     gate predicts for each (``learned``, He et al.).
+
+    ``pointers`` (RetoMaton, :mod:`knnlm.retrieval.pointers`): a token whose previous token's
+    neighbours leave at least this many pointers reads them instead of searching.
 
     ``key_type`` is the memory's key type when no datastore is given (default ffn_input).
     ``overlap`` runs the LM forward of batch i+1 while batch i is searched (default: when the
@@ -92,6 +97,7 @@ def evaluate(
     knn = knn or KnnSettings()
     ds = open_inputs(datastore, cache, knn)
     gate_obj = open_gate(gate, retrieval_rate, ds, cache, gate_weight)
+    check_pointers(pointers, ds, cache, gate_obj)
     if not 0.0 <= memory_weight <= 1.0:
         raise KnnlmError(f"--memory-weight must be in [0, 1], got {memory_weight}")
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
@@ -122,7 +128,8 @@ def evaluate(
     scores = score_tokens(stream, retriever=retriever, exclude_self=exclude, memory=mem,
                           memory_weight=memory_weight, overlap=overlap, gate=gate_obj,
                           retrieval_rate=retrieval_rate,
-                          learned_weight=gate_weight == "learned")  # fmt: skip
+                          learned_weight=gate_weight == "learned",
+                          pointers=pointers)  # fmt: skip
     nll, n_tokens, elapsed, t_search = _sum_nll(scores, writer)
     searched = nll.pop("searched")
     if writer is not None:
@@ -138,6 +145,9 @@ def evaluate(
                            "nll_sum": nll["knnlm"]}  # fmt: skip
         result["timing"]["search_seconds"] = t_search
         result["knnlm"]["retrieval_share"] = searched / max(n_tokens, 1)  # tokens searched
+        if pointers is not None:
+            settings["pointers"] = pointers  # RetoMaton's threshold
+            result["knnlm"]["searches_saved"] = 1.0 - searched / max(n_tokens, 1)
         if gate_obj is not None:
             settings.update(gate=gate_obj.config.get("path"), gate_kind=gate_obj.kind,
                             retrieval_rate=retrieval_rate, gate_weight=gate_weight)  # fmt: skip
@@ -170,6 +180,28 @@ def open_gate(
     if weight == "learned" and gate.kind != "mlp":
         raise KnnlmError(f"--gate-weight learned needs an mlp gate; this one is {gate.kind}")
     return gate
+
+
+def check_pointers(
+    pointers: float | None, ds: Datastore | None, cache: object, gate: Gate | None
+) -> None:
+    """RetoMaton pointers need a datastore whose row r + 1 follows row r (not pruned), and
+    neither fill a cache (it holds every token's search) nor combine with a gate."""
+    if check_threshold(pointers) is None:
+        return
+    if ds is None:
+        raise KnnlmError("--pointers needs --datastore (they point into it)")
+    if cache is not None:
+        raise KnnlmError(
+            "--pointers and --cache do not combine: a cache holds every token's search"
+        )
+    if gate is not None:
+        raise KnnlmError("--pointers and --gate do not combine: each decides which tokens search")
+    if ds.counts is not None:
+        raise KnnlmError(
+            f"datastore {ds.path} is pruned: its row r + 1 does not follow row r, so --pointers "
+            "cannot follow it; use the unpruned store"
+        )
 
 
 def _exclusion(

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from knnlm.forward_pass import ScoredBatch
@@ -20,6 +21,7 @@ from knnlm.retrieval.combiner import combine
 from knnlm.retrieval.exclusion import own_rows
 from knnlm.retrieval.gate import Gate
 from knnlm.retrieval.memory import MemoryMLP
+from knnlm.retrieval.pointers import pointer_neighbours, row_distances
 from knnlm.retrieval.retriever import Neighbours, Retriever
 
 
@@ -57,6 +59,7 @@ def score_tokens(
     gate: Gate | None = None,
     retrieval_rate: float = 1.0,
     learned_weight: bool = False,
+    pointers: float | None = None,
 ) -> Iterator[TokenScores]:
     """Score each batch of ``batches`` (``forward_pass.score_stream`` or ``score_examples`` with
     ``want_lm`` and the keys the retriever or memory needs).
@@ -67,7 +70,8 @@ def score_tokens(
     ``gate`` (batches scored ``want_stats``) searches only the share ``retrieval_rate`` of the
     targets it scores highest; the others keep p_lm exactly (:mod:`knnlm.retrieval.gate`).
     ``learned_weight`` interpolates the searched ones with the gate's predicted p_knn weight
-    instead of ``knn_weight`` (an ``mlp`` gate).
+    instead of ``knn_weight`` (an ``mlp`` gate). ``pointers`` (a threshold) follows RetoMaton
+    pointers and searches only where fewer survive (:mod:`knnlm.retrieval.pointers`).
     """
     # host copies of the keys only for a search on the host (FAISS, or exact on the CPU)
     want_keys = retriever is not None and retriever.backend.device.type == "cpu"
@@ -79,6 +83,10 @@ def score_tokens(
                                        want_scores=learned_weight)  # fmt: skip
             _add_gated_knn(
                 scores, retriever, host.get("keys", batch.keys), exclude_self, keep, weight
+            )
+        elif retriever is not None and pointers is not None:
+            _add_pointer_knn(
+                scores, retriever, host.get("keys", batch.keys), exclude_self, pointers
             )
         elif retriever is not None:
             _add_knn(scores, retriever, host.get("keys", batch.keys), exclude_self)
@@ -110,6 +118,33 @@ def _add_knn(scores: TokenScores, retriever: Retriever, keys: torch.Tensor, excl
     scores.knn = retriever.target_log_prob(nb, _targets_on(scores, nb.rows.device)).cpu()
     scores.knnlm = combine(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
     scores.searched = len(scores.targets_cpu)
+
+
+def _add_pointer_knn(
+    scores: TokenScores, retriever: Retriever, keys: torch.Tensor, exclude: bool, threshold: float
+) -> None:
+    """The kNN-LM with RetoMaton pointers: searched only where fewer than ``threshold``
+    pointers survive; the others read the pointed-to rows at their exact distances."""
+    own = torch.from_numpy(own_rows(scores.batch.positions)) if exclude else None
+    seconds = [0.0]
+
+    def search(tok: torch.Tensor) -> Neighbours:
+        ts = time.perf_counter()
+        ex = None if own is None else own[tok].numpy()
+        nb = retriever.search(keys[tok.to(keys.device)], exclude_rows=ex).to("cpu")
+        seconds[0] += time.perf_counter() - ts
+        return nb
+
+    def distances(tok: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return row_distances(retriever.ds.keys, keys[tok.to(keys.device)].float().cpu(), rows,
+                             retriever.backend.metric)  # fmt: skip
+
+    values = torch.from_numpy(np.asarray(retriever.ds.values, dtype=np.int64))
+    nb, searched = pointer_neighbours(scores.targets_cpu, retriever.knn.k, threshold, values,
+                                      search, distances, own)  # fmt: skip
+    scores.search_seconds, scores.searched, scores.neighbours = seconds[0], int(searched.sum()), nb
+    scores.knn = retriever.target_log_prob(nb, scores.targets_cpu).cpu()
+    scores.knnlm = combine(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
 
 
 def _add_gated_knn(
