@@ -201,6 +201,7 @@ class KnnLM:
         nprobe: int | None = None,
         search: str = "auto",
         seed: int | None = None,
+        pointers: float | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
         """One continuation string per returned sequence, in prompt order.
@@ -213,7 +214,8 @@ class KnnLM:
             k=k, knn_weight=knn_weight, temperature=knn_temperature, nprobe=nprobe, search=search
         )
         store = None if datastore is None else _stored(datastore)
-        return generate(self.lm, prompts, store, knn, seed=seed, **generate_kwargs)
+        return generate(self.lm, prompts, store, knn, seed=seed, pointers=pointers,
+                        **generate_kwargs)  # fmt: skip
 
     def logits_processor(
         self,
