@@ -60,12 +60,12 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
     from knnlm.data.corpus import load_tokens
     from knnlm.evaluate import evaluate
+    from knnlm.forward_pass import score_stream
     from knnlm.lm.loading import load_lm
     from knnlm.retrieval.datastore import build_datastore, open_datastore
     from knnlm.retrieval.retriever import KnnSettings
     from knnlm.retrieval.search.choose import open_backend
     from knnlm.retrieval.search.index_build import build_index
-    from knnlm.scoring import score_stream
 
     corpus = skip_unless_corpus(args.corpus, args.out)
     res: dict = {"benchmark": "exact", "machine": machine_info()}

@@ -58,7 +58,7 @@ def step_forward(p: dict) -> dict:
 
     from knnlm.data.corpus import load_tokens
     from knnlm.data.windows import make_windows
-    from knnlm.scoring import window_batches
+    from knnlm.forward_pass import window_batches
 
     lm = _lm(p)
     with Timer() as tt:
@@ -137,7 +137,7 @@ def step_queries(p: dict) -> dict:
     """The evaluation's queries (keys of the valid split), float32, and its batch sizes."""
     import numpy as np
 
-    from knnlm.scoring import score_stream
+    from knnlm.forward_pass import score_stream
 
     lm = _lm(p)
     from knnlm.data.corpus import load_tokens

@@ -417,7 +417,7 @@ def test_knn_log_probs_refuses_out_of_vocabulary_values():
     import torch
 
     from knnlm.errors import KnnlmError
-    from knnlm.retrieval.knn import knn_log_probs
+    from knnlm.retrieval.combiner import knn_log_probs
 
     dists = torch.tensor([[0.0, 1.0, 2.0]])
     ok = knn_log_probs(dists, torch.tensor([[0, 1, -1]]), torch.tensor([[4, 2, 99]]), 5)

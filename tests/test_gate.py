@@ -11,11 +11,11 @@ import torch
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
+from knnlm.forward_pass import score_stream
 from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.gate import load_gate
 from knnlm.retrieval.gate_train import train_gate
 from knnlm.retrieval.retriever import KnnSettings
-from knnlm.scoring import score_stream
 from tiny import SMALL_CTX, SMALL_STRIDE, small_datastore, write_corpus
 
 CTX, STRIDE = SMALL_CTX, SMALL_STRIDE

@@ -99,3 +99,49 @@ def test_cli_generate_equals_greedy_reference(setup, tiny_lm_dir, monkeypatch, c
                              "--prompt", prompt, "--max-new-tokens", steps)  # fmt: skip
     assert code == 0, err
     assert out.rstrip("\n") == prompt + tok.decode(knn_new, skip_special_tokens=True)
+
+
+def _greedy_pointer_reference(model, ids, keys, values, k, w, temp, threshold, steps):
+    """Greedy decoding step by step: search (brute force) at the first step or where fewer
+    than ``threshold`` successors of the last step's matching neighbours survive."""
+    pointed, searched = [], 0
+    for step in range(steps):
+        q, logits = _last_key_and_logits(model, ids)
+        d = ((keys - q[0]) ** 2).sum(1)
+        if step == 0 or len(pointed) < threshold:
+            rows = np.argsort(d, kind="stable")[:k]
+            searched += 1
+        else:
+            rows = np.array(pointed)
+        row = logits[0].double().numpy()
+        p_lm = np.exp(row - row.max())
+        p_lm /= p_lm.sum()
+        wts = np.exp(-(d[rows] - d[rows].min()) / temp)
+        p_knn = np.zeros(len(p_lm))
+        np.add.at(p_knn, values[rows], wts / wts.sum())
+        nxt = int(np.argmax((1 - w) * p_lm + w * p_knn))
+        pointed = [r + 1 for r in rows if values[r] == nxt and r + 1 < len(values)]
+        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return ids, searched
+
+
+def test_generation_with_pointers_equals_its_loop_reference(setup):
+    from knnlm.generation import attach_processor, generate
+
+    lm, ds_dir, keys, values = setup
+    prompt = "the old house by the river"
+    enc = lm.tokenizer(prompt, return_tensors="pt")
+    knn = KnnSettings(k=8, knn_weight=0.5, temperature=1.0)
+    want, searched = _greedy_pointer_reference(lm.model, enc["input_ids"], keys, values, 8, 0.5,
+                                               1.0, threshold=2, steps=12)  # fmt: skip
+    with attach_processor(lm, ds_dir, knn, pointers=2) as proc:
+        from transformers import LogitsProcessorList
+
+        out = lm.model.generate(**enc, logits_processor=LogitsProcessorList([proc]),
+                                max_new_tokens=12, do_sample=False,
+                                pad_token_id=lm.tokenizer.eos_token_id)  # fmt: skip
+    assert out[0].tolist() == want[0].tolist()
+    assert proc.searches == searched < proc.queries == 12  # pointers saved some searches
+    # a threshold of infinity is the plain kNN-LM
+    plain = generate(lm, [prompt], ds_dir, knn, max_new_tokens=8)
+    assert generate(lm, [prompt], ds_dir, knn, max_new_tokens=8, pointers=float("inf")) == plain

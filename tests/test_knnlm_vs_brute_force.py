@@ -14,8 +14,8 @@ from knnlm.data.windows import make_windows
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
+from knnlm.retrieval.combiner import interpolate, knn_log_probs, knn_target_log_prob
 from knnlm.retrieval.datastore import open_datastore
-from knnlm.retrieval.knn import interpolate, knn_log_probs, knn_target_log_prob
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.sweep import sweep
 from tiny import SMALL_CTX, SMALL_STRIDE, quiet_datastore, save_tiny_model, small_datastore

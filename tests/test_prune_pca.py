@@ -13,14 +13,14 @@ import torch
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
+from knnlm.forward_pass import score_stream
+from knnlm.retrieval.combiner import knn_target_log_prob
 from knnlm.retrieval.datastore import open_datastore
-from knnlm.retrieval.knn import knn_target_log_prob
 from knnlm.retrieval.prune import greedy_merge, prune_datastore
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.retrieval.search.choose import open_backend
 from knnlm.retrieval.search.faiss_backend import FaissBackend
 from knnlm.retrieval.search.index_build import build_index
-from knnlm.scoring import score_stream
 from tiny import SMALL_CTX, SMALL_STRIDE, array_datastore, small_datastore
 
 CTX, STRIDE = SMALL_CTX, SMALL_STRIDE

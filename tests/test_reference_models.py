@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from knnlm.continuations import continuation_log_probs
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
-from knnlm.evaluate import continuation_log_probs, evaluate
+from knnlm.evaluate import evaluate
+from knnlm.forward_pass import score_stream, window_batches
 from knnlm.lm.loading import load_lm
 from knnlm.retrieval.datastore import open_datastore
-from knnlm.scoring import score_stream, window_batches
 from tiny import quiet_datastore, save_tiny_model, write_corpus
 
 CTX, STRIDE = 16, 5

@@ -323,7 +323,7 @@ def test_gpu_ivf_training_is_seeded(tmp_path, fake_gpu):
 def test_prefetch_keeps_order_overlaps_and_raises():
     import threading
 
-    from knnlm.retrieval.prefetch import prefetch
+    from knnlm.prefetch import prefetch
 
     produced: list[int] = []
     second_ready = threading.Event()

@@ -20,13 +20,13 @@ import torch
 from knnlm.api_store import Datastore
 from knnlm.data.corpus import Corpus
 from knnlm.evaluate import evaluate
+from knnlm.forward_pass import default_window, position_limit
 from knnlm.generation import KnnLogitsProcessor, attach_processor, generate
 from knnlm.lm import loading
 from knnlm.lm.loading import LoadedLM, pick_device, torch_dtype, wrap_lm
-from knnlm.neighbours import find_neighbours
 from knnlm.retrieval.datastore import Datastore as StoredDatastore
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import default_window, position_limit
+from knnlm.retrieved_entries import find_neighbours
 
 DatastoreLike = Datastore | StoredDatastore | str | Path
 
@@ -170,9 +170,12 @@ class KnnLM:
         exclude_self: str = "auto",
         search: str = "auto",
         progress: bool = False,
+        pointers: float | None = None,
     ) -> PerplexityResult:
         """LM perplexity of ``corpus``, and the kNN-LM's when a datastore is given.
 
+        ``pointers``: RetoMaton's threshold (``knnlm.retrieval.pointers``); the share of
+        searches saved is ``to_dict()["knnlm"]["searches_saved"]``.
         ``knn_weight`` is the weight on p_knn (the paper's lambda is 1 - knn_weight);
         ``context_len`` defaults to the model's maximum positions, ``stride`` to half of it.
         Example: ``knn_lm.perplexity("data/wikitext-2", ds, k=1024).knnlm``.
@@ -183,7 +186,7 @@ class KnnLM:
             self.lm, corpus, split, context_len=context_len, stride=stride,
             batch_size=batch_size, text_field=text_field,
             datastore=None if datastore is None else _stored(datastore), knn=knn,
-            progress=progress,
+            progress=progress, pointers=pointers,
         )  # fmt: skip
         return PerplexityResult.from_eval(result)
 
@@ -198,6 +201,7 @@ class KnnLM:
         nprobe: int | None = None,
         search: str = "auto",
         seed: int | None = None,
+        pointers: float | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
         """One continuation string per returned sequence, in prompt order.
@@ -210,7 +214,8 @@ class KnnLM:
             k=k, knn_weight=knn_weight, temperature=knn_temperature, nprobe=nprobe, search=search
         )
         store = None if datastore is None else _stored(datastore)
-        return generate(self.lm, prompts, store, knn, seed=seed, **generate_kwargs)
+        return generate(self.lm, prompts, store, knn, seed=seed, pointers=pointers,
+                        **generate_kwargs)  # fmt: skip
 
     def logits_processor(
         self,

@@ -14,6 +14,7 @@ import torch
 
 from knnlm.data.corpus import Corpus, load_tokens
 from knnlm.errors import KnnlmError
+from knnlm.forward_pass import default_window
 from knnlm.retrieval.datastore import (
     TOKENS,
     build_datastore,
@@ -24,7 +25,6 @@ from knnlm.retrieval.datastore import (
 from knnlm.retrieval.datastore import Datastore as StoredDatastore
 from knnlm.retrieval.search.conventions import INDEX_META
 from knnlm.retrieval.search.index_build import build_index, index_summary
-from knnlm.scoring import default_window
 
 if TYPE_CHECKING:
     from knnlm.lm.loading import LoadedLM

@@ -3,7 +3,8 @@
 Perplexity is token-weighted: exp(total NLL / scored tokens), every target token of the split
 scored exactly once with as much left context as the window allows (``knnlm.data.windows``).
 The per-token log-probs come from ``knnlm.token_scores``; the neighbour cache format lives in
-``knnlm.neighbour_cache``, the self-exclusion rule in ``knnlm.retrieval.exclusion``.
+``knnlm.neighbour_cache``, the self-exclusion rule in ``knnlm.retrieval.exclusion``;
+continuation scoring (Macondo) in ``knnlm.continuations``.
 """
 
 from __future__ import annotations
@@ -11,23 +12,23 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from knnlm.data.corpus import Corpus, describe_corpus, load_tokens
 from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
+from knnlm.forward_pass import check_context_len, score_stream
 from knnlm.lm.loading import LoadedLM
 from knnlm.locking import locks
 from knnlm.neighbour_cache import NeighbourCache, claim_cache
+from knnlm.retrieval.combiner import perplexity
 from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
 from knnlm.retrieval.exclusion import is_own_stream, should_exclude
 from knnlm.retrieval.gate import Gate, check_gate_for, check_rate, load_gate
-from knnlm.retrieval.knn import perplexity
-from knnlm.retrieval.memory import MemoryMLP, load_memory, memory_storage, storage_report
+from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
+from knnlm.retrieval.pointers import check_threshold
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import check_context_len, score_examples, score_stream
 from knnlm.token_scores import TokenScores, score_tokens
 
 
@@ -74,6 +75,7 @@ def evaluate(
     gate: str | Path | Gate | None = None,
     retrieval_rate: float = 1.0,
     gate_weight: str = "fixed",
+    pointers: float | None = None,
 ) -> dict:
     """LM perplexity; plus kNN-LM with ``datastore`` and LM + MLP memory with ``memory``.
 
@@ -81,6 +83,9 @@ def evaluate(
     ``retrieval_rate`` of the tokens it scores highest; the others keep p_lm exactly.
     ``gate_weight``: searched tokens use ``knn.knn_weight`` (``fixed``) or the weight an ``mlp``
     gate predicts for each (``learned``, He et al.).
+
+    ``pointers`` (RetoMaton, :mod:`knnlm.retrieval.pointers`): a token whose previous token's
+    neighbours leave at least this many pointers reads them instead of searching.
 
     ``key_type`` is the memory's key type when no datastore is given (default ffn_input).
     ``overlap`` runs the LM forward of batch i+1 while batch i is searched (default: when the
@@ -92,6 +97,7 @@ def evaluate(
     knn = knn or KnnSettings()
     ds = open_inputs(datastore, cache, knn)
     gate_obj = open_gate(gate, retrieval_rate, ds, cache, gate_weight)
+    check_pointers(pointers, ds, cache, gate_obj)
     if not 0.0 <= memory_weight <= 1.0:
         raise KnnlmError(f"--memory-weight must be in [0, 1], got {memory_weight}")
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
@@ -122,7 +128,8 @@ def evaluate(
     scores = score_tokens(stream, retriever=retriever, exclude_self=exclude, memory=mem,
                           memory_weight=memory_weight, overlap=overlap, gate=gate_obj,
                           retrieval_rate=retrieval_rate,
-                          learned_weight=gate_weight == "learned")  # fmt: skip
+                          learned_weight=gate_weight == "learned",
+                          pointers=pointers)  # fmt: skip
     nll, n_tokens, elapsed, t_search = _sum_nll(scores, writer)
     searched = nll.pop("searched")
     if writer is not None:
@@ -138,6 +145,9 @@ def evaluate(
                            "nll_sum": nll["knnlm"]}  # fmt: skip
         result["timing"]["search_seconds"] = t_search
         result["knnlm"]["retrieval_share"] = searched / max(n_tokens, 1)  # tokens searched
+        if pointers is not None:
+            settings["pointers"] = pointers  # RetoMaton's threshold
+            result["knnlm"]["searches_saved"] = 1.0 - searched / max(n_tokens, 1)
         if gate_obj is not None:
             settings.update(gate=gate_obj.config.get("path"), gate_kind=gate_obj.kind,
                             retrieval_rate=retrieval_rate, gate_weight=gate_weight)  # fmt: skip
@@ -170,6 +180,28 @@ def open_gate(
     if weight == "learned" and gate.kind != "mlp":
         raise KnnlmError(f"--gate-weight learned needs an mlp gate; this one is {gate.kind}")
     return gate
+
+
+def check_pointers(
+    pointers: float | None, ds: Datastore | None, cache: object, gate: Gate | None
+) -> None:
+    """RetoMaton pointers need a datastore whose row r + 1 follows row r (not pruned), and
+    neither fill a cache (it holds every token's search) nor combine with a gate."""
+    if check_threshold(pointers) is None:
+        return
+    if ds is None:
+        raise KnnlmError("--pointers needs --datastore (they point into it)")
+    if cache is not None:
+        raise KnnlmError(
+            "--pointers and --cache do not combine: a cache holds every token's search"
+        )
+    if gate is not None:
+        raise KnnlmError("--pointers and --gate do not combine: each decides which tokens search")
+    if ds.counts is not None:
+        raise KnnlmError(
+            f"datastore {ds.path} is pruned: its row r + 1 does not follow row r, so --pointers "
+            "cannot follow it; use the unpruned store"
+        )
 
 
 def _exclusion(
@@ -246,72 +278,3 @@ def _knn_settings(retriever: Retriever, exclude: bool, own_stream: bool) -> dict
         "index": search["index"] if search["search"] == "faiss" else f"exact ({search['engine']})",
         "search": search,
     }
-
-
-def continuation_log_probs(
-    lm: LoadedLM,
-    prompts: list[str],
-    continuations: list[str],
-    *,
-    datastore: str | Path | Datastore | None = None,
-    knn: KnnSettings | None = None,
-    batch_size: int = 32,
-    memory: MemoryMLP | None = None,
-    memory_weight: float = 0.25,
-    key_type: str | None = None,
-) -> dict[str, np.ndarray]:
-    """log p(first token of continuation | prompt) per example, for the LM, the kNN-LM (with
-    ``datastore``: ``knnlm``) and the MLP memory (with ``memory``: ``memory`` alone and
-    ``lm_memory``, interpolated with ``memory_weight``).
-
-    Used for Macondo: prompt "[villager], is the parent of", continuation " [child]" (a
-    single-token name). Each example is scored alone, with no outside context. The scored
-    token is read off the tokenization of prompt + continuation when the prompt's tokens are
-    its prefix (SentencePiece tokenizers may split a leading space into its own token when
-    the continuation is encoded alone). ``key_type`` is the memory's key type when no datastore
-    is given (default ffn_input).
-    """
-    if len(prompts) != len(continuations):
-        raise KnnlmError("prompts and continuations differ in number")
-    knn = knn or KnnSettings()
-    knn.validate()
-    examples, starts = _continuation_examples(lm.tokenizer, prompts, continuations)
-    retriever = Retriever(lm, datastore, knn) if datastore is not None else None
-    if retriever is not None:
-        key_type = retriever.key_type
-    elif memory is not None:
-        key_type = key_type or "ffn_input"
-    else:
-        key_type = None
-    batches = score_examples(
-        lm.model, examples, batch_size=batch_size, key_type=key_type, score_from=starts
-    )
-    out: dict[str, list[np.ndarray]] = {"lm": [], "knnlm": [], "memory": [], "lm_memory": []}
-    scores = score_tokens(batches, retriever=retriever, memory=memory, memory_weight=memory_weight)
-    for s in scores:
-        out["lm"].append(s.lm_cpu.numpy())
-        if retriever is not None:
-            out["knnlm"].append(s.knnlm.numpy())
-        if memory is not None:
-            out["memory"].append(s.memory.float().cpu().numpy())
-            out["lm_memory"].append(s.lm_memory.float().cpu().numpy())
-    return {key: np.concatenate(v) for key, v in out.items() if v}
-
-
-def _continuation_examples(
-    tok: Any, prompts: list[str], continuations: list[str]
-) -> tuple[list[list[int]], list[int]]:
-    """Per example the prompt's token ids plus the continuation's first, and where it starts."""
-    examples, starts = [], []
-    for p, c in zip(prompts, continuations, strict=True):
-        p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        c_ids = tok(c, add_special_tokens=False)["input_ids"]
-        if not p_ids or not c_ids:
-            raise KnnlmError(f"empty prompt or continuation: {p!r} / {c!r}")
-        full = tok(p + c, add_special_tokens=False)["input_ids"]
-        first = (
-            full[len(p_ids)] if full[: len(p_ids)] == p_ids and len(full) > len(p_ids) else c_ids[0]
-        )
-        examples.append(p_ids + [first])
-        starts.append(len(p_ids))
-    return examples, starts

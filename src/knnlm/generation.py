@@ -7,14 +7,17 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from knnlm.errors import KnnlmError
 from knnlm.lm.adapters import Adapter, position_limit
 from knnlm.lm.loading import LoadedLM
+from knnlm.retrieval.search.protocol import Neighbours
+from knnlm.retrieval.combiner import interpolate
 from knnlm.retrieval.datastore import Datastore
-from knnlm.retrieval.knn import interpolate
+from knnlm.retrieval.pointers import check_threshold, row_distances
 from knnlm.retrieval.retriever import KnnSettings, Retriever
 
 
@@ -37,8 +40,13 @@ class KnnLogitsProcessor(LogitsProcessor):
         store: dict[str, torch.Tensor],
         retriever: Retriever,
         release: Callable[[], None] | None = None,
+        pointers: float | None = None,
     ):
         self.store, self.retriever, self._release = store, retriever, release
+        # RetoMaton (knnlm.retrieval.pointers): the last step's neighbours, and the counts of
+        # queries and of searches, whose difference is the searches the pointers saved
+        self.pointers, self.previous, self.length = pointers, None, 0
+        self.queries = self.searches = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.store:
@@ -47,10 +55,40 @@ class KnnLogitsProcessor(LogitsProcessor):
                 "(it was closed, or built without knn_lm.logits_processor / adapter.capture())"
             )
         key = Adapter.key_from(self.store, self.retriever.key_type)[:, -1]
-        nb = self.retriever.search(key)
+        nb = self._neighbours(key, input_ids)
         knn_lp = self.retriever.log_probs(nb, scores.shape[-1]).to(scores.device)
         lm_lp = torch.log_softmax(scores.float(), dim=-1)
         return interpolate(lm_lp, knn_lp, self.retriever.knn.knn_weight).to(scores.dtype)
+
+    def _neighbours(self, key: torch.Tensor, input_ids: torch.Tensor) -> Neighbours:
+        """The search's neighbours, or with pointers the successors of the last step's
+        neighbours whose value is the token just generated, where at least ``pointers``
+        survive (the rows are the sequences of one batch, step after step)."""
+        self.queries += key.shape[0]
+        prev, self.previous = self.previous, None
+        # a new generation (not one token longer than the last step's) starts by searching
+        fresh = prev is None or input_ids.shape[1] != self.length + 1
+        self.length = input_ids.shape[1]
+        if self.pointers is None or fresh or prev.rows.shape[0] != key.shape[0]:
+            self.searches += key.shape[0]
+            nb = self.retriever.search(key)
+            self.previous = nb.to("cpu") if self.pointers is not None else None
+            return nb
+        n = self.retriever.ds.n
+        last = input_ids[:, -1].cpu()
+        alive = (prev.rows >= 0) & (prev.values == last[:, None]) & (prev.rows + 1 < n)
+        rows = torch.where(alive, prev.rows + 1, -1)
+        few = alive.sum(1) < self.pointers  # these search instead
+        need = few.nonzero().squeeze(1)
+        dists = row_distances(self.retriever.ds.keys, key.float().cpu(),
+                              rows.masked_fill(few[:, None], -1), self.retriever.backend.metric)  # fmt: skip
+        if need.numel():
+            found = self.retriever.search(key[need.to(key.device)]).to("cpu")
+            rows[need], dists[need] = found.rows, found.distances.float()
+            self.searches += int(need.numel())
+        table = torch.from_numpy(np.asarray(self.retriever.ds.values, dtype=np.int64))
+        self.previous = Neighbours.lookup(dists, rows, table)
+        return self.previous.to(key.device)
 
     def close(self) -> None:
         """Remove the hooks this processor attached (a no-op when it attached none).
@@ -70,17 +108,28 @@ class KnnLogitsProcessor(LogitsProcessor):
 
 
 def attach_processor(
-    lm: LoadedLM, datastore: str | Path | Datastore, knn: KnnSettings
+    lm: LoadedLM, datastore: str | Path | Datastore, knn: KnnSettings, pointers: float | None = None
 ) -> KnnLogitsProcessor:
-    """A :class:`KnnLogitsProcessor` whose key hooks are attached to ``lm``'s model now."""
+    """A :class:`KnnLogitsProcessor` whose key hooks are attached to ``lm``'s model now;
+    ``pointers``: RetoMaton's threshold (:mod:`knnlm.retrieval.pointers`)."""
+    check_threshold(pointers)
     retriever = Retriever(lm, datastore, knn)
+    if pointers is not None and retriever.counts is not None:
+        raise KnnlmError(
+            "--pointers cannot follow a pruned datastore (row r + 1 does not follow r)"
+        )
     stack = ExitStack()
     store = stack.enter_context(lm.adapter.capture())
-    return KnnLogitsProcessor(store, retriever, release=stack.close)
+    return KnnLogitsProcessor(store, retriever, release=stack.close, pointers=pointers)
 
 
-def check_settings(prompts: list[str], generate_kwargs: dict[str, Any]) -> None:
+def check_settings(
+    prompts: list[str], generate_kwargs: dict[str, Any], pointers: float | None = None
+) -> None:
     """The settings of :func:`generate` that need no model (checked again there)."""
+    check_threshold(pointers)
+    if pointers is not None and (generate_kwargs.get("num_beams") or 1) > 1:
+        raise KnnlmError("--pointers and --num-beams > 1 do not combine (beams reorder rows)")
     if not prompts or any(not p for p in prompts):
         raise KnnlmError("the prompt is empty")
     max_new = generate_kwargs.get("max_new_tokens")
@@ -115,9 +164,13 @@ def generate(
     knn: KnnSettings | None = None,
     *,
     seed: int | None = None,
+    pointers: float | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Continue each prompt with the kNN-LM (the plain LM when ``datastore`` is None).
+
+    ``pointers``: RetoMaton's threshold; one sequence per row, so not with ``num_beams`` > 1
+    (beams reorder the rows between steps).
 
     Every ``model.generate`` argument passes through (``do_sample``, ``temperature``,
     ``top_k``, ``top_p``, ``num_beams``, ``num_return_sequences``, ``max_new_tokens``, ...).
@@ -129,7 +182,7 @@ def generate(
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     generate_kwargs.setdefault("max_new_tokens", 50)
-    check_settings(prompts, generate_kwargs)
+    check_settings(prompts, generate_kwargs, pointers)
     if seed is not None:
         torch.manual_seed(seed)
     tok = lm.tokenizer
@@ -148,7 +201,7 @@ def generate(
         if datastore is None:
             out = lm.model.generate(**enc, **generate_kwargs)
         else:
-            with attach_processor(lm, datastore, knn or KnnSettings()) as proc:
+            with attach_processor(lm, datastore, knn or KnnSettings(), pointers) as proc:
                 extra = list(generate_kwargs.pop("logits_processor", None) or [])
                 processors = LogitsProcessorList([proc, *extra])
                 out = lm.model.generate(**enc, logits_processor=processors, **generate_kwargs)

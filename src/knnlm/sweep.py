@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
 from knnlm.neighbour_cache import load_cache
-from knnlm.retrieval.knn import interpolate, knn_target_log_prob, perplexity
+from knnlm.retrieval.combiner import interpolate, perplexity, prefix_log_probs
 
 
 def sweep(
@@ -46,11 +46,12 @@ def sweep(
         ids = torch.from_numpy(np.array(c["ids"][lo:hi], dtype=np.int64))
         vals = torch.from_numpy(np.array(c["values"][lo:hi], dtype=np.int64))
         lm_nll -= float(lm_lp.double().sum())
+        knn = prefix_log_probs(dists, ids, vals, targets, ks, temperatures)
         for ki, k in enumerate(ks):
             for ti, t in enumerate(temperatures):
-                knn_lp = knn_target_log_prob(dists[:, :k], ids[:, :k], vals[:, :k], targets, t)
                 for wi, w in enumerate(weights):
-                    nll[ki, wi, ti] -= float(interpolate(lm_lp, knn_lp, w).double().sum())
+                    lp = interpolate(lm_lp, knn[(int(k), float(t))], w)
+                    nll[ki, wi, ti] -= float(lp.double().sum())
     ppl = np.vectorize(lambda x: perplexity(x, n))(nll)
     best = np.unravel_index(np.nanargmin(ppl), ppl.shape)
     return {

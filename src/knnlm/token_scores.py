@@ -12,15 +12,17 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from knnlm.forward_pass import ScoredBatch
+from knnlm.prefetch import prefetch
+from knnlm.retrieval.combiner import combine
 from knnlm.retrieval.exclusion import own_rows
 from knnlm.retrieval.gate import Gate
-from knnlm.retrieval.knn import interpolate, interpolate_per_token
 from knnlm.retrieval.memory import MemoryMLP
-from knnlm.retrieval.prefetch import prefetch
+from knnlm.retrieval.pointers import pointer_neighbours, row_distances
 from knnlm.retrieval.retriever import Neighbours, Retriever
-from knnlm.scoring import ScoredBatch
 
 
 @dataclass
@@ -57,8 +59,9 @@ def score_tokens(
     gate: Gate | None = None,
     retrieval_rate: float = 1.0,
     learned_weight: bool = False,
+    pointers: float | None = None,
 ) -> Iterator[TokenScores]:
-    """Score each batch of ``batches`` (``scoring.score_stream`` or ``score_examples`` with
+    """Score each batch of ``batches`` (``forward_pass.score_stream`` or ``score_examples`` with
     ``want_lm`` and the keys the retriever or memory needs).
 
     ``exclude_self``: each target drops its own datastore row (positions of the datastore's own
@@ -67,18 +70,23 @@ def score_tokens(
     ``gate`` (batches scored ``want_stats``) searches only the share ``retrieval_rate`` of the
     targets it scores highest; the others keep p_lm exactly (:mod:`knnlm.retrieval.gate`).
     ``learned_weight`` interpolates the searched ones with the gate's predicted p_knn weight
-    instead of ``knn_weight`` (an ``mlp`` gate).
+    instead of ``knn_weight`` (an ``mlp`` gate). ``pointers`` (a threshold) follows RetoMaton
+    pointers and searches only where fewer survive (:mod:`knnlm.retrieval.pointers`).
     """
     # host copies of the keys only for a search on the host (FAISS, or exact on the CPU)
     want_keys = retriever is not None and retriever.backend.device.type == "cpu"
     for batch, host in prefetch(_with_host_copies(batches, want_keys), depth=int(overlap)):
         scores = TokenScores(batch, batch.lm_log_prob, host["lm_log_prob"], host["targets"])
         if retriever is not None and gate is not None:
-            keys, stats = batch.keys.float().cpu(), batch.lm_stats.cpu()
-            keep = gate.keep(keys, stats, retrieval_rate)
-            weight = gate.scores(keys, stats) if learned_weight else None
+            # the gate runs once, where the keys are; only its decisions come to the host
+            keep, weight = gate.decide(batch.keys.float(), batch.lm_stats, retrieval_rate,
+                                       want_scores=learned_weight)  # fmt: skip
             _add_gated_knn(
                 scores, retriever, host.get("keys", batch.keys), exclude_self, keep, weight
+            )
+        elif retriever is not None and pointers is not None:
+            _add_pointer_knn(
+                scores, retriever, host.get("keys", batch.keys), exclude_self, pointers
             )
         elif retriever is not None:
             _add_knn(scores, retriever, host.get("keys", batch.keys), exclude_self)
@@ -107,9 +115,36 @@ def _add_knn(scores: TokenScores, retriever: Retriever, keys: torch.Tensor, excl
     nb = retriever.search(keys, exclude_rows=own)
     scores.search_seconds = time.perf_counter() - ts
     scores.neighbours = nb
-    scores.knn = retriever.target_log_prob(nb, scores.targets_cpu).cpu()
-    scores.knnlm = interpolate(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
+    scores.knn = retriever.target_log_prob(nb, _targets_on(scores, nb.rows.device)).cpu()
+    scores.knnlm = combine(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
     scores.searched = len(scores.targets_cpu)
+
+
+def _add_pointer_knn(
+    scores: TokenScores, retriever: Retriever, keys: torch.Tensor, exclude: bool, threshold: float
+) -> None:
+    """The kNN-LM with RetoMaton pointers: searched only where fewer than ``threshold``
+    pointers survive; the others read the pointed-to rows at their exact distances."""
+    own = torch.from_numpy(own_rows(scores.batch.positions)) if exclude else None
+    seconds = [0.0]
+
+    def search(tok: torch.Tensor) -> Neighbours:
+        ts = time.perf_counter()
+        ex = None if own is None else own[tok].numpy()
+        nb = retriever.search(keys[tok.to(keys.device)], exclude_rows=ex).to("cpu")
+        seconds[0] += time.perf_counter() - ts
+        return nb
+
+    def distances(tok: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return row_distances(retriever.ds.keys, keys[tok.to(keys.device)].float().cpu(), rows,
+                             retriever.backend.metric)  # fmt: skip
+
+    values = torch.from_numpy(np.asarray(retriever.ds.values, dtype=np.int64))
+    nb, searched = pointer_neighbours(scores.targets_cpu, retriever.knn.k, threshold, values,
+                                      search, distances, own)  # fmt: skip
+    scores.search_seconds, scores.searched, scores.neighbours = seconds[0], int(searched.sum()), nb
+    scores.knn = retriever.target_log_prob(nb, scores.targets_cpu).cpu()
+    scores.knnlm = combine(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
 
 
 def _add_gated_knn(
@@ -119,19 +154,24 @@ def _add_gated_knn(
     """p_lm exactly where ``keep`` is False; the kNN-LM where it is True, searching only those
     (with ``knn_weight``, or the per-token ``weight`` when given)."""
     rows = torch.nonzero(keep).squeeze(1)
-    scores.knnlm = scores.lm_cpu.clone()
     scores.searched = int(rows.numel())
-    if not scores.searched:
-        return
-    own = own_rows(scores.batch.positions)[rows.numpy()] if exclude else None
-    ts = time.perf_counter()
-    nb = retriever.search(keys[rows.to(keys.device)], exclude_rows=own)
-    scores.search_seconds = time.perf_counter() - ts
-    knn = retriever.target_log_prob(nb, scores.targets_cpu[rows]).cpu()
-    if weight is None:
-        scores.knnlm[rows] = interpolate(scores.lm_cpu[rows], knn, retriever.knn.knn_weight)
-    else:
-        scores.knnlm[rows] = interpolate_per_token(scores.lm_cpu[rows], knn, weight[rows])
+    knn = torch.empty(0)
+    if scores.searched:
+        own = own_rows(scores.batch.positions)[rows.numpy()] if exclude else None
+        ts = time.perf_counter()
+        nb = retriever.search(keys[rows.to(keys.device)], exclude_rows=own)
+        scores.search_seconds = time.perf_counter() - ts
+        targets = _targets_on(scores, nb.rows.device)
+        knn = retriever.target_log_prob(nb, targets[rows.to(targets.device)]).cpu()
+    w = retriever.knn.knn_weight if weight is None else weight
+    scores.knnlm = combine(scores.lm_cpu, knn, w, rows)
+
+
+def _targets_on(scores: TokenScores, device: torch.device) -> torch.Tensor:
+    """The targets where the neighbours are: the scoring pass's own tensor when it is on that
+    device (no upload per batch), else the host copy."""
+    on_device = scores.batch.targets
+    return on_device if on_device.device == device else scores.targets_cpu
 
 
 def _add_memory(scores: TokenScores, mem: MemoryMLP, memory_weight: float) -> None:
@@ -139,4 +179,4 @@ def _add_memory(scores: TokenScores, mem: MemoryMLP, memory_weight: float) -> No
     with torch.no_grad():
         mem_lp = mem.target_log_prob(batch.keys.float(), batch.targets)
     scores.memory = mem_lp
-    scores.lm_memory = interpolate(lm_lp, mem_lp, memory_weight)
+    scores.lm_memory = combine(lm_lp, mem_lp, memory_weight)

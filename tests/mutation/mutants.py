@@ -123,9 +123,9 @@ MUTANTS: list[Mutant] = [
     mutant(
         "fast_gate_threshold_inverted",
         "the gate searches the tokens it scores lowest",
-        "Gate.keep",
-        "return self.scores(keys, stats) > self.threshold(rate)",
-        "return self.scores(keys, stats) < self.threshold(1.0 - rate)",
+        "Gate.decide",
+        "return scores > self.threshold(rate), wanted",
+        "return scores < self.threshold(1.0 - rate), wanted",
         f"{GATE}::test_entropy_gate_retrieves_the_unsure_tokens",
     ),
     mutant(
@@ -285,17 +285,17 @@ MUTANTS: list[Mutant] = [
     mutant(
         "sweep_ignores_k",
         "the sweep scores all cached neighbours whatever k",
-        "sweep",
-        "knn_target_log_prob(dists[:, :k], ids[:, :k], vals[:, :k], targets, t)",
-        "knn_target_log_prob(dists, ids, vals, targets, t)",
+        "prefix_log_probs",
+        "dists[:, :k], ids[:, :k], values[:, :k], targets, float(t), c",
+        "dists, ids, values, targets, float(t), c",
         f"{ENGINE}::test_sweep_from_cache_equals_direct_eval",
     ),
     mutant(
         "memory_weight_wrong_side",
         "memory_weight multiplies p_lm instead of the MLP memory's distribution",
         "_add_memory",
-        "interpolate(lm_lp, mem_lp, memory_weight)",
-        "interpolate(mem_lp, lm_lp, memory_weight)",
+        "combine(lm_lp, mem_lp, memory_weight)",
+        "combine(mem_lp, lm_lp, memory_weight)",
         "tests/test_reference_memory.py::test_lm_plus_memory_perplexity_equals_numpy_forward",
     ),
     mutant(

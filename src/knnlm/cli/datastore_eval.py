@@ -227,6 +227,12 @@ def eval_cmd(
     gate: Path | None = GATE,
     retrieval_rate: float = RETRIEVAL_RATE,
     gate_weight: GateWeight = GATE_WEIGHT,
+    pointers: float | None = typer.Option(
+        None,
+        "--pointers",
+        help="RetoMaton: search only where fewer than this many pointers "
+        "from the previous token's neighbours survive (inf: every token).",
+    ),
     text_field: str = TEXT_FIELD,
     device: str | None = DEVICE,
     dtype: Dtype = DTYPE,
@@ -234,9 +240,9 @@ def eval_cmd(
     wait: bool = WAIT,
 ) -> None:
     """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
-    from knnlm.evaluate import evaluate, open_gate, open_inputs
+    from knnlm.evaluate import check_pointers, evaluate, open_gate, open_inputs
+    from knnlm.forward_pass import default_window
     from knnlm.retrieval.retriever import KnnSettings
-    from knnlm.scoring import default_window
 
     # What the user can get wrong is checked before the model is loaded.
     temp = knn_temperature(knn_temp, old_temp)
@@ -248,6 +254,7 @@ def eval_cmd(
     hold_lock(ctx, cache, "neighbour cache")
     datastore = open_inputs(datastore, cache, knn)
     gate_obj = open_gate(gate, retrieval_rate, datastore, cache, value(gate_weight))
+    check_pointers(pointers, datastore, cache, gate_obj)
     knn_lm = load_model(model, device, dtype)
     context_len, stride = default_window(knn_lm.model, context_len, stride)
     result = evaluate(
@@ -255,7 +262,7 @@ def eval_cmd(
         batch_size=batch_size, text_field=text_field, datastore=datastore, knn=knn,
         memory=memory, memory_weight=memory_weight, cache=cache if rank == 0 else None,
         progress=not quiet and rank == 0, gate=gate_obj, retrieval_rate=retrieval_rate,
-        gate_weight=value(gate_weight),
+        gate_weight=value(gate_weight), pointers=pointers,
     )  # fmt: skip
     if rank != 0:
         return
@@ -265,7 +272,7 @@ def eval_cmd(
     line = f"tokens {result['tokens']}  LM ppl {result['lm']['perplexity']:.3f}"
     if "knnlm" in result:
         line += f"  kNN-LM ppl {result['knnlm']['perplexity']:.3f}"
-        if gate_obj is not None:
+        if gate_obj is not None or pointers is not None:
             line += f" (searched {100 * result['knnlm']['retrieval_share']:.1f}% of tokens)"
     if "mlp" in result:
         line += f"  LM+MLP ppl {result['mlp']['perplexity']:.3f}"

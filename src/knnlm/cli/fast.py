@@ -64,11 +64,11 @@ def gate_train_cmd(
 ) -> None:
     """Train (mlp) or calibrate (entropy) a retrieval gate on a held-out split."""
     from knnlm.fileio import claim_target
+    from knnlm.forward_pass import default_window
     from knnlm.retrieval.datastore import open_datastore
     from knnlm.retrieval.gate import CONFIG, KIND
     from knnlm.retrieval.gate_train import train_gate
     from knnlm.retrieval.retriever import KnnSettings
-    from knnlm.scoring import default_window
 
     temperature = knn_temperature(knn_temp, old_temp)
     knn = KnnSettings(k=k, temperature=temperature, nprobe=nprobe, search=value(search))

@@ -57,6 +57,12 @@ def generate_cmd(
         1.0, "--repetition-penalty", help="Penalty on repeated tokens (HF)."
     ),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    pointers: float | None = typer.Option(
+        None,
+        "--pointers",
+        help="RetoMaton: search only where fewer than this many pointers from the previous "
+        "step's neighbours survive (inf: every step).",
+    ),
     device: str | None = DEVICE,
     dtype: Dtype = DTYPE,
     quiet: bool = QUIET,  # no bar here; accepted so that every command takes --quiet
@@ -80,7 +86,7 @@ def generate_cmd(
         hf.update(repetition_penalty=repetition_penalty)
     # What the user can get wrong is checked before the model is loaded (the kNN settings
     # too: a bad --knn-temperature is a mistake even without a datastore).
-    check_settings(prompt, dict(hf, temperature=temperature, top_k=top_k, top_p=top_p))
+    check_settings(prompt, dict(hf, temperature=temperature, top_k=top_k, top_p=top_p), pointers)
     knn = KnnSettings(
         k=k, knn_weight=knn_weight, temperature=knn_temp, nprobe=nprobe, search=value(search)
     )
@@ -91,7 +97,7 @@ def generate_cmd(
     knn_lm = load_model(model, device, dtype)
     texts = knn_lm.generate(
         prompt, datastore, k=k, knn_weight=knn_weight, knn_temperature=knn_temp,
-        nprobe=nprobe, search=value(search), seed=seed, **hf,
+        nprobe=nprobe, search=value(search), seed=seed, pointers=pointers, **hf,
     )  # fmt: skip
     if rank != 0:
         return

@@ -77,9 +77,9 @@ def project_cmd(
     """
     from knnlm.evaluate import open_inputs
     from knnlm.experiments.projection import run_projection
+    from knnlm.forward_pass import default_window
     from knnlm.report.tables import projection_tables
     from knnlm.retrieval.retriever import KnnSettings
-    from knnlm.scoring import default_window
 
     # What the user can get wrong is checked before the model is loaded.
     temp = knn_temperature(knn_temp, old_temp)

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from transformers import GPT2LMHeadModel
 
+from knnlm.continuations import continuation_log_probs
 from knnlm.data.corpus import tokenize_text
 from knnlm.data.macondo import generate_macondo, non_single_token_children
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import continuation_log_probs
 from knnlm.lm.adapters import Adapter
 from knnlm.lm.loading import LoadedLM
 from knnlm.lm.presets import PRESETS, Preset, derive, get_preset

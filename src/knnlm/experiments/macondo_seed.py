@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from knnlm.continuations import continuation_log_probs
 from knnlm.data.macondo import (
     MacondoDataset,
     generate_macondo,
@@ -36,10 +37,9 @@ from knnlm.data.macondo import (
     write_macondo,
 )
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import continuation_log_probs
 from knnlm.experiments.macondo_aggregate import group_means
 from knnlm.experiments.macondo_settings import MacondoSettings, upgrade_settings
-from knnlm.experiments.macondo_tuning import dev_mask, knn_log_probs, tune
+from knnlm.experiments.macondo_tuning import dev_mask, knn_grid_log_probs, tune
 from knnlm.experiments.mlp_memory import train_memory
 from knnlm.fileio import read_json, write_json_atomic
 from knnlm.lm.adapters import Adapter, position_limit
@@ -448,8 +448,9 @@ def _tune(
     the tuning record, into ``scores``."""
     grid = settings.tune
     dev = dev_mask(data.test, seed, grid["dev_share"])
-    knn = knn_log_probs(lm, data.test, data.conts, datastore, grid["k"], grid["temperature"],
-                        settings.batch_size_eval, search=settings.search)  # fmt: skip
+    knn = knn_grid_log_probs(lm, data.test, data.conts, datastore, grid["k"],
+                             grid["temperature"], settings.batch_size_eval,
+                             search=settings.search)  # fmt: skip
     t = tune(scores.lm, knn, scores.mlp_raw, dev, grid)
     record = {key: t[key] for key in ("tuned", "sweep", "lm_dev") if key in t}
     if "memory_sweep" in t:

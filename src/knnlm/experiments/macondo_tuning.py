@@ -8,15 +8,15 @@ log-likelihood of the dev children; the verdict is read on the other parents onl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from knnlm.continuations import continuation_neighbours
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import continuation_log_probs
+from knnlm.retrieval.combiner import interpolate_numpy, prefix_log_probs
 from knnlm.retrieval.retriever import KnnSettings
 
 # The grid the reproduction searches (the paper's k=1024 is above the quick datastores' size;
@@ -52,25 +52,25 @@ def dev_mask(test: Sequence[Mapping[str, Any]], seed: int, share: float) -> np.n
     return np.array([r["villager"] in dev for r in test], dtype=bool)
 
 
-def _mix(lm: np.ndarray, other: np.ndarray, w: float) -> np.ndarray:
-    """log((1 - w) p_lm + w p_other), as :func:`knnlm.retrieval.knn.interpolate`."""
-    return np.logaddexp(lm + math.log1p(-w), other + math.log(w))
-
-
-def knn_log_probs(
+def knn_grid_log_probs(
     lm: Any, test: Sequence[Mapping[str, Any]], conts: list[str], datastore: Path,
     ks: Sequence[int], temps: Sequence[float], batch_size: int, search: str = "auto",
 ) -> dict[tuple[int, float], np.ndarray]:  # fmt: skip
-    """log p_knn(child) per example for every (k, temperature): one search per k and T."""
-    prompts = [r["prompt"] for r in test]
-    return {
-        (int(k), float(t)): continuation_log_probs(
-            lm, prompts, conts, datastore=datastore, batch_size=batch_size,
-            knn=KnnSettings(k=int(k), knn_weight=1.0, temperature=float(t), search=search),
-        )["knnlm"]
-        for k in ks
-        for t in temps
-    }  # fmt: skip
+    """log p_knn(child) per example for every (k, temperature), from one search of max(ks)
+    neighbours per example (the first k of them for a smaller k).
+
+    Exact search sorts by (distance, row), so a prefix is the smaller search itself
+    (tests/test_combiner.py). They can differ only where the candidates are chosen by one
+    distance and re-sorted by another: exact search with ``recompute`` picks by the float32
+    expansion and sorts by the direct sum (a swap across the k-th place needs two distances
+    within ~1e-6 relative), and an IVF-PQ index re-ranks the k_max PQ candidates, a superset
+    of the k a smaller search would re-rank (the prefix is then the better neighbour set)."""
+    knn = KnnSettings(k=max(int(k) for k in ks), knn_weight=1.0, search=search)
+    nb = continuation_neighbours(lm, [r["prompt"] for r in test], conts, datastore=datastore,
+                                 knn=knn, batch_size=batch_size)  # fmt: skip
+    grid = prefix_log_probs(nb["dists"], nb["ids"], nb["values"], nb["targets"], ks, temps,
+                            nb.get("counts"))  # fmt: skip
+    return {key: lp.numpy() for key, lp in grid.items()}
 
 
 def grid_edges(chosen: Mapping[str, Any], grid: Mapping[str, Any], keys: Sequence[str]) -> list:
@@ -94,22 +94,24 @@ def tune(
     for (k, t), lp in knn_lp.items():
         for w in grid["knn_weight"]:
             sweep.append({"k": k, "temperature": t, "knn_weight": float(w),
-                          "dev": float(_mix(lm_lp, lp, w)[dev].mean())})  # fmt: skip
+                          "dev": float(interpolate_numpy(lm_lp, lp, w)[dev].mean())})  # fmt: skip
     best = max(sweep, key=lambda s: s["dev"])
     out: dict[str, Any] = {
         "tuned": {key: best[key] for key in ("k", "temperature", "knn_weight")}
         | {"tuned_on": "dev", "dev_examples": int(dev.sum()), "test_examples": int((~dev).sum())}
         | {"at_grid_edge": grid_edges(best, grid, ("temperature", "knn_weight"))},
-        "knnlm": _mix(lm_lp, knn_lp[(best["k"], best["temperature"])], best["knn_weight"]),
+        "knnlm": interpolate_numpy(
+            lm_lp, knn_lp[(best["k"], best["temperature"])], best["knn_weight"]
+        ),
         "sweep": sweep,
         "lm_dev": float(lm_lp[dev].mean()),
     }
     if mem_lp is not None:
-        mem_sweep = [{"weight": float(w), "dev": float(_mix(lm_lp, mem_lp, w)[dev].mean())}
+        mem_sweep = [{"weight": float(w), "dev": float(interpolate_numpy(lm_lp, mem_lp, w)[dev].mean())}
                      for w in grid["memory_weight"]]  # fmt: skip
         wm = max(mem_sweep, key=lambda s: s["dev"])["weight"]
         out["tuned"]["memory_weight"] = wm
         out["tuned"]["at_grid_edge"] += grid_edges({"memory_weight": wm}, grid, ("memory_weight",))
-        out["mlp"] = _mix(lm_lp, mem_lp, wm)
+        out["mlp"] = interpolate_numpy(lm_lp, mem_lp, wm)
         out["memory_sweep"] = mem_sweep
     return out

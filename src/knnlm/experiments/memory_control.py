@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from knnlm.data.corpus import load_tokens, read_split, tokenize_text
+from knnlm.forward_pass import score_stream
 from knnlm.lm.loading import load_lm
 from knnlm.lm.train import TrainConfig, model_from_pretrained, train
-from knnlm.retrieval.knn import interpolate, perplexity
-from knnlm.scoring import score_stream
+from knnlm.retrieval.combiner import interpolate, perplexity
 from knnlm.token_scores import score_tokens
 
 

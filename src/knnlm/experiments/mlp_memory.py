@@ -10,7 +10,7 @@ where MLP is one hidden layer (d -> hidden -> d, GELU; the paper uses hidden = 4
 as the last MLP layer of the vanilla LM"), LN a LayerNorm(d), and W (V x d) starts as a copy of
 the LM's output embedding (``Adapter.output_embedding``, i.e. ``lm_head.weight``). The LM
 combines it with its own distribution exactly like the kNN component (log-space mix with a
-weight on the memory); that interpolation lives in ``knnlm.retrieval.knn``.
+weight on the memory); that interpolation lives in ``knnlm.retrieval.combiner``.
 
 Choices the paper leaves open, made here:
 
@@ -60,6 +60,7 @@ from knnlm.fileio import (
 )
 from knnlm.lm.loading import pick_device
 from knnlm.locking import locks
+from knnlm.prefetch import prefetch
 from knnlm.retrieval.memory import (
     CONFIG_FILE,
     CURVE_FILE,
@@ -72,7 +73,6 @@ from knnlm.retrieval.memory import (
     safetensors_header,
     write_safetensors_atomic,
 )
-from knnlm.retrieval.prefetch import prefetch
 
 # Settings that must agree for a run to resume from an existing checkpoint.
 _RESUME_KEYS = (

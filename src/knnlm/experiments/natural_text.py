@@ -26,18 +26,18 @@ from knnlm.experiments.mlp_memory import train_memory
 from knnlm.experiments.projection import run_projection
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.fileio import write_json_atomic
+from knnlm.forward_pass import score_stream
 from knnlm.lm.loading import load_lm
 from knnlm.lm.presets import get_preset
 from knnlm.lm.tokenizer import save_tokenizer
 from knnlm.lm.train import model_from_preset, train
 from knnlm.lm.train_config import TrainConfig
 from knnlm.lm.train_data import train_tokenizer_for_corpus
+from knnlm.retrieval.combiner import interpolate, perplexity
 from knnlm.retrieval.datastore import build_datastore, open_datastore
-from knnlm.retrieval.knn import interpolate, perplexity
 from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.retrieval.search.index_build import build_index
-from knnlm.scoring import score_stream
 from knnlm.sweep import sweep
 from knnlm.token_scores import score_tokens
 

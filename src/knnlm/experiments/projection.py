@@ -17,12 +17,12 @@ from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
 from knnlm.experiments.projection_solver import solve_converged, solve_projection
+from knnlm.forward_pass import score_stream
 from knnlm.lm.loading import LoadedLM
+from knnlm.retrieval.combiner import interpolate, perplexity
 from knnlm.retrieval.datastore import corpus_fingerprint
 from knnlm.retrieval.exclusion import should_exclude
-from knnlm.retrieval.knn import interpolate, perplexity
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import score_stream
 
 
 def _kl_stats(kl: np.ndarray, steps: np.ndarray, cap: int) -> dict:

@@ -1,6 +1,6 @@
 """One token of the view: its neighbours (context, distance, weight, shared targets) and the
 top next tokens under p_lm, p_knn and the mixture (and the memory's), all from the neighbours
-already retrieved, through :mod:`knnlm.retrieval.knn`."""
+already retrieved, through :mod:`knnlm.retrieval.combiner`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from knnlm.retrieval.backend import Neighbours
-from knnlm.retrieval.knn import interpolate, knn_log_probs
+from knnlm.retrieval.search.protocol import Neighbours
+from knnlm.retrieval.combiner import interpolate, knn_log_probs
 
 if TYPE_CHECKING:
     from knnlm.inspect.view import Inspector, Mixed, Rows, ViewSettings

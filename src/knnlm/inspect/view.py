@@ -3,7 +3,7 @@
 A text is scored and searched once at ``k_max`` (:func:`knnlm.token_scores.score_tokens`, the
 one-pass scorer every perplexity uses); what it keeps per target is a :class:`Rows`. Every view
 at other settings (k <= k_max, weight, temperature, the gate's retrieval rate, the memory's
-weight) is recomputed from those rows with the kNN functions of :mod:`knnlm.retrieval.knn`:
+weight) is recomputed from those rows with the kNN functions of :mod:`knnlm.retrieval.combiner`:
 no second search and no second copy of the maths. The page's script only draws the numbers.
 """
 
@@ -24,13 +24,13 @@ from knnlm.errors import KnnlmError
 from knnlm.inspect.figures import perplexity_svg
 from knnlm.inspect.token_view import colours, finite, first_k, token_details
 from knnlm.lm.loading import LoadedLM
-from knnlm.retrieval.backend import Neighbours
+from knnlm.retrieval.search.protocol import Neighbours
 from knnlm.retrieval.datastore import Datastore
 from knnlm.retrieval.gate import Gate, check_gate_for
-from knnlm.retrieval.knn import interpolate, knn_target_log_prob
+from knnlm.retrieval.combiner import interpolate, knn_target_log_prob
 from knnlm.retrieval.memory import MemoryMLP
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import default_window, score_stream
+from knnlm.forward_pass import default_window, score_stream
 from knnlm.token_scores import score_tokens
 
 

@@ -228,9 +228,6 @@ class Adapter:
         """Logits of f: lm_head(final_norm(z)); f itself is their softmax."""
         return self.lm_head(self.final_norm(z))
 
-    def f_log_probs(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.f_logits(z).float(), dim=-1)
-
     def fg_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.f_logits(self.g(h))
 

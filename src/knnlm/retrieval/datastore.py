@@ -49,16 +49,16 @@ from knnlm.fileio import (
     temp_dir,
     write_json_atomic,
 )
-from knnlm.lm.adapters import KEY_TYPES
-from knnlm.lm.loading import LoadedLM
-from knnlm.locking import locks
-from knnlm.scoring import (
+from knnlm.forward_pass import (
     check_context_len,
     rows_before,
     score_examples,
     score_stream,
     window_batches,
 )
+from knnlm.lm.adapters import KEY_TYPES
+from knnlm.lm.loading import LoadedLM
+from knnlm.locking import locks
 
 FORMAT_VERSION = 1
 KIND = "datastore"  # the artifact marker in meta.json

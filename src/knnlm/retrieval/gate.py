@@ -70,10 +70,14 @@ class Gate:
     scale: torch.Tensor | None = None
 
     def scores(self, keys: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-        """Per token, higher means retrieve: the predicted p_knn weight, or the LM entropy."""
+        """Per token, higher means retrieve: the predicted p_knn weight, or the LM entropy.
+        Computed on the device of ``keys`` (the MLP moves there once)."""
         if self.kind == "entropy":
             return stats[:, 0].float()
-        x = (gate_features(keys, stats) - self.mean) / self.scale
+        if self.mean.device != keys.device:
+            self.model.to(keys.device)
+            self.mean, self.scale = self.mean.to(keys.device), self.scale.to(keys.device)
+        x = (gate_features(keys, stats.to(keys.device)) - self.mean) / self.scale
         with torch.no_grad():
             return self.model(x)[:, 1].exp()
 
@@ -81,14 +85,26 @@ class Gate:
         levels = np.linspace(0.0, 1.0, N_QUANTILES)
         return float(np.interp(1.0 - rate, levels, self.quantiles))
 
+    def decide(
+        self, keys: torch.Tensor, stats: torch.Tensor, rate: float, want_scores: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(keep, scores): bool (n,) on the CPU, which tokens to search at retrieval rate
+        ``rate`` (1: all, 0: none), and with ``want_scores`` the scores (on the CPU) that a
+        learned weight reads; the MLP runs at most once."""
+        n = keys.shape[0]
+        scores = None
+        if want_scores or 0.0 < rate < 1.0:
+            scores = self.scores(keys, stats).cpu()
+        wanted = scores if want_scores else None
+        if rate >= 1.0:
+            return torch.ones(n, dtype=torch.bool), wanted
+        if rate <= 0.0:
+            return torch.zeros(n, dtype=torch.bool), wanted
+        return scores > self.threshold(rate), wanted
+
     def keep(self, keys: torch.Tensor, stats: torch.Tensor, rate: float) -> torch.Tensor:
         """Bool (n,): which tokens to search at retrieval rate ``rate`` (1: all, 0: none)."""
-        n = keys.shape[0]
-        if rate >= 1.0:
-            return torch.ones(n, dtype=torch.bool)
-        if rate <= 0.0:
-            return torch.zeros(n, dtype=torch.bool)
-        return self.scores(keys, stats) > self.threshold(rate)
+        return self.decide(keys, stats, rate)[0]
 
 
 def check_rate(rate: float) -> float:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
+from knnlm.forward_pass import score_stream
 from knnlm.lm.loading import LoadedLM
 from knnlm.locking import locks
 from knnlm.retrieval.datastore import corpus_fingerprint, open_datastore
@@ -33,7 +34,6 @@ from knnlm.retrieval.gate import (
     score_quantiles,
 )
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.scoring import score_stream
 
 
 def collect(

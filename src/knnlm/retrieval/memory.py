@@ -4,7 +4,7 @@
 
 where MLP is one hidden layer (d -> hidden -> d, exact GELU), LN a LayerNorm(d) (eps 1e-5,
 affine) and W (V x d) starts as a copy of the LM's output embedding. The LM combines it with its
-own distribution like the kNN component (log-space mix, ``knnlm.retrieval.knn``).
+own distribution like the kNN component (log-space mix, ``knnlm.retrieval.combiner``).
 
 This module holds what evaluation needs: the model, loading a saved one and its storage
 accounting. Training (the Section 5 experiment) lives in the experiments layer

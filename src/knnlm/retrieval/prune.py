@@ -8,7 +8,7 @@ absorber - adding that neighbour's count to its own. A visited entry that absorb
 fresh, so a later entry listing it can still absorb it (the first version here kept it for good
 and merged only 19% of the benchmark's entries at k = 9). An absorber is never merged. The kept
 rows form a new datastore with ``counts.npy`` (a weight in p_knn, see
-:mod:`knnlm.retrieval.knn`) and ``positions.npy`` (each row's row in the unpruned datastore).
+:mod:`knnlm.retrieval.combiner`) and ``positions.npy`` (each row's row in the unpruned datastore).
 
 The visit is sequential by nature; :func:`greedy_merge` computes the same result in vectorised
 rounds (first which entries are still present at their visit, from the edges to later rows; then

@@ -15,8 +15,8 @@ import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.lm.loading import LoadedLM
+from knnlm.retrieval.combiner import knn_log_probs, knn_target_log_prob
 from knnlm.retrieval.datastore import Datastore, open_datastore
-from knnlm.retrieval.knn import knn_log_probs, knn_target_log_prob
 from knnlm.retrieval.search.choose import open_backend
 from knnlm.retrieval.search.protocol import Neighbours, SearchBackend, check_search, gather_rows
 

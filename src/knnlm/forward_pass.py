@@ -88,13 +88,26 @@ class _BatchScores:
     lm_stats: torch.Tensor | None = None
 
 
-def lm_stats(logits: torch.Tensor) -> torch.Tensor:
-    """(..., 2) entropy and max log-probability of softmax(logits), in float32."""
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    log_p = logits - lse
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    return torch.stack([entropy, log_p.max(-1).values], dim=-1)
+def lm_stats(
+    logits: torch.Tensor, lse: torch.Tensor | None = None, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(n, 2) entropy and max log-probability of softmax(logits), in float32.
+
+    ``logits`` (m, V); ``rows`` picks n of them (all when None); ``lse`` (m,) is their
+    logsumexp when already taken. Two (n, V) buffers: the picked rows, turned into log p in
+    place, and p, turned into p log p in place (measured: benchmarks/bench_hot_path.py).
+    """
+    x = logits.float() if rows is None else logits.index_select(0, rows).float()
+    if x is logits:
+        x = x.clone()  # log p is made in place
+    if lse is None:
+        lse = torch.logsumexp(x, dim=-1)
+    elif rows is not None:
+        lse = lse.index_select(0, rows)
+    log_p = x.sub_(lse[:, None])
+    top = log_p.amax(-1)
+    entropy = log_p.exp().mul_(log_p).sum(-1).neg_()
+    return torch.stack([entropy, top], dim=-1)
 
 
 def _score_batch(
@@ -123,7 +136,7 @@ def _score_batch(
     )
     mask = scored.to(device)
     targets = batch_ids[:, 1:].to(device)[mask[:, :-1]]
-    lm_lp = logits = None
+    lm_lp = logits = lse = None
     if want_logits or (want_lm and out.logits.dtype != torch.float32):
         sel = out.logits[mask].float()
         if want_lm:
@@ -135,7 +148,13 @@ def _score_batch(
         # (batch, width) grid, without copying the scored rows out of the logits.
         nxt = torch.cat([batch_ids[:, 1:], batch_ids[:, :1]], dim=1).to(device)
         tgt_logit = out.logits.gather(-1, nxt[..., None]).squeeze(-1)
-        lm_lp = (tgt_logit - torch.logsumexp(out.logits, dim=-1))[mask]
+        lse = torch.logsumexp(out.logits, dim=-1)  # kept for the gate's statistics
+        lm_lp = (tgt_logit - lse)[mask]
+    stats = None
+    if want_stats:  # from the logsumexp above, on the scored rows only
+        flat = out.logits.reshape(-1, out.logits.shape[-1])
+        rows = mask.reshape(-1).nonzero().squeeze(1)
+        stats = lm_stats(flat, None if lse is None else lse.reshape(-1), rows)
     return _BatchScores(
         scored=scored,
         targets=targets,
@@ -143,7 +162,7 @@ def _score_batch(
         keys=Adapter.key_from(store, key_type)[mask] if key_type else None,
         enc=store["enc"][mask] if want_enc else None,
         lm_logits=logits,
-        lm_stats=lm_stats(out.logits[mask]) if want_stats else None,
+        lm_stats=stats,
     )
 
 

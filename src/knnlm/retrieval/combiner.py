@@ -1,4 +1,10 @@
-"""The kNN distribution and the interpolation with the LM: pure tensor functions, no I/O.
+"""The kNN-LM's maths in one place (the combiner): p_knn, its per-neighbour weights, and every
+way a second distribution is mixed into the LM's. Pure tensor functions, no I/O.
+
+Every consumer combines through this module: the per-token scorer (:mod:`knnlm.token_scores`:
+fixed weight, a gate's per-token weight, only the tokens a gate searched, the MLP memory), the
+neighbour cache's re-scoring (:mod:`knnlm.sweep`), Macondo's tuning, generation, and the
+neighbours shown to a user (:func:`knn_weights`).
 
 Conventions:
 
@@ -20,7 +26,9 @@ one, puts 0.25 on p_knn, i.e. ``knn_weight = 1 - lambda``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from knnlm.errors import KnnlmError
@@ -71,6 +79,39 @@ def knn_target_log_prob(
     return torch.where(norm > 0, out, torch.full_like(out, NEG_INF))
 
 
+def knn_weights(
+    dists: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(n, k) each neighbour's share of p_knn: softmax(-dists / T) (times its count), zero
+    where missing; what :func:`knn_log_probs` scatters and what a user is shown."""
+    logits = _neighbour_logits(dists, ids, temperature, counts)
+    return torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)  # all-missing rows -> zeros
+
+
+def prefix_log_probs(
+    dists: torch.Tensor,
+    ids: torch.Tensor,
+    values: torch.Tensor,
+    targets: torch.Tensor,
+    ks: Sequence[int],
+    temperatures: Sequence[float],
+    counts: torch.Tensor | None = None,
+) -> dict[tuple[int, float], torch.Tensor]:
+    """log p_knn(target) for every (k, temperature) from one search of k >= max(ks): the
+    first k columns (neighbours sorted by distance) are the k nearest."""
+    out = {}
+    for k in ks:
+        c = None if counts is None else counts[:, :k]
+        for t in temperatures:
+            out[(int(k), float(t))] = knn_target_log_prob(
+                dists[:, :k], ids[:, :k], values[:, :k], targets, float(t), c
+            )
+    return out
+
+
 def knn_log_probs(
     dists: torch.Tensor,
     ids: torch.Tensor,
@@ -84,8 +125,7 @@ def knn_log_probs(
     Needed where the whole distribution is used (projection, generation); perplexity uses
     :func:`knn_target_log_prob`.
     """
-    logits = _neighbour_logits(dists, ids, temperature, counts)
-    weights = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)  # all-missing rows -> zeros
+    weights = knn_weights(dists, ids, temperature, counts)
     safe_values = values.long().masked_fill(ids < 0, 0)  # missing neighbours carry garbage
     if safe_values.numel() and (safe_values.min() < 0 or safe_values.max() >= vocab_size):
         bad = safe_values[(safe_values < 0) | (safe_values >= vocab_size)][0]
@@ -118,6 +158,33 @@ def interpolate_per_token(
     weight, :mod:`knnlm.retrieval.gate`)."""
     w = weights.to(lm_log_prob.dtype)
     return torch.logaddexp(lm_log_prob + torch.log1p(-w), other_log_prob + torch.log(w))
+
+
+def combine(
+    lm_log_prob: torch.Tensor,
+    other_log_prob: torch.Tensor,
+    weight: float | torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The mixture for every variant: a fixed ``weight`` (float) or one per token (a tensor
+    aligned with ``lm_log_prob``, a learned gate's); with ``rows``, only those tokens were
+    searched (``other_log_prob`` holds theirs) and the others keep p_lm exactly."""
+    if rows is None:
+        if torch.is_tensor(weight):
+            return interpolate_per_token(lm_log_prob, other_log_prob, weight)
+        return interpolate(lm_log_prob, other_log_prob, weight)
+    out = lm_log_prob.clone()
+    if rows.numel():
+        w = weight[rows] if torch.is_tensor(weight) else weight
+        out[rows] = combine(lm_log_prob[rows], other_log_prob, w)
+    return out
+
+
+def interpolate_numpy(lm: np.ndarray, other: np.ndarray, weight: float) -> np.ndarray:
+    """:func:`interpolate` on numpy arrays, for 0 < weight < 1 (Macondo's tuning grid). Kept
+    apart because numpy's logaddexp differs from torch's in the last bit of ~0.2% of values,
+    and the tuning results were made with it."""
+    return np.logaddexp(lm + math.log1p(-weight), other + math.log(weight))
 
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:

@@ -10,6 +10,7 @@ import torch
 from knnlm.errors import KnnlmError
 from knnlm.lm.adapters import Adapter
 from knnlm.lm.loading import LoadedLM
+from knnlm.retrieval.combiner import knn_weights
 from knnlm.retrieval.retriever import Retriever
 
 
@@ -30,8 +31,8 @@ def find_neighbours(
     """The k entries retrieved for the token after ``text``, nearest first, as dicts.
 
     Row r of the datastore holds the key of the context ending at token r of ``tokens`` and
-    the value ``tokens[r + 1]``. ``weight`` is softmax(-distance / T) over the found
-    neighbours, i.e. each entry's share of p_knn.
+    the value ``tokens[r + 1]``. ``weight`` is each entry's share of p_knn
+    (:func:`knnlm.retrieval.combiner.knn_weights`).
     """
     meta = retriever.ds.meta
     key = query_key(lm, text, retriever.key_type, int(meta["context_len"]))
@@ -40,11 +41,9 @@ def find_neighbours(
     ids = nb.rows[0].cpu().numpy()[found]
     dists = nb.distances[0].float().cpu().numpy()[found].astype(np.float64)
     values = nb.values[0].cpu().numpy()[found]
-    logits = -(dists - (dists.min() if len(dists) else 0.0)) / retriever.knn.temperature
     counts = retriever.row_counts(nb)  # a pruned store: each entry weighs its count
-    if counts is not None:
-        logits = logits + np.log(counts[0].double().cpu().numpy()[found])
-    weights = np.exp(logits) / np.exp(logits).sum() if len(ids) else logits
+    weights = knn_weights(nb.distances, nb.rows, retriever.knn.temperature, counts)
+    weights = weights[0].cpu().numpy()[found]
     # A pruned store's row stands at its first position in the unpruned token stream.
     positions = retriever.ds.positions
     tok = lm.tokenizer
