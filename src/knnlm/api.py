@@ -17,22 +17,17 @@ from typing import Any
 
 import torch
 
-from knnlm.api_store import Datastore
 from knnlm.data.corpus import Corpus
 from knnlm.evaluate import evaluate
 from knnlm.generation import KnnLogitsProcessor, attach_processor, generate
 from knnlm.lm import loading
 from knnlm.lm.loading import LoadedLM, pick_device, torch_dtype, wrap_lm
 from knnlm.neighbours import find_neighbours
-from knnlm.retrieval.datastore import Datastore as StoredDatastore
+from knnlm.retrieval.datastore import Datastore
 from knnlm.retrieval.retriever import KnnSettings, Retriever
 from knnlm.scoring import default_window, position_limit
 
-DatastoreLike = Datastore | StoredDatastore | str | Path
-
-
-def _stored(datastore: DatastoreLike) -> StoredDatastore | str | Path:
-    return datastore.stored if isinstance(datastore, Datastore) else datastore
+DatastoreLike = Datastore | str | Path
 
 
 @dataclass(repr=False)
@@ -182,7 +177,7 @@ class KnnLM:
         result = evaluate(
             self.lm, corpus, split, context_len=context_len, stride=stride,
             batch_size=batch_size, text_field=text_field,
-            datastore=None if datastore is None else _stored(datastore), knn=knn,
+            datastore=datastore, knn=knn,
             progress=progress,
         )  # fmt: skip
         return PerplexityResult.from_eval(result)
@@ -209,8 +204,7 @@ class KnnLM:
         knn = KnnSettings(
             k=k, knn_weight=knn_weight, temperature=knn_temperature, nprobe=nprobe, search=search
         )
-        store = None if datastore is None else _stored(datastore)
-        return generate(self.lm, prompts, store, knn, seed=seed, **generate_kwargs)
+        return generate(self.lm, prompts, datastore, knn, seed=seed, **generate_kwargs)
 
     def logits_processor(
         self,
@@ -231,7 +225,7 @@ class KnnLM:
                 out = model.generate(**enc, logits_processor=LogitsProcessorList([proc]))
         """
         knn = KnnSettings(k, knn_weight, knn_temperature, recompute, nprobe, search=search)
-        return attach_processor(self.lm, _stored(datastore), knn)
+        return attach_processor(self.lm, datastore, knn)
 
     def neighbours(
         self,
@@ -253,15 +247,9 @@ class KnnLM:
             for nb in knn_lm.neighbours("The tower is", ds, k=4):
                 print(f"{nb['weight']:.2f} {nb['context']!r} -> {nb['target']!r}")
         """
-        ds = datastore if isinstance(datastore, Datastore) else Datastore(_stored_open(datastore))
+        ds = datastore if isinstance(datastore, Datastore) else Datastore.load(datastore)
         knn = KnnSettings(
             k=k, temperature=knn_temperature, nprobe=nprobe, exclude_self="no", search=search
         )
-        retriever = Retriever(self.lm, ds.stored, knn)
+        retriever = Retriever(self.lm, ds, knn)
         return find_neighbours(self.lm, retriever, ds.tokens(self.tokenizer), text, context_tokens)
-
-
-def _stored_open(datastore: StoredDatastore | str | Path) -> StoredDatastore:
-    if isinstance(datastore, StoredDatastore):
-        return datastore
-    return Datastore.load(datastore).stored

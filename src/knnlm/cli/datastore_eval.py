@@ -75,9 +75,8 @@ def datastore_build(
 
     Under torchrun / accelerate launch each process scores its share of the windows.
     """
-    from knnlm.api_store import Datastore
     from knnlm.fileio import claim_target
-    from knnlm.retrieval.datastore import KIND, META
+    from knnlm.retrieval.datastore import KIND, META, Datastore
 
     rank = init_distributed()  # first: rank 0 takes the writer lock for the group
     hold_lock(ctx, out, "datastore")
@@ -185,7 +184,7 @@ def datastore_info(
     quiet: bool = QUIET,  # nothing to silence; accepted so that every command takes --quiet
 ) -> None:
     """Size, key type, model, corpus, index and bytes on disk of a datastore."""
-    from knnlm.api_store import Datastore
+    from knnlm.retrieval.datastore import Datastore
 
     info = Datastore.load(one_path(ds, ds_opt, "--datastore")).info()
     write_json(json_out, info)

@@ -60,6 +60,22 @@ class LoadedLM:
         return next(self.model.parameters()).device
 
 
+def as_loaded(knn_lm: object, arg: str = "knn_lm") -> LoadedLM:
+    """The :class:`LoadedLM` of a ``KnnLM`` (or a ``LoadedLM`` itself); one clear line for
+    anything else, naming the Python argument ``arg``."""
+    if isinstance(knn_lm, LoadedLM):
+        return knn_lm
+    inner = getattr(knn_lm, "lm", None)
+    if isinstance(inner, LoadedLM):
+        return inner
+    raise KnnlmError(f"{arg} must be a knnlm.KnnLM, not {type(knn_lm).__name__}")
+
+
+def dtype_name(model: torch.nn.Module) -> str:
+    """The dtype the model computes in, as a string; e.g. ``"float32"``."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def _is_local(name: str) -> bool:
     return Path(name).expanduser().exists()
 
