@@ -77,9 +77,11 @@ class KnnLM:
     """A causal LM with its tokenizer, ready for datastores, kNN-LM perplexity and generation.
 
     ``KnnLM(model, tokenizer)`` wraps a model already in memory (any device and dtype;
-    ``device=`` / ``dtype=`` move it). Its fingerprint, which datastores record, is computed
-    from ``name`` (a saved folder's files or a hub revision), or from the weights themselves
-    when no name is given. Example::
+    ``device=`` / ``dtype=`` move it). Its fingerprint, which datastores, memories and gates
+    record, is a hash of every weight and the config: the same weights have the same one
+    whether they were built in memory, saved to a folder or loaded from the hub. ``name``
+    (default: the folder or hub name the model came from, if any) is what artifacts record to
+    reload it. Example::
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained("gpt2")
@@ -99,7 +101,7 @@ class KnnLM:
             model.to(torch_dtype(dtype))
         if device is not None:
             model.to(pick_device(device))
-        self.lm: LoadedLM = wrap_lm(model, tokenizer, name or "in-memory")
+        self.lm: LoadedLM = wrap_lm(model, tokenizer, name)
 
     @classmethod
     def from_pretrained(

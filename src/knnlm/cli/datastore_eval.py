@@ -140,8 +140,12 @@ def datastore_index(
     knn.validate()  # before the build: a bad setting or a missing split costs nothing
     if corpus is not None:
         from knnlm.data.corpus import read_split
+        from knnlm.lm.loading import reload_name
+        from knnlm.retrieval.datastore import open_datastore
 
         read_split(corpus, split)
+        model = model or reload_name(open_datastore(ds).meta["model"], f"datastore {ds}",
+                                     "pass --model")  # fmt: skip
     path = build_index(
         ds, kind=value(type_), metric=value(metric), nlist=nlist, pq_m=pq_m, pq_bits=pq_bits,
         nprobe=nprobe, train_size=train_size, seed=seed, progress=not quiet, factory=factory,
@@ -164,7 +168,7 @@ def _index_check(ds: Path, corpus: str, split: str, model: str | None, knn, wind
     meta = open_datastore(ds).meta
     sha = index_identity(ds)
     context_len, stride, batch_size = window
-    knn_lm = load_model(model or meta["model"], device, "float32")
+    knn_lm = load_model(model, device, meta.get("model_dtype") or "float32")
     check = index_perplexity_check(
         knn_lm.lm, corpus, split, ds, knn, context_len=context_len or meta.get("context_len"),
         stride=stride or meta.get("stride"), batch_size=batch_size, progress=not quiet,

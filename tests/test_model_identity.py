@@ -1,0 +1,124 @@
+"""One identity for a model wherever it is loaded: artifacts built in Python from an in-memory
+model work through the CLI from another working directory, and the other way round."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from knnlm import Datastore, KnnLM, KnnlmError
+from knnlm.lm.loading import content_fingerprint, load_lm
+from tiny import SMALL_CTX, SMALL_STRIDE, run_cli
+
+WINDOW = {"context_len": SMALL_CTX, "stride": SMALL_STRIDE}
+CLI_WINDOW = ["--context-len", SMALL_CTX, "--stride", SMALL_STRIDE]
+
+
+def _model(tokenizer, seed: int, model_type: str = "gpt2"):
+    """A random tiny model built in memory (no folder, no hub name)."""
+    torch.manual_seed(seed)
+    special = dict.fromkeys(("bos_token_id", "eos_token_id"), tokenizer.eos_token_id)
+    if model_type == "gpt2":
+        cfg = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_positions=128, n_embd=32,
+                                   n_layer=2, n_head=2, **special)  # fmt: skip
+    else:
+        cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=32,
+                                   intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, **special)  # fmt: skip
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_one_fingerprint_in_memory_and_from_a_folder(tiny_tokenizer, tmp_path, model_type):
+    model = _model(tiny_tokenizer, 0, model_type)
+    in_memory = KnnLM(model, tiny_tokenizer).lm
+    assert in_memory.name == "in-memory"
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    loaded = load_lm(str(tmp_path / "m"))
+    assert loaded.fingerprint == in_memory.fingerprint
+    assert loaded.name == str((tmp_path / "m").resolve())  # absolute: reloadable from anywhere
+    assert load_lm(str(tmp_path / "m"), dtype="bfloat16").fingerprint != loaded.fingerprint
+    # Two models differing only in the last byte of one tensor (far past its first 4 KiB).
+    other = _model(tiny_tokenizer, 0, model_type)
+    tensor = max(other.state_dict().values(), key=lambda t: t.numel())
+    assert tensor.numel() * 4 > 4096
+    last = tensor.view(-1)[-1].clone()
+    with torch.no_grad():
+        tensor.view(-1)[-1] += 1.0
+    assert content_fingerprint(other) != in_memory.fingerprint
+    with torch.no_grad():
+        tensor.view(-1)[-1] = last
+    assert content_fingerprint(other) == in_memory.fingerprint  # the cache follows the change
+
+
+@pytest.fixture(scope="module")
+def python_side(tmp_path_factory, tiny_tokenizer, small_corpus):
+    """A datastore and its index built in Python from an in-memory model, which is also
+    saved to a folder."""
+    root = tmp_path_factory.mktemp("python_side")
+    model = _model(tiny_tokenizer, 0)
+    model.save_pretrained(root / "model")
+    tiny_tokenizer.save_pretrained(root / "model")
+    knn_lm = KnnLM(model, tiny_tokenizer)
+    ds = Datastore.build(knn_lm, small_corpus, root / "ds", key_dtype="float32", progress=False,
+                         **WINDOW)  # fmt: skip
+    ds.index("flat", progress=False)
+    return root, knn_lm
+
+
+def test_python_datastore_works_through_the_cli_elsewhere(
+    python_side, small_corpus, tmp_path, monkeypatch, capsys
+):
+    root, knn_lm = python_side
+    monkeypatch.chdir(tmp_path)  # another working directory
+    (tmp_path / "models").mkdir()
+    shutil.copytree(root / "model", tmp_path / "models" / "m")  # the same weights, elsewhere
+    args = ["eval", "-m", "models/m", "-c", small_corpus, "-d", root / "ds", "--k", 8,
+            *CLI_WINDOW, "-q"]  # fmt: skip
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    want = knn_lm.perplexity(small_corpus, root / "ds", k=8, **WINDOW)
+    assert f"kNN-LM ppl {want.knnlm:.3f}" in out
+    # The index check must reload the model: an in-memory one has no name to reload.
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "index", root / "ds",
+                           "--corpus", small_corpus, "--k", 8, "-q")  # fmt: skip
+    assert code == 2 and "in memory" in err and "--model" in err and len(err.splitlines()) == 1
+    code, out, err = run_cli(monkeypatch, capsys, "datastore", "index", root / "ds", "--corpus",
+                             small_corpus, "-m", "models/m", "--k", 8, *CLI_WINDOW, "-q")  # fmt: skip
+    assert code == 0, err
+
+
+def test_cli_datastore_works_from_python_and_from_elsewhere(
+    python_side, small_corpus, tmp_path, monkeypatch, capsys
+):
+    root, knn_lm = python_side
+    here = tmp_path / "a"
+    (here / "models").mkdir(parents=True)
+    shutil.copytree(root / "model", here / "models" / "m")
+    monkeypatch.chdir(here)
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "build", "-m", "models/m", "-c",
+                           small_corpus, "-o", "ds", "--key-dtype", "float32", *CLI_WINDOW,
+                           "-q")  # fmt: skip
+    assert code == 0, err
+    assert Datastore.load(here / "ds").meta["model"] == str((here / "models" / "m").resolve())
+    res = knn_lm.perplexity(small_corpus, here / "ds", k=8, **WINDOW)  # the in-memory model
+    assert res.knnlm == pytest.approx(knn_lm.perplexity(small_corpus, root / "ds", k=8,
+                                                        **WINDOW).knnlm, rel=1e-6)  # fmt: skip
+    # From another directory the recorded (absolute) model path reloads for the index check.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "index", here / "ds", "--corpus",
+                           small_corpus, "--k", 8, *CLI_WINDOW, "-q")  # fmt: skip
+    assert code == 0, err
+
+
+def test_missing_local_model_folder_says_so(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ("models/gpt2", "./gpt2", str(tmp_path / "nothing")):
+        with pytest.raises(KnnlmError, match="model folder .* does not exist"):
+            load_lm(name)
