@@ -1,15 +1,20 @@
 """One identity for a model wherever it is loaded: artifacts built in Python from an in-memory
-model work through the CLI from another working directory, and the other way round."""
+model work through the CLI from another working directory, and the other way round; a k past
+the datastore's size, a split of a single file and a family registered with the wrong layout
+are refused in one line."""
 
 from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import knnlm
 from knnlm import Datastore, KnnLM, KnnlmError
+from knnlm.lm.adapters import unregister_family
 from knnlm.lm.loading import content_fingerprint, load_lm
 from tiny import SMALL_CTX, SMALL_STRIDE, run_cli
 
@@ -122,3 +127,59 @@ def test_missing_local_model_folder_says_so(tmp_path, monkeypatch):
     for name in ("models/gpt2", "./gpt2", str(tmp_path / "nothing")):
         with pytest.raises(KnnlmError, match="model folder .* does not exist"):
             load_lm(name)
+
+
+def test_k_past_the_datastore_is_refused(python_side, small_corpus):
+    root, knn_lm = python_side
+    n = len(Datastore.load(root / "ds"))
+    with pytest.raises(KnnlmError, match=rf"k={n + 1} .* holds only {n} entries"):
+        knn_lm.perplexity(small_corpus, root / "ds", k=n + 1, **WINDOW)
+
+
+def test_a_split_of_a_single_file_is_refused(small_corpus, tiny_tokenizer, tmp_path):
+    single = tmp_path / "one.txt"
+    single.write_text((small_corpus / "train.txt").read_text())
+    knn_lm = KnnLM(_model(tiny_tokenizer, 0), tiny_tokenizer)
+    with pytest.raises(KnnlmError, match="single text file, which has no splits"):
+        Datastore.build(knn_lm, single, tmp_path / "ds", split="train", progress=False)
+    assert len(Datastore.build(knn_lm, single, tmp_path / "ds", progress=False, **WINDOW)) > 0
+
+
+def test_a_family_with_the_wrong_layout_is_refused(tiny_tokenizer):
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gemma2", vocab_size=len(tiny_tokenizer), hidden_size=32,
+                               intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8,
+                               max_position_embeddings=128)  # fmt: skip
+    gemma2 = AutoModelForCausalLM.from_config(cfg)
+    neox_cfg = AutoConfig.for_model("gpt_neox", vocab_size=len(tiny_tokenizer), hidden_size=32,
+                                    intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=128,
+                                    use_parallel_residual=False)  # fmt: skip
+    neox = AutoModelForCausalLM.from_config(neox_cfg)
+    try:
+        knnlm.register_family(
+            "gemma2",
+            blocks="model.layers",
+            norm2="pre_feedforward_layernorm",
+            mlp="mlp",
+            final_norm="model.norm",
+        )  # Llama's layout
+        with pytest.raises(KnnlmError, match="does not reproduce the model's logits") as exc:
+            KnnLM(gemma2, tiny_tokenizer)
+        assert len(str(exc.value).splitlines()) == 1
+        neox_layout = dict(blocks="gpt_neox.layers", norm2="post_attention_layernorm",
+                           mlp="mlp", final_norm="gpt_neox.final_layer_norm")  # fmt: skip
+        knnlm.register_family("gpt_neox", lm_head="embed_out", **neox_layout)
+        with pytest.raises(KnnlmError, match="lm_head='embed_out'"):
+            KnnLM(neox, tiny_tokenizer)
+        knnlm.register_family("gpt_neox", **neox_layout)  # sequential residual: Eq. 1 holds
+        lm = KnnLM(neox, tiny_tokenizer).lm
+        ids = torch.arange(1, 9).unsqueeze(0)
+        with lm.adapter.capture() as store:
+            logits = neox(input_ids=ids).logits
+        split = lm.adapter.fg_logits(store["enc"])
+        assert np.allclose(split.numpy(), logits.numpy(), rtol=1e-4, atol=1e-5)
+    finally:
+        unregister_family("gemma2")
+        unregister_family("gpt_neox")

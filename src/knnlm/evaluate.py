@@ -25,7 +25,13 @@ from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datast
 from knnlm.retrieval.exclusion import is_own_stream, should_exclude
 from knnlm.retrieval.gate import Gate, check_gate_for, check_rate, load_gate
 from knnlm.retrieval.knn import perplexity
-from knnlm.retrieval.memory import MemoryMLP, load_memory, memory_storage, storage_report
+from knnlm.retrieval.memory import (
+    MemoryMLP,
+    check_memory_for,
+    load_memory,
+    memory_storage,
+    storage_report,
+)
 from knnlm.retrieval.retriever import KnnSettings, Retriever
 from knnlm.scoring import check_context_len, score_examples, score_stream
 from knnlm.token_scores import TokenScores, score_tokens
@@ -45,6 +51,8 @@ def open_inputs(
         claim_cache(cache)
     if datastore is not None and not isinstance(datastore, Datastore):
         datastore = open_datastore(datastore)
+    if datastore is not None:
+        datastore.check_k(knn.k)
     if cache is not None and datastore.counts is not None:
         raise KnnlmError(
             f"datastore {datastore.path} is pruned: a neighbour cache does not keep its counts "
@@ -98,6 +106,8 @@ def evaluate(
     eval_fp = corpus_fingerprint(ids)
     # The user's settings are checked before the searcher is set up (it may log a notice).
     exclude, warnings = _exclusion(lm, ds, knn.exclude_self, eval_fp)
+    if memory is not None:
+        check_memory_for(memory, lm)
     mem = load_memory(memory, device=str(lm.device)) if memory is not None else None
     retriever = Retriever(lm, ds, knn) if ds is not None else None
     if gate_obj is not None:

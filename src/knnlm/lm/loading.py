@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import file_sha256, write_json_atomic
-from knnlm.lm.adapters import Adapter, apply_saved_surgery
+from knnlm.lm.adapters import Adapter, apply_saved_surgery, check_split
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -264,7 +264,9 @@ def wrap_lm(
     model.eval()
     model.requires_grad_(False)
     adapter = Adapter(model)
-    if not adapter.registered:  # registered families are causal decoders by construction
+    if adapter.registered:  # a registered family's split must reproduce the model's logits
+        check_split(model)
+    else:
         check_causal(model)
     return LoadedLM(
         model=model,

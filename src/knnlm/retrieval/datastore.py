@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from knnlm.data.corpus import Corpus, load_tokens
+from knnlm.data.corpus import Corpus, load_tokens, pick_split
 from knnlm.errors import KnnlmError
 from knnlm.fileio import check_npy, fingerprint, read_meta, read_stable, recover
 from knnlm.lm.loading import LoadedLM, as_loaded, dtype_name
@@ -110,7 +110,7 @@ class Datastore:
         corpus: Corpus,
         out: str | Path,
         *,
-        split: str = "train",
+        split: str | None = None,
         context_len: int | None = None,
         stride: int | None = None,
         batch_size: int = 8,
@@ -123,14 +123,15 @@ class Datastore:
         """Score ``corpus`` with ``knn_lm`` and store every position's key and next token.
 
         ``knn_lm`` is a ``KnnLM``. ``corpus`` is a path, an ``hf:`` spec, a list of strings
-        or a ``datasets.Dataset`` (``split`` picks the split of folders and ``hf:``
-        corpora). ``context_len`` defaults to the model's maximum positions, ``stride`` to
+        or a ``datasets.Dataset`` (``split``, default ``train``, picks the split of folders
+        and ``hf:`` corpora; a single text file has none). ``context_len`` defaults to the model's maximum positions, ``stride`` to
         half of it. Resumable; a finished datastore with the same settings is reused.
         Example::
 
             ds = Datastore.build(knn_lm, "data/wikitext-2", "runs/ds", context_len=256)
         """
         lm = as_loaded(knn_lm, "knn_lm")
+        split = pick_split(corpus, split, "train")
         context_len, stride = default_window(lm.model, context_len, stride)
         path = build_datastore(
             lm, corpus, split, out, context_len=context_len, stride=stride,
@@ -242,6 +243,14 @@ class Datastore:
         if corpus_fingerprint(ids) != m["corpus_fingerprint"]:
             raise KnnlmError(f"the corpus {m['corpus']} changed since datastore {self.path}")
         return ids
+
+    def check_k(self, k: int) -> None:
+        """Refuse asking for more neighbours than the datastore holds (one line, naming its
+        size); e.g. ``ds.check_k(1024)``."""
+        if k > self.n:
+            raise KnnlmError(
+                f"k={k} neighbours asked for, but datastore {self.path} holds only {self.n} entries"
+            )
 
     def check_compatible(self, lm: LoadedLM, key_type: str | None = None) -> None:
         """Refuse a datastore built with another model, tokenizer or key size.

@@ -187,7 +187,9 @@ def build_datastore(
     if built:
         return out
     if built is False and not overwrite:
-        raise KnnlmError(f"{out} holds a datastore with other settings; pass --overwrite")
+        raise KnnlmError(
+            f"{out} holds a datastore with other settings; pass overwrite=True (--overwrite)"
+        )
     partial, finished = _open_partial(out, settings, rank)
     if finished:  # a crash cut the last step short: the rows are all there
         if rank == 0:
