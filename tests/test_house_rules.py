@@ -20,8 +20,8 @@ LAYERS = [
     {"retrieval"},
     {"token_scores", "neighbour_cache", "sweep", "generation", "neighbours"},
     {"evaluate", "index_check"},
-    {"api_store", "api"},
     {"experiments"},
+    {"api"},  # the Python API offers the analyses too
     {"report"},
     {"cli", "__main__", "__init__"},
 ]

@@ -1,7 +1,7 @@
-"""One identity for a model wherever it is loaded: artifacts built in Python from an in-memory
-model work through the CLI from another working directory, and the other way round; a k past
-the datastore's size, a split of a single file and a family registered with the wrong layout
-are refused in one line."""
+"""One identity for a model wherever it is loaded (issue 28 item 1), and the refusals of item 4:
+artifacts built in Python from an in-memory model work through the CLI from another working
+directory, and the other way round; foreign memories and gates, a k past the datastore's size,
+a split of a single file and a family registered with the wrong layout are refused in one line."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import knnlm
 from knnlm import Datastore, KnnLM, KnnlmError
 from knnlm.lm.adapters import unregister_family
 from knnlm.lm.loading import content_fingerprint, load_lm
+from knnlm.retrieval.gate_train import train_gate
+from knnlm.retrieval.retriever import KnnSettings
 from tiny import SMALL_CTX, SMALL_STRIDE, run_cli
 
 WINDOW = {"context_len": SMALL_CTX, "stride": SMALL_STRIDE}
@@ -63,8 +65,8 @@ def test_one_fingerprint_in_memory_and_from_a_folder(tiny_tokenizer, tmp_path, m
 
 @pytest.fixture(scope="module")
 def python_side(tmp_path_factory, tiny_tokenizer, small_corpus):
-    """A datastore and its index built in Python from an in-memory model, which is also
-    saved to a folder."""
+    """Datastore, index, memory and gate built in Python from an in-memory model, which is
+    also saved to a folder."""
     root = tmp_path_factory.mktemp("python_side")
     model = _model(tiny_tokenizer, 0)
     model.save_pretrained(root / "model")
@@ -73,10 +75,13 @@ def python_side(tmp_path_factory, tiny_tokenizer, small_corpus):
     ds = Datastore.build(knn_lm, small_corpus, root / "ds", key_dtype="float32", progress=False,
                          **WINDOW)  # fmt: skip
     ds.index("flat", progress=False)
+    knn_lm.train_memory(ds, root / "mem", hidden=8, max_steps=2, batch_tokens=64)
+    train_gate(knn_lm.lm, ds.path, str(small_corpus), root / "gate", kind="entropy",
+               knn=KnnSettings(k=8), progress=False, **WINDOW)  # fmt: skip
     return root, knn_lm
 
 
-def test_python_datastore_works_through_the_cli_elsewhere(
+def test_python_artifacts_work_through_the_cli_elsewhere(
     python_side, small_corpus, tmp_path, monkeypatch, capsys
 ):
     root, knn_lm = python_side
@@ -84,11 +89,16 @@ def test_python_datastore_works_through_the_cli_elsewhere(
     (tmp_path / "models").mkdir()
     shutil.copytree(root / "model", tmp_path / "models" / "m")  # the same weights, elsewhere
     args = ["eval", "-m", "models/m", "-c", small_corpus, "-d", root / "ds", "--k", 8,
-            *CLI_WINDOW, "-q"]  # fmt: skip
+            "--memory", root / "mem", "--gate", root / "gate", "--retrieval-rate", 0.5,
+            *CLI_WINDOW, "--json", tmp_path / "r.json", "-q"]  # fmt: skip
     code, out, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0, err
-    want = knn_lm.perplexity(small_corpus, root / "ds", k=8, **WINDOW)
-    assert f"kNN-LM ppl {want.knnlm:.3f}" in out
+    want = knn_lm.perplexity(small_corpus, root / "ds", k=8, memory=root / "mem",
+                             gate=root / "gate", retrieval_rate=0.5, **WINDOW)  # fmt: skip
+    assert (
+        f"kNN-LM ppl {want.knnlm:.3f}" in out
+        and f"LM+MLP ppl {want.raw['mlp']['perplexity']:.3f}" in out
+    )
     # The index check must reload the model: an in-memory one has no name to reload.
     code, _, err = run_cli(monkeypatch, capsys, "datastore", "index", root / "ds",
                            "--corpus", small_corpus, "--k", 8, "-q")  # fmt: skip
@@ -98,7 +108,7 @@ def test_python_datastore_works_through_the_cli_elsewhere(
     assert code == 0, err
 
 
-def test_cli_datastore_works_from_python_and_from_elsewhere(
+def test_cli_artifacts_work_from_python_and_from_elsewhere(
     python_side, small_corpus, tmp_path, monkeypatch, capsys
 ):
     root, knn_lm = python_side
@@ -106,19 +116,76 @@ def test_cli_datastore_works_from_python_and_from_elsewhere(
     (here / "models").mkdir(parents=True)
     shutil.copytree(root / "model", here / "models" / "m")
     monkeypatch.chdir(here)
-    code, _, err = run_cli(monkeypatch, capsys, "datastore", "build", "-m", "models/m", "-c",
-                           small_corpus, "-o", "ds", "--key-dtype", "float32", *CLI_WINDOW,
-                           "-q")  # fmt: skip
-    assert code == 0, err
+    for args in (
+        ["datastore", "build", "-m", "models/m", "-c", small_corpus, "-o", "ds",
+         "--key-dtype", "float32", *CLI_WINDOW, "-q"],
+        ["memory", "train", "-m", "models/m", "-d", "ds", "-o", "mem", "--hidden", 8,
+         "--max-steps", 2, "--batch-tokens", 64, "-q"],
+        ["gate", "train", "-m", "models/m", "-d", "ds", "-c", small_corpus, "-o", "gate",
+         "--kind", "entropy", "--k", 8, *CLI_WINDOW, "-q"],
+    ):  # fmt: skip
+        code, _, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 0, err
     assert Datastore.load(here / "ds").meta["model"] == str((here / "models" / "m").resolve())
-    res = knn_lm.perplexity(small_corpus, here / "ds", k=8, **WINDOW)  # the in-memory model
-    assert res.knnlm == pytest.approx(knn_lm.perplexity(small_corpus, root / "ds", k=8,
-                                                        **WINDOW).knnlm, rel=1e-6)  # fmt: skip
+    # The in-memory model with the same weights accepts all three.
+    res = knn_lm.perplexity(small_corpus, here / "ds", k=8, memory=here / "mem",
+                            gate=here / "gate", retrieval_rate=0.5, **WINDOW)  # fmt: skip
+    py = knn_lm.perplexity(small_corpus, root / "ds", k=8, memory=root / "mem",
+                           gate=root / "gate", retrieval_rate=0.5, **WINDOW)  # fmt: skip
+    assert res.raw["mlp"]["perplexity"] == py.raw["mlp"]["perplexity"]  # same memory training
+    assert res.knnlm == pytest.approx(py.knnlm, rel=1e-6)  # FAISS flat index vs exact search
     # From another directory the recorded (absolute) model path reloads for the index check.
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, "datastore", "index", here / "ds", "--corpus",
                            small_corpus, "--k", 8, *CLI_WINDOW, "-q")  # fmt: skip
     assert code == 0, err
+
+
+def test_another_models_memory_gate_and_datastore_are_refused(
+    python_side, small_corpus, tiny_tokenizer
+):
+    root, _ = python_side
+    other = KnnLM(_model(tiny_tokenizer, 1), tiny_tokenizer)
+    with pytest.raises(KnnlmError, match="memory .* trained for another model"):
+        other.perplexity(small_corpus, memory=root / "mem", **WINDOW)
+    with pytest.raises(KnnlmError, match="datastore .* built with another model"):
+        other.perplexity(small_corpus, root / "ds", k=8, **WINDOW)
+    with pytest.raises(KnnlmError, match="datastore .* built with another model"):
+        other.train_memory(root / "ds", root / "never")
+    from knnlm.retrieval.gate import check_gate_for, load_gate
+
+    with pytest.raises(KnnlmError, match="gate was trained with another model"):
+        check_gate_for(load_gate(root / "gate"), other.lm.fingerprint, 32)
+
+
+def test_python_arguments_are_named_and_k_fits_the_datastore(python_side, small_corpus, tmp_path):
+    root, knn_lm = python_side
+    n = len(Datastore.load(root / "ds"))
+    with pytest.raises(KnnlmError, match=rf"k={n + 1} .* holds only {n} entries"):
+        knn_lm.perplexity(small_corpus, root / "ds", k=n + 1, **WINDOW)
+    for kwargs, name in (({"k": 0}, "k"), ({"knn_weight": 2.0}, "knn_weight"),
+                         ({"knn_temperature": 0}, "knn_temperature"),
+                         ({"memory_weight": -1}, "memory_weight")):  # fmt: skip
+        with pytest.raises(KnnlmError) as exc:
+            knn_lm.perplexity(small_corpus, root / "ds", **kwargs, **WINDOW)
+        assert str(exc.value).startswith(f"{name} ") and "--" not in str(exc.value)
+    single = tmp_path / "one.txt"
+    single.write_text((small_corpus / "valid.txt").read_text())
+    assert knn_lm.perplexity(single, **WINDOW).tokens > 0  # no split: the file itself
+    with pytest.raises(KnnlmError, match="single text file, which has no splits"):
+        knn_lm.perplexity(single, split="test", **WINDOW)
+    with pytest.raises(KnnlmError, match="knn_lm must be a knnlm.KnnLM"):
+        Datastore.build("gpt2", small_corpus, tmp_path / "x")
+
+
+def test_project_and_train_memory_from_python(python_side, small_corpus, tmp_path):
+    root, knn_lm = python_side
+    res = knn_lm.project(small_corpus, root / "ds", k=8, max_positions=20, max_steps=5,
+                         **WINDOW)  # fmt: skip
+    assert {"proj_f", "proj_fg"} <= set(res) and res["settings"]["context_len"] == SMALL_CTX
+    mem = knn_lm.train_memory(root / "ds", tmp_path / "mem", hidden=8, max_steps=1,
+                              batch_tokens=32)  # fmt: skip
+    assert mem.steps == 1 and mem.config["datastore"]["model_fingerprint"] == knn_lm.lm.fingerprint
 
 
 def test_missing_local_model_folder_says_so(tmp_path, monkeypatch):
@@ -127,13 +194,6 @@ def test_missing_local_model_folder_says_so(tmp_path, monkeypatch):
     for name in ("models/gpt2", "./gpt2", str(tmp_path / "nothing")):
         with pytest.raises(KnnlmError, match="model folder .* does not exist"):
             load_lm(name)
-
-
-def test_k_past_the_datastore_is_refused(python_side, small_corpus):
-    root, knn_lm = python_side
-    n = len(Datastore.load(root / "ds"))
-    with pytest.raises(KnnlmError, match=rf"k={n + 1} .* holds only {n} entries"):
-        knn_lm.perplexity(small_corpus, root / "ds", k=n + 1, **WINDOW)
 
 
 def test_a_split_of_a_single_file_is_refused(small_corpus, tiny_tokenizer, tmp_path):
