@@ -161,7 +161,7 @@ def test_another_models_memory_gate_and_datastore_are_refused(
 def test_python_arguments_are_named_and_k_fits_the_datastore(python_side, small_corpus, tmp_path):
     root, knn_lm = python_side
     n = len(Datastore.load(root / "ds"))
-    with pytest.raises(KnnlmError, match=rf"k={n + 1} .* holds only {n} entries"):
+    with pytest.raises(KnnlmError, match=rf"^k={n + 1} is more .* \({n} entries\)$"):
         knn_lm.perplexity(small_corpus, root / "ds", k=n + 1, **WINDOW)
     for kwargs, name in (({"k": 0}, "k"), ({"knn_weight": 2.0}, "knn_weight"),
                          ({"knn_temperature": 0}, "knn_temperature"),
@@ -243,3 +243,13 @@ def test_a_family_with_the_wrong_layout_is_refused(tiny_tokenizer):
     finally:
         unregister_family("gemma2")
         unregister_family("gpt_neox")
+
+
+def test_cli_k_past_the_datastore_names_the_flag(python_side, small_corpus, monkeypatch, capsys):
+    root, _ = python_side
+    n = len(Datastore.load(root / "ds"))
+    for cmd in (["eval"], ["project"]):
+        code, _, err = run_cli(monkeypatch, capsys, *cmd, "-m", root / "model", "-c", small_corpus,
+                               "-d", root / "ds", "--k", n + 1, "-q")  # fmt: skip
+        assert code == 2 and f"--k={n + 1} is more neighbours" in err, err
+        assert len(err.strip().splitlines()) == 1

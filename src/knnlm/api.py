@@ -52,6 +52,15 @@ def _knn_settings(k: int, knn_weight: float, knn_temperature: float, **rest: Any
     return KnnSettings(k=k, knn_weight=knn_weight, temperature=knn_temperature, **rest)
 
 
+def _open(datastore: DatastoreLike | None, k: int) -> Datastore | None:
+    """The datastore opened (once), with ``k`` checked against its size."""
+    if datastore is None:
+        return None
+    ds = datastore if isinstance(datastore, Datastore) else Datastore.load(datastore)
+    ds.check_k(k)
+    return ds
+
+
 def _check_weights(memory_weight: float, retrieval_rate: float, gate_weight: str) -> None:
     for name, v in (("memory_weight", memory_weight), ("retrieval_rate", retrieval_rate)):
         if not 0.0 <= v <= 1.0:
@@ -219,7 +228,7 @@ class KnnLM:
         context_len, stride = default_window(self.model, context_len, stride)
         result = evaluate(
             self.lm, corpus, split, context_len=context_len, stride=stride,
-            batch_size=batch_size, text_field=text_field, datastore=datastore, knn=knn,
+            batch_size=batch_size, text_field=text_field, datastore=_open(datastore, k), knn=knn,
             memory=memory, memory_weight=memory_weight, gate=gate,
             retrieval_rate=retrieval_rate, gate_weight=gate_weight, progress=progress,
         )  # fmt: skip
@@ -263,7 +272,7 @@ class KnnLM:
         split = pick_split(corpus, split, "valid")
         context_len, stride = default_window(self.model, context_len, stride)
         return run_projection(
-            self.lm, corpus, datastore, split, context_len=context_len, stride=stride,
+            self.lm, corpus, _open(datastore, k), split, context_len=context_len, stride=stride,
             batch_size=batch_size, knn=knn, max_positions=max_positions or None, seed=seed,
             lr=lr, tol=tol, max_steps=max_steps, fixed_steps=steps, solve_batch=solve_batch,
             text_field=text_field, progress=progress,
@@ -320,7 +329,8 @@ class KnnLM:
         Example: ``knn_lm.generate(["The tower"], ds, do_sample=True, top_p=0.9)``.
         """
         knn = _knn_settings(k, knn_weight, knn_temperature, nprobe=nprobe, search=search)
-        return generate(self.lm, prompts, datastore, knn, seed=seed, **generate_kwargs)
+        ds = _open(datastore, k)
+        return generate(self.lm, prompts, ds, knn, seed=seed, **generate_kwargs)
 
     def logits_processor(
         self,
@@ -342,7 +352,7 @@ class KnnLM:
         """
         knn = _knn_settings(k, knn_weight, knn_temperature, recompute=recompute, nprobe=nprobe,
                             search=search)  # fmt: skip
-        return attach_processor(self.lm, datastore, knn)
+        return attach_processor(self.lm, _open(datastore, k), knn)
 
     def neighbours(
         self,
@@ -364,7 +374,7 @@ class KnnLM:
             for nb in knn_lm.neighbours("The tower is", ds, k=4):
                 print(f"{nb['weight']:.2f} {nb['context']!r} -> {nb['target']!r}")
         """
-        ds = datastore if isinstance(datastore, Datastore) else Datastore.load(datastore)
+        ds = _open(datastore, k)
         knn = _knn_settings(k, 0.25, knn_temperature, nprobe=nprobe, exclude_self="no",
                             search=search)  # fmt: skip
         retriever = Retriever(self.lm, ds, knn)

@@ -51,8 +51,6 @@ def open_inputs(
         claim_cache(cache)
     if datastore is not None and not isinstance(datastore, Datastore):
         datastore = open_datastore(datastore)
-    if datastore is not None:
-        datastore.check_k(knn.k)
     if cache is not None and datastore.counts is not None:
         raise KnnlmError(
             f"datastore {datastore.path} is pruned: a neighbour cache does not keep its counts "

@@ -250,6 +250,8 @@ def eval_cmd(
     rank = init_distributed()
     hold_lock(ctx, cache, "neighbour cache")
     datastore = open_inputs(datastore, cache, knn)
+    if datastore is not None:
+        datastore.check_k(k, "--k")
     gate_obj = open_gate(gate, retrieval_rate, datastore, cache, value(gate_weight))
     knn_lm = load_model(model, device, dtype)
     context_len, stride = default_window(knn_lm.model, context_len, stride)

@@ -244,12 +244,12 @@ class Datastore:
             raise KnnlmError(f"the corpus {m['corpus']} changed since datastore {self.path}")
         return ids
 
-    def check_k(self, k: int) -> None:
-        """Refuse asking for more neighbours than the datastore holds (one line, naming its
-        size); e.g. ``ds.check_k(1024)``."""
+    def check_k(self, k: int, arg: str = "k") -> None:
+        """Refuse asking for more neighbours than the datastore holds, in one line naming its
+        size and the argument ``arg`` (``"--k"`` from the CLI); e.g. ``ds.check_k(1024)``."""
         if k > self.n:
             raise KnnlmError(
-                f"k={k} neighbours asked for, but datastore {self.path} holds only {self.n} entries"
+                f"{arg}={k} is more neighbours than datastore {self.path} holds ({self.n} entries)"
             )
 
     def check_compatible(self, lm: LoadedLM, key_type: str | None = None) -> None:

@@ -51,7 +51,6 @@ class Retriever:
         knn.validate()
         self.ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
         self.ds.check_compatible(lm)
-        self.ds.check_k(knn.k)
         self.knn = knn
         self.vocab_size = lm.adapter.vocab_size
         self.key_type = self.ds.meta["key_type"]
