@@ -165,9 +165,11 @@ def test_python_arguments_are_named_and_k_fits_the_datastore(python_side, small_
         knn_lm.perplexity(small_corpus, root / "ds", k=n + 1, **WINDOW)
     for kwargs, name in (({"k": 0}, "k"), ({"knn_weight": 2.0}, "knn_weight"),
                          ({"knn_temperature": 0}, "knn_temperature"),
-                         ({"memory_weight": -1}, "memory_weight")):  # fmt: skip
+                         ({"memory_weight": -1}, "memory_weight"),
+                         ({"retrieval_rate": 0.5}, "retrieval_rate"),
+                         ({"gate": root / "gate", "datastore": None}, "gate")):  # fmt: skip
         with pytest.raises(KnnlmError) as exc:
-            knn_lm.perplexity(small_corpus, root / "ds", **kwargs, **WINDOW)
+            knn_lm.perplexity(small_corpus, **{"datastore": root / "ds", **kwargs}, **WINDOW)
         assert str(exc.value).startswith(f"{name} ") and "--" not in str(exc.value)
     single = tmp_path / "one.txt"
     single.write_text((small_corpus / "valid.txt").read_text())

@@ -61,12 +61,18 @@ def _open(datastore: DatastoreLike | None, k: int) -> Datastore | None:
     return ds
 
 
-def _check_weights(memory_weight: float, retrieval_rate: float, gate_weight: str) -> None:
+def _check_mix(datastore: Any, memory_weight: float, gate: Any, retrieval_rate: float,
+               gate_weight: str) -> None:  # fmt: skip
+    """The memory and gate arguments of ``perplexity``, each mistake named as in Python."""
     for name, v in (("memory_weight", memory_weight), ("retrieval_rate", retrieval_rate)):
         if not 0.0 <= v <= 1.0:
             raise KnnlmError(f"{name} must be in [0, 1], got {v}")
     if gate_weight not in ("fixed", "learned"):
         raise KnnlmError(f"gate_weight must be fixed or learned, got {gate_weight!r}")
+    if gate is None and (retrieval_rate != 1.0 or gate_weight == "learned"):
+        raise KnnlmError("retrieval_rate and gate_weight='learned' need a gate (gate=...)")
+    if gate is not None and datastore is None:
+        raise KnnlmError("gate needs a datastore (it decides which tokens search it)")
 
 
 @dataclass(repr=False)
@@ -223,7 +229,7 @@ class KnnLM:
         """
         knn = _knn_settings(k, knn_weight, knn_temperature, recompute=recompute, nprobe=nprobe,
                             exclude_self=exclude_self, search=search)  # fmt: skip
-        _check_weights(memory_weight, retrieval_rate, gate_weight)
+        _check_mix(datastore, memory_weight, gate, retrieval_rate, gate_weight)
         split = pick_split(corpus, split, "valid")
         context_len, stride = default_window(self.model, context_len, stride)
         result = evaluate(

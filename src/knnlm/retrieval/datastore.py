@@ -272,7 +272,8 @@ class Datastore:
         if m.get("model_dtype") not in (None, dtype):
             raise KnnlmError(
                 f"datastore {self.path} was built with the model in {m['model_dtype']}; it is "
-                f"loaded in {dtype} now (pass --dtype {m['model_dtype']})"
+                f"loaded in {dtype} now (load it with dtype={m['model_dtype']!r}, in the CLI "
+                f"--dtype {m['model_dtype']})"
             )
         if m["model_fingerprint"] != lm.fingerprint:
             raise KnnlmError(
