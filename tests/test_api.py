@@ -79,7 +79,7 @@ def test_neighbours_match_brute_force(example):
     knn_lm, ds = example["knn_lm"], example["ds"]
     text, k = "the old house by the", 5
     got = knn_lm.neighbours(text, ds, k=k, knn_temperature=2.0)
-    keys = np.asarray(ds.stored.keys, dtype=np.float64)
+    keys = np.asarray(ds.keys, dtype=np.float64)
     ids = knn_lm.tokenizer(text)["input_ids"]
     grabbed = {}
     ln2 = knn_lm.model.transformer.h[-1].ln_2
@@ -96,7 +96,7 @@ def test_neighbours_match_brute_force(example):
     np.testing.assert_allclose([g["distance"] for g in got], d[nn], rtol=1e-4)
     np.testing.assert_allclose([g["weight"] for g in got], w, rtol=1e-4, atol=1e-6)
     stream = knn_lm.tokenizer("".join(t + "\n" for t in example["train"]))["input_ids"]
-    values = np.asarray(ds.stored.values)
+    values = np.asarray(ds.values)
     for g in got:  # row r: the context ends at token r, the target is token r + 1
         assert g["target"] == knn_lm.tokenizer.decode([stream[g["row"] + 1]])
         assert values[g["row"]] == stream[g["row"] + 1]
@@ -226,5 +226,5 @@ def test_index_and_info(example, tmp_path):
     assert ds.info()["index"] is None and ds.info()["stride"] == 16
     assert ds.index("flat", progress=False) is ds
     info = Datastore.load(tmp_path / "ds").info()
-    assert info["index"].startswith("flat") and info["bytes"] > ds.stored.keys.nbytes
+    assert info["index"].startswith("flat") and info["bytes"] > ds.keys.nbytes
     assert knn_lm.perplexity(valid, ds, k=8).knnlm == pytest.approx(exact.knnlm, rel=1e-6)

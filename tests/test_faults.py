@@ -25,7 +25,7 @@ from knnlm.evaluate import evaluate
 from knnlm.experiments.mlp_memory import train_memory
 from knnlm.lm.loading import load_lm
 from knnlm.neighbour_cache import load_cache
-from knnlm.retrieval import datastore as dsmod
+from knnlm.retrieval import datastore_build as dsmod
 from knnlm.retrieval.datastore import build_datastore, build_example_datastore, open_datastore
 from knnlm.retrieval.memory import load_memory
 from knnlm.retrieval.retriever import KnnSettings

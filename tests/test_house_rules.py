@@ -20,8 +20,8 @@ LAYERS = [
     {"retrieval"},
     {"token_scores", "neighbour_cache", "sweep", "generation", "retrieved_entries"},
     {"evaluate", "continuations", "index_perplexity"},
-    {"api_store", "api"},
     {"experiments"},
+    {"api"},  # the Python API offers the analyses too
     {"report"},
     {"inspect"},
     {"cli", "__main__", "__init__"},

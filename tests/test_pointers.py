@@ -130,6 +130,6 @@ def test_pointer_mistakes_are_one_line(monkeypatch, capsys, tmp_path, lm, small_
     ds = quiet_datastore(lm, small_corpus, tmp_path / "ds", context_len=SMALL_CTX)
     extra = [str(tmp_path / a) if a == "c" else a for a in extra]
     code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", "nowhere", "-c", str(small_corpus),
-                           "-d", str(ds), *extra)  # fmt: skip
+                           "-d", str(ds), "--k", "8", *extra)  # fmt: skip
     assert code == 2 and err.startswith("Error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1

@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "KnnLM": "knnlm.api",
     "PerplexityResult": "knnlm.api",
-    "Datastore": "knnlm.api_store",
+    "Datastore": "knnlm.retrieval.datastore",
     "KnnLogitsProcessor": "knnlm.generation",
     "Family": "knnlm.lm.adapters",
     "register_family": "knnlm.lm.adapters",

@@ -17,22 +17,62 @@ from typing import Any
 
 import torch
 
-from knnlm.api_store import Datastore
-from knnlm.data.corpus import Corpus
+from knnlm.data.corpus import Corpus, pick_split
+from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
+from knnlm.experiments.mlp_memory import MemoryTrainResult, train_memory
+from knnlm.experiments.projection import run_projection
 from knnlm.forward_pass import default_window, position_limit
 from knnlm.generation import KnnLogitsProcessor, attach_processor, generate
 from knnlm.lm import loading
 from knnlm.lm.loading import LoadedLM, pick_device, torch_dtype, wrap_lm
-from knnlm.retrieval.datastore import Datastore as StoredDatastore
+from knnlm.retrieval.datastore import Datastore, datastore_record
+from knnlm.retrieval.gate import Gate
 from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.retrieval.search.protocol import SEARCH_CHOICES
 from knnlm.retrieved_entries import find_neighbours
 
-DatastoreLike = Datastore | StoredDatastore | str | Path
+DatastoreLike = Datastore | str | Path
 
 
-def _stored(datastore: DatastoreLike) -> StoredDatastore | str | Path:
-    return datastore.stored if isinstance(datastore, Datastore) else datastore
+def _knn_settings(k: int, knn_weight: float, knn_temperature: float, **rest: Any) -> KnnSettings:
+    """KnnSettings from the Python arguments, each mistake named as the Python argument."""
+    if not isinstance(k, int) or k < 1:
+        raise KnnlmError(f"k must be a whole number of at least 1, got {k!r}")
+    if not 0.0 <= knn_weight <= 1.0:
+        raise KnnlmError(f"knn_weight must be in [0, 1], got {knn_weight}")
+    if not knn_temperature > 0:
+        raise KnnlmError(f"knn_temperature must be positive, got {knn_temperature}")
+    if rest.get("exclude_self", "auto") not in ("auto", "yes", "no"):
+        raise KnnlmError(f"exclude_self must be auto, yes or no, got {rest['exclude_self']!r}")
+    if rest.get("search", "auto") not in SEARCH_CHOICES:
+        raise KnnlmError(
+            f"search must be one of {', '.join(SEARCH_CHOICES)}, got {rest['search']!r}"
+        )
+    return KnnSettings(k=k, knn_weight=knn_weight, temperature=knn_temperature, **rest)
+
+
+def _open(datastore: DatastoreLike | None, k: int) -> Datastore | None:
+    """The datastore opened (once), with ``k`` checked against its size."""
+    if datastore is None:
+        return None
+    ds = datastore if isinstance(datastore, Datastore) else Datastore.load(datastore)
+    ds.check_k(k)
+    return ds
+
+
+def _check_mix(datastore: Any, memory_weight: float, gate: Any, retrieval_rate: float,
+               gate_weight: str) -> None:  # fmt: skip
+    """The memory and gate arguments of ``perplexity``, each mistake named as in Python."""
+    for name, v in (("memory_weight", memory_weight), ("retrieval_rate", retrieval_rate)):
+        if not 0.0 <= v <= 1.0:
+            raise KnnlmError(f"{name} must be in [0, 1], got {v}")
+    if gate_weight not in ("fixed", "learned"):
+        raise KnnlmError(f"gate_weight must be fixed or learned, got {gate_weight!r}")
+    if gate is None and (retrieval_rate != 1.0 or gate_weight == "learned"):
+        raise KnnlmError("retrieval_rate and gate_weight='learned' need a gate (gate=...)")
+    if gate is not None and datastore is None:
+        raise KnnlmError("gate needs a datastore (it decides which tokens search it)")
 
 
 @dataclass(repr=False)
@@ -82,9 +122,11 @@ class KnnLM:
     """A causal LM with its tokenizer, ready for datastores, kNN-LM perplexity and generation.
 
     ``KnnLM(model, tokenizer)`` wraps a model already in memory (any device and dtype;
-    ``device=`` / ``dtype=`` move it). Its fingerprint, which datastores record, is computed
-    from ``name`` (a saved folder's files or a hub revision), or from the weights themselves
-    when no name is given. Example::
+    ``device=`` / ``dtype=`` move it). Its fingerprint, which datastores, memories and gates
+    record, is a hash of every weight and the config: the same weights have the same one
+    whether they were built in memory, saved to a folder or loaded from the hub. ``name``
+    (default: the folder or hub name the model came from, if any) is what artifacts record to
+    reload it. Example::
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained("gpt2")
@@ -104,7 +146,7 @@ class KnnLM:
             model.to(torch_dtype(dtype))
         if device is not None:
             model.to(pick_device(device))
-        self.lm: LoadedLM = wrap_lm(model, tokenizer, name or "in-memory")
+        self.lm: LoadedLM = wrap_lm(model, tokenizer, name)
 
     @classmethod
     def from_pretrained(
@@ -162,13 +204,18 @@ class KnnLM:
         knn_temperature: float = 1.0,
         context_len: int | None = None,
         stride: int | None = None,
-        split: str = "valid",
+        split: str | None = None,
         batch_size: int = 8,
         text_field: str = "text",
         nprobe: int | None = None,
         recompute: bool = True,
         exclude_self: str = "auto",
         search: str = "auto",
+        memory: str | Path | None = None,
+        memory_weight: float = 0.25,
+        gate: str | Path | Gate | None = None,
+        retrieval_rate: float = 1.0,
+        gate_weight: str = "fixed",
         progress: bool = False,
         pointers: float | None = None,
     ) -> PerplexityResult:
@@ -178,17 +225,99 @@ class KnnLM:
         searches saved is ``to_dict()["knnlm"]["searches_saved"]``.
         ``knn_weight`` is the weight on p_knn (the paper's lambda is 1 - knn_weight);
         ``context_len`` defaults to the model's maximum positions, ``stride`` to half of it.
+        ``memory`` (a folder from :meth:`train_memory`) adds the LM + MLP memory perplexity
+        (``memory_weight`` on it, in ``raw["mlp"]``); ``gate`` (a folder from ``knnlm gate
+        train``) searches only the share ``retrieval_rate`` of the tokens it ranks highest.
         Example: ``knn_lm.perplexity("data/wikitext-2", ds, k=1024).knnlm``.
         """
+        knn = _knn_settings(k, knn_weight, knn_temperature, recompute=recompute, nprobe=nprobe,
+                            exclude_self=exclude_self, search=search)  # fmt: skip
+        _check_mix(datastore, memory_weight, gate, retrieval_rate, gate_weight)
+        split = pick_split(corpus, split, "valid")
         context_len, stride = default_window(self.model, context_len, stride)
-        knn = KnnSettings(k, knn_weight, knn_temperature, recompute, nprobe, exclude_self, search)
         result = evaluate(
             self.lm, corpus, split, context_len=context_len, stride=stride,
-            batch_size=batch_size, text_field=text_field,
-            datastore=None if datastore is None else _stored(datastore), knn=knn,
-            progress=progress, pointers=pointers,
+            batch_size=batch_size, text_field=text_field, datastore=_open(datastore, k), knn=knn,
+            memory=memory, memory_weight=memory_weight, gate=gate,
+            retrieval_rate=retrieval_rate, gate_weight=gate_weight, progress=progress,
+            pointers=pointers,
         )  # fmt: skip
         return PerplexityResult.from_eval(result)
+
+    def project(
+        self,
+        corpus: Corpus,
+        datastore: DatastoreLike,
+        *,
+        split: str | None = None,
+        k: int = 1024,
+        knn_weight: float = 0.25,
+        knn_temperature: float = 1.0,
+        context_len: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 8,
+        max_positions: int | None = 2000,
+        seed: int = 0,
+        lr: float = 0.1,
+        tol: float = 1e-3,
+        max_steps: int = 500,
+        steps: int | None = None,
+        solve_batch: int = 256,
+        nprobe: int | None = None,
+        search: str = "auto",
+        text_field: str = "text",
+        progress: bool = False,
+    ) -> dict:
+        """Project p_knnlm onto the output space of f and of f∘g (the paper's Eq. 2).
+
+        The same defaults as ``knnlm project``: ``context_len`` the model's maximum
+        positions, ``stride`` half of it, a seeded sample of ``max_positions`` positions
+        (None: all), Adam at ``lr`` until the KL moves less than ``tol`` (or ``steps``
+        fixed steps). The dict is what ``knnlm project --json`` writes. Example::
+
+            res = knn_lm.project("data/wikitext-2", ds, k=1024, max_positions=500)
+            res["proj_f"]["perplexity"], res["proj_fg"]["perplexity"]
+        """
+        knn = _knn_settings(k, knn_weight, knn_temperature, nprobe=nprobe, search=search)
+        split = pick_split(corpus, split, "valid")
+        context_len, stride = default_window(self.model, context_len, stride)
+        return run_projection(
+            self.lm, corpus, _open(datastore, k), split, context_len=context_len, stride=stride,
+            batch_size=batch_size, knn=knn, max_positions=max_positions or None, seed=seed,
+            lr=lr, tol=tol, max_steps=max_steps, fixed_steps=steps, solve_batch=solve_batch,
+            text_field=text_field, progress=progress,
+        )  # fmt: skip
+
+    def train_memory(
+        self,
+        datastore: DatastoreLike,
+        out: str | Path,
+        *,
+        hidden: int = 4096,
+        epochs: int = 1,
+        lr: float = 1e-5,
+        batch_tokens: int = 9216,
+        max_steps: int | None = None,
+        micro_batch: int | None = None,
+        train_output: bool = False,
+        seed: int = 0,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> MemoryTrainResult:
+        """Train the MLP memory of the paper's Section 5 on ``datastore``'s keys -> next tokens.
+
+        W starts as this model's output embedding (frozen unless ``train_output``); the
+        defaults are ``knnlm memory train``'s. Use it with ``perplexity(..., memory=out)``.
+        Example: ``knn_lm.train_memory(ds, "runs/mem", hidden=256, max_steps=100)``.
+        """
+        ds = datastore if isinstance(datastore, Datastore) else Datastore.load(datastore)
+        ds.check_compatible(self.lm)
+        return train_memory(
+            ds.keys, ds.values, self.lm.adapter.output_embedding.detach(), out, hidden=hidden,
+            lr=lr, batch_tokens=batch_tokens, epochs=epochs, max_steps=max_steps, seed=seed,
+            train_output=train_output, device=self.device, progress=progress,
+            micro_batch=micro_batch, overwrite=overwrite, datastore=datastore_record(ds),
+        )  # fmt: skip
 
     def generate(
         self,
@@ -210,11 +339,9 @@ class KnnLM:
         ``top_k``, ``top_p``, ``num_beams``, ``num_return_sequences``, ``max_new_tokens``).
         Example: ``knn_lm.generate(["The tower"], ds, do_sample=True, top_p=0.9)``.
         """
-        knn = KnnSettings(
-            k=k, knn_weight=knn_weight, temperature=knn_temperature, nprobe=nprobe, search=search
-        )
-        store = None if datastore is None else _stored(datastore)
-        return generate(self.lm, prompts, store, knn, seed=seed, pointers=pointers,
+        knn = _knn_settings(k, knn_weight, knn_temperature, nprobe=nprobe, search=search)
+        ds = _open(datastore, k)
+        return generate(self.lm, prompts, ds, knn, seed=seed, pointers=pointers,
                         **generate_kwargs)  # fmt: skip
 
     def logits_processor(
@@ -235,8 +362,9 @@ class KnnLM:
             with knn_lm.logits_processor(ds, k=16) as proc:
                 out = model.generate(**enc, logits_processor=LogitsProcessorList([proc]))
         """
-        knn = KnnSettings(k, knn_weight, knn_temperature, recompute, nprobe, search=search)
-        return attach_processor(self.lm, _stored(datastore), knn)
+        knn = _knn_settings(k, knn_weight, knn_temperature, recompute=recompute, nprobe=nprobe,
+                            search=search)  # fmt: skip
+        return attach_processor(self.lm, _open(datastore, k), knn)
 
     def neighbours(
         self,
@@ -258,15 +386,8 @@ class KnnLM:
             for nb in knn_lm.neighbours("The tower is", ds, k=4):
                 print(f"{nb['weight']:.2f} {nb['context']!r} -> {nb['target']!r}")
         """
-        ds = datastore if isinstance(datastore, Datastore) else Datastore(_stored_open(datastore))
-        knn = KnnSettings(
-            k=k, temperature=knn_temperature, nprobe=nprobe, exclude_self="no", search=search
-        )
-        retriever = Retriever(self.lm, ds.stored, knn)
+        ds = _open(datastore, k)
+        knn = _knn_settings(k, 0.25, knn_temperature, nprobe=nprobe, exclude_self="no",
+                            search=search)  # fmt: skip
+        retriever = Retriever(self.lm, ds, knn)
         return find_neighbours(self.lm, retriever, ds.tokens(self.tokenizer), text, context_tokens)
-
-
-def _stored_open(datastore: StoredDatastore | str | Path) -> StoredDatastore:
-    if isinstance(datastore, StoredDatastore):
-        return datastore
-    return Datastore.load(datastore).stored

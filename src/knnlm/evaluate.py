@@ -26,7 +26,12 @@ from knnlm.retrieval.combiner import perplexity
 from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
 from knnlm.retrieval.exclusion import is_own_stream, should_exclude
 from knnlm.retrieval.gate import Gate, check_gate_for, check_rate, load_gate
-from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
+from knnlm.retrieval.memory import (
+    check_memory_for,
+    load_memory,
+    memory_storage,
+    storage_report,
+)
 from knnlm.retrieval.pointers import check_threshold
 from knnlm.retrieval.retriever import KnnSettings, Retriever
 from knnlm.token_scores import TokenScores, score_tokens
@@ -104,6 +109,8 @@ def evaluate(
     eval_fp = corpus_fingerprint(ids)
     # The user's settings are checked before the searcher is set up (it may log a notice).
     exclude, warnings = _exclusion(lm, ds, knn.exclude_self, eval_fp)
+    if memory is not None:
+        check_memory_for(memory, lm)
     mem = load_memory(memory, device=str(lm.device)) if memory is not None else None
     retriever = Retriever(lm, ds, knn) if ds is not None else None
     if gate_obj is not None:

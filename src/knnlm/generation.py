@@ -14,11 +14,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from knnlm.errors import KnnlmError
 from knnlm.lm.adapters import Adapter, position_limit
 from knnlm.lm.loading import LoadedLM
-from knnlm.retrieval.search.protocol import Neighbours
 from knnlm.retrieval.combiner import interpolate
 from knnlm.retrieval.datastore import Datastore
 from knnlm.retrieval.pointers import check_threshold, row_distances
 from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.retrieval.search.protocol import Neighbours
 
 
 class KnnLogitsProcessor(LogitsProcessor):

@@ -75,9 +75,8 @@ def datastore_build(
 
     Under torchrun / accelerate launch each process scores its share of the windows.
     """
-    from knnlm.api_store import Datastore
     from knnlm.fileio import claim_target
-    from knnlm.retrieval.datastore import KIND, META
+    from knnlm.retrieval.datastore import KIND, META, Datastore
 
     rank = init_distributed()  # first: rank 0 takes the writer lock for the group
     hold_lock(ctx, out, "datastore")
@@ -141,8 +140,12 @@ def datastore_index(
     knn.validate()  # before the build: a bad setting or a missing split costs nothing
     if corpus is not None:
         from knnlm.data.corpus import read_split
+        from knnlm.lm.loading import reload_name
+        from knnlm.retrieval.datastore import open_datastore
 
         read_split(corpus, split)
+        model = model or reload_name(open_datastore(ds).meta["model"], f"datastore {ds}",
+                                     "pass --model")  # fmt: skip
     path = build_index(
         ds, kind=value(type_), metric=value(metric), nlist=nlist, pq_m=pq_m, pq_bits=pq_bits,
         nprobe=nprobe, train_size=train_size, seed=seed, progress=not quiet, factory=factory,
@@ -165,7 +168,7 @@ def _index_check(ds: Path, corpus: str, split: str, model: str | None, knn, wind
     meta = open_datastore(ds).meta
     sha = index_identity(ds)
     context_len, stride, batch_size = window
-    knn_lm = load_model(model or meta["model"], device, "float32")
+    knn_lm = load_model(model, device, meta.get("model_dtype") or "float32")
     check = index_perplexity_check(
         knn_lm.lm, corpus, split, ds, knn, context_len=context_len or meta.get("context_len"),
         stride=stride or meta.get("stride"), batch_size=batch_size, progress=not quiet,
@@ -185,7 +188,7 @@ def datastore_info(
     quiet: bool = QUIET,  # nothing to silence; accepted so that every command takes --quiet
 ) -> None:
     """Size, key type, model, corpus, index and bytes on disk of a datastore."""
-    from knnlm.api_store import Datastore
+    from knnlm.retrieval.datastore import Datastore
 
     info = Datastore.load(one_path(ds, ds_opt, "--datastore")).info()
     write_json(json_out, info)
@@ -253,6 +256,8 @@ def eval_cmd(
     rank = init_distributed()
     hold_lock(ctx, cache, "neighbour cache")
     datastore = open_inputs(datastore, cache, knn)
+    if datastore is not None:
+        datastore.check_k(k, "--k")
     gate_obj = open_gate(gate, retrieval_rate, datastore, cache, value(gate_weight))
     check_pointers(pointers, datastore, cache, gate_obj)
     knn_lm = load_model(model, device, dtype)

@@ -122,7 +122,7 @@ def neighbours_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Show the datastore entries retrieved for the token after --prompt, nearest first."""
-    from knnlm.api_store import Datastore
+    from knnlm.retrieval.datastore import Datastore
     from knnlm.retrieval.retriever import KnnSettings
 
     KnnSettings(k=k, temperature=knn_temp, nprobe=nprobe, search=value(search)).validate()

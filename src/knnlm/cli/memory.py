@@ -17,8 +17,7 @@ from knnlm.cli.common import (
     WAIT,
     Dtype,
     hold_lock,
-    quiet_libraries,
-    value,
+    load_model,
     write_json,
 )
 
@@ -76,15 +75,13 @@ def memory_train(
     """Train the memory MLP logits = W (z + LN(MLP(z))) on a datastore's keys -> next tokens."""
     from knnlm.experiments.mlp_memory import train_memory
     from knnlm.fileio import claim_target
-    from knnlm.lm.loading import load_lm
     from knnlm.retrieval.datastore import datastore_record, open_datastore
     from knnlm.retrieval.memory import CONFIG_FILE, KIND, memory_storage, storage_report
 
     hold_lock(ctx, out, "memory model")
     claim_target(out, KIND, CONFIG_FILE, what="memory model")  # before loading anything
-    quiet_libraries()
     ds = open_datastore(datastore)
-    lm = load_lm(model, device=device, dtype=value(dtype))
+    lm = load_model(model, device, dtype).lm
     ds.check_compatible(lm)
     record = datastore_record(ds)
     result = train_memory(

@@ -86,7 +86,7 @@ def project_cmd(
     knn = KnnSettings(
         k=k, knn_weight=knn_weight, temperature=temp, nprobe=nprobe, search=value(search)
     )
-    open_inputs(datastore, None, knn)
+    open_inputs(datastore, None, knn).check_k(k, "--k")
     # Under torchrun every rank projects the same positions and holds a shard of the
     # datastore for exact search (knnlm.retrieval.search.sharded); rank 0 alone writes and prints.
     rank = init_distributed()

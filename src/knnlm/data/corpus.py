@@ -121,6 +121,24 @@ def describe_corpus(spec: Corpus) -> str:
     return f"<{type(spec).__name__} of {len(spec)} rows>"
 
 
+def pick_split(spec: Corpus, split: str | None, default: str, arg: str = "split") -> str:
+    """The split to read: ``default`` when none was given; one clear line (naming ``arg``)
+    when one was given for a single text file, which has no splits.
+
+    Example: ``pick_split("data/wikitext-2", None, "valid")`` is ``"valid"``.
+    """
+    if split is None:
+        return default
+    if isinstance(spec, (str, Path)) and not str(spec).startswith("hf:"):
+        path = Path(spec).expanduser()
+        if path.is_file():
+            raise KnnlmError(
+                f"{arg} {split!r} was given, but the corpus {spec} is a single text file, which "
+                "has no splits (give a folder with train.txt / valid.txt / test.txt)"
+            )
+    return split
+
+
 def read_split(spec: Corpus, split: str, text_field: str = "text") -> str:
     """The text of one split; raises ``KnnlmError`` for missing, empty or non-UTF-8 input.
 

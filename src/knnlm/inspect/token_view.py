@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from knnlm.retrieval.search.protocol import Neighbours
 from knnlm.retrieval.combiner import interpolate, knn_log_probs
+from knnlm.retrieval.search.protocol import Neighbours
 
 if TYPE_CHECKING:
     from knnlm.inspect.view import Inspector, Mixed, Rows, ViewSettings

@@ -19,18 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from knnlm.api_store import Datastore as ApiDatastore
 from knnlm.errors import KnnlmError
+from knnlm.forward_pass import default_window, score_stream
 from knnlm.inspect.figures import perplexity_svg
 from knnlm.inspect.token_view import colours, finite, first_k, token_details
 from knnlm.lm.loading import LoadedLM
-from knnlm.retrieval.search.protocol import Neighbours
+from knnlm.retrieval.combiner import interpolate, knn_target_log_prob
 from knnlm.retrieval.datastore import Datastore
 from knnlm.retrieval.gate import Gate, check_gate_for
-from knnlm.retrieval.combiner import interpolate, knn_target_log_prob
 from knnlm.retrieval.memory import MemoryMLP
 from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.forward_pass import default_window, score_stream
+from knnlm.retrieval.search.protocol import Neighbours
 from knnlm.token_scores import score_tokens
 
 
@@ -91,7 +90,7 @@ class Inspector:
         if examples is not None:
             self.stream, self.positions = example_stream(lm, ds, examples)
         else:
-            self.stream, self.positions = ApiDatastore(ds).tokens(lm.tokenizer), ds.positions
+            self.stream, self.positions = ds.tokens(lm.tokenizer), ds.positions
         ctx = ds.meta.get("context_len")
         self.context_len = int(ctx) if ctx else default_window(lm.model)[0]
         if gate is not None:

@@ -279,6 +279,75 @@ class Adapter:
         return store["enc" if key_type == "block_input" else key_type]
 
 
+# Relative tolerance of the split check per dtype: max |f(g(enc)) - logits| / max |logits|.
+SPLIT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
+LOW_PRECISION_TOLERANCE = 1e-2  # bfloat16 / float16
+
+
+def _module(base: nn.Module, path: str, field: str, model_type: str | None) -> nn.Module:
+    try:
+        found = _get(base, path)
+    except AttributeError:
+        found = None
+    if not isinstance(found, nn.Module):
+        raise KnnlmError(
+            f"the family registered for model type {model_type!r} names {field}={path!r}, "
+            f"which {type(base).__name__} does not have as a module"
+        )
+    return found
+
+
+def _check_modules(adapter: Adapter) -> None:
+    fam, mt = adapter.family, adapter.model_type
+    blocks = _module(adapter.base, fam.blocks, "blocks", mt)
+    if not isinstance(blocks, nn.ModuleList | nn.Sequential) or len(blocks) == 0:
+        raise KnnlmError(f"blocks={fam.blocks!r} of model type {mt!r} is not a list of blocks")
+    _module(blocks[-1], fam.norm2, "norm2", mt)
+    _module(blocks[-1], fam.mlp, "mlp", mt)
+    _module(adapter.base, fam.final_norm, "final_norm", mt)
+    head = _module(adapter.base, fam.lm_head, "lm_head", mt)
+    if not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise KnnlmError(f"lm_head={fam.lm_head!r} of model type {mt!r} has no weight")
+
+
+@torch.no_grad()
+def check_split(model: nn.Module) -> None:
+    """Refuse a registered family whose modules are missing, or whose f(g(enc(c))) does not
+    reproduce the model's own logits on a few tokens (in the loaded dtype), in one line.
+
+    Checked once per model and family. Example: Gemma2 registered with Llama's layout is
+    refused (its MLP output has a norm of its own).
+    """
+    adapter = Adapter(model)
+    param = next(model.parameters())
+    key = (adapter.family, param.dtype)
+    if getattr(model, "_knnlm_split_checked", None) == key:
+        return
+    _check_modules(adapter)
+    vocab = adapter.vocab_size
+    ids = (torch.arange(1, 9, device=param.device) % vocab).unsqueeze(0)
+    with adapter.capture() as store:
+        logits = model(input_ids=ids).logits.float()
+    mt = adapter.model_type
+    if "enc" not in store or "final_hidden" not in store:
+        raise KnnlmError(
+            f"the norm2 / final_norm modules registered for model type {mt!r} are not called "
+            "in its forward pass"
+        )
+    split = adapter.fg_logits(store["enc"]).float()
+    err = float((split - logits).abs().max())
+    rel = err / max(float(logits.abs().max()), 1e-12)
+    tol = SPLIT_TOLERANCE.get(param.dtype, LOW_PRECISION_TOLERANCE)
+    if not rel <= tol:
+        raise KnnlmError(
+            f"the family registered for model type {mt!r} does not reproduce the model's "
+            f"logits: max |f(g(enc(c))) - logits| = {err:.3g} ({rel:.2g} of the largest logit, "
+            f"tolerance {tol:g} in {str(param.dtype).removeprefix('torch.')}); check its "
+            "blocks, norm2, mlp, final_norm and lm_head"
+        )
+    object.__setattr__(model, "_knnlm_split_checked", key)
+
+
 def apply_saved_surgery(model: nn.Module) -> None:
     """Re-apply architecture changes recorded in the config (e.g. a removed last MLP)."""
     if getattr(model.config, "knnlm_drop_last_mlp", False):

@@ -30,7 +30,7 @@ from torch import nn
 
 from knnlm.errors import KnnlmError
 from knnlm.fileio import disk_full_error, fsync_dir, is_disk_full
-from knnlm.lm.loading import pick_device
+from knnlm.lm.loading import LoadedLM, pick_device
 from knnlm.retrieval.datastore import Datastore
 
 FORMAT_VERSION = 1
@@ -205,6 +205,25 @@ def load_memory(out_dir: str | Path, device: str | torch.device | None = None) -
     except (SafetensorError, RuntimeError, OSError) as e:
         raise KnnlmError(f"corrupt or mismatching {out_dir / MODEL_FILE}: {e}") from e
     return model.to(pick_device(device)).eval()
+
+
+def check_memory_for(out_dir: str | Path, lm: LoadedLM) -> None:
+    """Refuse a memory trained for another model (its config records the datastore's model
+    fingerprint) or for another key size / vocabulary, like a foreign datastore."""
+    out_dir = Path(out_dir)
+    cfg = read_memory_config(out_dir)
+    record = cfg.get("datastore") or {}
+    trained_for = record.get("model_fingerprint")
+    if trained_for is not None and trained_for != lm.fingerprint:
+        raise KnnlmError(
+            f"memory {out_dir} was trained for another model ({record.get('model')}, "
+            f"{trained_for}); this model is {lm.name} ({lm.fingerprint})"
+        )
+    if (cfg.get("dim"), cfg.get("vocab")) != (lm.adapter.hidden_size, lm.adapter.vocab_size):
+        raise KnnlmError(
+            f"memory {out_dir} maps keys of size {cfg.get('dim')} to {cfg.get('vocab')} tokens; "
+            f"this model has {lm.adapter.hidden_size} and {lm.adapter.vocab_size}"
+        )
 
 
 def memory_bytes(out_dir: str | Path) -> int:
