@@ -37,7 +37,7 @@ from knnlm.experiments.hurdle import run_hurdle
 from knnlm.experiments.hurdle_setup import hurdle_settings
 from knnlm.experiments.macondo import contract_view, run_macondo
 from knnlm.experiments.macondo_settings import MacondoSettings
-from knnlm.experiments.parallel import pool, submit
+from knnlm.experiments.parallel import first_failure, pool, submit
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.experiments.results_schema import check_results
 from knnlm.experiments.stages import Pipeline, StageDisplay
@@ -149,7 +149,7 @@ def not_run(cfg: ReproduceConfig) -> list[dict]:
                 "why": "WikiText-103 (540 MB) and the 247M-parameter LM need a GPU and days of "
                 "CPU time; this run uses "
                 + ("the embedded WikiText-2 slice" if cfg.corpus is None else cfg.corpus),
-                "command": "knnlm reproduce --preset paper --model PATH_TO_TRAINED_LM --out "
+                "command": "knnlm reproduce --scale paper --model PATH_TO_TRAINED_LM --out "
                 "reproduction-paper",
             },
         ]
@@ -342,9 +342,18 @@ def _seed_inputs(done: Done, seed: int) -> tuple[str, str, str]:
 # ----------------------------------------------------------------------------- running
 
 
-def run_stages(pipe: Pipeline, cfg: ReproduceConfig, stages: list[Stage], done: Done) -> None:
-    """Run (or read back from the cache) each of ``stages`` in order, into ``done``."""
+def run_stages(
+    pipe: Pipeline,
+    cfg: ReproduceConfig,
+    stages: list[Stage],
+    done: Done,
+    check: Callable[[], None] | None = None,
+) -> None:
+    """Run (or read back from the cache) each of ``stages`` in order, into ``done``; ``check``
+    before each (it raises to stop the run)."""
     for st in stages:
+        if check is not None:
+            check()
         done[st.name] = pipe.run(
             st.name, st.settings(cfg, done), list(st.deps), partial(st.run, cfg, done, **st.args)
         )
@@ -383,18 +392,18 @@ def _run_plan(pipe: Pipeline, cfg: ReproduceConfig, out: Path) -> tuple[Done, li
     # What the second process's stages need from outside its groups runs here first.
     before = {st.name for st in _with_deps(plan, second)} - {st.name for st in second}
     done: Done = {}
-    ex = pool(1) if second else None
-    try:
-        run_stages(pipe, cfg, [st for st in plan if st.name in before], done)
-        job = submit(ex, _worker, (cfg, out, groups), cfg.torch_threads) if ex else None
-        run_stages(
-            pipe, cfg, [st for st in plan if st.name not in before and st.group not in groups], done
-        )
-        ran_there = job.result() if job else []
-        run_stages(pipe, cfg, second, done)  # computed there: read back here
-    finally:
-        if ex is not None:
-            ex.shutdown(wait=False, cancel_futures=True)
+    run_stages(pipe, cfg, [st for st in plan if st.name in before], done)
+    here = [st for st in plan if st.name not in before and st.group not in groups]
+    if not second:
+        run_stages(pipe, cfg, here, done)
+        return done, []
+    # The worker dies with this process; an error here (or a Ctrl-C) kills it, and its own
+    # error stops this process at its next stage.
+    with pool(1) as ex:
+        job = submit(ex, _worker, (cfg, out, groups), cfg.torch_threads)
+        run_stages(pipe, cfg, here, done, check=partial(first_failure, [job]))
+        ran_there = job.result()
+    run_stages(pipe, cfg, second, done)  # computed there: read back here
     for name in ran_there:  # computed in this invocation, by the other process
         pipe.records[name].cached = False
     return done, ran_there
