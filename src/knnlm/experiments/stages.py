@@ -102,6 +102,9 @@ class StageDisplay:
 
     def update(self, name: str, index: int, total: int) -> None:
         if self.progress is not None:
+            # A line per stage as well: a log, or a terminal that shows no live bar, still
+            # says where the run is.
+            self.progress.console.print(f"reproduce: stage {index}/{total}: {name}")
             self.progress.update(
                 self.task, description=f"stage: {name}", completed=index - 1, total=total
             )
