@@ -260,3 +260,72 @@ def test_stage_plan_names_and_dependencies():
     outside = {d for st in plan if st.name in theirs for d in st.deps} - theirs
     assert outside == {"corpus"}
     assert second_process_groups(ReproduceConfig.for_scale("quick", **TINY, workers=1)) == []
+
+
+# A user's own model: its tokenizer, its positions, its given names.
+GIVEN = ("Ada Bela Cora Dina Edda Fenn Gus Hana Ivo Jana Kai Lena Milo Nora Otto Pia Rosa Sami "
+         "Tomas Uma Vera Wim Xena Yara Zeno Alma Bruno Cleo Dario Elsa Fritz Greta Hugo Ines "
+         "Jonas Karla Luca Mara Nils Olga").split()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def users_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A random 2-layer, 128-position GPT-2 whose BPE makes each of GIVEN one token, and a
+    given-name file of them."""
+    from knnlm.lm.tokenizer import train_bpe_tokenizer
+    from tiny import make_text, save_tiny_model
+
+    folder = tmp_path_factory.mktemp("users")
+    lines = make_text(300, 0).splitlines(keepends=True)
+    lines += [f"the child of {n} is {n} .\n" for n in GIVEN] * 3
+    tok = train_bpe_tokenizer(lines, vocab_size=600, min_frequency=1)
+    names = folder / "names.txt"
+    names.write_text("\n".join(GIVEN) + "\n")
+    return save_tiny_model(folder / "model", tok), names
+
+
+def test_reproduce_on_a_users_model(tmp_path, users_model):
+    """The smallest run the options allow, on a saved model (no LM trained here) with its own
+    given names, from another working directory: it runs to a report."""
+    model, names = users_model
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "knnlm", "reproduce", "--quick", "--tiny", "--quiet", "--seeds",
+         "1", "-m", os.path.relpath(model, tmp_path), "--given-names", str(names), "--out",
+         "run"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=1200,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert r["config"]["model"] == str(model)  # recorded absolute: resolvable from anywhere
+    assert r["lm"][0] == {"model": str(model), "trained": False, "seed": 0}
+    mac = r["macondo"]["settings"]
+    assert mac["model"] == str(model) and mac["macondo"]["given_names"] == [str(names)]
+    children = {x["child"] for s in r["macondo"]["seeds"]
+                for x in _jsonl(out / "artifacts" / "macondo" / f"seed-{s}" / "data" / "test.jsonl")}  # fmt: skip
+    assert children and children <= set(GIVEN)
+    assert "width_study" not in r  # it studies LMs trained here
+    assert (out / "report.md").is_file()
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_windows_are_capped_at_the_models_positions(users_model, tmp_path):
+    from knnlm.errors import KnnlmError
+    from knnlm.experiments.reproduce_config import ReproduceConfig
+
+    model, _ = users_model
+    # The corpus scale's small preset reads 256 tokens: the 128-position model caps it, and
+    # the stride (256) with it; a context or stride the user gave stays as given.
+    cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model))
+    assert (cfg.context_len, cfg.stride) == (128, 64)
+    cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model), stride=16)
+    assert (cfg.context_len, cfg.stride) == (128, 16)
+    assert ReproduceConfig.for_scale("corpus", corpus="c", context_len=200).context_len == 200
+    cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model), context_len=256)
+    assert cfg.context_len == 256  # refused by the first stage that reads it, in one line
+    with pytest.raises(KnnlmError, match="--width-study"):
+        ReproduceConfig.for_scale("quick", model=str(model), width_study=[32])

@@ -155,6 +155,10 @@ def reproduce_cmd(
     quick = quick or preset == "quick"
     scale = "paper" if preset == "paper" else ("corpus" if corpus and not quick else "quick")
     overrides = dict(TINY) if tiny else {}
+    if model is not None:
+        overrides.pop("width_study", None)  # it trains LMs of the run's preset: none here
+        if Path(model).expanduser().exists():  # the run's records name it from any folder
+            model = str(Path(model).expanduser().resolve())
     widths = None
     if width_study is not None:
         try:

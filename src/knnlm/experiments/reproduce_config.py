@@ -139,6 +139,11 @@ class ReproduceConfig:
             raise KnnlmError("the natural-text part needs --corpus DIR (or an hf: dataset spec)")
         if base.lm_seeds < 1 or base.macondo_seeds < 1 or base.hurdle_seeds < 1:
             raise KnnlmError("every part needs at least one seed")
+        if base.model is not None and base.width_study:
+            raise KnnlmError(
+                "--width-study trains LMs of the run's preset at other widths; with --model "
+                "there is none: drop one of them"
+            )
         check_search(base.search)
         return base
 
