@@ -174,14 +174,14 @@ Done = dict[str, dict]
 class Stage:
     """One cached stage of the reproduction.
 
-    ``name`` is its cache key; its fingerprint holds the ``ReproduceConfig`` fields ``keys``,
-    the ``fixed`` settings, those ``from_results`` reads off earlier stages, and the
-    fingerprints of the stages in ``deps``. It runs as ``run(cfg, done, art, **args)``.
-    The second process takes whole ``group``s.
+    ``name`` is its cache key. It runs as ``run(cfg, done, art, **args)``, where ``cfg`` is a
+    view of the run's settings that notes the fields the stage reads: those fields and their
+    values, the ``fixed`` settings, those ``from_results`` reads off earlier stages, and the
+    fingerprints of the stages in ``deps`` make its fingerprint
+    (:mod:`knnlm.experiments.stages`). The second process takes whole ``group``s.
     """
 
     name: str
-    keys: tuple[str, ...]
     run: Callable[..., dict]
     _: KW_ONLY
     deps: tuple[str, ...] = ()
@@ -191,27 +191,9 @@ class Stage:
     group: str = "main"
 
     def settings(self, cfg: ReproduceConfig, done: Done) -> dict:
-        s = asdict(cfg)
-        out = {k: s[k] for k in self.keys} | dict(self.fixed)
+        """The stage's own settings: ``fixed`` and what it reads off earlier stages."""
+        out = dict(self.fixed)
         return out | self.from_results(cfg, done) if self.from_results else out
-
-
-CORPUS_KEYS = ("corpus", "embedded_chars", "model", "lm_preset", "tokenizer_vocab")
-LM_KEYS = ("model", "lm_preset", "lm_epochs", "lm_max_steps", "context_len")
-DATASTORE_KEYS = ("context_len", "stride", "index", "index_nlist", "index_train_size")
-KNNLM_KEYS = ("k", "nprobe", "search", "sweep_weights", "sweep_temperatures")
-MEMORY_KEYS = ("memory_hidden", "memory_epochs", "memory_lr", "memory_batch_tokens",
-               "memory_max_steps", "memory_weights", "memory_control")  # fmt: skip
-PROJECTION_KEYS = ("projection_positions", "projection_max_steps",
-                   "projection_converged_max_steps")  # fmt: skip
-MACONDO_KEYS = ("macondo_seeds", "macondo_preset", "macondo_epochs", "macondo_lr",
-                "macondo_sizes", "macondo_eval_every", "macondo_memory", "macondo_tune", "k",
-                "seed")  # fmt: skip
-WIDTH_KEYS = ("lm_preset", "lm_epochs", "lm_max_steps", "context_len", "stride", "k",
-              "sweep_weights", "sweep_temperatures", "projection_positions",
-              "projection_converged_max_steps")  # fmt: skip
-HURDLE_KEYS = ("hurdle_seeds", "hurdle_steps", "hurdle_eval_every", "hurdle_sizes",
-               "hurdle_corpus_max_chars", "seed")  # fmt: skip
 
 
 def stage_plan(cfg: ReproduceConfig) -> list[Stage]:
@@ -219,17 +201,17 @@ def stage_plan(cfg: ReproduceConfig) -> list[Stage]:
     seed0 = cfg.seeds[0]
     at0 = {"seed": seed0}
     return [
-        Stage("corpus", CORPUS_KEYS, _run_corpus),
+        Stage("corpus", _run_corpus),
         *[stage for seed in cfg.seeds for stage in _seed_chain(seed)],
-        Stage("projection", PROJECTION_KEYS, _run_projection, deps=(f"knnlm-{seed0}",),
+        Stage("projection", _run_projection, deps=(f"knnlm-{seed0}",),
               fixed=at0, args=at0 | {"lr_study": False}),
-        Stage("projection_lr", PROJECTION_KEYS, _run_projection, deps=(f"knnlm-{seed0}",),
+        Stage("projection_lr", _run_projection, deps=(f"knnlm-{seed0}",),
               fixed=at0, args=at0 | {"lr_study": True}),
-        Stage("macondo", MACONDO_KEYS, _run_macondo, deps=_macondo_deps(cfg),
+        Stage("macondo", _run_macondo, deps=_macondo_deps(cfg),
               from_results=_macondo_settings),
-        *[Stage(f"width-{d}", WIDTH_KEYS, _run_width, deps=("corpus",), fixed=at0 | {"d": d},
+        *[Stage(f"width-{d}", _run_width, deps=("corpus",), fixed=at0 | {"d": d},
                 args=at0 | {"d": d}) for d in _widths(cfg) if d != _own_width(cfg)],
-        Stage("hurdle", HURDLE_KEYS, _run_hurdle, deps=("corpus",), group="hurdle",
+        Stage("hurdle", _run_hurdle, deps=("corpus",), group="hurdle",
               from_results=_hurdle_settings),
     ]  # fmt: skip
 
@@ -238,13 +220,13 @@ def _seed_chain(seed: int) -> list[Stage]:
     """Sections 2 and 5 for one LM seed: lm, datastore, knnlm, memory."""
     one, group = {"seed": seed}, f"seed-{seed}"
     return [
-        Stage(f"lm-{seed}", LM_KEYS, _run_lm, deps=("corpus",), fixed=one, args=one,
+        Stage(f"lm-{seed}", _run_lm, deps=("corpus",), fixed=one, args=one,
               group=group),
-        Stage(f"datastore-{seed}", DATASTORE_KEYS, _run_datastore, deps=(f"lm-{seed}",),
+        Stage(f"datastore-{seed}", _run_datastore, deps=(f"lm-{seed}",),
               args=one, group=group),
-        Stage(f"knnlm-{seed}", KNNLM_KEYS, _run_knnlm, deps=(f"datastore-{seed}",),
+        Stage(f"knnlm-{seed}", _run_knnlm, deps=(f"datastore-{seed}",),
               args=one, group=group),
-        Stage(f"memory-{seed}", MEMORY_KEYS, _run_memory,
+        Stage(f"memory-{seed}", _run_memory,
               deps=(f"datastore-{seed}", f"knnlm-{seed}"), fixed=one, args=one, group=group),
     ]  # fmt: skip
 
@@ -355,8 +337,12 @@ def run_stages(
         if check is not None:
             check()
         done[st.name] = pipe.run(
-            st.name, st.settings(cfg, done), list(st.deps), partial(st.run, cfg, done, **st.args)
+            st.name, st.settings(cfg, done), list(st.deps), partial(_call, st, done), cfg
         )
+
+
+def _call(st: Stage, done: Done, cfg: ReproduceConfig, art: Path) -> dict:
+    return st.run(cfg, done, art, **st.args)
 
 
 def _with_deps(plan: list[Stage], stages: list[Stage]) -> list[Stage]:

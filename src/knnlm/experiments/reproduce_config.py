@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import AutoConfig
 
@@ -38,6 +38,10 @@ PAPER_SETTING = {"knn_weight": 0.25, "temperature": 1.0}
 class ReproduceConfig:
     """Every setting of a reproduction: the field defaults, then what :meth:`for_scale`'s
     scale changes (:data:`SCALES`)."""
+
+    # Where a run goes, not what it computes: in no stage's cache key (a stage's key holds the
+    # other fields it reads, knnlm.experiments.stages).
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset({"workers", "torch_threads"})
 
     scale: str = "quick"  # quick | corpus | paper
     corpus: str | None = None  # natural-text corpus; None at quick scale: the embedded slice
