@@ -60,7 +60,7 @@ def test_readme_example_perplexity_equals_cli(example, tmp_path, monkeypatch, ca
     want = example["knn_lm"].neighbours("the old house by the", example["ds"], k=3)
     _cli(monkeypatch, capsys, "neighbours", "-m", m, "-d", tmp_path / "ds", "-p",
          "the old house by the", "--k", 3, "--json", tmp_path / "nb.json")  # fmt: skip
-    got = json.loads((tmp_path / "nb.json").read_text())
+    (got,) = [a["neighbours"] for a in json.loads((tmp_path / "nb.json").read_text())]
     assert [g["row"] for g in got] == [w["row"] for w in want]
     assert [g["context"] for g in got] == [w["context"] for w in want]
     out = _cli(monkeypatch, capsys, "generate", "-m", m, "-d", tmp_path / "ds", "--k", 16,

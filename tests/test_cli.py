@@ -42,11 +42,20 @@ def test_eval_datastore_sweep_generate_contract(
     res = json.loads(out_json.read_text())
     assert res["tokens"] > 0 and res["lm"]["perplexity"] > 1 and res["knnlm"]["perplexity"] > 1
     assert set(res["lm"]) >= {"perplexity", "nll_sum"}
-    code, out, err = run_cli(monkeypatch, capsys, "sweep", tmp_path / "cache", "--weights",
+    code, out, err = run_cli(monkeypatch, capsys, "sweep", tmp_path / "cache", "--knn-weights",
                              "0.1,0.5", "--knn-temperatures", "1,5", "--json", tmp_path / "s.json",
                              "--png", tmp_path / "s.png", "--quiet")  # fmt: skip
     assert code == 0, err
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The JSON speaks the options' names; the table prints every cell, rows by weight.
+    sw = json.loads((tmp_path / "s.json").read_text())
+    assert sw["knn_weights"] == [0.1, 0.5] and sw["knn_temperatures"] == [1.0, 5.0]
+    assert set(sw["best"]) == {"k", "knn_weight", "knn_temperature", "perplexity"}
+    assert "weights" not in sw and "temperatures" not in sw
+    rows = [line.split() for line in out.splitlines() if line.startswith(("     0.1", "     0.5"))]
+    cells = [[float(x) for x in row[1:]] for row in rows]
+    assert cells == [[round(p, 3) for p in row] for row in sw["perplexity"][0]]
+    assert f"{sw['best']['perplexity']:.3f}" in out.splitlines()[-1]
     code, out, err = run_cli(monkeypatch, capsys, "generate", "--model", tiny_lm_dir,
                              "--datastore", ds, "--k", 8, "--prompt", "the village",
                              "--max-new-tokens", 5)  # fmt: skip

@@ -1,5 +1,5 @@
 """One consistent CLI: shared option names and short flags, choices and defaults in --help,
-old names as warned aliases, one error style, a fast start."""
+no second (hidden) names, one error style, a fast start."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from knnlm.cli import app
 from tiny import leaf_commands, run_cli
 
 # Each option name has one short flag wherever it appears.
-SHORT = {"--model": "-m", "--corpus": "-c", "--datastore": "-d", "--out": "-o", "--quiet": "-q"}
+SHORT = {"--model": "-m", "--corpus": "-c", "--datastore": "-d", "--out": "-o", "--quiet": "-q",
+         "--k": "-k"}  # fmt: skip
 
 
 def _options(cmd) -> list:
@@ -73,12 +74,65 @@ def test_version(monkeypatch, capsys):
     assert run_cli(monkeypatch, capsys, "--version") == (0, f"knnlm {__version__}\n", "")
 
 
-def test_old_temperature_name_warns_and_still_counts(monkeypatch, capsys, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", "m", "-c", "c", "-d",
-                        tmp_path / "nods", "--temperature", "0")  # fmt: skip
-    lines = err.strip().splitlines()
-    assert code == 2 and lines[0].startswith("warning: --temperature is now --knn-temperature")
-    assert lines[1] == "Error: --knn-temperature must be positive, got 0.0"
+# The names options had before 0.x settled on one vocabulary: each is now a usage error.
+OLD_NAMES = [
+    ["eval", "--temperature", "1"],
+    ["gate", "train", "--temperature", "1"],
+    ["project", "--temperature", "1"],
+    ["macondo", "run", "--temperature", "1"],
+    ["sweep", "c", "--weights", "0.1"],
+    ["sweep", "c", "--temperatures", "1"],
+    ["generate", "--sample"],
+    ["reproduce", "--preset", "quick"],
+    ["macondo", "run", "--macondo-preset", "quick"],
+    ["hurdle", "--hurdle-preset", "quick"],
+]
+
+
+@pytest.mark.parametrize("args", OLD_NAMES, ids=lambda a: " ".join(a[:-1]))
+def test_old_names_are_gone(monkeypatch, capsys, args):
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and "No such option" in err, err
+
+
+def test_no_option_has_a_hidden_name():
+    hidden = [
+        f"{name} {opt.opts[0]}"
+        for name, cmd in leaf_commands()
+        for opt in cmd.params
+        if opt.param_type_name == "option" and opt.hidden
+    ]
+    assert hidden == ["knnlm reproduce --tiny"]  # a test-sized run, not a second name
+
+
+def test_one_preset_option_name():
+    presets = {name for name, cmd in leaf_commands() for opt in _options(cmd)
+               if "--preset" in opt.opts}  # fmt: skip
+    assert presets == {"knnlm train", "knnlm macondo run", "knnlm hurdle"}
+    scale = _help_of("knnlm reproduce")
+    assert "quick|paper" in scale["--scale"] and "--quick" in scale
+
+
+def test_flags_show_no_type(monkeypatch, capsys):
+    """An on/off flag takes no value, so --help shows none (Typer would show <bool>)."""
+    for name, _ in leaf_commands():
+        code, out, _ = run_cli(monkeypatch, capsys, *name.split()[1:], "--help")
+        assert code == 0 and "--help" in out and "<bool>" not in out, name
+    code, out, _ = run_cli(monkeypatch, capsys, "--help")
+    assert "<bool>" not in out and "--version" in out
+
+
+@pytest.mark.parametrize(
+    "model", ["./no-such-model", "/nonexistent/model", "{tmp}/nothing"], ids=["dot", "abs", "dir"]
+)
+def test_a_missing_local_model_says_so(monkeypatch, capsys, tmp_path, model):
+    model = model.format(tmp=tmp_path.name)
+    monkeypatch.chdir(tmp_path.parent)  # "{tmp}/nothing": a folder here, then a missing name
+    for args in (["eval", "-m", model, "-c", "c"], ["macondo", "run", "-o", "o", "-m", model],
+                 ["reproduce", "-m", model, "-o", "o"]):  # fmt: skip
+        code, _, err = run_cli(monkeypatch, capsys, *args)
+        assert err.strip().splitlines() == [f"Error: --model {model}: no such folder"], args
+        assert code == 2
 
 
 @pytest.mark.parametrize(
@@ -161,7 +215,7 @@ def test_new_commands_share_the_options_of_the_others():
 
     gate = _help_of("knnlm gate train")
     assert {"--knn-temperature", "--nprobe", "--search", "--dtype", "--wait"} <= set(gate)
-    assert "--temperature" not in gate  # the old name is a hidden alias
+    assert "--temperature" not in gate  # HF's sampling temperature: generate only
     prune = _help_of("knnlm datastore prune")
     assert "-d" in prune["--datastore"] and "-o" in prune["--out"]
     # one object per shared option: the new commands use common's, not their own copies
@@ -169,17 +223,6 @@ def test_new_commands_share_the_options_of_the_others():
     by_name = {p.name: p for p in engine.params}
     assert by_name["search"].default == common.Search.auto
     assert by_name["gate_weight"].default == common.GateWeight.fixed
-
-
-def test_gate_train_old_temperature_name_warns(monkeypatch, capsys, tmp_path):
-    import knnlm.cli.common as common
-
-    monkeypatch.setattr(common, "_warned", set())  # once per process: eval's test may have warned
-    code, _, err = run_cli(monkeypatch, capsys, "gate", "train", "-m", "m", "-c", "c", "-d",
-                        tmp_path / "nods", "-o", tmp_path / "g", "--temperature", "0")  # fmt: skip
-    lines = err.strip().splitlines()
-    assert code == 2 and lines[0].startswith("warning: --temperature is now --knn-temperature")
-    assert lines[1] == "Error: --knn-temperature must be positive, got 0.0"
 
 
 def test_prune_takes_the_datastore_either_way(monkeypatch, capsys, tmp_path):

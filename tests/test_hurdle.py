@@ -212,7 +212,7 @@ def test_cli(tmp_path):
     assert data["params"]["with_mlp"] > data["params"]["without_mlp"]
     assert (out / "figure4.png").is_file() and not (out / "figure5.png").exists()
     assert "leads over the first half" in res.output
-    bad = runner.invoke(app, ["hurdle", "--out", str(out), "--hurdle-preset", "huge"])
+    bad = runner.invoke(app, ["hurdle", "--out", str(out), "--preset", "huge"])
     assert bad.exit_code != 0 and "'huge' is not one of" in bad.output
 
 

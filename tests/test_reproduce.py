@@ -260,3 +260,186 @@ def test_stage_plan_names_and_dependencies():
     outside = {d for st in plan if st.name in theirs for d in st.deps} - theirs
     assert outside == {"corpus"}
     assert second_process_groups(ReproduceConfig.for_scale("quick", **TINY, workers=1)) == []
+
+
+# A user's own model: its tokenizer, its positions, its given names.
+GIVEN = ("Ada Bela Cora Dina Edda Fenn Gus Hana Ivo Jana Kai Lena Milo Nora Otto Pia Rosa Sami "
+         "Tomas Uma Vera Wim Xena Yara Zeno Alma Bruno Cleo Dario Elsa Fritz Greta Hugo Ines "
+         "Jonas Karla Luca Mara Nils Olga").split()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def users_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A random 2-layer, 128-position GPT-2 whose BPE makes each of GIVEN one token, and a
+    given-name file of them."""
+    from knnlm.lm.tokenizer import train_bpe_tokenizer
+    from tiny import make_text, save_tiny_model
+
+    folder = tmp_path_factory.mktemp("users")
+    lines = make_text(300, 0).splitlines(keepends=True)
+    lines += [f"the child of {n} is {n} .\n" for n in GIVEN] * 3
+    tok = train_bpe_tokenizer(lines, vocab_size=600, min_frequency=1)
+    names = folder / "names.txt"
+    names.write_text("\n".join(GIVEN) + "\n")
+    return save_tiny_model(folder / "model", tok), names
+
+
+def test_reproduce_on_a_users_model(tmp_path, users_model):
+    """The smallest run the options allow, on a saved model (no LM trained here) with its own
+    given names, from another working directory: it runs to a report."""
+    model, names = users_model
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "knnlm", "reproduce", "--quick", "--tiny", "--quiet", "--seeds",
+         "1", "-m", os.path.relpath(model, tmp_path), "--given-names", str(names), "--out",
+         "run"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=1200,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert r["config"]["model"] == str(model)  # recorded absolute: resolvable from anywhere
+    assert r["lm"][0] == {"model": str(model), "trained": False, "seed": 0}
+    mac = r["macondo"]["settings"]
+    assert mac["model"] == str(model) and mac["macondo"]["given_names"] == [str(names)]
+    children = {x["child"] for s in r["macondo"]["seeds"]
+                for x in _jsonl(out / "artifacts" / "macondo" / f"seed-{s}" / "data" / "test.jsonl")}  # fmt: skip
+    assert children and children <= set(GIVEN)
+    assert "width_study" not in r  # it studies LMs trained here
+    assert (out / "report.md").is_file()
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_windows_are_capped_at_the_models_positions(users_model, tmp_path):
+    from knnlm.errors import KnnlmError
+    from knnlm.experiments.reproduce_config import ReproduceConfig
+
+    model, _ = users_model
+    # The corpus scale's small preset reads 256 tokens: the 128-position model caps it, and
+    # the stride (256) with it; a context or stride the user gave stays as given.
+    cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model))
+    assert (cfg.context_len, cfg.stride) == (128, 64)
+    cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model), stride=16)
+    assert (cfg.context_len, cfg.stride) == (128, 16)
+    assert ReproduceConfig.for_scale("corpus", corpus="c", context_len=200).context_len == 200
+    cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model), context_len=256)
+    assert cfg.context_len == 256  # refused by the first stage that reads it, in one line
+    with pytest.raises(KnnlmError, match="--width-study"):
+        ReproduceConfig.for_scale("quick", model=str(model), width_study=[32])
+
+
+# The stage cache: each stage's key holds the settings it read, whatever they are.
+
+
+def _tiny_plan_names() -> list[str]:
+    from knnlm.cli.reproduce import TINY
+    from knnlm.experiments.reproduce import stage_plan
+    from knnlm.experiments.reproduce_config import ReproduceConfig
+
+    return [st.name for st in stage_plan(ReproduceConfig.for_scale("quick", **TINY))]
+
+
+def _other(value):
+    """A different value of the same JSON kind."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, list):
+        return [*value, value[-1] if value else 1]
+    if isinstance(value, dict):
+        return {**value, "other": 1}
+    return 1  # None
+
+
+# Settings each stage must be found reading (the hurdle's architecture follows the scale,
+# which no hand-kept key list had).
+MUST_READ = {"corpus": {"embedded_chars", "tokenizer_vocab"}, "lm-0": {"lm_preset", "context_len"},
+             "datastore-0": {"context_len", "stride"}, "knnlm-0": {"k", "sweep_weights"},
+             "memory-0": {"memory_hidden"}, "projection": {"projection_positions"},
+             "macondo": {"macondo_sizes", "k"}, "hurdle": {"scale", "hurdle_steps"},
+             "width-32": {"lm_preset"}}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", _tiny_plan_names())
+def test_changing_what_a_stage_read_reruns_it(run, tmp_path, name):
+    """Through the pipeline's own cache check: the saved stage is reused with the run's
+    settings, and rerun when any one setting it read changes (one at a time)."""
+    from dataclasses import asdict, replace
+
+    from knnlm.cli.reproduce import TINY
+    from knnlm.experiments.reproduce import stage_plan
+    from knnlm.experiments.reproduce_config import ReproduceConfig
+    from knnlm.experiments.stages import Pipeline
+
+    out, r = run
+    cfg = ReproduceConfig.for_scale("quick", **TINY)
+    assert asdict(cfg) == r["config"]
+    stage = {st.name: st for st in stage_plan(cfg)}[name]
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "stages").glob("*.json")}
+    saved = records[name]
+    assert MUST_READ.get(name, set()) <= set(saved["read"])
+    assert not {"workers", "torch_threads"} & set(saved["read"])  # where, not what
+    pipe = Pipeline(tmp_path)
+    pipe.fingerprints = {n: rec["fingerprint"] for n, rec in records.items()}
+    record = tmp_path / "stages" / f"{name}.json"
+    record.parent.mkdir()
+    calls = []
+
+    def check(config) -> bool:
+        """Whether the stage would run again under ``config``."""
+        record.write_text(json.dumps(saved))
+        n = len(calls)
+        pipe.run(name, saved["settings"], list(stage.deps), lambda v, art: calls.append(1) or {},
+                 config)  # fmt: skip
+        return len(calls) > n
+
+    assert not check(cfg)
+    for key, value in saved["read"].items():
+        assert check(replace(cfg, **{key: _other(value)})), key
+    assert not check(replace(cfg, workers=cfg.workers + 1, torch_threads=3))
+
+
+def test_the_recorder_notes_what_is_read():
+    from dataclasses import dataclass, field
+    from typing import ClassVar
+
+    from knnlm.experiments.stages import Pipeline, ReadRecorder
+
+    @dataclass
+    class Settings:
+        NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset({"threads"})
+        a: int = 1
+        b: int = 2
+        c: list = field(default_factory=list)
+        threads: int = 1
+
+        @property
+        def both(self) -> int:
+            return self.a + self.b
+
+    view = ReadRecorder(Settings())
+    assert view.both == 3 and view.threads == 1 and view.values() == {"a": 1, "b": 2}
+    with pytest.raises(AttributeError):
+        view.a = 5
+    # A stage whose reads depend on a value: c is read only while a is 1.
+    ran = []
+
+    def stage(v, art):
+        ran.append(1)
+        return {"x": v.c if v.a == 1 else None}
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for settings, reran in [(Settings(), True), (Settings(), False), (Settings(c=[1]), True),
+                                (Settings(a=2), True), (Settings(a=2, c=[5]), False),
+                                (Settings(a=2, threads=4), False)]:  # fmt: skip
+            n = len(ran)
+            Pipeline(Path(tmp)).run("s", {}, [], stage, settings)
+            assert (len(ran) > n) == reran, settings

@@ -16,7 +16,31 @@ import typer
 
 from knnlm.errors import KnnlmError
 
+
+def _plain_flags(params: list) -> list:
+    """On/off flags show no ``<bool>`` type in --help (they take no value)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class Command(typer.core.TyperCommand):
+    """A command whose --help lists flags without a type."""
+
+    def get_params(self, ctx):  # noqa: ANN001, ANN201 (click's signature)
+        return _plain_flags(super().get_params(ctx))
+
+
+class Group(typer.core.TyperGroup):
+    """A group whose --help lists flags without a type."""
+
+    def get_params(self, ctx):  # noqa: ANN001, ANN201
+        return _plain_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=Group,
     name="knnlm",
     help="Nearest-neighbour language models and the analyses of Chiang et al. (NAACL 2024).",
     no_args_is_help=True,
@@ -129,14 +153,16 @@ def _missing_extra(exc: ModuleNotFoundError) -> str | None:
     return f"this needs the {root!r} package: pip install 'knnlm[{EXTRAS[root]}]'{hint}"
 
 
+def _interrupted() -> None:
+    typer.echo("interrupted; rerun the same command to resume where supported", err=True)
+    sys.exit(130)
+
+
 def main() -> None:
     """Entry point: usage errors print click's usual text and exit 2; a ``KnnlmError`` (or an OS
     error of the user's paths or machine: name too long, no permission, disk full) prints one
     line and exits 2; anything else is a bug and keeps its traceback."""
-    from knnlm.cli.common import reset_warnings
-
     register_all()
-    reset_warnings()
     _log_to_stderr()
     errors, exits, aborts = _click_errors()
     try:
@@ -154,8 +180,7 @@ def main() -> None:
         typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to resume where supported", err=True)
-        sys.exit(130)
+        _interrupted()
     except exits as exc:
         sys.exit(exc.exit_code)
     except aborts:
@@ -164,5 +189,8 @@ def main() -> None:
     except errors as exc:
         exc.show()  # "Usage: ... Try '... --help' ... Error: ..." (exit 2 for usage errors)
         sys.exit(exc.exit_code)
-    # Non-standalone mode returns the code of an explicit Exit (e.g. --help) instead of raising.
+    # Non-standalone mode returns the code of an explicit Exit (e.g. --help) instead of raising,
+    # and a Ctrl-C as code 130.
+    if code == 130:
+        _interrupted()
     sys.exit(code if isinstance(code, int) else 0)

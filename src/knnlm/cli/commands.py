@@ -10,6 +10,8 @@ from __future__ import annotations
 import typer
 
 from knnlm.cli import (
+    Command,
+    Group,
     datastore_eval,
     fast,
     generate,
@@ -58,8 +60,8 @@ def register(app: typer.Typer, modules: list = MODULES) -> None:
             seen.add(name)
             group, _, command = name.rpartition(" ")
             if group and group not in groups:
-                groups[group] = typer.Typer(help=GROUPS[group], no_args_is_help=True)
-            (groups[group] if group else app).command(command)(function)
+                groups[group] = typer.Typer(cls=Group, help=GROUPS[group], no_args_is_help=True)
+            (groups[group] if group else app).command(command, cls=Command)(function)
     for group in GROUPS:
         if group in groups:
             app.add_typer(groups[group], name=group)

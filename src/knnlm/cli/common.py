@@ -5,7 +5,7 @@ defaults it the same way; choices are enums, which ``--help`` lists. A command a
 option with ``name: Annotated[Type, OPTION] = default`` or the older ``name: Type = OPTION``.
 
 Short flags: ``-m`` model, ``-c`` corpus, ``-d`` datastore, ``-o`` output, ``-p`` prompt,
-``-q`` quiet.
+``-k`` neighbours, ``-q`` quiet. No option has a second, hidden name.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class LmPreset(str, Enum):
 
 
 class HurdlePreset(str, Enum):
-    """``knnlm hurdle --hurdle-preset``: its architectures and the model sizes."""
+    """``knnlm hurdle --preset``: its architectures and the model sizes."""
 
     gpt2_small = "gpt2-small"
     quick = "quick"
@@ -86,7 +86,7 @@ class HurdlePreset(str, Enum):
 
 
 class MacondoPreset(str, Enum):
-    """``knnlm macondo run --macondo-preset``: the run presets of the Section 4 experiment."""
+    """``knnlm macondo run --preset``: the run presets of the Section 4 experiment."""
 
     quick = "quick"
     quick_finetune = "quick-finetune"
@@ -203,43 +203,71 @@ STRIDE = typer.Option(
 BATCH = typer.Option(8, "--batch-size", help="Windows per forward pass.")
 DTYPE = typer.Option(Dtype.float32, "--dtype", help="Weight dtype of the model.")
 TEXT_FIELD = typer.Option("text", "--text-field", help="Text column of an hf: dataset.")
-K = typer.Option(1024, "--k", help="Neighbours per query.")
+K = typer.Option(1024, "--k", "-k", help="Neighbours per query.")
 KNN_WEIGHT = typer.Option(
     0.25, "--knn-weight", help="Weight w on p_knn: (1-w) p_lm + w p_knn (the paper's lambda = 1-w)."
 )
 KNN_TEMPERATURE = typer.Option(
     1.0, "--knn-temperature", help="Temperature T of the kNN softmax over -distance / T."
 )
-# Old names, accepted, hidden, each warning once (to be removed in a later release).
-OLD_TEMPERATURE = typer.Option(None, "--temperature", hidden=True)
-OLD_PRESET = typer.Option(None, "--preset", hidden=True)
+# The sizes and name lists of Macondo, under the same names in macondo generate / run and
+# reproduce (None: the run's or the generator's default).
+VILLAGERS = typer.Option(
+    None, "--villagers", min=1, help="Villagers in Macondo.  (default: the run's)",
+    show_default=False,
+)  # fmt: skip
+PARENTS_PER_COUNT = typer.Option(
+    None, "--parents-per-count", min=1,
+    help="Macondo parents for each number of children.  (default: the run's)", show_default=False,
+)  # fmt: skip
+MAX_CHILDREN = typer.Option(
+    None, "--max-children", min=1,
+    help="Largest number of children of a Macondo parent.  (default: the run's)",
+    show_default=False,
+)  # fmt: skip
+SENTENCES_PER_PAIR = typer.Option(
+    None, "--sentences-per-pair", min=1,
+    help="Macondo training sentences per parent-child pair.  (default: the run's)",
+    show_default=False,
+)  # fmt: skip
+GIVEN_NAMES = typer.Option(
+    None,
+    "--given-names",
+    help="Given-name file(s), one name a line; repeat for several. Children are drawn from the "
+    "names that are single tokens under the model's tokenizer.  (default: built-in lists)",
+    show_default=False,
+    metavar="<path>",
+)
+SURNAMES = typer.Option(
+    None,
+    "--surnames",
+    help="Surname file(s), one a line; repeat for several.  (default: built-in lists)",
+    show_default=False,
+    metavar="<path>",
+)
+
+
+def macondo_sizes(villagers: int | None, parents_per_count: int | None,
+                  max_children: int | None, sentences_per_pair: int | None,
+                  given_names: list[Path] | None, surnames: list[Path] | None) -> dict:  # fmt: skip
+    """The Macondo sizes and name files given (MacondoSettings.sizes); a missing name file is
+    refused here, naming its option."""
+    for flag, files in (("--given-names", given_names), ("--surnames", surnames)):
+        for f in files or ():
+            if not Path(f).is_file():
+                raise KnnlmError(f"{flag} {f}: no such file")
+    sizes = {
+        "n_villagers": villagers,
+        "n_parents_per_count": parents_per_count,
+        "max_children": max_children,
+        "sentences_per_pair": sentences_per_pair,
+        "given_names": [str(Path(f).resolve()) for f in given_names] if given_names else None,
+        "surnames": [str(Path(f).resolve()) for f in surnames] if surnames else None,
+    }
+    return {key: v for key, v in sizes.items() if v is not None}
+
+
 NPROBE = typer.Option(None, "--nprobe", help="IVF lists probed. (default: the index's)")
-_warned: set[str] = set()
-
-
-def reset_warnings() -> None:
-    """Start a command with no old option name warned about yet ("warns once" is per command,
-    also when several commands run in one process, as in tests or a notebook)."""
-    _warned.clear()
-
-
-def renamed(new: Any, old: Any, old_name: str, new_name: str) -> Any:
-    """The value of an option given under its new name or (hidden, warns once) its old one."""
-    if old is None:
-        return new
-    if old_name not in _warned:
-        _warned.add(old_name)
-        typer.secho(
-            f"warning: {old_name} is now {new_name}; the old name will be removed",
-            err=True,
-            fg=typer.colors.YELLOW,
-        )
-    return old
-
-
-def knn_temperature(new: float, old: float | None) -> float:
-    """The kNN temperature from ``--knn-temperature`` or its old name ``--temperature``."""
-    return renamed(new, old, "--temperature", "--knn-temperature")
 
 
 def one_path(positional: Path | None, option: Path | None, name: str) -> Path:
@@ -282,8 +310,25 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def looks_like_path(name: str) -> bool:
+    """Hub names are "name" or "org/name"; a leading dot, slash or tilde, deeper nesting, or
+    a first part that is a local folder means a local path."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
+
+
+def check_model(model: str | None, flag: str = "--model") -> None:
+    """A local model folder that does not exist is refused as such (not as a failed hub
+    download)."""
+    if model is None or Path(model).expanduser().exists() or not looks_like_path(model):
+        return
+    raise KnnlmError(f"{flag} {model}: no such folder")
+
+
 def load_model(model: str, device: str | None, dtype: Dtype | str):
     """``KnnLM.from_pretrained`` with the libraries kept quiet (the API object)."""
+    check_model(model)
     quiet_libraries()
     from knnlm.api import KnnLM
 

@@ -19,7 +19,6 @@ from knnlm.cli.common import (
     KNN_WEIGHT,
     MODEL,
     NPROBE,
-    OLD_TEMPERATURE,
     OPTIONAL_DATASTORE,
     QUIET,
     RETRIEVAL_RATE,
@@ -36,14 +35,11 @@ from knnlm.cli.common import (
     KeyType,
     Metric,
     Search,
-    echo_json,
     hold_lock,
     init_distributed,
-    knn_temperature,
     load_model,
     one_path,
     output_file,
-    renamed,
     value,
     write_json,
 )
@@ -209,7 +205,6 @@ def eval_cmd(
     k: int = K,
     knn_weight: float = KNN_WEIGHT,
     knn_temp: float = KNN_TEMPERATURE,
-    old_temp: float | None = OLD_TEMPERATURE,
     recompute: bool = typer.Option(
         True, "--recompute/--no-recompute", help="Exact distances from stored keys."
     ),
@@ -248,8 +243,9 @@ def eval_cmd(
     from knnlm.retrieval.retriever import KnnSettings
 
     # What the user can get wrong is checked before the model is loaded.
-    temp = knn_temperature(knn_temp, old_temp)
-    knn = KnnSettings(k, knn_weight, temp, recompute, nprobe, value(exclude_self), value(search))
+    knn = KnnSettings(
+        k, knn_weight, knn_temp, recompute, nprobe, value(exclude_self), value(search)
+    )
     # Under torchrun every rank scores the whole split and holds a shard of the datastore for
     # exact search (knnlm.retrieval.search.sharded); rank 0 alone writes and prints, and holds the
     # cache's lock for the group (so the group joins before the lock is taken).
@@ -313,12 +309,13 @@ def sweep_cmd(
     ),
     cache_opt: Path | None = typer.Option(None, "--cache", help="Neighbour cache directory."),
     weights: str = typer.Option(
-        "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6", "--weights", help="Comma-separated knn weights."
+        "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6",
+        "--knn-weights",
+        help="Comma-separated kNN weights w (as --knn-weight).",
     ),
     temperatures: str = typer.Option(
         "0.5,1,2,3,5,10", "--knn-temperatures", help="Comma-separated kNN temperatures."
     ),
-    old_temperatures: str | None = typer.Option(None, "--temperatures", hidden=True),
     ks: str | None = typer.Option(
         None, "--ks", help="Comma-separated k values (<= cached k). (default: the cached k)"
     ),
@@ -330,20 +327,20 @@ def sweep_cmd(
     ),
     quiet: bool = QUIET,
 ) -> None:
-    """Re-score cached neighbours over knn_weight x temperature x k without searching again."""
+    """Re-score cached neighbours over kNN weight x temperature x k without searching again;
+    prints the perplexity table per k and the best point."""
     from knnlm.sweep import sweep
 
     cache = one_path(cache, cache_opt, "--cache")
     _check_cache(cache)
-    temperatures = renamed(temperatures, old_temperatures, "--temperatures", "--knn-temperatures")
     result = sweep(
         cache,
-        _numbers(weights, float, "--weights"),
+        _numbers(weights, float, "--knn-weights"),
         _numbers(temperatures, float, "--knn-temperatures"),
         _numbers(ks, int, "--ks"),
         progress=not quiet,
     )
-    write_json(json_out, result)
+    write_json(json_out, sweep_json(result))
     if png is not None:
         from knnlm.report.figures import plot_sweep_heatmap
 
@@ -355,7 +352,38 @@ def sweep_cmd(
             title=f"kNN-LM perplexity, k={result['ks'][-1]}",
             lm_ppl=result["lm"]["perplexity"],
         )
-    echo_json(result["best"])
+    typer.echo(sweep_table(result))
+
+
+def sweep_json(result: dict) -> dict:
+    """The sweep's results under the option names of the CLI (knn_weights, knn_temperatures,
+    knn_weight, knn_temperature)."""
+    best = dict(result["best"])
+    best["knn_temperature"] = best.pop("temperature")
+    out = {key: v for key, v in result.items() if key not in ("weights", "temperatures", "best")}
+    return out | {
+        "knn_weights": result["weights"],
+        "knn_temperatures": result["temperatures"],
+        "best": best,
+    }
+
+
+def sweep_table(result: dict) -> str:
+    """kNN-LM perplexity per k: one row per kNN weight, one column per temperature; the LM's
+    perplexity and the best point below."""
+    temps = result["temperatures"]
+    lines = []
+    for k, grid in zip(result["ks"], result["perplexity"], strict=True):
+        lines.append(f"k={k}   kNN weight \\ kNN temperature")
+        lines.append(" " * 8 + "".join(f"{t:>10g}" for t in temps))
+        for w, row in zip(result["weights"], grid, strict=True):
+            lines.append(f"{w:>8g}" + "".join(f"{p:>10.3f}" for p in row))
+        lines.append("")
+    best = result["best"]
+    lines.append(f"LM perplexity {result['lm']['perplexity']:.3f}; best: k={best['k']}, "
+                 f"--knn-weight {best['knn_weight']:g}, --knn-temperature "
+                 f"{best['temperature']:g}: {best['perplexity']:.3f}")  # fmt: skip
+    return "\n".join(lines)
 
 
 COMMANDS = [

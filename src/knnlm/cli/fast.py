@@ -16,7 +16,6 @@ from knnlm.cli.common import (
     KNN_TEMPERATURE,
     MODEL,
     NPROBE,
-    OLD_TEMPERATURE,
     QUIET,
     SEARCH,
     SEED,
@@ -27,7 +26,6 @@ from knnlm.cli.common import (
     K,
     Search,
     echo_json,
-    knn_temperature,
     load_model,
     one_path,
     value,
@@ -46,7 +44,6 @@ def gate_train_cmd(
     ),
     k: int = K,
     knn_temp: float = KNN_TEMPERATURE,
-    old_temp: float | None = OLD_TEMPERATURE,
     nprobe: int | None = NPROBE,
     search: Search = SEARCH,
     epochs: int = typer.Option(20, "--epochs", help="Training epochs (best held-out kept)."),
@@ -70,8 +67,7 @@ def gate_train_cmd(
     from knnlm.retrieval.gate_train import train_gate
     from knnlm.retrieval.retriever import KnnSettings
 
-    temperature = knn_temperature(knn_temp, old_temp)
-    knn = KnnSettings(k=k, temperature=temperature, nprobe=nprobe, search=value(search))
+    knn = KnnSettings(k=k, temperature=knn_temp, nprobe=nprobe, search=value(search))
     knn.validate()
     claim_target(out, KIND, CONFIG, what="retrieval gate")  # before the model is loaded
     open_datastore(datastore)
@@ -91,7 +87,7 @@ def prune_cmd(
     ds: Path | None = DS_ARG,
     ds_opt: Path | None = DS_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Pruned datastore directory to create."),
-    k: int = typer.Option(9, "--k", help="Neighbours of each entry considered for merging."),
+    k: int = typer.Option(9, "--k", "-k", help="Neighbours of each entry considered for merging."),
     nprobe: int | None = NPROBE,
     quiet: bool = QUIET,
     wait: bool = WAIT,

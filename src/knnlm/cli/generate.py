@@ -23,7 +23,6 @@ from knnlm.cli.common import (
     Search,
     init_distributed,
     load_model,
-    renamed,
     value,
     write_json,
 )
@@ -45,7 +44,6 @@ def generate_cmd(
     do_sample: bool = typer.Option(
         False, "--do-sample/--greedy", help="Sample instead of greedy (or beam) decoding."
     ),
-    old_sample: bool | None = typer.Option(None, "--sample", hidden=True),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (HF)."),
     top_k: int = typer.Option(50, "--top-k", help="Sample from the k likeliest tokens (HF)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (HF)."),
@@ -75,7 +73,6 @@ def generate_cmd(
     from knnlm.generation import check_settings
     from knnlm.retrieval.retriever import KnnSettings
 
-    do_sample = renamed(do_sample, old_sample, "--sample", "--do-sample")
     hf = dict(
         max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
         num_return_sequences=num_return_sequences,
@@ -108,8 +105,13 @@ def generate_cmd(
 def neighbours_cmd(
     model: str = MODEL,
     datastore: Path = DATASTORE,
-    text: str = typer.Option(..., "--prompt", "-p", help="Text whose next token is retrieved."),
-    k: int = typer.Option(8, "--k", help="Neighbours to show."),
+    prompts: list[str] = typer.Option(
+        ...,
+        "--prompt",
+        "-p",
+        help="Text whose next token is retrieved; repeat for several (answered in turn).",
+    ),
+    k: int = typer.Option(8, "--k", "-k", help="Neighbours to show."),
     knn_temp: float = KNN_TEMPERATURE,
     context_tokens: int = typer.Option(
         32, "--context-tokens", help="Tokens of each neighbour's preceding text shown."
@@ -121,25 +123,31 @@ def neighbours_cmd(
     dtype: Dtype = DTYPE,
     quiet: bool = QUIET,
 ) -> None:
-    """Show the datastore entries retrieved for the token after --prompt, nearest first."""
+    """Show the datastore entries retrieved for the token after each --prompt, nearest first.
+
+    --json writes one {"prompt", "neighbours"} object per prompt, in the order given."""
     from knnlm.retrieval.datastore import Datastore
     from knnlm.retrieval.retriever import KnnSettings
 
     KnnSettings(k=k, temperature=knn_temp, nprobe=nprobe, search=value(search)).validate()
-    if not text:
-        raise KnnlmError("the prompt is empty")
+    if not all(prompts):
+        raise KnnlmError("--prompt is empty")
     ds = Datastore.load(datastore)
     knn_lm = load_model(model, device, dtype)
-    found = knn_lm.neighbours(
-        text, ds, k, knn_temperature=knn_temp, context_tokens=context_tokens, nprobe=nprobe,
-        search=value(search),
-    )  # fmt: skip
-    write_json(json_out, found)
-    for i, nb in enumerate(found, 1):
-        typer.echo(
-            f"{i:>3}  weight {nb['weight']:.3f}  distance {nb['distance']:.4g}  row {nb['row']}\n"
-            f"     {nb['context']!r} -> {nb['target']!r}"
-        )
+    answers = []
+    for text in prompts:
+        found = knn_lm.neighbours(
+            text, ds, k, knn_temperature=knn_temp, context_tokens=context_tokens,
+            nprobe=nprobe, search=value(search),
+        )  # fmt: skip
+        answers.append({"prompt": text, "neighbours": found})
+        typer.echo(f"prompt {text!r}:")
+        for i, nb in enumerate(found, 1):
+            typer.echo(
+                f"{i:>3}  weight {nb['weight']:.3f}  distance {nb['distance']:.4g}  "
+                f"row {nb['row']}\n     {nb['context']!r} -> {nb['target']!r}"
+            )
+    write_json(json_out, answers)
 
 
 COMMANDS = [("generate", generate_cmd), ("neighbours", neighbours_cmd)]

@@ -8,13 +8,11 @@ import typer
 
 from knnlm.cli.common import (
     DEVICE,
-    OLD_PRESET,
     QUIET,
     WAIT,
     HurdlePreset,
     output_file,
     quiet_libraries,
-    renamed,
     value,
     write_json,
 )
@@ -59,12 +57,11 @@ def hurdle_cmd(
     ),
     preset: HurdlePreset | None = typer.Option(
         None,
-        "--hurdle-preset",
+        "--preset",
         help="Architecture: gpt2-small (the paper's), quick, or a model size of knnlm "
         "train --preset.  (default: gpt2-small; quick with --quick)",
         show_default=False,
     ),
-    old_preset: str | None = OLD_PRESET,
     lr: float | None = typer.Option(
         None, "--lr", help="Peak learning rate (default: the preset's)."
     ),
@@ -90,17 +87,10 @@ def hurdle_cmd(
     """Train GPT-2 models with and without the last MLP from the same initialisation on the
     same batches, and compare how fast they learn (paper Appendix E)."""
     from knnlm.experiments.hurdle import run_hurdle
-    from knnlm.experiments.hurdle_setup import hurdle_settings, resolve_preset
+    from knnlm.experiments.hurdle_setup import hurdle_settings
     from knnlm.report.experiment_figures import render_hurdle
 
-    preset = renamed(value(preset), old_preset, "--preset", "--hurdle-preset")
-    if old_preset is not None:
-        from knnlm.errors import KnnlmError
-
-        try:
-            resolve_preset(preset)
-        except KnnlmError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--preset") from None
+    preset = value(preset)
     quiet_libraries()
     settings = hurdle_settings(
         "quick" if quick else "full",

@@ -33,7 +33,7 @@ def inspect_cmd(
     k_max: int = typer.Option(
         256, "--k-max", help="Neighbours retrieved once per text; the page's k goes up to it."
     ),
-    k: int = typer.Option(16, "--k", help="The page's starting k (at most --k-max)."),
+    k: int = typer.Option(16, "--k", "-k", help="The page's starting k (at most --k-max)."),
     knn_weight: float = KNN_WEIGHT,
     knn_temp: float = KNN_TEMPERATURE,
     gate: Path | None = GATE,

@@ -8,20 +8,24 @@ import typer
 
 from knnlm.cli.common import (
     DEVICE,
+    GIVEN_NAMES,
     KNN_TEMPERATURE,
     KNN_WEIGHT,
-    OLD_PRESET,
-    OLD_TEMPERATURE,
+    MAX_CHILDREN,
+    PARENTS_PER_COUNT,
     QUIET,
     SEARCH,
+    SENTENCES_PER_PAIR,
+    SURNAMES,
+    VILLAGERS,
     WAIT,
     K,
     MacondoPreset,
     Search,
-    knn_temperature,
+    check_model,
+    macondo_sizes,
     output_file,
     quiet_libraries,
-    renamed,
     value,
     write_json,
 )
@@ -49,16 +53,14 @@ def run_cmd(
     ),
     preset: MacondoPreset | None = typer.Option(
         None,
-        "--macondo-preset",
+        "--preset",
         help="Run preset (default: quick without --model, default with it).",
         show_default=False,
     ),
-    old_preset: str | None = OLD_PRESET,
     k: int = K,
     knn_weight: float = KNN_WEIGHT,
     knn_temp: float = KNN_TEMPERATURE,
     search: Search = SEARCH,
-    old_temp: float | None = OLD_TEMPERATURE,
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default: the preset's)."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the preset's)."),
     batch_size: int | None = typer.Option(
@@ -84,11 +86,18 @@ def run_cmd(
     device: str | None = DEVICE,
     quiet: bool = QUIET,
     wait: bool = WAIT,
-    villagers: int | None = typer.Option(None, "--villagers", hidden=True),
-    parents_per_count: int | None = typer.Option(None, "--parents-per-count", hidden=True),
-    max_children: int | None = typer.Option(None, "--max-children", hidden=True),
-    sentences_per_pair: int | None = typer.Option(None, "--sentences-per-pair", hidden=True),
-    max_steps: int | None = typer.Option(None, "--max-steps", hidden=True),
+    villagers: int | None = VILLAGERS,
+    parents_per_count: int | None = PARENTS_PER_COUNT,
+    max_children: int | None = MAX_CHILDREN,
+    sentences_per_pair: int | None = SENTENCES_PER_PAIR,
+    given_names: list[Path] | None = GIVEN_NAMES,
+    surnames: list[Path] | None = SURNAMES,
+    max_steps: int | None = typer.Option(
+        None,
+        "--max-steps",
+        min=1,
+        help="Stop fine-tuning after this many optimizer steps.",
+    ),
 ) -> None:
     """Fine-tune on Macondo, score children's names with the LM and the kNN-LM (Table 5)."""
     from knnlm.experiments.macondo import cli_summary, contract_view, run_macondo
@@ -96,28 +105,23 @@ def run_cmd(
     from knnlm.report.experiment_figures import render_macondo
     from knnlm.report.macondo import table5
 
-    temperature = knn_temperature(knn_temp, old_temp)
-    preset = renamed(value(preset), old_preset, "--preset", "--macondo-preset")
+    preset = value(preset)
     if seeds < 1:
         raise KnnlmError(f"--seeds must be at least 1, got {seeds}")
     if quick and preset not in (None, "quick"):
         raise KnnlmError(f"--quick and --preset {preset} contradict each other; give one")
-    if model is not None and not Path(model).expanduser().exists() and _looks_like_path(model):
-        raise KnnlmError(f"model directory {model} does not exist")
+    check_model(model)
+    sizes = macondo_sizes(
+        villagers, parents_per_count, max_children, sentences_per_pair, given_names, surnames
+    )
     quiet_libraries()
-    sizes = {
-        "n_villagers": villagers,
-        "n_parents_per_count": parents_per_count,
-        "max_children": max_children,
-        "sentences_per_pair": sentences_per_pair,
-    }
     settings = MacondoSettings.from_preset(
         "quick" if quick else preset,
         model=model,
         seeds=tuple(range(seeds)),
         k=k,
         knn_weight=knn_weight,
-        temperature=temperature,
+        temperature=knn_temp,
         epochs=epochs,
         max_steps=max_steps,
         lr=lr,
@@ -125,7 +129,7 @@ def run_cmd(
         warmup_ratio=warmup_ratio,
         lora=lora,
         eval_every=eval_every,
-        sizes={key: v for key, v in sizes.items() if v is not None},
+        sizes=sizes,
         search=value(search),
         device=device,
     )
@@ -135,12 +139,6 @@ def run_cmd(
     typer.echo(table5(contract_view(results)))
     typer.echo(f"reproduced: {results['reproduced']['summary']}")
     typer.echo(f"results in {out}")
-
-
-def _looks_like_path(name: str) -> bool:
-    """Hub names are "name" or "org/name"; a leading dot, slash or tilde, or deeper nesting,
-    means a local path (the rule ``load_lm`` applies)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 COMMANDS = [("macondo run", run_cmd)]

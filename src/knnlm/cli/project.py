@@ -18,7 +18,6 @@ from knnlm.cli.common import (
     KNN_WEIGHT,
     MODEL,
     NPROBE,
-    OLD_TEMPERATURE,
     QUIET,
     SEARCH,
     STRIDE,
@@ -27,7 +26,6 @@ from knnlm.cli.common import (
     K,
     Search,
     init_distributed,
-    knn_temperature,
     load_model,
     output_file,
     value,
@@ -46,7 +44,6 @@ def project_cmd(
     k: int = K,
     knn_weight: float = KNN_WEIGHT,
     knn_temp: float = KNN_TEMPERATURE,
-    old_temp: float | None = OLD_TEMPERATURE,
     nprobe: int | None = NPROBE,
     search: Search = SEARCH,
     max_positions: int | None = typer.Option(
@@ -82,9 +79,8 @@ def project_cmd(
     from knnlm.retrieval.retriever import KnnSettings
 
     # What the user can get wrong is checked before the model is loaded.
-    temp = knn_temperature(knn_temp, old_temp)
     knn = KnnSettings(
-        k=k, knn_weight=knn_weight, temperature=temp, nprobe=nprobe, search=value(search)
+        k=k, knn_weight=knn_weight, temperature=knn_temp, nprobe=nprobe, search=value(search)
     )
     open_inputs(datastore, None, knn).check_k(k, "--k")
     # Under torchrun every rank projects the same positions and holds a shard of the

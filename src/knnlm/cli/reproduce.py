@@ -8,16 +8,20 @@ from pathlib import Path
 import typer
 
 from knnlm.cli.common import (
-    OLD_PRESET,
-    OLD_TEMPERATURE,
+    GIVEN_NAMES,
+    MAX_CHILDREN,
+    PARENTS_PER_COUNT,
     QUIET,
     SEARCH,
+    SENTENCES_PER_PAIR,
+    SURNAMES,
+    VILLAGERS,
     WAIT,
     Scale,
     Search,
-    knn_temperature,
+    check_model,
+    macondo_sizes,
     quiet_libraries,
-    renamed,
     value,
 )
 
@@ -80,7 +84,6 @@ def reproduce_cmd(
         "datasets).  (default: quick, or your --corpus)",
         show_default=False,
     ),
-    old_preset: str | None = OLD_PRESET,
     model: str | None = typer.Option(
         None, "--model", "-m", help="Analyse this pretrained LM instead of training one."
     ),
@@ -91,7 +94,19 @@ def reproduce_cmd(
         show_default=False,
     ),
     k: int | None = typer.Option(
-        None, "--k", help="Neighbours per query.  (default: the scale's)", show_default=False
+        None,
+        "--k",
+        "-k",
+        help="Neighbours per query.  (default: the scale's)",
+        show_default=False,
+    ),
+    context_len: int | None = typer.Option(
+        None,
+        "--context-len",
+        min=2,
+        help="Tokens per window of every natural-text part.  (default: the scale's, at most "
+        "the --model's maximum positions)",
+        show_default=False,
     ),
     knn_temp: float | None = typer.Option(
         None,
@@ -100,7 +115,6 @@ def reproduce_cmd(
         "report adds the best on valid)",
         show_default=False,
     ),
-    old_temp: float | None = OLD_TEMPERATURE,
     epochs: int | None = typer.Option(
         None,
         "--epochs",
@@ -114,6 +128,12 @@ def reproduce_cmd(
         help="Section 3 against model width: comma-separated widths d, e.g. 64,128,256 (LMs "
         "differing only in d; not in the quick run by default: minutes per width).",
     ),  # fmt: skip
+    villagers: int | None = VILLAGERS,
+    parents_per_count: int | None = PARENTS_PER_COUNT,
+    max_children: int | None = MAX_CHILDREN,
+    sentences_per_pair: int | None = SENTENCES_PER_PAIR,
+    given_names: list[Path] | None = GIVEN_NAMES,
+    surnames: list[Path] | None = SURNAMES,
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help="Test-sized run."),
     quiet: bool = QUIET,
     wait: bool = WAIT,
@@ -122,17 +142,23 @@ def reproduce_cmd(
     quiet_libraries()
     from knnlm.errors import KnnlmError
     from knnlm.experiments.reproduce import reproduce
-    from knnlm.experiments.reproduce_config import ReproduceConfig
+    from knnlm.experiments.reproduce_config import SCALES, ReproduceConfig
     from knnlm.report.reproduction_report import write_reproduction_report
 
-    preset = renamed(value(scale), old_preset, "--preset", "--scale")
-    if preset not in (None, "paper", "quick"):
-        raise KnnlmError(f"unknown scale {preset!r}; choose quick or paper")
+    preset = value(scale)
     if quick and preset == "paper":
         raise KnnlmError("--quick and --scale paper are different scales; choose one")
+    check_model(model)
+    sizes = macondo_sizes(
+        villagers, parents_per_count, max_children, sentences_per_pair, given_names, surnames
+    )
     quick = quick or preset == "quick"
     scale = "paper" if preset == "paper" else ("corpus" if corpus and not quick else "quick")
     overrides = dict(TINY) if tiny else {}
+    if model is not None:
+        overrides.pop("width_study", None)  # it trains LMs of the run's preset: none here
+        if Path(model).expanduser().exists():  # the run's records name it from any folder
+            model = str(Path(model).expanduser().resolve())
     widths = None
     if width_study is not None:
         try:
@@ -145,8 +171,11 @@ def reproduce_cmd(
             raise KnnlmError(f"--width-study needs positive widths; got {width_study!r}")
     given = dict(corpus=corpus, model=model, k=k, search=value(search), lm_epochs=epochs,
                  lm_seeds=seeds, macondo_seeds=seeds, hurdle_seeds=seeds, width_study=widths,
-                 temperature=knn_temperature(knn_temp, old_temp))  # fmt: skip
+                 temperature=knn_temp, context_len=context_len)  # fmt: skip
     overrides.update({key: v for key, v in given.items() if v is not None})
+    if sizes:  # on top of the scale's (or --tiny's) Macondo sizes
+        scale_sizes = SCALES[scale].get("macondo_sizes", {})
+        overrides["macondo_sizes"] = scale_sizes | overrides.get("macondo_sizes", {}) | sizes
     cfg = ReproduceConfig.for_scale(scale, **overrides)
     t0 = time.perf_counter()
     results = reproduce(cfg, out, progress=not quiet)

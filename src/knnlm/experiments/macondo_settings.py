@@ -36,6 +36,8 @@ MACONDO_SIZE_KEYS = (
     "max_children",
     "sentences_per_pair",
 )
+# Name files (paths) the children and villagers are drawn from; recorded only when given.
+MACONDO_NAME_KEYS = ("given_names", "surnames")
 # The MLP memory on a Macondo datastore, where a run names only what it changes.
 MACONDO_MEMORY = {"hidden": 1024, "epochs": 10, "lr": 1e-3, "batch_tokens": 256}
 KNN_WEIGHT_NOTE = (
@@ -245,7 +247,7 @@ class MacondoSettings:
             raise KnnlmError(f"learning rate must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise KnnlmError(f"warm-up ratio must be in [0, 1), got {self.warmup_ratio}")
-        unknown = sorted(set(self.sizes) - set(MACONDO_SIZE_KEYS))
+        unknown = sorted(set(self.sizes) - {*MACONDO_SIZE_KEYS, *MACONDO_NAME_KEYS})
         if unknown:
             raise KnnlmError(
                 f"unknown Macondo size setting(s) {unknown}; allowed: {', '.join(MACONDO_SIZE_KEYS)}"
@@ -306,7 +308,8 @@ class MacondoSettings:
             "batch_size_eval": self.batch_size_eval,
             "eval_every": self.eval_every,
             "curve_knn": bool(self.curve_knn and self.eval_every),
-            "macondo": {key: self.sizes.get(key) for key in MACONDO_SIZE_KEYS},
+            "macondo": {key: self.sizes.get(key) for key in MACONDO_SIZE_KEYS}
+            | {key: self.sizes[key] for key in MACONDO_NAME_KEYS if self.sizes.get(key)},
             "aggregation": "mean over test examples per n per seed; mean and sample std "
             "(ddof=1, none for one seed) over seeds",
             "memory": _memory_settings(self.memory),

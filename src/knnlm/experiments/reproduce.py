@@ -37,7 +37,7 @@ from knnlm.experiments.hurdle import run_hurdle
 from knnlm.experiments.hurdle_setup import hurdle_settings
 from knnlm.experiments.macondo import contract_view, run_macondo
 from knnlm.experiments.macondo_settings import MacondoSettings
-from knnlm.experiments.parallel import pool, submit
+from knnlm.experiments.parallel import first_failure, pool, submit
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.experiments.results_schema import check_results
 from knnlm.experiments.stages import Pipeline, StageDisplay
@@ -149,7 +149,7 @@ def not_run(cfg: ReproduceConfig) -> list[dict]:
                 "why": "WikiText-103 (540 MB) and the 247M-parameter LM need a GPU and days of "
                 "CPU time; this run uses "
                 + ("the embedded WikiText-2 slice" if cfg.corpus is None else cfg.corpus),
-                "command": "knnlm reproduce --preset paper --model PATH_TO_TRAINED_LM --out "
+                "command": "knnlm reproduce --scale paper --model PATH_TO_TRAINED_LM --out "
                 "reproduction-paper",
             },
         ]
@@ -174,14 +174,14 @@ Done = dict[str, dict]
 class Stage:
     """One cached stage of the reproduction.
 
-    ``name`` is its cache key; its fingerprint holds the ``ReproduceConfig`` fields ``keys``,
-    the ``fixed`` settings, those ``from_results`` reads off earlier stages, and the
-    fingerprints of the stages in ``deps``. It runs as ``run(cfg, done, art, **args)``.
-    The second process takes whole ``group``s.
+    ``name`` is its cache key. It runs as ``run(cfg, done, art, **args)``, where ``cfg`` is a
+    view of the run's settings that notes the fields the stage reads: those fields and their
+    values, the ``fixed`` settings, those ``from_results`` reads off earlier stages, and the
+    fingerprints of the stages in ``deps`` make its fingerprint
+    (:mod:`knnlm.experiments.stages`). The second process takes whole ``group``s.
     """
 
     name: str
-    keys: tuple[str, ...]
     run: Callable[..., dict]
     _: KW_ONLY
     deps: tuple[str, ...] = ()
@@ -191,27 +191,9 @@ class Stage:
     group: str = "main"
 
     def settings(self, cfg: ReproduceConfig, done: Done) -> dict:
-        s = asdict(cfg)
-        out = {k: s[k] for k in self.keys} | dict(self.fixed)
+        """The stage's own settings: ``fixed`` and what it reads off earlier stages."""
+        out = dict(self.fixed)
         return out | self.from_results(cfg, done) if self.from_results else out
-
-
-CORPUS_KEYS = ("corpus", "embedded_chars", "model", "lm_preset", "tokenizer_vocab")
-LM_KEYS = ("model", "lm_preset", "lm_epochs", "lm_max_steps", "context_len")
-DATASTORE_KEYS = ("context_len", "stride", "index", "index_nlist", "index_train_size")
-KNNLM_KEYS = ("k", "nprobe", "search", "sweep_weights", "sweep_temperatures")
-MEMORY_KEYS = ("memory_hidden", "memory_epochs", "memory_lr", "memory_batch_tokens",
-               "memory_max_steps", "memory_weights", "memory_control")  # fmt: skip
-PROJECTION_KEYS = ("projection_positions", "projection_max_steps",
-                   "projection_converged_max_steps")  # fmt: skip
-MACONDO_KEYS = ("macondo_seeds", "macondo_preset", "macondo_epochs", "macondo_lr",
-                "macondo_sizes", "macondo_eval_every", "macondo_memory", "macondo_tune", "k",
-                "seed")  # fmt: skip
-WIDTH_KEYS = ("lm_preset", "lm_epochs", "lm_max_steps", "context_len", "stride", "k",
-              "sweep_weights", "sweep_temperatures", "projection_positions",
-              "projection_converged_max_steps")  # fmt: skip
-HURDLE_KEYS = ("hurdle_seeds", "hurdle_steps", "hurdle_eval_every", "hurdle_sizes",
-               "hurdle_corpus_max_chars", "seed")  # fmt: skip
 
 
 def stage_plan(cfg: ReproduceConfig) -> list[Stage]:
@@ -219,17 +201,17 @@ def stage_plan(cfg: ReproduceConfig) -> list[Stage]:
     seed0 = cfg.seeds[0]
     at0 = {"seed": seed0}
     return [
-        Stage("corpus", CORPUS_KEYS, _run_corpus),
+        Stage("corpus", _run_corpus),
         *[stage for seed in cfg.seeds for stage in _seed_chain(seed)],
-        Stage("projection", PROJECTION_KEYS, _run_projection, deps=(f"knnlm-{seed0}",),
+        Stage("projection", _run_projection, deps=(f"knnlm-{seed0}",),
               fixed=at0, args=at0 | {"lr_study": False}),
-        Stage("projection_lr", PROJECTION_KEYS, _run_projection, deps=(f"knnlm-{seed0}",),
+        Stage("projection_lr", _run_projection, deps=(f"knnlm-{seed0}",),
               fixed=at0, args=at0 | {"lr_study": True}),
-        Stage("macondo", MACONDO_KEYS, _run_macondo, deps=_macondo_deps(cfg),
+        Stage("macondo", _run_macondo, deps=_macondo_deps(cfg),
               from_results=_macondo_settings),
-        *[Stage(f"width-{d}", WIDTH_KEYS, _run_width, deps=("corpus",), fixed=at0 | {"d": d},
+        *[Stage(f"width-{d}", _run_width, deps=("corpus",), fixed=at0 | {"d": d},
                 args=at0 | {"d": d}) for d in _widths(cfg) if d != _own_width(cfg)],
-        Stage("hurdle", HURDLE_KEYS, _run_hurdle, deps=("corpus",), group="hurdle",
+        Stage("hurdle", _run_hurdle, deps=("corpus",), group="hurdle",
               from_results=_hurdle_settings),
     ]  # fmt: skip
 
@@ -238,13 +220,13 @@ def _seed_chain(seed: int) -> list[Stage]:
     """Sections 2 and 5 for one LM seed: lm, datastore, knnlm, memory."""
     one, group = {"seed": seed}, f"seed-{seed}"
     return [
-        Stage(f"lm-{seed}", LM_KEYS, _run_lm, deps=("corpus",), fixed=one, args=one,
+        Stage(f"lm-{seed}", _run_lm, deps=("corpus",), fixed=one, args=one,
               group=group),
-        Stage(f"datastore-{seed}", DATASTORE_KEYS, _run_datastore, deps=(f"lm-{seed}",),
+        Stage(f"datastore-{seed}", _run_datastore, deps=(f"lm-{seed}",),
               args=one, group=group),
-        Stage(f"knnlm-{seed}", KNNLM_KEYS, _run_knnlm, deps=(f"datastore-{seed}",),
+        Stage(f"knnlm-{seed}", _run_knnlm, deps=(f"datastore-{seed}",),
               args=one, group=group),
-        Stage(f"memory-{seed}", MEMORY_KEYS, _run_memory,
+        Stage(f"memory-{seed}", _run_memory,
               deps=(f"datastore-{seed}", f"knnlm-{seed}"), fixed=one, args=one, group=group),
     ]  # fmt: skip
 
@@ -342,12 +324,25 @@ def _seed_inputs(done: Done, seed: int) -> tuple[str, str, str]:
 # ----------------------------------------------------------------------------- running
 
 
-def run_stages(pipe: Pipeline, cfg: ReproduceConfig, stages: list[Stage], done: Done) -> None:
-    """Run (or read back from the cache) each of ``stages`` in order, into ``done``."""
+def run_stages(
+    pipe: Pipeline,
+    cfg: ReproduceConfig,
+    stages: list[Stage],
+    done: Done,
+    check: Callable[[], None] | None = None,
+) -> None:
+    """Run (or read back from the cache) each of ``stages`` in order, into ``done``; ``check``
+    before each (it raises to stop the run)."""
     for st in stages:
+        if check is not None:
+            check()
         done[st.name] = pipe.run(
-            st.name, st.settings(cfg, done), list(st.deps), partial(st.run, cfg, done, **st.args)
+            st.name, st.settings(cfg, done), list(st.deps), partial(_call, st, done), cfg
         )
+
+
+def _call(st: Stage, done: Done, cfg: ReproduceConfig, art: Path) -> dict:
+    return st.run(cfg, done, art, **st.args)
 
 
 def _with_deps(plan: list[Stage], stages: list[Stage]) -> list[Stage]:
@@ -383,18 +378,18 @@ def _run_plan(pipe: Pipeline, cfg: ReproduceConfig, out: Path) -> tuple[Done, li
     # What the second process's stages need from outside its groups runs here first.
     before = {st.name for st in _with_deps(plan, second)} - {st.name for st in second}
     done: Done = {}
-    ex = pool(1) if second else None
-    try:
-        run_stages(pipe, cfg, [st for st in plan if st.name in before], done)
-        job = submit(ex, _worker, (cfg, out, groups), cfg.torch_threads) if ex else None
-        run_stages(
-            pipe, cfg, [st for st in plan if st.name not in before and st.group not in groups], done
-        )
-        ran_there = job.result() if job else []
-        run_stages(pipe, cfg, second, done)  # computed there: read back here
-    finally:
-        if ex is not None:
-            ex.shutdown(wait=False, cancel_futures=True)
+    run_stages(pipe, cfg, [st for st in plan if st.name in before], done)
+    here = [st for st in plan if st.name not in before and st.group not in groups]
+    if not second:
+        run_stages(pipe, cfg, here, done)
+        return done, []
+    # The worker dies with this process; an error here (or a Ctrl-C) kills it, and its own
+    # error stops this process at its next stage.
+    with pool(1) as ex:
+        job = submit(ex, _worker, (cfg, out, groups), cfg.torch_threads)
+        run_stages(pipe, cfg, here, done, check=partial(first_failure, [job]))
+        ran_there = job.result()
+    run_stages(pipe, cfg, second, done)  # computed there: read back here
     for name in ran_there:  # computed in this invocation, by the other process
         pipe.records[name].cached = False
     return done, ran_there

@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+from transformers import AutoConfig
 
 from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo_settings import MACONDO_MEMORY
 from knnlm.experiments.macondo_tuning import DEFAULT_TUNE
+from knnlm.lm.adapters import position_limit
 from knnlm.lm.presets import get_preset
 from knnlm.retrieval.search.protocol import check_search
 
@@ -34,6 +38,10 @@ PAPER_SETTING = {"knn_weight": 0.25, "temperature": 1.0}
 class ReproduceConfig:
     """Every setting of a reproduction: the field defaults, then what :meth:`for_scale`'s
     scale changes (:data:`SCALES`)."""
+
+    # Where a run goes, not what it computes: in no stage's cache key (a stage's key holds the
+    # other fields it reads, knnlm.experiments.stages).
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset({"workers", "torch_threads"})
 
     scale: str = "quick"  # quick | corpus | paper
     corpus: str | None = None  # natural-text corpus; None at quick scale: the embedded slice
@@ -108,6 +116,15 @@ class ReproduceConfig:
     def seeds(self) -> list[int]:
         return [self.seed + s for s in range(self.lm_seeds)]
 
+    def fit_window(self, positions: int | None, stride_too: bool) -> None:
+        """Cap the windows at the given model's ``positions`` (and the stride with them when
+        ``stride_too``: it was not given)."""
+        if positions is None or self.context_len <= positions:
+            return
+        self.context_len = positions
+        if stride_too and self.stride is not None and self.stride > positions // 2:
+            self.stride = max(1, positions // 2)
+
     @classmethod
     def for_scale(cls, scale: str, **overrides: Any) -> ReproduceConfig:
         """The settings of ``scale``, then every ``overrides`` value that is not None."""
@@ -120,12 +137,30 @@ class ReproduceConfig:
         for key, value in overrides.items():
             if value is not None:
                 setattr(base, key, value)
+        if base.model is not None and overrides.get("context_len") is None:
+            base.fit_window(model_positions(base.model), overrides.get("stride") is None)
         if base.scale in ("corpus", "paper") and not base.corpus:
             raise KnnlmError("the natural-text part needs --corpus DIR (or an hf: dataset spec)")
         if base.lm_seeds < 1 or base.macondo_seeds < 1 or base.hurdle_seeds < 1:
             raise KnnlmError("every part needs at least one seed")
+        if base.model is not None and base.width_study:
+            raise KnnlmError(
+                "--width-study trains LMs of the run's preset at other widths; with --model "
+                "there is none: drop one of them"
+            )
         check_search(base.search)
         return base
+
+
+def model_positions(model: str) -> int | None:
+    """The longest sequence ``model`` (a folder or hub name) accepts, read from its config
+    alone; None when unknown or unreadable (loading the model then says why)."""
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
+    limit = position_limit(SimpleNamespace(config=config))
+    return None if limit is None else limit[0]
 
 
 # What each scale changes from the field defaults of ReproduceConfig, and why.
