@@ -12,10 +12,12 @@ import math
 import pytest
 
 from knnlm.experiments.results_schema import check_results
-from knnlm.report import claims as C
-from knnlm.report import claims_macondo as M
-from knnlm.report import claims_projection as P
-from knnlm.report.claims import HELD, NOT_HELD, UNTESTABLE, make_claims
+from knnlm.report import hurdle as H
+from knnlm.report import macondo as M
+from knnlm.report import mlp_memory as D
+from knnlm.report import projection as P
+from knnlm.report.analyses import make_claims
+from knnlm.report.verdicts import HELD, NOT_HELD, UNTESTABLE
 from results_contract import SEEDS, make_results
 
 
@@ -40,9 +42,9 @@ def test_fixture_matches_contract_and_every_claim_holds():
 
 def test_thresholds_are_the_papers():
     assert P.KL_MEAN_MAX == 0.1  # Section 3.2: "under 0.1"
-    assert C.MEMORY_STORAGE_MAX == 0.04  # "less than 4% storage space"
+    assert D.MEMORY_STORAGE_MAX == 0.04  # "less than 4% storage space"
     assert 0.5 < P.PROJECTION_MIN_SHARE <= 1.0  # "most of the gap"
-    assert C.HURDLE_P == M.MACONDO_P == 0.05
+    assert H.HURDLE_P == M.MACONDO_P == 0.05
 
 
 # ----------------------------------------------------------------------------- (a)
@@ -368,9 +370,9 @@ def test_e_only_step_zero_in_first_half_is_untestable():
 def test_early_gaps_by_hand():
     curve = {"steps": [0, 10, 20, 30, 40], "with_mlp": [[0, 1, 2, 3, 4]],
              "without_mlp": [[9, 2, 2.5, 0, 0]]}  # fmt: skip
-    gaps, used = C.early_gaps(curve, higher_is_better=True)
+    gaps, used = H.early_gaps(curve, higher_is_better=True)
     assert used == [10, 20] and gaps == [pytest.approx((1 + 0.5) / 2)]
-    gaps, _ = C.early_gaps(curve, higher_is_better=False)
+    gaps, _ = H.early_gaps(curve, higher_is_better=False)
     assert gaps == [pytest.approx(-0.75)]
 
 

@@ -19,7 +19,7 @@ from knnlm.experiments.hurdle_setup import (
     resolve_preset,
 )
 from knnlm.lm.loading import load_lm
-from knnlm.report.experiment_figures import render_hurdle
+from knnlm.report.hurdle import render_hurdle
 
 SIZES = {"n_villagers": 30, "n_parents_per_count": 2, "max_children": 3}
 STEPS, EVERY = 12, 4

@@ -18,10 +18,11 @@ from knnlm.errors import KnnlmError
 from knnlm.experiments.results_schema import check_results
 from knnlm.experiments.stats import mean_std
 from knnlm.report import figures
-from knnlm.report.claims import make_claims
+from knnlm.report.analyses import make_claims
 from knnlm.report.html import markdown_to_html, write_report
+from knnlm.report.hurdle import plot_hurdle_runs
+from knnlm.report.macondo import plot_figure1
 from knnlm.report.reproduction_report import write_paper_report
-from knnlm.report.seed_figures import plot_figure1, plot_hurdle_runs
 from knnlm.report.tables import (
     claims_table,
     fmt_number,
@@ -647,7 +648,7 @@ def test_stage_figures_are_drawn_where_the_results_point(tmp_path):
     """A reproduction's per-stage figures come from the data its stages saved: a seed whose
     sweep data is missing gets no heatmap (and no error); Macondo and hurdle outputs are
     drawn only from their own results files."""
-    from knnlm.report.experiment_figures import draw_stage_figures
+    from knnlm.report.reproduction_report import draw_stage_figures
 
     r = make_results()
     per_seed = r["knnlm"]["per_seed"]

@@ -314,7 +314,7 @@ MUTANTS: list[Mutant] = [
         "keep = np.ones(len(ns), dtype=bool)\n    ns_kept = list(ns)",
         "tests/test_macondo.py::test_tuning_on_a_dev_share_of_the_parents",
     ),
-    # Claim verdicts (src/knnlm/report/claims.py): each criterion (a)-(e) loosened.
+    # Claim verdicts (src/knnlm/report/<analysis>.py): each criterion (a)-(e) loosened.
     mutant(
         "claim_a_any_seed",
         "(a) held when the kNN-LM wins in one seed instead of every seed",
