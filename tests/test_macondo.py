@@ -14,7 +14,7 @@ from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo import run_macondo
 from knnlm.experiments.macondo_aggregate import aggregate_groups, group_means, reproduced
 from knnlm.experiments.macondo_settings import MacondoSettings
-from knnlm.report.macondo import render_macondo
+from knnlm.report.macondo_figures import render_macondo
 
 SIZES = {"n_villagers": 60, "n_parents_per_count": 3}
 K, WEIGHT, TEMP = 16, 0.25, 2.0

@@ -21,7 +21,7 @@ from knnlm.report import figures
 from knnlm.report.analyses import make_claims
 from knnlm.report.html import markdown_to_html, write_report
 from knnlm.report.hurdle import plot_hurdle_runs
-from knnlm.report.macondo import plot_figure1
+from knnlm.report.macondo_figures import plot_figure1
 from knnlm.report.reproduction_report import write_paper_report
 from knnlm.report.tables import (
     claims_table,

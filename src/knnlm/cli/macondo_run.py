@@ -93,7 +93,7 @@ def run_cmd(
     """Fine-tune on Macondo, score children's names with the LM and the kNN-LM (Table 5)."""
     from knnlm.experiments.macondo import cli_summary, contract_view, run_macondo
     from knnlm.experiments.macondo_settings import MacondoSettings
-    from knnlm.report.macondo import render_macondo, table5
+    from knnlm.report.macondo_figures import render_macondo, table5
 
     temperature = knn_temperature(knn_temp, old_temp)
     preset = renamed(value(preset), old_preset, "--preset", "--macondo-preset")
