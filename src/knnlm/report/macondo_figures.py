@@ -63,13 +63,15 @@ def plot_figure1(
     path: str | os.PathLike,
     final_mlp: Mapping[Any, float] | None = None,
     title: str | None = None,
+    final_knn: Mapping[Any, float] | None = None,
 ) -> Path:
     """Figures 1 and 3: test log-likelihood of the children's names over fine-tuning steps.
 
     One colour per number of children n, averaged over seeds: solid = LM, dotted = kNN-LM,
     dash-dot = LM + MLP memory (when ``curves`` has "mlp"), dashed horizontal = log(1/n), the
     best a perfect model can do. ``final_mlp`` ({n: mean}) marks the MLP's value at the last
-    step when only the final model was scored with it.
+    step when only the final model was scored with it; ``final_knn`` likewise marks the
+    dev-tuned kNN-LM (the curves' kNN-LM is at the run's default setting).
     """
     if not isinstance(curves, Mapping):
         raise KnnlmError("curves must be a mapping with 'steps' and 'lm'")
@@ -92,16 +94,20 @@ def plot_figure1(
             ax.plot(x, mean, ls=ls, color=color, marker=line_marker(len(x)),
                     label=f"n = {n}" if key == "lm" else None)  # fmt: skip
             drawn.add(key)
-        if final_mlp is not None and final_mlp.get(str(n), final_mlp.get(n)) is not None:
-            v = final_mlp.get(str(n), final_mlp.get(n))
-            ax.plot([x[-1]], [v], marker="^", ls="none", color=color, ms=7)
-            drawn.add("mlp_final")
+        for final, marker, tag in ((final_mlp, "^", "mlp_final"), (final_knn, "*", "knn_final")):
+            v = None if final is None else final.get(str(n), final.get(n))
+            if v is not None:
+                ax.plot([x[-1]], [v], marker=marker, ls="none", color=color, ms=8)
+                drawn.add(tag)
         ax.axhline(-math.log(n), color=color, ls="--", lw=0.8, alpha=0.7)
     style = [Line2D([], [], color="gray", ls=ls, label=label)
              for key, ls, label in styles if key in drawn]  # fmt: skip
     if "mlp_final" in drawn:
         style.append(Line2D([], [], color="gray", ls="none", marker="^",
                             label="LM + MLP (final model)"))  # fmt: skip
+    if "knn_final" in drawn:
+        style.append(Line2D([], [], color="gray", ls="none", marker="*",
+                            label="kNN-LM, dev-tuned (final model)"))  # fmt: skip
     style.append(Line2D([], [], color="gray", ls="--", lw=0.8, label="perfect: log(1/n)"))
     first = ax.legend(loc="lower right", fontsize="small", title="children")
     ax.add_artist(first)

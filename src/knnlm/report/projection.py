@@ -7,6 +7,7 @@ KL histogram, the KL over steps and the KL of both solves against step.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,14 +16,14 @@ from typing import Any
 import numpy as np
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.stats import paired_bootstrap
+from knnlm.experiments.stats import bootstrap_interval, share_interval
 from knnlm.report import figures as F
 from knnlm.report.analysis import Analysis, Claim, FigureSink, get_path
 from knnlm.report.drawing import COLORS, plt, save_pyplot
-from knnlm.report.section_parts import figure_md, settings_md
+from knnlm.report.section_parts import figure_md, lm_description, settings_md
 from knnlm.report.tables import fmt_number, markdown_table
-from knnlm.report.verdicts import HELD, NOT_HELD, UNTESTABLE, verdict
-from knnlm.report.width_study import width_text, width_trend
+from knnlm.report.verdicts import UNTESTABLE, combine, interval_text, judge, verdict
+from knnlm.report.width_study import width_text
 
 # (b) Premise: the kNN-LM must beat the LM on the projection positions by a real margin, or
 # "share of the gap closed" divides by noise. 1% of perplexity is well above the rounding of a
@@ -38,9 +39,6 @@ PROJECTION_MIN_SHARE = 0.8
 # deciding: where the starting KL is itself near 0.1 the bound barely discriminates, so the KL
 # is also given relative to its start.
 KL_MEAN_MAX = 0.1
-# Table 4: a 95% paired bootstrap interval over positions (seeded) of the mean per-position
-# NLL of f∘g(z) minus f(z) must lie above 0: "worse by more than the spread over positions".
-TABLE4_LEVEL = 0.95
 
 PROJ = (("proj_f", "f(z*)"), ("proj_fg", "f∘g(z*)"))
 SENSITIVITY = (
@@ -86,26 +84,51 @@ CLAIM_B = (
     "(b) the last layers can express the kNN-LM's distribution: f(z*) and f∘g(z*) come close to "
     "it, so the softmax bottleneck is not the cause of the gap (Section 3)"
 )
+_SHARE_SOURCE = '"similar to the perplexity of kNN-LM" read as 80% of the gap'
 CRITERION_B = (
-    f"premise: kNN-LM perplexity at least {100 * PROJECTION_MIN_GAIN:g}% below the LM's on the "
-    f"projection positions; read on Eq. 2 solved to convergence: held if f(z*) and f∘g(z*) "
-    f"each close at least {100 * PROJECTION_MIN_SHARE:g}% of the LM -> kNN-LM perplexity gap. "
-    f"The mean KL is evidence beside it (the paper's < {KL_MEAN_MAX:g}, and the share of the "
-    "starting KL removed); the paper's stopping rule (Adam lr 0.1, stop when the KL moves by "
-    "< 1e-3) is context"
+    '"the approximation of p_knnlm by the last layer f has an average perplexity similar to the '
+    "perplexity of kNN-LM ... Projecting the p_knnlm to the output space of f∘g has a similar "
+    'result" (§3.2); measured on Eq. 2 solved to convergence (f also warm-started from g(z*) of '
+    "the f∘g solve, the better kept) as the share of the LM -> kNN-LM perplexity gap f(z*) and "
+    "f∘g(z*) close, with a seeded bootstrap interval over positions; held if for both the "
+    f"mean share is at least {100 * PROJECTION_MIN_SHARE:g}% and the interval excludes 0, not "
+    f"held if for either the interval lies below {100 * PROJECTION_MIN_SHARE:g}%. Needs a kNN-LM "
+    f"gain of at least {100 * PROJECTION_MIN_GAIN:g}% on the positions (else the share divides "
+    f"noise). The mean KL is evidence beside it (the paper's < {KL_MEAN_MAX:g}, and the share "
+    "of the starting KL removed); the paper's stopping rule (Adam lr 0.1, stop when the KL moves "
+    "by < 1e-3) is context; the width trend is its own finding"
 )
 
 
-def _converged_part(p: Mapping[str, Any], q: Mapping[str, Any], name: str) -> tuple[bool, str]:
+def _converged_part(p: Mapping[str, Any], q: Mapping[str, Any], name: str) -> tuple[str, str]:
+    """(status, text) of one converged solve: the share of the gap it closes with its bootstrap
+    interval over positions, judged against PROJECTION_MIN_SHARE; the KL beside it."""
     share, text = _share_text(p, q)
     kl = q["kl_mean"]
     removed = q.get("kl_removed")
-    return share is not None and share >= PROJECTION_MIN_SHARE, (
-        f"{name} {text} of the gap; mean KL {_f(kl, '.4f')} "
+    logps = (p["lm"].get("target_logp"), q.get("target_logp"), p["knnlm"].get("target_logp"))
+    if share is None or not math.isfinite(share):
+        status, test = UNTESTABLE, "no finite share of the gap"
+    elif all(v is not None for v in logps):
+        iv = share_interval(*logps)
+        status = judge(iv, PROJECTION_MIN_SHARE)
+        test = f"{status}: " + interval_text(iv, PROJECTION_MIN_SHARE, "of the gap", _SHARE_SOURCE)
+    else:
+        status, test = UNTESTABLE, "no per-position record to bootstrap the share over"
+    return status, (
+        f"{name} {text} of the gap ({test}); mean KL {_f(kl, '.4f')} "
         f"({'under' if kl < KL_MEAN_MAX else 'not under'} the paper's {KL_MEAN_MAX:g}; "
         f"{_f(100 * removed if removed is not None else None, '.0f')}% of the starting "
         f"{_f(q['kl_init_mean'], '.4f')} removed); {q['at_tolerance']} of {p['positions']} "
         f"positions at tolerance"
+    )
+
+
+def scale_text(r: Mapping[str, Any]) -> str:
+    p = r["projection"]["lr_0.1"]
+    return (
+        "paper: a 16-layer, 1024-wide LM on WikiText-103; here: "
+        f"{lm_description(r)}, {p.get('positions')} {p.get('split', '?')} positions"
     )
 
 
@@ -115,12 +138,23 @@ def claim_projection(r: Mapping[str, Any]) -> dict:
     where, failed = _premise(p, CLAIM_B, CRITERION_B)
     if failed:
         return failed
-    ok, parts = True, []
+    states, parts = [], []
     for key, name in PROJ:
-        passed, text = _converged_part(p, conv[key], name)
-        ok = ok and passed
+        status, text = _converged_part(p, conv[key], name)
+        states.append(status)
         parts.append(text)
-    sens = "; ".join(f"{name}: {_share_text(p, conv[key])[1]}" for key, name in SENSITIVITY)
+    other = ""
+    if "proj_f_lm_head" in conv:
+        s_other, t_other = _converged_part(p, conv["proj_f_lm_head"], "f(z*)")
+        other = (
+            f" The other reading of f, lm_head alone (the paper's \"last linear layer with "
+            f'softmax"): {s_other}, {t_other}. The verdict reads f with its final norm: that '
+            "is how the model computes p_lm from g's output (Eq. 1), so only that f ranges over "
+            "the distributions the LM itself can produce."
+        )
+    rev = conv.get("proj_f_target_first")
+    sens = (f" Sensitivity, f with the other KL direction, KL[p_knnlm ‖ f(z)]: "
+            f"{_share_text(p, rev)[1]}." if rev else "")  # fmt: skip
     rule = "; ".join(
         f"{name} {_share_text(p, p[key])[1]}, mean KL {_f(p[key]['kl_mean'], '.4f')} after "
         f"{_f(p[key]['steps_mean'], '.1f')} steps on average ({_f(p[key]['capped'])} of "
@@ -128,11 +162,10 @@ def claim_projection(r: Mapping[str, Any]) -> dict:
         for key, name in PROJ
     )
     evidence = (
-        f"{where}. Converged ({conv.get('method', 'L-BFGS')}): {'; '.join(parts)}. "
-        f"Sensitivity (converged): {sens}. Context, the paper's stopping rule: {rule}"
-        + width_trend(r)
+        f"{where}. Converged ({conv.get('method', 'L-BFGS')}): {'; '.join(parts)}.{other}{sens} "
+        f"Context, the paper's stopping rule: {rule}"
     )
-    return verdict(CLAIM_B, HELD if ok else NOT_HELD, CRITERION_B, evidence)
+    return verdict(CLAIM_B, combine(states), CRITERION_B, evidence, scale=scale_text(r))
 
 
 # ----------------------------------------------------------------------------- Table 4
@@ -141,9 +174,20 @@ CLAIM_T4 = (
     "(b') at lr 1e-3 for 100 steps, Eq. 2 through f∘g ends further from the kNN-LM than through "
     "f: the last MLP makes the problem harder to solve (Table 4, Appendix E)"
 )
+# (b'): the paper's footnote gives no size for the difference; 0.01 nats per position (1% of
+# perplexity) is the smallest read as real. Untestable when f itself closes under
+# TABLE4_MIN_F_SHARE of the gap in its steps: then neither solve has moved far enough from its
+# start for the contrast of Table 4 to show.
+TABLE4_MIN_EFFECT = 0.01
+TABLE4_MIN_F_SHARE = 0.25
 CRITERION_T4 = (
-    f"premise as (b); held if the {100 * TABLE4_LEVEL:g}% paired bootstrap interval (over "
-    "positions, seeded) of the mean per-position NLL of f∘g(z) minus f(z) lies above 0"
+    '"we find it more difficult to solve Eq. 2 with a smaller learning rate for f∘g" (§3.2, '
+    "footnote 2; Table 4): at lr 1e-3 for a fixed number of steps from the paper's cold start, "
+    "the mean per-position NLL of f∘g(z) minus f(z) (nats) with a seeded paired bootstrap over "
+    f"positions; held if its one-sided 95% interval excludes 0 and the mean is at least "
+    f"{TABLE4_MIN_EFFECT:g} (1% of perplexity), not held if it lies below {TABLE4_MIN_EFFECT:g}; "
+    f"untestable here when f itself closes under {100 * TABLE4_MIN_F_SHARE:g}% of the LM -> "
+    "kNN-LM gap in those steps; premise as (b)"
 )
 
 
@@ -156,14 +200,23 @@ def claim_table4(r: Mapping[str, Any]) -> dict:
     if len(f) != len(fg) or not f:
         raise ValueError("proj_f and proj_fg hold different (or no) positions")
     diffs = [a - b for a, b in zip(f, fg, strict=True)]  # NLL(f∘g) - NLL(f), per position
-    lo, hi = paired_bootstrap(diffs, seed=0, level=TABLE4_LEVEL)
-    evidence = (
+    share = gap_share(low["lm"]["perplexity"], low["proj_f"]["perplexity"],
+                      low["knnlm"]["perplexity"])  # fmt: skip
+    head = (
         f"{where}; after {_f(low.get('max_steps'), 'g')} steps: f(z) "
-        f"{_f(low['proj_f']['perplexity'])}, f∘g(z) {_f(low['proj_fg']['perplexity'])}; mean "
-        f"per-position NLL of f∘g minus f {_f(sum(diffs) / len(diffs), '.4f')} nats, "
-        f"{100 * TABLE4_LEVEL:g}% interval [{_f(lo, '.4f')}, {_f(hi, '.4f')}]"
+        f"{_f(low['proj_f']['perplexity'])} (closes {_f(100 * (share or 0), '.1f')}% of the "
+        f"gap), f∘g(z) {_f(low['proj_fg']['perplexity'])}"
     )
-    return verdict(CLAIM_T4, HELD if lo > 0 else NOT_HELD, CRITERION_T4, evidence)
+    if share is None or share < TABLE4_MIN_F_SHARE:
+        return verdict(CLAIM_T4, UNTESTABLE, CRITERION_T4,
+                       f"{head}: f itself closes under {100 * TABLE4_MIN_F_SHARE:g}% of the gap "
+                       "in these steps, so the contrast cannot show", scale=scale_text(r))  # fmt: skip
+    iv = bootstrap_interval(diffs, "positions")
+    evidence = f"{head}; NLL of f∘g minus f per position: " + interval_text(
+        iv, TABLE4_MIN_EFFECT, "nats", "1% of perplexity"
+    )
+    return verdict(CLAIM_T4, judge(iv, TABLE4_MIN_EFFECT), CRITERION_T4, evidence,
+                   scale=scale_text(r))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- section

@@ -67,9 +67,16 @@ def _header(r: Mapping[str, Any]) -> str:
 def _claims_section(claims: list[dict]) -> str:
     return (
         "## Claims\n\n"
-        "Each verdict is `held`, `not held`, or `untestable here` (the section did not run, or "
-        "the claim's premise failed, so there is nothing for it to explain). Tuning is on "
-        "valid, verdicts on test.\n\n" + claims_table(claims) + "\n\n"
+        "Each of the paper's claims is decided by the paper's own sentence, quoted in its "
+        "criterion with how it is made measurable; our stricter checks are findings of their "
+        "own, each with its own line. A verdict is `held` (the one-sided 95% interval excludes "
+        "no effect and the mean reaches the minimum effect), `not held` (only when the interval "
+        "lies below the minimum effect: the evidence excludes the paper's effect), "
+        "`inconclusive` (the interval cannot decide; a power line says how many seeds or "
+        "positions would), or `untestable here` (the section did not run, or what the claim is "
+        "read on is missing). The interval is over seeds where there are 3 or more, else a "
+        "seeded paired bootstrap over the scored tokens or positions (each verdict says which). "
+        "Tuning is on valid (or a dev share), verdicts on test.\n\n" + claims_table(claims) + "\n\n"
     )
 
 
