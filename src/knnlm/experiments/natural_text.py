@@ -9,6 +9,7 @@ Section 3 (Eq. 2) runs on the test split of the first seed at the tuned setting.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from knnlm.data.corpus import load_tokens, read_split, tokenize_text
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
 from knnlm.experiments.memory_control import control_perplexities, token_gain, train_control
-from knnlm.experiments.mlp_memory import train_memory
+from knnlm.experiments.mlp_memory import stopped_improving, train_memory
 from knnlm.experiments.projection import run_projection
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.fileio import write_json_atomic
@@ -250,7 +251,7 @@ def stage_memory(
     chosen on valid, read on test. The kNN-LM numbers are the ``knnlm`` stage's."""
     lm = load_lm(model)
     store = open_datastore(ds)
-    tr = _train_memory(cfg, seed, lm, store, art)
+    tr, stop = _train_memory(cfg, seed, lm, store, art, corpus)
     mem = load_memory(art / "memory", device=str(lm.device))
     weights = sorted({float(w) for w in cfg.memory_weights})
     ppl, lm_by_split, mem_test = _memory_grids(cfg, lm, corpus, mem, store.meta["key_type"],
@@ -278,26 +279,60 @@ def stage_memory(
                          "test": ppl["test"]["grid"]},
         "storage": storage_report(store, memory_storage(art / "memory")),
         "train": {"steps": tr.steps, "final_loss": tr.final_loss, "seconds": tr.seconds,
-                  "stopped": getattr(tr, "stopped", None)},
+                  **stop},
     }  # fmt: skip
 
 
-def _train_memory(cfg: ReproduceConfig, seed: int, lm, store, art: Path):
-    """The MLP memory on the datastore's (key, value) pairs, saved in ``art / "memory"``."""
-    return train_memory(
-        store.keys,
-        store.values,
-        lm.adapter.output_embedding.detach(),
-        art / "memory",
-        hidden=cfg.memory_hidden,
-        lr=cfg.memory_lr,
-        batch_tokens=cfg.memory_batch_tokens,
-        epochs=cfg.memory_epochs,
-        max_steps=cfg.memory_max_steps,
-        seed=seed,
-        progress=False,
-        datastore={"path": str(store.path), "n": store.n},
-    )
+def _train_memory(cfg: ReproduceConfig, seed: int, lm, store, art: Path, corpus: str):
+    """The MLP memory on the datastore's (key, value) pairs, saved in ``art / "memory"``.
+
+    With ``cfg.memory_eval_every``, training continues in chunks of that many steps (training
+    is a function of the settings and the step, so chunks resume exactly) until the MLP's loss
+    on the valid split's (key, target) pairs stops improving, or the epochs / the step cap
+    ``memory_max_steps`` end it. Returns (the training result, the stopping record)."""
+
+    def run(max_steps: int | None):
+        return train_memory(
+            store.keys, store.values, lm.adapter.output_embedding.detach(), art / "memory",
+            hidden=cfg.memory_hidden, lr=cfg.memory_lr, batch_tokens=cfg.memory_batch_tokens,
+            epochs=cfg.memory_epochs, max_steps=max_steps, seed=seed, progress=False,
+            datastore={"path": str(store.path), "n": store.n},
+        )  # fmt: skip
+
+    every = cfg.memory_eval_every
+    if not every:
+        tr = run(cfg.memory_max_steps)
+        return tr, {"stopped": f"after {tr.steps} steps (no held-out check)", "heldout": []}
+    keys, targets = _valid_pairs(lm, corpus, cfg, store.meta["key_type"])
+    cap = math.ceil(store.n / cfg.memory_batch_tokens) * cfg.memory_epochs
+    cap = cap if cfg.memory_max_steps is None else min(cap, cfg.memory_max_steps)
+    curve: list[dict] = []
+    steps = 0
+    while steps < cap:
+        tr = run(min(cap, steps + every))
+        steps = tr.steps
+        mem = load_memory(art / "memory", device=str(lm.device))
+        with torch.no_grad():
+            loss = -float(mem.target_log_prob(keys, targets).double().mean())
+        curve.append({"step": steps, "valid_loss": loss})
+        if stopped_improving([c["valid_loss"] for c in curve]):
+            return tr, {"stopped": f"held-out loss stopped improving at step {steps}",
+                        "heldout": curve}  # fmt: skip
+    why = "the step cap" if cfg.memory_max_steps is not None and cap == cfg.memory_max_steps \
+        else "the epochs"  # fmt: skip
+    return tr, {"stopped": f"{why} ({cap} steps) reached, held-out loss still improving",
+                "heldout": curve}  # fmt: skip
+
+
+def _valid_pairs(lm, corpus: str, cfg: ReproduceConfig, key_type: str):
+    """The valid split's (key, target) pairs: the MLP's held-out set."""
+    ids = load_tokens(lm.tokenizer, corpus, "valid")
+    keys, targets = [], []
+    for b in score_stream(lm.model, ids, cfg.context_len, cfg.stride, key_type=key_type,
+                          want_lm=False, progress=False):  # fmt: skip
+        keys.append(b.keys.float())
+        targets.append(b.targets)
+    return torch.cat(keys), torch.cat(targets)
 
 
 def _memory_grids(cfg: ReproduceConfig, lm, corpus: str, mem, key_type: str,

@@ -201,7 +201,7 @@ LM_KEYS = ("model", "lm_preset", "lm_epochs", "lm_max_steps", "context_len")
 DATASTORE_KEYS = ("context_len", "stride", "index", "index_nlist", "index_train_size")
 KNNLM_KEYS = ("k", "nprobe", "search", "sweep_weights", "sweep_temperatures")
 MEMORY_KEYS = ("memory_hidden", "memory_epochs", "memory_lr", "memory_batch_tokens",
-               "memory_max_steps", "memory_weights", "memory_control")  # fmt: skip
+               "memory_max_steps", "memory_eval_every", "memory_weights", "memory_control")  # fmt: skip
 PROJECTION_KEYS = ("projection_positions", "projection_max_steps",
                    "projection_converged_max_steps")  # fmt: skip
 MACONDO_KEYS = ("macondo_seeds", "macondo_preset", "macondo_epochs", "macondo_lr",
