@@ -39,22 +39,29 @@ def _knnlm() -> dict:
     }
 
 
+def per_position(ppl: float, spread: float = 0.5) -> list[float]:
+    """300 positions whose mean log-probability is -log(ppl), with a spread."""
+    return [-math.log(ppl) + spread * ((i % 5) - 2) for i in range(300)]
+
+
+def set_ppl(solve: dict, ppl: float, spread: float = 0.5) -> None:
+    """A solve's perplexity and its per-position log-probabilities, kept consistent."""
+    solve["perplexity"] = ppl
+    solve["target_logp"] = per_position(ppl, spread)
+
+
 def _proj(lm: float, knn: float, f: float, fg: float, kl: float, steps: int) -> dict:
     def stats(ppl: float, kl_mean: float, capped: int = 3) -> dict:
         return {"perplexity": ppl, "kl_mean": kl_mean, "kl_median": kl_mean / 2,
                 "kl_init_mean": 0.3, "kl_removed": 1 - kl_mean / 0.3, "at_tolerance": 300,
                 "steps_mean": 40.0, "steps_max": steps, "capped": capped}  # fmt: skip
 
-    def per_position(ppl: float) -> list[float]:
-        # 300 positions whose mean log-probability is -log(ppl), with a spread.
-        return [-math.log(ppl) + 0.5 * ((i % 5) - 2) for i in range(300)]
-
     out = {
         "split": "test",
         "seed": 0,
         "positions": 300,
-        "lm": {"perplexity": lm},
-        "knnlm": {"perplexity": knn},
+        "lm": {"perplexity": lm, "target_logp": per_position(lm)},
+        "knnlm": {"perplexity": knn, "target_logp": per_position(knn)},
         "proj_f": stats(f, kl) | {"target_logp": per_position(f)},
         "proj_fg": stats(fg, 1.5 * kl) | {"target_logp": per_position(fg)},
         "max_steps": steps,
@@ -63,9 +70,9 @@ def _proj(lm: float, knn: float, f: float, fg: float, kl: float, steps: int) -> 
     # The converged solve (claim (b) reads it) with its two sensitivity rows.
     out["converged"] = {
         "method": "L-BFGS",
-        "proj_f": stats(f - 0.1, 0.8 * kl, 0),
-        "proj_fg": stats(fg - 0.1, 0.8 * kl, 0),
-        "proj_f_lm_head": stats(f, kl, 0),
+        "proj_f": stats(f - 0.1, 0.8 * kl, 0) | {"target_logp": per_position(f - 0.1)},
+        "proj_fg": stats(fg - 0.1, 0.8 * kl, 0) | {"target_logp": per_position(fg - 0.1)},
+        "proj_f_lm_head": stats(f, kl, 0) | {"target_logp": per_position(f)},
         "proj_f_target_first": stats(f - 0.2, 0.5 * kl, 0),
     }
     return out
@@ -94,7 +101,13 @@ def _macondo() -> dict:
         "per_seed": per,
         "curves": curves,
         "figure1": None,
-        "settings": {"epochs": 20},
+        "settings": {
+            "epochs": 20,
+            "k": 256,
+            "knn_weight": 0.25,
+            "temperature": 1.0,
+            "macondo": {"n_parents_per_count": 6},
+        },
     }
 
 
@@ -114,7 +127,7 @@ def _memory() -> dict:
             "datastore_bytes": 90_000_000,
             "index_bytes": 10_000_000,
         },  # fmt: skip
-        "settings": {"hidden": 1024, "epochs": 10},
+        "settings": {"hidden": 1024, "epochs": 10, "lr": 1e-3},
     }
 
 
@@ -148,6 +161,32 @@ PROVENANCE_PACKAGES = ("knnlm", "torch", "transformers", "tokenizers", "numpy", 
                        "safetensors", "datasets", "peft")  # fmt: skip
 
 
+def _width() -> dict:
+    """Two widths whose shares of the gap do not overlap: the rise is shown."""
+
+    def row(d: int, share: float) -> dict:
+        iv = {
+            "mean": share,
+            "lower": share - 0.05,
+            "upper": share + 0.05,
+            "n": 300,
+            "sd": 0.3,
+            "over": "positions",
+            "method": "seeded paired bootstrap over 300 positions",
+        }
+        q = {
+            "perplexity": 40 - 4 * share,
+            "share": share,
+            "kl_mean": 0.1,
+            "kl_init_mean": 0.2,
+            "at_tolerance": 300,
+            "share_interval": iv,
+        }
+        return {"d": d, "lm": 40.0, "knnlm": 36.0, "positions": 300, "proj_f": q, "proj_fg": q}
+
+    return {"seed": 0, "preset": "tiny", "rows": [row(64, 0.4), row(128, 0.7), row(256, 0.85)]}
+
+
 def _provenance() -> dict:
     return {
         "packages": {name: "1.0" for name in PROVENANCE_PACKAGES},
@@ -178,6 +217,7 @@ def make_results() -> dict:
             "memory": _memory(),
             "macondo": _macondo(),
             "hurdle": _hurdle(),
+            "width_study": _width(),
             "not_run": [
                 {
                     "what": "Figure 2: GPT-3.5-turbo fine-tuned on Macondo-Conv",

@@ -19,7 +19,7 @@ from knnlm.experiments.hurdle_setup import (
     resolve_preset,
 )
 from knnlm.lm.loading import load_lm
-from knnlm.report.experiment_figures import render_hurdle
+from knnlm.report.hurdle import render_hurdle
 
 SIZES = {"n_villagers": 30, "n_parents_per_count": 2, "max_children": 3}
 STEPS, EVERY = 12, 4
@@ -69,16 +69,19 @@ def test_compare_curves_by_hand():
     without = [-5.0, -3.0, -2.5, -2.0, -1.5]
     cmp = compare_curves(steps, with_mlp, without, higher_is_better=True)
     assert cmp["gap_by_step"] == [0.0, 1.0, 0.5, 0.0, -0.5]
-    # First half: steps 0..20, gaps 0, 1, 0.5 -> area (0+1)/2*10 + (1+0.5)/2*10 = 12.5 over 20.
-    assert cmp["mean_gap_first_half"] == pytest.approx(12.5 / 20)
+    # First half: the evaluations after step 0 up to 20, gaps 1 and 0.5 -> mean 0.75, the
+    # same statistic claim (e) reads (issue 27: the trapezoid mean of step 0..20 was 0.625).
+    assert cmp["mean_gap_first_half"] == pytest.approx(0.75)
     assert cmp["without_mlp_ahead_early"] is True
     assert cmp["steps_ahead_first_half"] == [10.0, 20.0]
+    assert cmp["lead_at_end"] is False  # -0.5 at step 40
     # Threshold half-way from -5 to the best value -1: -3; with reaches it at 20, without at 10.
     assert cmp["threshold"] == pytest.approx(-3.0)
     assert cmp["first_step_reaching"] == {"with_mlp": 20.0, "without_mlp": 10.0}
     loss = compare_curves([1, 2, 3, 4], [4.0, 3.0, 2.0, 1.0], [4.0, 3.5, 2.5, 1.0], False)
     assert loss["gap_by_step"] == [0.0, -0.5, -0.5, 0.0]
     assert loss["without_mlp_ahead_early"] is False
+    assert loss["mean_gap_first_half"] == pytest.approx(-0.25)  # steps 1, 2: gaps 0, -0.5
     assert loss["first_step_reaching"] == {"with_mlp": 3.0, "without_mlp": 3.0}
     with pytest.raises(KnnlmError):
         compare_curves([0, 1], [1.0], [1.0, 2.0], True)

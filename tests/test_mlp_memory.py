@@ -183,3 +183,13 @@ def test_bad_inputs(toy_store, tmp_path):
         train_memory(keys, values[:10], W, tmp_path / "m", **FAST)
     with pytest.raises(KnnlmError, match="empty"):
         train_memory(keys[:0], values[:0], W, tmp_path / "m", **FAST)
+
+
+def test_held_out_loss_stopping_rule():
+    from knnlm.experiments.mlp_memory import stopped_improving
+
+    assert not stopped_improving([5.0])  # one check: nothing to compare
+    assert not stopped_improving([5.0, 4.9])
+    assert stopped_improving([5.0, 4.99995])  # under 1e-4 nats better: stopped
+    assert stopped_improving([5.0, 5.2])  # worse
+    assert not stopped_improving([5.0, 4.5, 4.4])

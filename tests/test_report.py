@@ -18,10 +18,11 @@ from knnlm.errors import KnnlmError
 from knnlm.experiments.results_schema import check_results
 from knnlm.experiments.stats import mean_std
 from knnlm.report import figures
-from knnlm.report.claims import make_claims
+from knnlm.report.analyses import make_claims
 from knnlm.report.html import markdown_to_html, write_report
-from knnlm.report.reproduction_report import write_paper_report
-from knnlm.report.seed_figures import plot_figure1, plot_hurdle_runs
+from knnlm.report.hurdle import plot_hurdle_runs
+from knnlm.report.macondo_figures import plot_figure1
+from knnlm.report.reproduction_report import render_markdown, write_paper_report
 from knnlm.report.tables import (
     claims_table,
     fmt_number,
@@ -544,13 +545,13 @@ def test_paper_report_from_the_contract_fixture(tmp_path):
     assert "`knnlm macondo export-conv`" in _section_text(md, "## What this run did not do")
     # Figures drawn from the data, embedded in the HTML.
     assert set(saved["figures"]) == {"figure1", "figure4", "figure5", "macondo_gains",
-                                     "hurdle_gaps_loglik", "hurdle_gaps_loss"}  # fmt: skip
+                                     "hurdle_gaps_loglik", "hurdle_gaps_loss", "width"}  # fmt: skip
     for rel in saved["figures"].values():
         assert f"]({rel})" in md
         assert_png(tmp_path / rel)
     html = (tmp_path / "report.html").read_text()
     assert (
-        html.count("data:image/png;base64,") == 6
+        html.count("data:image/png;base64,") == 7
     )  # Figures 1, 4, 5, the Macondo gains, two hurdle gap figures
     assert "Not run" not in md and "incomplete" not in md and "not drawn" not in md
 
@@ -585,15 +586,16 @@ def test_paper_report_partial_run(tmp_path):
     r.pop("not_run")
     out = write_paper_report(tmp_path, r)
     md = (tmp_path / "report.md").read_text()
+    # (a), (b), (c0), (c), (d), (e), (b'), (b-width), (c'), (d-control); the width study ran.
     assert [c["status"] for c in out["claims"]] == [
         "held", "untestable here", "untestable here", "untestable here", "untestable here",
-        "untestable here", "untestable here",
+        "untestable here", "untestable here", "held", "untestable here", "untestable here",
     ]  # fmt: skip
     for heading, key in (("## Capacity", "projection"), ("## Generalization", "macondo"),
                          ("## An MLP", "memory")):  # fmt: skip
         assert f"Not run in this invocation (no `{key}` results)" in _section_text(md, heading)
     assert "Figure 5): not recorded in this run" in _section_text(md, "## The last-MLP")
-    assert set(out["figures"]) == {"figure4", "hurdle_gaps_loglik"}
+    assert set(out["figures"]) == {"figure4", "hurdle_gaps_loglik", "width"}
     assert "do not list what was left out" in md
     assert (tmp_path / "report.html").is_file()
 
@@ -604,7 +606,8 @@ def test_paper_report_incomplete_section_still_renders(tmp_path):
     r["macondo"]["curves"]["lm"]["2"][1] = [0.0]  # ragged: Figure 1 cannot be drawn
     out = write_paper_report(tmp_path, r)
     md = (tmp_path / "report.md").read_text()
-    assert out["claims"][3]["status"] == "untestable here"
+    assert out["claims"][4]["claim"].startswith("(d)")
+    assert out["claims"][4]["status"] == "untestable here"
     assert "The `memory` results are incomplete" in md and "storage" in md
     assert "figure1" not in out["figures"]
     assert "figure1: curves.lm.2[1] has 1 values but there are 5 steps" in md
@@ -639,15 +642,16 @@ def test_paper_report_draws_kl_figures_and_drops_per_position_lists(tmp_path):
     assert "kl" not in saved["projection"]["lr_0.1"]["converged"]["proj_f"]
     assert saved["projection"]["lr_0.001"]["proj_f"]["kl_curve"] == [1.0, 0.5, 0.3]
     page = (tmp_path / "report.html").read_text()
-    # Figures 1, 4, 5, the three KL figures, the Macondo gains and the two hurdle gap figures.
-    assert page.count("data:image/png;base64,") == len(out["figures"]) == 9
+    # Figures 1, 4, 5, the three KL figures, the Macondo gains, the two hurdle gap figures and
+    # the width study.
+    assert page.count("data:image/png;base64,") == len(out["figures"]) == 10
 
 
 def test_stage_figures_are_drawn_where_the_results_point(tmp_path):
     """A reproduction's per-stage figures come from the data its stages saved: a seed whose
     sweep data is missing gets no heatmap (and no error); Macondo and hurdle outputs are
     drawn only from their own results files."""
-    from knnlm.report.experiment_figures import draw_stage_figures
+    from knnlm.report.reproduction_report import draw_stage_figures
 
     r = make_results()
     per_seed = r["knnlm"]["per_seed"]
@@ -670,3 +674,21 @@ def test_stage_figures_are_drawn_where_the_results_point(tmp_path):
     for f in (p["figure"], q["figure"]):
         assert Path(f).read_bytes()[:8] == PNG_SIGNATURE
     assert not (tmp_path / "macondo").exists() and not (tmp_path / "hurdle").exists()
+
+
+def test_the_knn_weight_sentence_does_not_contradict_itself():
+    # Issue 27: "puts 0.25 on p_knn, i.e. w = 1 - λ" said both things at once (1 - 0.25 = 0.75).
+    from pathlib import Path
+
+    from knnlm.experiments.macondo_settings import KNN_WEIGHT_NOTE
+
+    repo = Path(__file__).resolve().parents[1]
+    md = (repo / "README.md").read_text()
+    r = make_results()
+    r["claims"] = make_claims(r)
+    section = _section_text(render_markdown(r, {}), "## kNN-LM")
+    for text in (md, KNN_WEIGHT_NOTE.replace("lambda", "λ"), section):
+        flat = " ".join(text.split())
+        assert "w = 1 - λ" not in flat and "λ = 1 - w" not in flat
+        assert "which read literally puts 0.75 on p_knn" in flat
+        assert "put 0.25 on p_knn" in flat

@@ -62,3 +62,65 @@ def test_paired_bootstrap_brackets_the_mean():
     assert lo < d.mean() < hi
     assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)
     assert paired_bootstrap(d, seed=1) == (lo, hi)
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+@pytest.mark.parametrize("q, df, printed", [(0.95, 1, 6.314), (0.95, 2, 2.920), (0.95, 4, 2.132),
+                                            (0.975, 10, 2.228), (0.99, 30, 2.457)])  # fmt: skip
+def test_t_quantile_matches_the_printed_t_table(q, df, printed):
+    from knnlm.experiments.stats import t_quantile
+
+    assert t_quantile(q, df) == pytest.approx(printed, abs=1e-3)
+
+
+def test_seed_interval_by_hand():
+    from knnlm.experiments.stats import seed_interval
+
+    iv = seed_interval([0.3, 0.2, 0.4])  # mean 0.3, sd 0.1, t(0.95, 2) = 2.91999
+    half = 2.919986 * 0.1 / math.sqrt(3)
+    assert (iv.mean, iv.n, iv.over) == (pytest.approx(0.3), 3, "seeds")
+    assert iv.lower == pytest.approx(0.3 - half, abs=1e-6)
+    assert iv.upper == pytest.approx(0.3 + half, abs=1e-6)
+    with pytest.raises(ValueError):
+        seed_interval([1.0])
+
+
+def test_bootstrap_interval_is_seeded_and_stratified():
+    from knnlm.experiments.stats import bootstrap_interval
+
+    x = [0.0, 1.0] * 50 + [10.0] * 10
+    a, b = bootstrap_interval(x, "tokens", seed=3), bootstrap_interval(x, "tokens", seed=3)
+    assert a == b and a.lower < a.mean < a.upper
+    # Two strata weigh equally: the mean of 0.5 (100 values) and 10 (10 values) is 5.25.
+    iv = bootstrap_interval(x, "children", strata=["a"] * 100 + ["b"] * 10)
+    assert iv.mean == pytest.approx(5.25)
+    assert iv.lower == pytest.approx(5.25, abs=0.2)  # stratum b has no spread
+    # One-sided 95%: about 5% of resample means fall below the lower bound.
+    rng = np.random.default_rng(0)
+    y = rng.normal(1.0, 2.0, size=400)
+    iv = bootstrap_interval(y, "positions")
+    se = y.std(ddof=1) / math.sqrt(y.size)
+    assert iv.lower == pytest.approx(y.mean() - 1.645 * se, abs=0.25 * se)
+
+
+def test_units_needed_by_hand():
+    from knnlm.experiments.stats import units_needed
+
+    # (1.6449 + 0.8416)^2 * 0.37^2 / 0.05^2 = 338.6 -> 339 (issue 27: "about 330 seeds").
+    assert units_needed(0.37, 0.05) == 339
+    assert units_needed(None, 0.05) is None
+    assert units_needed(0.1, 1.0) == 2
+
+
+def test_share_interval_by_hand():
+    from knnlm.experiments.stats import share_interval
+
+    spread = [0.5 * ((i % 5) - 2) for i in range(300)]
+    lp = lambda ppl: [-math.log(ppl) + s for s in spread]  # noqa: E731
+    # The same spread everywhere: every resample scales the three perplexities alike, so the
+    # share is (40 - 37) / (40 - 36) = 0.75 at every resample.
+    iv = share_interval(lp(40.0), lp(37.0), lp(36.0))
+    assert iv.mean == pytest.approx(0.75) and iv.lower == pytest.approx(0.75)
+    assert iv.upper == pytest.approx(0.75)

@@ -88,7 +88,7 @@ def hurdle_cmd(
     same batches, and compare how fast they learn (paper Appendix E)."""
     from knnlm.experiments.hurdle import run_hurdle
     from knnlm.experiments.hurdle_setup import hurdle_settings
-    from knnlm.report.experiment_figures import render_hurdle
+    from knnlm.report.hurdle import render_hurdle
 
     preset = value(preset)
     quiet_libraries()

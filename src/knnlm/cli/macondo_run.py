@@ -102,8 +102,7 @@ def run_cmd(
     """Fine-tune on Macondo, score children's names with the LM and the kNN-LM (Table 5)."""
     from knnlm.experiments.macondo import cli_summary, contract_view, run_macondo
     from knnlm.experiments.macondo_settings import MacondoSettings
-    from knnlm.report.experiment_figures import render_macondo
-    from knnlm.report.macondo import table5
+    from knnlm.report.macondo_figures import render_macondo, table5
 
     preset = value(preset)
     if seeds < 1:

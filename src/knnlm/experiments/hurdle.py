@@ -119,6 +119,30 @@ def _run_cached(
 # ---------------------------------------------------------------------------------------
 # summaries
 # ---------------------------------------------------------------------------------------
+# Appendix E reads "the first 4000 steps" / "the early stage": here the evaluations after step
+# 0 (the shared initialisation) up to this share of the last step.
+FIRST_PART = 0.5
+
+
+def first_half_gap(
+    steps: Sequence[float],
+    with_mlp: Sequence[float],
+    without_mlp: Sequence[float],
+    higher_is_better: bool,
+) -> tuple[float | None, list[float]]:
+    """The one first-half statistic of the hurdle, used by the run's summary and by claim
+    (e): the arithmetic mean, over the evaluations in (0, FIRST_PART * last step], of the lead
+    of the model without the last MLP (positive: ahead). (None, []) when there is none."""
+    x = np.asarray(steps, dtype=np.float64)
+    gap = (1.0 if higher_is_better else -1.0) * (
+        np.asarray(without_mlp, dtype=np.float64) - np.asarray(with_mlp, dtype=np.float64)
+    )
+    idx = (x > 0) & (x <= FIRST_PART * x.max()) if x.size else x.astype(bool)
+    if not idx.any():
+        return None, []
+    return float(gap[idx].mean()), [float(s) for s in x[idx]]
+
+
 def compare_curves(
     steps: Sequence[float],
     with_mlp: Sequence[float],
@@ -129,8 +153,8 @@ def compare_curves(
     """Who leads, from mean curves on shared steps. ``gap`` > 0 means without_mlp is ahead.
 
     - ``gap_by_step``: (without - with), sign-flipped for a loss;
-    - ``mean_gap_first_half``: the trapezoid area of the gap over steps <= half of the last
-      step, divided by that span (the average lead; the single point when only one);
+    - ``mean_gap_first_half``: :func:`first_half_gap`, the mean lead over the evaluations
+      after step 0 up to half of the last step (None when there is none);
     - ``threshold``: half-way from the first logged value (mean of both) to the best value
       either curve reached; ``first_step_reaching`` per variant (None when never).
     """
@@ -140,14 +164,8 @@ def compare_curves(
         raise KnnlmError("curves to compare need one value per step, and at least one step")
     sign = 1.0 if higher_is_better else -1.0
 
-    def early_gap(aa: np.ndarray, bb: np.ndarray) -> float:
-        gap = sign * (bb - aa)
-        early = x <= x[-1] / 2
-        if early.sum() < 2:
-            return float(gap[early].mean()) if early.any() else float(gap[0])
-        span = x[early][-1] - x[early][0]
-        xs, gs = x[early], gap[early]
-        return float(np.sum((gs[1:] + gs[:-1]) * np.diff(xs)) / 2 / span)
+    def early_gap(aa: np.ndarray, bb: np.ndarray) -> float | None:
+        return first_half_gap(x, aa, bb, higher_is_better)[0]
 
     gap = sign * (b - a)
     start = (a[0] + b[0]) / 2
@@ -158,7 +176,7 @@ def compare_curves(
         hit = np.nonzero(sign * (c - threshold) >= 0)[0]
         return float(x[hit[0]]) if len(hit) else None
 
-    early = x <= x[-1] / 2
+    early = (x > 0) & (x <= FIRST_PART * x.max())
     out = {
         "gap_by_step": gap.tolist(),
         "mean_gap_first_half": early_gap(a, b),
@@ -170,11 +188,13 @@ def compare_curves(
         "first_step_reaching": {"with_mlp": first_reach(a), "without_mlp": first_reach(b)},
         "final": {"with_mlp": float(a[-1]), "without_mlp": float(b[-1])},
     }
-    out["without_mlp_ahead_early"] = out["mean_gap_first_half"] > 0
+    out["without_mlp_ahead_early"] = (out["mean_gap_first_half"] or 0.0) > 0
+    # A lead still there at the last evaluation is an overall lead, not an early-phase one.
+    out["lead_at_end"] = bool(gap[-1] > 0)
     if per_seed is not None:
         gaps = [early_gap(np.asarray(w), np.asarray(wo)) for w, wo in zip(*per_seed, strict=True)]
         out["mean_gap_first_half_per_seed"] = gaps
-        out["seeds_without_mlp_ahead_early"] = int(sum(g > 0 for g in gaps))
+        out["seeds_without_mlp_ahead_early"] = int(sum(g is not None and g > 0 for g in gaps))
     return out
 
 
@@ -183,9 +203,11 @@ def _sentence(name: str, cmp: dict, n_seeds: int) -> str:
     reach = cmp["first_step_reaching"]
     seeds = cmp.get("seeds_without_mlp_ahead_early")
     seed_txt = f"; without_mlp ahead in {seeds}/{n_seeds} seeds" if seeds is not None else ""
+    gap = cmp["mean_gap_first_half"]
+    end = "; the lead lasts to the last evaluation" if cmp.get("lead_at_end") else ""
     return (
         f"{name}: the model {lead} the last MLP leads over the first half "
-        f"(mean gap {cmp['mean_gap_first_half']:+.4f}{seed_txt}); threshold "
+        f"(mean gap {'none' if gap is None else format(gap, '+.4f')}{seed_txt}{end}); threshold "
         f"{cmp['threshold']:.4f} first reached at step {reach['without_mlp']} without vs "
         f"{reach['with_mlp']} with the last MLP"
     )

@@ -98,6 +98,7 @@ PER_SEED_KEYS = (
     "search",
     "train",
     "seconds",
+    "examples",
 )
 
 
@@ -132,9 +133,10 @@ def contract_view(res: Mapping[str, Any]) -> dict[str, Any]:
                 "seed": r["seed"],
                 "test": {
                     m: {n: g[n].get(m) for n in keys}
-                    for m in ("lm", "knnlm", "mlp")
+                    for m in ("lm", "knnlm", "mlp", "knnlm_default")
                     if all(g[n].get(m) is not None for n in keys)
                 },
+                "test_examples": _test_examples(r.get("examples")),
                 "train": {"lm": {n: r["train_groups_lm"][n] for n in keys}},
                 "tuned": (r.get("tuning") or {}).get("tuned"),
                 "dataset": r.get("dataset"),
@@ -151,6 +153,19 @@ def contract_view(res: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _test_examples(examples: Any) -> dict[str, list] | None:
+    """The children the verdict reads, one list per field (the bootstrap's units under 3
+    seeds): n, and each model's log p(child)."""
+    rows = [e for e in examples or [] if e.get("split", "test") == "test"]
+    if not rows:
+        return None
+    out: dict[str, list] = {"n": [int(e["n_children"]) for e in rows]}
+    for model in ("lm", "knnlm", "mlp", "knnlm_default"):
+        if all(e.get(model) is not None for e in rows):
+            out[model] = [float(e[model]) for e in rows]
+    return out
+
+
 def _macondo_curves(per_seed: list[dict], keys: list[str]) -> dict | None:
     """Figure 1/3 curves: steps shared by every seed; [seed][step] per n, LM and kNN-LM."""
     curves = [r.get("curve") or [] for r in per_seed]
@@ -159,6 +174,9 @@ def _macondo_curves(per_seed: list[dict], keys: list[str]) -> dict | None:
     steps = sorted(set.intersection(*({int(e["step"]) for e in c} for c in curves)))
     by_step = [{int(e["step"]): e for e in c} for c in curves]
     out: dict[str, Any] = {"steps": steps}
+    # Which test parents the curves average: the verdict's (dev share left out) or all.
+    marks = {e.get("parents") for c in curves for e in c}
+    out["parents"] = marks.pop() if len(marks) == 1 else None
     for model in ("lm", "knnlm"):
         if any(seed[s].get(model) is None for seed in by_step for s in steps):
             out[model] = None

@@ -41,7 +41,7 @@ def aggregate_groups(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> d
     for n in ns:
         row: dict[str, Any] = {}
         present = [g[str(n)] for g in per_seed if str(n) in g]
-        for key in ("lm", "knnlm", "mlp"):
+        for key in ("lm", "knnlm", "mlp", "knnlm_default"):
             row[key], row[f"{key}_std"] = mean_std([g.get(key) for g in present])
         row["perfect"] = perfect_log_likelihood(n)
         row["seeds"] = len(present)

@@ -102,6 +102,7 @@ class SeedScores:
     mlp_raw: np.ndarray | None = None  # log p_mem(child), before the interpolation
     memory: dict[str, Any] | None = None  # the MLP memory's training and weight
     tuning: dict[str, Any] | None = None
+    knnlm_default: np.ndarray | None = None  # the kNN-LM at the run's k, w, T when a grid tunes
 
 
 def seed_key(settings: MacondoSettings, seed: int) -> dict[str, Any]:
@@ -277,7 +278,7 @@ def _fine_tune(
     write_json_atomic(seed_dir / TRAIN_STARTED, train_key)
     if settings.lora:
         model = apply_lora(model)
-    on_eval = _curve_scorer(seed_dir, settings, data) if settings.eval_every else None
+    on_eval = _curve_scorer(seed_dir, settings, data, seed) if settings.eval_every else None
     curve = []
     if on_eval is not None:
         # Step 0: the model before fine-tuning (the callback covers the later steps).
@@ -321,20 +322,32 @@ def _train_config(settings: MacondoSettings, model: Any, seed: int) -> TrainConf
 
 
 def _curve_scorer(
-    seed_dir: Path, settings: MacondoSettings, data: SeedData
+    seed_dir: Path, settings: MacondoSettings, data: SeedData, seed: int
 ) -> Callable[[int, Any], dict]:
     """The callback of fine-tuning that scores the test set at a step (Figure 3): per-n means
-    of the LM and (``curve_knn``) of the kNN-LM on a datastore from the model of that step."""
+    of the LM and (``curve_knn``) of the kNN-LM on a datastore from the model of that step,
+    over the test parents the verdict reads (a ``tune`` grid's dev share left out), so Figure
+    1 draws what claim (c) reads."""
     model_dir = seed_dir / "model"
+    keep = _verdict_mask(data, settings, seed)
+    ns = [n for n, k in zip(data.ns, keep, strict=True) if k]
 
     def on_eval(step: int, m: Any) -> dict:
         lm_now = _loaded(m, data.tokenizer, f"{model_dir}@step{step}", f"step-{step}")
         with tempfile.TemporaryDirectory(dir=seed_dir, prefix=".curve-") as tmp:
             datastore = Path(tmp) / "datastore" if settings.curve_knn else None
             scored = _child_log_probs(lm_now, data, datastore, settings, progress=False)
-        return {key: group_means(v, data.ns) for key, v in scored.items()}
+        out: dict[str, Any] = {key: group_means(v[keep], ns) for key, v in scored.items()}
+        return out | {"parents": "verdict" if settings.tune else "all"}
 
     return on_eval
+
+
+def _verdict_mask(data: SeedData, settings: MacondoSettings, seed: int) -> np.ndarray:
+    """The test examples the verdict reads: all of them, or those outside the dev share."""
+    if not settings.tune:
+        return np.ones(len(data.test), dtype=bool)
+    return ~dev_mask(data.test, seed, settings.tune["dev_share"])
 
 
 def _loaded(model: Any, tokenizer: Any, name: str, fingerprint: str) -> LoadedLM:
@@ -455,6 +468,7 @@ def _tune(
     record = {key: t[key] for key in ("tuned", "sweep", "lm_dev") if key in t}
     if "memory_sweep" in t:
         record["memory_sweep"] = t["memory_sweep"]
+    scores.knnlm_default = scores.knnlm  # the run's own k, w, T, on the same parents
     scores.knnlm, scores.mlp, scores.keep, scores.tuning = t["knnlm"], t.get("mlp"), ~dev, record
     if scores.memory is not None:
         scores.memory["weight"] = t["tuned"].get("memory_weight")
@@ -499,11 +513,14 @@ def _verdict_groups(scores: SeedScores, ns: Sequence[int]) -> dict[str, dict[str
     lm_groups = group_means(scores.lm[keep], ns_kept)
     knn_groups = group_means(scores.knnlm[keep], ns_kept)
     mem_groups = group_means(scores.mlp[keep], ns_kept) if scores.mlp is not None else {}
+    default = scores.knnlm_default
+    def_groups = group_means(default[keep], ns_kept) if default is not None else {}
     return {
         n: {
             "lm": lm_groups[n],
             "knnlm": knn_groups[n],
             "mlp": mem_groups.get(n),
+            "knnlm_default": def_groups.get(n),
             "perfect": perfect_log_likelihood(int(n)),
             "count": ns_kept.count(int(n)),
         }
@@ -515,6 +532,7 @@ def _examples(data: SeedData, scores: SeedScores) -> list[dict[str, Any]]:
     """Per test example: who, the prompt and continuation, the three log-likelihoods, and
     whether it chose the settings (dev) or is read by the verdict (test)."""
     mlp = [None] * len(data.test) if scores.mlp is None else scores.mlp
+    default = [None] * len(data.test) if scores.knnlm_default is None else scores.knnlm_default
     return [
         {
             "villager": r["villager"],
@@ -525,10 +543,18 @@ def _examples(data: SeedData, scores: SeedScores) -> list[dict[str, Any]]:
             "lm": float(a),
             "knnlm": float(b),
             "mlp": None if m is None else float(m),
+            "knnlm_default": None if d is None else float(d),
             "split": "test" if k else "dev",
         }
-        for r, c, a, b, m, k in zip(
-            data.test, data.conts, scores.lm, scores.knnlm, mlp, scores.keep, strict=True
+        for r, c, a, b, m, d, k in zip(
+            data.test,
+            data.conts,
+            scores.lm,
+            scores.knnlm,
+            mlp,
+            default,
+            scores.keep,
+            strict=True,
         )
     ]
 

@@ -41,8 +41,10 @@ MACONDO_NAME_KEYS = ("given_names", "surnames")
 # The MLP memory on a Macondo datastore, where a run names only what it changes.
 MACONDO_MEMORY = {"hidden": 1024, "epochs": 10, "lr": 1e-3, "batch_tokens": 256}
 KNN_WEIGHT_NOTE = (
-    "knn_weight is the weight on p_knn: p = (1 - w) p_lm + w p_knn; the paper writes "
-    "lambda p_lm + (1 - lambda) p_knn with lambda = 0.25, i.e. w = 1 - lambda"
+    "knn_weight w is the weight on p_knn: p = (1 - w) p_lm + w p_knn. The paper writes "
+    "p = lambda p_lm + (1 - lambda) p_knn with lambda = 0.25, which read literally puts 0.75 on "
+    "p_knn; Khandelwal et al. and Xu et al., whose setup the paper follows, put 0.25 on p_knn, "
+    "and so does this toolkit (--knn-weight 0.25)"
 )
 
 

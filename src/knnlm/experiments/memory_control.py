@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from knnlm.data.corpus import load_tokens, read_split, tokenize_text
+from knnlm.experiments.stats import bootstrap_interval
 from knnlm.forward_pass import score_stream
 from knnlm.lm.loading import load_lm
 from knnlm.lm.train import TrainConfig, model_from_pretrained, train
@@ -53,26 +54,42 @@ def train_control(
 def control_perplexities(
     lm: Any, control_dir: Path, corpus: str, lm_lp: dict[str, torch.Tensor],
     weights: Sequence[float], context_len: int, stride: int | None,
+    against: torch.Tensor | None = None,
 ) -> dict:  # fmt: skip
     """LM + control interpolated, its weight chosen on valid; ``lm_lp[split]`` the LM's
-    per-token log-probs of the split, in stream order."""
+    per-token log-probs of the split, in stream order. With ``against`` (LM + MLP's per-token
+    test log-probs), the per-token gain of LM + MLP over LM + control, bootstrapped."""
     ctrl = load_lm(str(control_dir), device=str(lm.device))
     grid: dict[str, list[float]] = {}
     alone: dict[str, float] = {}
+    c_test = None
     for split in ("valid", "test"):
         ids = load_tokens(ctrl.tokenizer, corpus, split)
         c_lp = _target_log_probs(ctrl, ids, context_len, stride)
         if c_lp.shape != lm_lp[split].shape:
             raise ValueError("the control scored other tokens than the LM")
         n = len(c_lp)
+        if split == "test":
+            c_test = c_lp
         alone[split] = perplexity(-float(c_lp.double().sum()), n)
         grid[split] = [perplexity(-float(interpolate(lm_lp[split], c_lp, w).double().sum()), n)
                        for w in weights]  # fmt: skip
     best = int(np.argmin(grid["valid"]))
+    gain = None
+    if against is not None and c_test is not None:
+        gain = token_gain(against, interpolate(lm_lp["test"], c_test, float(weights[best])))
     return {
+        "gain_tokens": gain,
         "weight": float(weights[best]),
         "weight_tuned_on": "valid",
         "valid": {"control": grid["valid"][best], "control_alone": alone["valid"]},
         "test": {"control": grid["test"][best], "control_alone": alone["test"]},
         "weight_sweep": {"weights": list(weights), **grid},
     }
+
+
+def token_gain(model_lp: torch.Tensor, base_lp: torch.Tensor) -> dict[str, Any]:
+    """The per-token gain log p_model - log p_base over the scored test tokens (its mean is
+    log(base perplexity / model perplexity)), with its seeded bootstrap bounds."""
+    diff = (model_lp.double() - base_lp.double()).cpu().numpy()
+    return bootstrap_interval(diff, "test tokens").as_dict()

@@ -530,3 +530,13 @@ def _save(run: _Training, step: int, complete: bool) -> dict[str, Any]:
     if complete:
         swap_in(run.partial, run.out_dir, KIND, CONFIG_FILE)
     return cfg
+
+
+# A held-out loss that moves by less than this between checks has stopped improving.
+MIN_IMPROVEMENT = 1e-4
+
+
+def stopped_improving(losses: list[float], min_improvement: float = MIN_IMPROVEMENT) -> bool:
+    """Whether the last held-out check failed to improve on the one before by at least
+    ``min_improvement`` (nats): training until the held-out loss stops improving."""
+    return len(losses) > 1 and not losses[-1] < losses[-2] - min_improvement

@@ -9,6 +9,7 @@ Section 3 (Eq. 2) runs on the test split of the first seed at the tuned setting.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -21,8 +22,8 @@ from knnlm.data import wikitext2
 from knnlm.data.corpus import load_tokens, read_split, tokenize_text
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
-from knnlm.experiments.memory_control import control_perplexities, train_control
-from knnlm.experiments.mlp_memory import train_memory
+from knnlm.experiments.memory_control import control_perplexities, token_gain, train_control
+from knnlm.experiments.mlp_memory import stopped_improving, train_memory
 from knnlm.experiments.projection import run_projection
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.fileio import write_json_atomic
@@ -202,7 +203,7 @@ def stage_projection(
         fixed_steps=100 if lr_study else None, progress=False,
         # The claim reads the converged solve; Table 4's paired test the per-position values.
         converged=not lr_study, converged_max_steps=cfg.projection_converged_max_steps,
-        keep_positions=lr_study,
+        keep_positions=True,  # (b)'s and (b')'s bootstrap over positions
     )  # fmt: skip
     # The figure is drawn there by the report layer, from the per-position KL values
     # (or the KL curve) kept in this result.
@@ -230,7 +231,7 @@ def _token_log_probs(lm, corpus: str, split: str, cfg: ReproduceConfig, mem, key
     return torch.cat(lm_out), torch.cat(mem_out)
 
 
-def _control(cfg, seed, model, corpus, lm, lm_lp, steps, weights, art) -> dict:
+def _control(cfg, seed, model, corpus, lm, lm_lp, steps, weights, art, mlp_test) -> dict:
     """Section 5's equal-compute control (:mod:`knnlm.experiments.memory_control`)."""
     lr = get_preset(cfg.lm_preset).lr if cfg.model is None else 1e-4
     info = train_control(
@@ -238,7 +239,7 @@ def _control(cfg, seed, model, corpus, lm, lm_lp, steps, weights, art) -> dict:
         context_len=cfg.context_len, lr=lr, seed=seed,
     )  # fmt: skip
     res = control_perplexities(lm, art / "control", corpus, lm_lp, weights, cfg.context_len,
-                               cfg.stride)  # fmt: skip
+                               cfg.stride, against=mlp_test)  # fmt: skip
     shutil.rmtree(art / "control")  # a copy of the LM; the numbers are kept
     return {"train": info, **res}
 
@@ -250,13 +251,15 @@ def stage_memory(
     chosen on valid, read on test. The kNN-LM numbers are the ``knnlm`` stage's."""
     lm = load_lm(model)
     store = open_datastore(ds)
-    tr = _train_memory(cfg, seed, lm, store, art)
+    tr, stop = _train_memory(cfg, seed, lm, store, art, corpus)
     mem = load_memory(art / "memory", device=str(lm.device))
     weights = sorted({float(w) for w in cfg.memory_weights})
-    ppl, lm_by_split = _memory_grids(cfg, lm, corpus, mem, store.meta["key_type"], weights)
+    ppl, lm_by_split, mem_test = _memory_grids(cfg, lm, corpus, mem, store.meta["key_type"],
+                                               weights)  # fmt: skip
     best = int(np.argmin(ppl["valid"]["grid"]))
+    mlp_test = interpolate(lm_by_split["test"], mem_test, weights[best])
     control = (
-        _control(cfg, seed, model, corpus, lm, lm_by_split, tr.steps, weights, art)
+        _control(cfg, seed, model, corpus, lm, lm_by_split, tr.steps, weights, art, mlp_test)
         if cfg.memory_control
         else None
     )
@@ -269,36 +272,73 @@ def stage_memory(
                   "mlp": ppl["valid"]["grid"][best]},
         "test": {"tokens": ppl["test"]["tokens"], "lm": ppl["test"]["lm"],
                  "knnlm_tuned": knn_res["test"]["knnlm_tuned"],
-                 "mlp": ppl["test"]["grid"][best]},
+                 "mlp": ppl["test"]["grid"][best],
+                 # (d) under 3 seeds: a bootstrap over the scored test tokens
+                 "gain_tokens": token_gain(mlp_test, lm_by_split["test"])},
         "weight_sweep": {"weights": weights, "valid": ppl["valid"]["grid"],
                          "test": ppl["test"]["grid"]},
         "storage": storage_report(store, memory_storage(art / "memory")),
-        "train": {"steps": tr.steps, "final_loss": tr.final_loss, "seconds": tr.seconds},
+        "train": {"steps": tr.steps, "final_loss": tr.final_loss, "seconds": tr.seconds,
+                  **stop},
     }  # fmt: skip
 
 
-def _train_memory(cfg: ReproduceConfig, seed: int, lm, store, art: Path):
-    """The MLP memory on the datastore's (key, value) pairs, saved in ``art / "memory"``."""
-    return train_memory(
-        store.keys,
-        store.values,
-        lm.adapter.output_embedding.detach(),
-        art / "memory",
-        hidden=cfg.memory_hidden,
-        lr=cfg.memory_lr,
-        batch_tokens=cfg.memory_batch_tokens,
-        epochs=cfg.memory_epochs,
-        max_steps=cfg.memory_max_steps,
-        seed=seed,
-        progress=False,
-        datastore={"path": str(store.path), "n": store.n},
-    )
+def _train_memory(cfg: ReproduceConfig, seed: int, lm, store, art: Path, corpus: str):
+    """The MLP memory on the datastore's (key, value) pairs, saved in ``art / "memory"``.
+
+    With ``cfg.memory_eval_every``, training continues in chunks of that many steps (training
+    is a function of the settings and the step, so chunks resume exactly) until the MLP's loss
+    on the valid split's (key, target) pairs stops improving, or the epochs / the step cap
+    ``memory_max_steps`` end it. Returns (the training result, the stopping record)."""
+
+    def run(max_steps: int | None):
+        return train_memory(
+            store.keys, store.values, lm.adapter.output_embedding.detach(), art / "memory",
+            hidden=cfg.memory_hidden, lr=cfg.memory_lr, batch_tokens=cfg.memory_batch_tokens,
+            epochs=cfg.memory_epochs, max_steps=max_steps, seed=seed, progress=False,
+            datastore={"path": str(store.path), "n": store.n},
+        )  # fmt: skip
+
+    every = cfg.memory_eval_every
+    if not every:
+        tr = run(cfg.memory_max_steps)
+        return tr, {"stopped": f"after {tr.steps} steps (no held-out check)", "heldout": []}
+    keys, targets = _valid_pairs(lm, corpus, cfg, store.meta["key_type"])
+    cap = math.ceil(store.n / cfg.memory_batch_tokens) * cfg.memory_epochs
+    cap = cap if cfg.memory_max_steps is None else min(cap, cfg.memory_max_steps)
+    curve: list[dict] = []
+    steps = 0
+    while steps < cap:
+        tr = run(min(cap, steps + every))
+        steps = tr.steps
+        mem = load_memory(art / "memory", device=str(lm.device))
+        with torch.no_grad():
+            loss = -float(mem.target_log_prob(keys, targets).double().mean())
+        curve.append({"step": steps, "valid_loss": loss})
+        if stopped_improving([c["valid_loss"] for c in curve]):
+            return tr, {"stopped": f"held-out loss stopped improving at step {steps}",
+                        "heldout": curve}  # fmt: skip
+    why = "the step cap" if cfg.memory_max_steps is not None and cap == cfg.memory_max_steps \
+        else "the epochs"  # fmt: skip
+    return tr, {"stopped": f"{why} ({cap} steps) reached, held-out loss still improving",
+                "heldout": curve}  # fmt: skip
+
+
+def _valid_pairs(lm, corpus: str, cfg: ReproduceConfig, key_type: str):
+    """The valid split's (key, target) pairs: the MLP's held-out set."""
+    ids = load_tokens(lm.tokenizer, corpus, "valid")
+    keys, targets = [], []
+    for b in score_stream(lm.model, ids, cfg.context_len, cfg.stride, key_type=key_type,
+                          want_lm=False, progress=False):  # fmt: skip
+        keys.append(b.keys.float())
+        targets.append(b.targets)
+    return torch.cat(keys), torch.cat(targets)
 
 
 def _memory_grids(cfg: ReproduceConfig, lm, corpus: str, mem, key_type: str,
-                  weights: list[float]) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:  # fmt: skip
-    """Per split: the LM's perplexity and LM + memory's at each weight; and the LM's per-token
-    log-probs (the control reuses them)."""
+                  weights: list[float]) -> tuple[dict[str, dict], dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+    """Per split: the LM's perplexity and LM + memory's at each weight; the LM's per-token
+    log-probs (the control reuses them); the memory's per-token test log-probs."""
     ppl: dict[str, dict] = {}
     lm_by_split: dict[str, torch.Tensor] = {}
     for split in ("valid", "test"):
@@ -311,4 +351,4 @@ def _memory_grids(cfg: ReproduceConfig, lm, corpus: str, mem, key_type: str,
             "grid": [perplexity(-float(interpolate(lm_lp, mem_lp, w).double().sum()), n)
                      for w in weights],
         }  # fmt: skip
-    return ppl, lm_by_split
+    return ppl, lm_by_split, mem_lp

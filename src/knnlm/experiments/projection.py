@@ -7,6 +7,7 @@ If f(z*) reaches the kNN-LM's perplexity, the softmax bottleneck is not why the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,11 @@ from tqdm.auto import tqdm
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
-from knnlm.experiments.projection_solver import solve_converged, solve_projection
+from knnlm.experiments.projection_solver import (
+    ProjectionResult,
+    solve_converged,
+    solve_projection,
+)
 from knnlm.forward_pass import score_stream
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.combiner import interpolate, perplexity
@@ -88,20 +93,39 @@ class _Solves:
 CONVERGED = ("proj_f", "proj_fg", "proj_f_lm_head", "proj_f_target_first")
 
 
+def keep_better(cold: ProjectionResult, warm: ProjectionResult) -> ProjectionResult:
+    """Per position, the solve that ends at the lower KL (the cold start on a tie); the
+    starting KL and the KL curve stay the cold start's (the paper's start, g(enc(c)))."""
+    better = warm.kl < cold.kl
+    pick = lambda a, b: torch.where(better.reshape(-1, *[1] * (a.dim() - 1)), b, a)  # noqa: E731
+    return replace(
+        cold, z=pick(cold.z, warm.z), kl=pick(cold.kl, warm.kl),
+        steps=pick(cold.steps, warm.steps), converged=pick(cold.converged, warm.converged),
+    )  # fmt: skip
+
+
 def _converged_solves(adapter, target_logp, enc, g_enc, tol, max_steps) -> dict:
     with torch.no_grad():
         normed = adapter.final_norm(g_enc)
     plan = {
-        "proj_f": (adapter.f_logits, g_enc, "model_first"),
         "proj_fg": (adapter.fg_logits, enc, "model_first"),
+        "proj_f": (adapter.f_logits, g_enc, "model_first"),
         "proj_f_lm_head": (adapter.lm_head, normed, "model_first"),
         "proj_f_target_first": (adapter.f_logits, g_enc, "target_first"),
     }
-    return {
+    out = {
         name: (fn, solve_converged(fn, target_logp, z0, tol=tol, max_steps=max_steps,
                                    direction=direction))
         for name, (fn, z0, direction) in plan.items()
     }  # fmt: skip
+    # f's output space contains f∘g's (z = g(z')), so f's minimum is at most f∘g's; a solve
+    # from g(enc(c)) can stop in a worse local minimum. Start f from g(z*) of the f∘g solve too
+    # and keep the better per position, so f never ends above f∘g.
+    with torch.no_grad():
+        warm_z = adapter.g(out["proj_fg"][1].z)
+    warm = solve_converged(adapter.f_logits, target_logp, warm_z, tol=tol, max_steps=max_steps)
+    out["proj_f"] = (adapter.f_logits, keep_better(out["proj_f"][1], warm))
+    return out
 
 
 def _choose(n_scored: int, max_positions: int | None, seed: int) -> np.ndarray:
@@ -257,7 +281,9 @@ def _summaries(solves: _Solves, n: int, cap: int, converged: bool, keep: bool, t
     if converged:
         out["converged"] = {
             "method": "L-BFGS (strong Wolfe), best z kept, every position's relative KL change "
-            f"<= {tol:g} over 3 iterations, or {conv_steps} iterations",
+            f"<= {tol:g} over 3 iterations, or {conv_steps} iterations; f also started from "
+            "g(z*) of the f∘g solve, the better kept",
+            "warm_start": "proj_f: from g(enc(c)) and from g(z*) of proj_fg, the lower KL kept",
             "tol": tol,
             "max_steps": conv_steps,
             **{name: solves.summary(f"converged.{name}", conv_steps, n, keep)

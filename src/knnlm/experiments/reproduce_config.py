@@ -81,6 +81,9 @@ class ReproduceConfig:
     memory_lr: float = 1e-5
     memory_batch_tokens: int = 9216
     memory_max_steps: int | None = None
+    # Check the MLP's loss on the valid split every this many steps and stop when it no longer
+    # improves (issue 27: train until the held-out loss stops improving); None: no check.
+    memory_eval_every: int | None = None
     # Section 5's equal-compute control: the LM trained on for the MLP's steps and tokens.
     memory_control: bool = True
     macondo_seeds: int = 3
@@ -183,7 +186,8 @@ SCALES: dict[str, dict[str, Any]] = {
         projection_positions=300,
         memory_hidden=256,
         memory_epochs=1,
-        memory_max_steps=100,
+        memory_max_steps=100,  # the cap the quick run's time budget forces
+        memory_eval_every=25,
         memory_lr=1e-3,
         memory_batch_tokens=1024,
         macondo_preset="quick-finetune",
@@ -220,7 +224,10 @@ SCALES: dict[str, dict[str, Any]] = {
         memory_lr=1e-3,
         memory_batch_tokens=4096,
         memory_max_steps=300,
+        memory_eval_every=50,
         macondo_preset="quick-finetune",
+        # The paper's Macondo size, 20 parents per n (the generator's default, made explicit).
+        macondo_sizes={"n_parents_per_count": 20},
         macondo_eval_every=200,
         macondo_seeds=5,
         hurdle_seeds=5,

@@ -22,6 +22,7 @@ from knnlm.data.corpus import read_split, tokenize_text
 from knnlm.errors import KnnlmError
 from knnlm.experiments import natural_text as nt
 from knnlm.experiments.reproduce_config import ReproduceConfig
+from knnlm.experiments.stats import share_interval
 from knnlm.lm.presets import get_preset
 from knnlm.lm.train import train
 from knnlm.lm.train_config import TrainConfig
@@ -77,4 +78,8 @@ def width_row(d: int, proj: dict[str, Any]) -> dict:
             "kl_init_mean": q["kl_init_mean"],
             "at_tolerance": q["at_tolerance"],
         }
+        logps = (proj["lm"].get("target_logp"), q.get("target_logp"),
+                 proj["knnlm"].get("target_logp"))  # fmt: skip
+        if lm != knn and all(v is not None for v in logps):
+            row[key]["share_interval"] = share_interval(*logps).as_dict()
     return row

@@ -189,12 +189,13 @@ def fmt_pm(values: Sequence[Any], floatfmt: str = ".2f") -> str:
     return f"{fmt_number(mean, floatfmt)} ± {fmt_number(std, floatfmt)}"
 
 
-CLAIM_STATUSES = ("held", "not held", "untestable here")
+CLAIM_STATUSES = ("held", "not held", "inconclusive", "untestable here")
 
 
 def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
-    """The paper's claims as a short table, claim | status (held / not held / untestable here),
-    then each claim's criterion and evidence below it."""
+    """The paper's claims as a short table, claim | status (held / not held / inconclusive /
+    untestable here) | what this scale can test against what the paper ran (when the claims
+    say), then each claim's criterion and evidence below it."""
     rows, details = [], []
     for i, c in enumerate(claims):
         missing = [k for k in ("claim", "status", "criterion", "evidence") if k not in c]
@@ -204,12 +205,16 @@ def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
             raise KnnlmError(
                 f"claim {i} has status {c['status']!r}; expected one of {CLAIM_STATUSES}"
             )
-        rows.append([str(c["claim"]), c["status"]])
+        rows.append([str(c["claim"]), c["status"], c.get("scale")])
         details.append(
             f"- **{c['claim']}: {c['status']}.**\n  - Criterion: {c['criterion']}.\n"
             f"  - Evidence: {c['evidence']}."
         )
-    table = markdown_table(["Claim", "Status"], rows, align=["l", "l"])
+    if any(r[2] is not None for r in rows):
+        head = ["Claim", "Status", "What this scale can test (paper / here)"]
+        table = markdown_table(head, rows, align=["l", "l", "l"])
+    else:
+        table = markdown_table(["Claim", "Status"], [r[:2] for r in rows], align=["l", "l"])
     return table + "\n\nDetails, per claim:\n\n" + "\n".join(details)
 
 
