@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "knnlm"
 
 # Lower layers first (ARCHITECTURE.md). A module may import its own layer and the ones before.
 LAYERS = [
-    {"errors", "locking", "fileio", "provenance", "prefetch"},
+    {"errors", "locking", "fileio", "provenance", "prefetch", "settings"},
     {"data"},
     {"lm"},
     {"forward_pass"},

@@ -208,9 +208,10 @@ def test_datastore_from_other_model_is_refused(lm, small_corpus, tmp_path, tiny_
 
 
 def test_bad_knn_settings_rejected(lm, small_corpus, tmp_path):
-    for bad in (KnnSettings(knn_weight=1.5), KnnSettings(k=0), KnnSettings(temperature=0)):
-        with pytest.raises(KnnlmError):
-            evaluate(lm, str(small_corpus), "valid", context_len=CTX, knn=bad, progress=False)
+    # Refused where they are built, before any work.
+    for bad in (dict(knn_weight=1.5), dict(k=0), dict(temperature=0)):
+        with pytest.raises(KnnlmError, match=f"^{next(iter(bad))} must be"):
+            KnnSettings(**bad)
 
 
 def test_exclude_self_on_training_split(lm, small_corpus, tmp_path):

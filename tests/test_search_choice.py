@@ -150,8 +150,8 @@ def test_a_toy_backend_registers_and_evaluate_uses_it(tmp_path, monkeypatch, lm,
     monkeypatch.setattr(choose, "REGISTERED", protocol.REGISTERED)
     ds = quiet_datastore(lm, tiny_corpus, tmp_path / "ds", context_len=32, batch_size=16)
     run = dict(context_len=32, batch_size=4, datastore=ds, progress=False)
-    with pytest.raises(Exception, match="--search must be one of"):
-        KnnSettings(k=8, search="toy").validate()
+    with pytest.raises(Exception, match="^search must be one of"):
+        KnnSettings(k=8, search="toy")
     register_backend("toy", CountingSearch)
     toy = evaluate(lm, str(tiny_corpus), "valid", knn=KnnSettings(k=8, search="toy"), **run)
     exact = evaluate(lm, str(tiny_corpus), "valid", knn=KnnSettings(k=8, search="exact"), **run)

@@ -28,28 +28,17 @@ from knnlm.lm import loading
 from knnlm.lm.loading import LoadedLM, pick_device, torch_dtype, wrap_lm
 from knnlm.retrieval.datastore import Datastore, datastore_record
 from knnlm.retrieval.gate import Gate
-from knnlm.retrieval.retriever import KnnSettings, Retriever
-from knnlm.retrieval.search.protocol import SEARCH_CHOICES
+from knnlm.retrieval.retriever import KNN_ARGS, KnnSettings, Retriever
 from knnlm.retrieved_entries import find_neighbours
+from knnlm.settings import build
 
 DatastoreLike = Datastore | str | Path
 
 
 def _knn_settings(k: int, knn_weight: float, knn_temperature: float, **rest: Any) -> KnnSettings:
     """KnnSettings from the Python arguments, each mistake named as the Python argument."""
-    if not isinstance(k, int) or k < 1:
-        raise KnnlmError(f"k must be a whole number of at least 1, got {k!r}")
-    if not 0.0 <= knn_weight <= 1.0:
-        raise KnnlmError(f"knn_weight must be in [0, 1], got {knn_weight}")
-    if not knn_temperature > 0:
-        raise KnnlmError(f"knn_temperature must be positive, got {knn_temperature}")
-    if rest.get("exclude_self", "auto") not in ("auto", "yes", "no"):
-        raise KnnlmError(f"exclude_self must be auto, yes or no, got {rest['exclude_self']!r}")
-    if rest.get("search", "auto") not in SEARCH_CHOICES:
-        raise KnnlmError(
-            f"search must be one of {', '.join(SEARCH_CHOICES)}, got {rest['search']!r}"
-        )
-    return KnnSettings(k=k, knn_weight=knn_weight, temperature=knn_temperature, **rest)
+    return build(KnnSettings, KNN_ARGS, k=k, knn_weight=knn_weight, temperature=knn_temperature,
+                 **rest)  # fmt: skip
 
 
 def _open(datastore: DatastoreLike | None, k: int) -> Datastore | None:

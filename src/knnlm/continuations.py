@@ -49,7 +49,6 @@ def continuation_log_probs(
     if len(prompts) != len(continuations):
         raise KnnlmError("prompts and continuations differ in number")
     knn = knn or KnnSettings()
-    knn.validate()
     examples, starts = _continuation_examples(lm.tokenizer, prompts, continuations)
     retriever = Retriever(lm, datastore, knn) if datastore is not None else None
     if retriever is not None:
@@ -107,7 +106,6 @@ def continuation_neighbours(
     retrieves them; :func:`knnlm.retrieval.combiner.prefix_log_probs` re-scores them."""
     if len(prompts) != len(continuations):
         raise KnnlmError("prompts and continuations differ in number")
-    knn.validate()
     examples, starts = _continuation_examples(lm.tokenizer, prompts, continuations)
     retriever = Retriever(lm, datastore, knn)
     batches = score_examples(

@@ -44,7 +44,6 @@ def open_inputs(
 
     Callers run it before loading a model, so a mistake costs nothing; ``evaluate`` runs it too.
     """
-    knn.validate()
     if cache is not None:
         if datastore is None:
             raise KnnlmError("--cache needs --datastore (it stores the retrieved neighbours)")
@@ -108,11 +107,13 @@ def evaluate(
     ids = load_tokens(lm.tokenizer, corpus, split, text_field)
     eval_fp = corpus_fingerprint(ids)
     # The user's settings are checked before the searcher is set up (it may log a notice).
-    exclude, warnings = _exclusion(lm, ds, knn.exclude_self, eval_fp)
+    if ds is not None:
+        ds.check_compatible(lm)
+    exclude, warnings = _exclusion(ds, knn.exclude_self, eval_fp)
     if memory is not None:
         check_memory_for(memory, lm)
     mem = load_memory(memory, device=str(lm.device)) if memory is not None else None
-    retriever = Retriever(lm, ds, knn) if ds is not None else None
+    retriever = Retriever(lm, ds, knn, checked=True) if ds is not None else None
     if gate_obj is not None:
         check_gate_for(gate_obj, lm.fingerprint, ds.dim)
     # Keys are needed for retrieval and for the memory (trained on ffn_input keys by default).
@@ -211,13 +212,11 @@ def check_pointers(
         )
 
 
-def _exclusion(
-    lm: LoadedLM, ds: Datastore | None, mode: str, eval_fp: str
-) -> tuple[bool, list[str]]:
-    """Whether targets drop their own row, and the warning when they could but do not."""
+def _exclusion(ds: Datastore | None, mode: str, eval_fp: str) -> tuple[bool, list[str]]:
+    """Whether targets drop their own row, and the warning when they could but do not
+    (``ds`` already checked against the model)."""
     if ds is None:
         return False, []
-    ds.check_compatible(lm)
     exclude = should_exclude(ds, mode, eval_fp)
     if not exclude and is_own_stream(ds, eval_fp):
         return exclude, [

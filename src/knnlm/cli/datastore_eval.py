@@ -128,12 +128,13 @@ def datastore_index(
 
     Approximate indexes report their recall@k against exact search, and with --corpus the
     kNN-LM perplexity change they cause on --split (both stored in index.json)."""
-    from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
     from knnlm.retrieval.search.index_build import build_index, index_summary
+    from knnlm.settings import build
 
     ds = one_path(ds, ds_opt, "--datastore")
-    knn = KnnSettings(k=k, knn_weight=knn_weight, temperature=knn_temp)
-    knn.validate()  # before the build: a bad setting or a missing split costs nothing
+    # before the build: a bad setting or a missing split costs nothing
+    knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp)
     if corpus is not None:
         from knnlm.data.corpus import read_split
         from knnlm.lm.loading import reload_name
@@ -240,12 +241,13 @@ def eval_cmd(
     """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
     from knnlm.evaluate import check_pointers, evaluate, open_gate, open_inputs
     from knnlm.forward_pass import default_window
-    from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
+    from knnlm.settings import build
 
     # What the user can get wrong is checked before the model is loaded.
-    knn = KnnSettings(
-        k, knn_weight, knn_temp, recompute, nprobe, value(exclude_self), value(search)
-    )
+    knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp,
+                recompute=recompute, nprobe=nprobe, exclude_self=value(exclude_self),
+                search=value(search))  # fmt: skip
     # Under torchrun every rank scores the whole split and holds a shard of the datastore for
     # exact search (knnlm.retrieval.search.sharded); rank 0 alone writes and prints, and holds the
     # cache's lock for the group (so the group joins before the lock is taken).

@@ -65,10 +65,11 @@ def gate_train_cmd(
     from knnlm.retrieval.datastore import open_datastore
     from knnlm.retrieval.gate import CONFIG, KIND
     from knnlm.retrieval.gate_train import train_gate
-    from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
+    from knnlm.settings import build
 
-    knn = KnnSettings(k=k, temperature=knn_temp, nprobe=nprobe, search=value(search))
-    knn.validate()
+    knn = build(KnnSettings, KNN_FLAGS, k=k, temperature=knn_temp, nprobe=nprobe,
+                search=value(search))  # fmt: skip
     claim_target(out, KIND, CONFIG, what="retrieval gate")  # before the model is loaded
     open_datastore(datastore)
     lm = load_model(model, device, dtype).lm

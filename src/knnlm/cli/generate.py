@@ -70,8 +70,9 @@ def generate_cmd(
     Each returned sequence is printed as prompt + continuation, in prompt order.
     """
     from knnlm.evaluate import open_inputs
-    from knnlm.generation import check_settings
-    from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.generation import check_settings, generate
+    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
+    from knnlm.settings import build
 
     hf = dict(
         max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
@@ -84,18 +85,14 @@ def generate_cmd(
     # What the user can get wrong is checked before the model is loaded (the kNN settings
     # too: a bad --knn-temperature is a mistake even without a datastore).
     check_settings(prompt, dict(hf, temperature=temperature, top_k=top_k, top_p=top_p), pointers)
-    knn = KnnSettings(
-        k=k, knn_weight=knn_weight, temperature=knn_temp, nprobe=nprobe, search=value(search)
-    )
-    knn.validate()
-    if datastore is not None:
-        open_inputs(datastore, None, knn)
+    knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp,
+                nprobe=nprobe, search=value(search))  # fmt: skip
+    ds = open_inputs(datastore, None, knn) if datastore is not None else None
+    if ds is not None:
+        ds.check_k(k, "--k")
     rank = init_distributed()  # torchrun: the search is sharded, every rank generates
     knn_lm = load_model(model, device, dtype)
-    texts = knn_lm.generate(
-        prompt, datastore, k=k, knn_weight=knn_weight, knn_temperature=knn_temp,
-        nprobe=nprobe, search=value(search), seed=seed, pointers=pointers, **hf,
-    )  # fmt: skip
+    texts = generate(knn_lm.lm, prompt, ds, knn, seed=seed, pointers=pointers, **hf)
     if rank != 0:
         return
     for i, text in enumerate(texts):
@@ -127,9 +124,10 @@ def neighbours_cmd(
 
     --json writes one {"prompt", "neighbours"} object per prompt, in the order given."""
     from knnlm.retrieval.datastore import Datastore
-    from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
+    from knnlm.settings import build
 
-    KnnSettings(k=k, temperature=knn_temp, nprobe=nprobe, search=value(search)).validate()
+    build(KnnSettings, KNN_FLAGS, k=k, temperature=knn_temp, nprobe=nprobe, search=value(search))
     if not all(prompts):
         raise KnnlmError("--prompt is empty")
     ds = Datastore.load(datastore)

@@ -76,12 +76,12 @@ def project_cmd(
     from knnlm.experiments.projection import run_projection
     from knnlm.forward_pass import default_window
     from knnlm.report.tables import projection_tables
-    from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
+    from knnlm.settings import build
 
     # What the user can get wrong is checked before the model is loaded.
-    knn = KnnSettings(
-        k=k, knn_weight=knn_weight, temperature=knn_temp, nprobe=nprobe, search=value(search)
-    )
+    knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp,
+                nprobe=nprobe, search=value(search))  # fmt: skip
     open_inputs(datastore, None, knn).check_k(k, "--k")
     # Under torchrun every rank projects the same positions and holds a shard of the
     # datastore for exact search (knnlm.retrieval.search.sharded); rank 0 alone writes and prints.

@@ -240,7 +240,7 @@ class MacondoSettings:
         set_("sizes", dict(self.sizes or {}))
         set_("lora", bool(self.lora))
         _check_seeds(self.seeds)
-        self.knn.validate()
+        self.knn  # noqa: B018 - builds (and so checks) the kNN settings
         for name in ("epochs", "max_steps", "batch_size", "eval_every", "batch_size_eval"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):

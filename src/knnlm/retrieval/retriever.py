@@ -18,41 +18,56 @@ from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.combiner import knn_log_probs, knn_target_log_prob
 from knnlm.retrieval.datastore import Datastore, open_datastore
 from knnlm.retrieval.search.choose import open_backend
-from knnlm.retrieval.search.protocol import Neighbours, SearchBackend, check_search, gather_rows
+from knnlm.retrieval.search.protocol import Neighbours, SearchBackend, gather_rows, search_choices
+from knnlm.settings import Settings, flag, require
 
 
-@dataclass
-class KnnSettings:
+@dataclass(frozen=True)
+class KnnSettings(Settings):
+    """How the datastore is searched and p_knn mixed in; checked once, here.
+
+    ``knn_weight`` is the weight on p_knn (the paper's lambda is 1 - knn_weight), ``search``
+    a backend name (:mod:`knnlm.retrieval.search.protocol`; ``nprobe`` is FAISS's),
+    ``exclude_self`` auto | yes | no. Example: ``KnnSettings(k=16, knn_weight=0.3)``.
+    """
+
     k: int = 1024
     knn_weight: float = 0.25
     temperature: float = 1.0
     recompute: bool = True
     nprobe: int | None = None
     exclude_self: str = "auto"  # auto | yes | no
-    search: str = (
-        "auto"  # exact | faiss | auto (knnlm.retrieval.search.protocol); nprobe is FAISS's
-    )
+    search: str = "auto"
 
-    def validate(self) -> None:
-        if not 0.0 <= self.knn_weight <= 1.0:
-            raise KnnlmError(f"--knn-weight must be in [0, 1], got {self.knn_weight}")
-        if self.k < 1:
-            raise KnnlmError(f"--k must be at least 1, got {self.k}")
-        if self.temperature <= 0:
-            raise KnnlmError(f"--knn-temperature must be positive, got {self.temperature}")
-        if self.exclude_self not in ("auto", "yes", "no"):
-            raise KnnlmError("--exclude-self must be auto, yes or no")
-        check_search(self.search)
+    def __post_init__(self) -> None:
+        require(isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1, "k",
+                f"must be a whole number of at least 1, got {self.k!r}")  # fmt: skip
+        require(0.0 <= self.knn_weight <= 1.0, "knn_weight",
+                f"must be in [0, 1], got {self.knn_weight}")  # fmt: skip
+        require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+        require(self.exclude_self in ("auto", "yes", "no"), "exclude_self",
+                f"must be auto, yes or no, got {self.exclude_self!r}")  # fmt: skip
+        require(self.search in search_choices(), "search",
+                f"must be one of {', '.join(search_choices())}, got {self.search!r}")  # fmt: skip
+
+
+# How the CLI and the Python API name the fields they set.
+KNN_FLAGS = flag({"k": "--k", "temperature": "--knn-temperature"})
+KNN_ARGS = {"temperature": "knn_temperature"}
 
 
 class Retriever:
     """A datastore checked against the LM and searched by the backend ``knn.search`` names,
     on the LM's device (:mod:`knnlm.retrieval.search.choose`)."""
 
-    def __init__(self, lm: LoadedLM, datastore: str | Path | Datastore, knn: KnnSettings):
-        knn.validate()
+    def __init__(
+        self, lm: LoadedLM, datastore: str | Path | Datastore, knn: KnnSettings,
+        checked: bool = False,
+    ):  # fmt: skip
+        """``checked``: the caller has already run ``datastore.check_compatible(lm)``."""
         self.ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
-        self.ds.check_compatible(lm)
+        if not checked:
+            self.ds.check_compatible(lm)
         self.knn = knn
         self.vocab_size = lm.adapter.vocab_size
         self.key_type = self.ds.meta["key_type"]

@@ -1,0 +1,91 @@
+"""The base of every run's settings object: frozen, checked once where it is built, written
+whole into results and rebuilt from them.
+
+A settings dataclass checks its fields in ``__post_init__`` and raises :class:`SettingError`
+naming the field; whoever built it names that field as its user spelled it: the Python API
+as the argument (``knn_temperature``), the CLI as the flag (``--knn-temperature``), through
+:func:`build`. Example::
+
+    @dataclass(frozen=True)
+    class MySettings(Settings):
+        rate: float = 0.5
+
+        def __post_init__(self):
+            require(0 <= self.rate <= 1, "rate", f"must be in [0, 1], got {self.rate}")
+
+    s = build(MySettings, {"rate": "--my-rate"}, rate=2.0)  # KnnlmError: --my-rate must be ...
+    MySettings.from_dict(s.to_dict()) == s
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from knnlm.errors import KnnlmError
+
+T = TypeVar("T", bound="Settings")
+
+
+class SettingError(KnnlmError):
+    """A setting out of range: ``field`` is the dataclass field, ``detail`` the rest of the
+    line (``"must be in [0, 1], got 2.0"``); the message names the field as given."""
+
+    def __init__(self, field: str, detail: str, name: str | None = None):
+        self.field, self.detail = field, detail
+        super().__init__(f"{name or field} {detail}")
+
+
+def require(ok: bool, field: str, detail: str) -> None:
+    """Raise :class:`SettingError` for ``field`` unless ``ok``."""
+    if not ok:
+        raise SettingError(field, detail)
+
+
+class Settings:
+    """Mixin of the frozen settings dataclasses: ``to_dict`` (``dataclasses.asdict``, what
+    results JSON holds) and ``from_dict`` (its inverse; unknown keys are ignored, so a results
+    dict with more in it rebuilds the settings)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], d: Mapping[str, Any]) -> T:
+        known = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in d:
+                continue
+            sub = _settings_type(cls, f.name)
+            v = d[f.name]
+            known[f.name] = sub.from_dict(v) if sub is not None and isinstance(v, Mapping) else v
+        return cls(**known)
+
+
+def _settings_type(cls: type, name: str) -> type[Settings] | None:
+    """The Settings class of a nested field (its default's or default factory's type)."""
+    for f in dataclasses.fields(cls):
+        if f.name != name:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kind = type(default)
+        return kind if isinstance(default, Settings) else None
+    return None
+
+
+def build(cls: Callable[..., T], names: Mapping[str, str] | Callable[[str], str], **kw: Any) -> T:
+    """``cls(**kw)``, with a :class:`SettingError` renamed for the user: ``names`` maps a field
+    to the argument or flag that set it (a mapping, missing fields keep their own name, or a
+    function of the field)."""
+    try:
+        return cls(**kw)
+    except SettingError as e:
+        name = names(e.field) if callable(names) else names.get(e.field, e.field)
+        raise SettingError(e.field, e.detail, name) from None
+
+
+def flag(overrides: Mapping[str, str] | None = None) -> Callable[[str], str]:
+    """The CLI's naming: ``knn_weight`` -> ``--knn-weight`` unless ``overrides`` says else."""
+    over = dict(overrides or {})
+    return lambda field: over.get(field, "--" + field.replace("_", "-"))
