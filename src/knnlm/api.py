@@ -19,16 +19,16 @@ import torch
 
 from knnlm.data.corpus import Corpus, pick_split
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import evaluate
+from knnlm.evaluate import EvalSettings, run_eval
 from knnlm.experiments.mlp_memory import MemoryTrainResult, train_memory
 from knnlm.experiments.projection import run_projection
-from knnlm.forward_pass import default_window, position_limit
+from knnlm.forward_pass import WindowSettings, default_window, position_limit
 from knnlm.generation import KnnLogitsProcessor, attach_processor, generate
 from knnlm.lm import loading
 from knnlm.lm.loading import LoadedLM, pick_device, torch_dtype, wrap_lm
 from knnlm.retrieval.datastore import Datastore, datastore_record
 from knnlm.retrieval.gate import Gate
-from knnlm.retrieval.retriever import KNN_ARGS, KnnSettings, Retriever
+from knnlm.retrieval.retriever import KNN_ARGS, KnnSettings, MixSettings, Retriever
 from knnlm.retrieved_entries import find_neighbours
 from knnlm.settings import build
 
@@ -48,20 +48,6 @@ def _open(datastore: DatastoreLike | None, k: int) -> Datastore | None:
     ds = datastore if isinstance(datastore, Datastore) else Datastore.load(datastore)
     ds.check_k(k)
     return ds
-
-
-def _check_mix(datastore: Any, memory_weight: float, gate: Any, retrieval_rate: float,
-               gate_weight: str) -> None:  # fmt: skip
-    """The memory and gate arguments of ``perplexity``, each mistake named as in Python."""
-    for name, v in (("memory_weight", memory_weight), ("retrieval_rate", retrieval_rate)):
-        if not 0.0 <= v <= 1.0:
-            raise KnnlmError(f"{name} must be in [0, 1], got {v}")
-    if gate_weight not in ("fixed", "learned"):
-        raise KnnlmError(f"gate_weight must be fixed or learned, got {gate_weight!r}")
-    if gate is None and (retrieval_rate != 1.0 or gate_weight == "learned"):
-        raise KnnlmError("retrieval_rate and gate_weight='learned' need a gate (gate=...)")
-    if gate is not None and datastore is None:
-        raise KnnlmError("gate needs a datastore (it decides which tokens search it)")
 
 
 @dataclass(repr=False)
@@ -221,16 +207,16 @@ class KnnLM:
         """
         knn = _knn_settings(k, knn_weight, knn_temperature, recompute=recompute, nprobe=nprobe,
                             exclude_self=exclude_self, search=search)  # fmt: skip
-        _check_mix(datastore, memory_weight, gate, retrieval_rate, gate_weight)
-        split = pick_split(corpus, split, "valid")
-        context_len, stride = default_window(self.model, context_len, stride)
-        result = evaluate(
-            self.lm, corpus, split, context_len=context_len, stride=stride,
-            batch_size=batch_size, text_field=text_field, datastore=_open(datastore, k), knn=knn,
-            memory=memory, memory_weight=memory_weight, gate=gate,
-            retrieval_rate=retrieval_rate, gate_weight=gate_weight, progress=progress,
-            pointers=pointers,
-        )  # fmt: skip
+        mix = MixSettings(memory=memory, memory_weight=memory_weight, gate=gate,
+                          retrieval_rate=retrieval_rate, gate_weight=gate_weight,
+                          pointers=pointers)  # fmt: skip
+        if gate is not None and datastore is None:
+            raise KnnlmError("gate needs a datastore (it decides which tokens search it)")
+        window = WindowSettings(context_len, stride).for_model(self.model)
+        settings = EvalSettings(pick_split(corpus, split, "valid"), window, batch_size,
+                                text_field, knn, mix)  # fmt: skip
+        result = run_eval(self.lm, corpus, settings, datastore=_open(datastore, k),
+                          progress=progress)  # fmt: skip
         return PerplexityResult.from_eval(result)
 
     def project(

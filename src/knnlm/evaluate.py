@@ -11,29 +11,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from knnlm.data.corpus import Corpus, describe_corpus, load_tokens
-from knnlm.data.windows import resolve_stride
 from knnlm.errors import KnnlmError
-from knnlm.forward_pass import check_context_len, score_stream
+from knnlm.forward_pass import WindowSettings, check_context_len, score_stream
 from knnlm.lm.loading import LoadedLM
 from knnlm.locking import locks
 from knnlm.neighbour_cache import NeighbourCache, claim_cache
 from knnlm.retrieval.combiner import perplexity
 from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
 from knnlm.retrieval.exclusion import is_own_stream, should_exclude
-from knnlm.retrieval.gate import Gate, check_gate_for, check_rate, load_gate
+from knnlm.retrieval.gate import Gate, check_gate_for, load_gate
 from knnlm.retrieval.memory import (
     check_memory_for,
     load_memory,
     memory_storage,
     storage_report,
 )
-from knnlm.retrieval.pointers import check_threshold
-from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.retrieval.retriever import KnnSettings, MixSettings, Retriever
+from knnlm.settings import Settings, build, flag
 from knnlm.token_scores import TokenScores, score_tokens
 
 
@@ -58,7 +59,23 @@ def open_inputs(
     return datastore
 
 
-@locks("cache", "neighbour cache")
+@dataclass(frozen=True)
+class EvalSettings(Settings):
+    """Every setting of one perplexity run: the split, the windows, the batch size, the text
+    column of an ``hf:`` corpus, the search (``knn``) and what is mixed in (``mix``).
+
+    Written whole into the results (``settings["eval"]``); ``EvalSettings.from_dict`` rebuilds
+    it. Example: ``EvalSettings("test", WindowSettings(1024, 512), knn=KnnSettings(k=16))``.
+    """
+
+    split: str = "valid"
+    window: WindowSettings = WindowSettings(1024, 1024)
+    batch_size: int = 8
+    text_field: str = "text"
+    knn: KnnSettings = KnnSettings()
+    mix: MixSettings = MixSettings()
+
+
 def evaluate(
     lm: LoadedLM,
     corpus: Corpus,
@@ -68,26 +85,47 @@ def evaluate(
     stride: int | None = None,
     batch_size: int = 8,
     text_field: str = "text",
-    datastore: str | Path | None = None,
     knn: KnnSettings | None = None,
     memory: str | Path | None = None,
     memory_weight: float = 0.25,
-    cache: str | Path | None = None,
-    key_type: str | None = None,
-    progress: bool = True,
-    overlap: bool | None = None,
     gate: str | Path | Gate | None = None,
     retrieval_rate: float = 1.0,
     gate_weight: str = "fixed",
     pointers: float | None = None,
+    **where: Any,
 ) -> dict:
-    """LM perplexity; plus kNN-LM with ``datastore`` and LM + MLP memory with ``memory``.
+    """:func:`run_eval` with the settings as keywords (named as the CLI's flags when wrong);
+    ``stride`` None is ``context_len`` here. ``where``: run_eval's ``datastore``, ``cache``,
+    ``key_type``, ``progress``, ``overlap``.
+    Example: ``evaluate(lm, "data/wikitext-2", context_len=512, datastore="runs/ds")``.
+    """
+    window = build(WindowSettings, flag(), context_len=context_len, stride=stride)
+    if stride is None:
+        window = WindowSettings(context_len, context_len)
+    mix = build(MixSettings, flag(), memory=memory, memory_weight=memory_weight, gate=gate,
+                retrieval_rate=retrieval_rate, gate_weight=gate_weight,
+                pointers=pointers)  # fmt: skip
+    settings = EvalSettings(split, window, batch_size, text_field, knn or KnnSettings(), mix)
+    return run_eval(lm, corpus, settings, **where)
 
-    ``gate`` (adaptive retrieval, :mod:`knnlm.retrieval.gate`) searches only the share
-    ``retrieval_rate`` of the tokens it scores highest; the others keep p_lm exactly.
-    ``gate_weight``: searched tokens use ``knn.knn_weight`` (``fixed``) or the weight an ``mlp``
-    gate predicts for each (``learned``, He et al.).
 
+@locks("cache", "neighbour cache")
+def run_eval(
+    lm: LoadedLM,
+    corpus: Corpus,
+    settings: EvalSettings,
+    *,
+    datastore: str | Path | Datastore | None = None,
+    cache: str | Path | None = None,
+    key_type: str | None = None,
+    progress: bool = True,
+    overlap: bool | None = None,
+) -> dict:
+    """LM perplexity; plus kNN-LM with ``datastore`` and LM + MLP memory with
+    ``settings.mix.memory``; the windows as given (None filled from the model).
+
+    ``settings.mix.gate`` (adaptive retrieval, :mod:`knnlm.retrieval.gate`) searches only the
+    share ``retrieval_rate`` of the tokens it scores highest; the others keep p_lm exactly.
     ``pointers`` (RetoMaton, :mod:`knnlm.retrieval.pointers`): a token whose previous token's
     neighbours leave at least this many pointers reads them instead of searching.
 
@@ -96,23 +134,21 @@ def evaluate(
     model is on an accelerator and a datastore is given; on a CPU both would share the cores).
     The numbers are identical either way: batches arrive in their original order.
     """
-    stride = resolve_stride(context_len, stride)
+    window, knn, mix = settings.window.for_model(lm.model), settings.knn, settings.mix
+    context_len, stride, split = window.context_len, window.stride, settings.split
     check_context_len(lm.model, context_len)
-    knn = knn or KnnSettings()
     ds = open_inputs(datastore, cache, knn)
-    gate_obj = open_gate(gate, retrieval_rate, ds, cache, gate_weight)
-    check_pointers(pointers, ds, cache, gate_obj)
-    if not 0.0 <= memory_weight <= 1.0:
-        raise KnnlmError(f"--memory-weight must be in [0, 1], got {memory_weight}")
-    ids = load_tokens(lm.tokenizer, corpus, split, text_field)
+    gate_obj = open_gate(mix, ds, cache)
+    check_pointers(mix, ds, cache)
+    ids = load_tokens(lm.tokenizer, corpus, split, settings.text_field)
     eval_fp = corpus_fingerprint(ids)
     # The user's settings are checked before the searcher is set up (it may log a notice).
     if ds is not None:
         ds.check_compatible(lm)
     exclude, warnings = _exclusion(ds, knn.exclude_self, eval_fp)
-    if memory is not None:
-        check_memory_for(memory, lm)
-    mem = load_memory(memory, device=str(lm.device)) if memory is not None else None
+    if mix.memory is not None:
+        check_memory_for(mix.memory, lm)
+    mem = load_memory(mix.memory, device=str(lm.device)) if mix.memory is not None else None
     retriever = Retriever(lm, ds, knn, checked=True) if ds is not None else None
     if gate_obj is not None:
         check_gate_for(gate_obj, lm.fingerprint, ds.dim)
@@ -130,72 +166,74 @@ def evaluate(
         writer = NeighbourCache(cache, len(ids) - 1, knn.k, meta)
     if overlap is None:
         overlap = ds is not None and lm.device.type != "cpu"
-    stream = score_stream(lm.model, ids, context_len, stride, batch_size=batch_size,
+    stream = score_stream(lm.model, ids, context_len, stride, batch_size=settings.batch_size,
                           key_type=key_type, want_lm=True, progress=progress,
                           desc=f"eval {split}", want_stats=gate_obj is not None)  # fmt: skip
     scores = score_tokens(stream, retriever=retriever, exclude_self=exclude, memory=mem,
-                          memory_weight=memory_weight, overlap=overlap, gate=gate_obj,
-                          retrieval_rate=retrieval_rate,
-                          learned_weight=gate_weight == "learned",
-                          pointers=pointers)  # fmt: skip
+                          memory_weight=mix.memory_weight, overlap=overlap, gate=gate_obj,
+                          retrieval_rate=mix.retrieval_rate,
+                          learned_weight=mix.gate_weight == "learned",
+                          pointers=mix.pointers)  # fmt: skip
     nll, n_tokens, elapsed, t_search = _sum_nll(scores, writer)
-    searched = nll.pop("searched")
     if writer is not None:
         writer.finish()
-    settings = {"model": lm.name, "model_fingerprint": lm.fingerprint,
-                "corpus": describe_corpus(corpus),
-                "split": split, "context_len": context_len, "stride": stride,
-                "batch_size": batch_size}  # fmt: skip
-    result = _result(settings, nll, n_tokens, elapsed, warnings)
-    if ds is not None:
-        settings.update(_knn_settings(retriever, exclude, is_own_stream(ds, eval_fp)))
+    parts = dict(eval_fp=eval_fp, retriever=retriever, exclude=exclude, gate=gate_obj)
+    return _eval_result(lm, corpus, settings, window, nll, n_tokens, elapsed, t_search,
+                        warnings, parts)  # fmt: skip
+
+
+def _eval_result(lm: LoadedLM, corpus: Corpus, settings: EvalSettings, window: WindowSettings,
+                 nll: dict, n_tokens: int, elapsed: float, t_search: float, warnings: list[str],
+                 parts: dict) -> dict:  # fmt: skip
+    """The results dict of :func:`run_eval` (the keys of ``knnlm eval --json``)."""
+    mix, retriever, gate_obj = settings.mix, parts["retriever"], parts["gate"]
+    searched = nll.pop("searched")
+    out = {"model": lm.name, "model_fingerprint": lm.fingerprint,
+           "corpus": describe_corpus(corpus),
+           "split": settings.split, "context_len": window.context_len, "stride": window.stride,
+           "batch_size": settings.batch_size}  # fmt: skip
+    result = _result(out, nll, n_tokens, elapsed, warnings)
+    if retriever is not None:
+        ds = retriever.ds
+        out.update(_knn_settings(retriever, parts["exclude"], is_own_stream(ds, parts["eval_fp"])))
         result["knnlm"] = {"perplexity": perplexity(nll["knnlm"], n_tokens),
                            "nll_sum": nll["knnlm"]}  # fmt: skip
         result["timing"]["search_seconds"] = t_search
         result["knnlm"]["retrieval_share"] = searched / max(n_tokens, 1)  # tokens searched
-        if pointers is not None:
-            settings["pointers"] = pointers  # RetoMaton's threshold
+        if mix.pointers is not None:
+            out["pointers"] = mix.pointers  # RetoMaton's threshold
             result["knnlm"]["searches_saved"] = 1.0 - searched / max(n_tokens, 1)
         if gate_obj is not None:
-            settings.update(gate=gate_obj.config.get("path"), gate_kind=gate_obj.kind,
-                            retrieval_rate=retrieval_rate, gate_weight=gate_weight)  # fmt: skip
-    if mem is not None:
-        settings.update(memory=str(memory), memory_weight=memory_weight)
+            out.update(gate=gate_obj.config.get("path"), gate_kind=gate_obj.kind,
+                       retrieval_rate=mix.retrieval_rate, gate_weight=mix.gate_weight)  # fmt: skip
+    if mix.memory is not None:
+        out.update(memory=str(mix.memory), memory_weight=mix.memory_weight)
         result["mlp"] = {"perplexity": perplexity(nll["mlp"], n_tokens), "nll_sum": nll["mlp"]}
-        result["storage"] = storage_report(ds, memory_storage(memory))
+        ds = retriever.ds if retriever is not None else None
+        result["storage"] = storage_report(ds, memory_storage(mix.memory))
     return result
 
 
-def open_gate(
-    gate: str | Path | Gate | None, rate: float, ds: Datastore | None, cache: object,
-    weight: str = "fixed",
-) -> Gate | None:  # fmt: skip
-    """The gate, checked before any work: it needs a datastore and cannot fill a cache."""
-    check_rate(rate)
-    if weight not in ("fixed", "learned"):
-        raise KnnlmError(f"--gate-weight must be fixed or learned, got {weight!r}")
-    if weight == "learned" and gate is None:
-        raise KnnlmError("--gate-weight learned needs --gate (an mlp gate predicts the weight)")
+def open_gate(mix: MixSettings, ds: Datastore | None, cache: object) -> Gate | None:
+    """The gate of ``mix``, loaded, and checked before any work: it needs a datastore and
+    cannot fill a cache (its own settings were checked where ``mix`` was built)."""
+    gate = mix.gate
     if gate is None:
-        if rate != 1.0:
-            raise KnnlmError("--retrieval-rate needs --gate (the gate decides which tokens)")
         return None
     if ds is None:
         raise KnnlmError("--gate needs --datastore (it decides which tokens search it)")
     if cache is not None:
         raise KnnlmError("--gate and --cache do not combine: a cache holds every token's search")
     gate = gate if isinstance(gate, Gate) else load_gate(gate)
-    if weight == "learned" and gate.kind != "mlp":
+    if mix.gate_weight == "learned" and gate.kind != "mlp":
         raise KnnlmError(f"--gate-weight learned needs an mlp gate; this one is {gate.kind}")
     return gate
 
 
-def check_pointers(
-    pointers: float | None, ds: Datastore | None, cache: object, gate: Gate | None
-) -> None:
+def check_pointers(mix: MixSettings, ds: Datastore | None, cache: object) -> None:
     """RetoMaton pointers need a datastore whose row r + 1 follows row r (not pruned), and
-    neither fill a cache (it holds every token's search) nor combine with a gate."""
-    if check_threshold(pointers) is None:
+    do not fill a cache (it holds every token's search); the gate rule is ``mix``'s own."""
+    if mix.pointers is None:
         return
     if ds is None:
         raise KnnlmError("--pointers needs --datastore (they point into it)")
@@ -203,8 +241,6 @@ def check_pointers(
         raise KnnlmError(
             "--pointers and --cache do not combine: a cache holds every token's search"
         )
-    if gate is not None:
-        raise KnnlmError("--pointers and --gate do not combine: each decides which tokens search")
     if ds.counts is not None:
         raise KnnlmError(
             f"datastore {ds.path} is pruned: its row r + 1 does not follow row r, so --pointers "

@@ -19,6 +19,29 @@ from tqdm.auto import tqdm
 from knnlm.data.windows import Window, make_windows
 from knnlm.errors import KnnlmError
 from knnlm.lm.adapters import Adapter, position_limit
+from knnlm.settings import Settings, require
+
+
+@dataclass(frozen=True)
+class WindowSettings(Settings):
+    """Scoring windows: ``context_len`` tokens each, ``stride`` apart (every target scored
+    once). None: the model's maximum positions, and half of ``context_len``, filled in by
+    :meth:`for_model`. Example: ``WindowSettings(1024, 512)``."""
+
+    context_len: int | None = None
+    stride: int | None = None
+
+    def __post_init__(self) -> None:
+        c, s = self.context_len, self.stride
+        require(c is None or c >= 2, "context_len", f"must be at least 2, got {c}")
+        if s is not None and c is not None:
+            require(1 <= s <= c, "stride", f"must be in [1, context-len={c}], got {s}")
+        elif s is not None:
+            require(s >= 1, "stride", f"must be at least 1, got {s}")
+
+    def for_model(self, model: torch.nn.Module) -> WindowSettings:
+        """Both set, the defaults taken from ``model`` (:func:`default_window`)."""
+        return WindowSettings(*default_window(model, self.context_len, self.stride))
 
 
 def default_window(

@@ -20,6 +20,7 @@ as the argument (``knn_temperature``), the CLI as the flag (``--knn-temperature`
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -30,11 +31,13 @@ T = TypeVar("T", bound="Settings")
 
 class SettingError(KnnlmError):
     """A setting out of range: ``field`` is the dataclass field, ``detail`` the rest of the
-    line (``"must be in [0, 1], got 2.0"``); the message names the field as given."""
+    line (``"must be in [0, 1], got 2.0"``; ``<<other_field>>`` in it names another field the
+    same way); the message names the fields as ``names`` does (default: as the fields)."""
 
-    def __init__(self, field: str, detail: str, name: str | None = None):
+    def __init__(self, field: str, detail: str, names: Callable[[str], str] = str):
         self.field, self.detail = field, detail
-        super().__init__(f"{name or field} {detail}")
+        other = re.sub(r"<<(\w+)>>", lambda m: names(m.group(1)), detail)
+        super().__init__(f"{names(field)} {other}")
 
 
 def require(ok: bool, field: str, detail: str) -> None:
@@ -81,8 +84,8 @@ def build(cls: Callable[..., T], names: Mapping[str, str] | Callable[[str], str]
     try:
         return cls(**kw)
     except SettingError as e:
-        name = names(e.field) if callable(names) else names.get(e.field, e.field)
-        raise SettingError(e.field, e.detail, name) from None
+        named = names if callable(names) else lambda f: names.get(f, f)  # type: ignore[union-attr]
+        raise SettingError(e.field, e.detail, named) from None
 
 
 def flag(overrides: Mapping[str, str] | None = None) -> Callable[[str], str]:

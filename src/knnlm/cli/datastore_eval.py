@@ -239,15 +239,21 @@ def eval_cmd(
     wait: bool = WAIT,
 ) -> None:
     """Perplexity of the LM, and of the kNN-LM / LM + MLP memory when given, from one pass."""
-    from knnlm.evaluate import check_pointers, evaluate, open_gate, open_inputs
-    from knnlm.forward_pass import default_window
-    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
-    from knnlm.settings import build
+    from dataclasses import replace
+
+    from knnlm.evaluate import EvalSettings, check_pointers, open_gate, open_inputs, run_eval
+    from knnlm.forward_pass import WindowSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings, MixSettings
+    from knnlm.settings import build, flag
 
     # What the user can get wrong is checked before the model is loaded.
+    window = build(WindowSettings, flag(), context_len=context_len, stride=stride)
     knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp,
                 recompute=recompute, nprobe=nprobe, exclude_self=value(exclude_self),
                 search=value(search))  # fmt: skip
+    mix = build(MixSettings, flag(), memory=memory, memory_weight=memory_weight, gate=gate,
+                retrieval_rate=retrieval_rate, gate_weight=value(gate_weight),
+                pointers=pointers)  # fmt: skip
     # Under torchrun every rank scores the whole split and holds a shard of the datastore for
     # exact search (knnlm.retrieval.search.sharded); rank 0 alone writes and prints, and holds the
     # cache's lock for the group (so the group joins before the lock is taken).
@@ -256,17 +262,14 @@ def eval_cmd(
     datastore = open_inputs(datastore, cache, knn)
     if datastore is not None:
         datastore.check_k(k, "--k")
-    gate_obj = open_gate(gate, retrieval_rate, datastore, cache, value(gate_weight))
-    check_pointers(pointers, datastore, cache, gate_obj)
+    gate_obj = open_gate(mix, datastore, cache)
+    check_pointers(mix, datastore, cache)
     knn_lm = load_model(model, device, dtype)
-    context_len, stride = default_window(knn_lm.model, context_len, stride)
-    result = evaluate(
-        knn_lm.lm, corpus, split, context_len=context_len, stride=stride,
-        batch_size=batch_size, text_field=text_field, datastore=datastore, knn=knn,
-        memory=memory, memory_weight=memory_weight, cache=cache if rank == 0 else None,
-        progress=not quiet and rank == 0, gate=gate_obj, retrieval_rate=retrieval_rate,
-        gate_weight=value(gate_weight), pointers=pointers,
-    )  # fmt: skip
+    settings = EvalSettings(split, window.for_model(knn_lm.model), batch_size, text_field, knn,
+                            mix if gate_obj is None else replace(mix, gate=gate_obj))  # fmt: skip
+    result = run_eval(knn_lm.lm, corpus, settings, datastore=datastore,
+                      cache=cache if rank == 0 else None,
+                      progress=not quiet and rank == 0)  # fmt: skip
     if rank != 0:
         return
     for warning in result["warnings"]:

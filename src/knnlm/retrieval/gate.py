@@ -107,12 +107,6 @@ class Gate:
         return self.decide(keys, stats, rate)[0]
 
 
-def check_rate(rate: float) -> float:
-    if not 0.0 <= rate <= 1.0:
-        raise KnnlmError(f"--retrieval-rate must be in [0, 1], got {rate}")
-    return float(rate)
-
-
 def score_quantiles(scores: torch.Tensor) -> np.ndarray:
     return np.quantile(scores.double().numpy(), np.linspace(0.0, 1.0, N_QUANTILES))
 

@@ -6,7 +6,7 @@ same way through :class:`Retriever`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from knnlm.errors import KnnlmError
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.combiner import knn_log_probs, knn_target_log_prob
 from knnlm.retrieval.datastore import Datastore, open_datastore
+from knnlm.retrieval.gate import Gate
 from knnlm.retrieval.search.choose import open_backend
 from knnlm.retrieval.search.protocol import Neighbours, SearchBackend, gather_rows, search_choices
 from knnlm.settings import Settings, flag, require
@@ -54,6 +55,47 @@ class KnnSettings(Settings):
 # How the CLI and the Python API name the fields they set.
 KNN_FLAGS = flag({"k": "--k", "temperature": "--knn-temperature"})
 KNN_ARGS = {"temperature": "knn_temperature"}
+
+
+@dataclass(frozen=True)
+class MixSettings(Settings):
+    """What is mixed with the LM besides p_knn: the MLP memory (``memory`` folder,
+    ``memory_weight`` on it), a retrieval gate (``gate``: a folder or a loaded ``Gate``; it
+    searches the share ``retrieval_rate`` of the tokens it ranks highest, at ``knn_weight``
+    or, ``gate_weight="learned"``, at the weight an mlp gate predicts) and RetoMaton
+    ``pointers`` (a threshold). Example: ``MixSettings(memory="runs/mem", memory_weight=0.3)``.
+    """
+
+    memory: str | Path | None = None
+    memory_weight: float = 0.25
+    gate: str | Path | Gate | None = None
+    retrieval_rate: float = 1.0
+    gate_weight: str = "fixed"  # fixed | learned
+    pointers: float | None = None
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.memory_weight <= 1.0, "memory_weight",
+                f"must be in [0, 1], got {self.memory_weight}")  # fmt: skip
+        require(0.0 <= self.retrieval_rate <= 1.0, "retrieval_rate",
+                f"must be in [0, 1], got {self.retrieval_rate}")  # fmt: skip
+        require(self.gate_weight in ("fixed", "learned"), "gate_weight",
+                f"must be fixed or learned, got {self.gate_weight!r}")  # fmt: skip
+        no_gate = self.gate is None
+        require(not (no_gate and self.gate_weight == "learned"), "gate_weight",
+                "learned needs <<gate>> (an mlp gate predicts the weight)")  # fmt: skip
+        require(not (no_gate and self.retrieval_rate != 1.0), "retrieval_rate",
+                "needs <<gate>> (the gate decides which tokens)")  # fmt: skip
+        p = self.pointers
+        require(p is None or p >= 1, "pointers", f"must be at least 1 (or inf), got {p}")
+        require(p is None or no_gate, "pointers",
+                "and <<gate>> do not combine: each decides which tokens search")  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """As written into results: paths as strings, a loaded gate as its folder."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(self.gate, Gate):
+            d["gate"] = self.gate.config.get("path")
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 class Retriever:
