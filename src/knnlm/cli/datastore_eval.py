@@ -129,11 +129,17 @@ def datastore_index(
     Approximate indexes report their recall@k against exact search, and with --corpus the
     kNN-LM perplexity change they cause on --split (both stored in index.json)."""
     from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
-    from knnlm.retrieval.search.index_build import build_index, index_summary
+    from knnlm.retrieval.search.index_build import index_summary, make_index
+    from knnlm.retrieval.search.index_settings import INDEX_FLAGS, IndexSettings
     from knnlm.settings import build
 
     ds = one_path(ds, ds_opt, "--datastore")
     # before the build: a bad setting or a missing split costs nothing
+    settings = build(
+        IndexSettings, INDEX_FLAGS, kind=value(type_), metric=value(metric), nlist=nlist,
+        pq_m=pq_m, pq_bits=pq_bits, nprobe=nprobe, train_size=train_size, seed=seed,
+        factory=factory, pca=pca,
+    )  # fmt: skip
     knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp)
     if corpus is not None:
         from knnlm.data.corpus import read_split
@@ -143,11 +149,7 @@ def datastore_index(
         read_split(corpus, split)
         model = model or reload_name(open_datastore(ds).meta["model"], f"datastore {ds}",
                                      "pass --model")  # fmt: skip
-    path = build_index(
-        ds, kind=value(type_), metric=value(metric), nlist=nlist, pq_m=pq_m, pq_bits=pq_bits,
-        nprobe=nprobe, train_size=train_size, seed=seed, progress=not quiet, factory=factory,
-        pca=pca,
-    )  # fmt: skip
+    path = make_index(ds, settings, progress=not quiet)
     typer.echo(f"index written: {path} ({index_summary(ds)})")
     if corpus is not None:
         _index_check(

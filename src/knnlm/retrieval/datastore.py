@@ -43,13 +43,15 @@ from knnlm.retrieval.datastore_build import (
     write_tokens,
 )
 from knnlm.retrieval.search.conventions import INDEX_META
+from knnlm.retrieval.search.index_settings import IndexSettings
+from knnlm.settings import build
 
 try:  # FAISS is optional: without it a datastore is searched exactly and has no index
-    from knnlm.retrieval.search.index_build import build_index, index_summary
+    from knnlm.retrieval.search.index_build import index_summary, make_index
 except ImportError as _e:
     if _e.name != "faiss":
         raise
-    build_index = index_summary = None
+    make_index = index_summary = None
 
 __all__ = [
     "FORMAT_VERSION",
@@ -161,12 +163,14 @@ class Datastore:
 
         Without an index the search is exact (torch); example: ``ds.index("ivfpq")``.
         """
-        if build_index is None:
-            raise KnnlmError("an index needs the faiss package (pip install faiss-cpu)")
-        build_index(
-            self.path, kind=type, metric=metric, nlist=nlist, pq_m=pq_bytes, pq_bits=pq_bits,
-            nprobe=nprobe, train_size=train_size, seed=seed, progress=progress,
+        settings = build(
+            IndexSettings, {"kind": "type", "pq_m": "pq_bytes"}, kind=type, metric=metric,
+            nlist=nlist, pq_m=pq_bytes, pq_bits=pq_bits, nprobe=nprobe, train_size=train_size,
+            seed=seed,
         )  # fmt: skip
+        if make_index is None:
+            raise KnnlmError("an index needs the faiss package (pip install faiss-cpu)")
+        make_index(self.path, settings, progress=progress)
         return self
 
     # -- what it is ----------------------------------------------------------------------

@@ -35,11 +35,9 @@ from knnlm.retrieval.search.conventions import (
     FORMAT_VERSION,
     INDEX_FILE,
     INDEX_META,
-    KINDS,
     PARTIAL_FILE,
     PARTIAL_META,
     PENDING_META,
-    check_metric,
     datastore_fingerprint,
     f32,
     log,
@@ -55,6 +53,7 @@ from knnlm.retrieval.search.faiss_lib import (
 )
 from knnlm.retrieval.search.index_factory import build_factory
 from knnlm.retrieval.search.index_recall import recall_at_k
+from knnlm.retrieval.search.index_settings import IndexSettings
 from knnlm.retrieval.search.pca import check_pca, pca_sample_size, train_pca, with_pca
 
 REFERENCE_SCAN = 32 / 4096  # Khandelwal et al.: nprobe 32 of 4096 lists (0.78% of the keys)
@@ -202,7 +201,6 @@ def _train_sample(keys: np.ndarray, size: int, seed: int, chunk: int) -> np.ndar
     return out
 
 
-@locks("ds_dir", "datastore")
 def build_index(
     ds_dir: str | Path,
     kind: str = "flat",
@@ -221,7 +219,27 @@ def build_index(
     factory: str | None = None,
     pca: int | None = None,
 ) -> Path:
+    """:func:`make_index` with the :class:`IndexSettings` as keywords; e.g.
+    ``build_index("runs/ds", "ivfpq", nlist=64)``."""
+    settings = IndexSettings(
+        kind=kind, metric=metric, nlist=nlist, pq_m=pq_m, pq_bits=pq_bits, nprobe=nprobe,
+        train_size=train_size, add_chunk=add_chunk, seed=seed, use_gpu=use_gpu,
+        checkpoint_every=checkpoint_every, factory=factory, pca=pca,
+    )  # fmt: skip
+    return make_index(ds_dir, settings, progress=progress, on_checkpoint=on_checkpoint)
+
+
+@locks("ds_dir", "datastore")
+def make_index(
+    ds_dir: str | Path,
+    settings: IndexSettings,
+    *,
+    progress: bool = True,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> Path:
     """Build ``DS/index.faiss`` + ``DS/index.json`` over the datastore's keys; return the path.
+
+    The settings (:class:`IndexSettings`, fields named below):
 
     kind: ``"flat"`` (exact, IndexFlatL2/IP) or ``"ivfpq"`` (IVF with ``nlist`` lists, PQ with
     ``pq_m`` bytes of ``pq_bits`` bits; trained on ``train_size`` seeded random rows, default
@@ -243,30 +261,31 @@ def build_index(
     ``pca=D`` puts a PCA d -> D (:mod:`knnlm.retrieval.search.pca`), trained on a seeded sample, in
     front of the index: it stores D-dim vectors and takes d-dim queries.
     """
-    kind = _check_build_args(kind, factory, pca, metric, add_chunk, nprobe, checkpoint_every)
+    s = settings
+    kind, metric, seed, add_chunk, nprobe = s.kind, s.metric, s.seed, s.add_chunk, s.nprobe
     require_faiss("building an index")
-    want_gpu(use_gpu)  # validate early
+    want_gpu(s.use_gpu)  # FAISS sees a GPU when asked for one
     ds = Path(ds_dir)
     keys, _ = open_keys(ds)
     finish_pending_commit(ds)
     n, d = keys.shape
-    pca = check_pca(pca, d)
+    pca = check_pca(s.pca, d)
     info = _index_info(ds, keys, kind, metric, seed, pca)
     t0 = time.time()
     if kind == "flat":
         index = _build_flat(keys, metric, add_chunk, progress, pca, seed)
         info.update(nlist=None, pq_m=None, pq_bits=None, nprobe=None, train_size=None)
     elif kind == "factory":
-        index = _build_factory(keys, factory, metric, train_size, seed, add_chunk, progress,
+        index = _build_factory(keys, s.factory, metric, s.train_size, seed, add_chunk, progress,
                                nprobe, info)  # fmt: skip
     else:
-        settings = _ivfpq_settings(n, pca or d, nlist, pq_m, pq_bits, train_size)
-        info.update(settings)
+        ivf = _ivfpq_settings(n, pca or d, s.nlist, s.pq_m, s.pq_bits, s.train_size)
+        info.update(ivf)
         index = _build_ivfpq(
-            ds, keys, info, add_chunk, use_gpu, progress, checkpoint_every, on_checkpoint
+            ds, keys, info, add_chunk, s.use_gpu, progress, s.checkpoint_every, on_checkpoint
         )
-        nprobe = auto_nprobe(settings["nlist"]) if nprobe is None else int(nprobe)
-        faiss.extract_index_ivf(index).nprobe = min(nprobe, settings["nlist"])
+        nprobe = auto_nprobe(ivf["nlist"]) if nprobe is None else int(nprobe)
+        faiss.extract_index_ivf(index).nprobe = min(nprobe, ivf["nlist"])
         info["nprobe"] = nprobe
     if index.ntotal != n:  # a bug, not a user error
         raise RuntimeError(f"index holds {index.ntotal} vectors, expected {n}")
@@ -278,29 +297,6 @@ def build_index(
     _unlink(ds / PARTIAL_FILE, ds / PARTIAL_META)
     log.info("index written: %s", index_summary(ds))
     return out
-
-
-def _check_build_args(
-    kind: str, factory: str | None, pca: int | None, metric: str, add_chunk: int,
-    nprobe: int | None, checkpoint_every: int,
-) -> str:  # fmt: skip
-    """The index kind (``"factory"`` with a factory string) once the arguments that need no
-    datastore are checked."""
-    if factory is not None:
-        if pca is not None:  # a factory string says its own transforms ("PCA64,IVF...")
-            raise KnnlmError('--pca cannot be combined with --factory; write "PCA<D>,..." in it')
-        kind = "factory"
-    if kind not in KINDS:
-        raise KnnlmError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
-    check_metric(metric)
-    for name, v in (
-        ("add_chunk", add_chunk),
-        ("nprobe", 1 if nprobe is None else nprobe),
-        ("checkpoint_every", checkpoint_every),
-    ):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise KnnlmError(f"{name} must be a positive integer, got {v!r}")
-    return kind
 
 
 def _index_info(
