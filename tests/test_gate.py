@@ -11,15 +11,16 @@ import torch
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
-from knnlm.forward_pass import score_stream
+from knnlm.forward_pass import WindowSettings, score_stream
 from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.gate import load_gate
-from knnlm.retrieval.gate_train import train_gate
+from knnlm.retrieval.gate_train import GateSettings, train_gate
 from knnlm.retrieval.retriever import KnnSettings
 from tiny import SMALL_CTX, SMALL_STRIDE, small_datastore, write_corpus
 
 CTX, STRIDE = SMALL_CTX, SMALL_STRIDE
 KNN = KnnSettings(k=8, knn_weight=0.4, temperature=5.0)
+WINDOW = WindowSettings(CTX, STRIDE)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,8 @@ def ds(lm, corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gate_dir(lm, corpus, ds, tmp_path_factory):
     out = tmp_path_factory.mktemp("gate") / "g"
-    train_gate(lm, ds, str(corpus), out, knn=KNN, context_len=CTX, stride=STRIDE, epochs=3,
-               hidden=16, layers=3, progress=False)  # fmt: skip
+    settings = GateSettings(knn=KNN, window=WINDOW, epochs=3, hidden=16, layers=3)
+    train_gate(lm, ds, str(corpus), out, settings, progress=False)
     return out
 
 
@@ -94,8 +95,8 @@ def test_gated_tokens_are_lm_or_knnlm_exactly(lm, corpus, ds, gate_dir):
 
 
 def test_entropy_gate_retrieves_the_unsure_tokens(lm, corpus, ds, tmp_path):
-    train_gate(lm, ds, str(corpus), tmp_path / "e", kind="entropy", knn=KNN, context_len=CTX,
-               stride=STRIDE, progress=False)  # fmt: skip
+    train_gate(lm, ds, str(corpus), tmp_path / "e", GateSettings(kind="entropy", knn=KNN,
+               window=WINDOW), progress=False)  # fmt: skip
     gate = load_gate(tmp_path / "e")
     rec = _records(lm, corpus)
     keep = gate.keep(rec["keys"], rec["stats"], 0.5)
@@ -107,7 +108,14 @@ def test_entropy_gate_retrieves_the_unsure_tokens(lm, corpus, ds, tmp_path):
 def test_gate_mistakes_are_one_line(lm, corpus, ds, gate_dir, tmp_path):
     kw = dict(context_len=CTX, stride=STRIDE, progress=False)
     with pytest.raises(KnnlmError, match="held-out"):
-        train_gate(lm, ds, str(corpus), tmp_path / "g", split="train", knn=KNN, **kw)
+        train_gate(
+            lm,
+            ds,
+            str(corpus),
+            tmp_path / "g",
+            GateSettings(split="train", knn=KNN, window=WINDOW),
+            progress=False,
+        )
     with pytest.raises(KnnlmError, match="retrieval-rate"):
         evaluate(lm, str(corpus), "test", datastore=ds, gate=gate_dir, retrieval_rate=1.5, **kw)
     with pytest.raises(KnnlmError, match="needs --gate"):
@@ -160,7 +168,7 @@ def test_learned_weight_uses_the_gates_prediction(lm, corpus, ds, gate_dir, tmp_
     assert res["knnlm"]["nll_sum"] == pytest.approx(-want.sum(), rel=1e-6)
     fixed = evaluate(lm, str(corpus), "test", gate=gate_dir, retrieval_rate=0.5, **kw)
     assert fixed["knnlm"]["nll_sum"] != pytest.approx(res["knnlm"]["nll_sum"], rel=1e-6)
-    train_gate(lm, ds, str(corpus), tmp_path / "e", kind="entropy", knn=KNN, context_len=CTX,
-               stride=STRIDE, progress=False)  # fmt: skip
+    train_gate(lm, ds, str(corpus), tmp_path / "e", GateSettings(kind="entropy", knn=KNN,
+               window=WINDOW), progress=False)  # fmt: skip
     with pytest.raises(KnnlmError, match="mlp gate"):
         evaluate(lm, str(corpus), "test", gate=tmp_path / "e", gate_weight="learned", **kw)

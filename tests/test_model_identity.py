@@ -14,9 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import knnlm
 from knnlm import Datastore, KnnLM, KnnlmError
+from knnlm.forward_pass import WindowSettings
 from knnlm.lm.adapters import unregister_family
 from knnlm.lm.loading import content_fingerprint, load_lm
-from knnlm.retrieval.gate_train import train_gate
+from knnlm.retrieval.gate_train import GateSettings, train_gate
 from knnlm.retrieval.retriever import KnnSettings
 from tiny import SMALL_CTX, SMALL_STRIDE, run_cli
 
@@ -76,8 +77,8 @@ def python_side(tmp_path_factory, tiny_tokenizer, small_corpus):
                          **WINDOW)  # fmt: skip
     ds.index("flat", progress=False)
     knn_lm.train_memory(ds, root / "mem", hidden=8, max_steps=2, batch_tokens=64)
-    train_gate(knn_lm.lm, ds.path, str(small_corpus), root / "gate", kind="entropy",
-               knn=KnnSettings(k=8), progress=False, **WINDOW)  # fmt: skip
+    settings = GateSettings(kind="entropy", knn=KnnSettings(k=8), window=WindowSettings(**WINDOW))
+    train_gate(knn_lm.lm, ds.path, str(small_corpus), root / "gate", settings, progress=False)
     return root, knn_lm
 
 

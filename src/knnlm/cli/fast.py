@@ -61,24 +61,25 @@ def gate_train_cmd(
 ) -> None:
     """Train (mlp) or calibrate (entropy) a retrieval gate on a held-out split."""
     from knnlm.fileio import claim_target
-    from knnlm.forward_pass import default_window
+    from knnlm.forward_pass import WindowSettings
     from knnlm.retrieval.datastore import open_datastore
     from knnlm.retrieval.gate import CONFIG, KIND
-    from knnlm.retrieval.gate_train import train_gate
+    from knnlm.retrieval.gate_train import GateSettings, train_gate
     from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
-    from knnlm.settings import build
+    from knnlm.settings import build, flag
 
     knn = build(KnnSettings, KNN_FLAGS, k=k, temperature=knn_temp, nprobe=nprobe,
                 search=value(search))  # fmt: skip
+    window = build(WindowSettings, flag(), context_len=context_len, stride=stride)
     claim_target(out, KIND, CONFIG, what="retrieval gate")  # before the model is loaded
     open_datastore(datastore)
     lm = load_model(model, device, dtype).lm
-    context_len, stride = default_window(lm.model, context_len, stride)
-    report = train_gate(
-        lm, datastore, corpus, out, split=split, kind=value(kind), knn=knn, context_len=context_len,
-        stride=stride, batch_size=batch_size, hidden=hidden, layers=layers, epochs=epochs,
-        l1=l1, seed=seed, progress=not quiet,
+    settings = build(
+        GateSettings, flag(), split=split, kind=value(kind), knn=knn,
+        window=window.for_model(lm.model), batch_size=batch_size, hidden=hidden, layers=layers,
+        epochs=epochs, l1=l1, seed=seed,
     )  # fmt: skip
+    report = train_gate(lm, datastore, corpus, out, settings, progress=not quiet)
     report.pop("held_out_history", None)
     typer.echo(f"gate written: {out}")
     echo_json(report)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from knnlm.data.corpus import load_tokens
 from knnlm.errors import KnnlmError
-from knnlm.forward_pass import score_stream
+from knnlm.forward_pass import WindowSettings, score_stream
 from knnlm.lm.loading import LoadedLM
 from knnlm.locking import locks
 from knnlm.retrieval.datastore import corpus_fingerprint, open_datastore
@@ -34,6 +35,7 @@ from knnlm.retrieval.gate import (
     score_quantiles,
 )
 from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.settings import Settings, require
 
 
 def collect(
@@ -90,19 +92,45 @@ def fit_mlp(
     return model, {"held_out_mixture_nll": best, "held_out_history": history}
 
 
+@dataclass(frozen=True)
+class GateSettings(Settings):
+    """Every setting of one gate training (``knnlm gate train``): the held-out ``split``, the
+    gate ``kind`` (mlp | entropy), the search, the windows, and the mlp's shape and training.
+    Example: ``GateSettings(kind="entropy", knn=KnnSettings(k=16))``."""
+
+    split: str = "valid"
+    kind: str = "mlp"
+    knn: KnnSettings = KnnSettings()
+    window: WindowSettings = WindowSettings(1024, 1024)
+    batch_size: int = 8
+    hidden: int = 128
+    layers: int = 5
+    epochs: int = 20
+    lr: float = 1e-3
+    l1: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.kind in GATE_KINDS, "kind",
+                f"must be one of {', '.join(GATE_KINDS)}, got {self.kind!r}")  # fmt: skip
+        for name in ("hidden", "layers", "epochs"):
+            v = getattr(self, name)
+            require(isinstance(v, int) and v >= 1, name, f"must be at least 1, got {v!r}")
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require(self.l1 >= 0, "l1", f"must be at least 0, got {self.l1}")
+
+
 @locks("out", "retrieval gate")
 def train_gate(
-    lm: LoadedLM, datastore: str | Path, corpus: str, out: str | Path, *, split: str = "valid",
-    kind: str = "mlp", knn: KnnSettings | None = None, context_len: int = 1024,
-    stride: int | None = None, batch_size: int = 8, hidden: int = 128, layers: int = 5,
-    epochs: int = 20, lr: float = 1e-3, l1: float = 0.05, seed: int = 0, progress: bool = True,
+    lm: LoadedLM, datastore: str | Path, corpus: str, out: str | Path,
+    settings: GateSettings = GateSettings(), *, progress: bool = True,
 ) -> dict:  # fmt: skip
-    """Train (``mlp``) or calibrate (``entropy``) a gate on ``split``; write it to ``out``."""
-    if kind not in GATE_KINDS:
-        raise KnnlmError(f"--kind must be one of {', '.join(GATE_KINDS)}, got {kind!r}")
-    if hidden < 1 or layers < 1 or epochs < 1 or lr <= 0 or l1 < 0:
-        raise KnnlmError("--hidden, --layers and --epochs must be positive, --lr > 0, --l1 >= 0")
-    knn = knn or KnnSettings()
+    """Train (``mlp``) or calibrate (``entropy``) a gate on ``settings.split``; write it to
+    ``out``. The windows are ``settings.window`` (None filled from the model)."""
+    st = settings
+    split, kind, knn, seed, batch_size = st.split, st.kind, st.knn, st.seed, st.batch_size
+    window = st.window.for_model(lm.model)
+    context_len, stride = window.context_len, window.stride
     ds = open_datastore(datastore)
     ids = load_tokens(lm.tokenizer, corpus, split)
     if ds.meta.get("corpus_fingerprint") == corpus_fingerprint(ids):
@@ -128,12 +156,12 @@ def train_gate(
     if kind == "mlp":
         mean, scale = x[~held].mean(0), x[~held].std(0).clamp_min(1e-6)
         gate.model, report = fit_mlp(
-            (x - mean) / scale, data["lm"], data["knn"], held, hidden=hidden, layers=layers,
-            epochs=epochs, lr=lr, l1=l1, seed=seed, progress=progress,
+            (x - mean) / scale, data["lm"], data["knn"], held, hidden=st.hidden, layers=st.layers,
+            epochs=st.epochs, lr=st.lr, l1=st.l1, seed=seed, progress=progress,
         )  # fmt: skip
         gate.mean, gate.scale = mean, scale
-        config.update(report, in_dim=x.shape[1], hidden=hidden, layers=layers, epochs=epochs,
-                      lr=lr, l1=l1)  # fmt: skip
+        config.update(report, in_dim=x.shape[1], hidden=st.hidden, layers=st.layers,
+                      epochs=st.epochs, lr=st.lr, l1=st.l1)  # fmt: skip
     gate.quantiles = score_quantiles(gate.scores(data["keys"][held], data["stats"][held]))
     config["seconds"] = round(time.time() - t0, 3)
     save_gate(out, gate)
