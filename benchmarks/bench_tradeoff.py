@@ -79,9 +79,11 @@ def prepare_model(args, corpus: str, work: Path) -> tuple[str, dict]:
     if args.model:
         return args.model, {"path": args.model, "trained_here": False}
     from knnlm.lm.train import train_lm
+    from knnlm.lm.train_config import LMTrainSettings
 
-    res = train_lm(corpus, work / "model", preset=args.preset, max_steps=args.lm_steps,
-                   seed=args.seed, quiet=True, checkpoint_every=None)  # fmt: skip
+    settings = LMTrainSettings(args.preset, max_steps=args.lm_steps, seed=args.seed,
+                               checkpoint_every=None)  # fmt: skip
+    res = train_lm(corpus, work / "model", settings, quiet=True)
     return str(work / "model"), {"preset": args.preset, "steps": res.steps,
                                  "final_loss": res.final_loss, "trained_here": True}  # fmt: skip
 

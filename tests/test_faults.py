@@ -219,10 +219,13 @@ def test_memory_into_foreign_folder_refused_before_training(tmp_path):
 
 def test_train_lm_into_foreign_folder_refused(tiny_corpus, tmp_path):
     from knnlm.lm.train import train_lm
+    from knnlm.lm.train_config import LMTrainSettings
 
     before = _user_folder(tmp_path / "lm")
     with pytest.raises(KnnlmError, match="did not create"):
-        train_lm(str(tiny_corpus), tmp_path / "lm", preset="tiny", max_steps=1, quiet=True)
+        train_lm(
+            str(tiny_corpus), tmp_path / "lm", LMTrainSettings("tiny", max_steps=1), quiet=True
+        )
     assert _files(tmp_path / "lm") == before
 
 
@@ -398,16 +401,18 @@ def test_memory_overwrite_keeps_the_old_until_the_new_is_complete(lm, ds, tmp_pa
 
 def test_train_lm_reuses_refuses_and_overwrites_its_own_model(tiny_corpus, tmp_path):
     from knnlm.lm.train import train_lm
+    from knnlm.lm.train_config import LMTrainSettings
 
-    kw = dict(preset="tiny", batch_size=4, context_len=32, quiet=True, checkpoint_every=None)
-    first = train_lm(str(tiny_corpus), tmp_path / "lm", max_steps=2, **kw)
+    kw = dict(preset="tiny", batch_size=4, context_len=32, checkpoint_every=None)
+    two, three = LMTrainSettings(max_steps=2, **kw), LMTrainSettings(max_steps=3, **kw)
+    first = train_lm(str(tiny_corpus), tmp_path / "lm", two, quiet=True)
     assert not first.reused and first.out_dir == tmp_path / "lm"
     files = _files(tmp_path / "lm")
-    assert train_lm(str(tiny_corpus), tmp_path / "lm", max_steps=2, **kw).reused
+    assert train_lm(str(tiny_corpus), tmp_path / "lm", two, quiet=True).reused
     with pytest.raises(KnnlmError, match="--overwrite"):
-        train_lm(str(tiny_corpus), tmp_path / "lm", max_steps=3, **kw)
+        train_lm(str(tiny_corpus), tmp_path / "lm", three, quiet=True)
     assert _files(tmp_path / "lm") == files
-    third = train_lm(str(tiny_corpus), tmp_path / "lm", max_steps=3, overwrite=True, **kw)
+    third = train_lm(str(tiny_corpus), tmp_path / "lm", three, overwrite=True, quiet=True)
     assert third.steps == 3 and _files(tmp_path / "lm") != files
     assert load_lm(str(tmp_path / "lm")).model is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm"]

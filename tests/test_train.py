@@ -16,7 +16,7 @@ from knnlm.lm.loading import load_lm
 from knnlm.lm.lora import apply_lora
 from knnlm.lm.presets import PRESETS, build_model_from_preset
 from knnlm.lm.train import train, train_lm
-from knnlm.lm.train_config import TrainConfig
+from knnlm.lm.train_config import LMTrainSettings, TrainConfig
 from knnlm.lm.train_data import batch_order, make_dataset
 
 
@@ -64,7 +64,7 @@ def test_unknown_preset_lists_names():
 
 def test_training_reduces_loss(tiny_corpus, tmp_path):
     out = tmp_path / "lm"
-    result = train_lm(str(tiny_corpus), out, preset="tiny", epochs=4, quiet=True)
+    result = train_lm(str(tiny_corpus), out, LMTrainSettings("tiny", epochs=4), quiet=True)
     assert not (out / "checkpoint").exists()
     meta = json.loads((out / "train_meta.json").read_text())
     assert meta["preset"] == "tiny" and meta["train_config"]["epochs"] == 4
@@ -222,9 +222,8 @@ def test_examples_are_padded_with_eos(tiny_tokenizer):
 
 def test_drop_last_mlp_removes_exactly_that_mlp(tiny_corpus, tmp_path):
     out = tmp_path / "nomlp"
-    result = train_lm(
-        str(tiny_corpus), out, preset="tiny", max_steps=3, drop_last_mlp=True, quiet=True
-    )
+    settings = LMTrainSettings("tiny", max_steps=3, drop_last_mlp=True)
+    result = train_lm(str(tiny_corpus), out, settings, quiet=True)
     loaded = load_lm(str(out))
     reference = build_model_from_preset("tiny", tokenizer=loaded.tokenizer, seed=0)
     last_mlp = sum(p.numel() for p in reference.transformer.h[-1].mlp.parameters())

@@ -106,29 +106,17 @@ def train_cmd(
 ) -> None:
     """Train a language model and save it in Hugging Face format."""
     from knnlm.lm.train import train_lm
+    from knnlm.lm.train_config import LM_TRAIN_FLAGS, LMTrainSettings
+    from knnlm.settings import build
 
+    settings = build(
+        LMTrainSettings, LM_TRAIN_FLAGS, preset=value(preset), base_model=model, lora=lora,
+        drop_last_mlp=drop_last_mlp, examples=examples, epochs=epochs, max_steps=max_steps,
+        lr=lr, batch_size=batch_size, context_len=context_len, grad_accum=grad_accum,
+        seed=seed, checkpoint_every=checkpoint_every or None, precision=value(precision),
+    )  # fmt: skip
     quiet_libraries()
-    result = train_lm(
-        corpus,
-        out,
-        preset=value(preset),
-        base_model=model,
-        lora=lora,
-        drop_last_mlp=drop_last_mlp,
-        epochs=epochs,
-        max_steps=max_steps,
-        seed=seed,
-        lr=lr,
-        batch_size=batch_size,
-        context_len=context_len,
-        quiet=quiet,
-        examples=examples,
-        device=device,
-        checkpoint_every=checkpoint_every or None,
-        precision=value(precision),
-        grad_accum=grad_accum,
-        overwrite=overwrite,
-    )
+    result = train_lm(corpus, out, settings, device=device, quiet=quiet, overwrite=overwrite)
     if result.reused:
         typer.echo(f"{result.out_dir} already holds this run's model ({result.steps} steps)")
         return

@@ -59,7 +59,7 @@ from knnlm.lm.checkpoint import (
 from knnlm.lm.loading import load_lm, pick_device
 from knnlm.lm.lora import LORA_DEFAULTS, apply_lora, lora_targets
 from knnlm.lm.presets import Preset, build_model_from_preset, get_preset
-from knnlm.lm.train_config import TrainConfig, TrainResult
+from knnlm.lm.train_config import LMTrainSettings, TrainConfig, TrainResult
 from knnlm.lm.train_data import (
     StepPlan,
     make_dataset,
@@ -301,26 +301,11 @@ def _run_eval(on_eval: EvalFn, step: int, model: nn.Module, device: torch.device
 def train_lm(
     corpus: str,
     out: str | Path,
-    preset: str = "small",
-    base_model: str | None = None,
-    lora: bool = False,
-    drop_last_mlp: bool = False,
-    epochs: int | None = None,
-    max_steps: int | None = None,
-    seed: int = 0,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    context_len: int | None = None,
-    quiet: bool = False,
+    settings: LMTrainSettings = LMTrainSettings(),
     *,
-    data_seed: int | None = None,
-    examples: bool = False,
     device: str | None = None,
-    checkpoint_every: int | None = 500,
-    eval_every: int | None = None,
+    quiet: bool = False,
     on_eval: EvalFn | None = None,
-    precision: str = "float32",
-    grad_accum: int = 1,
     overwrite: bool = False,
 ) -> TrainResult:
     """Train a causal LM on the train split of ``corpus`` and save it to ``out``.
@@ -335,10 +320,16 @@ def train_lm(
     any work; a finished model of the identical run is kept and returned (``reused``); one of
     other settings is replaced, once the new one is complete, only with ``overwrite``.
     """
+    st = settings
+    preset, base_model, lora, seed, context_len = (
+        st.preset,
+        st.base_model,
+        st.lora,
+        st.seed,
+        st.context_len,
+    )
     spec = get_preset(preset)
     out = Path(out)
-    if lora and base_model is None:
-        raise KnnlmError("LoRA fine-tunes a pretrained model: give --model as well")
     found = claim_target(out, MODEL_KIND, TRAIN_META, what="trained model")
     work = out.with_name(out.name + ".partial")
     text = read_split(corpus, "train")
@@ -350,29 +341,29 @@ def train_lm(
     else:
         model, tokenizer, ctx = _from_scratch(preset, corpus, text, work, seed, context_len, device)
         default_lr, weight_decay = spec.lr, spec.weight_decay
-    if drop_last_mlp:
+    if st.drop_last_mlp:
         Adapter(model).drop_last_mlp()
     if lora:
         model = apply_lora(model)
     data: np.ndarray | list[str]
-    if examples:
+    if st.examples:
         data = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         data = tokenize_text(tokenizer, text)
     config = TrainConfig(
-        lr=lr if lr is not None else default_lr,
-        batch_size=batch_size or spec.batch_size,
-        epochs=epochs or spec.epochs,
-        max_steps=max_steps,
+        lr=st.lr if st.lr is not None else default_lr,
+        batch_size=st.batch_size or spec.batch_size,
+        epochs=st.epochs or spec.epochs,
+        max_steps=st.max_steps,
         warmup_ratio=spec.warmup_ratio,
         weight_decay=weight_decay,
         seed=seed,
-        data_seed=data_seed,
+        data_seed=st.data_seed,
         context_len=ctx,
-        grad_accum=grad_accum,
-        checkpoint_every=checkpoint_every,
-        eval_every=eval_every,
-        precision=precision,
+        grad_accum=st.grad_accum,
+        checkpoint_every=st.checkpoint_every,
+        eval_every=st.eval_every,
+        precision=st.precision,
     )
     n_params = sum(p.numel() for p in model.parameters())
     key = run_key(data, tokenizer, config)
@@ -388,8 +379,8 @@ def train_lm(
     result.out_dir = out
     meta = _train_meta(
         result, config, key, tokenizer, data, n_params, corpus=corpus, preset=preset,
-        spec=spec, base_model=base_model, lora=lora, drop_last_mlp=drop_last_mlp,
-        examples=examples,
+        spec=spec, base_model=base_model, lora=lora, drop_last_mlp=st.drop_last_mlp,
+        examples=st.examples,
     )  # fmt: skip
     # The marker goes in last; checkpoints are dropped only after it, then the swap.
     write_json_atomic(work / TRAIN_META, meta, default=str)

@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from knnlm.errors import KnnlmError
+from knnlm.settings import Settings, flag, require
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -73,6 +74,41 @@ class TrainConfig:
         for k in ("checkpoint_every", "eval_every", "log_every"):
             d.pop(k)
         return d
+
+
+@dataclass(frozen=True)
+class LMTrainSettings(Settings):
+    """What :func:`knnlm.lm.train.train_lm` (``knnlm train``) trains, checked where it is
+    built: from scratch (``preset``) or fine-tuning ``base_model`` (with ``lora``), on one
+    token stream or one ``examples`` per line. None: the preset's (or fine-tuning's)
+    default. Example: ``LMTrainSettings("tiny", max_steps=100)``."""
+
+    preset: str = "small"
+    base_model: str | None = None
+    lora: bool = False
+    drop_last_mlp: bool = False
+    examples: bool = False
+    epochs: int | None = None
+    max_steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    context_len: int | None = None
+    grad_accum: int = 1
+    seed: int = 0
+    data_seed: int | None = None
+    checkpoint_every: int | None = 500
+    eval_every: int | None = None
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        require(not (self.lora and self.base_model is None), "lora",
+                "fine-tunes a pretrained model: give <<base_model>> as well")  # fmt: skip
+        require(self.precision in PRECISIONS, "precision",
+                f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")  # fmt: skip
+
+
+# How knnlm train names the fields it sets.
+LM_TRAIN_FLAGS = flag({"base_model": "--model"})
 
 
 @dataclass
