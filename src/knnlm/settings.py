@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
+from pathlib import PurePath
 from typing import Any, TypeVar
 
 from knnlm.errors import KnnlmError
@@ -47,12 +48,12 @@ def require(ok: bool, field: str, detail: str) -> None:
 
 
 class Settings:
-    """Mixin of the frozen settings dataclasses: ``to_dict`` (``dataclasses.asdict``, what
-    results JSON holds) and ``from_dict`` (its inverse; unknown keys are ignored, so a results
+    """Mixin of the frozen settings dataclasses: ``to_dict`` (``dataclasses.asdict`` with paths
+    as text: what results JSON holds) and ``from_dict`` (its inverse; unknown keys are ignored, so a results
     dict with more in it rebuilds the settings)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     @classmethod
     def from_dict(cls: type[T], d: Mapping[str, Any]) -> T:
@@ -64,6 +65,13 @@ class Settings:
             v = d[f.name]
             known[f.name] = sub.from_dict(v) if sub is not None and isinstance(v, Mapping) else v
         return cls(**known)
+
+
+def _plain(v: Any) -> Any:
+    """A field as JSON holds it: nested settings as their own ``to_dict``, paths as text."""
+    if isinstance(v, Settings):
+        return v.to_dict()
+    return str(v) if isinstance(v, PurePath) else v
 
 
 def _settings_type(cls: type, name: str) -> type[Settings] | None:

@@ -6,7 +6,7 @@ same way through :class:`Retriever`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +91,11 @@ class MixSettings(Settings):
                 "and <<gate>> do not combine: each decides which tokens search")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        """As written into results: paths as strings, a loaded gate as its folder."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        """As written into results: a loaded gate as its folder."""
+        d = super().to_dict()
         if isinstance(self.gate, Gate):
             d["gate"] = self.gate.config.get("path")
-        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+        return d
 
 
 class Retriever:

@@ -1,0 +1,93 @@
+"""Every run's settings object: checked once where it is built, its mistakes named as the
+caller spelled them (the flag from the CLI, the argument from Python), written whole and
+rebuilt from what was written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from knnlm.errors import KnnlmError
+from knnlm.evaluate import EvalSettings
+from knnlm.forward_pass import WindowSettings
+from knnlm.lm.train_config import LM_TRAIN_FLAGS, LMTrainSettings
+from knnlm.retrieval.datastore import Datastore
+from knnlm.retrieval.gate_train import GateSettings
+from knnlm.retrieval.retriever import KNN_ARGS, KNN_FLAGS, KnnSettings, MixSettings
+from knnlm.retrieval.search.index_settings import INDEX_FLAGS, IndexSettings
+from knnlm.settings import build, flag
+from tiny import SMALL_CTX, quiet_datastore, run_cli
+
+EVERY = [
+    KnnSettings(k=16, knn_weight=0.3, temperature=2.0, nprobe=4, exclude_self="no"),
+    MixSettings(memory="runs/mem", memory_weight=0.4, gate="runs/g", retrieval_rate=0.5),
+    WindowSettings(64, 32),
+    EvalSettings("test", WindowSettings(64, 32), 4, "body", KnnSettings(k=8), MixSettings()),
+    IndexSettings("ivfpq", nlist=8, nprobe=2, train_size=100),
+    IndexSettings(factory="HNSW32"),
+    GateSettings(kind="entropy", knn=KnnSettings(k=4), window=WindowSettings(32, 16)),
+    LMTrainSettings("tiny", max_steps=3, lr=1e-3),
+]
+
+
+@pytest.mark.parametrize("settings", EVERY, ids=lambda s: type(s).__name__)
+def test_settings_are_written_whole_and_rebuilt_from_json(settings):
+    written = json.loads(json.dumps(settings.to_dict()))
+    assert type(settings).from_dict(written) == settings
+    assert written == dataclasses.asdict(settings)  # whole, nested objects included
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.seed = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("cls", "names", "kw", "python", "cli"),
+    [
+        (KnnSettings, (KNN_ARGS, KNN_FLAGS), {"temperature": 0}, "knn_temperature",
+         "--knn-temperature"),
+        (KnnSettings, (KNN_ARGS, KNN_FLAGS), {"k": 0}, "k", "--k"),
+        (KnnSettings, (KNN_ARGS, KNN_FLAGS), {"search": "nope"}, "search", "--search"),
+        (MixSettings, ({}, flag()), {"retrieval_rate": 0.5}, "retrieval_rate needs gate",
+         "--retrieval-rate needs --gate"),
+        (MixSettings, ({}, flag()), {"gate": "g", "pointers": 4},
+         "pointers and gate do not combine", "--pointers and --gate do not combine"),
+        (WindowSettings, ({}, flag()), {"context_len": 8, "stride": 9}, "stride", "--stride"),
+        (IndexSettings, ({"kind": "type"}, INDEX_FLAGS), {"factory": "HNSW32", "pca": 4},
+         "pca cannot be combined with factory", "--pca cannot be combined with --factory"),
+        (IndexSettings, ({"kind": "type"}, INDEX_FLAGS), {"kind": "hnsw"}, "type", "--type"),
+        (GateSettings, ({}, flag()), {"hidden": 0}, "hidden", "--hidden"),
+        (LMTrainSettings, ({}, LM_TRAIN_FLAGS), {"lora": True}, "lora fine-tunes a pretrained "
+         "model: give base_model", "--lora fine-tunes a pretrained model: give --model"),
+    ],
+)  # fmt: skip
+def test_a_mistake_names_the_argument_in_python_and_the_flag_in_the_cli(
+    cls, names, kw, python, cli
+):
+    for naming, expected in zip(names, (python, cli), strict=True):
+        with pytest.raises(KnnlmError) as info:
+            build(cls, naming, **kw)
+        assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_one_eval_checks_its_settings_and_the_datastore_once(
+    monkeypatch, capsys, lm, tiny_lm_dir, tiny_corpus, tmp_path
+):
+    ds = quiet_datastore(lm, tiny_corpus, tmp_path / "ds", context_len=SMALL_CTX)
+    calls = {"settings": 0, "compatible": 0}
+    check, compatible = KnnSettings.__post_init__, Datastore.check_compatible
+
+    def counted_check(self):
+        calls["settings"] += 1
+        check(self)
+
+    def counted_compatible(self, *a, **kw):
+        calls["compatible"] += 1
+        return compatible(self, *a, **kw)
+
+    monkeypatch.setattr(KnnSettings, "__post_init__", counted_check)
+    monkeypatch.setattr(Datastore, "check_compatible", counted_compatible)
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", tiny_lm_dir, "-c", tiny_corpus,
+                           "-d", ds, "-k", 4, "--context-len", SMALL_CTX, "-q")  # fmt: skip
+    assert code == 0, err
+    assert calls == {"settings": 1, "compatible": 1}
