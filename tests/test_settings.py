@@ -88,6 +88,13 @@ def test_one_eval_checks_its_settings_and_the_datastore_once(
     monkeypatch.setattr(KnnSettings, "__post_init__", counted_check)
     monkeypatch.setattr(Datastore, "check_compatible", counted_compatible)
     code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", tiny_lm_dir, "-c", tiny_corpus,
-                           "-d", ds, "-k", 4, "--context-len", SMALL_CTX, "-q")  # fmt: skip
+                           "-d", ds, "-k", 4, "--context-len", SMALL_CTX, "--knn-weight", 0.3,
+                           "--json", tmp_path / "r.json", "-q")  # fmt: skip
     assert code == 0, err
     assert calls == {"settings": 1, "compatible": 1}
+    # The results file holds the settings whole: they rebuild to what the flags said.
+    written = json.loads((tmp_path / "r.json").read_text())["settings"]["eval"]
+    rebuilt = EvalSettings.from_dict(written)
+    assert rebuilt.knn == KnnSettings(k=4, knn_weight=0.3)
+    assert rebuilt.window == WindowSettings(SMALL_CTX, SMALL_CTX // 2)
+    assert rebuilt.mix == MixSettings() and rebuilt.split == "valid"

@@ -193,6 +193,8 @@ def _eval_result(lm: LoadedLM, corpus: Corpus, settings: EvalSettings, window: W
            "split": settings.split, "context_len": window.context_len, "stride": window.stride,
            "batch_size": settings.batch_size}  # fmt: skip
     result = _result(out, nll, n_tokens, elapsed, warnings)
+    # Every setting of the run, whole (EvalSettings.from_dict rebuilds it), windows as used.
+    out["eval"] = {**settings.to_dict(), "window": window.to_dict()}
     if retriever is not None:
         ds = retriever.ds
         out.update(_knn_settings(retriever, parts["exclude"], is_own_stream(ds, parts["eval_fp"])))
