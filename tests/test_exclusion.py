@@ -167,11 +167,11 @@ def test_projection_excludes_own_row_under_other_layout(lm, ds_dir, tiny_corpus)
     """The projection retrieves on a stream too: over every position, its kNN-LM perplexity
     equals the evaluation's (checked above against the brute force that drops row p - 1)."""
     from knnlm.evaluate import evaluate
-    from knnlm.experiments.projection import run_projection
     from knnlm.retrieval.retriever import KnnSettings
+    from tiny import project
 
     knn = KnnSettings(k=K, knn_weight=WEIGHT, temperature=TEMP)
-    res = run_projection(
+    res = project(
         lm, str(tiny_corpus), ds_dir, "valid", knn=knn, max_positions=None, fixed_steps=1,
         solve_batch=4096, progress=False, **EVAL,
     )  # fmt: skip

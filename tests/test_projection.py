@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from knnlm.evaluate import evaluate
-from knnlm.experiments.projection import run_projection
 from knnlm.report.tables import projection_tables
 from knnlm.retrieval.retriever import KnnSettings
-from tiny import quiet_datastore
+from tiny import project, quiet_datastore
 
 CTX = 32
 
@@ -21,7 +20,7 @@ def setup(lm, tiny_corpus, tmp_path_factory):
 
 def test_weight_zero_projects_onto_the_lm_itself(setup):
     lm, ds, corpus = setup
-    res = run_projection(
+    res = project(
         lm,
         corpus,
         ds,
@@ -40,7 +39,7 @@ def test_weight_zero_projects_onto_the_lm_itself(setup):
 def test_lm_and_knnlm_match_eval_and_projection_gets_close(setup):
     lm, ds, corpus = setup
     knn = KnnSettings(k=16, knn_weight=0.5, temperature=3.0)
-    res = run_projection(
+    res = project(
         lm,
         corpus,
         ds,
@@ -63,7 +62,7 @@ def test_lm_and_knnlm_match_eval_and_projection_gets_close(setup):
 
 def test_fixed_steps_records_a_curve(setup):
     lm, ds, corpus = setup
-    res = run_projection(
+    res = project(
         lm,
         corpus,
         ds,
@@ -83,8 +82,8 @@ def test_converged_solve_is_at_most_the_lr_study_on_the_same_positions(setup):
     lm, ds, corpus = setup
     common = dict(context_len=CTX, knn=KnnSettings(k=8, knn_weight=0.5, temperature=2.0),
                   max_positions=30, seed=4, progress=False)  # fmt: skip
-    conv = run_projection(lm, corpus, ds, converged=True, keep_positions=True, **common)
-    low = run_projection(lm, corpus, ds, lr=1e-3, fixed_steps=100, keep_positions=True, **common)
+    conv = project(lm, corpus, ds, converged=True, keep_positions=True, **common)
+    low = project(lm, corpus, ds, lr=1e-3, fixed_steps=100, keep_positions=True, **common)
     assert conv["knnlm"]["target_logp"] == low["knnlm"]["target_logp"]  # the same positions
     c = conv["converged"]
     for name in ("proj_f", "proj_fg"):
@@ -107,9 +106,9 @@ def test_converged_f_never_ends_above_f_of_g(setup):
     # in worse local minima). A 5-iteration cap, as a budget forces at scale: from the cold
     # start alone f ends above f∘g at 23 of these 30 positions.
     lm, ds, corpus = setup
-    res = run_projection(lm, corpus, ds, context_len=CTX, converged=True, max_positions=30,
-                         converged_max_steps=5, seed=7, progress=False,
-                         knn=KnnSettings(k=8, knn_weight=0.5, temperature=3.0))  # fmt: skip
+    res = project(lm, corpus, ds, context_len=CTX, converged=True, max_positions=30,
+                  converged_max_steps=5, seed=7, progress=False,
+                  knn=KnnSettings(k=8, knn_weight=0.5, temperature=3.0))  # fmt: skip
     c = res["converged"]
     f, fg = c["proj_f"]["kl"], c["proj_fg"]["kl"]
     assert len(f) == len(fg) == 30

@@ -13,10 +13,9 @@ import torch
 
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
-from knnlm.experiments.projection import run_projection
 from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.retriever import KnnSettings
-from tiny import quiet_datastore, write_corpus
+from tiny import project, quiet_datastore, write_corpus
 
 CTX = 16
 
@@ -58,9 +57,9 @@ def _reference_kl_at_start(lm, corpus, ds_dir, k, w, temp) -> np.ndarray:
 def test_kl_at_the_starting_point_is_kl_of_the_lm(setup):
     lm, corpus, ds_dir = setup
     k, w, temp = 8, 0.5, 2.0
-    res = run_projection(lm, corpus, ds_dir, context_len=CTX,
-                         knn=KnnSettings(k=k, knn_weight=w, temperature=temp),
-                         max_positions=None, fixed_steps=1, progress=False)  # fmt: skip
+    res = project(lm, corpus, ds_dir, context_len=CTX,
+                  knn=KnnSettings(k=k, knn_weight=w, temperature=temp),
+                  max_positions=None, fixed_steps=1, progress=False)  # fmt: skip
     ref = _reference_kl_at_start(lm, corpus, ds_dir, k, w, temp)
     assert res["positions"] == len(ref)
     assert ref.mean() > 0.05  # the kNN-LM is far from the LM: a wrong start shows

@@ -17,7 +17,7 @@ from knnlm.errors import KnnlmError
 from knnlm.retrieval.search.choose import open_backend, resolve_search
 from knnlm.retrieval.search.exact import TorchExactSearch, order, select_k
 from knnlm.retrieval.search.split_precision import query_parts
-from tiny import array_datastore, quiet_datastore
+from tiny import array_datastore, project, quiet_datastore
 
 
 def brute(q: np.ndarray, keys: np.ndarray, metric: str, excl=None) -> np.ndarray:
@@ -235,13 +235,12 @@ def test_torchrun_two_process_knnlm_perplexity_equals_one_process(
 def test_torchrun_two_process_project_equals_one_process(tmp_path, lm, tiny_lm_dir, tiny_corpus):
     """`torchrun --nproc_per_node 2 -m knnlm project --search exact` (gloo) joins the group,
     shards the search and gives the one-process projection; rank 0 alone writes and prints."""
-    from knnlm.experiments.projection import run_projection
     from knnlm.retrieval.retriever import KnnSettings
 
     ds = quiet_datastore(lm, tiny_corpus, tmp_path / "ds", context_len=32, batch_size=16)
     knn = KnnSettings(k=16, knn_weight=0.5, temperature=3.0, search="exact")
-    one = run_projection(lm, str(tiny_corpus), ds, context_len=32, stride=32, batch_size=4,
-                         knn=knn, max_positions=40, max_steps=20, progress=False)  # fmt: skip
+    one = project(lm, str(tiny_corpus), ds, context_len=32, stride=32, batch_size=4, knn=knn,
+                  max_positions=40, max_steps=20)  # fmt: skip
     out = tmp_path / "two.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", "2", "-m", "knnlm", "project", "--model", str(tiny_lm_dir),

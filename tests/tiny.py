@@ -126,3 +126,17 @@ def leaf_commands() -> list[tuple[str, object]]:
         else:
             leaves.append((name, cmd))
     return leaves
+
+
+def project(lm, corpus, ds, split: str = "valid", *, context_len: int, stride: int | None = None,
+            progress: bool = False, **settings) -> dict:  # fmt: skip
+    """``run_projection`` with its ProjectionSettings as keywords; ``stride`` None is
+    ``context_len`` (one window after another)."""
+    from knnlm.experiments.projection import run_projection
+    from knnlm.experiments.projection_settings import ProjectionSettings
+    from knnlm.forward_pass import WindowSettings
+
+    window = WindowSettings(context_len, stride or context_len)
+    settings = ProjectionSettings(split, window, **settings)
+    return run_projection(lm, str(corpus), ds, settings, progress=progress)
+

@@ -22,7 +22,8 @@ from knnlm.errors import KnnlmError
 from knnlm.evaluate import EvalSettings, run_eval
 from knnlm.experiments.mlp_memory import MemoryTrainResult, train_memory
 from knnlm.experiments.projection import run_projection
-from knnlm.forward_pass import WindowSettings, default_window, position_limit
+from knnlm.experiments.projection_settings import PROJECTION_ARGS, ProjectionSettings
+from knnlm.forward_pass import WindowSettings, position_limit
 from knnlm.generation import KnnLogitsProcessor, attach_processor, generate
 from knnlm.lm import loading
 from knnlm.lm.loading import LoadedLM, pick_device, torch_dtype, wrap_lm
@@ -254,14 +255,14 @@ class KnnLM:
             res["proj_f"]["perplexity"], res["proj_fg"]["perplexity"]
         """
         knn = _knn_settings(k, knn_weight, knn_temperature, nprobe=nprobe, search=search)
-        split = pick_split(corpus, split, "valid")
-        context_len, stride = default_window(self.model, context_len, stride)
-        return run_projection(
-            self.lm, corpus, _open(datastore, k), split, context_len=context_len, stride=stride,
+        settings = build(
+            ProjectionSettings, PROJECTION_ARGS, split=pick_split(corpus, split, "valid"),
+            window=WindowSettings(context_len, stride).for_model(self.model),
             batch_size=batch_size, knn=knn, max_positions=max_positions or None, seed=seed,
             lr=lr, tol=tol, max_steps=max_steps, fixed_steps=steps, solve_batch=solve_batch,
-            text_field=text_field, progress=progress,
+            text_field=text_field,
         )  # fmt: skip
+        return run_projection(self.lm, corpus, _open(datastore, k), settings, progress=progress)
 
     def train_memory(
         self,

@@ -72,41 +72,33 @@ def project_cmd(
 
     Under torchrun the exact search is sharded over the ranks; rank 0 writes and prints.
     """
+    from dataclasses import replace
+
     from knnlm.evaluate import open_inputs
     from knnlm.experiments.projection import run_projection
-    from knnlm.forward_pass import default_window
+    from knnlm.experiments.projection_settings import PROJECTION_FLAGS, ProjectionSettings
+    from knnlm.forward_pass import WindowSettings
     from knnlm.report.tables import projection_tables
     from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
-    from knnlm.settings import build
+    from knnlm.settings import build, flag
 
     # What the user can get wrong is checked before the model is loaded.
     knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp,
                 nprobe=nprobe, search=value(search))  # fmt: skip
+    settings = build(
+        ProjectionSettings, PROJECTION_FLAGS, split=split,
+        window=build(WindowSettings, flag(), context_len=context_len, stride=stride),
+        batch_size=batch_size, knn=knn, max_positions=max_positions or None, seed=seed, lr=lr,
+        tol=tol, max_steps=max_steps, fixed_steps=steps, solve_batch=solve_batch,
+        text_field=text_field,
+    )  # fmt: skip
     open_inputs(datastore, None, knn).check_k(k, "--k")
     # Under torchrun every rank projects the same positions and holds a shard of the
     # datastore for exact search (knnlm.retrieval.search.sharded); rank 0 alone writes and prints.
     rank = init_distributed()
     lm = load_model(model, device, dtype).lm
-    context_len, stride = default_window(lm.model, context_len, stride)
-    result = run_projection(
-        lm,
-        corpus,
-        datastore,
-        split,
-        context_len=context_len,
-        stride=stride,
-        batch_size=batch_size,
-        knn=knn,
-        max_positions=max_positions or None,
-        seed=seed,
-        lr=lr,
-        tol=tol,
-        max_steps=max_steps,
-        fixed_steps=steps,
-        solve_batch=solve_batch,
-        text_field=text_field,
-        progress=not quiet and rank == 0,
-    )
+    settings = replace(settings, window=settings.window.for_model(lm.model))
+    result = run_projection(lm, corpus, datastore, settings, progress=not quiet and rank == 0)
     if rank != 0:
         return
     write_json(json_out, result)

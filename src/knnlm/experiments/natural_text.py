@@ -25,9 +25,10 @@ from knnlm.evaluate import evaluate
 from knnlm.experiments.memory_control import control_perplexities, token_gain, train_control
 from knnlm.experiments.mlp_memory import stopped_improving, train_memory
 from knnlm.experiments.projection import run_projection
+from knnlm.experiments.projection_settings import ProjectionSettings
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.fileio import write_json_atomic
-from knnlm.forward_pass import score_stream
+from knnlm.forward_pass import WindowSettings, score_stream
 from knnlm.lm.loading import load_lm
 from knnlm.lm.presets import get_preset
 from knnlm.lm.tokenizer import save_tokenizer
@@ -195,16 +196,17 @@ def stage_projection(
     """Section 3 on the test split at the valid-tuned setting: Eq. 2 at lr 0.1 with the paper's
     early stop beside the converged solve and its sensitivity rows (Tables 1, 3), or lr 1e-3
     for 100 steps (Appendix E, Table 4)."""
-    res = run_projection(
-        load_lm(model), corpus, ds, "test", context_len=cfg.context_len, stride=cfg.stride,
+    settings = ProjectionSettings(
+        "test", WindowSettings(cfg.context_len, cfg.stride or cfg.context_len),
         knn=knn_settings(cfg, tuned["knn_weight"], tuned["temperature"]),
         max_positions=min(cfg.projection_positions, 300) if lr_study else cfg.projection_positions,
         seed=seed, lr=1e-3 if lr_study else 0.1, max_steps=cfg.projection_max_steps,
-        fixed_steps=100 if lr_study else None, progress=False,
+        fixed_steps=100 if lr_study else None,
         # The claim reads the converged solve; Table 4's paired test the per-position values.
         converged=not lr_study, converged_max_steps=cfg.projection_converged_max_steps,
         keep_positions=True,  # (b)'s and (b')'s bootstrap over positions
     )  # fmt: skip
+    res = run_projection(load_lm(model), corpus, ds, settings, progress=False)
     # The figure is drawn there by the report layer, from the per-position KL values
     # (or the KL curve) kept in this result.
     res.update(

@@ -15,8 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from knnlm.data.corpus import load_tokens
-from knnlm.data.windows import resolve_stride
-from knnlm.errors import KnnlmError
+from knnlm.experiments.projection_settings import ProjectionSettings
 from knnlm.experiments.projection_solver import (
     ProjectionResult,
     solve_converged,
@@ -27,7 +26,7 @@ from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.combiner import interpolate, perplexity
 from knnlm.retrieval.datastore import corpus_fingerprint
 from knnlm.retrieval.exclusion import should_exclude
-from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.retrieval.retriever import Retriever
 
 
 def _kl_stats(kl: np.ndarray, steps: np.ndarray, cap: int) -> dict:
@@ -130,8 +129,6 @@ def _converged_solves(adapter, target_logp, enc, g_enc, tol, max_steps) -> dict:
 
 def _choose(n_scored: int, max_positions: int | None, seed: int) -> np.ndarray:
     """Mask over stream positions 0..n_scored of the positions solved (a seeded sample)."""
-    if max_positions is not None and max_positions < 1:
-        raise KnnlmError("--max-positions must be at least 1")
     if max_positions is None or max_positions >= n_scored:
         return np.ones(n_scored + 1, dtype=bool)
     rng = np.random.default_rng(seed)
@@ -144,41 +141,33 @@ def run_projection(
     lm: LoadedLM,
     corpus: str,
     datastore: str | Path,
-    split: str = "valid",
+    settings: ProjectionSettings = ProjectionSettings(),
     *,
-    context_len: int = 1024,
-    stride: int | None = None,
-    batch_size: int = 8,
-    knn: KnnSettings | None = None,
-    max_positions: int | None = 2000,
-    seed: int = 0,
-    lr: float = 0.1,
-    tol: float = 1e-3,
-    max_steps: int = 500,
-    fixed_steps: int | None = None,
-    converged: bool = False,
-    converged_tol: float = 1e-6,
-    converged_max_steps: int = 2000,
-    keep_positions: bool = False,
-    solve_batch: int = 256,
-    text_field: str = "text",
     progress: bool = True,
 ) -> dict:
     """Solve Eq. 2 onto f and onto f∘g for (a seeded sample of) the scored positions.
 
     ``proj_f`` / ``proj_fg``: Adam at ``lr`` with the paper's stopping rule (or
-    ``fixed_steps``). ``converged=True`` adds ``result["converged"]``: the same positions
+    ``fixed_steps``; every setting is a field of ``settings``). ``converged=True`` adds ``result["converged"]``: the same positions
     solved to convergence (:func:`solve_converged`), with the sensitivity rows of
     :data:`CONVERGED`. ``keep_positions`` keeps each position's log-probability of its target
     (``target_logp``) for paired tests.
     """
-    stride = resolve_stride(context_len, stride)
-    knn = knn or KnnSettings()
+    st = settings
+    window = st.window.for_model(lm.model)
+    context_len, stride, split, knn = window.context_len, window.stride, st.split, st.knn
+    lr, tol, max_steps, fixed_steps, converged = (
+        st.lr,
+        st.tol,
+        st.max_steps,
+        st.fixed_steps,
+        st.converged,
+    )
     retriever = Retriever(lm, datastore, knn)
     ds = retriever.ds
-    ids = load_tokens(lm.tokenizer, corpus, split, text_field)
+    ids = load_tokens(lm.tokenizer, corpus, split, st.text_field)
     exclude = should_exclude(ds, knn.exclude_self, corpus_fingerprint(ids))
-    chosen = _choose(len(ids) - 1, max_positions, seed)
+    chosen = _choose(len(ids) - 1, st.max_positions, st.seed)
     adapter = lm.adapter
     solves = _Solves()
     pending: list[dict] = []
@@ -204,8 +193,8 @@ def run_projection(
                                  ("proj_fg", adapter.fg_logits, enc))
         }  # fmt: skip
         if converged:
-            conv = _converged_solves(adapter, target_logp, enc, g_enc, converged_tol,
-                                     converged_max_steps)  # fmt: skip
+            conv = _converged_solves(adapter, target_logp, enc, g_enc, st.converged_tol,
+                                     st.converged_max_steps)  # fmt: skip
             runs |= {f"converged.{k}": v for k, v in conv.items()}
         for name, (fn, res) in runs.items():
             with torch.no_grad():
@@ -215,7 +204,7 @@ def run_projection(
     bar = tqdm(total=int(chosen.sum()), disable=not progress, desc="projection", unit="pos")
     n_pending = 0
     for batch in score_stream(
-        lm.model, ids, context_len, stride, batch_size=batch_size,
+        lm.model, ids, context_len, stride, batch_size=st.batch_size,
         key_type=ds.meta["key_type"], want_lm=False, want_enc=True, want_logits=True,
         progress=False,
     ):  # fmt: skip
@@ -230,7 +219,7 @@ def run_projection(
                         "enc": batch.enc[sel], "knn_logp": knn_logp})  # fmt: skip
         n_pending += int(sel_np.sum())
         bar.update(int(sel_np.sum()))
-        if n_pending >= solve_batch:
+        if n_pending >= st.solve_batch:
             solve_pending()
             n_pending = 0
     solve_pending()
@@ -244,15 +233,16 @@ def run_projection(
             "split": split, "context_len": context_len, "stride": stride, "k": knn.k,
             "knn_weight": knn.knn_weight, "temperature": knn.temperature,
             "exclude_self": exclude, "search": retriever.backend.describe(),
-            "max_positions": max_positions, "seed": seed, "lr": lr,
+            "max_positions": st.max_positions, "seed": st.seed, "lr": lr,
             "tol": tol, "max_steps": max_steps, "fixed_steps": fixed_steps,
             "stopping_rule": "the paper's: Adam, stop when |KL_t - KL_t-1| < tol"
             if fixed_steps is None else f"Adam, {fixed_steps} steps",
         },
         "positions": n,
     }  # fmt: skip
-    return result | _summaries(solves, n, fixed_steps or max_steps, converged, keep_positions,
-                               converged_tol, converged_max_steps)  # fmt: skip
+    return result | _summaries(solves, n, fixed_steps or max_steps, converged,
+                               st.keep_positions, st.converged_tol,
+                               st.converged_max_steps)  # fmt: skip
 
 
 class _Fixed:
