@@ -114,10 +114,10 @@ def argv_for(draw, cmd: Any) -> list[str]:
 def workspace(tmp_path_factory, tiny_lm_dir, tiny_corpus):
     """A datastore (+ flat index), cache and memory of the tiny model, built once."""
     from knnlm.evaluate import KnnSettings, evaluate
-    from knnlm.experiments.mlp_memory import train_memory
     from knnlm.lm.loading import load_lm
     from knnlm.retrieval.datastore import build_datastore, open_datastore
     from knnlm.retrieval.search.index_build import build_index
+    from tiny import train_mem
 
     root = tmp_path_factory.mktemp("fuzz_artifacts")
     lm = load_lm(str(tiny_lm_dir))
@@ -127,7 +127,7 @@ def workspace(tmp_path_factory, tiny_lm_dir, tiny_corpus):
              knn=KnnSettings(k=4), cache=root / "cache", progress=False)  # fmt: skip
     ds = open_datastore(root / "ds")
     W = lm.adapter.output_embedding.detach()
-    train_memory(ds.keys, ds.values, W, root / "mem", hidden=8, max_steps=2, batch_tokens=64,
+    train_mem(ds.keys, ds.values, W, root / "mem", hidden=8, max_steps=2, batch_tokens=64,
                  progress=False)  # fmt: skip
     return root
 

@@ -22,13 +22,13 @@ import torch
 from knnlm import fileio
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
-from knnlm.experiments.mlp_memory import train_memory
 from knnlm.lm.loading import load_lm
 from knnlm.neighbour_cache import load_cache
 from knnlm.retrieval import datastore_build as dsmod
 from knnlm.retrieval.datastore import build_datastore, build_example_datastore, open_datastore
 from knnlm.retrieval.memory import load_memory
 from knnlm.retrieval.retriever import KnnSettings
+from tiny import train_mem
 
 CTX, STRIDE = 24, 8
 KW = dict(context_len=CTX, stride=STRIDE, batch_size=2, checkpoint_every=2, progress=False)
@@ -213,7 +213,7 @@ def test_memory_into_foreign_folder_refused_before_training(tmp_path):
             raise AssertionError("touched the keys before checking the target")
 
     with pytest.raises(KnnlmError, match="did not create"):
-        train_memory(NoKeys(), np.zeros(3, np.int64), torch.zeros(5, 4), tmp_path / "m")
+        train_mem(NoKeys(), np.zeros(3, np.int64), torch.zeros(5, 4), tmp_path / "m")
     assert _files(tmp_path / "m") == before
 
 
@@ -286,7 +286,7 @@ def test_damaged_cache_and_memory_are_one_line(lm, tiny_corpus, ds, tmp_path):
         load_cache(tmp_path / "c")
     d = open_datastore(ds)
     W = lm.adapter.output_embedding.detach()
-    train_memory(d.keys, d.values, W, tmp_path / "m", hidden=8, max_steps=1, progress=False)
+    train_mem(d.keys, d.values, W, tmp_path / "m", hidden=8, max_steps=1, progress=False)
     f = tmp_path / "m" / "model.safetensors"
     os.truncate(f, os.path.getsize(f) - 10)
     with pytest.raises(KnnlmError, match="truncated"):
@@ -381,20 +381,18 @@ def test_memory_overwrite_keeps_the_old_until_the_new_is_complete(lm, ds, tmp_pa
     d = open_datastore(ds)
     W = lm.adapter.output_embedding.detach()
     kw = dict(hidden=8, batch_tokens=256, epochs=2, progress=False)
-    train_memory(d.keys, d.values, W, tmp_path / "m", **kw)
+    train_mem(d.keys, d.values, W, tmp_path / "m", **kw)
     old = _files(tmp_path / "m")
     with pytest.raises(KnnlmError, match="other settings"):
-        train_memory(d.keys, d.values, W, tmp_path / "m", lr=1e-3, **kw)
+        train_mem(d.keys, d.values, W, tmp_path / "m", lr=1e-3, **kw)
 
     def boom(model):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_memory(
-            d.keys, d.values, W, tmp_path / "m", lr=1e-3, overwrite=True, eval_fn=boom, **kw
-        )
+        train_mem(d.keys, d.values, W, tmp_path / "m", lr=1e-3, overwrite=True, eval_fn=boom, **kw)
     assert _files(tmp_path / "m") == old
-    new = train_memory(d.keys, d.values, W, tmp_path / "m", lr=1e-3, overwrite=True, **kw)
+    new = train_mem(d.keys, d.values, W, tmp_path / "m", lr=1e-3, overwrite=True, **kw)
     assert new.config["lr"] == 1e-3 and load_memory(tmp_path / "m").hidden == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 

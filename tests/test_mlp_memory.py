@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.mlp_memory import train_memory
 from knnlm.retrieval.memory import MemoryMLP, load_memory, memory_bytes, memory_storage
+from tiny import train_mem
 
 D, V = 16, 20
 
@@ -75,7 +75,7 @@ FAST = dict(hidden=64, lr=1e-2, batch_tokens=200, progress=False, device="cpu")
 def test_training_streams_memmap_and_loss_goes_down(toy_store, tmp_path):
     keys, values, W = toy_store
     assert isinstance(keys, np.memmap)
-    res = train_memory(keys, values, W, tmp_path / "m", epochs=6, **FAST)
+    res = train_mem(keys, values, W, tmp_path / "m", epochs=6, **FAST)
     assert res.steps == 60 and len(res.losses) == 60 and res.n_train == 2000
     first, last = np.mean(res.losses[:5]), np.mean(res.losses[-5:])
     assert last < 0.5 * first
@@ -88,7 +88,7 @@ def test_training_streams_memmap_and_loss_goes_down(toy_store, tmp_path):
 
 def test_trainable_output_changes(toy_store, tmp_path):
     keys, values, W = toy_store
-    res = train_memory(keys, values, W, tmp_path / "m", max_steps=3, train_output=True, **FAST)
+    res = train_mem(keys, values, W, tmp_path / "m", max_steps=3, train_output=True, **FAST)
     assert res.steps == 3
     assert not torch.allclose(res.model.output.weight.detach(), W)
 
@@ -108,7 +108,7 @@ class CountingKeys:
 def test_batches_gather_only_their_rows(toy_store, tmp_path):
     keys, values, W = toy_store
     counting = CountingKeys(keys)
-    train_memory(counting, values, W, tmp_path / "m", epochs=2, **{**FAST, "batch_tokens": 300})
+    train_mem(counting, values, W, tmp_path / "m", epochs=2, **{**FAST, "batch_tokens": 300})
     sizes = [len(c) for c in counting.calls]
     assert sizes == ([300] * 6 + [200]) * 2  # never more than one batch of rows
     assert all(np.all(np.diff(c) > 0) for c in counting.calls)  # sorted, no repeats
@@ -120,8 +120,8 @@ def test_batches_gather_only_their_rows(toy_store, tmp_path):
 
 def test_micro_batches_give_the_same_update(toy_store, tmp_path):
     keys, values, W = toy_store
-    a = train_memory(keys, values, W, tmp_path / "a", max_steps=3, **FAST)
-    b = train_memory(keys, values, W, tmp_path / "b", max_steps=3, micro_batch=64, **FAST)
+    a = train_mem(keys, values, W, tmp_path / "a", max_steps=3, **FAST)
+    b = train_mem(keys, values, W, tmp_path / "b", max_steps=3, micro_batch=64, **FAST)
     for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=k)
 
@@ -129,7 +129,7 @@ def test_micro_batches_give_the_same_update(toy_store, tmp_path):
 def test_save_load_round_trip_and_sizes(toy_store, tmp_path):
     keys, values, W = toy_store
     out = tmp_path / "m"
-    res = train_memory(keys, values, W, out, max_steps=2, **FAST)
+    res = train_mem(keys, values, W, out, max_steps=2, **FAST)
     loaded = load_memory(out, device="cpu")
     z = torch.from_numpy(np.asarray(keys[:50], dtype=np.float32))
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_save_load_round_trip_and_sizes(toy_store, tmp_path):
         "memory_bytes_without_shared_W": own,
         "output_bytes": 4 * V * D,
     }
-    res_t = train_memory(keys, values, W, tmp_path / "t", max_steps=1, train_output=True, **FAST)
+    res_t = train_mem(keys, values, W, tmp_path / "t", max_steps=1, train_output=True, **FAST)
     st = memory_storage(res_t.out_dir)
     assert st["memory_bytes_without_shared_W"] == own + 4 * V * D  # a trained W is the memory's own
 
@@ -155,10 +155,10 @@ def test_save_load_round_trip_and_sizes(toy_store, tmp_path):
 def test_resume_continues_exactly(toy_store, tmp_path):
     keys, values, W = toy_store
     run = {**FAST, "epochs": 2}  # 10 steps per epoch: the resumed run crosses an epoch
-    straight = train_memory(keys, values, W, tmp_path / "s", max_steps=14, **run)
-    first = train_memory(keys, values, W, tmp_path / "r", max_steps=6, **run)
+    straight = train_mem(keys, values, W, tmp_path / "s", max_steps=14, **run)
+    first = train_mem(keys, values, W, tmp_path / "r", max_steps=6, **run)
     assert first.steps == 6 and first.config["complete"]
-    again = train_memory(keys, values, W, tmp_path / "r", max_steps=14, **run)
+    again = train_mem(keys, values, W, tmp_path / "r", max_steps=14, **run)
     assert again.resumed_from == 6 and again.steps == 14
     assert again.losses[:6] == first.losses
     for x, y in zip(
@@ -166,23 +166,23 @@ def test_resume_continues_exactly(toy_store, tmp_path):
     ):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     with pytest.raises(KnnlmError, match="other settings"):
-        train_memory(keys, values, W, tmp_path / "r", max_steps=20, **{**run, "lr": 1e-3})
+        train_mem(keys, values, W, tmp_path / "r", max_steps=20, **{**run, "lr": 1e-3})
     with pytest.raises(KnnlmError, match="already trained"):
-        train_memory(keys, values, W, tmp_path / "r", max_steps=3, **run)
-    fresh = train_memory(keys, values, W, tmp_path / "r", max_steps=3, resume=False, **run)
+        train_mem(keys, values, W, tmp_path / "r", max_steps=3, **run)
+    fresh = train_mem(keys, values, W, tmp_path / "r", max_steps=3, resume=False, **run)
     assert fresh.resumed_from == 0 and fresh.steps == 3
 
 
 def test_bad_inputs(toy_store, tmp_path):
     keys, values, W = toy_store
     with pytest.raises(KnnlmError, match="vocabulary"):
-        train_memory(keys, values, W[:5], tmp_path / "m", **FAST)
+        train_mem(keys, values, W[:5], tmp_path / "m", **FAST)
     with pytest.raises(KnnlmError, match="dimension"):
-        train_memory(keys, values, W[:, :8], tmp_path / "m", **FAST)
+        train_mem(keys, values, W[:, :8], tmp_path / "m", **FAST)
     with pytest.raises(KnnlmError, match="values"):
-        train_memory(keys, values[:10], W, tmp_path / "m", **FAST)
+        train_mem(keys, values[:10], W, tmp_path / "m", **FAST)
     with pytest.raises(KnnlmError, match="empty"):
-        train_memory(keys[:0], values[:0], W, tmp_path / "m", **FAST)
+        train_mem(keys[:0], values[:0], W, tmp_path / "m", **FAST)
 
 
 def test_held_out_loss_stopping_rule():

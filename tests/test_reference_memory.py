@@ -12,8 +12,7 @@ from safetensors.numpy import load_file
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.evaluate import evaluate
-from knnlm.experiments.mlp_memory import train_memory
-from tiny import quiet_datastore, write_corpus
+from tiny import quiet_datastore, train_mem, write_corpus
 
 CTX = 16
 
@@ -37,7 +36,7 @@ def test_lm_plus_memory_perplexity_equals_numpy_forward(lm, tmp_path):
     values = np.load(ds / "values.npy", mmap_mode="r")
     mem = tmp_path / "mem"
     W = lm.adapter.output_embedding.detach()
-    train_memory(keys, values, W, mem, hidden=16, lr=1e-2, batch_tokens=128, epochs=2,
+    train_mem(keys, values, W, mem, hidden=16, lr=1e-2, batch_tokens=128, epochs=2,
                  device="cpu", progress=False)  # fmt: skip
     params = load_file(str(mem / "model.safetensors"))
     # LN affine parameters moved away from (1, 0) in training, so LayerNorm matters.

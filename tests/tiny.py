@@ -140,3 +140,15 @@ def project(lm, corpus, ds, split: str = "valid", *, context_len: int, stride: i
     settings = ProjectionSettings(split, window, **settings)
     return run_projection(lm, str(corpus), ds, settings, progress=progress)
 
+
+def train_mem(keys, values, W, out, **kw):
+    """``train_memory`` with its MemoryTrainSettings fields among the keywords."""
+    import dataclasses
+
+    from knnlm.experiments.memory_settings import MemoryTrainSettings
+    from knnlm.experiments.mlp_memory import train_memory
+
+    names = {f.name for f in dataclasses.fields(MemoryTrainSettings)}
+    settings = MemoryTrainSettings(**{k: v for k, v in kw.items() if k in names})
+    rest = {k: v for k, v in kw.items() if k not in names}
+    return train_memory(keys, values, W, out, settings, **rest)

@@ -20,6 +20,7 @@ import torch
 from knnlm.data.corpus import Corpus, pick_split
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import EvalSettings, run_eval
+from knnlm.experiments.memory_settings import MemoryTrainSettings
 from knnlm.experiments.mlp_memory import MemoryTrainResult, train_memory
 from knnlm.experiments.projection import run_projection
 from knnlm.experiments.projection_settings import PROJECTION_ARGS, ProjectionSettings
@@ -286,13 +287,16 @@ class KnnLM:
         defaults are ``knnlm memory train``'s. Use it with ``perplexity(..., memory=out)``.
         Example: ``knn_lm.train_memory(ds, "runs/mem", hidden=256, max_steps=100)``.
         """
+        settings = MemoryTrainSettings(
+            hidden=hidden, lr=lr, batch_tokens=batch_tokens, epochs=epochs, max_steps=max_steps,
+            seed=seed, train_output=train_output, micro_batch=micro_batch,
+        )  # fmt: skip
         ds = datastore if isinstance(datastore, Datastore) else Datastore.load(datastore)
         ds.check_compatible(self.lm)
         return train_memory(
-            ds.keys, ds.values, self.lm.adapter.output_embedding.detach(), out, hidden=hidden,
-            lr=lr, batch_tokens=batch_tokens, epochs=epochs, max_steps=max_steps, seed=seed,
-            train_output=train_output, device=self.device, progress=progress,
-            micro_batch=micro_batch, overwrite=overwrite, datastore=datastore_record(ds),
+            ds.keys, ds.values, self.lm.adapter.output_embedding.detach(), out, settings,
+            device=self.device, progress=progress, overwrite=overwrite,
+            datastore=datastore_record(ds),
         )  # fmt: skip
 
     def generate(

@@ -73,11 +73,18 @@ def memory_train(
     wait: bool = WAIT,
 ) -> None:
     """Train the memory MLP logits = W (z + LN(MLP(z))) on a datastore's keys -> next tokens."""
+    from knnlm.experiments.memory_settings import MemoryTrainSettings
     from knnlm.experiments.mlp_memory import train_memory
     from knnlm.fileio import claim_target
     from knnlm.retrieval.datastore import datastore_record, open_datastore
     from knnlm.retrieval.memory import CONFIG_FILE, KIND, memory_storage, storage_report
+    from knnlm.settings import build, flag
 
+    settings = build(
+        MemoryTrainSettings, flag(), hidden=hidden, lr=lr, batch_tokens=batch_tokens,
+        epochs=epochs, max_steps=max_steps, seed=seed, train_output=train_output,
+        micro_batch=micro_batch,
+    )  # fmt: skip
     hold_lock(ctx, out, "memory model")
     claim_target(out, KIND, CONFIG_FILE, what="memory model")  # before loading anything
     ds = open_datastore(datastore)
@@ -85,23 +92,9 @@ def memory_train(
     ds.check_compatible(lm)
     record = datastore_record(ds)
     result = train_memory(
-        ds.keys,
-        ds.values,
-        lm.adapter.output_embedding.detach(),
-        out,
-        hidden=hidden,
-        lr=lr,
-        batch_tokens=batch_tokens,
-        epochs=epochs,
-        max_steps=max_steps,
-        seed=seed,
-        train_output=train_output,
-        device=device,
-        progress=not quiet,
-        micro_batch=micro_batch,
-        overwrite=overwrite,
-        datastore=record,
-    )
+        ds.keys, ds.values, lm.adapter.output_embedding.detach(), out, settings, device=device,
+        progress=not quiet, overwrite=overwrite, datastore=record,
+    )  # fmt: skip
     storage = storage_report(ds, memory_storage(out))
     summary = {
         "out": str(out),

@@ -40,6 +40,7 @@ from knnlm.errors import KnnlmError
 from knnlm.experiments.macondo_aggregate import group_means
 from knnlm.experiments.macondo_settings import MacondoSettings, upgrade_settings
 from knnlm.experiments.macondo_tuning import dev_mask, knn_grid_log_probs, tune
+from knnlm.experiments.memory_settings import MemoryTrainSettings
 from knnlm.experiments.mlp_memory import train_memory
 from knnlm.fileio import read_json, write_json_atomic
 from knnlm.lm.adapters import Adapter, position_limit
@@ -426,11 +427,11 @@ def _memory_scores(
     grid chooses w on dev), into ``scores``."""
     m, memory_dir = settings.memory, seed_dir / "memory"
     store = open_datastore(seed_dir / "datastore")
+    memory = MemoryTrainSettings(hidden=m["hidden"], lr=m["lr"], batch_tokens=m["batch_tokens"],
+                                 epochs=m["epochs"], seed=seed)  # fmt: skip
     tr = train_memory(
-        store.keys, store.values, lm.adapter.output_embedding.detach(), memory_dir,
-        hidden=m["hidden"], lr=m["lr"], batch_tokens=m["batch_tokens"], epochs=m["epochs"],
-        seed=seed, progress=False, overwrite=True,
-        datastore={"path": str(store.path), "n": store.n},
+        store.keys, store.values, lm.adapter.output_embedding.detach(), memory_dir, memory,
+        progress=False, overwrite=True, datastore={"path": str(store.path), "n": store.n},
     )  # fmt: skip
     scored = continuation_log_probs(
         lm, data.prompts, data.conts, batch_size=settings.batch_size_eval,

@@ -49,6 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
+from knnlm.experiments.memory_settings import MemoryTrainSettings
 from knnlm.fileio import (
     ARTIFACT_KEY,
     claim_target,
@@ -237,17 +238,10 @@ def train_memory(
     values: Any,
     W: torch.Tensor,
     out_dir: str | Path,
-    hidden: int = 4096,
-    lr: float = 1e-5,
-    batch_tokens: int = 9216,
-    epochs: int = 1,
-    max_steps: int | None = None,
-    seed: int = 0,
-    train_output: bool = False,
+    settings: MemoryTrainSettings = MemoryTrainSettings(),
+    *,
     device: str | torch.device | None = None,
     progress: bool = True,
-    weight_decay: float = 0.0,
-    micro_batch: int | None = None,
     resume: bool = True,
     overwrite: bool = False,
     datastore: dict[str, Any] | None = None,
@@ -259,9 +253,9 @@ def train_memory(
     ``np.load(path, mmap_mode="r")`` memmaps; any array that supports ``a[index_array]``
     works. Only the current batch of rows and at most two gathered ahead are in memory.
     ``W`` (V x d) is the LM's output embedding (copied; a bias of the LM head is ignored).
-    ``batch_tokens`` defaults to the paper's 3 x 3072; ``micro_batch`` splits each batch to
-    save memory (same gradient).
-    Training runs ``epochs`` passes, or stops after ``max_steps`` optimiser steps in total.
+    ``settings`` (:class:`MemoryTrainSettings`): ``batch_tokens`` defaults to the paper's
+    3 x 3072; ``micro_batch`` splits each batch to save memory (same gradient). Training runs
+    ``epochs`` passes, or stops after ``max_steps`` optimiser steps in total.
 
     Checkpoints (model, optimiser state, loss curve, config) go to ``<out_dir>.partial`` at
     the end of every epoch; when training is complete that folder is swapped in as
@@ -277,16 +271,23 @@ def train_memory(
     out_dir = Path(out_dir)
     claim_target(out_dir, KIND, CONFIG_FILE, what="memory model")
     _check_inputs(keys, values, W)
-    _check_schedule(batch_tokens, epochs, max_steps, lr)
+    st = settings
+    batch_tokens, epochs, max_steps, lr, seed = (
+        st.batch_tokens,
+        st.epochs,
+        st.max_steps,
+        st.lr,
+        st.seed,
+    )
     dev = pick_device(device)
     n = int(values.shape[0])
     per_epoch = math.ceil(n / batch_tokens)
     total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
-    model = _new_model(W, hidden, train_output, seed).to(dev)
-    settings = _resume_settings(model, W, lr, weight_decay, batch_tokens, seed, n)
+    model = _new_model(W, st.hidden, st.train_output, seed).to(dev)
+    resume_key = _resume_settings(model, W, lr, st.weight_decay, batch_tokens, seed, n)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    start, curve, source = _resume_point(out_dir, settings, total, resume, overwrite)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=st.weight_decay)
+    start, curve, source = _resume_point(out_dir, resume_key, total, resume, overwrite)
     if source == out_dir and start == total:  # finished: returned as is
         return _finished(out_dir, model, start, curve["loss"], per_epoch, n, t0)
     # A temporary that is not the checkpoint we continue from is stale: start it afresh.
@@ -297,11 +298,11 @@ def train_memory(
         model=model,
         opt=opt,
         device=dev,
-        settings=settings,
+        settings=resume_key,
         out_dir=out_dir,
         partial=partial,
         batch_tokens=batch_tokens,
-        micro=micro_batch or batch_tokens,
+        micro=st.micro_batch or batch_tokens,
         per_epoch=per_epoch,
         total=total,
         epochs=epochs,
@@ -358,13 +359,6 @@ def _finished(
         resumed_from=steps,
         config=read_memory_config(out_dir),
     )
-
-
-def _check_schedule(batch_tokens: int, epochs: int, max_steps: int | None, lr: float) -> None:
-    if batch_tokens < 1 or epochs < 1 or (max_steps is not None and max_steps < 1):
-        raise KnnlmError("batch_tokens, epochs and max_steps must be positive")
-    if lr <= 0:
-        raise KnnlmError(f"learning rate must be positive, got {lr}")
 
 
 def _new_model(W: torch.Tensor, hidden: int, train_output: bool, seed: int) -> MemoryMLP:

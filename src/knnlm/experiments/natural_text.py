@@ -23,6 +23,7 @@ from knnlm.data.corpus import load_tokens, read_split, tokenize_text
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
 from knnlm.experiments.memory_control import control_perplexities, token_gain, train_control
+from knnlm.experiments.memory_settings import MemoryTrainSettings
 from knnlm.experiments.mlp_memory import stopped_improving, train_memory
 from knnlm.experiments.projection import run_projection
 from knnlm.experiments.projection_settings import ProjectionSettings
@@ -294,11 +295,13 @@ def _train_memory(cfg: ReproduceConfig, seed: int, lm, store, art: Path, corpus:
     ``memory_max_steps`` end it. Returns (the training result, the stopping record)."""
 
     def run(max_steps: int | None):
+        settings = MemoryTrainSettings(
+            hidden=cfg.memory_hidden, lr=cfg.memory_lr, batch_tokens=cfg.memory_batch_tokens,
+            epochs=cfg.memory_epochs, max_steps=max_steps, seed=seed,
+        )  # fmt: skip
         return train_memory(
             store.keys, store.values, lm.adapter.output_embedding.detach(), art / "memory",
-            hidden=cfg.memory_hidden, lr=cfg.memory_lr, batch_tokens=cfg.memory_batch_tokens,
-            epochs=cfg.memory_epochs, max_steps=max_steps, seed=seed, progress=False,
-            datastore={"path": str(store.path), "n": store.n},
+            settings, progress=False, datastore={"path": str(store.path), "n": store.n},
         )  # fmt: skip
 
     every = cfg.memory_eval_every
