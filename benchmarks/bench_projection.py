@@ -18,7 +18,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from knnlm.experiments.projection_solver import solve_projection, solve_projection_loop
+from knnlm.experiments.projection.solver import solve_projection, solve_projection_loop
 from knnlm.lm.adapters import Adapter
 
 

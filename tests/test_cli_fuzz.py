@@ -40,11 +40,11 @@ GOOD = {"model": "{model}", "corpus": "{corpus}", "datastore": "{ds}", "ds": "{d
         "preset": "tiny", "max_positions": "3"}  # fmt: skip
 STUBBED = [
     ("knnlm.lm.train", "train_lm"),
-    ("knnlm.experiments.mlp_memory", "train_memory"),
+    ("knnlm.experiments.mlp_memory.train", "train_memory"),
     ("knnlm.experiments.reproduce", "reproduce"),
-    ("knnlm.experiments.hurdle", "run_hurdle"),
-    ("knnlm.experiments.macondo", "run_macondo"),
-    ("knnlm.experiments.projection", "run_projection"),
+    ("knnlm.experiments.hurdle.run", "run_hurdle"),
+    ("knnlm.experiments.macondo.run", "run_macondo"),
+    ("knnlm.experiments.projection.run", "run_projection"),
     ("knnlm.inspect.server", "serve"),  # knnlm inspect's server would run until Ctrl-C
 ]
 

@@ -59,8 +59,8 @@ def test_every_choice_is_listed_and_every_default_shows():
 
 def test_preset_vocabularies_match_their_registries():
     from knnlm.cli.common import HurdlePreset, LmPreset, MacondoPreset
-    from knnlm.experiments.hurdle_setup import HURDLE_PRESETS
-    from knnlm.experiments.macondo_settings import RUN_PRESETS
+    from knnlm.experiments.hurdle.settings import HURDLE_PRESETS
+    from knnlm.experiments.macondo.settings import RUN_PRESETS
     from knnlm.lm.presets import PRESETS
 
     assert [p.value for p in LmPreset] == list(PRESETS)

@@ -32,7 +32,7 @@ PRELOAD = [
     "knnlm.retrieval.search.index_build",
     "knnlm.evaluate",
     "knnlm.lm.train",
-    "knnlm.experiments.mlp_memory",
+    "knnlm.experiments.mlp_memory.train",
 ]
 TRIALS = {"datastore build": 3, "datastore index": 2, "eval --cache": 2, "memory": 2, "train": 2}
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.hurdle import VARIANTS, compare_curves, run_hurdle
-from knnlm.experiments.hurdle_setup import (
+from knnlm.experiments.hurdle.run import VARIANTS, compare_curves, run_hurdle
+from knnlm.experiments.hurdle.settings import (
     build_model,
     hurdle_settings,
     macondo_for_hurdle,
@@ -253,7 +253,7 @@ def test_interrupted_run_resumes_to_the_same_curve(tmp_path):
 def test_corpus_loss_is_cross_entropy_on_fixed_blocks_by_hand(tiny_tokenizer):
     """Figure 5's logged loss: mean next-token NLL over the chosen blocks, from a softmax
     computed here in numpy (float64)."""
-    from knnlm.experiments.hurdle_setup import corpus_loss_fn
+    from knnlm.experiments.hurdle.settings import corpus_loss_fn
 
     arch = resolve_preset("quick")
     model = build_model(arch, tiny_tokenizer, seed=1).eval()

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.macondo import run_macondo
-from knnlm.experiments.macondo_aggregate import aggregate_groups, group_means, reproduced
-from knnlm.experiments.macondo_settings import MacondoSettings
+from knnlm.experiments.macondo.aggregate import aggregate_groups, group_means, reproduced
+from knnlm.experiments.macondo.run import run_macondo
+from knnlm.experiments.macondo.settings import MacondoSettings
 from knnlm.report.macondo_figures import render_macondo
 
 SIZES = {"n_villagers": 60, "n_parents_per_count": 3}
@@ -188,7 +188,7 @@ def test_bad_settings_fail_clearly(kwargs):
 
 
 def test_settings_resolve_the_preset_and_record_what_the_run_computes():
-    from knnlm.experiments.macondo_settings import RUN_PRESETS
+    from knnlm.experiments.macondo.settings import RUN_PRESETS
 
     p = RUN_PRESETS["quick"]
     s = quick(epochs=None, lr=0.5, seeds=[2, 3], sizes=SIZES, memory={"hidden": 8},
@@ -292,7 +292,7 @@ def test_search_exact_and_auto_give_the_same_results_and_are_recorded(monkeypatc
 
 
 def test_results_cached_before_the_search_option_are_reused_as_auto():
-    from knnlm.experiments.macondo_settings import LEGACY_SEARCH, upgrade_settings
+    from knnlm.experiments.macondo.settings import LEGACY_SEARCH, upgrade_settings
 
     assert upgrade_settings({"k": 8, "search": LEGACY_SEARCH}) == {"k": 8, "search": "auto"}
     assert upgrade_settings({"k": 8, "search": "exact"}) == {"k": 8, "search": "exact"}
@@ -300,7 +300,7 @@ def test_results_cached_before_the_search_option_are_reused_as_auto():
 
 
 def test_tuning_on_a_dev_share_of_the_parents(tmp_path):
-    from knnlm.experiments.macondo_tuning import dev_mask
+    from knnlm.experiments.macondo.tuning import dev_mask
 
     grid = {"dev_share": 1 / 3, "k": [4, 16], "temperature": [1.0, 5.0],
             "knn_weight": [0.2, 0.6], "memory_weight": [0.3]}  # fmt: skip
@@ -366,7 +366,7 @@ def test_tuning_on_a_dev_share_of_the_parents(tmp_path):
 
 
 def test_a_choice_at_the_top_of_the_grid_is_flagged():
-    from knnlm.experiments.macondo_tuning import tune
+    from knnlm.experiments.macondo.tuning import tune
 
     lm = np.log(np.full(6, 0.1))
     dev = np.array([True, True, True, False, False, False])

@@ -10,7 +10,7 @@ import torch
 
 from knnlm.data.corpus import load_tokens
 from knnlm.evaluate import evaluate
-from knnlm.experiments.memory_control import control_perplexities, train_control
+from knnlm.experiments.mlp_memory.control import control_perplexities, train_control
 from knnlm.forward_pass import score_stream
 from knnlm.lm.loading import load_lm
 

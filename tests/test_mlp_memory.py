@@ -186,7 +186,7 @@ def test_bad_inputs(toy_store, tmp_path):
 
 
 def test_held_out_loss_stopping_rule():
-    from knnlm.experiments.mlp_memory import stopped_improving
+    from knnlm.experiments.mlp_memory.train import stopped_improving
 
     assert not stopped_improving([5.0])  # one check: nothing to compare
     assert not stopped_improving([5.0, 4.9])

@@ -119,8 +119,8 @@ def test_converged_f_never_ends_above_f_of_g(setup):
 def test_keep_better_takes_the_lower_kl_per_position():
     import torch
 
-    from knnlm.experiments.projection import keep_better
-    from knnlm.experiments.projection_solver import ProjectionResult
+    from knnlm.experiments.projection.run import keep_better
+    from knnlm.experiments.projection.solver import ProjectionResult
 
     def res(kl, z):
         n = len(kl)

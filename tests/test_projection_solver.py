@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.projection_solver import (
+from knnlm.experiments.projection.solver import (
     LOGP_FLOOR,
     kl_model_to_target,
     solve_converged,

@@ -417,7 +417,7 @@ def _capture_labels(monkeypatch) -> list[tuple[str, str]]:
 
 def test_kl_axes_name_the_direction_computed(tmp_path, monkeypatch):
     # The solver minimises KL[f(z) || p_knnlm] (Eq. 2); the axes must say so.
-    from knnlm.experiments.projection_solver import kl_model_to_target
+    from knnlm.experiments.projection.solver import kl_model_to_target
 
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     target = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
@@ -680,7 +680,7 @@ def test_the_knn_weight_sentence_does_not_contradict_itself():
     # Issue 27: "puts 0.25 on p_knn, i.e. w = 1 - λ" said both things at once (1 - 0.25 = 0.75).
     from pathlib import Path
 
-    from knnlm.experiments.macondo_settings import KNN_WEIGHT_NOTE
+    from knnlm.experiments.macondo.settings import KNN_WEIGHT_NOTE
 
     repo = Path(__file__).resolve().parents[1]
     md = (repo / "README.md").read_text()

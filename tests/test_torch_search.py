@@ -148,7 +148,7 @@ def test_exact_search_runs_without_faiss(tmp_path):
         import torch
         from knnlm.errors import KnnlmError
         from knnlm.retrieval.search.choose import open_backend
-        import knnlm.evaluate, knnlm.generation, knnlm.experiments.projection
+        import knnlm.evaluate, knnlm.generation, knnlm.experiments.projection.run
         b = open_backend({str(ds)!r}, "auto")
         assert b.describe()["search"] == "exact"
         print(b.search(torch.eye(4)[:2], 1).rows.tolist())

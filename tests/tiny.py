@@ -132,8 +132,8 @@ def project(lm, corpus, ds, split: str = "valid", *, context_len: int, stride: i
             progress: bool = False, **settings) -> dict:  # fmt: skip
     """``run_projection`` with its ProjectionSettings as keywords; ``stride`` None is
     ``context_len`` (one window after another)."""
-    from knnlm.experiments.projection import run_projection
-    from knnlm.experiments.projection_settings import ProjectionSettings
+    from knnlm.experiments.projection.run import run_projection
+    from knnlm.experiments.projection.settings import ProjectionSettings
     from knnlm.forward_pass import WindowSettings
 
     window = WindowSettings(context_len, stride or context_len)
@@ -145,8 +145,8 @@ def train_mem(keys, values, W, out, **kw):
     """``train_memory`` with its MemoryTrainSettings fields among the keywords."""
     import dataclasses
 
-    from knnlm.experiments.memory_settings import MemoryTrainSettings
-    from knnlm.experiments.mlp_memory import train_memory
+    from knnlm.experiments.mlp_memory.settings import MemoryTrainSettings
+    from knnlm.experiments.mlp_memory.train import train_memory
 
     names = {f.name for f in dataclasses.fields(MemoryTrainSettings)}
     settings = MemoryTrainSettings(**{k: v for k, v in kw.items() if k in names})

@@ -20,10 +20,10 @@ import torch
 from knnlm.data.corpus import Corpus, pick_split
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import EvalSettings, run_eval
-from knnlm.experiments.memory_settings import MemoryTrainSettings
-from knnlm.experiments.mlp_memory import MemoryTrainResult, train_memory
-from knnlm.experiments.projection import run_projection
-from knnlm.experiments.projection_settings import PROJECTION_ARGS, ProjectionSettings
+from knnlm.experiments.mlp_memory.settings import MemoryTrainSettings
+from knnlm.experiments.mlp_memory.train import MemoryTrainResult, train_memory
+from knnlm.experiments.projection.run import run_projection
+from knnlm.experiments.projection.settings import PROJECTION_ARGS, ProjectionSettings
 from knnlm.forward_pass import WindowSettings, position_limit
 from knnlm.generation import KnnLogitsProcessor, attach_processor, generate
 from knnlm.lm import loading

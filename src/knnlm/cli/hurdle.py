@@ -86,8 +86,8 @@ def hurdle_cmd(
 ) -> None:
     """Train GPT-2 models with and without the last MLP from the same initialisation on the
     same batches, and compare how fast they learn (paper Appendix E)."""
-    from knnlm.experiments.hurdle import run_hurdle
-    from knnlm.experiments.hurdle_setup import hurdle_settings
+    from knnlm.experiments.hurdle.run import run_hurdle
+    from knnlm.experiments.hurdle.settings import hurdle_settings
     from knnlm.report.hurdle import render_hurdle
 
     preset = value(preset)

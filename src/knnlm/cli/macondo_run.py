@@ -100,8 +100,8 @@ def run_cmd(
     ),
 ) -> None:
     """Fine-tune on Macondo, score children's names with the LM and the kNN-LM (Table 5)."""
-    from knnlm.experiments.macondo import cli_summary, contract_view, run_macondo
-    from knnlm.experiments.macondo_settings import MacondoSettings
+    from knnlm.experiments.macondo.run import cli_summary, contract_view, run_macondo
+    from knnlm.experiments.macondo.settings import MacondoSettings
     from knnlm.report.macondo_figures import render_macondo, table5
 
     preset = value(preset)

@@ -73,8 +73,8 @@ def memory_train(
     wait: bool = WAIT,
 ) -> None:
     """Train the memory MLP logits = W (z + LN(MLP(z))) on a datastore's keys -> next tokens."""
-    from knnlm.experiments.memory_settings import MemoryTrainSettings
-    from knnlm.experiments.mlp_memory import train_memory
+    from knnlm.experiments.mlp_memory.settings import MemoryTrainSettings
+    from knnlm.experiments.mlp_memory.train import train_memory
     from knnlm.fileio import claim_target
     from knnlm.retrieval.datastore import datastore_record, open_datastore
     from knnlm.retrieval.memory import CONFIG_FILE, KIND, memory_storage, storage_report

@@ -75,8 +75,8 @@ def project_cmd(
     from dataclasses import replace
 
     from knnlm.evaluate import open_inputs
-    from knnlm.experiments.projection import run_projection
-    from knnlm.experiments.projection_settings import PROJECTION_FLAGS, ProjectionSettings
+    from knnlm.experiments.projection.run import run_projection
+    from knnlm.experiments.projection.settings import PROJECTION_FLAGS, ProjectionSettings
     from knnlm.forward_pass import WindowSettings
     from knnlm.report.tables import projection_tables
     from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings

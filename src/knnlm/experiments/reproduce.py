@@ -32,16 +32,16 @@ from typing import Any
 
 import torch
 
-from knnlm.experiments import natural_text as nt
-from knnlm.experiments.hurdle import run_hurdle
-from knnlm.experiments.hurdle_setup import hurdle_settings
-from knnlm.experiments.macondo import contract_view, run_macondo
-from knnlm.experiments.macondo_settings import MacondoSettings
+from knnlm.experiments.hurdle.run import run_hurdle
+from knnlm.experiments.hurdle.settings import hurdle_settings
+from knnlm.experiments.macondo.run import contract_view, run_macondo
+from knnlm.experiments.macondo.settings import MacondoSettings
+from knnlm.experiments.natural_text import stage as nt
 from knnlm.experiments.parallel import first_failure, pool, submit
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.experiments.results_schema import check_results
 from knnlm.experiments.stages import Pipeline, StageDisplay
-from knnlm.experiments.width_study import stage_width, width_row
+from knnlm.experiments.width_study.run import stage_width, width_row
 from knnlm.fileio import claim_work_dir, write_json_atomic
 from knnlm.lm.loading import pick_device, torch_threads
 from knnlm.lm.presets import get_preset

@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 from transformers import AutoConfig
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.macondo_settings import MACONDO_MEMORY
-from knnlm.experiments.macondo_tuning import DEFAULT_TUNE
+from knnlm.experiments.macondo.settings import MACONDO_MEMORY
+from knnlm.experiments.macondo.tuning import DEFAULT_TUNE
 from knnlm.lm.adapters import position_limit
 from knnlm.lm.presets import get_preset
 from knnlm.retrieval.search.protocol import check_search

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from knnlm.experiments.macondo import RESULTS
+from knnlm.experiments.macondo.run import RESULTS
 from knnlm.experiments.stats import (
     MIN_SEEDS,
     Interval,

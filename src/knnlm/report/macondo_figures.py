@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.macondo import FIGURE_CURVES, FIGURE_GROUPS, TABLE, contract_view
+from knnlm.experiments.macondo.run import FIGURE_CURVES, FIGURE_GROUPS, TABLE, contract_view
 from knnlm.experiments.stats import mean_std_rows
 from knnlm.fileio import write_text_atomic
 from knnlm.report import figures as F

@@ -220,7 +220,7 @@ def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
 
 def projection_tables(result: Mapping[str, Any]) -> str:
     """Table 1 (perplexities) and Table 3 (KL statistics) of a
-    :func:`knnlm.experiments.projection.run_projection` result, as Markdown."""
+    :func:`knnlm.experiments.projection.run.run_projection` result, as Markdown."""
     s = result["settings"]
     t1 = markdown_table(
         ["", "perplexity"],

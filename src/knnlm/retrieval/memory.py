@@ -8,7 +8,7 @@ own distribution like the kNN component (log-space mix, ``knnlm.retrieval.combin
 
 This module holds what evaluation needs: the model, loading a saved one and its storage
 accounting. Training (the Section 5 experiment) lives in the experiments layer
-(``experiments/mlp_memory.py``).
+(``experiments/mlp_memory/train.py``).
 
 Files of a saved memory (one folder): ``model.safetensors`` and ``config.json`` are the model;
 ``train_state.safetensors`` (optimiser state) and ``loss_curve.json`` are training artefacts and

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from knnlm.data.corpus import read_split, tokenize_text
 from knnlm.errors import KnnlmError
-from knnlm.experiments import natural_text as nt
+from knnlm.experiments.natural_text import stage as nt
 from knnlm.experiments.reproduce_config import ReproduceConfig
 from knnlm.experiments.stats import share_interval
 from knnlm.lm.presets import get_preset

@@ -15,8 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from knnlm.data.corpus import load_tokens
-from knnlm.experiments.projection_settings import ProjectionSettings
-from knnlm.experiments.projection_solver import (
+from knnlm.experiments.projection.settings import ProjectionSettings
+from knnlm.experiments.projection.solver import (
     ProjectionResult,
     solve_converged,
     solve_projection,

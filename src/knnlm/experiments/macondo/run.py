@@ -1,6 +1,6 @@
 """The Macondo over-specification experiment (paper Section 4, Figures 1 and 3, Table 5).
 
-For each seed (:mod:`knnlm.experiments.macondo_seed`): generate Macondo with the tokenizer of
+For each seed (:mod:`knnlm.experiments.macondo.seed`): generate Macondo with the tokenizer of
 the model being fine-tuned, fine-tune it on the training sentences ("[villager], who [desc],
 is the parent of [child]", one example each), build a datastore over the same sentences with
 the fine-tuned model, train the MLP memory on it, and score every test example
@@ -8,8 +8,8 @@ the fine-tuned model, train the MLP memory on it, and score every test example
 A model that generalises from the over-specified training sentences gives each of a parent's
 n children log(1/n); the paper finds the LM far below that and the kNN-LM closer.
 
-Settings and presets: :mod:`knnlm.experiments.macondo_settings`. Aggregation over seeds:
-:mod:`knnlm.experiments.macondo_aggregate`.
+Settings and presets: :mod:`knnlm.experiments.macondo.settings`. Aggregation over seeds:
+:mod:`knnlm.experiments.macondo.aggregate`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from knnlm.experiments.macondo_aggregate import (
+from knnlm.experiments.macondo.aggregate import (
     aggregate_curves,
     aggregate_groups,
     reproduced,
 )
-from knnlm.experiments.macondo_seed import run_seed
-from knnlm.experiments.macondo_settings import MacondoSettings
+from knnlm.experiments.macondo.seed import run_seed
+from knnlm.experiments.macondo.settings import MacondoSettings
 from knnlm.experiments.parallel import map_jobs
 from knnlm.fileio import claim_work_dir, write_json_atomic
 from knnlm.lm.loading import pick_device, torch_threads

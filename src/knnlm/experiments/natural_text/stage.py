@@ -22,11 +22,11 @@ from knnlm.data import wikitext2
 from knnlm.data.corpus import load_tokens, read_split, tokenize_text
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
-from knnlm.experiments.memory_control import control_perplexities, token_gain, train_control
-from knnlm.experiments.memory_settings import MemoryTrainSettings
-from knnlm.experiments.mlp_memory import stopped_improving, train_memory
-from knnlm.experiments.projection import run_projection
-from knnlm.experiments.projection_settings import ProjectionSettings
+from knnlm.experiments.mlp_memory.control import control_perplexities, token_gain, train_control
+from knnlm.experiments.mlp_memory.settings import MemoryTrainSettings
+from knnlm.experiments.mlp_memory.train import stopped_improving, train_memory
+from knnlm.experiments.projection.run import run_projection
+from knnlm.experiments.projection.settings import ProjectionSettings
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.fileio import write_json_atomic
 from knnlm.forward_pass import WindowSettings, score_stream
@@ -235,7 +235,7 @@ def _token_log_probs(lm, corpus: str, split: str, cfg: ReproduceConfig, mem, key
 
 
 def _control(cfg, seed, model, corpus, lm, lm_lp, steps, weights, art, mlp_test) -> dict:
-    """Section 5's equal-compute control (:mod:`knnlm.experiments.memory_control`)."""
+    """Section 5's equal-compute control (:mod:`knnlm.experiments.mlp_memory.control`)."""
     lr = get_preset(cfg.lm_preset).lr if cfg.model is None else 1e-4
     info = train_control(
         model, corpus, art / "control", steps=steps, batch_tokens=cfg.memory_batch_tokens,

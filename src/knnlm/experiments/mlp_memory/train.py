@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.memory_settings import MemoryTrainSettings
+from knnlm.experiments.mlp_memory.settings import MemoryTrainSettings
 from knnlm.fileio import (
     ARTIFACT_KEY,
     claim_target,

@@ -180,7 +180,7 @@ class MacondoSettings:
     it. ``sizes`` are the dataset sizes (:data:`MACONDO_SIZE_KEYS`; missing: the generator's
     default), ``memory`` the MLP memory trained on each seed's datastore (hidden, epochs, lr,
     batch_tokens; None: none), ``tune`` the dev-share grid
-    (:data:`knnlm.experiments.macondo_tuning.DEFAULT_TUNE`; None: k, temperature and knn_weight
+    (:data:`knnlm.experiments.macondo.tuning.DEFAULT_TUNE`; None: k, temperature and knn_weight
     fixed), ``eval_every`` (steps) the curves over fine-tuning (Figure 3), with the kNN-LM too
     unless ``curve_knn`` is False. ``search`` is the neighbour search backend (exact, faiss or
     auto: exact on a Macondo datastore, which has no index).

@@ -37,11 +37,11 @@ from knnlm.data.macondo import (
     write_macondo,
 )
 from knnlm.errors import KnnlmError
-from knnlm.experiments.macondo_aggregate import group_means
-from knnlm.experiments.macondo_settings import MacondoSettings, upgrade_settings
-from knnlm.experiments.macondo_tuning import dev_mask, knn_grid_log_probs, tune
-from knnlm.experiments.memory_settings import MemoryTrainSettings
-from knnlm.experiments.mlp_memory import train_memory
+from knnlm.experiments.macondo.aggregate import group_means
+from knnlm.experiments.macondo.settings import MacondoSettings, upgrade_settings
+from knnlm.experiments.macondo.tuning import dev_mask, knn_grid_log_probs, tune
+from knnlm.experiments.mlp_memory.settings import MemoryTrainSettings
+from knnlm.experiments.mlp_memory.train import train_memory
 from knnlm.fileio import read_json, write_json_atomic
 from knnlm.lm.adapters import Adapter, position_limit
 from knnlm.lm.loading import LoadedLM, load_lm, load_tokenizer, pick_device, tokenizer_fingerprint

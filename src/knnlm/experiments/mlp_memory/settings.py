@@ -9,7 +9,7 @@ from knnlm.settings import Settings, require
 
 @dataclass(frozen=True)
 class MemoryTrainSettings(Settings):
-    """What :func:`knnlm.experiments.mlp_memory.train_memory` trains, checked where it is
+    """What :func:`knnlm.experiments.mlp_memory.train.train_memory` trains, checked where it is
     built: the MLP's ``hidden`` size (paper: 4096), AdamW at a constant ``lr`` with
     ``weight_decay``, ``batch_tokens`` keys a step (paper: 3 x 3072) split into
     ``micro_batch`` pieces (same gradient), ``epochs`` passes or ``max_steps`` steps in all,

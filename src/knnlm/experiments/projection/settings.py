@@ -11,7 +11,7 @@ from knnlm.settings import Settings, flag, require
 
 @dataclass(frozen=True)
 class ProjectionSettings(Settings):
-    """Every setting of :func:`knnlm.experiments.projection.run_projection`, checked where it
+    """Every setting of :func:`knnlm.experiments.projection.run.run_projection`, checked where it
     is built: the split and windows scored, the kNN-LM projected (``knn``), a seeded sample of
     ``max_positions`` positions (None: all), Adam at ``lr`` until the KL moves less than
     ``tol`` (at most ``max_steps``; ``fixed_steps``: exactly that many), ``converged`` adds

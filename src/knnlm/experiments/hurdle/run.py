@@ -40,7 +40,7 @@ from torch import nn
 
 from knnlm.data.corpus import read_split
 from knnlm.errors import KnnlmError
-from knnlm.experiments.hurdle_setup import (
+from knnlm.experiments.hurdle.settings import (
     HurdleSettings,
     build_model,
     corpus_loss_fn,

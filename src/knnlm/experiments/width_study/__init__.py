@@ -1,0 +1,1 @@
+"""Section 3 at other model widths: run and stage."""
