@@ -24,104 +24,29 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import KW_ONLY, asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from knnlm.experiments.hurdle.run import run_hurdle
-from knnlm.experiments.hurdle.settings import hurdle_settings
-from knnlm.experiments.macondo.run import contract_view, run_macondo
-from knnlm.experiments.macondo.settings import MacondoSettings
-from knnlm.experiments.natural_text import stage as nt
+from knnlm.experiments.hurdle import stage as hurdle
+from knnlm.experiments.macondo import stage as macondo
+from knnlm.experiments.mlp_memory import stage as mlp_memory
+from knnlm.experiments.natural_text import stage as natural_text
 from knnlm.experiments.parallel import first_failure, pool, submit
-from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
+from knnlm.experiments.projection import stage as projection
+from knnlm.experiments.reproduce_config import ReproduceConfig
 from knnlm.experiments.results_schema import check_results
-from knnlm.experiments.stages import Pipeline, StageDisplay
-from knnlm.experiments.width_study.run import stage_width, width_row
+from knnlm.experiments.stages import AnalysisStages, Done, Pipeline, Stage, StageDisplay
+from knnlm.experiments.width_study import stage as width_study
 from knnlm.fileio import claim_work_dir, write_json_atomic
 from knnlm.lm.loading import pick_device, torch_threads
-from knnlm.lm.presets import get_preset
 from knnlm.locking import locks
 from knnlm.provenance import provenance, utc_now
 
 __all__ = ["reproduce", "not_run", "stage_plan", "Stage"]
-
-
-def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
-    """Section 4: fine-tune ``model`` on Macondo, one dataset per seed generated with its
-    tokenizer; per-n log-likelihood of the children (LM, kNN-LM, LM + MLP memory) on the test
-    sentences, the LM's on the training sentences, and curves over fine-tuning steps."""
-    settings = MacondoSettings.from_preset(
-        cfg.macondo_preset,
-        model=model,
-        seeds=[cfg.seed + s for s in range(cfg.macondo_seeds)],
-        k=cfg.k,
-        knn_weight=PAPER_SETTING["knn_weight"],
-        temperature=PAPER_SETTING["temperature"],
-        epochs=cfg.macondo_epochs,
-        lr=cfg.macondo_lr,
-        eval_every=cfg.macondo_eval_every,
-        sizes=cfg.macondo_sizes,
-        memory=cfg.macondo_memory,
-        tune=cfg.macondo_tune,
-        workers=cfg.workers,
-    )
-    res = run_macondo(settings, art, progress=False)
-    out = contract_view(res)
-    out.update(
-        groups=res["groups"],
-        reproduced=res["reproduced"],
-        settings=res["settings"],
-        seconds=res["seconds"],
-        figure1=str(art / res["files"]["figure1"]),
-        table5=str(art / res["files"]["table"]),
-    )
-    if "figure3" in res["files"]:
-        out["figure3"] = str(art / res["files"]["figure3"])
-    return out
-
-
-def stage_hurdle(cfg: ReproduceConfig, corpus: str | None, art: Path) -> dict:
-    """Appendix E: with vs without the last MLP, Macondo log-likelihood (Figure 4) and the
-    natural-text training loss (Figure 5), per seed, step 0 recorded."""
-    settings = hurdle_settings(
-        "full" if cfg.scale == "paper" else "quick",
-        seeds=tuple(cfg.seed + s for s in range(cfg.hurdle_seeds)),
-        steps=cfg.hurdle_steps,
-        eval_every=cfg.hurdle_eval_every,
-        corpus=corpus,
-        corpus_max_chars=cfg.hurdle_corpus_max_chars,
-        **cfg.hurdle_sizes,
-    )
-    res = run_hurdle(settings, art, progress=False)
-    w, wo = res["with_mlp"], res["without_mlp"]
-    loss = None
-    if w.get("loss_eval_steps"):
-        loss = {
-            "steps": w["loss_eval_steps"],
-            "with_mlp": w["loss_eval_per_seed"],
-            "without_mlp": wo["loss_eval_per_seed"],
-            "measured_on": "a fixed sample of training blocks (same for both variants)",
-        }
-    return {
-        "seeds": res["settings"]["seeds"],
-        "loglik": {
-            "steps": w["steps"],
-            "with_mlp": w["loglik_per_seed"],
-            "without_mlp": wo["loglik_per_seed"],
-        },
-        "loss": loss,
-        "figure4": str(art / "figure4.png"),
-        "figure5": str(art / "figure5.png") if res["settings"]["corpus"] else None,
-        "summary": res["summary"],
-        "params": res["params"],
-        "settings": res["settings"],
-        "wall_seconds": res["wall_seconds"],
-    }
 
 
 def not_run(cfg: ReproduceConfig) -> list[dict]:
@@ -166,69 +91,26 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
 
 # ----------------------------------------------------------------------------- stage registry
 
-# The results of the stages run so far, by stage name.
-Done = dict[str, dict]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One cached stage of the reproduction.
-
-    ``name`` is its cache key. It runs as ``run(cfg, done, art, **args)``, where ``cfg`` is a
-    view of the run's settings that notes the fields the stage reads: those fields and their
-    values, the ``fixed`` settings, those ``from_results`` reads off earlier stages, and the
-    fingerprints of the stages in ``deps`` make its fingerprint
-    (:mod:`knnlm.experiments.stages`). The second process takes whole ``group``s.
-    """
-
-    name: str
-    run: Callable[..., dict]
-    _: KW_ONLY
-    deps: tuple[str, ...] = ()
-    fixed: Mapping[str, Any] = field(default_factory=dict)
-    args: Mapping[str, Any] = field(default_factory=dict)
-    from_results: Callable[[ReproduceConfig, Done], dict] | None = None
-    group: str = "main"
-
-    def settings(self, cfg: ReproduceConfig, done: Done) -> dict:
-        """The stage's own settings: ``fixed`` and what it reads off earlier stages."""
-        out = dict(self.fixed)
-        return out | self.from_results(cfg, done) if self.from_results else out
+# Every analysis of the reproduction, one line each (its package's stage.py): the plan runs
+# their stages in this order and results.json holds their entries.
+ANALYSES: list[AnalysisStages] = [
+    natural_text.STAGES,
+    mlp_memory.STAGES,
+    projection.STAGES,
+    macondo.STAGES,
+    width_study.STAGES,
+    hurdle.STAGES,
+]
 
 
 def stage_plan(cfg: ReproduceConfig) -> list[Stage]:
-    """Every stage of a reproduction, in the order one process runs them."""
-    seed0 = cfg.seeds[0]
-    at0 = {"seed": seed0}
+    """Every stage of a reproduction, in the order one process runs them: each analysis's
+    ``before`` stages, then per LM seed each one's ``per_seed`` stages, then the ``after``s."""
     return [
-        Stage("corpus", _run_corpus),
-        *[stage for seed in cfg.seeds for stage in _seed_chain(seed)],
-        Stage("projection", _run_projection, deps=(f"knnlm-{seed0}",),
-              fixed=at0, args=at0 | {"lr_study": False}),
-        Stage("projection_lr", _run_projection, deps=(f"knnlm-{seed0}",),
-              fixed=at0, args=at0 | {"lr_study": True}),
-        Stage("macondo", _run_macondo, deps=_macondo_deps(cfg),
-              from_results=_macondo_settings),
-        *[Stage(f"width-{d}", _run_width, deps=("corpus",), fixed=at0 | {"d": d},
-                args=at0 | {"d": d}) for d in _widths(cfg) if d != _own_width(cfg)],
-        Stage("hurdle", _run_hurdle, deps=("corpus",), group="hurdle",
-              from_results=_hurdle_settings),
-    ]  # fmt: skip
-
-
-def _seed_chain(seed: int) -> list[Stage]:
-    """Sections 2 and 5 for one LM seed: lm, datastore, knnlm, memory."""
-    one, group = {"seed": seed}, f"seed-{seed}"
-    return [
-        Stage(f"lm-{seed}", _run_lm, deps=("corpus",), fixed=one, args=one,
-              group=group),
-        Stage(f"datastore-{seed}", _run_datastore, deps=(f"lm-{seed}",),
-              args=one, group=group),
-        Stage(f"knnlm-{seed}", _run_knnlm, deps=(f"datastore-{seed}",),
-              args=one, group=group),
-        Stage(f"memory-{seed}", _run_memory,
-              deps=(f"datastore-{seed}", f"knnlm-{seed}"), fixed=one, args=one, group=group),
-    ]  # fmt: skip
+        *[st for a in ANALYSES for st in a.before(cfg)],
+        *[st for seed in cfg.seeds for a in ANALYSES for st in a.per_seed(seed)],
+        *[st for a in ANALYSES for st in a.after(cfg)],
+    ]
 
 
 def second_process_groups(cfg: ReproduceConfig) -> list[str]:
@@ -237,88 +119,6 @@ def second_process_groups(cfg: ReproduceConfig) -> list[str]:
     if cfg.workers <= 1:
         return []
     return ["hurdle", *[f"seed-{s}" for s in cfg.seeds[1::2]]]
-
-
-def _widths(cfg: ReproduceConfig) -> list[int]:
-    return sorted({int(x) for x in cfg.width_study or ()})
-
-
-def _own_width(cfg: ReproduceConfig) -> int | None:
-    """The width of the run's own LM (its row of the width study), when it trains one."""
-    return get_preset(cfg.lm_preset).n_embd if cfg.model is None else None
-
-
-def _macondo_model(cfg: ReproduceConfig, done: Done) -> str | None:
-    """Section 4 fine-tunes the first LM of this run (the paper fine-tunes GPT-2); at paper
-    scale it is the given --model or GPT-2 XL."""
-    return done[f"lm-{cfg.seeds[0]}"]["model"] if cfg.scale != "paper" else cfg.model
-
-
-def _macondo_settings(cfg: ReproduceConfig, done: Done) -> dict:
-    return {"model": _macondo_model(cfg, done)}
-
-
-def _hurdle_settings(cfg: ReproduceConfig, done: Done) -> dict:
-    return {"corpus": done["corpus"]["corpus"]}
-
-
-def _macondo_deps(cfg: ReproduceConfig) -> tuple[str, ...]:
-    """The first LM's stage, when Section 4 fine-tunes that LM (at paper scale: when it is the
-    given --model, which that stage passes through)."""
-    return (f"lm-{cfg.seeds[0]}",) if cfg.scale != "paper" or cfg.model is not None else ()
-
-
-# What each stage runs, from the results of the stages before it.
-
-
-def _run_corpus(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
-    return nt.stage_corpus(cfg, art)
-
-
-def _run_lm(cfg: ReproduceConfig, done: Done, art: Path, seed: int) -> dict:
-    corpus = done["corpus"]
-    return nt.stage_lm(cfg, seed, corpus["corpus"], corpus["tokenizer"], art)
-
-
-def _run_datastore(cfg: ReproduceConfig, done: Done, art: Path, seed: int) -> dict:
-    return nt.stage_datastore(cfg, seed, done[f"lm-{seed}"]["model"], done["corpus"]["corpus"], art)
-
-
-def _run_knnlm(cfg: ReproduceConfig, done: Done, art: Path, seed: int) -> dict:
-    model, corpus, ds = _seed_inputs(done, seed)
-    return nt.stage_knnlm(cfg, model, corpus, ds, art, seed=seed)
-
-
-def _run_memory(cfg: ReproduceConfig, done: Done, art: Path, seed: int) -> dict:
-    model, corpus, ds = _seed_inputs(done, seed)
-    return nt.stage_memory(cfg, seed, model, corpus, ds, done[f"knnlm-{seed}"], art)
-
-
-def _run_projection(cfg: ReproduceConfig, done: Done, art: Path, seed: int, lr_study: bool) -> dict:
-    model, corpus, ds = _seed_inputs(done, seed)
-    tuned = done[f"knnlm-{seed}"]["tuned"]
-    return nt.stage_projection(cfg, seed, model, corpus, ds, tuned, art, lr_study=lr_study)
-
-
-def _run_macondo(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
-    return stage_macondo(cfg, _macondo_model(cfg, done), art)
-
-
-def _run_width(cfg: ReproduceConfig, done: Done, art: Path, seed: int, d: int) -> dict:
-    return stage_width(cfg, d, seed, done["corpus"], art)
-
-
-def _run_hurdle(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
-    return stage_hurdle(cfg, done["corpus"]["corpus"], art)
-
-
-def _seed_inputs(done: Done, seed: int) -> tuple[str, str, str]:
-    """One LM seed's model, the corpus, and that LM's datastore."""
-    return (
-        done[f"lm-{seed}"]["model"],
-        done["corpus"]["corpus"],
-        done[f"datastore-{seed}"]["datastore"],
-    )
 
 
 # ----------------------------------------------------------------------------- running
@@ -424,64 +224,8 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
 
 def _assemble(cfg: ReproduceConfig, done: Done) -> dict:
     """results.json in the schema's shape (lists per seed, in the order of ``cfg.seeds``)."""
-    seeds = cfg.seeds
-    results = {
-        "config": asdict(cfg),
-        "corpus": done["corpus"],
-        "lm": [done[f"lm-{s}"] for s in seeds],
-        "datastore": [done[f"datastore-{s}"] for s in seeds],
-        "knnlm": _knnlm_results(seeds, done),
-        "projection": {"lr_0.1": done["projection"], "lr_0.001": done["projection_lr"]},
-        "memory": _memory_results(cfg, seeds, done),
-        "macondo": done["macondo"],
-        "hurdle": done["hurdle"],
-        "not_run": not_run(cfg),
-    }
-    if cfg.width_study:
-        results["width_study"] = _width_study(cfg, done)
+    results = {"config": asdict(cfg)}
+    for analysis in ANALYSES:
+        results |= analysis.results(cfg, done)
+    results["not_run"] = not_run(cfg)
     return results
-
-
-def _knnlm_results(seeds: list[int], done: Done) -> dict:
-    first = done[f"knnlm-{seeds[0]}"]
-    return {
-        "seeds": seeds,
-        "paper_setting": dict(PAPER_SETTING),
-        "per_seed": [
-            {"seed": s, **{k: done[f"knnlm-{s}"][k] for k in ("tuned", "valid", "test", "figure")}}
-            for s in seeds
-        ],
-        "sweep": first["sweep"],
-        "figure": first["figure"],
-        "settings": first["settings"],
-    }
-
-
-def _memory_results(cfg: ReproduceConfig, seeds: list[int], done: Done) -> dict:
-    keep = ("seed", "weight", "valid", "test", "weight_sweep", "train", "control")
-    return {
-        "seeds": seeds,
-        "per_seed": [{k: done[f"memory-{s}"].get(k) for k in keep} for s in seeds],
-        "storage": done[f"memory-{seeds[0]}"]["storage"],
-        "settings": {
-            "hidden": cfg.memory_hidden,
-            "epochs": cfg.memory_epochs,
-            "lr": cfg.memory_lr,
-            "batch_tokens": cfg.memory_batch_tokens,
-            "max_steps": cfg.memory_max_steps,
-            "weights": cfg.memory_weights,
-            "weight_tuned_on": "valid",
-        },
-    }
-
-
-def _width_study(cfg: ReproduceConfig, done: Done) -> dict:
-    """Section 3 at each width of ``cfg.width_study``; the run's own LM is its width's row."""
-    main = done["projection"]
-    rows = [
-        width_row(d, main) | {"tuned": main.get("tuned"), "main_lm": True}
-        if d == _own_width(cfg)
-        else done[f"width-{d}"]
-        for d in _widths(cfg)
-    ]
-    return {"seed": cfg.seeds[0], "preset": cfg.lm_preset, "rows": rows}

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,54 @@ from knnlm.fileio import canonical_json, short_sha256, write_json_atomic
 
 # 3: the settings a stage read are in its fingerprint (2: hand-kept key lists).
 FORMAT_VERSION = 3
+
+# The results of the stages run so far, by stage name.
+Done = dict[str, dict]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One cached stage of the reproduction.
+
+    ``name`` is its cache key. It runs as ``run(cfg, done, art, **args)``, where ``cfg`` is a
+    view of the run's settings that notes the fields the stage reads: those fields and their
+    values, the ``fixed`` settings, those ``from_results`` reads off earlier stages, and the
+    fingerprints of the stages in ``deps`` make its fingerprint. The second process takes
+    whole ``group``s.
+    """
+
+    name: str
+    run: Callable[..., dict]
+    _: KW_ONLY
+    deps: tuple[str, ...] = ()
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    args: Mapping[str, Any] = field(default_factory=dict)
+    from_results: Callable[[Any, Done], dict] | None = None
+    group: str = "main"
+
+    def settings(self, cfg: Any, done: Done) -> dict:
+        """The stage's own settings: ``fixed`` and what it reads off earlier stages."""
+        out = dict(self.fixed)
+        return out | self.from_results(cfg, done) if self.from_results else out
+
+
+def no_stages(*_: Any) -> list[Stage]:
+    return []
+
+
+@dataclass(frozen=True)
+class AnalysisStages:
+    """One analysis in the reproduction (``stage.py`` of its package ends with one): its
+    stages, run once ``before`` the LM seeds, once ``per_seed`` (in that seed's group), or
+    once ``after`` them, and ``results(cfg, done)``: its entries of results.json. The plan
+    is every analysis's ``before``, then per seed every ``per_seed``, then every ``after``,
+    in the order of ``knnlm.experiments.reproduce.ANALYSES``."""
+
+    results: Callable[[Any, Done], dict]
+    _: KW_ONLY
+    before: Callable[[Any], list[Stage]] = no_stages
+    per_seed: Callable[[int], list[Stage]] = no_stages
+    after: Callable[[Any], list[Stage]] = no_stages
 
 
 class ReadRecorder:

@@ -1,48 +1,38 @@
-"""The natural-text part of the reproduction: Sections 2, 3 and 5 of the paper.
+"""The natural-text part of the reproduction (Section 2), which Sections 3 and 5 build on.
 
-Per LM seed: train the LM (Section 2's baseline), build its datastore over the train split,
-evaluate LM and kNN-LM on valid and test with cached neighbours, choose (weight, temperature)
-on valid from the cache and read both the paper's setting and the tuned one on test; train
-the MLP memory on the same datastore (Section 5), choose its weight on valid, read it on test.
-Section 3 (Eq. 2) runs on the test split of the first seed at the tuned setting.
+``corpus``: the text and a tokenizer; per LM seed: train the LM (the baseline), build its
+datastore over the train split, evaluate LM and kNN-LM on valid and test with cached
+neighbours, choose (weight, temperature) on valid from the cache and read both the paper's
+setting and the tuned one on test. The MLP memory (``mlp_memory/stage.py``) and the
+projection (``projection/stage.py``) read these stages' results.
 """
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from transformers import AutoTokenizer
 
 from knnlm.data import wikitext2
-from knnlm.data.corpus import load_tokens, read_split, tokenize_text
+from knnlm.data.corpus import read_split, tokenize_text
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
-from knnlm.experiments.mlp_memory.control import control_perplexities, token_gain, train_control
-from knnlm.experiments.mlp_memory.settings import MemoryTrainSettings
-from knnlm.experiments.mlp_memory.train import stopped_improving, train_memory
-from knnlm.experiments.projection.run import run_projection
-from knnlm.experiments.projection.settings import ProjectionSettings
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
+from knnlm.experiments.stages import AnalysisStages, Done, Stage
 from knnlm.fileio import write_json_atomic
-from knnlm.forward_pass import WindowSettings, score_stream
 from knnlm.lm.loading import load_lm
 from knnlm.lm.presets import get_preset
 from knnlm.lm.tokenizer import save_tokenizer
 from knnlm.lm.train import model_from_preset, train
 from knnlm.lm.train_config import TrainConfig
 from knnlm.lm.train_data import train_tokenizer_for_corpus
-from knnlm.retrieval.combiner import interpolate, perplexity
 from knnlm.retrieval.datastore import build_datastore, open_datastore
-from knnlm.retrieval.memory import load_memory, memory_storage, storage_report
 from knnlm.retrieval.retriever import KnnSettings
 from knnlm.retrieval.search.index_build import build_index
 from knnlm.sweep import sweep
-from knnlm.token_scores import score_tokens
 
 
 def stage_corpus(cfg: ReproduceConfig, art: Path) -> dict:
@@ -190,170 +180,65 @@ def stage_knnlm(
     return out
 
 
-def stage_projection(
-    cfg: ReproduceConfig, seed: int, model: str, corpus: str, ds: str, tuned: dict, art: Path,
-    *, lr_study: bool,
-) -> dict:  # fmt: skip
-    """Section 3 on the test split at the valid-tuned setting: Eq. 2 at lr 0.1 with the paper's
-    early stop beside the converged solve and its sensitivity rows (Tables 1, 3), or lr 1e-3
-    for 100 steps (Appendix E, Table 4)."""
-    settings = ProjectionSettings(
-        "test", WindowSettings(cfg.context_len, cfg.stride or cfg.context_len),
-        knn=knn_settings(cfg, tuned["knn_weight"], tuned["temperature"]),
-        max_positions=min(cfg.projection_positions, 300) if lr_study else cfg.projection_positions,
-        seed=seed, lr=1e-3 if lr_study else 0.1, max_steps=cfg.projection_max_steps,
-        fixed_steps=100 if lr_study else None,
-        # The claim reads the converged solve; Table 4's paired test the per-position values.
-        converged=not lr_study, converged_max_steps=cfg.projection_converged_max_steps,
-        keep_positions=True,  # (b)'s and (b')'s bootstrap over positions
-    )  # fmt: skip
-    res = run_projection(load_lm(model), corpus, ds, settings, progress=False)
-    # The figure is drawn there by the report layer, from the per-position KL values
-    # (or the KL curve) kept in this result.
-    res.update(
-        split="test",
-        seed=seed,
-        max_steps=100 if lr_study else cfg.projection_max_steps,
-        tuned=tuned,
-        figure=str(art / ("kl_steps.png" if lr_study else "kl_hist.png")),
+def seed_inputs(done: Done, seed: int) -> tuple[str, str, str]:
+    """One LM seed's model, the corpus, and that LM's datastore."""
+    return (
+        done[f"lm-{seed}"]["model"],
+        done["corpus"]["corpus"],
+        done[f"datastore-{seed}"]["datastore"],
     )
-    return res
 
 
-def _token_log_probs(lm, corpus: str, split: str, cfg: ReproduceConfig, mem, key_type: str):
-    """Per scored token: log p_lm(target) and log p_mem(target), one scoring pass read
-    through the per-token scorer."""
-    ids = load_tokens(lm.tokenizer, corpus, split)
-    batches = score_stream(
-        lm.model, ids, cfg.context_len, cfg.stride, key_type=key_type, progress=False
-    )
-    lm_out, mem_out = [], []
-    for scores in score_tokens(batches, memory=mem):
-        lm_out.append(scores.lm_cpu.float())
-        mem_out.append(scores.memory.float().cpu())
-    return torch.cat(lm_out), torch.cat(mem_out)
+def _run_corpus(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
+    return stage_corpus(cfg, art)
 
 
-def _control(cfg, seed, model, corpus, lm, lm_lp, steps, weights, art, mlp_test) -> dict:
-    """Section 5's equal-compute control (:mod:`knnlm.experiments.mlp_memory.control`)."""
-    lr = get_preset(cfg.lm_preset).lr if cfg.model is None else 1e-4
-    info = train_control(
-        model, corpus, art / "control", steps=steps, batch_tokens=cfg.memory_batch_tokens,
-        context_len=cfg.context_len, lr=lr, seed=seed,
-    )  # fmt: skip
-    res = control_perplexities(lm, art / "control", corpus, lm_lp, weights, cfg.context_len,
-                               cfg.stride, against=mlp_test)  # fmt: skip
-    shutil.rmtree(art / "control")  # a copy of the LM; the numbers are kept
-    return {"train": info, **res}
+def _run_lm(cfg: ReproduceConfig, done: Done, art: Path, seed: int) -> dict:
+    corpus = done["corpus"]
+    return stage_lm(cfg, seed, corpus["corpus"], corpus["tokenizer"], art)
 
 
-def stage_memory(
-    cfg: ReproduceConfig, seed: int, model: str, corpus: str, ds: str, knn_res: dict, art: Path
-) -> dict:
-    """Section 5: the MLP memory trained on the datastore, interpolated like p_knn; its weight
-    chosen on valid, read on test. The kNN-LM numbers are the ``knnlm`` stage's."""
-    lm = load_lm(model)
-    store = open_datastore(ds)
-    tr, stop = _train_memory(cfg, seed, lm, store, art, corpus)
-    mem = load_memory(art / "memory", device=str(lm.device))
-    weights = sorted({float(w) for w in cfg.memory_weights})
-    ppl, lm_by_split, mem_test = _memory_grids(cfg, lm, corpus, mem, store.meta["key_type"],
-                                               weights)  # fmt: skip
-    best = int(np.argmin(ppl["valid"]["grid"]))
-    mlp_test = interpolate(lm_by_split["test"], mem_test, weights[best])
-    control = (
-        _control(cfg, seed, model, corpus, lm, lm_by_split, tr.steps, weights, art, mlp_test)
-        if cfg.memory_control
-        else None
-    )
+def _run_datastore(cfg: ReproduceConfig, done: Done, art: Path, seed: int) -> dict:
+    return stage_datastore(cfg, seed, done[f"lm-{seed}"]["model"], done["corpus"]["corpus"], art)
+
+
+def _run_knnlm(cfg: ReproduceConfig, done: Done, art: Path, seed: int) -> dict:
+    model, corpus, ds = seed_inputs(done, seed)
+    return stage_knnlm(cfg, model, corpus, ds, art, seed=seed)
+
+
+def _seed_stages(seed: int) -> list[Stage]:
+    """Section 2 for one LM seed: lm, datastore, knnlm."""
+    one, group = {"seed": seed}, f"seed-{seed}"
+    return [
+        Stage(f"lm-{seed}", _run_lm, deps=("corpus",), fixed=one, args=one, group=group),
+        Stage(f"datastore-{seed}", _run_datastore, deps=(f"lm-{seed}",), args=one, group=group),
+        Stage(f"knnlm-{seed}", _run_knnlm, deps=(f"datastore-{seed}",), args=one, group=group),
+    ]
+
+
+def _results(cfg: ReproduceConfig, done: Done) -> dict:
+    seeds = cfg.seeds
+    first = done[f"knnlm-{seeds[0]}"]
+    knnlm = {
+        "seeds": seeds,
+        "paper_setting": dict(PAPER_SETTING),
+        "per_seed": [
+            {"seed": s, **{k: done[f"knnlm-{s}"][k] for k in ("tuned", "valid", "test", "figure")}}
+            for s in seeds
+        ],
+        "sweep": first["sweep"],
+        "figure": first["figure"],
+        "settings": first["settings"],
+    }
     return {
-        "control": control,
-        "seed": seed,
-        "weight": weights[best],
-        "weight_tuned_on": "valid",
-        "valid": {"tokens": ppl["valid"]["tokens"], "lm": ppl["valid"]["lm"],
-                  "mlp": ppl["valid"]["grid"][best]},
-        "test": {"tokens": ppl["test"]["tokens"], "lm": ppl["test"]["lm"],
-                 "knnlm_tuned": knn_res["test"]["knnlm_tuned"],
-                 "mlp": ppl["test"]["grid"][best],
-                 # (d) under 3 seeds: a bootstrap over the scored test tokens
-                 "gain_tokens": token_gain(mlp_test, lm_by_split["test"])},
-        "weight_sweep": {"weights": weights, "valid": ppl["valid"]["grid"],
-                         "test": ppl["test"]["grid"]},
-        "storage": storage_report(store, memory_storage(art / "memory")),
-        "train": {"steps": tr.steps, "final_loss": tr.final_loss, "seconds": tr.seconds,
-                  **stop},
-    }  # fmt: skip
+        "corpus": done["corpus"],
+        "lm": [done[f"lm-{s}"] for s in seeds],
+        "datastore": [done[f"datastore-{s}"] for s in seeds],
+        "knnlm": knnlm,
+    }
 
 
-def _train_memory(cfg: ReproduceConfig, seed: int, lm, store, art: Path, corpus: str):
-    """The MLP memory on the datastore's (key, value) pairs, saved in ``art / "memory"``.
-
-    With ``cfg.memory_eval_every``, training continues in chunks of that many steps (training
-    is a function of the settings and the step, so chunks resume exactly) until the MLP's loss
-    on the valid split's (key, target) pairs stops improving, or the epochs / the step cap
-    ``memory_max_steps`` end it. Returns (the training result, the stopping record)."""
-
-    def run(max_steps: int | None):
-        settings = MemoryTrainSettings(
-            hidden=cfg.memory_hidden, lr=cfg.memory_lr, batch_tokens=cfg.memory_batch_tokens,
-            epochs=cfg.memory_epochs, max_steps=max_steps, seed=seed,
-        )  # fmt: skip
-        return train_memory(
-            store.keys, store.values, lm.adapter.output_embedding.detach(), art / "memory",
-            settings, progress=False, datastore={"path": str(store.path), "n": store.n},
-        )  # fmt: skip
-
-    every = cfg.memory_eval_every
-    if not every:
-        tr = run(cfg.memory_max_steps)
-        return tr, {"stopped": f"after {tr.steps} steps (no held-out check)", "heldout": []}
-    keys, targets = _valid_pairs(lm, corpus, cfg, store.meta["key_type"])
-    cap = math.ceil(store.n / cfg.memory_batch_tokens) * cfg.memory_epochs
-    cap = cap if cfg.memory_max_steps is None else min(cap, cfg.memory_max_steps)
-    curve: list[dict] = []
-    steps = 0
-    while steps < cap:
-        tr = run(min(cap, steps + every))
-        steps = tr.steps
-        mem = load_memory(art / "memory", device=str(lm.device))
-        with torch.no_grad():
-            loss = -float(mem.target_log_prob(keys, targets).double().mean())
-        curve.append({"step": steps, "valid_loss": loss})
-        if stopped_improving([c["valid_loss"] for c in curve]):
-            return tr, {"stopped": f"held-out loss stopped improving at step {steps}",
-                        "heldout": curve}  # fmt: skip
-    why = "the step cap" if cfg.memory_max_steps is not None and cap == cfg.memory_max_steps \
-        else "the epochs"  # fmt: skip
-    return tr, {"stopped": f"{why} ({cap} steps) reached, held-out loss still improving",
-                "heldout": curve}  # fmt: skip
-
-
-def _valid_pairs(lm, corpus: str, cfg: ReproduceConfig, key_type: str):
-    """The valid split's (key, target) pairs: the MLP's held-out set."""
-    ids = load_tokens(lm.tokenizer, corpus, "valid")
-    keys, targets = [], []
-    for b in score_stream(lm.model, ids, cfg.context_len, cfg.stride, key_type=key_type,
-                          want_lm=False, progress=False):  # fmt: skip
-        keys.append(b.keys.float())
-        targets.append(b.targets)
-    return torch.cat(keys), torch.cat(targets)
-
-
-def _memory_grids(cfg: ReproduceConfig, lm, corpus: str, mem, key_type: str,
-                  weights: list[float]) -> tuple[dict[str, dict], dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
-    """Per split: the LM's perplexity and LM + memory's at each weight; the LM's per-token
-    log-probs (the control reuses them); the memory's per-token test log-probs."""
-    ppl: dict[str, dict] = {}
-    lm_by_split: dict[str, torch.Tensor] = {}
-    for split in ("valid", "test"):
-        lm_lp, mem_lp = _token_log_probs(lm, corpus, split, cfg, mem, key_type)
-        lm_by_split[split] = lm_lp
-        n = len(lm_lp)
-        ppl[split] = {
-            "tokens": n,
-            "lm": perplexity(-float(lm_lp.double().sum()), n),
-            "grid": [perplexity(-float(interpolate(lm_lp, mem_lp, w).double().sum()), n)
-                     for w in weights],
-        }  # fmt: skip
-    return ppl, lm_by_split, mem_lp
+STAGES = AnalysisStages(
+    _results, before=lambda cfg: [Stage("corpus", _run_corpus)], per_seed=_seed_stages
+)

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from knnlm.data.corpus import read_split, tokenize_text
 from knnlm.errors import KnnlmError
 from knnlm.experiments.natural_text import stage as nt
+from knnlm.experiments.projection.stage import stage_projection
 from knnlm.experiments.reproduce_config import ReproduceConfig
 from knnlm.experiments.stats import share_interval
 from knnlm.lm.presets import get_preset
@@ -59,7 +60,7 @@ def stage_width(cfg: ReproduceConfig, d: int, seed: int, data: dict, art: Path) 
     lm = stage_width_lm(cfg, d, seed, corpus, data["tokenizer"], art / "lm")
     ds = nt.stage_datastore(cfg, seed, lm["model"], corpus, art / "ds")
     knn = nt.stage_knnlm(cfg, lm["model"], corpus, ds["datastore"], art / "knn", seed=seed)
-    proj = nt.stage_projection(cfg, seed, lm["model"], corpus, ds["datastore"], knn["tuned"],
+    proj = stage_projection(cfg, seed, lm["model"], corpus, ds["datastore"], knn["tuned"],
                                art / "proj", lr_study=False)  # fmt: skip
     return width_row(d, proj) | {"params": lm["params"], "tuned": knn["tuned"]}
 

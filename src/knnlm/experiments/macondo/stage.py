@@ -1,0 +1,71 @@
+"""Section 4 in the reproduction: one stage, Macondo on the first LM of the run (at paper
+scale the given --model or GPT-2 XL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from knnlm.experiments.macondo.run import contract_view, run_macondo
+from knnlm.experiments.macondo.settings import MacondoSettings
+from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
+from knnlm.experiments.stages import AnalysisStages, Done, Stage
+
+
+def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
+    """Section 4: fine-tune ``model`` on Macondo, one dataset per seed generated with its
+    tokenizer; per-n log-likelihood of the children (LM, kNN-LM, LM + MLP memory) on the test
+    sentences, the LM's on the training sentences, and curves over fine-tuning steps."""
+    settings = MacondoSettings.from_preset(
+        cfg.macondo_preset,
+        model=model,
+        seeds=[cfg.seed + s for s in range(cfg.macondo_seeds)],
+        k=cfg.k,
+        knn_weight=PAPER_SETTING["knn_weight"],
+        temperature=PAPER_SETTING["temperature"],
+        epochs=cfg.macondo_epochs,
+        lr=cfg.macondo_lr,
+        eval_every=cfg.macondo_eval_every,
+        sizes=cfg.macondo_sizes,
+        memory=cfg.macondo_memory,
+        tune=cfg.macondo_tune,
+        workers=cfg.workers,
+    )
+    res = run_macondo(settings, art, progress=False)
+    out = contract_view(res)
+    out.update(
+        groups=res["groups"],
+        reproduced=res["reproduced"],
+        settings=res["settings"],
+        seconds=res["seconds"],
+        figure1=str(art / res["files"]["figure1"]),
+        table5=str(art / res["files"]["table"]),
+    )
+    if "figure3" in res["files"]:
+        out["figure3"] = str(art / res["files"]["figure3"])
+    return out
+
+
+def _model(cfg: ReproduceConfig, done: Done) -> str | None:
+    """Section 4 fine-tunes the first LM of this run (the paper fine-tunes GPT-2); at paper
+    scale it is the given --model or GPT-2 XL."""
+    return done[f"lm-{cfg.seeds[0]}"]["model"] if cfg.scale != "paper" else cfg.model
+
+
+def _settings(cfg: ReproduceConfig, done: Done) -> dict:
+    return {"model": _model(cfg, done)}
+
+
+def _deps(cfg: ReproduceConfig) -> tuple[str, ...]:
+    """The first LM's stage, when Section 4 fine-tunes that LM (at paper scale: when it is the
+    given --model, which that stage passes through)."""
+    return (f"lm-{cfg.seeds[0]}",) if cfg.scale != "paper" or cfg.model is not None else ()
+
+
+def _run(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
+    return stage_macondo(cfg, _model(cfg, done), art)
+
+
+STAGES = AnalysisStages(
+    lambda cfg, done: {"macondo": done["macondo"]},
+    after=lambda cfg: [Stage("macondo", _run, deps=_deps(cfg), from_results=_settings)],
+)
