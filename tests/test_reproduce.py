@@ -443,3 +443,63 @@ def test_the_recorder_notes_what_is_read():
             n = len(ran)
             Pipeline(Path(tmp)).run("s", {}, [], stage, settings)
             assert (len(ran) > n) == reran, settings
+
+
+# A new analysis through the three registration points only (ARCHITECTURE.md's worked example).
+
+
+def _toy_stage(cfg, done, art):
+    """Reads one setting (so it is in the toy stage's key) and an earlier stage's result."""
+    return {"k": cfg.k, "tokens": done["corpus"]["vocab_size"], "gain": 1.0}
+
+
+def test_a_toy_analysis_needs_one_line_in_each_registry(run, tmp_path, monkeypatch):
+    import shutil
+    import types
+    from dataclasses import replace
+
+    import typer
+    from typer.testing import CliRunner
+
+    from knnlm.cli import commands
+    from knnlm.cli.reproduce import TINY
+    from knnlm.experiments import reproduce as rep
+    from knnlm.experiments.reproduce_config import ReproduceConfig
+    from knnlm.experiments.stages import AnalysisStages, Stage
+    from knnlm.report import analyses
+    from knnlm.report.analysis import Analysis, Claim
+    from knnlm.report.reproduction_report import write_reproduction_report
+    from knnlm.report.verdicts import HELD, NOT_HELD, verdict
+
+    toy = AnalysisStages(
+        lambda cfg, done: {"toy": done["toy"]},
+        after=lambda cfg: [Stage("toy", _toy_stage, deps=("corpus",))],
+    )
+    claim = "(t) the toy analysis gains"
+
+    def judge(r):
+        return verdict(claim, HELD if r["toy"]["gain"] > 0 else NOT_HELD, "gain > 0", "toy")
+
+    section = Analysis(
+        key="toy",
+        title="Toy analysis",
+        claims=(Claim(claim, "gain > 0", judge),),
+        section=lambda r, figs: f"toy gain {r['toy']['gain']} at k={r['toy']['k']}\n",
+    )
+    monkeypatch.setattr(rep, "ANALYSES", [*rep.ANALYSES, toy])  # the stage plan
+    monkeypatch.setattr(analyses, "ANALYSES", (*analyses.ANALYSES, section))  # the report
+    cmd = types.SimpleNamespace(COMMANDS=[("toy", lambda: typer.echo("toy ran"))])
+    monkeypatch.setattr(commands, "MODULES", [*commands.MODULES, cmd])  # the CLI
+
+    out = tmp_path / "repro"
+    shutil.copytree(run[0], out)
+    cfg = replace(ReproduceConfig.for_scale("quick", **TINY), workers=1)
+    results = write_reproduction_report(out, rep.reproduce(cfg, out, progress=False))
+    assert results["toy"] == {"k": cfg.k, "tokens": results["corpus"]["vocab_size"], "gain": 1.0}
+    stages = json.loads((out / "results.json").read_text())["stages"]
+    assert not stages["toy"]["cached"] and stages["corpus"]["cached"]  # only the toy ran
+    assert [c["status"] for c in results["claims"] if c["claim"] == claim] == [HELD]
+    assert "toy gain 1.0" in (out / "report.md").read_text()
+    app = typer.Typer()
+    commands.register(app)
+    assert CliRunner().invoke(app, ["toy"]).output == "toy ran\n"

@@ -48,9 +48,11 @@ MODULES: list = [
 ]
 
 
-def register(app: typer.Typer, modules: list = MODULES) -> None:
-    """Add the commands of ``modules``' ``COMMANDS`` tables to ``app``, grouped commands under
-    a fresh sub-app per group; a name declared twice is an error."""
+def register(app: typer.Typer, modules: list | None = None) -> None:
+    """Add the commands of ``modules``' (default: :data:`MODULES`) ``COMMANDS`` tables to
+    ``app``, grouped commands under a fresh sub-app per group; a name declared twice is an
+    error."""
+    modules = MODULES if modules is None else modules
     seen: set[str] = set()
     groups: dict[str, typer.Typer] = {}
     for module in modules:

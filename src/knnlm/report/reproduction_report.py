@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from knnlm.fileio import write_json_atomic
-from knnlm.report import run_sections
-from knnlm.report.analyses import ANALYSES, make_claims
+from knnlm.report import analyses, run_sections
 from knnlm.report.analysis import FigureSink, get_path
 from knnlm.report.html import write_report
 from knnlm.report.tables import claims_table
@@ -24,10 +23,10 @@ def draw_figures(r: Mapping[str, Any], out: Path) -> tuple[dict[str, str | None]
     read), copying the ones the pipeline drew where the data to draw them is not there. Returns
     (figure paths relative to ``out``, why a figure is missing)."""
     sink = FigureSink(out)
-    for a in ANALYSES:
+    for a in analyses.ANALYSES:
         if a.paper_figures:
             a.paper_figures(r, sink)
-    for a in ANALYSES:
+    for a in analyses.ANALYSES:
         if a.evidence_figures:
             a.evidence_figures(r, sink)
     return sink.figs, sink.why
@@ -36,7 +35,7 @@ def draw_figures(r: Mapping[str, Any], out: Path) -> tuple[dict[str, str | None]
 def draw_stage_figures(r: Mapping[str, Any]) -> None:
     """Every stage's own figures (and Table 5) of a reproduction, at the paths its results
     record (each analysis' ``stage_figures``)."""
-    for a in ANALYSES:
+    for a in analyses.ANALYSES:
         if a.stage_figures:
             a.stage_figures(r)
 
@@ -98,7 +97,9 @@ def render_markdown(
     if r.get("provenance"):
         body.append(run_sections.provenance_section(r))
     body.append(_claims_section(r["claims"]))
-    body += [_section(a.title, a.key, a.section, r, dict(figs)) for a in ANALYSES if a.section]
+    body += [
+        _section(a.title, a.key, a.section, r, dict(figs)) for a in analyses.ANALYSES if a.section
+    ]
     if why:
         body.append(
             "## Figures not drawn\n\n"
@@ -116,7 +117,7 @@ def write_paper_report(out: Path, results: dict) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figs, why = draw_figures(results, out)
-    results["claims"] = make_claims(results)
+    results["claims"] = analyses.make_claims(results)
     results["figures"] = {k: v for k, v in figs.items() if v}
     # Per-position KL lists are large; the report keeps their statistics and histogram.
     # Table 4's per-position log-probabilities stay: its claim is re-read from them.
