@@ -165,8 +165,8 @@ MUTANTS: list[Mutant] = [
             ),
             (
                 "FaissBackend.nearest",
-                "        if self.recompute:\n            dist, ids = ",
-                "        if False:\n            dist, ids = ",
+                "        if self.recompute:\n",
+                "        if False:\n",
             ),
         ),  # fmt: skip
         (
