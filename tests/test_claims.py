@@ -44,6 +44,8 @@ def test_fixture_matches_contract_and_every_claim_holds():
     check_results(r)
     out = make_claims(r)
     assert [c["status"] for c in out] == [HELD] * len(LABELS), [c["evidence"] for c in out]
+    # Every verdict says what this scale can test against what the paper ran (issue 27).
+    assert all(c.get("scale", "").startswith("paper: ") for c in out)
     json.dumps(out)  # results.json keeps them
 
 
