@@ -241,7 +241,7 @@ def test_cli_quick_run(monkeypatch, tmp_path, capsys):
     "args, message",
     [
         (["--seeds", "0"], "--seeds"),
-        (["--model", "/no/such/model/dir"], "does not exist"),
+        (["--model", "/no/such/model/dir"], "no such folder"),
         (["--quick", "--model", "gpt2"], "from scratch"),
     ],
 )
