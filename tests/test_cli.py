@@ -209,3 +209,24 @@ def test_eval_own_text_other_layout_excludes_and_warns_when_off(
     assert "own" in res["no"]["warnings"][0]
     # Keeping the own row makes the kNN-LM look better: the difference exclusion makes.
     assert res["no"]["knnlm"]["perplexity"] < res["auto"]["knnlm"]["perplexity"]
+
+
+def test_hurdle_on_your_own_gpt2_config(monkeypatch, capsys, tiny_lm_dir, tmp_path):
+    """--model-config: the architecture of a saved model (2 layers, d=32, 2 heads), trained
+    from scratch with and without its last MLP; another family's config is one line."""
+    code, _, err = run_cli(monkeypatch, capsys, "hurdle", "--model-config", tiny_lm_dir,
+                           "--quick", "--seeds", "1", "--steps", "2", "--eval-every", "1",
+                           "--out", tmp_path / "h", "--json", tmp_path / "h.json", "-q")  # fmt: skip
+    assert code == 0, err
+    arch = json.loads((tmp_path / "h.json").read_text())["settings"]["preset"]
+    cfg = json.loads((tiny_lm_dir / "config.json").read_text())
+    assert (arch["n_layer"], arch["n_embd"], arch["n_head"]) == (2, 32, 2)
+    assert arch["context_len"] == cfg["n_positions"] == 128
+    other = tmp_path / "llama.json"
+    other.write_text(json.dumps({"model_type": "llama"}))
+    code, _, err = run_cli(monkeypatch, capsys, "hurdle", "--model-config", other, "--quick",
+                           "--out", tmp_path / "h2")  # fmt: skip
+    assert code == 2 and err.strip().splitlines() == [
+        f"Error: {other} is a 'llama' config; the hurdle trains GPT-2 models (the last MLP is "
+        "dropped from a GPT-2 block)"
+    ]
