@@ -61,6 +61,20 @@ def test_eval_datastore_sweep_generate_contract(
                              "--max-new-tokens", 5)  # fmt: skip
     assert code == 0, err
     assert out.startswith("the village")
+    # neighbours answers each -p in turn, each as it answers that prompt alone.
+    both = tmp_path / "nb.json"
+    code, out, err = run_cli(monkeypatch, capsys, "neighbours", "-m", tiny_lm_dir, "-d", ds,
+                             "-p", "the village", "-p", "a river was", "-k", 3, "--json", both)  # fmt: skip
+    assert code == 0, err
+    answers = json.loads(both.read_text())
+    assert [a["prompt"] for a in answers] == ["the village", "a river was"]
+    assert out.count("prompt ") == 2 and out.index("'the village'") < out.index("'a river was'")
+    for a in answers:
+        one = tmp_path / "one.json"
+        run_cli(monkeypatch, capsys, "neighbours", "-m", tiny_lm_dir, "-d", ds, "-p",
+                a["prompt"], "-k", 3, "--json", one)  # fmt: skip
+        (alone,) = json.loads(one.read_text())
+        assert len(a["neighbours"]) == 3 and a == alone
 
 
 @pytest.mark.parametrize(
