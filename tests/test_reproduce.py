@@ -311,6 +311,7 @@ def test_windows_are_capped_at_the_models_positions(users_model, tmp_path):
     # the stride (256) with it; a context or stride the user gave stays as given.
     cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model))
     assert (cfg.context_len, cfg.stride) == (128, 64)
+    assert cfg.lm_seeds == 1 and cfg.macondo_seeds == 5  # one given LM; Macondo's seeds stay
     cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model), stride=16)
     assert (cfg.context_len, cfg.stride) == (128, 16)
     assert ReproduceConfig.for_scale("corpus", corpus="c", context_len=200).context_len == 200
