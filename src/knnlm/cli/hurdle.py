@@ -67,7 +67,8 @@ def hurdle_cmd(
         None,
         "--model-config",
         help="Your own GPT-2 architecture instead of --preset: a config.json, or a model "
-        "folder holding one (trained from scratch here, with and without its last MLP).",
+        "folder holding one (trained from scratch here, with and without its last MLP).  "
+        "(default: --preset's)",
         show_default=False,
     ),
     lr: float | None = typer.Option(
