@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from knnlm.experiments.results_schema import check_results
+from tiny import USER_NAMES
 
 N_KEYS = ["1", "2", "3", "4", "5"]
 
@@ -263,25 +264,13 @@ def test_stage_plan_names_and_dependencies():
 
 
 # A user's own model: its tokenizer, its positions, its given names.
-GIVEN = ("Ada Bela Cora Dina Edda Fenn Gus Hana Ivo Jana Kai Lena Milo Nora Otto Pia Rosa Sami "
-         "Tomas Uma Vera Wim Xena Yara Zeno Alma Bruno Cleo Dario Elsa Fritz Greta Hugo Ines "
-         "Jonas Karla Luca Mara Nils Olga").split()  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def users_model(tmp_path_factory) -> tuple[Path, Path]:
-    """A random 2-layer, 128-position GPT-2 whose BPE makes each of GIVEN one token, and a
-    given-name file of them."""
-    from knnlm.lm.tokenizer import train_bpe_tokenizer
-    from tiny import make_text, save_tiny_model
+    from tiny import users_model
 
-    folder = tmp_path_factory.mktemp("users")
-    lines = make_text(300, 0).splitlines(keepends=True)
-    lines += [f"the child of {n} is {n} .\n" for n in GIVEN] * 3
-    tok = train_bpe_tokenizer(lines, vocab_size=600, min_frequency=1)
-    names = folder / "names.txt"
-    names.write_text("\n".join(GIVEN) + "\n")
-    return save_tiny_model(folder / "model", tok), names
+    return users_model(tmp_path_factory.mktemp("users"))
 
 
 def test_reproduce_on_a_users_model(tmp_path, users_model):
@@ -304,7 +293,7 @@ def test_reproduce_on_a_users_model(tmp_path, users_model):
     assert mac["model"] == str(model) and mac["macondo"]["given_names"] == [str(names)]
     children = {x["child"] for s in r["macondo"]["seeds"]
                 for x in _jsonl(out / "artifacts" / "macondo" / f"seed-{s}" / "data" / "test.jsonl")}  # fmt: skip
-    assert children and children <= set(GIVEN)
+    assert children and children <= set(USER_NAMES)
     assert "width_study" not in r  # it studies LMs trained here
     assert (out / "report.md").is_file()
 
@@ -322,6 +311,7 @@ def test_windows_are_capped_at_the_models_positions(users_model, tmp_path):
     # the stride (256) with it; a context or stride the user gave stays as given.
     cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model))
     assert (cfg.context_len, cfg.stride) == (128, 64)
+    assert cfg.lm_seeds == 1 and cfg.macondo_seeds == 5  # one given LM; Macondo's seeds stay
     cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model), stride=16)
     assert (cfg.context_len, cfg.stride) == (128, 16)
     assert ReproduceConfig.for_scale("corpus", corpus="c", context_len=200).context_len == 200

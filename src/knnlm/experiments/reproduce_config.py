@@ -142,6 +142,8 @@ class ReproduceConfig:
                 setattr(base, key, value)
         if base.model is not None and overrides.get("context_len") is None:
             base.fit_window(model_positions(base.model), overrides.get("stride") is None)
+        if base.model is not None and overrides.get("lm_seeds") is None:
+            base.lm_seeds = 1  # one given LM: more "LM seeds" would repeat the same work
         if base.scale in ("corpus", "paper") and not base.corpus:
             raise KnnlmError("the natural-text part needs --corpus DIR (or an hf: dataset spec)")
         if base.lm_seeds < 1 or base.macondo_seeds < 1 or base.hurdle_seeds < 1:
