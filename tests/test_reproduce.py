@@ -443,3 +443,34 @@ def test_the_recorder_notes_what_is_read():
             n = len(ran)
             Pipeline(Path(tmp)).run("s", {}, [], stage, settings)
             assert (len(ran) > n) == reran, settings
+
+
+def test_width_study_over_seeds_at_corpus_scale():
+    """At corpus scale every width runs for 3 LM seeds (the own width's first seed is the main
+    LM); a width's row holds the shares per seed and their mean with t bounds."""
+    from knnlm.experiments.reproduce import stage_plan
+    from knnlm.experiments.reproduce_config import ReproduceConfig
+    from knnlm.experiments.width_study import rows_over_seeds
+
+    cfg = ReproduceConfig.for_scale("corpus", corpus="c", width_study=[128, 256])  # own: 256
+    assert cfg.width_seeds == 3 and ReproduceConfig.for_scale("quick").width_seeds == 1
+    names = [st.name for st in stage_plan(cfg)]
+    assert [n for n in names if n.startswith("width")] == [
+        "width-128", "width-128-seed-1", "width-128-seed-2", "width-256-seed-1",
+        "width-256-seed-2",
+    ]  # fmt: skip
+    st = next(st for st in stage_plan(cfg) if st.name == "width-128-seed-2")
+    assert st.args == {"seed": 2, "d": 128}
+
+    def row(share):
+        q = {"share": share, "perplexity": 1.0}
+        return {"d": 64, "proj_f": q, "proj_fg": q}
+
+    out = rows_over_seeds([(0, row(0.2)), (1, row(0.4)), (2, row(0.6))])
+    iv = out["proj_f"]["share_over_seeds"]
+    # mean 0.4, sd 0.2, t(0.95, df 2) = 2.919986: half width 2.919986 * 0.2 / sqrt(3)
+    assert iv["mean"] == pytest.approx(0.4) and iv["n"] == 3
+    assert iv["lower"] == pytest.approx(0.4 - 0.33717, abs=1e-4)
+    assert out["proj_f"]["share_per_seed"] == [0.2, 0.4, 0.6] and out["seeds"] == [0, 1, 2]
+    assert out["proj_f"]["perplexity"] == 1.0  # the first seed's row otherwise
+    assert rows_over_seeds([(0, row(0.2))]) == row(0.2)  # one seed: the row as it was

@@ -41,7 +41,7 @@ from knnlm.experiments.parallel import first_failure, pool, submit
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.experiments.results_schema import check_results
 from knnlm.experiments.stages import Pipeline, StageDisplay
-from knnlm.experiments.width_study import stage_width, width_row
+from knnlm.experiments.width_study import rows_over_seeds, stage_width, width_row
 from knnlm.fileio import claim_work_dir, write_json_atomic
 from knnlm.lm.loading import pick_device, torch_threads
 from knnlm.lm.presets import get_preset
@@ -209,8 +209,10 @@ def stage_plan(cfg: ReproduceConfig) -> list[Stage]:
               fixed=at0, args=at0 | {"lr_study": True}),
         Stage("macondo", _run_macondo, deps=_macondo_deps(cfg),
               from_results=_macondo_settings),
-        *[Stage(f"width-{d}", _run_width, deps=("corpus",), fixed=at0 | {"d": d},
-                args=at0 | {"d": d}) for d in _widths(cfg) if d != _own_width(cfg)],
+        *[Stage(_width_stage(d, s, seed0), _run_width, deps=("corpus",),
+                fixed={"seed": s, "d": d}, args={"seed": s, "d": d})
+          for d in _widths(cfg) for s in _width_seeds(cfg)
+          if (d, s) != (_own_width(cfg), seed0)],
         Stage("hurdle", _run_hurdle, deps=("corpus",), group="hurdle",
               from_results=_hurdle_settings),
     ]  # fmt: skip
@@ -241,6 +243,15 @@ def second_process_groups(cfg: ReproduceConfig) -> list[str]:
 
 def _widths(cfg: ReproduceConfig) -> list[int]:
     return sorted({int(x) for x in cfg.width_study or ()})
+
+
+def _width_seeds(cfg: ReproduceConfig) -> list[int]:
+    return [cfg.seed + s for s in range(cfg.width_seeds)]
+
+
+def _width_stage(d: int, seed: int, seed0: int) -> str:
+    """``width-D`` for the first seed (the quick run's one), ``width-D-seed-S`` for others."""
+    return f"width-{d}" if seed == seed0 else f"width-{d}-seed-{seed}"
 
 
 def _own_width(cfg: ReproduceConfig) -> int | None:
@@ -477,11 +488,11 @@ def _memory_results(cfg: ReproduceConfig, seeds: list[int], done: Done) -> dict:
 
 def _width_study(cfg: ReproduceConfig, done: Done) -> dict:
     """Section 3 at each width of ``cfg.width_study``; the run's own LM is its width's row."""
-    main = done["projection"]
+    main, seed0 = done["projection"], cfg.seeds[0]
+    own = width_row(_own_width(cfg) or 0, main) | {"tuned": main.get("tuned"), "main_lm": True}
     rows = [
-        width_row(d, main) | {"tuned": main.get("tuned"), "main_lm": True}
-        if d == _own_width(cfg)
-        else done[f"width-{d}"]
+        rows_over_seeds([(s, own if (d, s) == (_own_width(cfg), seed0)
+                             else done[_width_stage(d, s, seed0)]) for s in _width_seeds(cfg)])
         for d in _widths(cfg)
-    ]
-    return {"seed": cfg.seeds[0], "preset": cfg.lm_preset, "rows": rows}
+    ]  # fmt: skip
+    return {"seed": seed0, "seeds": _width_seeds(cfg), "preset": cfg.lm_preset, "rows": rows}

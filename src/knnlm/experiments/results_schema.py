@@ -95,9 +95,14 @@ MACONDO = keys("seeds n_values") | {
 _CURVE = Nullable(keys("steps with_mlp without_mlp"))
 HURDLE = {"seeds": ANY, "loglik": _CURVE, "loss": _CURVE}
 
+# Where a width has 2 or more LM seeds, its shares per seed and over them (mean, t bounds).
+_WIDTH_SEEDS = {"share_per_seed": Maybe(ANY), "share_over_seeds": Maybe(keys("mean lower upper n"))}
 WIDTH_STUDY = {
     "rows": Maybe(
-        Each(keys("d lm knnlm proj_fg") | {"proj_f": keys("perplexity share kl_mean kl_init_mean")})
+        Each(
+            keys("d lm knnlm proj_fg")
+            | {"proj_f": keys("perplexity share kl_mean kl_init_mean") | _WIDTH_SEEDS}
+        )
     )
 }
 
@@ -199,12 +204,24 @@ def _provenance_rules(p: Mapping[str, Any]) -> None:
         _fail("provenance records a host name")
 
 
+def _width_rules(w: Mapping[str, Any]) -> None:
+    """Where a width has shares per seed, one per seed of the study."""
+    seeds = w.get("seeds") or [w.get("seed")]
+    for row in w.get("rows") or []:
+        for key in ("proj_f", "proj_fg"):
+            per_seed = row[key].get("share_per_seed")
+            if per_seed is not None and len(per_seed) != len(seeds):
+                _fail(f"width_study: d={row['d']} {key} has {len(per_seed)} shares for "
+                      f"{len(seeds)} seeds")  # fmt: skip
+
+
 RULES: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "knnlm": _knnlm_rules,
     "projection": _projection_rules,
     "macondo": _macondo_rules,
     "hurdle": _hurdle_rules,
     "provenance": _provenance_rules,
+    "width_study": _width_rules,
 }
 
 
