@@ -606,3 +606,25 @@ def test_b_width_with_fewer_than_three_seeds_reads_the_positions():
     _width_over_seeds(r, 256, 0.41, 0.44, n=2)
     assert status(r, "(b-width)") == HELD  # the positions' bounds: [0.35, 0.45] vs [0.80, 0.90]
     assert "Fewer than 3 LM seeds" in find(r, "(b-width)")["evidence"]
+
+
+# ----------------------------------------------------------------------------- (c) at a second size
+
+
+def test_c_names_the_second_macondo_size_beside_and_leaves_the_verdict_to_the_first():
+    import copy
+
+    r = make_results()
+    r["macondo"]["settings"]["macondo"]["n_parents_per_count"] = 20
+    assert "parents per n on the same LM" not in find(r, "(c)")["evidence"]
+    small = copy.deepcopy(r["macondo"])
+    small["settings"]["macondo"]["n_parents_per_count"] = 6
+    for p in small["per_seed"]:  # no gain at all at the second size
+        p["test"]["knnlm"] = dict(p["test"]["lm"])
+    r["macondo_small"] = small
+    check_results(r)
+    c = find(r, "(c)")
+    assert c["status"] == HELD  # the verdict reads the first size (20 per n) only
+    assert "the same LM at 6 parents per n: not held" in c["evidence"]
+    assert "20 parents per n" in c["evidence"]  # the first size, named beside
+    assert "not of scales" in c["evidence"]

@@ -474,3 +474,34 @@ def test_width_study_over_seeds_at_corpus_scale():
     assert out["proj_f"]["share_per_seed"] == [0.2, 0.4, 0.6] and out["seeds"] == [0, 1, 2]
     assert out["proj_f"]["perplexity"] == 1.0  # the first seed's row otherwise
     assert rows_over_seeds([(0, row(0.2))]) == row(0.2)  # one seed: the row as it was
+
+
+def test_corpus_scale_runs_macondo_at_a_second_size_on_the_same_lm(tmp_path, monkeypatch):
+    """``macondo-small``: after ``macondo``, on the same LM, with the quick scale's 6 parents
+    per n in place of the run's sizes; not in the quick run."""
+    from knnlm.cli.reproduce import TINY
+    from knnlm.experiments import reproduce as R
+    from knnlm.experiments.reproduce_config import ReproduceConfig
+
+    assert "macondo-small" not in _tiny_plan_names()
+    cfg = ReproduceConfig.for_scale("corpus", corpus="c")
+    plan = {st.name: st for st in R.stage_plan(cfg)}
+    names = list(plan)
+    assert names.index("macondo-small") == names.index("macondo") + 1
+    assert plan["macondo-small"].deps == plan["macondo"].deps == ("lm-0",)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(preset, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(R.MacondoSettings, "from_preset", capture)
+    done = {"lm-0": {"model": "the-lm"}}
+    for name, per_n in (("macondo", 20), ("macondo-small", 6)):
+        with pytest.raises(Stop):
+            plan[name].run(cfg, done, tmp_path)
+        assert seen["sizes"] == {"n_parents_per_count": per_n} and seen["model"] == "the-lm"
+    assert ReproduceConfig.for_scale("quick", **TINY).macondo_small_sizes is None

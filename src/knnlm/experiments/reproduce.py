@@ -7,7 +7,8 @@ The pipeline composes the library; it re-implements nothing. Its stages (cached,
 2. per LM seed: ``lm-S``, ``datastore-S``, ``knnlm-S`` (Section 2: tuned on valid, read on
    test), ``memory-S`` (Section 5);
 3. ``projection`` / ``projection_lr`` (Section 3, first seed, test split, tuned setting);
-4. ``macondo`` (Section 4: the first seed's LM fine-tuned on Macondo, one dataset per seed);
+4. ``macondo`` (Section 4: the first seed's LM fine-tuned on Macondo, one dataset per seed),
+   and at corpus scale ``macondo-small`` (the same at the quick scale's Macondo size);
 5. ``width-D`` (Section 3 at other model widths, with ``--width-study``);
 6. ``hurdle`` (Appendix E: Figure 4 on Macondo, Figure 5 on the natural text).
 
@@ -51,10 +52,13 @@ from knnlm.provenance import provenance, utc_now
 __all__ = ["reproduce", "not_run", "stage_plan", "Stage"]
 
 
-def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
+def stage_macondo(
+    cfg: ReproduceConfig, model: str | None, art: Path, sizes: dict | None = None
+) -> dict:
     """Section 4: fine-tune ``model`` on Macondo, one dataset per seed generated with its
     tokenizer; per-n log-likelihood of the children (LM, kNN-LM, LM + MLP memory) on the test
-    sentences, the LM's on the training sentences, and curves over fine-tuning steps."""
+    sentences, the LM's on the training sentences, and curves over fine-tuning steps.
+    ``sizes`` replaces ``cfg.macondo_sizes`` (the second size's stage)."""
     settings = MacondoSettings.from_preset(
         cfg.macondo_preset,
         model=model,
@@ -65,7 +69,7 @@ def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
         epochs=cfg.macondo_epochs,
         lr=cfg.macondo_lr,
         eval_every=cfg.macondo_eval_every,
-        sizes=cfg.macondo_sizes,
+        sizes=cfg.macondo_sizes if sizes is None else sizes,
         memory=cfg.macondo_memory,
         tune=cfg.macondo_tune,
         workers=cfg.workers,
@@ -209,6 +213,8 @@ def stage_plan(cfg: ReproduceConfig) -> list[Stage]:
               fixed=at0, args=at0 | {"lr_study": True}),
         Stage("macondo", _run_macondo, deps=_macondo_deps(cfg),
               from_results=_macondo_settings),
+        *([Stage("macondo-small", _run_macondo_small, deps=_macondo_deps(cfg),
+                 from_results=_macondo_settings)] if cfg.macondo_small_sizes else []),
         *[Stage(_width_stage(d, s, seed0), _run_width, deps=("corpus",),
                 fixed={"seed": s, "d": d}, args={"seed": s, "d": d})
           for d in _widths(cfg) for s in _width_seeds(cfg)
@@ -313,6 +319,10 @@ def _run_projection(cfg: ReproduceConfig, done: Done, art: Path, seed: int, lr_s
 
 def _run_macondo(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
     return stage_macondo(cfg, _macondo_model(cfg, done), art)
+
+
+def _run_macondo_small(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
+    return stage_macondo(cfg, _macondo_model(cfg, done), art, sizes=cfg.macondo_small_sizes)
 
 
 def _run_width(cfg: ReproduceConfig, done: Done, art: Path, seed: int, d: int) -> dict:
@@ -450,6 +460,8 @@ def _assemble(cfg: ReproduceConfig, done: Done) -> dict:
     }
     if cfg.width_study:
         results["width_study"] = _width_study(cfg, done)
+    if "macondo-small" in done:
+        results["macondo_small"] = done["macondo-small"]
     return results
 
 

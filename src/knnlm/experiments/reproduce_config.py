@@ -92,6 +92,10 @@ class ReproduceConfig:
     macondo_lr: float | None = None
     macondo_sizes: dict[str, Any] = field(default_factory=dict)
     macondo_eval_every: int | None = None
+    # A second Macondo stage (``macondo-small``) at these sizes on the same LM, with the same
+    # fine-tuning: the corpus scale runs the quick scale's size beside the paper's, so the two
+    # sizes are compared on one LM. None: not run.
+    macondo_small_sizes: dict[str, Any] | None = None
     macondo_memory: dict[str, Any] = field(default_factory=lambda: dict(MACONDO_MEMORY))
     # k, temperature and the weights chosen on a seeded dev share of the test parents, the
     # verdict read on the rest (None: the paper's k / T / weight, fixed).
@@ -232,6 +236,8 @@ SCALES: dict[str, dict[str, Any]] = {
         macondo_preset="quick-finetune",
         # The paper's Macondo size, 20 parents per n (the generator's default, made explicit).
         macondo_sizes={"n_parents_per_count": 20},
+        # And the quick scale's 6 per n on the same LM (issue 27 item 3).
+        macondo_small_sizes={"n_parents_per_count": 6},
         macondo_eval_every=200,
         macondo_seeds=5,
         hurdle_seeds=3,

@@ -116,6 +116,8 @@ SCHEMA: dict[str, Any] = {
     "projection": Maybe(PROJECTION),
     "memory": Maybe(MEMORY),
     "macondo": Maybe(MACONDO),
+    # The same LM on Macondo at a second size (corpus scale: the quick scale's 6 per n).
+    "macondo_small": Maybe(MACONDO),
     "hurdle": Maybe(HURDLE),
     "width_study": Maybe(WIDTH_STUDY),
     "provenance": Maybe(PROVENANCE),
@@ -219,6 +221,7 @@ RULES: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "knnlm": _knnlm_rules,
     "projection": _projection_rules,
     "macondo": _macondo_rules,
+    "macondo_small": _macondo_rules,
     "hurdle": _hurdle_rules,
     "provenance": _provenance_rules,
     "width_study": _width_rules,
