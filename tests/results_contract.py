@@ -222,7 +222,19 @@ def make_results() -> dict:
     return copy.deepcopy(
         {
             "config": {"scale": "quick", "corpus": None},
-            "lm": {"model": "artifacts/lm/model"},
+            "lm": [
+                {
+                    "model": f"artifacts/lm-{s}/model",
+                    "trained": True,
+                    "seed": s,
+                    "valid_loss": {
+                        "steps": [400, 450, 500, 550, 600],
+                        "loss": [5.20, 5.15, 5.12, 5.11, 5.105],
+                        "measured_on": "32 fixed blocks of the valid split",
+                    },
+                }
+                for s in SEEDS
+            ],  # fmt: skip
             "knnlm": _knnlm(),
             "projection": {
                 "lr_0.1": _proj(40.0, 36.0, 36.2, 35.9, 0.04, 500),

@@ -628,3 +628,14 @@ def test_c_names_the_second_macondo_size_beside_and_leaves_the_verdict_to_the_fi
     assert "the same LM at 6 parents per n: not held" in c["evidence"]
     assert "20 parents per n" in c["evidence"]  # the first size, named beside
     assert "not of scales" in c["evidence"]
+
+
+def test_d_control_shows_the_lms_valid_loss_over_its_last_steps():
+    r = make_results()
+    ev = find(r, "(d-control)")["evidence"]
+    assert "valid loss at its last evaluations (32 fixed blocks of the valid split)" in ev
+    # 5.105 - 5.20, by hand
+    assert "seed 0, steps 400-600: 5.200, 5.150, 5.120, 5.110, 5.105 (change -0.095 nats)" in ev
+    for lm in r["lm"]:
+        lm.pop("valid_loss")
+    assert "valid loss" not in find(r, "(d-control)")["evidence"]  # not measured: not claimed

@@ -505,3 +505,17 @@ def test_corpus_scale_runs_macondo_at_a_second_size_on_the_same_lm(tmp_path, mon
             plan[name].run(cfg, done, tmp_path)
         assert seen["sizes"] == {"n_parents_per_count": per_n} and seen["model"] == "the-lm"
     assert ReproduceConfig.for_scale("quick", **TINY).macondo_small_sizes is None
+
+
+def test_lm_valid_loss_over_its_last_steps(run):
+    """The LM's last evaluations: at most 5, the last after its last step, and the last loss
+    near the log of its valid perplexity measured by the kNN-LM stage (another code path: a
+    strided pass over the whole split, against 32 blocks here)."""
+    import math
+
+    _, r = run
+    for lm, knn in zip(r["lm"], r["knnlm"]["per_seed"], strict=True):
+        v = lm["valid_loss"]
+        assert 1 <= len(v["steps"]) <= 5 and v["steps"][-1] == lm["steps"]
+        assert v["steps"] == sorted(v["steps"])
+        assert abs(v["loss"][-1] - math.log(knn["valid"]["lm"])) < 0.5

@@ -54,6 +54,9 @@ class ReproduceConfig:
     tokenizer_vocab: int | None = None  # None: the preset's
     lm_epochs: int | None = None
     lm_max_steps: int | None = None
+    # The LM's loss on fixed valid blocks every this many steps (and after the last), the last
+    # few kept: how converged the LM is that Section 5's control continues. None: not measured.
+    lm_eval_every: int | None = None
     context_len: int = 256
     stride: int | None = 128
     k: int = 1024
@@ -188,6 +191,7 @@ SCALES: dict[str, dict[str, Any]] = {
         # 3 epochs (the tiny preset's own): valid perplexity 186 against 288 after one epoch
         # (seed 0, measured on this slice), for about 50 s more per seed on one core.
         lm_epochs=3,
+        lm_eval_every=50,
         stride=32,
         k=256,
         projection_positions=300,
@@ -221,6 +225,7 @@ SCALES: dict[str, dict[str, Any]] = {
     # k=256, and a capped MLP-memory training run.
     "corpus": dict(
         lm_seeds=1,
+        lm_eval_every=200,
         stride=256,
         k=256,
         index="ivfpq",

@@ -111,7 +111,11 @@ PROVENANCE = keys("python cpu_model cpu_count torch_threads device started_utc e
     "git": keys("commit dirty"),
 }
 
+# Per LM seed; the valid loss at the LM's last evaluations where the run measured it.
+LM = Each({"valid_loss": Maybe(keys("steps loss measured_on"))})
+
 SCHEMA: dict[str, Any] = {
+    "lm": Maybe(LM),
     "knnlm": Maybe(KNNLM),
     "projection": Maybe(PROJECTION),
     "memory": Maybe(MEMORY),
@@ -206,6 +210,14 @@ def _provenance_rules(p: Mapping[str, Any]) -> None:
         _fail("provenance records a host name")
 
 
+def _lm_rules(lms: Sequence[Mapping[str, Any]]) -> None:
+    for lm in lms:
+        v = lm.get("valid_loss")
+        if v and len(v["steps"]) != len(v["loss"]):
+            _fail(f"lm: seed {lm.get('seed')} has {len(v['loss'])} valid losses for "
+                  f"{len(v['steps'])} steps")  # fmt: skip
+
+
 def _width_rules(w: Mapping[str, Any]) -> None:
     """Where a width has shares per seed, one per seed of the study."""
     seeds = w.get("seeds") or [w.get("seed")]
@@ -217,7 +229,8 @@ def _width_rules(w: Mapping[str, Any]) -> None:
                       f"{len(seeds)} seeds")  # fmt: skip
 
 
-RULES: dict[str, Callable[[Mapping[str, Any]], None]] = {
+RULES: dict[str, Callable[[Any], None]] = {
+    "lm": _lm_rules,
     "knnlm": _knnlm_rules,
     "projection": _projection_rules,
     "macondo": _macondo_rules,
