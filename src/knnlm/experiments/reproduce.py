@@ -7,7 +7,8 @@ The pipeline composes the library; it re-implements nothing. Its stages (cached,
 2. per LM seed: ``lm-S``, ``datastore-S``, ``knnlm-S`` (Section 2: tuned on valid, read on
    test), ``memory-S`` (Section 5);
 3. ``projection`` / ``projection_lr`` (Section 3, first seed, test split, tuned setting);
-4. ``macondo`` (Section 4: the first seed's LM fine-tuned on Macondo, one dataset per seed);
+4. ``macondo`` (Section 4: the first seed's LM fine-tuned on Macondo, one dataset per seed),
+   and at corpus scale ``macondo-small`` (the same at the quick scale's Macondo size);
 5. ``width-D`` (Section 3 at other model widths, with ``--width-study``);
 6. ``hurdle`` (Appendix E: Figure 4 on Macondo, Figure 5 on the natural text).
 
@@ -41,7 +42,7 @@ from knnlm.experiments.parallel import first_failure, pool, submit
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.experiments.results_schema import check_results
 from knnlm.experiments.stages import Pipeline, StageDisplay
-from knnlm.experiments.width_study import stage_width, width_row
+from knnlm.experiments.width_study import rows_over_seeds, stage_width, width_row
 from knnlm.fileio import claim_work_dir, write_json_atomic
 from knnlm.lm.loading import pick_device, torch_threads
 from knnlm.lm.presets import get_preset
@@ -51,10 +52,13 @@ from knnlm.provenance import provenance, utc_now
 __all__ = ["reproduce", "not_run", "stage_plan", "Stage"]
 
 
-def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
+def stage_macondo(
+    cfg: ReproduceConfig, model: str | None, art: Path, sizes: dict | None = None
+) -> dict:
     """Section 4: fine-tune ``model`` on Macondo, one dataset per seed generated with its
     tokenizer; per-n log-likelihood of the children (LM, kNN-LM, LM + MLP memory) on the test
-    sentences, the LM's on the training sentences, and curves over fine-tuning steps."""
+    sentences, the LM's on the training sentences, and curves over fine-tuning steps.
+    ``sizes`` replaces ``cfg.macondo_sizes`` (the second size's stage)."""
     settings = MacondoSettings.from_preset(
         cfg.macondo_preset,
         model=model,
@@ -65,7 +69,7 @@ def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
         epochs=cfg.macondo_epochs,
         lr=cfg.macondo_lr,
         eval_every=cfg.macondo_eval_every,
-        sizes=cfg.macondo_sizes,
+        sizes=cfg.macondo_sizes if sizes is None else sizes,
         memory=cfg.macondo_memory,
         tune=cfg.macondo_tune,
         workers=cfg.workers,
@@ -209,8 +213,12 @@ def stage_plan(cfg: ReproduceConfig) -> list[Stage]:
               fixed=at0, args=at0 | {"lr_study": True}),
         Stage("macondo", _run_macondo, deps=_macondo_deps(cfg),
               from_results=_macondo_settings),
-        *[Stage(f"width-{d}", _run_width, deps=("corpus",), fixed=at0 | {"d": d},
-                args=at0 | {"d": d}) for d in _widths(cfg) if d != _own_width(cfg)],
+        *([Stage("macondo-small", _run_macondo_small, deps=_macondo_deps(cfg),
+                 from_results=_macondo_settings)] if cfg.macondo_small_sizes else []),
+        *[Stage(_width_stage(d, s, seed0), _run_width, deps=("corpus",),
+                fixed={"seed": s, "d": d}, args={"seed": s, "d": d})
+          for d in _widths(cfg) for s in _width_seeds(cfg)
+          if (d, s) != (_own_width(cfg), seed0)],
         Stage("hurdle", _run_hurdle, deps=("corpus",), group="hurdle",
               from_results=_hurdle_settings),
     ]  # fmt: skip
@@ -241,6 +249,15 @@ def second_process_groups(cfg: ReproduceConfig) -> list[str]:
 
 def _widths(cfg: ReproduceConfig) -> list[int]:
     return sorted({int(x) for x in cfg.width_study or ()})
+
+
+def _width_seeds(cfg: ReproduceConfig) -> list[int]:
+    return [cfg.seed + s for s in range(cfg.width_seeds)]
+
+
+def _width_stage(d: int, seed: int, seed0: int) -> str:
+    """``width-D`` for the first seed (the quick run's one), ``width-D-seed-S`` for others."""
+    return f"width-{d}" if seed == seed0 else f"width-{d}-seed-{seed}"
 
 
 def _own_width(cfg: ReproduceConfig) -> int | None:
@@ -302,6 +319,10 @@ def _run_projection(cfg: ReproduceConfig, done: Done, art: Path, seed: int, lr_s
 
 def _run_macondo(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
     return stage_macondo(cfg, _macondo_model(cfg, done), art)
+
+
+def _run_macondo_small(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
+    return stage_macondo(cfg, _macondo_model(cfg, done), art, sizes=cfg.macondo_small_sizes)
 
 
 def _run_width(cfg: ReproduceConfig, done: Done, art: Path, seed: int, d: int) -> dict:
@@ -439,6 +460,8 @@ def _assemble(cfg: ReproduceConfig, done: Done) -> dict:
     }
     if cfg.width_study:
         results["width_study"] = _width_study(cfg, done)
+    if "macondo-small" in done:
+        results["macondo_small"] = done["macondo-small"]
     return results
 
 
@@ -477,11 +500,11 @@ def _memory_results(cfg: ReproduceConfig, seeds: list[int], done: Done) -> dict:
 
 def _width_study(cfg: ReproduceConfig, done: Done) -> dict:
     """Section 3 at each width of ``cfg.width_study``; the run's own LM is its width's row."""
-    main = done["projection"]
+    main, seed0 = done["projection"], cfg.seeds[0]
+    own = width_row(_own_width(cfg) or 0, main) | {"tuned": main.get("tuned"), "main_lm": True}
     rows = [
-        width_row(d, main) | {"tuned": main.get("tuned"), "main_lm": True}
-        if d == _own_width(cfg)
-        else done[f"width-{d}"]
+        rows_over_seeds([(s, own if (d, s) == (_own_width(cfg), seed0)
+                             else done[_width_stage(d, s, seed0)]) for s in _width_seeds(cfg)])
         for d in _widths(cfg)
-    ]
-    return {"seed": cfg.seeds[0], "preset": cfg.lm_preset, "rows": rows}
+    ]  # fmt: skip
+    return {"seed": seed0, "seeds": _width_seeds(cfg), "preset": cfg.lm_preset, "rows": rows}
