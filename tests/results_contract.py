@@ -182,9 +182,23 @@ def _width() -> dict:
             "at_tolerance": 300,
             "share_interval": iv,
         }
-        return {"d": d, "lm": 40.0, "knnlm": 36.0, "positions": 300, "proj_f": q, "proj_fg": q}
+        shares = [share - 0.02, share, share + 0.02]
+        # t(0.95, 2) 2.92 x sd 0.02 / sqrt(3) = 0.0337
+        over = {
+            "mean": share,
+            "lower": share - 0.0337,
+            "upper": share + 0.0337,
+            "n": 3,
+            "sd": 0.02,
+            "over": "seeds",
+            "method": "one-sided t bounds over 3 seeds",
+        }
+        q |= {"share_per_seed": shares, "share_over_seeds": over}
+        return {"d": d, "lm": 40.0, "knnlm": 36.0, "positions": 300, "proj_f": q, "proj_fg": q,
+                "seeds": [0, 1, 2]}  # fmt: skip
 
-    return {"seed": 0, "preset": "tiny", "rows": [row(64, 0.4), row(128, 0.7), row(256, 0.85)]}
+    return {"seed": 0, "seeds": [0, 1, 2], "preset": "tiny",
+            "rows": [row(64, 0.4), row(128, 0.7), row(256, 0.85)]}  # fmt: skip
 
 
 def _provenance() -> dict:
@@ -208,7 +222,19 @@ def make_results() -> dict:
     return copy.deepcopy(
         {
             "config": {"scale": "quick", "corpus": None},
-            "lm": {"model": "artifacts/lm/model"},
+            "lm": [
+                {
+                    "model": f"artifacts/lm-{s}/model",
+                    "trained": True,
+                    "seed": s,
+                    "valid_loss": {
+                        "steps": [400, 450, 500, 550, 600],
+                        "loss": [5.20, 5.15, 5.12, 5.11, 5.105],
+                        "measured_on": "32 fixed blocks of the valid split",
+                    },
+                }
+                for s in SEEDS
+            ],  # fmt: skip
             "knnlm": _knnlm(),
             "projection": {
                 "lr_0.1": _proj(40.0, 36.0, 36.2, 35.9, 0.04, 500),

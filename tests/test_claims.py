@@ -44,6 +44,8 @@ def test_fixture_matches_contract_and_every_claim_holds():
     check_results(r)
     out = make_claims(r)
     assert [c["status"] for c in out] == [HELD] * len(LABELS), [c["evidence"] for c in out]
+    # Every verdict says what this scale can test against what the paper ran (issue 27).
+    assert all(c.get("scale", "").startswith("paper: ") for c in out)
     json.dumps(out)  # results.json keeps them
 
 
@@ -570,3 +572,70 @@ def test_verdict_refuses_an_unknown_state():
 
     with pytest.raises(ValueError):
         verdict("x", "sort of held", "c", "e")
+
+
+# ----------------------------------------------------------------------------- (b-width) over seeds
+
+
+def _width_over_seeds(r: dict, d: int, lower: float, upper: float, n: int = 3) -> None:
+    """Set the bounds over seeds of width ``d`` (the bootstrap over positions left as is)."""
+    row = next(row for row in r["width_study"]["rows"] if row["d"] == d)
+    row["proj_f"]["share_over_seeds"] |= {"mean": (lower + upper) / 2, "lower": lower,
+                                          "upper": upper, "n": n}  # fmt: skip
+
+
+def test_b_width_reads_the_interval_over_seeds():
+    r = make_results()
+    assert status(r, "(b-width)") == HELD  # 64: [0.37, 0.43] over seeds, 256: [0.82, 0.88]
+    assert "over 3 seeds" in find(r, "(b-width)")["evidence"]
+    # The seeds disagree at both ends: overlapping bounds, although the positions of the first
+    # seed (64: [0.35, 0.45], 256: [0.80, 0.90]) would show the rise.
+    _width_over_seeds(r, 64, 0.1, 0.7)
+    _width_over_seeds(r, 256, 0.55, 1.15)
+    assert status(r, "(b-width)") == INCONCLUSIVE
+    # Over seeds no rise of 10 points can hide: not held, whatever the positions say.
+    _width_over_seeds(r, 64, 0.40, 0.43)
+    _width_over_seeds(r, 256, 0.41, 0.44)
+    assert status(r, "(b-width)") == NOT_HELD
+    assert "42%" in find(r, "(b-width)")["evidence"]  # the mean over seeds, not seed 0's 85%
+
+
+def test_b_width_with_fewer_than_three_seeds_reads_the_positions():
+    r = make_results()
+    _width_over_seeds(r, 64, 0.40, 0.43, n=2)
+    _width_over_seeds(r, 256, 0.41, 0.44, n=2)
+    assert status(r, "(b-width)") == HELD  # the positions' bounds: [0.35, 0.45] vs [0.80, 0.90]
+    assert "Fewer than 3 LM seeds" in find(r, "(b-width)")["evidence"]
+
+
+# ----------------------------------------------------------------------------- (c) at a second size
+
+
+def test_c_names_the_second_macondo_size_beside_and_leaves_the_verdict_to_the_first():
+    import copy
+
+    r = make_results()
+    r["macondo"]["settings"]["macondo"]["n_parents_per_count"] = 20
+    assert "parents per n on the same LM" not in find(r, "(c)")["evidence"]
+    small = copy.deepcopy(r["macondo"])
+    small["settings"]["macondo"]["n_parents_per_count"] = 6
+    for p in small["per_seed"]:  # no gain at all at the second size
+        p["test"]["knnlm"] = dict(p["test"]["lm"])
+    r["macondo_small"] = small
+    check_results(r)
+    c = find(r, "(c)")
+    assert c["status"] == HELD  # the verdict reads the first size (20 per n) only
+    assert "the same LM at 6 parents per n: not held" in c["evidence"]
+    assert "20 parents per n" in c["evidence"]  # the first size, named beside
+    assert "not of scales" in c["evidence"]
+
+
+def test_d_control_shows_the_lms_valid_loss_over_its_last_steps():
+    r = make_results()
+    ev = find(r, "(d-control)")["evidence"]
+    assert "valid loss at its last evaluations (32 fixed blocks of the valid split)" in ev
+    # 5.105 - 5.20, by hand
+    assert "seed 0, steps 400-600: 5.200, 5.150, 5.120, 5.110, 5.105 (change -0.095 nats)" in ev
+    for lm in r["lm"]:
+        lm.pop("valid_loss")
+    assert "valid loss" not in find(r, "(d-control)")["evidence"]  # not measured: not claimed

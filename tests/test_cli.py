@@ -61,6 +61,20 @@ def test_eval_datastore_sweep_generate_contract(
                              "--max-new-tokens", 5)  # fmt: skip
     assert code == 0, err
     assert out.startswith("the village")
+    # neighbours answers each -p in turn, each as it answers that prompt alone.
+    both = tmp_path / "nb.json"
+    code, out, err = run_cli(monkeypatch, capsys, "neighbours", "-m", tiny_lm_dir, "-d", ds,
+                             "-p", "the village", "-p", "a river was", "-k", 3, "--json", both)  # fmt: skip
+    assert code == 0, err
+    answers = json.loads(both.read_text())
+    assert [a["prompt"] for a in answers] == ["the village", "a river was"]
+    assert out.count("prompt ") == 2 and out.index("'the village'") < out.index("'a river was'")
+    for a in answers:
+        one = tmp_path / "one.json"
+        run_cli(monkeypatch, capsys, "neighbours", "-m", tiny_lm_dir, "-d", ds, "-p",
+                a["prompt"], "-k", 3, "--json", one)  # fmt: skip
+        (alone,) = json.loads(one.read_text())
+        assert len(a["neighbours"]) == 3 and a == alone
 
 
 @pytest.mark.parametrize(
@@ -209,3 +223,24 @@ def test_eval_own_text_other_layout_excludes_and_warns_when_off(
     assert "own" in res["no"]["warnings"][0]
     # Keeping the own row makes the kNN-LM look better: the difference exclusion makes.
     assert res["no"]["knnlm"]["perplexity"] < res["auto"]["knnlm"]["perplexity"]
+
+
+def test_hurdle_on_your_own_gpt2_config(monkeypatch, capsys, tiny_lm_dir, tmp_path):
+    """--model-config: the architecture of a saved model (2 layers, d=32, 2 heads), trained
+    from scratch with and without its last MLP; another family's config is one line."""
+    code, _, err = run_cli(monkeypatch, capsys, "hurdle", "--model-config", tiny_lm_dir,
+                           "--quick", "--seeds", "1", "--steps", "2", "--eval-every", "1",
+                           "--out", tmp_path / "h", "--json", tmp_path / "h.json", "-q")  # fmt: skip
+    assert code == 0, err
+    arch = json.loads((tmp_path / "h.json").read_text())["settings"]["preset"]
+    cfg = json.loads((tiny_lm_dir / "config.json").read_text())
+    assert (arch["n_layer"], arch["n_embd"], arch["n_head"]) == (2, 32, 2)
+    assert arch["context_len"] == cfg["n_positions"] == 128
+    other = tmp_path / "llama.json"
+    other.write_text(json.dumps({"model_type": "llama"}))
+    code, _, err = run_cli(monkeypatch, capsys, "hurdle", "--model-config", other, "--quick",
+                           "--out", tmp_path / "h2")  # fmt: skip
+    assert code == 2 and err.strip().splitlines() == [
+        f"Error: {other} is a 'llama' config; the hurdle trains GPT-2 models (the last MLP is "
+        "dropped from a GPT-2 block)"
+    ]

@@ -239,3 +239,14 @@ def test_prune_takes_the_datastore_either_way(monkeypatch, capsys, tmp_path):
 def test_a_bad_choice_is_a_usage_error(monkeypatch, capsys, args):
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and err.startswith("Usage: ") and "Invalid value" in err, err
+
+
+def test_dtype_wherever_a_model_is_loaded_to_score():
+    """Every command that loads a model to score with it takes --dtype; the ones that train
+    it (fine-tuning included) set their precision otherwise (train's --precision, Macondo's
+    preset), and reproduce runs in float32."""
+    training = {"knnlm train", "knnlm macondo run", "knnlm reproduce"}
+    for name, cmd in leaf_commands():
+        opts = {o for opt in _options(cmd) for o in opt.opts}
+        if "--model" in opts and name not in training:
+            assert "--dtype" in opts, name

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm.retrieval.combiner import combine, knn_weights, prefix_log_probs
+from knnlm.retrieval.combiner import combine, knn_weights, mix_log_weights, prefix_log_probs
 from knnlm.retrieval.search.exact import TorchExactSearch
 
 
@@ -99,6 +99,10 @@ def test_every_mixture_variant():
         ref = np.log((1 - ws) * p[[1, 3]] + ws * q[[1, 3]])
         np.testing.assert_allclose(got[rows].numpy(), ref, rtol=1e-6)
     assert torch.equal(combine(lm, torch.empty(0), 0.25, torch.empty(0, dtype=torch.long)), lm)
+    # the gate's mixture from log-weights (its training loss)
+    log_w = torch.log(torch.stack([1 - w, w], 1))
+    np.testing.assert_allclose(mix_log_weights(log_w, lm, other).numpy(),
+                               np.log((1 - wn) * p + wn * q), rtol=1e-6)  # fmt: skip
     assert combine(lm, other, 0.25)[2].item() == pytest.approx(-3.0 + math.log(0.75))
 
 

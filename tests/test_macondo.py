@@ -241,7 +241,7 @@ def test_cli_quick_run(monkeypatch, tmp_path, capsys):
     "args, message",
     [
         (["--seeds", "0"], "--seeds"),
-        (["--model", "/no/such/model/dir"], "does not exist"),
+        (["--model", "/no/such/model/dir"], "no such folder"),
         (["--quick", "--model", "gpt2"], "from scratch"),
     ],
 )
@@ -304,7 +304,7 @@ def test_tuning_on_a_dev_share_of_the_parents(tmp_path):
 
     grid = {"dev_share": 1 / 3, "k": [4, 16], "temperature": [1.0, 5.0],
             "knn_weight": [0.2, 0.6], "memory_weight": [0.3]}  # fmt: skip
-    settings = quick(seeds=(0,), max_steps=10, sizes=SIZES, tune=grid,
+    settings = quick(seeds=(0,), max_steps=10, sizes=SIZES, tune=grid, eval_every=5,
                      memory={"hidden": 16, "epochs": 1})  # fmt: skip
     res = run_macondo(settings, tmp_path, progress=False)
     seed = _seed(tmp_path)
@@ -320,6 +320,15 @@ def test_tuning_on_a_dev_share_of_the_parents(tmp_path):
         assert res["groups"][str(n)]["knnlm"] == pytest.approx(
             sum(e["knnlm"] for e in sel) / len(sel)
         )
+        # The default setting (k, w, T of the run) on the same parents, beside the tuned one.
+        assert res["groups"][str(n)]["knnlm_default"] == pytest.approx(
+            sum(e["knnlm_default"] for e in sel) / len(sel)
+        )
+        # Figure 1's curves read the verdict's parents: at the last step (the final model)
+        # the LM's per-n mean is the verdict group's.
+        last = seed["curve"][-1]
+        assert last["step"] == 10 and last["parents"] == "verdict"
+        assert last["lm"][str(n)] == pytest.approx(sum(e["lm"] for e in sel) / len(sel), abs=1e-5)
     tuned = seed["tuning"]["tuned"]
     sweep = seed["tuning"]["sweep"]
     assert len(sweep) == 8 and tuned["tuned_on"] == "dev"

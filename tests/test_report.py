@@ -692,3 +692,23 @@ def test_the_knn_weight_sentence_does_not_contradict_itself():
         assert "w = 1 - λ" not in flat and "λ = 1 - w" not in flat
         assert "which read literally puts 0.75 on p_knn" in flat
         assert "put 0.25 on p_knn" in flat
+
+
+def test_figure1_draws_what_claim_c_reads_and_says_so(tmp_path):
+    # Issue 27: Figure 1 drew the default setting over every test parent, the MLP tuned on the
+    # test parents, and its caption said neither.
+    r = make_results()
+    for p in r["macondo"]["per_seed"]:
+        p["tuned"] = {"tuned_on": "dev", "k": 64, "temperature": 30.0, "knn_weight": 0.95,
+                      "memory_weight": 0.9, "dev_examples": 10, "test_examples": 20}  # fmt: skip
+    r["macondo"]["curves"]["parents"] = "verdict"
+    out = write_paper_report(tmp_path, r)
+    assert out["figures"]["figure1"] == "figures/figure1_macondo.png"
+    md = _section_text((tmp_path / "report.md").read_text(), "## Generalization")
+    assert "Curves on the test parents claim (c) reads (the dev share left out)" in md
+    assert "the dotted kNN-LM is at the default setting (k=256, w=0.25 on p_knn, T=1)" in md
+    assert "stars mark the kNN-LM at the dev-tuned setting" in md
+    del r["macondo"]["curves"]["parents"]  # curves of a run made before the rule
+    write_paper_report(tmp_path, r)
+    md = _section_text((tmp_path / "report.md").read_text(), "## Generalization")
+    assert "Curves on every test parent (dev share included" in md

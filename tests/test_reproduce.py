@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from knnlm.experiments.results_schema import check_results
+from tiny import USER_NAMES
 
 N_KEYS = ["1", "2", "3", "4", "5"]
 
@@ -263,25 +264,13 @@ def test_stage_plan_names_and_dependencies():
 
 
 # A user's own model: its tokenizer, its positions, its given names.
-GIVEN = ("Ada Bela Cora Dina Edda Fenn Gus Hana Ivo Jana Kai Lena Milo Nora Otto Pia Rosa Sami "
-         "Tomas Uma Vera Wim Xena Yara Zeno Alma Bruno Cleo Dario Elsa Fritz Greta Hugo Ines "
-         "Jonas Karla Luca Mara Nils Olga").split()  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def users_model(tmp_path_factory) -> tuple[Path, Path]:
-    """A random 2-layer, 128-position GPT-2 whose BPE makes each of GIVEN one token, and a
-    given-name file of them."""
-    from knnlm.lm.tokenizer import train_bpe_tokenizer
-    from tiny import make_text, save_tiny_model
+    from tiny import users_model
 
-    folder = tmp_path_factory.mktemp("users")
-    lines = make_text(300, 0).splitlines(keepends=True)
-    lines += [f"the child of {n} is {n} .\n" for n in GIVEN] * 3
-    tok = train_bpe_tokenizer(lines, vocab_size=600, min_frequency=1)
-    names = folder / "names.txt"
-    names.write_text("\n".join(GIVEN) + "\n")
-    return save_tiny_model(folder / "model", tok), names
+    return users_model(tmp_path_factory.mktemp("users"))
 
 
 def test_reproduce_on_a_users_model(tmp_path, users_model):
@@ -304,7 +293,7 @@ def test_reproduce_on_a_users_model(tmp_path, users_model):
     assert mac["model"] == str(model) and mac["macondo"]["given_names"] == [str(names)]
     children = {x["child"] for s in r["macondo"]["seeds"]
                 for x in _jsonl(out / "artifacts" / "macondo" / f"seed-{s}" / "data" / "test.jsonl")}  # fmt: skip
-    assert children and children <= set(GIVEN)
+    assert children and children <= set(USER_NAMES)
     assert "width_study" not in r  # it studies LMs trained here
     assert (out / "report.md").is_file()
 
@@ -322,6 +311,7 @@ def test_windows_are_capped_at_the_models_positions(users_model, tmp_path):
     # the stride (256) with it; a context or stride the user gave stays as given.
     cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model))
     assert (cfg.context_len, cfg.stride) == (128, 64)
+    assert cfg.lm_seeds == 1 and cfg.macondo_seeds == 5  # one given LM; Macondo's seeds stay
     cfg = ReproduceConfig.for_scale("corpus", corpus="c", model=str(model), stride=16)
     assert (cfg.context_len, cfg.stride) == (128, 16)
     assert ReproduceConfig.for_scale("corpus", corpus="c", context_len=200).context_len == 200
@@ -503,3 +493,79 @@ def test_a_toy_analysis_needs_one_line_in_each_registry(run, tmp_path, monkeypat
     app = typer.Typer()
     commands.register(app)
     assert CliRunner().invoke(app, ["toy"]).output == "toy ran\n"
+
+
+def test_width_study_over_seeds_at_corpus_scale():
+    """At corpus scale every width runs for 3 LM seeds (the own width's first seed is the main
+    LM); a width's row holds the shares per seed and their mean with t bounds."""
+    from knnlm.experiments.reproduce import stage_plan
+    from knnlm.experiments.reproduce_config import ReproduceConfig
+    from knnlm.experiments.width_study.run import rows_over_seeds
+
+    cfg = ReproduceConfig.for_scale("corpus", corpus="c", width_study=[128, 256])  # own: 256
+    assert cfg.width_seeds == 3 and ReproduceConfig.for_scale("quick").width_seeds == 1
+    names = [st.name for st in stage_plan(cfg)]
+    assert [n for n in names if n.startswith("width")] == [
+        "width-128", "width-128-seed-1", "width-128-seed-2", "width-256-seed-1",
+        "width-256-seed-2",
+    ]  # fmt: skip
+    st = next(st for st in stage_plan(cfg) if st.name == "width-128-seed-2")
+    assert st.args == {"seed": 2, "d": 128}
+
+    def row(share):
+        q = {"share": share, "perplexity": 1.0}
+        return {"d": 64, "proj_f": q, "proj_fg": q}
+
+    out = rows_over_seeds([(0, row(0.2)), (1, row(0.4)), (2, row(0.6))])
+    iv = out["proj_f"]["share_over_seeds"]
+    # mean 0.4, sd 0.2, t(0.95, df 2) = 2.919986: half width 2.919986 * 0.2 / sqrt(3)
+    assert iv["mean"] == pytest.approx(0.4) and iv["n"] == 3
+    assert iv["lower"] == pytest.approx(0.4 - 0.33717, abs=1e-4)
+    assert out["proj_f"]["share_per_seed"] == [0.2, 0.4, 0.6] and out["seeds"] == [0, 1, 2]
+    assert out["proj_f"]["perplexity"] == 1.0  # the first seed's row otherwise
+    assert rows_over_seeds([(0, row(0.2))]) == row(0.2)  # one seed: the row as it was
+
+
+def test_corpus_scale_runs_macondo_at_a_second_size_on_the_same_lm(tmp_path, monkeypatch):
+    """``macondo-small``: after ``macondo``, on the same LM, with the quick scale's 6 parents
+    per n in place of the run's sizes; not in the quick run."""
+    from knnlm.cli.reproduce import TINY
+    from knnlm.experiments import reproduce as R
+    from knnlm.experiments.reproduce_config import ReproduceConfig
+
+    assert "macondo-small" not in _tiny_plan_names()
+    cfg = ReproduceConfig.for_scale("corpus", corpus="c")
+    plan = {st.name: st for st in R.stage_plan(cfg)}
+    names = list(plan)
+    assert names.index("macondo-small") == names.index("macondo") + 1
+    assert plan["macondo-small"].deps == plan["macondo"].deps == ("lm-0",)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(preset, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(R.MacondoSettings, "from_preset", capture)
+    done = {"lm-0": {"model": "the-lm"}}
+    for name, per_n in (("macondo", 20), ("macondo-small", 6)):
+        with pytest.raises(Stop):
+            plan[name].run(cfg, done, tmp_path)
+        assert seen["sizes"] == {"n_parents_per_count": per_n} and seen["model"] == "the-lm"
+    assert ReproduceConfig.for_scale("quick", **TINY).macondo_small_sizes is None
+
+
+def test_lm_valid_loss_over_its_last_steps(run):
+    """The LM's last evaluations: at most 5, the last after its last step, and the last loss
+    near the log of its valid perplexity measured by the kNN-LM stage (another code path: a
+    strided pass over the whole split, against 32 blocks here)."""
+    import math
+
+    _, r = run
+    for lm, knn in zip(r["lm"], r["knnlm"]["per_seed"], strict=True):
+        v = lm["valid_loss"]
+        assert 1 <= len(v["steps"]) <= 5 and v["steps"][-1] == lm["steps"]
+        assert v["steps"] == sorted(v["steps"])
+        assert abs(v["loss"][-1] - math.log(knn["valid"]["lm"])) < 0.5

@@ -53,6 +53,8 @@ _DROP = object()
         (_set("provenance/packages/faiss", _DROP), "provenance.packages lacks 'faiss'"),
         (_set("provenance/hostname", "box"), "host name"),
         (_set("not_run", {"what": "x"}), "not_run is not a list"),
+        (_set("lm/0/valid_loss/loss", [5.0]), "1 valid losses for 5 steps"),
+        (_set("width_study/rows/1/proj_f/share_per_seed", [0.7, 0.7]), "2 shares for 3 seeds"),
     ],
 )
 def test_departures_are_named(edit, message):

@@ -152,3 +152,23 @@ def train_mem(keys, values, W, out, **kw):
     settings = MemoryTrainSettings(**{k: v for k, v in kw.items() if k in names})
     rest = {k: v for k, v in kw.items() if k not in names}
     return train_memory(keys, values, W, out, settings, **rest)
+
+
+# Given names a users_model's tokenizer keeps as single tokens (Macondo needs 30 at test size).
+USER_NAMES = ("Ada Bela Cora Dina Edda Fenn Gus Hana Ivo Jana Kai Lena Milo Nora Otto Pia Rosa "
+              "Sami Tomas Uma Vera Wim Xena Yara Zeno Alma Bruno Cleo Dario Elsa Fritz Greta "
+              "Hugo Ines Jonas Karla Luca Mara Nils Olga").split()  # fmt: skip
+
+
+def users_model(folder: Path) -> tuple[Path, Path]:
+    """A user's saved model: a random 2-layer, 128-position GPT-2 whose own BPE keeps each of
+    USER_NAMES one token, in ``folder/model``; and ``folder/names.txt`` listing them."""
+    from knnlm.lm.tokenizer import train_bpe_tokenizer
+
+    lines = make_text(300, 0).splitlines(keepends=True)
+    lines += [f"the child of {n} is {n} .\n" for n in USER_NAMES] * 3
+    tok = train_bpe_tokenizer(lines, vocab_size=600, min_frequency=1)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = folder / "names.txt"
+    names.write_text("\n".join(USER_NAMES) + "\n")
+    return save_tiny_model(folder / "model", tok), names

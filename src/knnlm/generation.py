@@ -45,7 +45,7 @@ class KnnLogitsProcessor(LogitsProcessor):
         self.store, self.retriever, self._release = store, retriever, release
         # RetoMaton (knnlm.retrieval.pointers): the last step's neighbours, and the counts of
         # queries and of searches, whose difference is the searches the pointers saved
-        self.pointers, self.previous, self.length = pointers, None, 0
+        self.pointers, self.previous, self.length, self.table = pointers, None, 0, None
         self.queries = self.searches = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -86,8 +86,9 @@ class KnnLogitsProcessor(LogitsProcessor):
             found = self.retriever.search(key[need.to(key.device)]).to("cpu")
             rows[need], dists[need] = found.rows, found.distances.float()
             self.searches += int(need.numel())
-        table = torch.from_numpy(np.asarray(self.retriever.ds.values, dtype=np.int64))
-        self.previous = Neighbours.lookup(dists, rows, table)
+        if self.table is None:  # the datastore's values as int64, once
+            self.table = torch.from_numpy(np.asarray(self.retriever.ds.values, dtype=np.int64))
+        self.previous = Neighbours.lookup(dists, rows, self.table)
         return self.previous.to(key.device)
 
     def close(self) -> None:

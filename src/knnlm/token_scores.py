@@ -75,6 +75,7 @@ def score_tokens(
     """
     # host copies of the keys only for a search on the host (FAISS, or exact on the CPU)
     want_keys = retriever is not None and retriever.backend.device.type == "cpu"
+    table = None
     for batch, host in prefetch(_with_host_copies(batches, want_keys), depth=int(overlap)):
         scores = TokenScores(batch, batch.lm_log_prob, host["lm_log_prob"], host["targets"])
         if retriever is not None and gate is not None:
@@ -85,9 +86,10 @@ def score_tokens(
                 scores, retriever, host.get("keys", batch.keys), exclude_self, keep, weight
             )
         elif retriever is not None and pointers is not None:
-            _add_pointer_knn(
-                scores, retriever, host.get("keys", batch.keys), exclude_self, pointers
-            )
+            if table is None:  # the datastore's values as int64, once per pass
+                table = torch.from_numpy(np.asarray(retriever.ds.values, dtype=np.int64))
+            keys = host.get("keys", batch.keys)
+            _add_pointer_knn(scores, retriever, keys, exclude_self, pointers, table)
         elif retriever is not None:
             _add_knn(scores, retriever, host.get("keys", batch.keys), exclude_self)
         if memory is not None:
@@ -121,8 +123,9 @@ def _add_knn(scores: TokenScores, retriever: Retriever, keys: torch.Tensor, excl
 
 
 def _add_pointer_knn(
-    scores: TokenScores, retriever: Retriever, keys: torch.Tensor, exclude: bool, threshold: float
-) -> None:
+    scores: TokenScores, retriever: Retriever, keys: torch.Tensor, exclude: bool,
+    threshold: float, values: torch.Tensor,
+) -> None:  # fmt: skip
     """The kNN-LM with RetoMaton pointers: searched only where fewer than ``threshold``
     pointers survive; the others read the pointed-to rows at their exact distances."""
     own = torch.from_numpy(own_rows(scores.batch.positions)) if exclude else None
@@ -139,7 +142,6 @@ def _add_pointer_knn(
         return row_distances(retriever.ds.keys, keys[tok.to(keys.device)].float().cpu(), rows,
                              retriever.backend.metric)  # fmt: skip
 
-    values = torch.from_numpy(np.asarray(retriever.ds.values, dtype=np.int64))
     nb, searched = pointer_neighbours(scores.targets_cpu, retriever.knn.k, threshold, values,
                                       search, distances, own)  # fmt: skip
     scores.search_seconds, scores.searched, scores.neighbours = seconds[0], int(searched.sum()), nb

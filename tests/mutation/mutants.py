@@ -165,8 +165,8 @@ MUTANTS: list[Mutant] = [
             ),
             (
                 "FaissBackend.nearest",
-                "        if self.recompute:\n            dist, ids = ",
-                "        if False:\n            dist, ids = ",
+                "        if self.recompute:\n",
+                "        if False:\n",
             ),
         ),  # fmt: skip
         (
@@ -450,5 +450,37 @@ MUTANTS: list[Mutant] = [
         "split16(norms[s : s + step] / scale, dtype, parts)",
         "split16(norms[s : s + step] / scale, dtype, parts)[:1]",
         "tests/test_torch_search.py::test_one_gemm_split_path_of_the_gpu_equals_float64",
+    ),
+    mutant(
+        "pointers_search_at_threshold",
+        "RetoMaton searches when exactly the threshold of pointers survive, not fewer",
+        "_alive",
+        "few = alive.sum(-1) < threshold",
+        "few = alive.sum(-1) <= threshold",
+        "tests/test_pointers.py::test_pointers_equal_the_plain_loop",
+    ),
+    mutant(
+        "pointers_follow_unmatched",
+        "pointers follow every neighbour, not only those whose value was the actual token",
+        "_alive",
+        "ok &= values[cand.clamp(0, n_rows - 1)] == tgt[:, :, None]",
+        "ok &= values[cand.clamp(0, n_rows - 1)] >= 0",
+        "tests/test_pointers.py::test_pointers_equal_the_plain_loop",
+    ),
+    mutant(
+        "generation_pointers_follow_unmatched",
+        "generation follows every neighbour of the last step, not those that matched its token",
+        "KnnLogitsProcessor._neighbours",
+        "(prev.values == last[:, None])",
+        "(prev.values >= 0)",
+        f"{GEN}::test_generation_with_pointers_equals_its_loop_reference",
+    ),
+    mutant(
+        "lm_stats_entropy_sign",
+        "the gate's entropy feature comes out negated",
+        "lm_stats",
+        "entropy = log_p.exp().mul_(log_p).sum(-1).neg_()",
+        "entropy = log_p.exp().mul_(log_p).sum(-1)",
+        "tests/test_combiner.py::test_lm_stats_equal_numpy_from_the_kept_logsumexp",
     ),
 ]

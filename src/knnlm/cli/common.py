@@ -80,6 +80,7 @@ class HurdlePreset(str, Enum):
 
     gpt2_small = "gpt2-small"
     quick = "quick"
+    corpus = "corpus"
     tiny = "tiny"
     small = "small"
     paper = "paper"

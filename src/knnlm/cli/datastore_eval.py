@@ -121,6 +121,12 @@ def datastore_index(
     stride: int | None = STRIDE,
     batch_size: int = BATCH,
     device: str | None = DEVICE,
+    dtype: Dtype | None = typer.Option(
+        None,
+        "--dtype",
+        help="Weight dtype of the model for the --corpus check.  (default: the datastore's)",
+        show_default=False,
+    ),
     quiet: bool = QUIET,
     wait: bool = WAIT,
 ) -> None:
@@ -153,12 +159,13 @@ def datastore_index(
     typer.echo(f"index written: {path} ({index_summary(ds)})")
     if corpus is not None:
         _index_check(
-            ds, corpus, split, model, knn, (context_len, stride, batch_size), device, quiet
-        )
+            ds, corpus, split, model, knn, (context_len, stride, batch_size), (device, dtype),
+            quiet,
+        )  # fmt: skip
 
 
 def _index_check(ds: Path, corpus: str, split: str, model: str | None, knn, window: tuple,
-                 device: str | None, quiet: bool) -> None:  # fmt: skip
+                 placement: tuple, quiet: bool) -> None:  # fmt: skip
     """The kNN-LM perplexity with exact search and through the new index, recorded beside it."""
     from knnlm.index_perplexity import index_perplexity_check
     from knnlm.retrieval.datastore import open_datastore
@@ -167,7 +174,9 @@ def _index_check(ds: Path, corpus: str, split: str, model: str | None, knn, wind
     meta = open_datastore(ds).meta
     sha = index_identity(ds)
     context_len, stride, batch_size = window
-    knn_lm = load_model(model, device, meta.get("model_dtype") or "float32")
+    device, dtype = placement
+    dtype = value(dtype) or meta.get("model_dtype") or "float32"
+    knn_lm = load_model(model, device, dtype)
     check = index_perplexity_check(
         knn_lm.lm, corpus, split, ds, knn, context_len=context_len or meta.get("context_len"),
         stride=stride or meta.get("stride"), batch_size=batch_size, progress=not quiet,

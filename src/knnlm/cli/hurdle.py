@@ -16,6 +16,7 @@ from knnlm.cli.common import (
     value,
     write_json,
 )
+from knnlm.errors import KnnlmError
 
 
 def hurdle_cmd(
@@ -62,6 +63,14 @@ def hurdle_cmd(
         "train --preset.  (default: gpt2-small; quick with --quick)",
         show_default=False,
     ),
+    model_config: Path | None = typer.Option(
+        None,
+        "--model-config",
+        help="Your own GPT-2 architecture instead of --preset: a config.json, or a model "
+        "folder holding one (trained from scratch here, with and without its last MLP).  "
+        "(default: --preset's)",
+        show_default=False,
+    ),
     lr: float | None = typer.Option(
         None, "--lr", help="Peak learning rate (default: the preset's)."
     ),
@@ -91,6 +100,12 @@ def hurdle_cmd(
     from knnlm.report.hurdle import render_hurdle
 
     preset = value(preset)
+    if model_config is not None:
+        if preset is not None:
+            raise KnnlmError("--preset and --model-config both name the architecture; give one")
+        if not model_config.exists():
+            raise KnnlmError(f"--model-config {model_config}: no such file or folder")
+        preset = str(model_config.resolve())
     quiet_libraries()
     settings = hurdle_settings(
         "quick" if quick else "full",

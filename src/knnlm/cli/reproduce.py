@@ -90,7 +90,8 @@ def reproduce_cmd(
     seeds: int | None = typer.Option(
         None,
         "--seeds",
-        help="Seeds for every part (LMs, Macondo, hurdle).  (default: the scale's)",
+        help="Seeds for every part (LMs trained here, Macondo, hurdle; a --model is one LM).  "
+        "(default: the scale's)",
         show_default=False,
     ),
     k: int | None = typer.Option(
@@ -157,6 +158,7 @@ def reproduce_cmd(
     overrides = dict(TINY) if tiny else {}
     if model is not None:
         overrides.pop("width_study", None)  # it trains LMs of the run's preset: none here
+        overrides.pop("lm_seeds", None)  # one given LM
         if Path(model).expanduser().exists():  # the run's records name it from any folder
             model = str(Path(model).expanduser().resolve())
     widths = None
@@ -170,7 +172,8 @@ def reproduce_cmd(
         if not widths or min(widths) < 1:
             raise KnnlmError(f"--width-study needs positive widths; got {width_study!r}")
     given = dict(corpus=corpus, model=model, k=k, search=value(search), lm_epochs=epochs,
-                 lm_seeds=seeds, macondo_seeds=seeds, hurdle_seeds=seeds, width_study=widths,
+                 lm_seeds=None if model else seeds, macondo_seeds=seeds, hurdle_seeds=seeds,
+                 width_study=widths,
                  temperature=knn_temp, context_len=context_len)  # fmt: skip
     overrides.update({key: v for key, v in given.items() if v is not None})
     if sizes:  # on top of the scale's (or --tiny's) Macondo sizes

@@ -7,7 +7,8 @@ The pipeline composes the library; it re-implements nothing. Its stages (cached,
 2. per LM seed: ``lm-S``, ``datastore-S``, ``knnlm-S`` (Section 2: tuned on valid, read on
    test), ``memory-S`` (Section 5);
 3. ``projection`` / ``projection_lr`` (Section 3, first seed, test split, tuned setting);
-4. ``macondo`` (Section 4: the first seed's LM fine-tuned on Macondo, one dataset per seed);
+4. ``macondo`` (Section 4: the first seed's LM fine-tuned on Macondo, one dataset per seed),
+   and at corpus scale ``macondo-small`` (the same at the quick scale's Macondo size);
 5. ``width-D`` (Section 3 at other model widths, with ``--width-study``);
 6. ``hurdle`` (Appendix E: Figure 4 on Macondo, Figure 5 on the natural text).
 

@@ -95,9 +95,14 @@ MACONDO = keys("seeds n_values") | {
 _CURVE = Nullable(keys("steps with_mlp without_mlp"))
 HURDLE = {"seeds": ANY, "loglik": _CURVE, "loss": _CURVE}
 
+# Where a width has 2 or more LM seeds, its shares per seed and over them (mean, t bounds).
+_WIDTH_SEEDS = {"share_per_seed": Maybe(ANY), "share_over_seeds": Maybe(keys("mean lower upper n"))}
 WIDTH_STUDY = {
     "rows": Maybe(
-        Each(keys("d lm knnlm proj_fg") | {"proj_f": keys("perplexity share kl_mean kl_init_mean")})
+        Each(
+            keys("d lm knnlm proj_fg")
+            | {"proj_f": keys("perplexity share kl_mean kl_init_mean") | _WIDTH_SEEDS}
+        )
     )
 }
 
@@ -106,11 +111,17 @@ PROVENANCE = keys("python cpu_model cpu_count torch_threads device started_utc e
     "git": keys("commit dirty"),
 }
 
+# Per LM seed; the valid loss at the LM's last evaluations where the run measured it.
+LM = Each({"valid_loss": Maybe(keys("steps loss measured_on"))})
+
 SCHEMA: dict[str, Any] = {
+    "lm": Maybe(LM),
     "knnlm": Maybe(KNNLM),
     "projection": Maybe(PROJECTION),
     "memory": Maybe(MEMORY),
     "macondo": Maybe(MACONDO),
+    # The same LM on Macondo at a second size (corpus scale: the quick scale's 6 per n).
+    "macondo_small": Maybe(MACONDO),
     "hurdle": Maybe(HURDLE),
     "width_study": Maybe(WIDTH_STUDY),
     "provenance": Maybe(PROVENANCE),
@@ -199,12 +210,34 @@ def _provenance_rules(p: Mapping[str, Any]) -> None:
         _fail("provenance records a host name")
 
 
-RULES: dict[str, Callable[[Mapping[str, Any]], None]] = {
+def _lm_rules(lms: Sequence[Mapping[str, Any]]) -> None:
+    for lm in lms:
+        v = lm.get("valid_loss")
+        if v and len(v["steps"]) != len(v["loss"]):
+            _fail(f"lm: seed {lm.get('seed')} has {len(v['loss'])} valid losses for "
+                  f"{len(v['steps'])} steps")  # fmt: skip
+
+
+def _width_rules(w: Mapping[str, Any]) -> None:
+    """Where a width has shares per seed, one per seed of the study."""
+    seeds = w.get("seeds") or [w.get("seed")]
+    for row in w.get("rows") or []:
+        for key in ("proj_f", "proj_fg"):
+            per_seed = row[key].get("share_per_seed")
+            if per_seed is not None and len(per_seed) != len(seeds):
+                _fail(f"width_study: d={row['d']} {key} has {len(per_seed)} shares for "
+                      f"{len(seeds)} seeds")  # fmt: skip
+
+
+RULES: dict[str, Callable[[Any], None]] = {
+    "lm": _lm_rules,
     "knnlm": _knnlm_rules,
     "projection": _projection_rules,
     "macondo": _macondo_rules,
+    "macondo_small": _macondo_rules,
     "hurdle": _hurdle_rules,
     "provenance": _provenance_rules,
+    "width_study": _width_rules,
 }
 
 

@@ -232,7 +232,23 @@ def _judge(r: Mapping[str, Any], model: str, claim: str, criterion: str, params:
         "generalisation only where the LM fails to generalise"
     )
     parts.append(sizes_text(m))
+    if other := other_size_line(r, model):
+        parts.append(other)
     return verdict(claim, status, criterion, ". ".join(parts), scale=scale_text(r))
+
+
+def other_size_line(r: Mapping[str, Any], model: str) -> str | None:
+    """The same gain at the run's second Macondo size (``macondo_small``: the same LM and
+    fine-tuning, fewer parents per n), named by its size; not part of the verdict."""
+    small = r.get("macondo_small")
+    if not small or not small.get("per_seed"):
+        return None
+    per_n = ((small.get("settings") or {}).get("macondo") or {}).get("n_parents_per_count")
+    _, line = _setting_line(small, model, f"the same LM at {_f(per_n, 'g')} parents per n")
+    return (
+        line + " (same LM and fine-tuning, only the Macondo size differs: a contrast of sizes "
+        "on this LM, not of scales)"
+    )
 
 
 def _criterion(what: str, sentence: str) -> str:

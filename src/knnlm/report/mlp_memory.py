@@ -183,6 +183,27 @@ def _convergence(lm: list[float], alone: list[Any]) -> str:
     return "not lower in any seed: more training alone does not help this LM"
 
 
+def lm_valid_text(r: Mapping[str, Any], seeds: Sequence[Any]) -> str:
+    """The LM's valid loss over its last evaluations, per seed of ``seeds`` (the LM the claim
+    and the control start from); empty where the run did not measure it."""
+    by_seed = {lm.get("seed"): lm.get("valid_loss") for lm in r.get("lm") or []}
+    parts, where = [], ""
+    for seed in seeds:
+        v = by_seed.get(seed)
+        if not v or not v.get("loss"):
+            continue
+        where = v.get("measured_on") or "valid split"
+        loss, steps = v["loss"], v["steps"]
+        parts.append(
+            f"seed {seed}, steps {steps[0]}-{steps[-1]}: "
+            + ", ".join(_f(x, ".3f") for x in loss)
+            + f" (change {_f(loss[-1] - loss[0], '+.3f')} nats)"
+        )
+    if not parts:
+        return ""
+    return f"; the LM's valid loss at its last evaluations ({where}): " + "; ".join(parts)
+
+
 def claim_memory_control(r: Mapping[str, Any]) -> dict:
     mem = r["memory"]
     per = per_seed(mem)
@@ -202,6 +223,7 @@ def claim_memory_control(r: Mapping[str, Any]) -> dict:
         + f"; gain log(control / LM+MLP) per seed {', '.join(_f(g, '.4f') for g in gains)}: "
         f"{test}. How converged the LM is: trained on for the MLP's steps alone it reaches "
         f"{fmt_pm(alone)} test perplexity against the LM's {fmt_pm(lm)} ({_convergence(lm, alone)})"
+        + lm_valid_text(r, [p.get("seed") for p in per])
     )
     return verdict(CLAIM_D_CONTROL, status, CRITERION_D_CONTROL, evidence, scale=scale_text(r))
 

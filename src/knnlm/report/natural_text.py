@@ -13,7 +13,13 @@ from typing import Any
 
 from knnlm.report import figures as F
 from knnlm.report.analysis import Analysis, Claim, FigureSink, get_path
-from knnlm.report.section_parts import figure_md, seeds_note, settings_md, values_text
+from knnlm.report.section_parts import (
+    figure_md,
+    lm_description,
+    seeds_note,
+    settings_md,
+    values_text,
+)
 from knnlm.report.tables import fmt_number, fmt_pm, markdown_table
 from knnlm.report.verdicts import HELD, NOT_HELD, UNTESTABLE, per_seed, seed_list, verdict
 
@@ -63,7 +69,9 @@ def claim_knnlm(r: Mapping[str, Any]) -> dict:
         f"T={_f(ps.get('temperature'), 'g')}) {fmt_pm(paper)}, lower in {paper_wins} of "
         f"{len(per)} seeds"
     )
-    return verdict(CLAIM_A, HELD if wins == len(per) else NOT_HELD, CRITERION_A, evidence)
+    scale = f"paper: a 16-layer, 1024-wide LM on WikiText-103; here: {lm_description(r)}"
+    return verdict(CLAIM_A, HELD if wins == len(per) else NOT_HELD, CRITERION_A, evidence,
+                   scale=scale)  # fmt: skip
 
 
 def knnlm_section(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:

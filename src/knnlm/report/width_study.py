@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from knnlm.errors import KnnlmError
+from knnlm.experiments.stats import MIN_SEEDS
 from knnlm.report.analysis import Analysis, Claim, FigureSink, get_path
 from knnlm.report.drawing import COLORS, plt, save_pyplot
 from knnlm.report.section_parts import figure_md
@@ -33,9 +34,10 @@ CLAIM_W = (
 )
 CRITERION_W = (
     "not the paper's; from the converged solves of LMs differing only in d, the share of the gap "
-    "f(z*) closes at the smallest and the largest width, each with its seeded bootstrap interval "
-    "over positions; held if the largest width's lower bound lies above the smallest's upper "
-    "bound; not held if even the largest width's upper bound minus the smallest's lower bound "
+    "f(z*) closes at the smallest and the largest width, each with one-sided 95% bounds (t bounds "
+    f"over LM seeds where a width has {MIN_SEEDS} or more, else a seeded bootstrap over "
+    "positions); held if the largest width's lower bound lies above the smallest's upper bound; "
+    "not held if even the largest width's upper bound minus the smallest's lower bound "
     f"is under {100 * WIDTH_MIN_RISE:g} points (minimum effect: a tenth of the claim's 80%); "
     "inconclusive otherwise. The KL bound of 0.1 says nothing at a width whose starting KL is "
     "already near it"
@@ -46,29 +48,43 @@ def _pct(x: Any) -> str:
     return _f(None if x is None else 100 * x, ".0f") + "%"
 
 
+def row_share(row: Mapping[str, Any]) -> tuple[Any, Mapping[str, Any] | None, str]:
+    """f(z*)'s share of the gap at one width: over seeds (mean, t bounds) where the row has
+    MIN_SEEDS or more, else the first seed's with its bootstrap bounds over positions."""
+    f = row["proj_f"]
+    over = f.get("share_over_seeds")
+    if over and over.get("n", 0) >= MIN_SEEDS:
+        return over["mean"], over, "seeds"
+    return f["share"], f.get("share_interval"), "positions"
+
+
 def claim_width(r: Mapping[str, Any]) -> dict:
     w = r["width_study"]
     rows = sorted(w["rows"], key=lambda row: row["d"])
+    reads = [row_share(row) for row in rows]
     cells = "; ".join(
-        f"d={row['d']}: {_pct(row['proj_f']['share'])}"
-        + (f" [{_pct(iv['lower'])}, {_pct(iv['upper'])}]"
-           if (iv := row["proj_f"].get("share_interval")) else "")
+        f"d={row['d']}: {_pct(share)}"
+        + (f" [{_pct(iv['lower'])}, {_pct(iv['upper'])}] over {iv['n']} {over}" if iv else "")
         + f", KL {_f(row['proj_f']['kl_mean'], '.4f')} from {_f(row['proj_f']['kl_init_mean'], '.4f')}"
-        for row in rows
+        for row, (share, iv, over) in zip(rows, reads, strict=True)
     )  # fmt: skip
-    shares = [row["proj_f"]["share"] for row in rows]
+    shares = [share for share, _, _ in reads]
     monotone = all(
         a is not None and b is not None and b >= a for a, b in zip(shares, shares[1:], strict=False)
     )
+    by_seeds = all(over == "seeds" for _, _, over in reads)
     evidence = (
-        f"share of the gap f(z*) closes, one-sided 95% bootstrap bounds over positions, LM seed "
-        f"{w.get('seed')}: {cells}; {'monotone' if monotone else 'not monotone'} in d. One LM "
-        "seed per width: the interval covers the positions, not the seeds"
-    )
-    lo, hi = rows[0]["proj_f"].get("share_interval"), rows[-1]["proj_f"].get("share_interval")
+        f"share of the gap f(z*) closes, one-sided 95% bounds: {cells}; "
+        f"{'monotone' if monotone else 'not monotone'} in d. "
+        + (f"Mean and t bounds over LM seeds {w.get('seeds')} at every width (the KL: seed "
+           f"{w.get('seed')})" if by_seeds else
+           f"Fewer than {MIN_SEEDS} LM seeds at some width: there the bootstrap over positions "
+           f"of seed {w.get('seed')}, which covers the positions, not the seeds")
+    )  # fmt: skip
+    lo, hi = reads[0][1], reads[-1][1]
     if len(rows) < 2 or not lo or not hi:
         status = UNTESTABLE
-        evidence += "; needs two widths with per-position records"
+        evidence += "; needs two widths with per-position records or seeds"
     elif hi["lower"] > lo["upper"]:
         status = HELD
     elif hi["upper"] - lo["lower"] < WIDTH_MIN_RISE:
@@ -80,6 +96,14 @@ def claim_width(r: Mapping[str, Any]) -> dict:
                    + ", ".join(str(row["d"]) for row in rows))  # fmt: skip
 
 
+def _share_cell(q: Mapping[str, Any]) -> str | None:
+    """The share of the gap: the mean over seeds with its bounds, where the row has seeds."""
+    iv = q.get("share_over_seeds")
+    if iv:
+        return f"{_pct(iv['mean'])} [{_pct(iv['lower'])}, {_pct(iv['upper'])}], {iv['n']} seeds"
+    return None if q["share"] is None else _pct(q["share"])
+
+
 def width_text(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
     """Section 3 against model width (``reproduce --width-study``), or why it is absent."""
     w = r.get("width_study")
@@ -88,8 +112,7 @@ def width_text(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
                 "claim is made at d = 1024).\n\n")  # fmt: skip
     rows = [
         [row["d"], row.get("params"), row["lm"], row["knnlm"]]
-        + [None if row[k]["share"] is None else f"{_f(100 * row[k]['share'], '.0f')}%"
-           for k in ("proj_f", "proj_fg")]
+        + [_share_cell(row[k]) for k in ("proj_f", "proj_fg")]
         + [row["proj_f"]["kl_mean"], row["proj_f"]["kl_init_mean"]]
         for row in w["rows"]
     ]  # fmt: skip
@@ -99,7 +122,9 @@ def width_text(r: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
         rows, floatfmt=["", "", ".2f", ".2f", "", "", ".4f", ".4f"], align=["r"] * 8,
     )  # fmt: skip
     return (
-        f"**Width study.** The run's LM preset at each width d (LM seed {w.get('seed')}), each "
+        f"**Width study.** The run's LM preset at each width d (LM seeds "
+        f"{', '.join(str(x) for x in w.get('seeds') or [w.get('seed')])}; the KL columns: seed "
+        f"{w.get('seed')}), each "
         "with its own datastore and valid-tuned kNN-LM, Eq. 2 solved to convergence on its "
         f"test positions (the paper: d = 1024).\n\n{table}\n\n"
         + figure_md(figs, "width", "share of the gap closed and KL against width")

@@ -180,6 +180,16 @@ def combine(
     return out
 
 
+def mix_log_weights(
+    log_w: torch.Tensor, lm_log_prob: torch.Tensor, other_log_prob: torch.Tensor
+) -> torch.Tensor:
+    """log(w_lm p_lm + w_other p_other) from log-weights ``log_w`` (n, 2) that sum to one per
+    token: the gate's mixture, differentiable in the weights (its training loss)."""
+    return torch.logsumexp(
+        torch.stack([log_w[:, 0] + lm_log_prob, log_w[:, 1] + other_log_prob], 1), dim=1
+    )
+
+
 def interpolate_numpy(lm: np.ndarray, other: np.ndarray, weight: float) -> np.ndarray:
     """:func:`interpolate` on numpy arrays, for 0 < weight < 1 (Macondo's tuning grid). Kept
     apart because numpy's logaddexp differs from torch's in the last bit of ~0.2% of values,

@@ -25,6 +25,7 @@ from knnlm.errors import KnnlmError
 from knnlm.forward_pass import WindowSettings, score_stream
 from knnlm.lm.loading import LoadedLM
 from knnlm.locking import locks
+from knnlm.retrieval.combiner import mix_log_weights
 from knnlm.retrieval.datastore import corpus_fingerprint, open_datastore
 from knnlm.retrieval.gate import (
     GATE_KINDS,
@@ -58,7 +59,7 @@ def collect(
 
 
 def _mixture_nll(log_w: torch.Tensor, lm: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
-    return -torch.logsumexp(torch.stack([log_w[:, 0] + lm, log_w[:, 1] + knn], 1), dim=1)
+    return -mix_log_weights(log_w, lm, knn)
 
 
 def fit_mlp(

@@ -11,10 +11,13 @@ from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.experiments.stages import AnalysisStages, Done, Stage
 
 
-def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
+def stage_macondo(
+    cfg: ReproduceConfig, model: str | None, art: Path, sizes: dict | None = None
+) -> dict:
     """Section 4: fine-tune ``model`` on Macondo, one dataset per seed generated with its
     tokenizer; per-n log-likelihood of the children (LM, kNN-LM, LM + MLP memory) on the test
-    sentences, the LM's on the training sentences, and curves over fine-tuning steps."""
+    sentences, the LM's on the training sentences, and curves over fine-tuning steps.
+    ``sizes`` replaces ``cfg.macondo_sizes`` (the second size's stage)."""
     settings = MacondoSettings.from_preset(
         cfg.macondo_preset,
         model=model,
@@ -25,7 +28,7 @@ def stage_macondo(cfg: ReproduceConfig, model: str | None, art: Path) -> dict:
         epochs=cfg.macondo_epochs,
         lr=cfg.macondo_lr,
         eval_every=cfg.macondo_eval_every,
-        sizes=cfg.macondo_sizes,
+        sizes=cfg.macondo_sizes if sizes is None else sizes,
         memory=cfg.macondo_memory,
         tune=cfg.macondo_tune,
         workers=cfg.workers,
@@ -65,7 +68,24 @@ def _run(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
     return stage_macondo(cfg, _model(cfg, done), art)
 
 
-STAGES = AnalysisStages(
-    lambda cfg, done: {"macondo": done["macondo"]},
-    after=lambda cfg: [Stage("macondo", _run, deps=_deps(cfg), from_results=_settings)],
-)
+def _run_small(cfg: ReproduceConfig, done: Done, art: Path) -> dict:
+    return stage_macondo(cfg, _model(cfg, done), art, sizes=cfg.macondo_small_sizes)
+
+
+def _stages(cfg: ReproduceConfig) -> list[Stage]:
+    """``macondo``, and at corpus scale ``macondo-small`` (the quick scale's Macondo size)."""
+    return [
+        Stage("macondo", _run, deps=_deps(cfg), from_results=_settings),
+        *([Stage("macondo-small", _run_small, deps=_deps(cfg), from_results=_settings)]
+          if cfg.macondo_small_sizes else []),
+    ]  # fmt: skip
+
+
+def _results(cfg: ReproduceConfig, done: Done) -> dict:
+    out = {"macondo": done["macondo"]}
+    if "macondo-small" in done:
+        out["macondo_small"] = done["macondo-small"]
+    return out
+
+
+STAGES = AnalysisStages(_results, after=_stages)

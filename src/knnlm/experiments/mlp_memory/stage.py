@@ -132,7 +132,8 @@ def _train_memory(cfg: ReproduceConfig, seed: int, lm, store, art: Path, corpus:
                         "heldout": curve}  # fmt: skip
     why = "the step cap" if cfg.memory_max_steps is not None and cap == cfg.memory_max_steps \
         else "the epochs"  # fmt: skip
-    return tr, {"stopped": f"{why} ({cap} steps) reached, held-out loss still improving",
+    trend = "still improving" if len(curve) > 1 else "one check, no trend"
+    return tr, {"stopped": f"{why} ({cap} steps) reached, held-out loss {trend}",
                 "heldout": curve}  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from knnlm.data import wikitext2
 from knnlm.data.corpus import read_split, tokenize_text
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate
+from knnlm.experiments.hurdle.settings import corpus_loss_fn
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.experiments.stages import AnalysisStages, Done, Stage
 from knnlm.fileio import write_json_atomic
@@ -58,6 +59,11 @@ def stage_corpus(cfg: ReproduceConfig, art: Path) -> dict:
     return out
 
 
+# The LM's last evaluations kept (its valid loss over its last steps), on this many blocks.
+LM_EVALS_KEPT = 5
+LM_VALID_BLOCKS = 32
+
+
 def stage_lm(cfg: ReproduceConfig, seed: int, corpus: str, tokenizer_dir: str, art: Path) -> dict:
     """Train one LM from scratch on the train split with the shared tokenizer."""
     if cfg.model is not None:
@@ -66,6 +72,11 @@ def stage_lm(cfg: ReproduceConfig, seed: int, corpus: str, tokenizer_dir: str, a
     preset = get_preset(cfg.lm_preset)
     ids = tokenize_text(tok, read_split(corpus, "train"))
     model = model_from_preset(cfg.lm_preset, tok, seed=seed, context_len=cfg.context_len)
+    every = cfg.lm_eval_every
+    on_eval = None
+    if every:  # fixed valid blocks; evaluating runs on its own RNG stream: training is unchanged
+        valid = tokenize_text(tok, read_split(corpus, "valid"))
+        on_eval = corpus_loss_fn(valid, cfg.context_len, n_blocks=LM_VALID_BLOCKS)
     res = train(
         model,
         tok,
@@ -80,13 +91,23 @@ def stage_lm(cfg: ReproduceConfig, seed: int, corpus: str, tokenizer_dir: str, a
             seed=seed,
             context_len=cfg.context_len,
             checkpoint_every=None,
+            eval_every=every,
         ),
         art / "model",
+        on_eval=on_eval,
         progress=False,
     )
+    last = res.evals[-LM_EVALS_KEPT:]
     return {
         "model": str(art / "model"),
         "trained": True,
+        "valid_loss": {
+            "steps": [e["step"] for e in last],
+            "loss": [e["loss"] for e in last],
+            "measured_on": f"{LM_VALID_BLOCKS} fixed blocks of the valid split",
+        }
+        if last
+        else None,
         "seed": seed,
         "preset": cfg.lm_preset,
         "train_tokens": int(ids.size),

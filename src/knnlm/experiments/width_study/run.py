@@ -23,7 +23,7 @@ from knnlm.errors import KnnlmError
 from knnlm.experiments.natural_text import stage as nt
 from knnlm.experiments.projection.stage import stage_projection
 from knnlm.experiments.reproduce_config import ReproduceConfig
-from knnlm.experiments.stats import share_interval
+from knnlm.experiments.stats import seed_interval, share_interval
 from knnlm.lm.presets import get_preset
 from knnlm.lm.train import train
 from knnlm.lm.train_config import TrainConfig
@@ -83,4 +83,21 @@ def width_row(d: int, proj: dict[str, Any]) -> dict:
                  proj["knnlm"].get("target_logp"))  # fmt: skip
         if lm != knn and all(v is not None for v in logps):
             row[key]["share_interval"] = share_interval(*logps).as_dict()
+    return row
+
+
+def rows_over_seeds(per_seed: list[tuple[int, dict[str, Any]]]) -> dict:
+    """One width's row over its LM seeds: the first seed's row as it stands, and for each of
+    f and f∘g the share of the gap per seed with, over 2 or more seeds, its mean and one-sided
+    t bounds over seeds (``share_over_seeds``)."""
+    seeds = [s for s, _ in per_seed]
+    row = dict(per_seed[0][1])
+    if len(per_seed) < 2:
+        return row
+    row["seeds"] = seeds
+    for key in ("proj_f", "proj_fg"):
+        shares = [r[key]["share"] for _, r in per_seed]
+        row[key] = dict(row[key]) | {"share_per_seed": shares}
+        if all(x is not None for x in shares):
+            row[key]["share_over_seeds"] = seed_interval(shares).as_dict()
     return row

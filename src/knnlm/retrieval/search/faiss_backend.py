@@ -77,14 +77,13 @@ class FaissBackend:
         self.values = torch.from_numpy(np.array(vals))
 
     def _make_refined(self, keys_in_ram: bool | str) -> Any:
-        """IndexRefine(index, keys) for a fused exact re-ranking, or None (memmap path)."""
+        """IndexRefine(flat index, itself), a KeyStore (keys in RAM), or None (memmap path)."""
         idx = self.index
         # A flat index holds the keys, unless a PCA stores their projections.
         flat_keys = idx.kind == "flat" and not idx.info.get("pca")
         if flat_keys and not idx.on_gpu and keys_in_ram is not False:
             return refine(idx.faiss_index, idx.faiss_index)
-        store = KeyStore.maybe(self.keys, self.metric, keys_in_ram)
-        return None if store is None else refine(idx.faiss_index, store.index)
+        return KeyStore.maybe(self.keys, self.metric, keys_in_ram)
 
     @property
     def exact(self) -> bool:
@@ -93,10 +92,12 @@ class FaissBackend:
 
     def nearest(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(dist float32 (n, k'), ids int64 (n, k')), k' = min(k, N), of float32 queries."""
-        if self.refined is not None:
-            return search_index(self.refined, self.index, q, k)
+        if self.refined is not None and not isinstance(self.refined, KeyStore):
+            return search_index(self.refined, self.index, q, k)  # a flat index, refined
         dist, ids = self.index.search(q, k)
         if self.recompute:
+            if isinstance(self.refined, KeyStore):
+                return self.refined.rerank(q, ids)
             dist, ids = recompute_distances(self.keys, q, ids, self.metric)
         return dist, ids
 

@@ -6,11 +6,14 @@ d = 256 float16 values gathers 512 KiB per query, so it should run near memory b
 fused paths, both computing ``sum((q - k)^2)`` (or ``<q, k>``) directly in float32, so the
 distances are exact to float32 rounding (no ``|q|^2 - 2 q.k + |k|^2`` cancellation):
 
-- **keys in RAM** (:class:`KeyStore`, when the keys fit under :func:`ram_budget`): the keys are
-  copied once into a FAISS flat-codes index (``IndexScalarQuantizer`` QT_fp16 holds float16
-  keys bit for bit; ``IndexFlat`` float32 keys), and searches go through ``faiss.IndexRefine``
-  (search the base index, then one OpenMP-parallel pass that decodes each neighbour's key and
-  accumulates its distance without an intermediate buffer). A flat index is its own key store.
+- **keys in RAM** (:class:`KeyStore`, when the keys as float32 fit under :func:`ram_budget`):
+  the keys are copied once to float32 (float16 converts exactly), and a batch's k neighbours
+  are re-ranked by one OpenMP-parallel FAISS call (``fvec_L2sqr_by_idx`` /
+  ``fvec_inner_products_by_idx`` over the whole (n, k) id block, straight from the array) and a
+  stable sort. ``faiss.IndexRefine`` over a float16 scalar-quantizer copy, used before,
+  decoded each neighbour's key through a per-neighbour distance computer: 1.21-1.55x the PQ
+  search time where this is ~1.1x or less (``benchmarks/README.md``), at twice the RAM of
+  float16 keys. A flat index is its own key store (``IndexRefine`` on itself).
 - **keys on disk** (larger than the budget): :func:`recompute_distances` gathers the rows of a
   block of queries from the memmap (sorted unique rows: one ordered pass, each row read once,
   the OS page cache keeps what fits) and FAISS's ``fvec_L2sqr_by_idx`` /
@@ -26,7 +29,7 @@ import numpy as np
 
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.search.conventions import as_queries, check_metric, f32, log
-from knnlm.retrieval.search.faiss_lib import faiss, faiss_metric
+from knnlm.retrieval.search.faiss_lib import faiss
 
 _BLOCK_BYTES = 1 << 27  # float32 bytes gathered per block on the memmap path (128 MiB)
 RAM_FRACTION = 0.5  # keys go to RAM when they take at most this share of the available memory
@@ -112,36 +115,38 @@ def ram_budget() -> int:
 
 
 class KeyStore:
-    """The stored keys held in RAM as a FAISS flat-codes index, the refine side of
-    ``IndexRefine``; float16 keys stay float16 (same bytes as ``keys.npy``)."""
+    """The stored keys held in RAM as float32 (float16 keys converted once, exactly), re-ranked
+    against with one parallel FAISS call per batch (:func:`rerank_in_ram`)."""
 
     def __init__(self, keys: np.ndarray, metric: str, chunk: int = 1 << 16) -> None:
         n, d = keys.shape
-        fm = faiss_metric(check_metric(metric))
-        if keys.dtype == np.float16:
-            self.index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, fm)
-            for s in range(0, n, chunk):  # raw float16 bytes: FP16 codes are the keys themselves
-                block = np.ascontiguousarray(keys[s : s + chunk])
-                self.index.add_sa_codes(block.view(np.uint8).reshape(block.shape[0], 2 * d))
-        else:
-            self.index = faiss.IndexFlat(d, fm)
-            for s in range(0, n, chunk):
-                self.index.add(f32(keys[s : s + chunk]))
-        self.nbytes = int(n * d * keys.dtype.itemsize)
+        self.metric = check_metric(metric)
+        self.keys = np.empty((n, d), dtype=np.float32)
+        for s in range(0, n, chunk):
+            self.keys[s : s + chunk] = keys[s : s + chunk]
+        self.nbytes = int(self.keys.nbytes)
 
     @classmethod
     def maybe(cls, keys: np.ndarray, metric: str, in_ram: bool | str = "auto") -> KeyStore | None:
-        """A KeyStore when ``in_ram`` is True, or "auto" and the keys fit :func:`ram_budget`."""
+        """A KeyStore when ``in_ram`` is True, or "auto" and the float32 keys fit
+        :func:`ram_budget`."""
         if in_ram not in (True, False, "auto"):
             raise KnnlmError(f"keys_in_ram must be True, False or 'auto', got {in_ram!r}")
-        nbytes = keys.shape[0] * keys.shape[1] * keys.dtype.itemsize
+        nbytes = keys.shape[0] * keys.shape[1] * 4
         if in_ram == "auto" and nbytes > ram_budget():
             log.warning(
-                "keys (%.0f MiB) exceed the re-ranking RAM budget; re-ranking gathers from disk",
-                nbytes / 2**20,
-            )
+                "keys (%.0f MiB as float32) exceed the re-ranking RAM budget; re-ranking "
+                "gathers from disk", nbytes / 2**20,
+            )  # fmt: skip
             return None
         return cls(keys, metric) if in_ram else None
+
+    def rerank(self, q: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact distances of ``ids`` (n, k; -1 = none) re-sorted ascending: one parallel
+        FAISS pass over the block (``fvec_L2sqr_by_idx``), no per-neighbour decode or copy."""
+        dist = distances_by_idx(q, self.keys, ids, self.metric)
+        order = np.argsort(dist, axis=1, kind="stable")
+        return np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 def refine(base: Any, store: Any) -> Any:
