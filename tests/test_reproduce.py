@@ -531,6 +531,7 @@ def test_corpus_scale_runs_macondo_at_a_second_size_on_the_same_lm(tmp_path, mon
     per n in place of the run's sizes; not in the quick run."""
     from knnlm.cli.reproduce import TINY
     from knnlm.experiments import reproduce as R
+    from knnlm.experiments.macondo.settings import MacondoSettings
     from knnlm.experiments.reproduce_config import ReproduceConfig
 
     assert "macondo-small" not in _tiny_plan_names()
@@ -548,7 +549,7 @@ def test_corpus_scale_runs_macondo_at_a_second_size_on_the_same_lm(tmp_path, mon
         seen.update(kw)
         raise Stop
 
-    monkeypatch.setattr(R.MacondoSettings, "from_preset", capture)
+    monkeypatch.setattr(MacondoSettings, "from_preset", capture)
     done = {"lm-0": {"model": "the-lm"}}
     for name, per_n in (("macondo", 20), ("macondo-small", 6)):
         with pytest.raises(Stop):
