@@ -137,6 +137,9 @@ def tune_cmd(
         None, "--min-speed", help="Instead: the best perplexity at this share of the LM's tok/s.",
     ),
     speed_tokens: int = typer.Option(4096, "--speed-tokens", help="Tokens of each timed pass."),
+    speed_repeats: int = typer.Option(
+        2, "--speed-repeats", help="Timed passes per setting; the fastest counts."
+    ),
     out: Path | None = typer.Option(
         None, "--out", "-o", callback=output_file,
         help="Write the pick's settings file here (for eval / generate --settings).",
@@ -177,7 +180,7 @@ def tune_cmd(
     result = tune(
         knn_lm.lm, corpus, split, [str(d) for d in datastore],
         Window(context_len, stride, batch_size), space=space, search=value(search), gate=gate,
-        speed_tokens=speed_tokens, keep_gain=keep_gain, min_speed=min_speed,
+        speed_tokens=speed_tokens, speed_repeats=speed_repeats, keep_gain=keep_gain, min_speed=min_speed,
         text_field=text_field, progress=not quiet,
     )  # fmt: skip
     write_json(json_out, result)
@@ -206,7 +209,8 @@ def frontier_table(result: dict) -> str:
     lines.append(f"pick ({why}): {_name(p)}; perplexity through eval {p['perplexity_checked']:.3f}")
     lines += [f"note: {n}" for n in result["notes"]]
     lines.append(f"{len(result['points'])} points on {result['tokens']} tokens of "
-                 f"{result['split']}; speed from {result['speed_tokens']} tokens a setting")  # fmt: skip
+                 f"{result['split']}; speed: the best of {result['speed_repeats']} passes over "
+                 f"{result['speed_tokens']} tokens a setting")  # fmt: skip
     return "\n".join(lines)
 
 
