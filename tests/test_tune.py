@@ -159,3 +159,38 @@ def test_the_settings_file_reproduces_the_tuned_perplexity(
     assert api.knnlm == ev["knnlm"]["perplexity"]
     with pytest.raises(KnnlmError, match="k "):
         knn_lm.perplexity(tiny_corpus, k=3, settings=out)
+
+
+def test_gated_points_are_what_eval_gives_with_the_gate(
+    monkeypatch, capsys, tiny_lm_dir, tiny_corpus, tmp_path
+):
+    ds, gate = tmp_path / "ds", tmp_path / "gate"
+    window = ["--context-len", 32, "--stride", 16]
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "build", "-m", tiny_lm_dir, "-c",
+                           tiny_corpus, "-o", ds, *window, "-q")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "gate", "train", "-m", tiny_lm_dir, "-d", ds,
+                           "-c", tiny_corpus, "--split", "test", "-o", gate, "--kind", "entropy",
+                           "--k", 16, *window, "-q")  # fmt: skip
+    assert code == 0, err
+    res, _, _ = _tune(monkeypatch, capsys, tiny_lm_dir, tiny_corpus, ds, tmp_path, "--gate",
+                      gate, "--retrieval-rates", "0.5", "--min-speed", "0.01")  # fmt: skip
+    gated = next(p for p in res["points"] if p["retrieval_rate"] == 0.5 and p["k"] == 16
+                 and p["knn_weight"] == 0.5 and p["knn_temperature"] == 4)  # fmt: skip
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", tiny_lm_dir, "-c", tiny_corpus,
+                           *window, "-d", ds, "--k", 16, "--knn-weight", 0.5, "--knn-temperature",
+                           4, "--gate", gate, "--retrieval-rate", 0.5, "--json",
+                           tmp_path / "g.json", "-q")  # fmt: skip
+    assert code == 0, err
+    ev = json.loads((tmp_path / "g.json").read_text())
+    assert ev["knnlm"]["perplexity"] == pytest.approx(gated["perplexity"], rel=1e-9, abs=0)
+    assert ev["knnlm"]["retrieval_share"] == pytest.approx(gated["searched"], abs=1e-12)
+    assert 0 < gated["searched"] < 1
+
+
+def test_generate_refuses_a_settings_file_with_a_gate(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"k": 8, "gate": "g", "retrieval_rate": 0.5}))
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "-m", "nowhere", "-p", "x",
+                           "--settings", path)  # fmt: skip
+    assert code == 2 and "takes no --gate" in err and len(err.strip().splitlines()) == 1, err
