@@ -5,9 +5,9 @@ Perplexity: one pass per (datastore, nprobe) searches k_max neighbours for every
 every smaller k, weight, temperature and gate retrieval rate is re-scored from them
 (:func:`knnlm.retrieval.combiner.prefix_log_probs`; a gate's skipped tokens keep p_lm exactly,
 as in ``evaluate``); RetoMaton pointers change which tokens search, so each threshold is one
-more pass (at k_max). Speed: one timed pass per search setting (datastore, nprobe, k, rate,
-pointers) over the first ``speed_tokens`` tokens, LM forward included; weight and temperature
-cost nothing. The chosen point is then run once through :func:`knnlm.evaluate.evaluate`, whose
+more pass (at k_max). Speed: per search setting (datastore, nprobe, k, rate, pointers), timed
+passes over the first ``speed_tokens`` tokens, LM forward included, each right after a pass of
+the LM alone, as a share of the LM's tok/s; weight and temperature cost nothing. The chosen point is then run once through :func:`knnlm.evaluate.evaluate`, whose
 perplexity is the one reported for it.
 """
 
@@ -30,7 +30,7 @@ from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.combiner import combine, perplexity, prefix_log_probs
 from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
 from knnlm.retrieval.exclusion import should_exclude
-from knnlm.retrieval.gate import Gate
+from knnlm.retrieval.gate import Gate, check_gate_for
 from knnlm.retrieval.retriever import KnnSettings, Retriever
 from knnlm.token_scores import score_tokens
 
@@ -78,17 +78,21 @@ def tune(
     lm_ppl, tokens, points, notes = None, 0, [], []
     for i, ds in enumerate(stores):
         ds.check_compatible(lm)
+        if gate_obj is not None:
+            check_gate_for(gate_obj, lm.fingerprint, ds.dim)
         exclude = should_exclude(ds, "auto", fp)
         found = _store_points(lm, ids, ds, exclude, space, search, gate_obj, window, timer, notes)
         lm_ppl, tokens = found["lm_ppl"], found["tokens"]
         points += [dict(p, datastore=str(ds.path), store=i) for p in found["points"]]
     lm_speed = {"perplexity": lm_ppl, "tok_s": timer.lm_tok_s()}
+    for p in points:  # on the LM's best tok/s: the ratios were timed beside it
+        p["tok_s"] = p["speed_share"] * lm_speed["tok_s"]
     default = next(p for p in points if _is_default(p, stores[0]))
     front = pareto_front(points)
     chosen = pick(points, lm_speed, default["perplexity"], keep_gain, min_speed)
+    gain = lm_ppl > default["perplexity"]  # else no share of it to keep (--min-speed picks)
     for p in points:
-        p["gain_kept"] = gain_kept(p["perplexity"], lm_ppl, default["perplexity"])
-        p["speed_share"] = p["tok_s"] / lm_speed["tok_s"]
+        p["gain_kept"] = gain_kept(p["perplexity"], lm_ppl, default["perplexity"]) if gain else None
     settings = settings_of(
         dict(points[chosen], search=search, gate=_gate_path(points[chosen], gate))
     )
@@ -134,14 +138,14 @@ def _store_points(
                          "candidates, so its perplexity can differ")  # fmt: skip
         out = _grid_pass(lm, ids, window, r, exclude, ks, temps, weights, gate, rates)
         for (rate, k, t, w), nll in out["nll"].items():
-            speed = timer.speed(
+            speed = timer.share(
                 (ds.path, nprobe, k, rate, None), r, exclude, gate if rate is not None else None
             )
             points.append(_point(k, w, t, nprobe, rate, None, nll, out, speed,
                                  "searched" if k == max(ks) else how))  # fmt: skip
     for th in space.pointers if ds.counts is None else ():
         pt = _grid_pass(lm, ids, window, base, exclude, [max(ks)], temps, weights, None, [], th)
-        speed = timer.speed((ds.path, None, max(ks), None, th), base, exclude, None)
+        speed = timer.share((ds.path, None, max(ks), None, th), base, exclude, None)
         for (_, k, t, w), nll in pt["nll"].items():
             points.append(_point(k, w, t, None, None, th, nll, pt, speed, "searched"))
     return {"points": points, "lm_ppl": perplexity(out["lm_nll"], out["tokens"]),
@@ -152,7 +156,7 @@ def _point(k, w, t, nprobe, rate, th, nll, run, speed, neighbours) -> dict[str, 
     searched = run["searched"] / max(run["tokens"], 1) if rate is None else run["kept"][rate]
     return {"k": k, "knn_weight": w, "knn_temperature": t, "nprobe": nprobe,
             "retrieval_rate": rate, "pointers": th, "perplexity": perplexity(nll, run["tokens"]),
-            "searched": searched, "tok_s": speed, "neighbours": neighbours}  # fmt: skip
+            "searched": searched, "speed_share": speed, "neighbours": neighbours}  # fmt: skip
 
 
 def _nprobes(r: Retriever, space: TuneSpace) -> list[int | None]:
@@ -208,30 +212,37 @@ def _grid_pass(
 
 
 class _Timer:
-    """Tokens per second of a pass over the first ``speed_tokens`` tokens (LM forward, search
-    and mixture), the best of ``repeats`` passes per search setting (other jobs on the machine
-    only slow a pass down); the LM alone is timed first (and warms up)."""
+    """Speed of a pass over the first ``speed_tokens`` tokens (LM forward, search and mixture)
+    per search setting, as a share of the LM's: each of ``repeats`` rounds times the LM alone
+    and then the setting, back to back, so that load from other jobs on the machine falls on
+    both; the share is the median of the rounds' ratios. The LM's tok/s is the best seen."""
 
     def __init__(self, lm: LoadedLM, ids: np.ndarray, window: Window, repeats: int = 2):
         self.lm, self.ids, self.window, self.repeats = lm, ids, window, repeats
         self.cache: dict[tuple, float] = {}
-        self._lm = None
+        self.lm_runs: list[float] = []
 
     def lm_tok_s(self) -> float:
-        if self._lm is None:
-            self._run(None, False, None, 1.0, None)  # warm-up
-            self._lm = max(self._run(None, False, None, 1.0, None) for _ in range(self.repeats))
-        return self._lm
+        """The LM's best tok/s so far (timed now when nothing was timed yet)."""
+        if not self.lm_runs:
+            self._lm_pass()
+        return max(self.lm_runs)
 
-    def speed(self, key: tuple, r: Retriever, exclude: bool, gate: Gate | None) -> float:
-        """tok/s at ``key`` = (datastore, nprobe, k, rate, pointers), searched by ``r``."""
-        self.lm_tok_s()
+    def _lm_pass(self) -> float:
+        if not self.lm_runs:
+            self._run(None, False, None, 1.0, None)  # warm-up
+        self.lm_runs.append(self._run(None, False, None, 1.0, None))
+        return self.lm_runs[-1]
+
+    def share(self, key: tuple, r: Retriever, exclude: bool, gate: Gate | None) -> float:
+        """Share of the LM's tok/s at ``key`` = (datastore, nprobe, k, rate, pointers)."""
         if key not in self.cache:
             _, _, k, rate, pointers = key
             r.knn = replace(r.knn, k=k)  # the one setting a timed pass changes on a retriever
             rate = 1.0 if rate is None else rate
-            self.cache[key] = max(self._run(r, exclude, gate, rate, pointers)
-                                  for _ in range(self.repeats))  # fmt: skip
+            ratios = [1 / self._lm_pass() * self._run(r, exclude, gate, rate, pointers)
+                      for _ in range(self.repeats)]  # fmt: skip
+            self.cache[key] = float(np.median(ratios))
         return self.cache[key]
 
     def _run(self, r, exclude, gate, rate, pointers) -> float:

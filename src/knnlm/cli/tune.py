@@ -138,7 +138,8 @@ def tune_cmd(
     ),
     speed_tokens: int = typer.Option(4096, "--speed-tokens", help="Tokens of each timed pass."),
     speed_repeats: int = typer.Option(
-        2, "--speed-repeats", help="Timed passes per setting; the fastest counts."
+        2, "--speed-repeats", help="Timing rounds per setting (the LM, then the setting); the "
+        "median ratio counts."
     ),
     out: Path | None = typer.Option(
         None, "--out", "-o", callback=output_file,
@@ -209,8 +210,8 @@ def frontier_table(result: dict) -> str:
     lines.append(f"pick ({why}): {_name(p)}; perplexity through eval {p['perplexity_checked']:.3f}")
     lines += [f"note: {n}" for n in result["notes"]]
     lines.append(f"{len(result['points'])} points on {result['tokens']} tokens of "
-                 f"{result['split']}; speed: the best of {result['speed_repeats']} passes over "
-                 f"{result['speed_tokens']} tokens a setting")  # fmt: skip
+                 f"{result['split']}; speed: the median of {result['speed_repeats']} rounds (the LM, "
+                 f"then the setting) over {result['speed_tokens']} tokens")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -228,7 +229,8 @@ def _name(p: dict) -> str:
 
 
 def _row(name: str, p: dict) -> str:
-    return (f"{name:<44}{p['perplexity']:>11.3f}{100 * p['gain_kept']:>9.1f}%{p['tok_s']:>10.0f}"
+    kept = "-" if p["gain_kept"] is None else f"{100 * p['gain_kept']:.1f}%"
+    return (f"{name:<44}{p['perplexity']:>11.3f}{kept:>10}{p['tok_s']:>10.0f}"
             f"{100 * p['speed_share']:>6.0f}%{100 * p['searched']:>8.0f}%  {p['neighbours']}")  # fmt: skip
 
 
