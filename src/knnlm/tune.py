@@ -97,6 +97,10 @@ def tune(
         dict(points[chosen], search=search, gate=_gate_path(points[chosen], gate))
     )
     checked = _check_pick(lm, corpus, split, window, settings, text_field, progress)
+    if gain and min_speed is None and gain_kept(checked, lm_ppl, default["perplexity"]) < keep_gain:
+        notes.append(f"the pick's real search keeps less than {keep_gain:g} of the gain "
+                     f"(perplexity {checked:.3f} against its prefix's "
+                     f"{points[chosen]['perplexity']:.3f}): consider a pick that was searched")  # fmt: skip
     return {
         "split": split, "tokens": tokens, "speed_tokens": min(speed_tokens, len(ids) - 1),
         "speed_repeats": speed_repeats,

@@ -251,7 +251,8 @@ def eval_cmd(
         datastore, k, knn_weight, knn_temp = (tuned[n] for n in ("datastore", "k", "knn_weight",
                                                                  "knn_temp"))  # fmt: skip
         nprobe, search, pointers = tuned["nprobe"], tuned["search"], tuned["pointers"]
-        gate, retrieval_rate = tuned["gate"], tuned["retrieval_rate"] or 1.0
+        gate, rate = tuned["gate"], tuned["retrieval_rate"]
+        retrieval_rate = 1.0 if rate is None else rate  # the file's null: no gate
     # What the user can get wrong is checked before the model is loaded.
     knn = KnnSettings(
         k, knn_weight, knn_temp, recompute, nprobe, value(exclude_self), value(search)
