@@ -19,7 +19,7 @@ LAYERS = [
     {"forward_pass"},
     {"retrieval"},
     {"token_scores", "neighbour_cache", "sweep", "generation", "retrieved_entries"},
-    {"evaluate", "continuations", "index_perplexity"},
+    {"evaluate", "continuations", "index_perplexity", "frontier", "tune"},
     {"experiments"},
     {"api"},  # the Python API offers the analyses too
     {"report"},

@@ -25,6 +25,7 @@ from knnlm.experiments.mlp_memory.train import MemoryTrainResult, train_memory
 from knnlm.experiments.projection.run import run_projection
 from knnlm.experiments.projection.settings import PROJECTION_ARGS, ProjectionSettings
 from knnlm.forward_pass import WindowSettings, position_limit
+from knnlm.frontier import load_tuned_settings, merge_settings
 from knnlm.generation import KnnLogitsProcessor, attach_processor, generate
 from knnlm.lm import loading
 from knnlm.lm.loading import LoadedLM, pick_device, torch_dtype, wrap_lm
@@ -50,6 +51,36 @@ def _open(datastore: DatastoreLike | None, k: int) -> Datastore | None:
     ds = datastore if isinstance(datastore, Datastore) else Datastore.load(datastore)
     ds.check_k(k)
     return ds
+
+
+# The defaults of the arguments a settings file can set (``knnlm tune --out``).
+_TUNABLE = {"datastore": None, "k": 1024, "knn_weight": 0.25, "knn_temperature": 1.0,
+            "nprobe": None, "search": "auto", "pointers": None, "gate": None,
+            "retrieval_rate": 1.0}  # fmt: skip
+
+
+def _with_settings(settings: str | Path | None, args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` with the settings file's values put in; an argument passed with a value other
+    than its default that disagrees with the file is refused (named as in Python)."""
+    if settings is None:
+        return args
+    file = {key: _folder(key, v) for key, v in load_tuned_settings(settings).items()}
+    given = {key: _folder(key, v) for key, v in args.items()
+             if v is not _TUNABLE[key] and v != _TUNABLE[key]}  # fmt: skip
+    merged = {**args, **merge_settings(file, given, {key: key for key in args}, settings)}
+    if merged.get("retrieval_rate") is None and "retrieval_rate" in args:
+        merged["retrieval_rate"] = 1.0  # the file's "no gate"
+    for key in set(merged) - set(args):
+        if merged[key] is not None:
+            raise KnnlmError(f"settings {settings}: {key} = {merged[key]} is not taken here")
+    return {key: merged[key] for key in args}
+
+
+def _folder(key: str, v: Any) -> Any:
+    """A datastore or gate as its absolute folder, so that equal ones compare equal."""
+    if key not in ("datastore", "gate") or v is None or isinstance(v, Gate):
+        return v
+    return str(Path(v.path if isinstance(v, Datastore) else v).resolve())
 
 
 @dataclass(repr=False)
@@ -195,6 +226,7 @@ class KnnLM:
         gate_weight: str = "fixed",
         progress: bool = False,
         pointers: float | None = None,
+        settings: str | Path | None = None,
     ) -> PerplexityResult:
         """LM perplexity of ``corpus``, and the kNN-LM's when a datastore is given.
 
@@ -205,8 +237,18 @@ class KnnLM:
         ``memory`` (a folder from :meth:`train_memory`) adds the LM + MLP memory perplexity
         (``memory_weight`` on it, in ``raw["mlp"]``); ``gate`` (a folder from ``knnlm gate
         train``) searches only the share ``retrieval_rate`` of the tokens it ranks highest.
+        ``settings``: a file of ``knnlm tune --out`` (its datastore, k, weights, search,
+        pointers, gate); an argument given beside it with another value is refused.
         Example: ``knn_lm.perplexity("data/wikitext-2", ds, k=1024).knnlm``.
         """
+        t = _with_settings(settings, dict(
+            datastore=datastore, k=k, knn_weight=knn_weight, knn_temperature=knn_temperature,
+            nprobe=nprobe, search=search, pointers=pointers, gate=gate,
+            retrieval_rate=retrieval_rate))  # fmt: skip
+        datastore, k, knn_weight, knn_temperature = (t[n] for n in ("datastore", "k", "knn_weight",
+                                                                    "knn_temperature"))  # fmt: skip
+        nprobe, search, pointers = t["nprobe"], t["search"], t["pointers"]
+        gate, retrieval_rate = t["gate"], t["retrieval_rate"]
         knn = _knn_settings(k, knn_weight, knn_temperature, recompute=recompute, nprobe=nprobe,
                             exclude_self=exclude_self, search=search)  # fmt: skip
         mix = MixSettings(memory=memory, memory_weight=memory_weight, gate=gate,
@@ -215,10 +257,9 @@ class KnnLM:
         if gate is not None and datastore is None:
             raise KnnlmError("gate needs a datastore (it decides which tokens search it)")
         window = WindowSettings(context_len, stride).for_model(self.model)
-        settings = EvalSettings(pick_split(corpus, split, "valid"), window, batch_size,
-                                text_field, knn, mix)  # fmt: skip
-        result = run_eval(self.lm, corpus, settings, datastore=_open(datastore, k),
-                          progress=progress)  # fmt: skip
+        run = EvalSettings(pick_split(corpus, split, "valid"), window, batch_size, text_field,
+                           knn, mix)  # fmt: skip
+        result = run_eval(self.lm, corpus, run, datastore=_open(datastore, k), progress=progress)
         return PerplexityResult.from_eval(result)
 
     def project(
@@ -311,14 +352,23 @@ class KnnLM:
         search: str = "auto",
         seed: int | None = None,
         pointers: float | None = None,
+        settings: str | Path | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
         """One continuation string per returned sequence, in prompt order.
+
+        ``settings``: a file of ``knnlm tune --out`` (without a gate), as in :meth:`perplexity`.
 
         Every ``model.generate`` argument passes through (``do_sample``, ``temperature``,
         ``top_k``, ``top_p``, ``num_beams``, ``num_return_sequences``, ``max_new_tokens``).
         Example: ``knn_lm.generate(["The tower"], ds, do_sample=True, top_p=0.9)``.
         """
+        t = _with_settings(settings, dict(
+            datastore=datastore, k=k, knn_weight=knn_weight, knn_temperature=knn_temperature,
+            nprobe=nprobe, search=search, pointers=pointers))  # fmt: skip
+        datastore, k, knn_weight, knn_temperature = (t[n] for n in ("datastore", "k", "knn_weight",
+                                                                    "knn_temperature"))  # fmt: skip
+        nprobe, search, pointers = t["nprobe"], t["search"], t["pointers"]
         knn = _knn_settings(k, knn_weight, knn_temperature, nprobe=nprobe, search=search)
         ds = _open(datastore, k)
         return generate(self.lm, prompts, ds, knn, seed=seed, pointers=pointers,

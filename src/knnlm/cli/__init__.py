@@ -158,6 +158,14 @@ def _interrupted() -> None:
     sys.exit(130)
 
 
+def _plain_message(exc: Exception) -> None:
+    """Typer checks option values through pydantic, whose messages start with "Value error, ":
+    the user reads only what was wrong."""
+    message = getattr(exc, "message", None)
+    if isinstance(message, str):
+        exc.message = message.replace("Value error, ", "")
+
+
 def main() -> None:
     """Entry point: usage errors print click's usual text and exit 2; a ``KnnlmError`` (or an OS
     error of the user's paths or machine: name too long, no permission, disk full) prints one
@@ -187,6 +195,7 @@ def main() -> None:
         typer.echo("Aborted!", err=True)
         sys.exit(1)
     except errors as exc:
+        _plain_message(exc)
         exc.show()  # "Usage: ... Try '... --help' ... Error: ..." (exit 2 for usage errors)
         sys.exit(exc.exit_code)
     # Non-standalone mode returns the code of an explicit Exit (e.g. --help) instead of raising,

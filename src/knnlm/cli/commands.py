@@ -23,6 +23,7 @@ from knnlm.cli import (
     project,
     reproduce,
     train,
+    tune,
 )
 
 # Group name -> its help, in the order the groups appear in ``knnlm --help``.
@@ -38,6 +39,7 @@ MODULES: list = [
     train,
     datastore_eval,
     fast,
+    tune,
     generate,
     project,
     macondo_data,

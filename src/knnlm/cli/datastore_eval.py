@@ -43,6 +43,7 @@ from knnlm.cli.common import (
     value,
     write_json,
 )
+from knnlm.cli.tune import SETTINGS, apply_settings
 from knnlm.errors import KnnlmError
 
 DS_ARG = typer.Argument(None, help="Datastore directory (or --datastore/-d).", show_default=False)
@@ -243,6 +244,7 @@ def eval_cmd(
         help="RetoMaton: search only where fewer than this many pointers "
         "from the previous token's neighbours survive (inf: every token).",
     ),
+    settings: Path | None = SETTINGS,
     text_field: str = TEXT_FIELD,
     device: str | None = DEVICE,
     dtype: Dtype = DTYPE,
@@ -257,6 +259,15 @@ def eval_cmd(
     from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings, MixSettings
     from knnlm.settings import build, flag
 
+    if settings is not None:  # the tuned settings (knnlm tune --out); flags must agree
+        tuned = apply_settings(ctx, settings, dict(
+            datastore=datastore, k=k, knn_weight=knn_weight, knn_temp=knn_temp, nprobe=nprobe,
+            search=search, pointers=pointers, gate=gate, retrieval_rate=retrieval_rate))  # fmt: skip
+        datastore, k, knn_weight, knn_temp = (tuned[n] for n in ("datastore", "k", "knn_weight",
+                                                                 "knn_temp"))  # fmt: skip
+        nprobe, search, pointers = tuned["nprobe"], tuned["search"], tuned["pointers"]
+        gate, rate = tuned["gate"], tuned["retrieval_rate"]
+        retrieval_rate = 1.0 if rate is None else rate  # the file's null: no gate
     # What the user can get wrong is checked before the model is loaded.
     window = build(WindowSettings, flag(), context_len=context_len, stride=stride)
     knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp,

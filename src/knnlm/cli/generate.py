@@ -26,10 +26,12 @@ from knnlm.cli.common import (
     value,
     write_json,
 )
+from knnlm.cli.tune import SETTINGS, apply_settings
 from knnlm.errors import KnnlmError
 
 
 def generate_cmd(
+    ctx: typer.Context,
     model: str = MODEL,
     prompt: list[str] = typer.Option(
         ..., "--prompt", "-p", help="Text to continue; repeat for several (one batch)."
@@ -61,6 +63,7 @@ def generate_cmd(
         help="RetoMaton: search only where fewer than this many pointers from the previous "
         "step's neighbours survive (inf: every step).",
     ),
+    settings: Path | None = SETTINGS,
     device: str | None = DEVICE,
     dtype: Dtype = DTYPE,
     quiet: bool = QUIET,  # no bar here; accepted so that every command takes --quiet
@@ -73,6 +76,14 @@ def generate_cmd(
     from knnlm.generation import check_settings, generate
     from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
     from knnlm.settings import build
+
+    if settings is not None:  # the tuned settings (knnlm tune --out); flags must agree
+        tuned = apply_settings(ctx, settings, dict(
+            datastore=datastore, k=k, knn_weight=knn_weight, knn_temp=knn_temp, nprobe=nprobe,
+            search=search, pointers=pointers))  # fmt: skip
+        datastore, k, knn_weight, knn_temp = (tuned[n] for n in ("datastore", "k", "knn_weight",
+                                                                 "knn_temp"))  # fmt: skip
+        nprobe, search, pointers = tuned["nprobe"], tuned["search"], tuned["pointers"]
 
     hf = dict(
         max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
