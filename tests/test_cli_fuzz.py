@@ -153,8 +153,11 @@ def run_case(argv: list[str], runner: CliRunner) -> str | None:
 def test_fuzz_command(name, workspace, tiny_lm_dir, tiny_corpus, tmp_path, monkeypatch):
     import importlib
 
-    for module, fn in STUBBED:
-        monkeypatch.setattr(importlib.import_module(module), fn, _stub)
+    # Import them all before stubbing any: a module imported while another's function is
+    # stubbed would keep the stub (``from ... import fn``) for every later test.
+    modules = [importlib.import_module(module) for module, _ in STUBBED]
+    for mod, (_, fn) in zip(modules, STUBBED, strict=True):
+        monkeypatch.setattr(mod, fn, _stub)
     monkeypatch.chdir(tmp_path)  # relative default outputs land here
     runner = CliRunner()
     names = {"{model}": str(tiny_lm_dir), "{corpus}": str(tiny_corpus)}
