@@ -18,19 +18,9 @@ from knnlm.retrieval.search.faiss_backend import FaissBackend
 from knnlm.retrieval.search.index_build import build_index
 from knnlm.retrieval.search.rerank import recompute_distances
 from knnlm.retrieval.search.saved_index import KnnIndex
-from tiny import array_datastore
+from tiny import array_datastore, nearest
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
-
-
-def nearest(ds, q, k, exclude=None, **kw):
-    """``--search faiss``'s (distances, rows) for numpy queries, as numpy: the index's when
-    the datastore has one, else faiss.knn brute force."""
-    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-    has = (Path(ds) / "index.faiss").is_file()
-    backend = FaissBackend(ds, **kw) if has else open_backend(ds, "faiss")
-    nb = backend.search(q, k, exclude_rows=exclude)
-    return nb.distances.numpy(), nb.rows.numpy()
 
 
 def write_ds(path: Path, keys: np.ndarray, dtype=np.float16) -> Path:

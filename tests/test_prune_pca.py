@@ -18,23 +18,11 @@ from knnlm.retrieval.combiner import knn_target_log_prob
 from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.prune import greedy_merge, prune_datastore
 from knnlm.retrieval.retriever import KnnSettings
-from knnlm.retrieval.search.choose import open_backend
-from knnlm.retrieval.search.faiss_backend import FaissBackend
 from knnlm.retrieval.search.index_build import build_index
-from tiny import SMALL_CTX, SMALL_STRIDE, array_datastore, small_datastore
+from tiny import SMALL_CTX, SMALL_STRIDE, array_datastore, nearest, small_datastore
 
 CTX, STRIDE = SMALL_CTX, SMALL_STRIDE
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
-
-
-def nearest(ds, q, k, exclude=None, **kw):
-    """``--search faiss``'s (distances, rows) for numpy queries, as numpy: the index's when
-    the datastore has one, else faiss.knn brute force."""
-    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-    has = (Path(ds) / "index.faiss").is_file()
-    backend = FaissBackend(ds, **kw) if has else open_backend(ds, "faiss")
-    nb = backend.search(q, k, exclude_rows=exclude)
-    return nb.distances.numpy(), nb.rows.numpy()
 
 
 def write_ds(path: Path, keys: np.ndarray, values: np.ndarray) -> Path:

@@ -15,6 +15,8 @@ import typer
 
 from knnlm.cli import app, main, register_all
 from knnlm.retrieval.datastore import build_datastore
+from knnlm.retrieval.search.choose import open_backend
+from knnlm.retrieval.search.faiss_backend import FaissBackend
 
 _WORDS = (
     "the a village river old new house parent child friend born married year green quiet "
@@ -172,3 +174,13 @@ def users_model(folder: Path) -> tuple[Path, Path]:
     names = folder / "names.txt"
     names.write_text("\n".join(USER_NAMES) + "\n")
     return save_tiny_model(folder / "model", tok), names
+
+
+def nearest(ds, q, k, exclude=None, **kw):
+    """``--search faiss``'s (distances, rows) for numpy queries, as numpy: the index's when
+    the datastore has one, else faiss.knn brute force."""
+    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    has = (Path(ds) / "index.faiss").is_file()
+    backend = FaissBackend(ds, **kw) if has else open_backend(ds, "faiss")
+    nb = backend.search(q, k, exclude_rows=exclude)
+    return nb.distances.numpy(), nb.rows.numpy()
