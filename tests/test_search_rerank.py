@@ -339,3 +339,31 @@ def test_prefetch_keeps_order_overlaps_and_raises():
 
     with pytest.raises(KnnlmError, match="boom"):
         list(prefetch(bad(), depth=2))
+
+
+# --------------------------------------------------------------------------- given rows
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("in_ram", [True, False, "fallback"])
+def test_row_distances_of_given_rows_match_numpy(tmp_path, metric, in_ram):
+    """RetoMaton's pointed-to rows: exact distances of chosen rows (-1: +inf), unsorted, by
+    the FAISS backend's re-ranking routine (keys in RAM or gathered) and by the fallback."""
+    from knnlm.retrieval.pointers import row_distances
+
+    keys, q = clustered(2000, 16, 10, seed=3)
+    ds = write_ds(tmp_path / "ds", keys, np.float16)
+    build_index(ds, kind="ivfpq", metric=metric, nlist=16, pq_m=4, pq_bits=6, progress=False)
+    stored = np.asarray(open_keys(ds)[0])
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, len(keys), size=(len(q), 37))
+    rows[rng.random(rows.shape) < 0.3] = -1
+    rows[0] = -1  # a query with no row at all
+    if in_ram == "fallback":  # backends without their own routine; tiny blocks
+        got = row_distances(stored, torch.from_numpy(q), torch.from_numpy(rows), metric, 4096)
+    else:
+        s = FaissBackend(ds, nprobe=4, use_gpu=False, keys_in_ram=in_ram)
+        got = s.row_distances(torch.from_numpy(q), torch.from_numpy(rows))
+    ref = numpy_dist(stored, q, rows.clip(0), metric)
+    ref[rows < 0] = np.inf
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-4)

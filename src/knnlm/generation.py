@@ -16,7 +16,7 @@ from knnlm.lm.adapters import Adapter, position_limit
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.combiner import interpolate
 from knnlm.retrieval.datastore import Datastore
-from knnlm.retrieval.pointers import check_threshold, row_distances
+from knnlm.retrieval.pointers import check_threshold
 from knnlm.retrieval.retriever import KnnSettings, Retriever
 from knnlm.retrieval.search.protocol import Neighbours
 
@@ -80,8 +80,7 @@ class KnnLogitsProcessor(LogitsProcessor):
         rows = torch.where(alive, prev.rows + 1, -1)
         few = alive.sum(1) < self.pointers  # these search instead
         need = few.nonzero().squeeze(1)
-        dists = row_distances(self.retriever.ds.keys, key.float().cpu(),
-                              rows.masked_fill(few[:, None], -1), self.retriever.backend.metric)  # fmt: skip
+        dists = self.retriever.row_distances(key, rows.masked_fill(few[:, None], -1))
         if need.numel():
             found = self.retriever.search(key[need.to(key.device)]).to("cpu")
             rows[need], dists[need] = found.rows, found.distances.float()

@@ -9,12 +9,13 @@ t + 1's candidates. Fewer than ``threshold`` of them: t + 1 searches as usual; o
 neighbours are those pointers, with exact distances to its own query. A threshold above k
 searches every token (exactly the kNN-LM).
 
-Vectorised: pointers are followed within segments of ``segment`` consecutive tokens of a
-batch, and each segment's first token searches. From a searched token s with neighbours R,
-the pointers alive at s + j are R + j for the R whose stored continuation matched the text
-for j tokens, so one comparison over (segments, k, segment) finds every segment's next
-search point at once; the rounds (one batched search of the segments that need one) number
-at most ``segment``, and no loop runs over tokens or neighbours.
+Vectorised: the n tokens of a batch are cut into segments of ``segment`` consecutive tokens
+(each segment's first token searches), and all segments advance together, one step of a
+segment at a time: at each step the segments whose token has fewer than ``threshold`` live
+pointers are searched in one batched call, the others read their pointers' exact distances in
+one call, and one comparison over (segments, k) keeps the pointers whose stored value is the
+text's next token. The work is one pass over (n, k) plus the searches; the loop runs over the
+``segment`` steps, never over tokens or neighbours.
 """
 
 from __future__ import annotations
@@ -60,68 +61,63 @@ def pointer_neighbours(
     n = targets.shape[0]
     if threshold > k or n == 0:  # no pointer set can reach the threshold
         return search(torch.arange(n)), torch.ones(n, dtype=torch.bool)
+    n_rows = values.shape[0]
     rows = torch.full((n, k), -1, dtype=torch.int64)
     dists = torch.full((n, k), float("inf"), dtype=torch.float32)
     searched = torch.zeros(n, dtype=torch.bool)
     own = torch.full((n,), -1, dtype=torch.int64) if own is None else own.long()
-    frontier = torch.arange(0, n, segment)
-    ends = (frontier + segment).clamp(max=n)
-    while True:
-        active = (frontier < ends).nonzero().squeeze(1)
-        if not active.numel():
+    starts = torch.arange(0, n, segment)
+    state = torch.full((len(starts), k), -1, dtype=torch.int64)  # each segment's pointers
+    for j in range(segment):
+        tok = starts + j
+        live = tok < n
+        if not live.any():
             break
-        s, e = frontier[active], ends[active]
-        nb = search(s)
-        rows[s], dists[s], searched[s] = nb.rows.cpu(), nb.distances.float().cpu(), True
-        alive, stop = _alive(nb.rows.cpu(), s, e, targets, values, own, threshold)
-        served = ~stop[:, :-1].cumsum(1).bool()  # the steps before the next search
-        seg, j = served.nonzero(as_tuple=True)
-        tok = s[seg] + j + 1
-        ptr = torch.where(alive[seg, j], nb.rows.cpu()[seg] + j[:, None] + 1, -1)
-        rows[tok], dists[tok] = ptr, distances(tok, ptr)
-        frontier[active] = s + stop.float().argmax(1) + 1
+        tok, state = tok[live], state[live]
+        starts = starts[live]
+        need = torch.full_like(live[live], j == 0) | ((state >= 0).sum(1) < threshold)
+        # index_copy_ rather than indexed assignment: on a loaded CPU the latter's parallel
+        # path waited ~10 ms a call for its threads (measured), index_copy_ microseconds
+        cur, cur_d = state.clone(), torch.full(state.shape, float("inf"))
+        at = need.nonzero().squeeze(1)
+        if at.numel():
+            nb = search(tok[at])
+            cur.index_copy_(0, at, nb.rows.cpu())
+            cur_d.index_copy_(0, at, nb.distances.float().cpu())
+            searched.index_fill_(0, tok[at], True)
+        at = (~need).nonzero().squeeze(1)
+        if at.numel():
+            cur_d.index_copy_(0, at, distances(tok[at], cur.index_select(0, at)))
+        rows.index_copy_(0, tok, cur)
+        dists.index_copy_(0, tok, cur_d)
+        # the pointers into the next step: rows whose value is this token's target, moved on
+        nxt = cur + 1
+        ok = (cur >= 0) & (nxt < n_rows)
+        ok &= values[cur.clamp(0, n_rows - 1)] == targets[tok][:, None]
+        ok &= nxt != own[(tok + 1).clamp(max=n - 1)][:, None]  # never a token's own row
+        state = torch.where(ok, nxt, -1)
     table = values.to(torch.int64)
     return Neighbours.lookup(dists, rows, table), searched
 
 
-def _alive(
-    r: torch.Tensor,
-    s: torch.Tensor,
-    e: torch.Tensor,
-    targets: torch.Tensor,
-    values: torch.Tensor,
-    own: torch.Tensor,
-    threshold: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """alive (S, M, k): pointer r + j + 1 usable at token s + j + 1 (step j = 0 .. M-1);
-    stop (S, M + 1): where each segment searches next (its end counts as a stop)."""
-    n_rows, m = values.shape[0], int((e - s).max())
-    step = torch.arange(m)
-    tok = s[:, None] + step  # token whose target row r + j must have produced
-    nxt = (tok + 1).clamp(max=targets.shape[0] - 1)
-    inside = (tok + 1) < e[:, None]  # the successor's token is in the segment
-    cand = r[:, None, :] + step[None, :, None]  # (S, M, k): row r + j
-    ok = (r[:, None, :] >= 0) & (cand + 1 < n_rows) & inside[:, :, None]
-    tgt = targets[tok.clamp(max=targets.shape[0] - 1)]
-    ok &= values[cand.clamp(0, n_rows - 1)] == tgt[:, :, None]
-    ok &= (cand + 1) != own[nxt][:, :, None]  # never a token's own row
-    alive = ok.to(torch.uint8).cumprod(dim=1).bool()  # matched at every step so far
-    few = alive.sum(-1) < threshold
-    stop = torch.cat([few | ~inside, torch.ones(len(s), 1, dtype=torch.bool)], 1)
-    return alive, stop
-
-
 def row_distances(
-    keys: np.ndarray, queries: torch.Tensor, rows: torch.Tensor, metric: str = "l2"
-) -> torch.Tensor:
+    keys: np.ndarray, queries: torch.Tensor, rows: torch.Tensor, metric: str = "l2",
+    block_bytes: int = 1 << 26,
+) -> torch.Tensor:  # fmt: skip
     """(m, k) float32 distance of query i to datastore row ``rows[i, j]`` (squared L2, or the
-    negated inner product), +inf where the row is -1; ``keys`` the datastore's (N, d) array."""
-    found = rows >= 0
-    uniq, inv = torch.unique(rows[found], return_inverse=True)
-    table = torch.from_numpy(np.asarray(keys[uniq.numpy()], dtype=np.float32))
-    q = queries.float()[found.nonzero()[:, 0]]
-    kv = table[inv]
-    d = ((q - kv) ** 2).sum(-1) if metric == "l2" else -(q * kv).sum(-1)
-    out = torch.full(rows.shape, float("inf"), dtype=torch.float32)
-    out[found] = d
+    negated inner product), +inf where the row is -1; ``keys`` the datastore's (N, d) array.
+    The fallback of backends without their own ``row_distances``: blocks of queries whose
+    gathered keys take about ``block_bytes``, so memory stays bounded at any k."""
+    m, k = rows.shape
+    out = torch.full((m, k), float("inf"), dtype=torch.float32)
+    step = max(1, block_bytes // max(1, 4 * k * keys.shape[1]))
+    for s in range(0, m, step):  # blocks of queries, not tokens one by one
+        r = rows[s : s + step]
+        found = r >= 0
+        uniq, inv = torch.unique(r[found], return_inverse=True)
+        table = torch.from_numpy(np.asarray(keys[uniq.numpy()], dtype=np.float32))
+        q = queries[s : s + step].float()[found.nonzero()[:, 0]]
+        kv = table[inv]
+        d = ((q - kv) ** 2).sum(-1) if metric == "l2" else -(q * kv).sum(-1)
+        out[s : s + step][found] = d
     return out

@@ -18,6 +18,7 @@ from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.combiner import knn_log_probs, knn_target_log_prob
 from knnlm.retrieval.datastore import Datastore, open_datastore
 from knnlm.retrieval.gate import Gate
+from knnlm.retrieval.pointers import row_distances
 from knnlm.retrieval.search.choose import open_backend
 from knnlm.retrieval.search.protocol import Neighbours, SearchBackend, gather_rows, search_choices
 from knnlm.settings import Settings, flag, require
@@ -124,6 +125,15 @@ class Retriever:
         """Neighbours of ``keys``, on their device; ``exclude_rows`` drops each query's own
         datastore entry."""
         return self.backend.search(keys, self.knn.k, exclude_rows=exclude_rows)
+
+    def row_distances(self, keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(m, k) exact distances (CPU, float32) of ``keys`` to the stored ``rows`` (-1: +inf):
+        the backend's own routine when it has one (FAISS: re-ranking's parallel pass), else
+        gathered from the datastore's keys (RetoMaton's pointed-to rows)."""
+        own = getattr(self.backend, "row_distances", None)
+        if own is not None:
+            return own(keys, rows.cpu())
+        return row_distances(self.ds.keys, keys.float().cpu(), rows.cpu(), self.backend.metric)
 
     def target_log_prob(self, nb: Neighbours, targets: torch.Tensor) -> torch.Tensor:
         """log p_knn(target) per query, on the neighbours' device."""

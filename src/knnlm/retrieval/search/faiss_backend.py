@@ -27,7 +27,13 @@ from knnlm.retrieval.search.conventions import (
 )
 from knnlm.retrieval.search.faiss_lib import require_faiss
 from knnlm.retrieval.search.protocol import Neighbours, check_queries, pad_columns
-from knnlm.retrieval.search.rerank import KeyStore, recompute_distances, refine
+from knnlm.retrieval.search.rerank import (
+    KeyStore,
+    distances_by_idx,
+    recompute_distances,
+    refine,
+    rows_distances,
+)
 from knnlm.retrieval.search.saved_index import KnnIndex, search_index
 
 
@@ -114,6 +120,18 @@ class FaissBackend:
             d, rows = drop_rows(d, rows, excl)
         d, rows = pad_columns(d, rows, k)
         return Neighbours.lookup(d, rows, self.values).to(queries.device)
+
+    def row_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(m, k) exact distances of ``queries`` to the given stored ``rows`` (-1: +inf), as
+        re-ranking computes them: one parallel FAISS pass over the keys in RAM when held there,
+        else over blocks gathered from the memmap (RetoMaton's pointed-to rows)."""
+        q = as_queries(queries.detach().float().cpu().numpy(), self.dim)
+        ids = np.ascontiguousarray(rows.cpu().numpy(), dtype=np.int64)
+        if isinstance(self.refined, KeyStore):
+            dist = distances_by_idx(q, self.refined.keys, ids, self.metric)
+        else:
+            dist = rows_distances(self.keys, q, ids, self.metric)
+        return torch.from_numpy(dist)
 
     def describe(self) -> dict[str, Any]:
         idx = self.index

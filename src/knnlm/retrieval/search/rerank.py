@@ -54,7 +54,16 @@ def recompute_distances(
         raise KnnlmError(f"ids must have shape ({q.shape[0]}, k), got {ids.shape}")
     if ids.size and ids.max() >= n_keys:
         raise KnnlmError(f"neighbour id {ids.max()} out of range for a datastore of {n_keys} keys")
+    dist = rows_distances(keys, q, ids, metric)
+    order = np.argsort(dist, axis=1, kind="stable")
+    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def rows_distances(keys: np.ndarray, q: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
+    """(n, k) exact distances of float32 queries ``q`` to the stored rows ``ids`` (-1: +inf),
+    unsorted, gathered from ``keys`` (a memmap or any array) in blocks of sorted unique rows."""
     n, k = ids.shape
+    d = keys.shape[1]
     dist = np.empty((n, k), dtype=np.float32)
     step = max(1, _BLOCK_BYTES // max(1, 4 * k * d))
     for s in range(0, n, step):
@@ -65,8 +74,7 @@ def recompute_distances(
         local = np.full(b.shape, -1, dtype=np.int64)
         local[valid] = inv
         dist[s : s + step] = distances_by_idx(q[s : s + step], f32(keys[uniq]), local, metric)
-    order = np.argsort(dist, axis=1, kind="stable")
-    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    return dist
 
 
 def distances_by_idx(q: np.ndarray, rows: np.ndarray, local: np.ndarray, metric: str) -> np.ndarray:
