@@ -13,13 +13,19 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from knnlm.experiments.projection.solver import solve_projection, solve_projection_loop
+from knnlm.experiments.projection.solver import solve_projection
 from knnlm.lm.adapters import Adapter
+
+# The per-position loop is the tests' reference solver.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from projection_loop import solve_projection_loop  # noqa: E402
 
 
 def build(args: argparse.Namespace) -> tuple[Adapter, torch.Tensor, torch.Tensor, torch.Tensor]:

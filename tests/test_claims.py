@@ -459,7 +459,7 @@ def test_e_lead_to_the_end_is_reported_as_such():
 
 
 def test_e_reads_the_same_first_half_statistic_as_the_run_summary():
-    from knnlm.experiments.hurdle.run import compare_curves
+    from knnlm.experiments.hurdle.curves import compare_curves
 
     r = make_results()
     h = r["hurdle"]["loglik"]

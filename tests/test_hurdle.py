@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.hurdle.run import VARIANTS, compare_curves, run_hurdle
+from knnlm.experiments.hurdle.curves import compare_curves
+from knnlm.experiments.hurdle.run import VARIANTS, run_hurdle
 from knnlm.experiments.hurdle.settings import (
     build_model,
     hurdle_settings,

@@ -15,9 +15,9 @@ from knnlm.experiments.projection.solver import (
     kl_model_to_target,
     solve_converged,
     solve_projection,
-    solve_projection_loop,
 )
 from knnlm.lm.loading import load_lm
+from projection_loop import solve_projection_loop
 from tiny import save_tiny_model
 
 

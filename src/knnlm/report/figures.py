@@ -101,6 +101,19 @@ def _get(d: Mapping[str, Any], key: str) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _finish(
+    fig: Figure, ax: Any, path: str | os.PathLike, xlabel: str, ylabel: str, title: str | None
+) -> Path:
+    """The common ending of a one-axes figure: labels, title (if any), grid, legend, saved."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save(fig, path)
+
+
 # ----------------------------------------------------------------------------- Macondo
 
 
@@ -133,12 +146,8 @@ def plot_macondo_groups(
     ax.hlines(perfect, ns - 0.3, ns + 0.3, colors="black", lw=2, label="perfect: log(1/n)")
     ax.set_xticks(ns)
     ax.set_xlim(ns.min() - 0.5, ns.max() + 0.5)
-    ax.set_xlabel("number of children")
-    ax.set_ylabel("log-likelihood of the child's name")
-    ax.set_title(title or "Macondo: log-likelihood by number of children")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save(fig, path)
+    return _finish(fig, ax, path, "number of children", "log-likelihood of the child's name",
+                   title or "Macondo: log-likelihood by number of children")  # fmt: skip
 
 
 def plot_macondo_curves(
@@ -243,13 +252,7 @@ def plot_hurdle(
         color=_COLORS[1],
         label="without last MLP",
     )
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save(fig, path)
+    return _finish(fig, ax, path, "training step", ylabel, title)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -453,13 +456,11 @@ def plot_kl_steps(
     rng = _positive_range(np.concatenate(ys))
     if rng is not None and np.concatenate(ys).min() > 0 and rng[1] / rng[0] > 100:
         ax.set_yscale("log")
-    ax.set_xlabel("optimisation step")
-    ax.set_ylabel("mean KL[f(z) ‖ p_knnlm] over positions (nats)")
     head = title or "Projection: mean KL during optimisation"
-    ax.set_title(head + (f" (lr={fmt_number(lr, 'g')})" if lr is not None else ""))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save(fig, path)
+    head += f" (lr={fmt_number(lr, 'g')})" if lr is not None else ""
+    return _finish(
+        fig, ax, path, "optimisation step", "mean KL[f(z) ‖ p_knnlm] over positions (nats)", head
+    )
 
 
 # ----------------------------------------------------------------------------- generic
@@ -480,10 +481,4 @@ def plot_loss_curve(
     fig = new_figure()
     ax = fig.add_subplot()
     ax.plot(x, y, color=_COLORS[0], marker=line_marker(len(x)), label=label)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save(fig, path)
+    return _finish(fig, ax, path, "training step", ylabel, title)

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.hurdle.run import FIRST_PART, RESULT_FILE, first_half_gap
+from knnlm.experiments.hurdle.curves import FIRST_PART, first_half_gap
+from knnlm.experiments.hurdle.run import RESULT_FILE
 from knnlm.experiments.stats import MIN_SEEDS, mean_std_rows, seed_interval, t_test_p
 from knnlm.fileio import write_json_atomic
 from knnlm.report import figures as F
@@ -37,7 +38,7 @@ from knnlm.report.verdicts import (
 # (e) Appendix E.1: "The model's log-likelihood with the last MLP layer removed grows faster
 # than the original model during the first 4000 steps" (Fig. 4) and "the loss decreases
 # faster at the early stage when its last MLP layer is removed" (Fig. 5). Measurable: per seed,
-# the one first-half statistic of the hurdle run (:func:`knnlm.experiments.hurdle.run.
+# the one first-half statistic of the hurdle run (:func:`knnlm.experiments.hurdle.curves.
 # first_half_gap`: the mean lead of the model without the last MLP over the evaluations after
 # step 0 up to half of training); held if its one-sided 95% interval over seeds excludes 0 and
 # the mean is at least HURDLE_MIN_GAP. Minimum effect: the paper gives no numbers for the early

@@ -294,61 +294,6 @@ class _AdamRun:
         )
 
 
-def solve_projection_loop(
-    logits_fn: LogitsFn,
-    target_logp: torch.Tensor,
-    z0: torch.Tensor,
-    lr: float = 0.1,
-    tol: float = 1e-3,
-    max_steps: int = 500,
-    fixed_steps: int | None = None,
-    record_curve: bool = False,
-    progress: bool = False,
-) -> ProjectionResult:
-    """The same solver applied one position at a time: a reference for benchmarks only."""
-    _check_inputs(target_logp, z0, lr, tol, max_steps, fixed_steps)
-    parts = [
-        solve_projection(
-            logits_fn,
-            target_logp[i : i + 1],
-            z0[i : i + 1],
-            lr=lr,
-            tol=tol,
-            max_steps=max_steps,
-            fixed_steps=fixed_steps,
-            record_curve=record_curve,
-        )
-        for i in tqdm(range(z0.shape[0]), desc="projection (loop)", disable=not progress)
-    ]
-    curve = per_pos = None
-    if parts and parts[0].curve_per_position is not None:
-        # A stopped position keeps its final KL, as in the batched curve.
-        length = max(p.curve_per_position.shape[0] for p in parts)
-        cols = []
-        for p in parts:
-            c = p.curve_per_position[:, 0]
-            pad = c[-1:] if c.numel() else p.kl
-            cols.append(torch.cat([c, pad.expand(length - c.shape[0])]))
-        per_pos = torch.stack(cols, dim=1) if length else torch.zeros(0, len(parts))
-        curve = per_pos.mean(dim=1)
-
-    def cat(name: str) -> torch.Tensor:
-        return torch.cat([getattr(p, name) for p in parts])
-
-    if not parts:
-        return solve_projection(logits_fn, target_logp, z0, lr, tol, max_steps, fixed_steps)
-    return ProjectionResult(
-        z=cat("z"),
-        kl=cat("kl"),
-        kl_init=cat("kl_init"),
-        steps=cat("steps"),
-        converged=cat("converged"),
-        clamped=cat("clamped"),
-        curve=curve,
-        curve_per_position=per_pos,
-    )
-
-
 def _lbfgs_closure(logits_fn: LogitsFn, logp: torch.Tensor, z: torch.Tensor, dtype, kl_fn, best):
     """The closure L-BFGS calls at every trial z: updates each row's best (KL, z) in ``best``."""
 
