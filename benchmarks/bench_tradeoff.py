@@ -144,7 +144,7 @@ def build(args, lm, corpus: str, work: Path, log) -> dict:
     timed("index_pruned", build_index, stores["pruned"], "ivfpq", **ivf_pruned)
     stores["combined"] = linked_copy(stores["pruned"], work / "combined")
     timed("index_combined", build_index, stores["combined"], "ivfpq", pca=dim // 2, **ivf_pruned)
-    knn = KnnSettings(k=args.k, knn_weight=args.knn_weight, temperature=args.temperature)
+    knn = KnnSettings(k=args.k)
     for kind in ("mlp", "entropy"):
         timed(f"gate_{kind}", train_gate, lm, ds, corpus, work / f"gate_{kind}", kind=kind,
               knn=knn, context_len=ctx, epochs=args.gate_epochs, seed=args.seed,
@@ -188,9 +188,14 @@ def measure(args, lm, corpus: str, work: Path, info: dict, log) -> dict:
     for name, store, gate, rate, search in methods:
         kw = {}
         if store is not None:
-            knn = KnnSettings(k=args.k, knn_weight=args.knn_weight, temperature=args.temperature,
-                              search=search)  # fmt: skip
-            kw = dict(datastore=info["stores"][store], knn=knn, retrieval_rate=rate)
+            knn = KnnSettings(k=args.k, search=search)
+            kw = dict(
+                datastore=info["stores"][store],
+                knn=knn,
+                knn_weight=args.knn_weight,
+                knn_temperature=args.temperature,
+                retrieval_rate=rate,
+            )
             if gate is not None:
                 kind, _, learned = gate.partition("+")
                 kw.update(gate=work / f"gate_{kind}", gate_weight="learned" if learned else "fixed")

@@ -196,8 +196,8 @@ def _grid_pass(
                           batch_size=window.batch_size, key_type=r.key_type, want_lm=True,
                           progress=False, want_stats=gate is not None)  # fmt: skip
     overlap = lm.device.type != "cpu"
-    for s in score_tokens(stream, retriever=r, exclude_self=exclude, overlap=overlap,
-                          pointers=pointers):  # fmt: skip
+    for s in score_tokens(stream, retriever=r, mix=MixSettings(pointers=pointers),
+                          exclude_self=exclude, overlap=overlap):  # fmt: skip
         nb, lm_lp, targets = s.neighbours.to("cpu"), s.lm_cpu, s.targets_cpu
         keeps = {rate: gate.keep(s.batch.keys.float(), s.batch.lm_stats, rate) for rate in rates}
         knn = prefix_log_probs(nb.distances, nb.rows, nb.values, targets, ks, temps,
@@ -255,9 +255,9 @@ class _Timer:
         stream = score_stream(self.lm.model, self.ids, w.context_len, w.stride,
                               batch_size=w.batch_size, key_type=r.key_type if r else None,
                               want_lm=True, progress=False, want_stats=gate is not None)  # fmt: skip
+        mix = MixSettings(gate=gate, retrieval_rate=rate, pointers=pointers)
         t0, n = time.perf_counter(), 0
-        for s in score_tokens(stream, retriever=r, exclude_self=exclude, gate=gate,
-                              retrieval_rate=rate, pointers=pointers,
+        for s in score_tokens(stream, retriever=r, mix=mix, exclude_self=exclude, gate=gate,
                               overlap=r is not None and self.lm.device.type != "cpu"):  # fmt: skip
             n += len(s.batch.targets)
         if self.lm.device.type == "cuda":
@@ -268,13 +268,12 @@ class _Timer:
 def _check_pick(lm: LoadedLM, corpus: Corpus, split: str, window: Window, settings: dict,
                 text_field: str, progress: bool) -> float:  # fmt: skip
     """The chosen settings run once as ``knnlm eval`` runs them: the perplexity reported."""
-    knn = KnnSettings(k=settings["k"], knn_weight=settings["knn_weight"],
-                      temperature=settings["knn_temperature"], nprobe=settings["nprobe"],
-                      search=settings["search"])  # fmt: skip
+    knn = KnnSettings(k=settings["k"], nprobe=settings["nprobe"], search=settings["search"])
     rate = settings["retrieval_rate"]
     res = evaluate(lm, corpus, split, context_len=window.context_len, stride=window.stride,
                    batch_size=window.batch_size, text_field=text_field,
-                   datastore=settings["datastore"], knn=knn, gate=settings["gate"],
+                   datastore=settings["datastore"], knn=knn, knn_weight=settings["knn_weight"],
+                   knn_temperature=settings["knn_temperature"], gate=settings["gate"],
                    retrieval_rate=1.0 if rate is None else rate, pointers=settings["pointers"],
                    progress=progress)  # fmt: skip
     return res["knnlm"]["perplexity"]
