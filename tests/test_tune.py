@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -128,6 +129,15 @@ def test_the_settings_file_reproduces_the_tuned_perplexity(
         >= 0.9 * (math.log(lm_ppl) - math.log(default_ppl))
     )
     assert any(p["pointers"] == 2 for p in pts) and "pick (" in text
+    # the run's settings are in its results whole, the windows as used: they rebuild to the flags
+    from knnlm.forward_pass import WindowSettings
+    from knnlm.tune import TuneSettings
+
+    rebuilt = TuneSettings.from_dict(res["tune"])
+    assert rebuilt == TuneSettings(
+        window=WindowSettings(32, 16), ks=(64, 16), knn_weights=(0.25, 0.5),
+        knn_temperatures=(1.0, 4.0), pointers=(2.0,), speed_tokens=200, keep_gain=0.9,
+    )  # fmt: skip
     # eval with the file: the perplexity the tuner reported, to the last digit
     code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", tiny_lm_dir, "-c", tiny_corpus,
                            "--context-len", 32, "--stride", 16, "--settings", out, "--json",
@@ -186,6 +196,41 @@ def test_gated_points_are_what_eval_gives_with_the_gate(
     assert ev["knnlm"]["perplexity"] == pytest.approx(gated["perplexity"], rel=1e-9, abs=0)
     assert ev["knnlm"]["retrieval_share"] == pytest.approx(gated["searched"], abs=1e-12)
     assert 0 < gated["searched"] < 1
+
+
+TUNE_MISTAKES = [
+    (["--knn-weights", "0.5,2"], "--knn-weights values must each be in [0, 1], got 2.0"),
+    (["--knn-temperatures", "0"], "--knn-temperatures values must each be positive, got 0.0"),
+    (["--ks", "0"], "--ks values must each be a whole number of at least 1, got 0"),
+    (["--pointers", "0.5"], "--pointers values must each be at least 1 (or inf), got 0.5"),
+    (["--speed-tokens", "0"], "--speed-tokens must be a whole number of at least 1, got 0"),
+    (["--keep-gain", "1.5"], "--keep-gain must be in (0, 1], got 1.5"),
+    (["--min-speed", "0"], "--min-speed must be positive, got 0.0"),
+    (["--stride", "64", "--context-len", "32"], "--stride must be in [1, context-len=32]"),
+]
+
+
+@pytest.mark.parametrize("extra, message", TUNE_MISTAKES, ids=[m for _, m in TUNE_MISTAKES])
+def test_a_tune_mistake_is_named_as_its_flag_before_any_model_loads(
+    monkeypatch, capsys, tiny_corpus, tmp_path, extra, message
+):
+    code, _, err = run_cli(monkeypatch, capsys, "tune", "-m", "nowhere", "-c", tiny_corpus,
+                           "-d", tmp_path / "no-ds", *extra)  # fmt: skip
+    assert code == 2 and err.startswith(f"Error: {message}"), err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_tune_settings_are_written_whole_and_rebuilt_from_json():
+    from knnlm.forward_pass import WindowSettings
+    from knnlm.tune import TuneSettings
+
+    # lists (as JSON gives them) held as tuples; a folder as a Path written and compared as text
+    s = TuneSettings("test", WindowSettings(32, 16), ks=[16, 4], nprobes=[2],
+                     gate=Path("runs/gate"), search="exact", min_speed=0.5)  # fmt: skip
+    assert s.ks == (16, 4) and s.nprobes == (2,) and s.gate == "runs/gate"
+    written = json.loads(json.dumps(s.to_dict()))
+    assert written["window"] == {"context_len": 32, "stride": 16} and written["ks"] == [16, 4]
+    assert TuneSettings.from_dict(written) == s
 
 
 def test_generate_refuses_a_settings_file_with_a_gate(monkeypatch, capsys, tmp_path):
