@@ -72,6 +72,13 @@ BAD_FILES = [
     ('{"k": 0}', "k must be a whole number >= 1"),
     ('{"knn_weight": 2}', "knn_weight must be a number in [0, 1]"),
     ('{"k": true}', "k must be"),
+    # the settings objects whole, as knnlm tune writes them
+    ('{"knn": {"k": 0}, "mix": {}}', "k must be a whole number >= 1"),
+    ('{"knn": {"k": 8, "lr": 1}}', "unknown setting knn.lr"),
+    ('{"knn": 3}', "knn must be a JSON object"),
+    ('{"mix": {"temperature": -1}}', "knn_temperature must be a positive number"),
+    ('{"mix": {"memory": "runs/mem"}}', "mix.memory = 'runs/mem' cannot be taken"),
+    ('{"knn": {"k": 8}, "lr": 1}', "unknown setting 'lr'"),
 ]
 
 
@@ -110,11 +117,13 @@ def test_the_settings_file_reproduces_the_tuned_perplexity(
                            "--pointers", "2", "--keep-gain", "0.9")  # fmt: skip
     assert (tmp_path / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     settings = json.loads(out.read_text())
-    assert set(settings) == set(SETTINGS_KEYS)
+    assert settings == res["settings"] and set(settings) == {"datastore", "knn", "mix"}
     pick_ = res["pick"]
-    assert {key: pick_.get(key) for key in ("k", "knn_weight", "knn_temperature")} == {
-        key: settings[key] for key in ("k", "knn_weight", "knn_temperature")
-    }
+    knn, mix = settings["knn"], settings["mix"]
+    assert [knn["k"], mix["knn_weight"], mix["temperature"]] == [
+        pick_[key] for key in ("k", "knn_weight", "knn_temperature")
+    ]
+    assert set(load_tuned_settings(out)) == set(SETTINGS_KEYS)  # read as the option names
     # the frontier's points are undominated, the pick keeps the gain asked for
     pts = res["points"]
     assert not any(_dominated(pts[i], pts) for i in res["frontier"])
@@ -146,7 +155,10 @@ def test_the_settings_file_reproduces_the_tuned_perplexity(
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["knnlm"]["perplexity"] == pytest.approx(pick_["perplexity"], rel=1e-9, abs=0)
     assert ev["knnlm"]["perplexity"] == pick_["perplexity_checked"]
-    assert ev["settings"]["k"] == settings["k"]
+    assert ev["settings"]["k"] == settings["knn"]["k"]
+    # the file holds the settings objects whole: eval ran with exactly them
+    assert ev["settings"]["eval"]["knn"] == settings["knn"]
+    assert ev["settings"]["eval"]["mix"] == settings["mix"]
     # every grid point is an interpolation of LM and kNN: check one against eval itself
     other = next(p for p in pts if p["k"] == 16 and p["knn_weight"] == 0.5
                  and p["knn_temperature"] == 4 and p["pointers"] is None)  # fmt: skip
@@ -159,7 +171,7 @@ def test_the_settings_file_reproduces_the_tuned_perplexity(
     assert e2["knnlm"]["perplexity"] == pytest.approx(other["perplexity"], rel=1e-9, abs=0)
     # a flag that disagrees with the file is refused; one that agrees is fine
     code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", tiny_lm_dir, "-c", tiny_corpus,
-                           "--settings", out, "--k", settings["k"] + 1)  # fmt: skip
+                           "--settings", out, "--k", settings["knn"]["k"] + 1)  # fmt: skip
     assert code == 2 and "--k" in err and "conflicts with settings file" in err, err
     # the Python API takes the same file
     from knnlm import KnnLM

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from knnlm.data.corpus import Corpus, load_tokens
-from knnlm.evaluate import check_pointers, evaluate, open_gate
+from knnlm.evaluate import EvalSettings, check_pointers, open_gate, run_eval
 from knnlm.forward_pass import WindowSettings, score_stream
-from knnlm.frontier import gain_kept, pareto_front, pick, settings_of
+from knnlm.frontier import gain_kept, pareto_front, pick
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.combiner import combine, perplexity, prefix_log_probs
 from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
@@ -141,10 +141,8 @@ def tune(
     gain = lm_ppl > default["perplexity"]  # else no share of it to keep (--min-speed picks)
     for p in points:
         p["gain_kept"] = gain_kept(p["perplexity"], lm_ppl, default["perplexity"]) if gain else None
-    picked = settings_of(
-        dict(points[chosen], search=st.search, gate=_gate_path(points[chosen], gate))
-    )
-    checked = _check_pick(lm, corpus, st, window, picked, progress)
+    where, (knn, mix) = points[chosen]["datastore"], _pick_settings(points[chosen], st)
+    checked = _check_pick(lm, corpus, st, window, where, knn, mix, progress)
     if gain and min_speed is None and gain_kept(checked, lm_ppl, default["perplexity"]) < keep_gain:
         notes.append(f"the pick's real search keeps less than {keep_gain:g} of the gain "
                      f"(perplexity {checked:.3f} against its prefix's "
@@ -156,12 +154,20 @@ def tune(
         "lm": lm_speed, "default": default, "points": points, "frontier": front,
         "pick": dict(points[chosen], index=chosen, perplexity_checked=checked),
         "rule": {"min_speed": min_speed} if min_speed is not None else {"keep_gain": keep_gain},
-        "settings": picked, "notes": notes,
+        "settings": {"datastore": where, "knn": knn.to_dict(), "mix": mix.to_dict()},
+        "notes": notes,
     }  # fmt: skip
 
 
-def _gate_path(point: dict, gate: str | Path | None) -> str | None:
-    return str(gate) if point.get("retrieval_rate") is not None else None
+def _pick_settings(point: dict, st: TuneSettings) -> tuple[KnnSettings, MixSettings]:
+    """The settings objects of a point (the settings file holds them whole)."""
+    rate = point["retrieval_rate"]
+    knn = KnnSettings(k=point["k"], nprobe=point["nprobe"], search=st.search)
+    mix = MixSettings(knn_weight=point["knn_weight"], temperature=point["knn_temperature"],
+                      gate=None if rate is None else st.gate,
+                      retrieval_rate=1.0 if rate is None else rate,
+                      pointers=point["pointers"])  # fmt: skip
+    return knn, mix
 
 
 def _is_default(p: dict, ds: Datastore) -> bool:
@@ -319,15 +325,10 @@ class _Timer:
         return n / max(time.perf_counter() - t0, 1e-9)
 
 
-def _check_pick(lm: LoadedLM, corpus: Corpus, st: TuneSettings, window: WindowSettings,
-                settings: dict, progress: bool) -> float:  # fmt: skip
+def _check_pick(
+    lm: LoadedLM, corpus: Corpus, st: TuneSettings, window: WindowSettings, datastore: str,
+    knn: KnnSettings, mix: MixSettings, progress: bool,
+) -> float:  # fmt: skip
     """The chosen settings run once as ``knnlm eval`` runs them: the perplexity reported."""
-    knn = KnnSettings(k=settings["k"], nprobe=settings["nprobe"], search=settings["search"])
-    rate = settings["retrieval_rate"]
-    res = evaluate(lm, corpus, st.split, context_len=window.context_len, stride=window.stride,
-                   batch_size=st.batch_size, text_field=st.text_field,
-                   datastore=settings["datastore"], knn=knn, knn_weight=settings["knn_weight"],
-                   knn_temperature=settings["knn_temperature"], gate=settings["gate"],
-                   retrieval_rate=1.0 if rate is None else rate, pointers=settings["pointers"],
-                   progress=progress)  # fmt: skip
-    return res["knnlm"]["perplexity"]
+    run = EvalSettings(st.split, window, st.batch_size, st.text_field, knn, mix)
+    return run_eval(lm, corpus, run, datastore=datastore, progress=progress)["knnlm"]["perplexity"]
