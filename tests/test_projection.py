@@ -85,7 +85,8 @@ def test_fixed_steps_records_a_curve(setup):
 def test_converged_solve_is_at_most_the_lr_study_on_the_same_positions(setup):
     lm, ds, corpus = setup
     common = dict(context_len=CTX, knn=KnnSettings(k=8),
-                  mix=MixSettings(knn_weight=0.5, temperature=2.0), max_positions=30, seed=4, progress=False)  # fmt: skip
+                  mix=MixSettings(knn_weight=0.5, temperature=2.0), max_positions=30, seed=4,
+                  progress=False)  # fmt: skip
     conv = project(lm, corpus, ds, converged=True, keep_positions=True, **common)
     low = project(lm, corpus, ds, lr=1e-3, fixed_steps=100, keep_positions=True, **common)
     assert conv["knnlm"]["target_logp"] == low["knnlm"]["target_logp"]  # the same positions
