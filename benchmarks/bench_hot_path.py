@@ -119,7 +119,7 @@ def best_pass(parts: Parts, fn, repeats: int) -> tuple[float, dict[str, float]]:
 def run(args: argparse.Namespace) -> dict:
     from knnlm import forward_pass, token_scores
     from knnlm.retrieval.gate import Gate
-    from knnlm.retrieval.retriever import Retriever
+    from knnlm.retrieval.retriever import MixSettings, Retriever
 
     device = torch.device(args.device)
     model = make_model(args.vocab, args.hidden, args.layers, args.context).to(device)
@@ -146,9 +146,11 @@ def run(args: argparse.Namespace) -> dict:
         for _ in token_scores.score_tokens(stream(), retriever=retriever):
             pass
 
+    mix = MixSettings(gate=gate, retrieval_rate=0.5, gate_weight="learned")
+
     def gated():
         for _ in token_scores.score_tokens(stream(True), retriever=retriever, gate=gate,
-                                           retrieval_rate=0.5, learned_weight=True):  # fmt: skip
+                                           mix=mix):  # fmt: skip
             pass
 
     us = 1e6 / n

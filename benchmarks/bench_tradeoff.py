@@ -131,7 +131,7 @@ def build(args, lm, corpus: str, work: Path, log) -> dict:
     from knnlm.retrieval.datastore import build_datastore, open_datastore
     from knnlm.retrieval.gate_train import GateSettings, train_gate
     from knnlm.retrieval.prune import prune_datastore
-    from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.retriever import KnnSettings, MixSettings
     from knnlm.retrieval.search.index_build import auto_nlist, build_index
 
     info: dict = {"seconds": {}}
@@ -175,11 +175,12 @@ def build(args, lm, corpus: str, work: Path, log) -> dict:
     timed("index_pruned", build_index, stores["pruned"], "ivfpq", **ivf_pruned)
     stores["combined"] = linked_copy(stores["pruned"], work / "combined")
     timed("index_combined", build_index, stores["combined"], "ivfpq", pca=dim // 2, **ivf_pruned)
-    knn = KnnSettings(k=args.k, knn_weight=args.knn_weight, temperature=args.temperature)
+    knn = KnnSettings(k=args.k)
+    mix = MixSettings(knn_weight=args.knn_weight, temperature=args.temperature)
     window = WindowSettings(args.context_len, args.context_len)
     for kind in ("mlp", "entropy"):
-        gs = GateSettings(kind=kind, knn=knn, window=window, batch_size=args.batch_size,
-                          epochs=args.gate_epochs, seed=args.seed)  # fmt: skip
+        gs = GateSettings(kind=kind, knn=knn, mix=mix, window=window,
+                          batch_size=args.batch_size, epochs=args.gate_epochs, seed=args.seed)  # fmt: skip
         timed(f"gate_{kind}", train_gate, lm, ds, corpus, work / f"gate_{kind}", gs,
               progress=False)  # fmt: skip
     info["stores"] = {k: str(v) for k, v in stores.items()}
@@ -192,7 +193,17 @@ def index_build(ds: Path, train_size: int | None, seed: int) -> dict:
     import resource
     import subprocess
 
-    cmd = [*knnlm_cli(), "datastore", "index", str(ds), "--seed", str(seed), "-q"]
+    cmd = [
+        *knnlm_cli(),
+        "datastore",
+        "index",
+        str(ds),
+        "--type",
+        "ivfpq",
+        "--seed",
+        str(seed),
+        "-q",
+    ]
     if train_size:
         cmd += ["--train-size", str(train_size)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -284,9 +295,9 @@ def measure(args, lm, corpus: str, work: Path, info: dict, log) -> dict:
             if over.get("nprobe") == "third":
                 over["nprobe"] = max(1, round(index_nprobe / 3))
             pointers = over.pop("pointers", None)
-            knn = KnnSettings(**{"k": args.k, "knn_weight": args.knn_weight,
-                                 "temperature": args.temperature, "search": m["search"], **over})  # fmt: skip
-            kw = dict(datastore=info["stores"][m["store"]], knn=knn, retrieval_rate=m["rate"],
+            knn = KnnSettings(**{"k": args.k, "search": m["search"], **over})
+            kw = dict(datastore=info["stores"][m["store"]], knn=knn, knn_weight=args.knn_weight,
+                      knn_temperature=args.temperature, retrieval_rate=m["rate"],
                       pointers=pointers)  # fmt: skip
             if m["gate"] is not None:
                 kind, _, learned = m["gate"].partition("+")

@@ -96,7 +96,7 @@ def test_same_split_other_layout_excludes_own_row(lm, ds_dir, tiny_corpus, tmp_p
     cache = tmp_path / "cache"
     res = evaluate(
         lm, str(tiny_corpus), "valid", datastore=ds_dir, cache=cache, batch_size=3,
-        knn=KnnSettings(k=K, knn_weight=WEIGHT, temperature=TEMP), progress=False, **EVAL,
+        knn=KnnSettings(k=K), knn_weight=WEIGHT, knn_temperature=TEMP, progress=False, **EVAL,
     )  # fmt: skip
     assert res["settings"]["exclude_self"] is True
     assert res["settings"]["own_stream"] is True and res["warnings"] == []
@@ -147,7 +147,8 @@ def test_modes_yes_no_and_other_text(lm, ds_dir, tiny_corpus, tmp_path):
     def run(split, mode):
         return evaluate(
             lm, str(tiny_corpus), split, datastore=ds_dir, progress=False, batch_size=8,
-            knn=KnnSettings(k=K, knn_weight=WEIGHT, temperature=TEMP, exclude_self=mode), **EVAL,
+            knn=KnnSettings(k=K, exclude_self=mode), knn_weight=WEIGHT, knn_temperature=TEMP,
+            **EVAL,
         )  # fmt: skip
 
     yes, auto, no = run("valid", "yes"), run("valid", "auto"), run("valid", "no")
@@ -167,15 +168,16 @@ def test_projection_excludes_own_row_under_other_layout(lm, ds_dir, tiny_corpus)
     """The projection retrieves on a stream too: over every position, its kNN-LM perplexity
     equals the evaluation's (checked above against the brute force that drops row p - 1)."""
     from knnlm.evaluate import evaluate
-    from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.retriever import KnnSettings, MixSettings
     from tiny import project
 
-    knn = KnnSettings(k=K, knn_weight=WEIGHT, temperature=TEMP)
+    knn, mix = KnnSettings(k=K), MixSettings(knn_weight=WEIGHT, temperature=TEMP)
     res = project(
-        lm, str(tiny_corpus), ds_dir, "valid", knn=knn, max_positions=None, fixed_steps=1,
-        solve_batch=4096, progress=False, **EVAL,
+        lm, str(tiny_corpus), ds_dir, "valid", knn=knn, mix=mix, max_positions=None,
+        fixed_steps=1, solve_batch=4096, progress=False, **EVAL,
     )  # fmt: skip
-    ev = evaluate(lm, str(tiny_corpus), "valid", datastore=ds_dir, knn=knn, progress=False, **EVAL)
+    ev = evaluate(lm, str(tiny_corpus), "valid", datastore=ds_dir, knn=knn, knn_weight=WEIGHT,
+                  knn_temperature=TEMP, progress=False, **EVAL)  # fmt: skip
     assert res["positions"] == ev["tokens"]
     assert res["knnlm"]["perplexity"] == pytest.approx(ev["knnlm"]["perplexity"], rel=1e-4)
     assert res["settings"]["exclude_self"] is True

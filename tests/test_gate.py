@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,11 +16,12 @@ from knnlm.forward_pass import WindowSettings, score_stream
 from knnlm.retrieval.datastore import open_datastore
 from knnlm.retrieval.gate import load_gate
 from knnlm.retrieval.gate_train import GateSettings, train_gate
-from knnlm.retrieval.retriever import KnnSettings
+from knnlm.retrieval.retriever import KnnSettings, MixSettings
 from tiny import SMALL_CTX, SMALL_STRIDE, small_datastore, write_corpus
 
 CTX, STRIDE = SMALL_CTX, SMALL_STRIDE
-KNN = KnnSettings(k=8, knn_weight=0.4, temperature=5.0)
+KNN, MIX = KnnSettings(k=8), MixSettings(knn_weight=0.4, temperature=5.0)
+MIXED = dict(knn_weight=MIX.knn_weight, knn_temperature=MIX.temperature)  # evaluate's keywords
 WINDOW = WindowSettings(CTX, STRIDE)
 
 
@@ -38,7 +40,7 @@ def ds(lm, corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gate_dir(lm, corpus, ds, tmp_path_factory):
     out = tmp_path_factory.mktemp("gate") / "g"
-    settings = GateSettings(knn=KNN, window=WINDOW, epochs=3, hidden=16, layers=3)
+    settings = GateSettings(knn=KNN, mix=MIX, window=WINDOW, epochs=3, hidden=16, layers=3)
     train_gate(lm, ds, str(corpus), out, settings, progress=False)
     return out
 
@@ -62,11 +64,11 @@ def _numpy_knnlm(rec, ds_dir) -> np.ndarray:
     q = rec["keys"].double().numpy()
     d = ((q[:, None, :] - keys[None]) ** 2).sum(-1)
     nearest = np.argsort(d, axis=1, kind="stable")[:, : KNN.k]
-    logit = -np.take_along_axis(d, nearest, 1) / KNN.temperature
+    logit = -np.take_along_axis(d, nearest, 1) / MIX.temperature
     p = np.exp(logit - logit.max(1, keepdims=True))
     hit = values[nearest] == rec["tgt"].numpy()[:, None]
     p_knn = (p * hit).sum(1) / p.sum(1)
-    w = KNN.knn_weight
+    w = MIX.knn_weight
     return np.log((1 - w) * np.exp(rec["lp"].numpy()) + w * p_knn)
 
 
@@ -75,7 +77,7 @@ def test_gated_tokens_are_lm_or_knnlm_exactly(lm, corpus, ds, gate_dir):
     rec = _records(lm, corpus)
     ref = _numpy_knnlm(rec, ds)
     lm_lp = rec["lp"].numpy()
-    kw = dict(context_len=CTX, stride=STRIDE, progress=False, datastore=ds, knn=KNN)
+    kw = dict(context_len=CTX, stride=STRIDE, progress=False, datastore=ds, knn=KNN, **MIXED)
     n = len(lm_lp)
     for rate in (0.0, 0.25, 0.5, 1.0):
         res = evaluate(lm, str(corpus), "test", gate=gate_dir, retrieval_rate=rate, **kw)
@@ -96,7 +98,7 @@ def test_gated_tokens_are_lm_or_knnlm_exactly(lm, corpus, ds, gate_dir):
 
 def test_entropy_gate_retrieves_the_unsure_tokens(lm, corpus, ds, tmp_path):
     train_gate(lm, ds, str(corpus), tmp_path / "e", GateSettings(kind="entropy", knn=KNN,
-               window=WINDOW), progress=False)  # fmt: skip
+               mix=MIX, window=WINDOW), progress=False)  # fmt: skip
     gate = load_gate(tmp_path / "e")
     rec = _records(lm, corpus)
     keep = gate.keep(rec["keys"], rec["stats"], 0.5)
@@ -113,7 +115,7 @@ def test_gate_mistakes_are_one_line(lm, corpus, ds, gate_dir, tmp_path):
             ds,
             str(corpus),
             tmp_path / "g",
-            GateSettings(split="train", knn=KNN, window=WINDOW),
+            GateSettings(split="train", knn=KNN, mix=MIX, window=WINDOW),
             progress=False,
         )
     with pytest.raises(KnnlmError, match="retrieval-rate"):
@@ -135,8 +137,9 @@ def test_per_token_skipped_equal_lm_and_kept_equal_knnlm(lm, corpus, ds, gate_di
     def stream():
         return score_stream(lm.model, ids, CTX, STRIDE, want_stats=True, progress=False)
 
-    full = torch.cat([s.knnlm for s in score_tokens(stream(), retriever=retriever)])
-    parts = list(score_tokens(stream(), retriever=retriever, gate=gate, retrieval_rate=0.5))
+    full = torch.cat([s.knnlm for s in score_tokens(stream(), retriever=retriever, mix=MIX)])
+    half = replace(MIX, gate=gate, retrieval_rate=0.5)
+    parts = list(score_tokens(stream(), retriever=retriever, mix=half, gate=gate))
     gated = torch.cat([s.knnlm for s in parts])
     lm_lp = torch.cat([s.lm_cpu for s in parts])
     keep = torch.cat([gate.keep(s.batch.keys, s.batch.lm_stats, 0.5) for s in parts])
@@ -151,7 +154,7 @@ def test_learned_weight_uses_the_gates_prediction(lm, corpus, ds, gate_dir, tmp_
     """Searched tokens mix with the gate's predicted weight w_i: numpy brute force."""
     gate = load_gate(gate_dir)
     rec = _records(lm, corpus)
-    kw = dict(context_len=CTX, stride=STRIDE, progress=False, datastore=ds, knn=KNN)
+    kw = dict(context_len=CTX, stride=STRIDE, progress=False, datastore=ds, knn=KNN, **MIXED)
     res = evaluate(lm, str(corpus), "test", gate=gate_dir, retrieval_rate=0.5,
                    gate_weight="learned", **kw)  # fmt: skip
     keep = gate.keep(rec["keys"], rec["stats"], 0.5).numpy()
@@ -160,7 +163,7 @@ def test_learned_weight_uses_the_gates_prediction(lm, corpus, ds, gate_dir, tmp_
     keys, values = np.asarray(store.keys, np.float64), np.asarray(store.values)
     d = ((rec["keys"].double().numpy()[:, None, :] - keys[None]) ** 2).sum(-1)
     nearest = np.argsort(d, axis=1, kind="stable")[:, : KNN.k]
-    logit = -np.take_along_axis(d, nearest, 1) / KNN.temperature
+    logit = -np.take_along_axis(d, nearest, 1) / MIX.temperature
     p = np.exp(logit - logit.max(1, keepdims=True))
     p_knn = (p * (values[nearest] == rec["tgt"].numpy()[:, None])).sum(1) / p.sum(1)
     p_lm = np.exp(rec["lp"].numpy())
@@ -169,6 +172,6 @@ def test_learned_weight_uses_the_gates_prediction(lm, corpus, ds, gate_dir, tmp_
     fixed = evaluate(lm, str(corpus), "test", gate=gate_dir, retrieval_rate=0.5, **kw)
     assert fixed["knnlm"]["nll_sum"] != pytest.approx(res["knnlm"]["nll_sum"], rel=1e-6)
     train_gate(lm, ds, str(corpus), tmp_path / "e", GateSettings(kind="entropy", knn=KNN,
-               window=WINDOW), progress=False)  # fmt: skip
+               mix=MIX, window=WINDOW), progress=False)  # fmt: skip
     with pytest.raises(KnnlmError, match="mlp gate"):
         evaluate(lm, str(corpus), "test", gate=tmp_path / "e", gate_weight="learned", **kw)

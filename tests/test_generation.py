@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from knnlm.generation import KnnLogitsProcessor
 from knnlm.retrieval.datastore import open_datastore
-from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.retrieval.retriever import KnnSettings, MixSettings, Retriever
 from tiny import quiet_datastore, run_cli
 
 CTX = 32
@@ -52,13 +54,13 @@ def _reference_mix(lm_logits, q, keys, values, vocab, k, w, temp) -> np.ndarray:
 def test_processor_scores_equal_hand_built_interpolation(setup):
     lm, ds_dir, keys, values = setup
     k, w, temp = 8, 0.4, 2.0
-    retriever = Retriever(lm, ds_dir, KnnSettings(k=k, knn_weight=w, temperature=temp))
+    retriever = Retriever(lm, ds_dir, KnnSettings(k=k))
     prompts = ["the village river was", "a baker of the old market"]
     enc = [lm.tokenizer(p)["input_ids"] for p in prompts]
     width = min(len(e) for e in enc)
     ids = torch.tensor([e[:width] for e in enc])
     with lm.adapter.capture() as store:
-        proc = KnnLogitsProcessor(store, retriever)
+        proc = KnnLogitsProcessor(store, retriever, mix=MixSettings(knn_weight=w, temperature=temp))
         with torch.no_grad():
             scores = lm.model(ids).logits[:, -1]
         got = proc(ids, scores.clone())
@@ -131,10 +133,10 @@ def test_generation_with_pointers_equals_its_loop_reference(setup):
     lm, ds_dir, keys, values = setup
     prompt = "the old house by the river"
     enc = lm.tokenizer(prompt, return_tensors="pt")
-    knn = KnnSettings(k=8, knn_weight=0.5, temperature=1.0)
+    knn, mix = KnnSettings(k=8), MixSettings(knn_weight=0.5, temperature=1.0)
     want, searched = _greedy_pointer_reference(lm.model, enc["input_ids"], keys, values, 8, 0.5,
                                                1.0, threshold=2, steps=12)  # fmt: skip
-    with attach_processor(lm, ds_dir, knn, pointers=2) as proc:
+    with attach_processor(lm, ds_dir, knn, replace(mix, pointers=2)) as proc:
         from transformers import LogitsProcessorList
 
         out = lm.model.generate(**enc, logits_processor=LogitsProcessorList([proc]),
@@ -143,5 +145,6 @@ def test_generation_with_pointers_equals_its_loop_reference(setup):
     assert out[0].tolist() == want[0].tolist()
     assert proc.searches == searched < proc.queries == 12  # pointers saved some searches
     # a threshold of infinity is the plain kNN-LM
-    plain = generate(lm, [prompt], ds_dir, knn, max_new_tokens=8)
-    assert generate(lm, [prompt], ds_dir, knn, max_new_tokens=8, pointers=float("inf")) == plain
+    plain = generate(lm, [prompt], ds_dir, knn, mix, max_new_tokens=8)
+    inf = replace(mix, pointers=float("inf"))
+    assert generate(lm, [prompt], ds_dir, knn, inf, max_new_tokens=8) == plain

@@ -16,7 +16,7 @@ from knnlm.evaluate import evaluate
 from knnlm.lm.loading import load_lm
 from knnlm.retrieval.combiner import interpolate, knn_log_probs, knn_target_log_prob
 from knnlm.retrieval.datastore import open_datastore
-from knnlm.retrieval.retriever import KnnSettings
+from knnlm.retrieval.retriever import KnnSettings, MixSettings
 from knnlm.sweep import sweep
 from tiny import SMALL_CTX, SMALL_STRIDE, quiet_datastore, save_tiny_model, small_datastore
 
@@ -89,7 +89,9 @@ def test_knnlm_perplexity_matches_brute_force(lm, small_corpus, tmp_path, key_dt
         stride=STRIDE,
         batch_size=2,
         datastore=ds_dir,
-        knn=KnnSettings(k=k, knn_weight=w, temperature=temp),
+        knn=KnnSettings(k=k),
+        knn_weight=w,
+        knn_temperature=temp,
         progress=False,
     )
     assert res["tokens"] == len(q_targets) == len(valid_ids) - 1
@@ -103,11 +105,11 @@ def test_weight_zero_is_lm_and_k_larger_than_datastore(lm, small_corpus, tmp_pat
     ds_dir = quiet_datastore(lm, small_corpus, tmp_path / "ds", context_len=CTX)
     n = open_datastore(ds_dir).n
     kw = dict(context_len=CTX, datastore=ds_dir, progress=False)
-    res0 = evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=4, knn_weight=0.0), **kw)
+    res0 = evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=4), knn_weight=0.0, **kw)
     assert res0["knnlm"]["perplexity"] == res0["lm"]["perplexity"]
     # k > N retrieves the whole datastore, exactly as k = N does (missing ids are masked).
-    big = evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=n + 50, knn_weight=0.5), **kw)
-    all_n = evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=n, knn_weight=0.5), **kw)
+    big = evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=n + 50), knn_weight=0.5, **kw)
+    all_n = evaluate(lm, str(small_corpus), "valid", knn=KnnSettings(k=n), knn_weight=0.5, **kw)
     assert big["knnlm"]["perplexity"] == pytest.approx(all_n["knnlm"]["perplexity"], rel=1e-9)
     assert big["knnlm"]["perplexity"] != pytest.approx(big["lm"]["perplexity"], rel=1e-3)
 
@@ -209,9 +211,10 @@ def test_datastore_from_other_model_is_refused(lm, small_corpus, tmp_path, tiny_
 
 def test_bad_knn_settings_rejected(lm, small_corpus, tmp_path):
     # Refused where they are built, before any work.
-    for bad in (dict(knn_weight=1.5), dict(k=0), dict(temperature=0)):
+    for kind, bad in ((MixSettings, dict(knn_weight=1.5)), (KnnSettings, dict(k=0)),
+                      (MixSettings, dict(temperature=0))):  # fmt: skip
         with pytest.raises(KnnlmError, match=f"^{next(iter(bad))} must be"):
-            KnnSettings(**bad)
+            kind(**bad)
 
 
 def test_exclude_self_on_training_split(lm, small_corpus, tmp_path):
@@ -222,7 +225,8 @@ def test_exclude_self_on_training_split(lm, small_corpus, tmp_path):
         lm,
         str(small_corpus),
         "train",
-        knn=KnnSettings(k=1, knn_weight=1.0, exclude_self="no"),
+        knn=KnnSettings(k=1, exclude_self="no"),
+        knn_weight=1.0,
         **kw,
     )
     # Each query finds itself at distance 0: p_knn(target) = 1 everywhere.
@@ -232,7 +236,9 @@ def test_exclude_self_on_training_split(lm, small_corpus, tmp_path):
         lm,
         str(small_corpus),
         "train",
-        knn=KnnSettings(k=k, knn_weight=w, temperature=temp, exclude_self="auto"),
+        knn=KnnSettings(k=k, exclude_self="auto"),
+        knn_weight=w,
+        knn_temperature=temp,
         **kw,
     )
     assert exc["settings"]["exclude_self"] is True
@@ -263,7 +269,9 @@ def test_sweep_from_cache_equals_direct_eval(lm, small_corpus, tmp_path):
                     lm,
                     str(small_corpus),
                     "valid",
-                    knn=KnnSettings(k=k, knn_weight=w, temperature=t),
+                    knn=KnnSettings(k=k),
+                    knn_weight=w,
+                    knn_temperature=t,
                     **kw,
                 )
                 got = grid["perplexity"][ki][wi][ti]

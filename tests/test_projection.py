@@ -6,7 +6,7 @@ import pytest
 
 from knnlm.evaluate import evaluate
 from knnlm.report.tables import projection_tables
-from knnlm.retrieval.retriever import KnnSettings
+from knnlm.retrieval.retriever import KnnSettings, MixSettings
 from tiny import project, quiet_datastore
 
 CTX = 32
@@ -25,7 +25,8 @@ def test_weight_zero_projects_onto_the_lm_itself(setup):
         corpus,
         ds,
         context_len=CTX,
-        knn=KnnSettings(k=8, knn_weight=0.0),
+        knn=KnnSettings(k=8),
+        mix=MixSettings(knn_weight=0.0),
         max_positions=40,
         progress=False,
     )
@@ -38,18 +39,20 @@ def test_weight_zero_projects_onto_the_lm_itself(setup):
 
 def test_lm_and_knnlm_match_eval_and_projection_gets_close(setup):
     lm, ds, corpus = setup
-    knn = KnnSettings(k=16, knn_weight=0.5, temperature=3.0)
+    knn = KnnSettings(k=16)
     res = project(
         lm,
         corpus,
         ds,
         context_len=CTX,
         knn=knn,
+        mix=MixSettings(knn_weight=0.5, temperature=3.0),
         max_positions=None,
         solve_batch=64,
         progress=False,
     )
-    ev = evaluate(lm, corpus, "valid", context_len=CTX, datastore=ds, knn=knn, progress=False)
+    ev = evaluate(lm, corpus, "valid", context_len=CTX, datastore=ds, knn=knn, knn_weight=0.5,
+                  knn_temperature=3.0, progress=False)  # fmt: skip
     assert res["positions"] == ev["tokens"]
     assert res["lm"]["perplexity"] == pytest.approx(ev["lm"]["perplexity"], rel=1e-5)
     assert res["knnlm"]["perplexity"] == pytest.approx(ev["knnlm"]["perplexity"], rel=1e-5)
@@ -67,7 +70,8 @@ def test_fixed_steps_records_a_curve(setup):
         corpus,
         ds,
         context_len=CTX,
-        knn=KnnSettings(k=8, knn_weight=0.25),
+        knn=KnnSettings(k=8),
+        mix=MixSettings(knn_weight=0.25),
         max_positions=20,
         lr=1e-3,
         fixed_steps=10,
@@ -80,8 +84,9 @@ def test_fixed_steps_records_a_curve(setup):
 
 def test_converged_solve_is_at_most_the_lr_study_on_the_same_positions(setup):
     lm, ds, corpus = setup
-    common = dict(context_len=CTX, knn=KnnSettings(k=8, knn_weight=0.5, temperature=2.0),
-                  max_positions=30, seed=4, progress=False)  # fmt: skip
+    common = dict(context_len=CTX, knn=KnnSettings(k=8),
+                  mix=MixSettings(knn_weight=0.5, temperature=2.0), max_positions=30, seed=4,
+                  progress=False)  # fmt: skip
     conv = project(lm, corpus, ds, converged=True, keep_positions=True, **common)
     low = project(lm, corpus, ds, lr=1e-3, fixed_steps=100, keep_positions=True, **common)
     assert conv["knnlm"]["target_logp"] == low["knnlm"]["target_logp"]  # the same positions
@@ -108,7 +113,8 @@ def test_converged_f_never_ends_above_f_of_g(setup):
     lm, ds, corpus = setup
     res = project(lm, corpus, ds, context_len=CTX, converged=True, max_positions=30,
                   converged_max_steps=5, seed=7, progress=False,
-                  knn=KnnSettings(k=8, knn_weight=0.5, temperature=3.0))  # fmt: skip
+                  knn=KnnSettings(k=8),
+                  mix=MixSettings(knn_weight=0.5, temperature=3.0))  # fmt: skip
     c = res["converged"]
     f, fg = c["proj_f"]["kl"], c["proj_fg"]["kl"]
     assert len(f) == len(fg) == 30

@@ -147,7 +147,7 @@ def test_evaluating_a_pruned_store_uses_its_counts(lm, small_corpus, lm_ds, tmp_
     k, w, temp = ds2.n, 0.4, 50.0
     kw = dict(context_len=CTX, stride=STRIDE, progress=False)
     res = evaluate(lm, str(small_corpus), "valid", datastore=pruned,
-                   knn=KnnSettings(k=k, knn_weight=w, temperature=temp), **kw)  # fmt: skip
+                   knn=KnnSettings(k=k), knn_weight=w, knn_temperature=temp, **kw)  # fmt: skip
     q, lps, tgts = _valid_records(lm, small_corpus)
     d = ((q[:, None, :] - np.asarray(ds2.keys, np.float64)[None]) ** 2).sum(-1)
     logit = -d / temp + np.log(ds2.counts)
@@ -163,8 +163,9 @@ def test_evaluating_a_pruned_store_uses_its_counts(lm, small_corpus, lm_ds, tmp_
 
 
 def test_pca_with_full_dimension_keeps_the_perplexity(lm, small_corpus, lm_ds, tmp_path):
-    knn = KnnSettings(k=8, knn_weight=0.5, temperature=5.0, recompute=False)
-    kw = dict(context_len=CTX, stride=STRIDE, progress=False, knn=knn, datastore=lm_ds)
+    knn = KnnSettings(k=8, recompute=False)
+    kw = dict(context_len=CTX, stride=STRIDE, progress=False, knn=knn, knn_weight=0.5,
+              knn_temperature=5.0, datastore=lm_ds)  # fmt: skip
     ppl = {}
     for pca in (None, 32, 4):
         build_index(lm_ds, "flat", pca=pca, progress=False)

@@ -108,7 +108,8 @@ def setup(tiny_lm_dir, tiny_corpus, tmp_path_factory):
     }
 
 
-def _eval(s, ds, knn, cache=None, **kw):
+def _eval(s, ds, knn, mixed, cache=None, **kw):
+    """``mixed``: p_knn's (weight, temperature)."""
     return evaluate(
         s["lm"],
         s["corpus"],
@@ -117,6 +118,8 @@ def _eval(s, ds, knn, cache=None, **kw):
         batch_size=4,
         datastore=ds,
         knn=knn,
+        knn_weight=mixed[0],
+        knn_temperature=mixed[1],
         cache=cache,
         progress=False,
         **kw,
@@ -128,9 +131,9 @@ def test_flat_index_equals_no_index_and_brute_force(setup):
     k, w, temp = 16, 0.3, 2.0
     d, i = brute_force_knn(s["q"], s["keys"], k)
     ref = knnlm_ppl(d, i, s["values"], s["lps"], s["targets"], w, temp)
-    knn = KnnSettings(k=k, knn_weight=w, temperature=temp)
-    no_index = _eval(s, s["plain"], knn)
-    flat = _eval(s, s["flat"], knn)
+    knn = KnnSettings(k=k)
+    no_index = _eval(s, s["plain"], knn, (w, temp))
+    flat = _eval(s, s["flat"], knn, (w, temp))
     assert no_index["settings"]["index"] != flat["settings"]["index"]
     assert no_index["knnlm"]["perplexity"] == pytest.approx(ref, rel=1e-5)
     assert flat["knnlm"]["perplexity"] == pytest.approx(ref, rel=1e-5)
@@ -143,13 +146,13 @@ def test_search_exact_equals_no_index_whatever_index_exists(setup):
     k, w, temp = 16, 0.3, 2.0
     d, i = brute_force_knn(s["q"], s["keys"], k)
     ref = knnlm_ppl(d, i, s["values"], s["lps"], s["targets"], w, temp)
-    no_index = _eval(s, s["plain"], KnnSettings(k=k, knn_weight=w, temperature=temp))
+    no_index = _eval(s, s["plain"], KnnSettings(k=k), (w, temp))
     for ds in (s["ivf"], s["flat"]):
-        res = _eval(s, ds, KnnSettings(k=k, knn_weight=w, temperature=temp, search="exact"))
+        res = _eval(s, ds, KnnSettings(k=k, search="exact"), (w, temp))
         assert res["settings"]["search"]["search"] == "exact"
         assert res["knnlm"]["perplexity"] == pytest.approx(ref, rel=1e-5)
         assert res["knnlm"]["perplexity"] == no_index["knnlm"]["perplexity"]
-    ivf = _eval(s, s["ivf"], KnnSettings(k=k, knn_weight=w, temperature=temp))
+    ivf = _eval(s, s["ivf"], KnnSettings(k=k), (w, temp))
     assert ivf["settings"]["search"]["exact_neighbours"] is False  # auto: the IVF-PQ index
 
 
@@ -168,8 +171,8 @@ def test_ivfpq_reranked_is_exact_on_its_ids_and_pq_mode_uses_pq_distances(setup)
     exact = knnlm_ppl(exact_d, exact_i, s["values"], s["lps"], s["targets"], w, temp)
 
     # Re-ranked (default): the cached distances are the exact distances of the retrieved ids.
-    knn = KnnSettings(k=k, knn_weight=w, temperature=temp, nprobe=4)
-    rr = _eval(s, s["ivf"], knn, cache=s["root"] / "c_rr")
+    knn = KnnSettings(k=k, nprobe=4)
+    rr = _eval(s, s["ivf"], knn, (w, temp), cache=s["root"] / "c_rr")
     c = load_cache(s["root"] / "c_rr")
     ids = np.asarray(c["ids"])
     assert ids.shape == (n, k) and (ids >= 0).all()
@@ -184,8 +187,8 @@ def test_ivfpq_reranked_is_exact_on_its_ids_and_pq_mode_uses_pq_distances(setup)
     assert recall > 0.5
 
     # recompute=False: FAISS's own PQ distances and ids, at the requested nprobe.
-    pq = _eval(s, s["ivf"], KnnSettings(k=k, knn_weight=w, temperature=temp, nprobe=4,
-                                         recompute=False), cache=s["root"] / "c_pq")  # fmt: skip
+    pq = _eval(s, s["ivf"], KnnSettings(k=k, nprobe=4, recompute=False), (w, temp),
+               cache=s["root"] / "c_pq")  # fmt: skip
     c = load_cache(s["root"] / "c_pq")
     fd, fi = _faiss_search(s, 4, k)
     np.testing.assert_array_equal(np.asarray(c["ids"]), fi)
@@ -201,8 +204,8 @@ def test_nprobe_reaches_the_search(setup):
     k, w, temp = 8, 0.5, 1.0
     ppl = {}
     for nprobe in (1, NLIST):
-        knn = KnnSettings(k=k, knn_weight=w, temperature=temp, nprobe=nprobe, recompute=False)
-        res = _eval(s, s["ivf"], knn)
+        knn = KnnSettings(k=k, nprobe=nprobe, recompute=False)
+        res = _eval(s, s["ivf"], knn, (w, temp))
         fd, fi = _faiss_search(s, nprobe, k)
         ref = knnlm_ppl(fd, fi, s["values"], s["lps"], s["targets"], w, temp)
         assert res["knnlm"]["perplexity"] == pytest.approx(ref, rel=1e-5), nprobe
@@ -240,11 +243,11 @@ def test_overlapped_pass_equals_brute_force_and_the_sequential_pass(setup):
     k, w, temp = 16, 0.3, 2.0
     d, i = brute_force_knn(s["q"], s["keys"], k)
     ref = knnlm_ppl(d, i, s["values"], s["lps"], s["targets"], w, temp)
-    knn = KnnSettings(k=k, knn_weight=w, temperature=temp)
+    knn = KnnSettings(k=k)
     runs = {}
     for overlap in (False, True):
         cache = s["root"] / f"c_overlap_{overlap}"
-        runs[overlap] = _eval(s, s["flat"], knn, cache=cache, overlap=overlap)
+        runs[overlap] = _eval(s, s["flat"], knn, (w, temp), cache=cache, overlap=overlap)
     assert runs[True]["knnlm"]["perplexity"] == pytest.approx(ref, rel=1e-5)
     assert runs[True]["knnlm"]["nll_sum"] == runs[False]["knnlm"]["nll_sum"]
     a, b = load_cache(s["root"] / "c_overlap_True"), load_cache(s["root"] / "c_overlap_False")

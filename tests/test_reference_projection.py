@@ -14,7 +14,7 @@ import torch
 from knnlm.data.corpus import load_tokens
 from knnlm.data.windows import make_windows
 from knnlm.retrieval.datastore import open_datastore
-from knnlm.retrieval.retriever import KnnSettings
+from knnlm.retrieval.retriever import KnnSettings, MixSettings
 from tiny import project, quiet_datastore, write_corpus
 
 CTX = 16
@@ -58,7 +58,7 @@ def test_kl_at_the_starting_point_is_kl_of_the_lm(setup):
     lm, corpus, ds_dir = setup
     k, w, temp = 8, 0.5, 2.0
     res = project(lm, corpus, ds_dir, context_len=CTX,
-                  knn=KnnSettings(k=k, knn_weight=w, temperature=temp),
+                  knn=KnnSettings(k=k), mix=MixSettings(knn_weight=w, temperature=temp),
                   max_positions=None, fixed_steps=1, progress=False)  # fmt: skip
     ref = _reference_kl_at_start(lm, corpus, ds_dir, k, w, temp)
     assert res["positions"] == len(ref)

@@ -158,8 +158,8 @@ def test_tuned_on_valid_and_read_on_test(run):
     res = evaluate(
         lm, r["corpus"]["corpus"], "test", context_len=cfg["context_len"], stride=cfg["stride"],
         datastore=r["datastore"][0]["datastore"],
-        knn=KnnSettings(k=cfg["k"], knn_weight=p0["tuned"]["knn_weight"],
-                        temperature=p0["tuned"]["temperature"]),
+        knn=KnnSettings(k=cfg["k"]), knn_weight=p0["tuned"]["knn_weight"],
+        knn_temperature=p0["tuned"]["temperature"],
         progress=False,
     )  # fmt: skip
     assert res["knnlm"]["perplexity"] == pytest.approx(p0["test"]["knnlm_tuned"], rel=1e-4)

@@ -15,19 +15,38 @@ from knnlm.forward_pass import WindowSettings
 from knnlm.lm.train_config import LM_TRAIN_FLAGS, LMTrainSettings
 from knnlm.retrieval.datastore import Datastore
 from knnlm.retrieval.gate_train import GateSettings
-from knnlm.retrieval.retriever import KNN_ARGS, KNN_FLAGS, KnnSettings, MixSettings
+from knnlm.retrieval.retriever import (
+    KNN_ARGS,
+    KNN_FLAGS,
+    MIX_ARGS,
+    MIX_FLAGS,
+    KnnSettings,
+    MixSettings,
+)
 from knnlm.retrieval.search.index_settings import INDEX_FLAGS, IndexSettings
 from knnlm.settings import build, flag
 from tiny import SMALL_CTX, quiet_datastore, run_cli
 
 EVERY = [
-    KnnSettings(k=16, knn_weight=0.3, temperature=2.0, nprobe=4, exclude_self="no"),
-    MixSettings(memory="runs/mem", memory_weight=0.4, gate="runs/g", retrieval_rate=0.5),
+    KnnSettings(k=16, nprobe=4, exclude_self="no", search="exact"),
+    MixSettings(
+        knn_weight=0.3,
+        temperature=2.0,
+        memory="runs/mem",
+        memory_weight=0.4,
+        gate="runs/g",
+        retrieval_rate=0.5,
+    ),  # fmt: skip
     WindowSettings(64, 32),
     EvalSettings("test", WindowSettings(64, 32), 4, "body", KnnSettings(k=8), MixSettings()),
     IndexSettings("ivfpq", nlist=8, nprobe=2, train_size=100),
     IndexSettings(factory="HNSW32"),
-    GateSettings(kind="entropy", knn=KnnSettings(k=4), window=WindowSettings(32, 16)),
+    GateSettings(
+        kind="entropy",
+        knn=KnnSettings(k=4),
+        mix=MixSettings(temperature=3.0),
+        window=WindowSettings(32, 16),
+    ),  # fmt: skip
     LMTrainSettings("tiny", max_steps=3, lr=1e-3),
 ]
 
@@ -44,13 +63,14 @@ def test_settings_are_written_whole_and_rebuilt_from_json(settings):
 @pytest.mark.parametrize(
     ("cls", "names", "kw", "python", "cli"),
     [
-        (KnnSettings, (KNN_ARGS, KNN_FLAGS), {"temperature": 0}, "knn_temperature",
+        (MixSettings, (MIX_ARGS, MIX_FLAGS), {"temperature": 0}, "knn_temperature",
          "--knn-temperature"),
+        (MixSettings, (MIX_ARGS, MIX_FLAGS), {"knn_weight": 2}, "knn_weight", "--knn-weight"),
         (KnnSettings, (KNN_ARGS, KNN_FLAGS), {"k": 0}, "k", "--k"),
         (KnnSettings, (KNN_ARGS, KNN_FLAGS), {"search": "nope"}, "search", "--search"),
-        (MixSettings, ({}, flag()), {"retrieval_rate": 0.5}, "retrieval_rate needs gate",
+        (MixSettings, (MIX_ARGS, MIX_FLAGS), {"retrieval_rate": 0.5}, "retrieval_rate needs gate",
          "--retrieval-rate needs --gate"),
-        (MixSettings, ({}, flag()), {"gate": "g", "pointers": 4},
+        (MixSettings, (MIX_ARGS, MIX_FLAGS), {"gate": "g", "pointers": 4},
          "pointers and gate do not combine", "--pointers and --gate do not combine"),
         (WindowSettings, ({}, flag()), {"context_len": 8, "stride": 9}, "stride", "--stride"),
         (IndexSettings, ({"kind": "type"}, INDEX_FLAGS), {"factory": "HNSW32", "pca": 4},
@@ -73,28 +93,36 @@ def test_a_mistake_names_the_argument_in_python_and_the_flag_in_the_cli(
 def test_one_eval_checks_its_settings_and_the_datastore_once(
     monkeypatch, capsys, lm, tiny_lm_dir, tiny_corpus, tmp_path
 ):
+    import knnlm.api  # noqa: F401 - its settings classes' defaults are built on import, not counted
+
     ds = quiet_datastore(lm, tiny_corpus, tmp_path / "ds", context_len=SMALL_CTX)
-    calls = {"settings": 0, "compatible": 0}
+    calls = {"settings": 0, "mix": 0, "compatible": 0}
     check, compatible = KnnSettings.__post_init__, Datastore.check_compatible
+    check_mix = MixSettings.__post_init__
 
     def counted_check(self):
         calls["settings"] += 1
         check(self)
+
+    def counted_mix(self):
+        calls["mix"] += 1
+        check_mix(self)
 
     def counted_compatible(self, *a, **kw):
         calls["compatible"] += 1
         return compatible(self, *a, **kw)
 
     monkeypatch.setattr(KnnSettings, "__post_init__", counted_check)
+    monkeypatch.setattr(MixSettings, "__post_init__", counted_mix)
     monkeypatch.setattr(Datastore, "check_compatible", counted_compatible)
     code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", tiny_lm_dir, "-c", tiny_corpus,
                            "-d", ds, "-k", 4, "--context-len", SMALL_CTX, "--knn-weight", 0.3,
                            "--json", tmp_path / "r.json", "-q")  # fmt: skip
     assert code == 0, err
-    assert calls == {"settings": 1, "compatible": 1}
+    assert calls == {"settings": 1, "mix": 1, "compatible": 1}
     # The results file holds the settings whole: they rebuild to what the flags said.
     written = json.loads((tmp_path / "r.json").read_text())["settings"]["eval"]
     rebuilt = EvalSettings.from_dict(written)
-    assert rebuilt.knn == KnnSettings(k=4, knn_weight=0.3)
+    assert rebuilt.knn == KnnSettings(k=4)
     assert rebuilt.window == WindowSettings(SMALL_CTX, SMALL_CTX // 2)
-    assert rebuilt.mix == MixSettings() and rebuilt.split == "valid"
+    assert rebuilt.mix == MixSettings(knn_weight=0.3) and rebuilt.split == "valid"

@@ -235,12 +235,12 @@ def test_torchrun_two_process_knnlm_perplexity_equals_one_process(
 def test_torchrun_two_process_project_equals_one_process(tmp_path, lm, tiny_lm_dir, tiny_corpus):
     """`torchrun --nproc_per_node 2 -m knnlm project --search exact` (gloo) joins the group,
     shards the search and gives the one-process projection; rank 0 alone writes and prints."""
-    from knnlm.retrieval.retriever import KnnSettings
+    from knnlm.retrieval.retriever import KnnSettings, MixSettings
 
     ds = quiet_datastore(lm, tiny_corpus, tmp_path / "ds", context_len=32, batch_size=16)
-    knn = KnnSettings(k=16, knn_weight=0.5, temperature=3.0, search="exact")
+    knn, mix = KnnSettings(k=16, search="exact"), MixSettings(knn_weight=0.5, temperature=3.0)
     one = project(lm, str(tiny_corpus), ds, context_len=32, stride=32, batch_size=4, knn=knn,
-                  max_positions=40, max_steps=20)  # fmt: skip
+                  mix=mix, max_positions=40, max_steps=20)  # fmt: skip
     out = tmp_path / "two.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", "2", "-m", "knnlm", "project", "--model", str(tiny_lm_dir),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,13 @@ BAD_FILES = [
     ('{"k": 0}', "k must be a whole number >= 1"),
     ('{"knn_weight": 2}', "knn_weight must be a number in [0, 1]"),
     ('{"k": true}', "k must be"),
+    # the settings objects whole, as knnlm tune writes them
+    ('{"knn": {"k": 0}, "mix": {}}', "k must be a whole number >= 1"),
+    ('{"knn": {"k": 8, "lr": 1}}', "unknown setting knn.lr"),
+    ('{"knn": 3}', "knn must be a JSON object"),
+    ('{"mix": {"temperature": -1}}', "knn_temperature must be a positive number"),
+    ('{"mix": {"memory": "runs/mem"}}', "mix.memory = 'runs/mem' cannot be taken"),
+    ('{"knn": {"k": 8}, "lr": 1}', "unknown setting 'lr'"),
 ]
 
 
@@ -109,11 +117,13 @@ def test_the_settings_file_reproduces_the_tuned_perplexity(
                            "--pointers", "2", "--keep-gain", "0.9")  # fmt: skip
     assert (tmp_path / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     settings = json.loads(out.read_text())
-    assert set(settings) == set(SETTINGS_KEYS)
+    assert settings == res["settings"] and set(settings) == {"datastore", "knn", "mix"}
     pick_ = res["pick"]
-    assert {key: pick_.get(key) for key in ("k", "knn_weight", "knn_temperature")} == {
-        key: settings[key] for key in ("k", "knn_weight", "knn_temperature")
-    }
+    knn, mix = settings["knn"], settings["mix"]
+    assert [knn["k"], mix["knn_weight"], mix["temperature"]] == [
+        pick_[key] for key in ("k", "knn_weight", "knn_temperature")
+    ]
+    assert set(load_tuned_settings(out)) == set(SETTINGS_KEYS)  # read as the option names
     # the frontier's points are undominated, the pick keeps the gain asked for
     pts = res["points"]
     assert not any(_dominated(pts[i], pts) for i in res["frontier"])
@@ -128,6 +138,15 @@ def test_the_settings_file_reproduces_the_tuned_perplexity(
         >= 0.9 * (math.log(lm_ppl) - math.log(default_ppl))
     )
     assert any(p["pointers"] == 2 for p in pts) and "pick (" in text
+    # the run's settings are in its results whole, the windows as used: they rebuild to the flags
+    from knnlm.forward_pass import WindowSettings
+    from knnlm.tune import TuneSettings
+
+    rebuilt = TuneSettings.from_dict(res["tune"])
+    assert rebuilt == TuneSettings(
+        window=WindowSettings(32, 16), ks=(64, 16), knn_weights=(0.25, 0.5),
+        knn_temperatures=(1.0, 4.0), pointers=(2.0,), speed_tokens=200, keep_gain=0.9,
+    )  # fmt: skip
     # eval with the file: the perplexity the tuner reported, to the last digit
     code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", tiny_lm_dir, "-c", tiny_corpus,
                            "--context-len", 32, "--stride", 16, "--settings", out, "--json",
@@ -136,7 +155,10 @@ def test_the_settings_file_reproduces_the_tuned_perplexity(
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["knnlm"]["perplexity"] == pytest.approx(pick_["perplexity"], rel=1e-9, abs=0)
     assert ev["knnlm"]["perplexity"] == pick_["perplexity_checked"]
-    assert ev["settings"]["k"] == settings["k"]
+    assert ev["settings"]["k"] == settings["knn"]["k"]
+    # the file holds the settings objects whole: eval ran with exactly them
+    assert ev["settings"]["eval"]["knn"] == settings["knn"]
+    assert ev["settings"]["eval"]["mix"] == settings["mix"]
     # every grid point is an interpolation of LM and kNN: check one against eval itself
     other = next(p for p in pts if p["k"] == 16 and p["knn_weight"] == 0.5
                  and p["knn_temperature"] == 4 and p["pointers"] is None)  # fmt: skip
@@ -149,7 +171,7 @@ def test_the_settings_file_reproduces_the_tuned_perplexity(
     assert e2["knnlm"]["perplexity"] == pytest.approx(other["perplexity"], rel=1e-9, abs=0)
     # a flag that disagrees with the file is refused; one that agrees is fine
     code, _, err = run_cli(monkeypatch, capsys, "eval", "-m", tiny_lm_dir, "-c", tiny_corpus,
-                           "--settings", out, "--k", settings["k"] + 1)  # fmt: skip
+                           "--settings", out, "--k", settings["knn"]["k"] + 1)  # fmt: skip
     assert code == 2 and "--k" in err and "conflicts with settings file" in err, err
     # the Python API takes the same file
     from knnlm import KnnLM
@@ -186,6 +208,41 @@ def test_gated_points_are_what_eval_gives_with_the_gate(
     assert ev["knnlm"]["perplexity"] == pytest.approx(gated["perplexity"], rel=1e-9, abs=0)
     assert ev["knnlm"]["retrieval_share"] == pytest.approx(gated["searched"], abs=1e-12)
     assert 0 < gated["searched"] < 1
+
+
+TUNE_MISTAKES = [
+    (["--knn-weights", "0.5,2"], "--knn-weights values must each be in [0, 1], got 2.0"),
+    (["--knn-temperatures", "0"], "--knn-temperatures values must each be positive, got 0.0"),
+    (["--ks", "0"], "--ks values must each be a whole number of at least 1, got 0"),
+    (["--pointers", "0.5"], "--pointers values must each be at least 1 (or inf), got 0.5"),
+    (["--speed-tokens", "0"], "--speed-tokens must be a whole number of at least 1, got 0"),
+    (["--keep-gain", "1.5"], "--keep-gain must be in (0, 1], got 1.5"),
+    (["--min-speed", "0"], "--min-speed must be positive, got 0.0"),
+    (["--stride", "64", "--context-len", "32"], "--stride must be in [1, context-len=32]"),
+]
+
+
+@pytest.mark.parametrize("extra, message", TUNE_MISTAKES, ids=[m for _, m in TUNE_MISTAKES])
+def test_a_tune_mistake_is_named_as_its_flag_before_any_model_loads(
+    monkeypatch, capsys, tiny_corpus, tmp_path, extra, message
+):
+    code, _, err = run_cli(monkeypatch, capsys, "tune", "-m", "nowhere", "-c", tiny_corpus,
+                           "-d", tmp_path / "no-ds", *extra)  # fmt: skip
+    assert code == 2 and err.startswith(f"Error: {message}"), err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_tune_settings_are_written_whole_and_rebuilt_from_json():
+    from knnlm.forward_pass import WindowSettings
+    from knnlm.tune import TuneSettings
+
+    # lists (as JSON gives them) held as tuples; a folder as a Path written and compared as text
+    s = TuneSettings("test", WindowSettings(32, 16), ks=[16, 4], nprobes=[2],
+                     gate=Path("runs/gate"), search="exact", min_speed=0.5)  # fmt: skip
+    assert s.ks == (16, 4) and s.nprobes == (2,) and s.gate == "runs/gate"
+    written = json.loads(json.dumps(s.to_dict()))
+    assert written["window"] == {"context_len": 32, "stride": 16} and written["ks"] == [16, 4]
+    assert TuneSettings.from_dict(written) == s
 
 
 def test_generate_refuses_a_settings_file_with_a_gate(monkeypatch, capsys, tmp_path):

@@ -31,16 +31,21 @@ from knnlm.lm import loading
 from knnlm.lm.loading import LoadedLM, pick_device, torch_dtype, wrap_lm
 from knnlm.retrieval.datastore import Datastore, datastore_record
 from knnlm.retrieval.gate import Gate
-from knnlm.retrieval.retriever import KNN_ARGS, KnnSettings, MixSettings, Retriever
+from knnlm.retrieval.retriever import KNN_ARGS, MIX_ARGS, KnnSettings, MixSettings, Retriever
 from knnlm.retrieved_entries import find_neighbours
 from knnlm.settings import build
 
 DatastoreLike = Datastore | str | Path
 
 
-def _knn_settings(k: int, knn_weight: float, knn_temperature: float, **rest: Any) -> KnnSettings:
+def _knn_settings(k: int, **rest: Any) -> KnnSettings:
     """KnnSettings from the Python arguments, each mistake named as the Python argument."""
-    return build(KnnSettings, KNN_ARGS, k=k, knn_weight=knn_weight, temperature=knn_temperature,
+    return build(KnnSettings, KNN_ARGS, k=k, **rest)
+
+
+def _mix_settings(knn_weight: float, knn_temperature: float, **rest: Any) -> MixSettings:
+    """MixSettings from the Python arguments, each mistake named as the Python argument."""
+    return build(MixSettings, MIX_ARGS, knn_weight=knn_weight, temperature=knn_temperature,
                  **rest)  # fmt: skip
 
 
@@ -249,11 +254,12 @@ class KnnLM:
                                                                     "knn_temperature"))  # fmt: skip
         nprobe, search, pointers = t["nprobe"], t["search"], t["pointers"]
         gate, retrieval_rate = t["gate"], t["retrieval_rate"]
-        knn = _knn_settings(k, knn_weight, knn_temperature, recompute=recompute, nprobe=nprobe,
-                            exclude_self=exclude_self, search=search)  # fmt: skip
-        mix = MixSettings(memory=memory, memory_weight=memory_weight, gate=gate,
-                          retrieval_rate=retrieval_rate, gate_weight=gate_weight,
-                          pointers=pointers)  # fmt: skip
+        knn = _knn_settings(k, recompute=recompute, nprobe=nprobe, exclude_self=exclude_self,
+                            search=search)  # fmt: skip
+        mix = _mix_settings(knn_weight, knn_temperature, memory=memory,
+                            memory_weight=memory_weight, gate=gate,
+                            retrieval_rate=retrieval_rate, gate_weight=gate_weight,
+                            pointers=pointers)  # fmt: skip
         if gate is not None and datastore is None:
             raise KnnlmError("gate needs a datastore (it decides which tokens search it)")
         window = WindowSettings(context_len, stride).for_model(self.model)
@@ -296,11 +302,12 @@ class KnnLM:
             res = knn_lm.project("data/wikitext-2", ds, k=1024, max_positions=500)
             res["proj_f"]["perplexity"], res["proj_fg"]["perplexity"]
         """
-        knn = _knn_settings(k, knn_weight, knn_temperature, nprobe=nprobe, search=search)
+        knn = _knn_settings(k, nprobe=nprobe, search=search)
+        mix = _mix_settings(knn_weight, knn_temperature)
         settings = build(
             ProjectionSettings, PROJECTION_ARGS, split=pick_split(corpus, split, "valid"),
             window=WindowSettings(context_len, stride).for_model(self.model),
-            batch_size=batch_size, knn=knn, max_positions=max_positions or None, seed=seed,
+            batch_size=batch_size, knn=knn, mix=mix, max_positions=max_positions or None, seed=seed,
             lr=lr, tol=tol, max_steps=max_steps, fixed_steps=steps, solve_batch=solve_batch,
             text_field=text_field,
         )  # fmt: skip
@@ -369,10 +376,10 @@ class KnnLM:
         datastore, k, knn_weight, knn_temperature = (t[n] for n in ("datastore", "k", "knn_weight",
                                                                     "knn_temperature"))  # fmt: skip
         nprobe, search, pointers = t["nprobe"], t["search"], t["pointers"]
-        knn = _knn_settings(k, knn_weight, knn_temperature, nprobe=nprobe, search=search)
+        knn = _knn_settings(k, nprobe=nprobe, search=search)
+        mix = _mix_settings(knn_weight, knn_temperature, pointers=pointers)
         ds = _open(datastore, k)
-        return generate(self.lm, prompts, ds, knn, seed=seed, pointers=pointers,
-                        **generate_kwargs)  # fmt: skip
+        return generate(self.lm, prompts, ds, knn, mix, seed=seed, **generate_kwargs)
 
     def logits_processor(
         self,
@@ -392,9 +399,9 @@ class KnnLM:
             with knn_lm.logits_processor(ds, k=16) as proc:
                 out = model.generate(**enc, logits_processor=LogitsProcessorList([proc]))
         """
-        knn = _knn_settings(k, knn_weight, knn_temperature, recompute=recompute, nprobe=nprobe,
-                            search=search)  # fmt: skip
-        return attach_processor(self.lm, _open(datastore, k), knn)
+        knn = _knn_settings(k, recompute=recompute, nprobe=nprobe, search=search)
+        mix = _mix_settings(knn_weight, knn_temperature)
+        return attach_processor(self.lm, _open(datastore, k), knn, mix)
 
     def neighbours(
         self,
@@ -417,7 +424,8 @@ class KnnLM:
                 print(f"{nb['weight']:.2f} {nb['context']!r} -> {nb['target']!r}")
         """
         ds = _open(datastore, k)
-        knn = _knn_settings(k, 0.25, knn_temperature, nprobe=nprobe, exclude_self="no",
-                            search=search)  # fmt: skip
+        knn = _knn_settings(k, nprobe=nprobe, exclude_self="no", search=search)
+        mix = _mix_settings(0.25, knn_temperature)
         retriever = Retriever(self.lm, ds, knn)
-        return find_neighbours(self.lm, retriever, ds.tokens(self.tokenizer), text, context_tokens)
+        return find_neighbours(self.lm, retriever, ds.tokens(self.tokenizer), text, context_tokens,
+                               temperature=mix.temperature)  # fmt: skip

@@ -19,7 +19,7 @@ from knnlm.forward_pass import score_examples
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.datastore import Datastore
 from knnlm.retrieval.memory import MemoryMLP
-from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.retrieval.retriever import KnnSettings, MixSettings, Retriever
 from knnlm.token_scores import score_tokens
 
 
@@ -31,13 +31,14 @@ def continuation_log_probs(
     datastore: str | Path | Datastore | None = None,
     knn: KnnSettings | None = None,
     batch_size: int = 32,
+    mix: MixSettings | None = None,
     memory: MemoryMLP | None = None,
-    memory_weight: float = 0.25,
     key_type: str | None = None,
 ) -> dict[str, np.ndarray]:
     """log p(first token of continuation | prompt) per example, for the LM, the kNN-LM (with
-    ``datastore``: ``knnlm``) and the MLP memory (with ``memory``: ``memory`` alone and
-    ``lm_memory``, interpolated with ``memory_weight``).
+    ``datastore``, searched as ``knn`` says, p_knn mixed in at ``mix``'s weight and
+    temperature: ``knnlm``) and the MLP memory (with ``memory``: ``memory`` alone and
+    ``lm_memory``, interpolated with ``mix.memory_weight``).
 
     Used for Macondo: prompt "[villager], is the parent of", continuation " [child]" (a
     single-token name). Each example is scored alone, with no outside context. The scored
@@ -61,7 +62,7 @@ def continuation_log_probs(
         lm.model, examples, batch_size=batch_size, key_type=key_type, score_from=starts
     )
     out: dict[str, list[np.ndarray]] = {"lm": [], "knnlm": [], "memory": [], "lm_memory": []}
-    scores = score_tokens(batches, retriever=retriever, memory=memory, memory_weight=memory_weight)
+    scores = score_tokens(batches, retriever=retriever, mix=mix or MixSettings(), memory=memory)
     for s in scores:
         out["lm"].append(s.lm_cpu.numpy())
         if retriever is not None:

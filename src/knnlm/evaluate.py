@@ -33,7 +33,7 @@ from knnlm.retrieval.memory import (
     memory_storage,
     storage_report,
 )
-from knnlm.retrieval.retriever import KnnSettings, MixSettings, Retriever
+from knnlm.retrieval.retriever import MIX_FLAGS, KnnSettings, MixSettings, Retriever
 from knnlm.settings import Settings, build, flag
 from knnlm.token_scores import TokenScores, score_tokens
 
@@ -65,7 +65,8 @@ class EvalSettings(Settings):
     column of an ``hf:`` corpus, the search (``knn``) and what is mixed in (``mix``).
 
     Written whole into the results (``settings["eval"]``); ``EvalSettings.from_dict`` rebuilds
-    it. Example: ``EvalSettings("test", WindowSettings(1024, 512), knn=KnnSettings(k=16))``.
+    it. Example: ``EvalSettings("test", WindowSettings(1024, 512), knn=KnnSettings(k=16),
+    mix=MixSettings(knn_weight=0.3))``.
     """
 
     split: str = "valid"
@@ -86,6 +87,8 @@ def evaluate(
     batch_size: int = 8,
     text_field: str = "text",
     knn: KnnSettings | None = None,
+    knn_weight: float = 0.25,
+    knn_temperature: float = 1.0,
     memory: str | Path | None = None,
     memory_weight: float = 0.25,
     gate: str | Path | Gate | None = None,
@@ -94,15 +97,17 @@ def evaluate(
     pointers: float | None = None,
     **where: Any,
 ) -> dict:
-    """:func:`run_eval` with the settings as keywords (named as the CLI's flags when wrong);
-    ``stride`` None is ``context_len`` here. ``where``: run_eval's ``datastore``, ``cache``,
-    ``key_type``, ``progress``, ``overlap``.
+    """:func:`run_eval` with the settings as keywords (named as the CLI's flags when wrong):
+    ``knn`` how to search, the others :class:`MixSettings`' fields (``knn_temperature`` its
+    ``temperature``); ``stride`` None is ``context_len`` here. ``where``: run_eval's
+    ``datastore``, ``cache``, ``key_type``, ``progress``, ``overlap``.
     Example: ``evaluate(lm, "data/wikitext-2", context_len=512, datastore="runs/ds")``.
     """
     window = build(WindowSettings, flag(), context_len=context_len, stride=stride)
     if stride is None:
         window = WindowSettings(context_len, context_len)
-    mix = build(MixSettings, flag(), memory=memory, memory_weight=memory_weight, gate=gate,
+    mix = build(MixSettings, MIX_FLAGS, knn_weight=knn_weight, temperature=knn_temperature,
+                memory=memory, memory_weight=memory_weight, gate=gate,
                 retrieval_rate=retrieval_rate, gate_weight=gate_weight,
                 pointers=pointers)  # fmt: skip
     settings = EvalSettings(split, window, batch_size, text_field, knn or KnnSettings(), mix)
@@ -169,11 +174,8 @@ def run_eval(
     stream = score_stream(lm.model, ids, context_len, stride, batch_size=settings.batch_size,
                           key_type=key_type, want_lm=True, progress=progress,
                           desc=f"eval {split}", want_stats=gate_obj is not None)  # fmt: skip
-    scores = score_tokens(stream, retriever=retriever, exclude_self=exclude, memory=mem,
-                          memory_weight=mix.memory_weight, overlap=overlap, gate=gate_obj,
-                          retrieval_rate=mix.retrieval_rate,
-                          learned_weight=mix.gate_weight == "learned",
-                          pointers=mix.pointers)  # fmt: skip
+    scores = score_tokens(stream, retriever=retriever, mix=mix, exclude_self=exclude, memory=mem,
+                          gate=gate_obj, overlap=overlap)  # fmt: skip
     nll, n_tokens, elapsed, t_search = _sum_nll(scores, writer)
     if writer is not None:
         writer.finish()
@@ -197,7 +199,8 @@ def _eval_result(lm: LoadedLM, corpus: Corpus, settings: EvalSettings, window: W
     out["eval"] = {**settings.to_dict(), "window": window.to_dict()}
     if retriever is not None:
         ds = retriever.ds
-        out.update(_knn_settings(retriever, parts["exclude"], is_own_stream(ds, parts["eval_fp"])))
+        own = is_own_stream(ds, parts["eval_fp"])
+        out.update(_knn_settings(retriever, mix, parts["exclude"], own))
         result["knnlm"] = {"perplexity": perplexity(nll["knnlm"], n_tokens),
                            "nll_sum": nll["knnlm"]}  # fmt: skip
         result["timing"]["search_seconds"] = t_search
@@ -304,15 +307,15 @@ def _result(
     }
 
 
-def _knn_settings(retriever: Retriever, exclude: bool, own_stream: bool) -> dict:
+def _knn_settings(retriever: Retriever, mix: MixSettings, exclude: bool, own_stream: bool) -> dict:
     ds, knn, search = retriever.ds, retriever.knn, retriever.backend.describe()
     return {
         "datastore": str(ds.path),
         "datastore_n": ds.n,
         "key_type": ds.meta["key_type"],
         "k": knn.k,
-        "knn_weight": knn.knn_weight,
-        "temperature": knn.temperature,
+        "knn_weight": mix.knn_weight,
+        "temperature": mix.temperature,
         "recompute": knn.recompute,
         "nprobe": knn.nprobe,
         "exclude_self": exclude,  # applied: each target dropped its own row (p - 1)

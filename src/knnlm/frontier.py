@@ -3,10 +3,11 @@
 A point is a dict with at least ``perplexity`` and ``tok_s`` (and the settings that produced
 it). :func:`pareto_front` keeps the points no other point beats on both; :func:`pick` chooses
 the fastest point that keeps a share of the default kNN-LM's gain, or the best perplexity at a
-share of the LM's speed. The settings file (``knnlm tune --out``) is a plain JSON object of the
-option names ``eval`` / ``generate`` / the API take (:data:`SETTINGS_KEYS`), read through
-:func:`load_tuned_settings` only. No torch here: the CLI reads settings files before it loads
-anything heavy.
+share of the LM's speed. The settings file (``knnlm tune --out``) holds the pick's settings
+objects whole: ``{"datastore": ..., "knn": KnnSettings, "mix": MixSettings}`` (each as its
+``to_dict``); :func:`load_tuned_settings` reads it (or an older flat file of option names) as
+the option names ``eval`` / ``generate`` / the API take (:data:`SETTINGS_KEYS`). No torch
+here: the CLI reads settings files before it loads anything heavy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from knnlm.fileio import write_json_atomic
 # The options a settings file holds: the search-time settings of eval / generate / the API.
 SETTINGS_KEYS = ("datastore", "k", "knn_weight", "knn_temperature", "nprobe", "search",
                  "pointers", "gate", "retrieval_rate")  # fmt: skip
+# Where each lives in a file of settings objects ("knn": KnnSettings, "mix": MixSettings) ...
+_PLACES = {"k": ("knn", "k"), "nprobe": ("knn", "nprobe"), "search": ("knn", "search"),
+           "knn_weight": ("mix", "knn_weight"), "knn_temperature": ("mix", "temperature"),
+           "pointers": ("mix", "pointers"), "gate": ("mix", "gate"),
+           "retrieval_rate": ("mix", "retrieval_rate")}  # fmt: skip
+# ... and the fields a file writes but cannot set (knnlm tune leaves them at these defaults).
+_FIXED = {("knn", "recompute"): True, ("knn", "exclude_self"): "auto", ("mix", "memory"): None,
+          ("mix", "memory_weight"): 0.25, ("mix", "gate_weight"): "fixed"}  # fmt: skip
 
 
 def pareto_front(points: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -81,13 +90,9 @@ def pick(
     return max(good, key=lambda i: (points[i]["tok_s"], -points[i]["perplexity"]))
 
 
-def settings_of(point: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings file of a point: every key of :data:`SETTINGS_KEYS`, None where unused."""
-    return {key: point.get(key) for key in SETTINGS_KEYS}
-
-
 def write_tuned_settings(path: str | Path, settings: Mapping[str, Any]) -> Path:
-    """Write a settings file (atomically); ``settings`` as :func:`settings_of` makes it."""
+    """Write a settings file (atomically): ``settings`` is ``{"datastore", "knn", "mix"}``, the
+    settings objects whole (``knnlm.tune`` makes it)."""
     check_settings(dict(settings), f"settings {path}")
     write_json_atomic(Path(path), dict(settings))
     return Path(path)
@@ -133,7 +138,10 @@ _RULES = {
 
 
 def check_settings(data: dict[str, Any], what: str) -> dict[str, Any]:
-    """``data`` when every key is a known setting with a valid value; else one clear error."""
+    """The option names and values of ``data`` (settings objects whole, or an older flat file)
+    when every key is a known setting with a valid value; else one clear error."""
+    if "knn" in data or "mix" in data:
+        data = _flat(data, what)
     unknown = sorted(set(data) - set(SETTINGS_KEYS))
     if unknown:
         raise KnnlmError(
@@ -144,6 +152,34 @@ def check_settings(data: dict[str, Any], what: str) -> dict[str, Any]:
         if not ok(v):
             raise KnnlmError(f"{what}: {key} must be {must}, got {v!r}")
     return dict(data)
+
+
+def _flat(data: dict[str, Any], what: str) -> dict[str, Any]:
+    """A file of settings objects as option names (``retrieval_rate`` None without a gate, as
+    in a flat file); its other fields must keep the defaults knnlm tune writes."""
+    extra = sorted(set(data) - {"datastore", "knn", "mix"})
+    if extra:
+        raise KnnlmError(f"{what}: unknown setting {extra[0]!r} (known: datastore, knn, mix)")
+    parts = {part: data.get(part, {}) for part in ("knn", "mix")}
+    for part, fields in parts.items():
+        if not isinstance(fields, dict):
+            raise KnnlmError(f"{what}: {part} must be a JSON object of settings, got {fields!r}")
+        known = {f for p, f in (*_PLACES.values(), *_FIXED) if p == part}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise KnnlmError(f"{what}: unknown setting {part}.{unknown[0]} "
+                             f"(known: {', '.join(sorted(known))})")  # fmt: skip
+    for (part, field), default in _FIXED.items():
+        if parts[part].get(field, default) != default:
+            raise KnnlmError(f"{what}: {part}.{field} = {parts[part][field]!r} cannot be "
+                             f"taken from a settings file (only {default!r}); pass it as an "
+                             "option")  # fmt: skip
+    out = {key: parts[p][f] for key, (p, f) in _PLACES.items() if f in parts[p]}
+    if "datastore" in data:
+        out["datastore"] = data["datastore"]
+    if out.get("gate") is None and out.get("retrieval_rate") == 1.0:
+        out["retrieval_rate"] = None  # no gate: the rate is unused
+    return out
 
 
 def merge_settings(

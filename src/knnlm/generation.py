@@ -17,7 +17,7 @@ from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.combiner import interpolate
 from knnlm.retrieval.datastore import Datastore
 from knnlm.retrieval.pointers import check_threshold
-from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.retrieval.retriever import KnnSettings, MixSettings, Retriever
 from knnlm.retrieval.search.protocol import Neighbours
 
 
@@ -40,12 +40,13 @@ class KnnLogitsProcessor(LogitsProcessor):
         store: dict[str, torch.Tensor],
         retriever: Retriever,
         release: Callable[[], None] | None = None,
-        pointers: float | None = None,
+        mix: MixSettings = MixSettings(),
     ):
-        self.store, self.retriever, self._release = store, retriever, release
+        """``mix``: p_knn's weight and temperature, and RetoMaton's ``pointers``."""
+        self.store, self.retriever, self._release, self.mix = store, retriever, release, mix
         # RetoMaton (knnlm.retrieval.pointers): the last step's neighbours, and the counts of
         # queries and of searches, whose difference is the searches the pointers saved
-        self.pointers, self.previous, self.length, self.table = pointers, None, 0, None
+        self.pointers, self.previous, self.length, self.table = mix.pointers, None, 0, None
         self.queries = self.searches = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -56,9 +57,9 @@ class KnnLogitsProcessor(LogitsProcessor):
             )
         key = Adapter.key_from(self.store, self.retriever.key_type)[:, -1]
         nb = self._neighbours(key, input_ids)
-        knn_lp = self.retriever.log_probs(nb, scores.shape[-1]).to(scores.device)
+        knn_lp = self.retriever.log_probs(nb, scores.shape[-1], self.mix.temperature)
         lm_lp = torch.log_softmax(scores.float(), dim=-1)
-        return interpolate(lm_lp, knn_lp, self.retriever.knn.knn_weight).to(scores.dtype)
+        return interpolate(lm_lp, knn_lp.to(scores.device), self.mix.knn_weight).to(scores.dtype)
 
     def _neighbours(self, key: torch.Tensor, input_ids: torch.Tensor) -> Neighbours:
         """The search's neighbours, or with pointers the successors of the last step's
@@ -108,19 +109,23 @@ class KnnLogitsProcessor(LogitsProcessor):
 
 
 def attach_processor(
-    lm: LoadedLM, datastore: str | Path | Datastore, knn: KnnSettings, pointers: float | None = None
-) -> KnnLogitsProcessor:
+    lm: LoadedLM, datastore: str | Path | Datastore, knn: KnnSettings,
+    mix: MixSettings | None = None,
+) -> KnnLogitsProcessor:  # fmt: skip
     """A :class:`KnnLogitsProcessor` whose key hooks are attached to ``lm``'s model now;
-    ``pointers``: RetoMaton's threshold (:mod:`knnlm.retrieval.pointers`)."""
-    check_threshold(pointers)
+    ``mix``: p_knn's weight and temperature and ``pointers``, RetoMaton's threshold
+    (:mod:`knnlm.retrieval.pointers`); generation mixes in no memory and no gate."""
+    mix = mix or MixSettings()
+    if mix.memory is not None or mix.gate is not None:
+        raise KnnlmError("generation mixes in p_knn only: no memory, no gate")
     retriever = Retriever(lm, datastore, knn)
-    if pointers is not None and retriever.counts is not None:
+    if mix.pointers is not None and retriever.counts is not None:
         raise KnnlmError(
             "--pointers cannot follow a pruned datastore (row r + 1 does not follow r)"
         )
     stack = ExitStack()
     store = stack.enter_context(lm.adapter.capture())
-    return KnnLogitsProcessor(store, retriever, release=stack.close, pointers=pointers)
+    return KnnLogitsProcessor(store, retriever, release=stack.close, mix=mix)
 
 
 def check_settings(
@@ -162,14 +167,15 @@ def generate(
     prompts: str | list[str],
     datastore: str | Path | Datastore | None = None,
     knn: KnnSettings | None = None,
+    mix: MixSettings | None = None,
     *,
     seed: int | None = None,
-    pointers: float | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
-    """Continue each prompt with the kNN-LM (the plain LM when ``datastore`` is None).
+    """Continue each prompt with the kNN-LM (the plain LM when ``datastore`` is None), searched
+    as ``knn`` says and mixed in as ``mix`` says.
 
-    ``pointers``: RetoMaton's threshold; one sequence per row, so not with ``num_beams`` > 1
+    ``mix.pointers``: RetoMaton's threshold; one sequence per row, so not with ``num_beams`` > 1
     (beams reorder the rows between steps).
 
     Every ``model.generate`` argument passes through (``do_sample``, ``temperature``,
@@ -178,11 +184,12 @@ def generate(
     in prompt order. Example::
 
         generate(lm, ["The tower is", "A river"], "runs/ds", KnnSettings(k=16),
-                 do_sample=True, top_p=0.9, max_new_tokens=20)
+                 MixSettings(knn_weight=0.3), do_sample=True, top_p=0.9, max_new_tokens=20)
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     generate_kwargs.setdefault("max_new_tokens", 50)
-    check_settings(prompts, generate_kwargs, pointers)
+    mix = mix or MixSettings()
+    check_settings(prompts, generate_kwargs, mix.pointers)
     if seed is not None:
         torch.manual_seed(seed)
     tok = lm.tokenizer
@@ -201,7 +208,7 @@ def generate(
         if datastore is None:
             out = lm.model.generate(**enc, **generate_kwargs)
         else:
-            with attach_processor(lm, datastore, knn or KnnSettings(), pointers) as proc:
+            with attach_processor(lm, datastore, knn or KnnSettings(), mix) as proc:
                 extra = list(generate_kwargs.pop("logits_processor", None) or [])
                 processors = LogitsProcessorList([proc, *extra])
                 out = lm.model.generate(**enc, logits_processor=processors, **generate_kwargs)

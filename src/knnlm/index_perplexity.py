@@ -15,7 +15,7 @@ from typing import Any
 from knnlm.data.corpus import Corpus
 from knnlm.evaluate import evaluate
 from knnlm.lm.loading import LoadedLM
-from knnlm.retrieval.retriever import KnnSettings
+from knnlm.retrieval.retriever import KnnSettings, MixSettings
 
 
 def index_perplexity_check(
@@ -24,18 +24,21 @@ def index_perplexity_check(
     split: str,
     datastore: str | Path,
     knn: KnnSettings,
+    mix: MixSettings,
     *,
     context_len: int,
     stride: int | None,
     batch_size: int = 8,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """kNN-LM perplexity of ``split`` with exact search and with the datastore's index."""
+    """kNN-LM perplexity of ``split`` with exact search and with the datastore's index, p_knn
+    mixed in at ``mix``'s weight and temperature."""
     ppl = {}
     for search in ("exact", "faiss"):
         res = evaluate(
             lm, corpus, split, context_len=context_len, stride=stride, batch_size=batch_size,
-            datastore=datastore, knn=replace(knn, search=search), progress=progress,
+            datastore=datastore, knn=replace(knn, search=search), knn_weight=mix.knn_weight,
+            knn_temperature=mix.temperature, progress=progress,
         )  # fmt: skip
         ppl[search] = res["knnlm"]["perplexity"]
         tokens = res["tokens"]
@@ -44,8 +47,8 @@ def index_perplexity_check(
         "corpus": str(corpus),
         "tokens": tokens,
         "k": knn.k,
-        "temperature": knn.temperature,
-        "knn_weight": knn.knn_weight,
+        "temperature": mix.temperature,
+        "knn_weight": mix.knn_weight,
         "lm_perplexity": res["lm"]["perplexity"],
         "exact_perplexity": ppl["exact"],
         "index_perplexity": ppl["faiss"],

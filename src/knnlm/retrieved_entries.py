@@ -26,9 +26,11 @@ def query_key(lm: LoadedLM, text: str, key_type: str, context_len: int) -> torch
 
 
 def find_neighbours(
-    lm: LoadedLM, retriever: Retriever, tokens: np.ndarray, text: str, context_tokens: int = 32
-) -> list[dict[str, Any]]:
-    """The k entries retrieved for the token after ``text``, nearest first, as dicts.
+    lm: LoadedLM, retriever: Retriever, tokens: np.ndarray, text: str, context_tokens: int = 32,
+    *, temperature: float,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The k entries retrieved for the token after ``text``, nearest first, as dicts; their
+    weights at p_knn's ``temperature`` (``MixSettings.temperature``).
 
     Row r of the datastore holds the key of the context ending at token r of ``tokens`` and
     the value ``tokens[r + 1]``. ``weight`` is each entry's share of p_knn
@@ -42,7 +44,7 @@ def find_neighbours(
     dists = nb.distances[0].float().cpu().numpy()[found].astype(np.float64)
     values = nb.values[0].cpu().numpy()[found]
     counts = retriever.row_counts(nb)  # a pruned store: each entry weighs its count
-    weights = knn_weights(nb.distances, nb.rows, retriever.knn.temperature, counts)
+    weights = knn_weights(nb.distances, nb.rows, temperature, counts)
     weights = weights[0].cpu().numpy()[found]
     # A pruned store's row stands at its first position in the unpruned token stream.
     positions = retriever.ds.positions

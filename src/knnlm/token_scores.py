@@ -22,7 +22,7 @@ from knnlm.retrieval.exclusion import own_rows
 from knnlm.retrieval.gate import Gate
 from knnlm.retrieval.memory import MemoryMLP
 from knnlm.retrieval.pointers import pointer_neighbours
-from knnlm.retrieval.retriever import Neighbours, Retriever
+from knnlm.retrieval.retriever import MixSettings, Neighbours, Retriever
 
 
 @dataclass
@@ -52,26 +52,25 @@ def score_tokens(
     batches: Iterable[ScoredBatch],
     *,
     retriever: Retriever | None = None,
+    mix: MixSettings = MixSettings(),
     exclude_self: bool = False,
     memory: MemoryMLP | None = None,
-    memory_weight: float = 0.25,
-    overlap: bool = False,
     gate: Gate | None = None,
-    retrieval_rate: float = 1.0,
-    learned_weight: bool = False,
-    pointers: float | None = None,
+    overlap: bool = False,
 ) -> Iterator[TokenScores]:
     """Score each batch of ``batches`` (``forward_pass.score_stream`` or ``score_examples`` with
-    ``want_lm`` and the keys the retriever or memory needs).
+    ``want_lm`` and the keys the retriever or memory needs), mixed as ``mix`` says.
 
-    ``exclude_self``: each target drops its own datastore row (positions of the datastore's own
-    stream, ``retrieval.exclusion``). ``overlap`` produces batch i+1 (the LM forward) in a
-    background thread while batch i is searched; the results are identical either way.
-    ``gate`` (batches scored ``want_stats``) searches only the share ``retrieval_rate`` of the
-    targets it scores highest; the others keep p_lm exactly (:mod:`knnlm.retrieval.gate`).
-    ``learned_weight`` interpolates the searched ones with the gate's predicted p_knn weight
-    instead of ``knn_weight`` (an ``mlp`` gate). ``pointers`` (a threshold) follows RetoMaton
-    pointers and searches only where fewer survive (:mod:`knnlm.retrieval.pointers`).
+    p_knn at ``mix.temperature`` is mixed in at ``mix.knn_weight``; ``memory`` (``mix.memory``
+    loaded) at ``mix.memory_weight``. ``exclude_self``: each target drops its own datastore row
+    (positions of the datastore's own stream, ``retrieval.exclusion``). ``overlap`` produces
+    batch i+1 (the LM forward) in a background thread while batch i is searched; the results
+    are identical either way. ``gate`` (``mix.gate`` loaded; batches scored ``want_stats``)
+    searches only the share ``mix.retrieval_rate`` of the targets it scores highest; the others
+    keep p_lm exactly (:mod:`knnlm.retrieval.gate`). ``mix.gate_weight`` learned interpolates
+    the searched ones with the gate's predicted p_knn weight instead of ``knn_weight`` (an
+    ``mlp`` gate). ``mix.pointers`` (a threshold) follows RetoMaton pointers and searches only
+    where fewer survive (:mod:`knnlm.retrieval.pointers`).
     """
     # host copies of the keys only for a search on the host (FAISS, or exact on the CPU)
     want_keys = retriever is not None and retriever.backend.device.type == "cpu"
@@ -80,20 +79,20 @@ def score_tokens(
         scores = TokenScores(batch, batch.lm_log_prob, host["lm_log_prob"], host["targets"])
         if retriever is not None and gate is not None:
             # the gate runs once, where the keys are; only its decisions come to the host
-            keep, weight = gate.decide(batch.keys.float(), batch.lm_stats, retrieval_rate,
-                                       want_scores=learned_weight)  # fmt: skip
+            keep, weight = gate.decide(batch.keys.float(), batch.lm_stats, mix.retrieval_rate,
+                                       want_scores=mix.gate_weight == "learned")  # fmt: skip
             _add_gated_knn(
-                scores, retriever, host.get("keys", batch.keys), exclude_self, keep, weight
+                scores, retriever, mix, host.get("keys", batch.keys), exclude_self, keep, weight
             )
-        elif retriever is not None and pointers is not None:
+        elif retriever is not None and mix.pointers is not None:
             if table is None:  # the datastore's values as int64, once per pass
                 table = torch.from_numpy(np.asarray(retriever.ds.values, dtype=np.int64))
             keys = host.get("keys", batch.keys)
-            _add_pointer_knn(scores, retriever, keys, exclude_self, pointers, table)
+            _add_pointer_knn(scores, retriever, mix, keys, exclude_self, table)
         elif retriever is not None:
-            _add_knn(scores, retriever, host.get("keys", batch.keys), exclude_self)
+            _add_knn(scores, retriever, mix, host.get("keys", batch.keys), exclude_self)
         if memory is not None:
-            _add_memory(scores, memory, memory_weight)
+            _add_memory(scores, memory, mix.memory_weight)
         yield scores
 
 
@@ -110,23 +109,26 @@ def _with_host_copies(batches: Iterable[ScoredBatch], want_keys: bool):
         yield b, host
 
 
-def _add_knn(scores: TokenScores, retriever: Retriever, keys: torch.Tensor, exclude: bool) -> None:
+def _add_knn(
+    scores: TokenScores, retriever: Retriever, mix: MixSettings, keys: torch.Tensor, exclude: bool
+) -> None:
     batch = scores.batch
     own = own_rows(batch.positions) if exclude else None
     ts = time.perf_counter()
     nb = retriever.search(keys, exclude_rows=own)
     scores.search_seconds = time.perf_counter() - ts
     scores.neighbours = nb
-    scores.knn = retriever.target_log_prob(nb, _targets_on(scores, nb.rows.device)).cpu()
-    scores.knnlm = combine(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
+    targets = _targets_on(scores, nb.rows.device)
+    scores.knn = retriever.target_log_prob(nb, targets, mix.temperature).cpu()
+    scores.knnlm = combine(scores.lm_cpu, scores.knn, mix.knn_weight)
     scores.searched = len(scores.targets_cpu)
 
 
 def _add_pointer_knn(
-    scores: TokenScores, retriever: Retriever, keys: torch.Tensor, exclude: bool,
-    threshold: float, values: torch.Tensor,
+    scores: TokenScores, retriever: Retriever, mix: MixSettings, keys: torch.Tensor,
+    exclude: bool, values: torch.Tensor,
 ) -> None:  # fmt: skip
-    """The kNN-LM with RetoMaton pointers: searched only where fewer than ``threshold``
+    """The kNN-LM with RetoMaton pointers: searched only where fewer than ``mix.pointers``
     pointers survive; the others read the pointed-to rows at their exact distances."""
     own = torch.from_numpy(own_rows(scores.batch.positions)) if exclude else None
     seconds = [0.0]
@@ -144,16 +146,16 @@ def _add_pointer_knn(
         seconds[0] += time.perf_counter() - ts
         return out
 
-    nb, searched = pointer_neighbours(scores.targets_cpu, retriever.knn.k, threshold, values,
+    nb, searched = pointer_neighbours(scores.targets_cpu, retriever.knn.k, mix.pointers, values,
                                       search, distances, own)  # fmt: skip
     scores.search_seconds, scores.searched, scores.neighbours = seconds[0], int(searched.sum()), nb
-    scores.knn = retriever.target_log_prob(nb, scores.targets_cpu).cpu()
-    scores.knnlm = combine(scores.lm_cpu, scores.knn, retriever.knn.knn_weight)
+    scores.knn = retriever.target_log_prob(nb, scores.targets_cpu, mix.temperature).cpu()
+    scores.knnlm = combine(scores.lm_cpu, scores.knn, mix.knn_weight)
 
 
 def _add_gated_knn(
-    scores: TokenScores, retriever: Retriever, keys: torch.Tensor, exclude: bool,
-    keep: torch.Tensor, weight: torch.Tensor | None = None,
+    scores: TokenScores, retriever: Retriever, mix: MixSettings, keys: torch.Tensor,
+    exclude: bool, keep: torch.Tensor, weight: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
     """p_lm exactly where ``keep`` is False; the kNN-LM where it is True, searching only those
     (with ``knn_weight``, or the per-token ``weight`` when given)."""
@@ -166,8 +168,9 @@ def _add_gated_knn(
         nb = retriever.search(keys[rows.to(keys.device)], exclude_rows=own)
         scores.search_seconds = time.perf_counter() - ts
         targets = _targets_on(scores, nb.rows.device)
-        knn = retriever.target_log_prob(nb, targets[rows.to(targets.device)]).cpu()
-    w = retriever.knn.knn_weight if weight is None else weight
+        knn = retriever.target_log_prob(nb, targets[rows.to(targets.device)], mix.temperature)
+        knn = knn.cpu()
+    w = mix.knn_weight if weight is None else weight
     scores.knnlm = combine(scores.lm_cpu, knn, w, rows)
 
 

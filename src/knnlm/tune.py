@@ -22,67 +22,113 @@ import numpy as np
 import torch
 
 from knnlm.data.corpus import Corpus, load_tokens
-from knnlm.errors import KnnlmError
-from knnlm.evaluate import check_pointers, evaluate, open_gate
-from knnlm.forward_pass import score_stream
-from knnlm.frontier import gain_kept, pareto_front, pick, settings_of
+from knnlm.evaluate import EvalSettings, check_pointers, open_gate, run_eval
+from knnlm.forward_pass import WindowSettings, score_stream
+from knnlm.frontier import gain_kept, pareto_front, pick
 from knnlm.lm.loading import LoadedLM
 from knnlm.retrieval.combiner import combine, perplexity, prefix_log_probs
 from knnlm.retrieval.datastore import Datastore, corpus_fingerprint, open_datastore
 from knnlm.retrieval.exclusion import should_exclude
 from knnlm.retrieval.gate import Gate, check_gate_for
 from knnlm.retrieval.retriever import KnnSettings, MixSettings, Retriever
-from knnlm.settings import build, flag
+from knnlm.retrieval.search.protocol import search_choices
+from knnlm.settings import Settings, build, flag, require
 from knnlm.token_scores import score_tokens
 
 DEFAULT = {"k": 1024, "knn_weight": 0.25, "knn_temperature": 1.0}  # knnlm eval's defaults
 
 
-@dataclass(frozen=True)
-class TuneSpace:
-    """What the tuner varies. ``nprobes`` None: a quarter, half and all of the index's own
-    nprobe (IVF indexes only); eval's defaults (k 1024, w 0.25, T 1) are always added."""
-
-    ks: tuple[int, ...] = (1024, 256, 64)
-    weights: tuple[float, ...] = (0.1, 0.25, 0.4)
-    temperatures: tuple[float, ...] = (0.5, 1.0, 2.0)
-    nprobes: tuple[int, ...] | None = None
-    rates: tuple[float, ...] = (0.25, 0.5, 0.75)  # with a gate
-    pointers: tuple[float, ...] = ()  # RetoMaton thresholds (one pass each)
+# The list fields: JSON gives lists back, the settings hold tuples (so equal ones compare equal).
+_GRIDS = ("ks", "knn_weights", "knn_temperatures", "nprobes", "retrieval_rates", "pointers")
 
 
 @dataclass(frozen=True)
-class Window:
-    context_len: int
-    stride: int
+class TuneSettings(Settings):
+    """Every setting of one ``knnlm tune`` run, checked where it is built and written whole into
+    its results (``result["tune"]``). Measured on ``split`` (``text_field`` of an ``hf:``
+    corpus) in ``window`` (None filled from the model) by ``batch_size``; varied: ``ks``,
+    ``knn_weights``, ``knn_temperatures`` (eval's defaults k 1024, w 0.25, T 1 always added),
+    ``nprobes`` (None: a quarter, half and all of the index's own, IVF indexes only),
+    ``retrieval_rates`` of a ``gate`` (a folder), RetoMaton ``pointers`` thresholds (one pass
+    each); searched by ``search``. Speed: ``speed_repeats`` rounds over ``speed_tokens`` tokens.
+    The pick: the fastest point keeping ``keep_gain`` of the default kNN-LM's log-perplexity
+    gain, or with ``min_speed`` the best perplexity at that share of the LM's tok/s.
+    Example: ``TuneSettings(ks=(256, 64), knn_weights=(0.25, 0.5), min_speed=0.5)``.
+    """
+
+    split: str = "valid"
+    window: WindowSettings = WindowSettings()
     batch_size: int = 8
+    text_field: str = "text"
+    ks: tuple[int, ...] = (1024, 256, 64)
+    knn_weights: tuple[float, ...] = (0.1, 0.25, 0.4)
+    knn_temperatures: tuple[float, ...] = (0.5, 1.0, 2.0)
+    nprobes: tuple[int, ...] | None = None
+    retrieval_rates: tuple[float, ...] = (0.25, 0.5, 0.75)
+    pointers: tuple[float, ...] = ()
+    gate: str | None = None
+    search: str = "auto"
+    speed_tokens: int = 4096
+    speed_repeats: int = 2
+    keep_gain: float = 0.95
+    min_speed: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in _GRIDS:
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(v))
+        if self.gate is not None:
+            object.__setattr__(self, "gate", str(self.gate))
+        for name in ("batch_size", "speed_tokens", "speed_repeats"):
+            v = getattr(self, name)
+            require(_whole(v) and v >= 1, name, f"must be a whole number of at least 1, got {v!r}")
+        _each(self, "ks", lambda v: _whole(v) and v >= 1, "a whole number of at least 1")
+        _each(self, "knn_weights", lambda v: 0 <= v <= 1, "in [0, 1]")
+        _each(self, "knn_temperatures", lambda v: v > 0, "positive")
+        _each(self, "nprobes", lambda v: _whole(v), "a whole number")
+        _each(self, "retrieval_rates", lambda v: 0 <= v <= 1, "in [0, 1]")
+        _each(self, "pointers", lambda v: v >= 1, "at least 1 (or inf)")
+        require(self.search in search_choices(), "search",
+                f"must be one of {', '.join(search_choices())}, got {self.search!r}")  # fmt: skip
+        require(0 < self.keep_gain <= 1, "keep_gain", f"must be in (0, 1], got {self.keep_gain}")
+        m = self.min_speed
+        require(m is None or m > 0, "min_speed", f"must be positive, got {m}")
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _each(settings: TuneSettings, name: str, ok: Any, must: str) -> None:
+    """Every value of the grid ``name`` (None: none) passes ``ok``."""
+    for v in getattr(settings, name) or ():
+        require(ok(v), name, f"values must each be {must}, got {v!r}")
 
 
 def tune(
-    lm: LoadedLM, corpus: Corpus, split: str, datastores: list[str | Path], window: Window, *,
-    space: TuneSpace = TuneSpace(), search: str = "auto", gate: str | Path | None = None,
-    speed_tokens: int = 4096, speed_repeats: int = 2, keep_gain: float = 0.95,
-    min_speed: float | None = None, text_field: str = "text", progress: bool = False,
+    lm: LoadedLM, corpus: Corpus, datastores: list[str | Path],
+    settings: TuneSettings = TuneSettings(), *, progress: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """The frontier over ``space`` on ``split``, the pick and its settings (see the module)."""
-    if speed_tokens < 1 or speed_repeats < 1:
-        raise KnnlmError(f"--speed-tokens and --speed-repeats must be at least 1, got "
-                         f"{speed_tokens} and {speed_repeats}")  # fmt: skip
+    """The frontier over ``settings``' grids on its split, the pick and its settings (see the
+    module); ``progress`` shows the pick's check through eval."""
+    st, window = settings, settings.window.for_model(lm.model)
     stores = [open_datastore(d) for d in datastores]
+    gate = st.gate
     gate_obj = open_gate(MixSettings(gate=gate), stores[0], None) if gate is not None else None
-    for th in space.pointers:  # pruned stores are tuned without pointers
+    for th in st.pointers:  # pruned stores are tuned without pointers
         for ds in (d for d in stores if d.counts is None):
             check_pointers(build(MixSettings, flag(), pointers=th), ds, None)
-    ids = load_tokens(lm.tokenizer, corpus, split, text_field)
+    ids = load_tokens(lm.tokenizer, corpus, st.split, st.text_field)
     fp = corpus_fingerprint(ids)
-    timer = _Timer(lm, ids[: speed_tokens + 1], window, speed_repeats)
+    timer = _Timer(lm, ids[: st.speed_tokens + 1], st, window)
     lm_ppl, tokens, points, notes = None, 0, [], []
     for i, ds in enumerate(stores):
         ds.check_compatible(lm)
         if gate_obj is not None:
             check_gate_for(gate_obj, lm.fingerprint, ds.dim)
         exclude = should_exclude(ds, "auto", fp)
-        found = _store_points(lm, ids, ds, exclude, space, search, gate_obj, window, timer, notes)
+        found = _store_points(lm, ids, ds, exclude, st, gate_obj, timer, notes)
         lm_ppl, tokens = found["lm_ppl"], found["tokens"]
         points += [dict(p, datastore=str(ds.path), store=i) for p in found["points"]]
     lm_speed = {"perplexity": lm_ppl, "tok_s": timer.lm_tok_s()}
@@ -90,30 +136,38 @@ def tune(
         p["tok_s"] = p["speed_share"] * lm_speed["tok_s"]
     default = next(p for p in points if _is_default(p, stores[0]))
     front = pareto_front(points)
+    keep_gain, min_speed = st.keep_gain, st.min_speed
     chosen = pick(points, lm_speed, default["perplexity"], keep_gain, min_speed)
     gain = lm_ppl > default["perplexity"]  # else no share of it to keep (--min-speed picks)
     for p in points:
         p["gain_kept"] = gain_kept(p["perplexity"], lm_ppl, default["perplexity"]) if gain else None
-    settings = settings_of(
-        dict(points[chosen], search=search, gate=_gate_path(points[chosen], gate))
-    )
-    checked = _check_pick(lm, corpus, split, window, settings, text_field, progress)
+    where, (knn, mix) = points[chosen]["datastore"], _pick_settings(points[chosen], st)
+    checked = _check_pick(lm, corpus, st, window, where, knn, mix, progress)
     if gain and min_speed is None and gain_kept(checked, lm_ppl, default["perplexity"]) < keep_gain:
         notes.append(f"the pick's real search keeps less than {keep_gain:g} of the gain "
                      f"(perplexity {checked:.3f} against its prefix's "
                      f"{points[chosen]['perplexity']:.3f}): consider a pick that was searched")  # fmt: skip
     return {
-        "split": split, "tokens": tokens, "speed_tokens": min(speed_tokens, len(ids) - 1),
-        "speed_repeats": speed_repeats,
+        "split": st.split, "tokens": tokens, "speed_tokens": min(st.speed_tokens, len(ids) - 1),
+        "speed_repeats": st.speed_repeats,
+        "tune": {**st.to_dict(), "window": window.to_dict()},  # whole, the windows as used
         "lm": lm_speed, "default": default, "points": points, "frontier": front,
         "pick": dict(points[chosen], index=chosen, perplexity_checked=checked),
         "rule": {"min_speed": min_speed} if min_speed is not None else {"keep_gain": keep_gain},
-        "settings": settings, "notes": notes,
+        "settings": {"datastore": where, "knn": knn.to_dict(), "mix": mix.to_dict()},
+        "notes": notes,
     }  # fmt: skip
 
 
-def _gate_path(point: dict, gate: str | Path | None) -> str | None:
-    return str(gate) if point.get("retrieval_rate") is not None else None
+def _pick_settings(point: dict, st: TuneSettings) -> tuple[KnnSettings, MixSettings]:
+    """The settings objects of a point (the settings file holds them whole)."""
+    rate = point["retrieval_rate"]
+    knn = KnnSettings(k=point["k"], nprobe=point["nprobe"], search=st.search)
+    mix = MixSettings(knn_weight=point["knn_weight"], temperature=point["knn_temperature"],
+                      gate=None if rate is None else st.gate,
+                      retrieval_rate=1.0 if rate is None else rate,
+                      pointers=point["pointers"])  # fmt: skip
+    return knn, mix
 
 
 def _is_default(p: dict, ds: Datastore) -> bool:
@@ -123,17 +177,18 @@ def _is_default(p: dict, ds: Datastore) -> bool:
 
 
 def _store_points(
-    lm: LoadedLM, ids: np.ndarray, ds: Datastore, exclude: bool, space: TuneSpace, search: str,
-    gate: Gate | None, window: Window, timer: _Timer, notes: list[str],
+    lm: LoadedLM, ids: np.ndarray, ds: Datastore, exclude: bool, st: TuneSettings,
+    gate: Gate | None, timer: _Timer, notes: list[str],
 ) -> dict[str, Any]:  # fmt: skip
     """Every point of one datastore: per nprobe one grid pass, per pointer threshold one more."""
-    ks = sorted({k for k in (*space.ks, DEFAULT["k"]) if k <= ds.n} | {min(DEFAULT["k"], ds.n)})
-    weights = sorted({*space.weights, DEFAULT["knn_weight"]})
-    temps = sorted({*space.temperatures, DEFAULT["knn_temperature"]})
-    rates = sorted(r for r in space.rates if 0 < r < 1) if gate is not None else []
+    ks = sorted({k for k in (*st.ks, DEFAULT["k"]) if k <= ds.n} | {min(DEFAULT["k"], ds.n)})
+    weights = sorted({*st.knn_weights, DEFAULT["knn_weight"]})
+    temps = sorted({*st.knn_temperatures, DEFAULT["knn_temperature"]})
+    rates = sorted(r for r in st.retrieval_rates if 0 < r < 1) if gate is not None else []
+    search = st.search
     base = Retriever(lm, ds, KnnSettings(k=max(ks), search=search))
     points, out = [], {}
-    for nprobe in _nprobes(base, space):
+    for nprobe in _nprobes(base, st):
         r = base if nprobe is None else Retriever(lm, ds, KnnSettings(k=max(ks), nprobe=nprobe,
                                                                       search=search))  # fmt: skip
         how = _prefix_kind(r)
@@ -141,15 +196,15 @@ def _store_points(
             notes.append(f"prefix* ({ds.path}, nprobe {nprobe or 'default'}): the first k of "
                          "the k_max re-ranked candidates; a real search at k re-ranks fewer "
                          "candidates, so its perplexity can differ")  # fmt: skip
-        out = _grid_pass(lm, ids, window, r, exclude, ks, temps, weights, gate, rates)
+        out = _grid_pass(lm, ids, timer, r, exclude, ks, temps, weights, gate, rates)
         for (rate, k, t, w), nll in out["nll"].items():
             speed = timer.share(
                 (ds.path, nprobe, k, rate, None), r, exclude, gate if rate is not None else None
             )
             points.append(_point(k, w, t, nprobe, rate, None, nll, out, speed,
                                  "searched" if k == max(ks) else how))  # fmt: skip
-    for th in space.pointers if ds.counts is None else ():
-        pt = _grid_pass(lm, ids, window, base, exclude, [max(ks)], temps, weights, None, [], th)
+    for th in st.pointers if ds.counts is None else ():
+        pt = _grid_pass(lm, ids, timer, base, exclude, [max(ks)], temps, weights, None, [], th)
         speed = timer.share((ds.path, None, max(ks), None, th), base, exclude, None)
         for (_, k, t, w), nll in pt["nll"].items():
             points.append(_point(k, w, t, None, None, th, nll, pt, speed, "searched"))
@@ -164,14 +219,14 @@ def _point(k, w, t, nprobe, rate, th, nll, run, speed, neighbours) -> dict[str, 
             "searched": searched, "speed_share": speed, "neighbours": neighbours}  # fmt: skip
 
 
-def _nprobes(r: Retriever, space: TuneSpace) -> list[int | None]:
+def _nprobes(r: Retriever, st: TuneSettings) -> list[int | None]:
     """None (the index's own nprobe) first, then the others asked for; only an IVF index
     has an nprobe to vary."""
     info = r.backend.describe()
     own = info.get("nprobe")
     if info.get("search") != "faiss" or own is None or "ivf" not in str(info.get("index")).lower():
         return [None]
-    others = space.nprobes if space.nprobes is not None else (own // 4, own // 2)
+    others = st.nprobes if st.nprobes is not None else (own // 4, own // 2)
     return [None, *sorted({n for n in others if n >= 1 and n != own})]
 
 
@@ -184,20 +239,22 @@ def _prefix_kind(r: Retriever) -> str:
 
 
 def _grid_pass(
-    lm: LoadedLM, ids: np.ndarray, window: Window, r: Retriever, exclude: bool, ks: list[int],
+    lm: LoadedLM, ids: np.ndarray, timer: _Timer, r: Retriever, exclude: bool, ks: list[int],
     temps: list[float], weights: list[float], gate: Gate | None, rates: list[float],
     pointers: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Total NLL per (rate or None, k, temperature, weight) from one search at max(ks)."""
+    """Total NLL per (rate or None, k, temperature, weight) from one search at max(ks), in the
+    run's windows and batch size (``timer``'s)."""
+    window, batch_size = timer.window, timer.st.batch_size
     nll: dict[tuple, float] = {}
     r.knn = replace(r.knn, k=max(ks))
     lm_nll, tokens, searched, kept = 0.0, 0, 0, dict.fromkeys(rates, 0)
     stream = score_stream(lm.model, ids, window.context_len, window.stride,
-                          batch_size=window.batch_size, key_type=r.key_type, want_lm=True,
+                          batch_size=batch_size, key_type=r.key_type, want_lm=True,
                           progress=False, want_stats=gate is not None)  # fmt: skip
     overlap = lm.device.type != "cpu"
-    for s in score_tokens(stream, retriever=r, exclude_self=exclude, overlap=overlap,
-                          pointers=pointers):  # fmt: skip
+    for s in score_tokens(stream, retriever=r, mix=MixSettings(pointers=pointers),
+                          exclude_self=exclude, overlap=overlap):  # fmt: skip
         nb, lm_lp, targets = s.neighbours.to("cpu"), s.lm_cpu, s.targets_cpu
         keeps = {rate: gate.keep(s.batch.keys.float(), s.batch.lm_stats, rate) for rate in rates}
         knn = prefix_log_probs(nb.distances, nb.rows, nb.values, targets, ks, temps,
@@ -222,8 +279,11 @@ class _Timer:
     and then the setting, back to back, so that load from other jobs on the machine falls on
     both; the share is the median of the rounds' ratios. The LM's tok/s is the best seen."""
 
-    def __init__(self, lm: LoadedLM, ids: np.ndarray, window: Window, repeats: int = 2):
-        self.lm, self.ids, self.window, self.repeats = lm, ids, window, repeats
+    def __init__(self, lm: LoadedLM, ids: np.ndarray, st: TuneSettings, window: WindowSettings):
+        """``st``: the run's settings (its batch size, ``speed_repeats`` rounds); ``window``
+        its windows filled in from the model."""
+        self.lm, self.ids, self.st, self.window = lm, ids, st, window
+        self.repeats = st.speed_repeats
         self.cache: dict[tuple, float] = {}
         self.lm_runs: list[float] = []
 
@@ -253,11 +313,11 @@ class _Timer:
     def _run(self, r, exclude, gate, rate, pointers) -> float:
         w = self.window
         stream = score_stream(self.lm.model, self.ids, w.context_len, w.stride,
-                              batch_size=w.batch_size, key_type=r.key_type if r else None,
+                              batch_size=self.st.batch_size, key_type=r.key_type if r else None,
                               want_lm=True, progress=False, want_stats=gate is not None)  # fmt: skip
+        mix = MixSettings(gate=gate, retrieval_rate=rate, pointers=pointers)
         t0, n = time.perf_counter(), 0
-        for s in score_tokens(stream, retriever=r, exclude_self=exclude, gate=gate,
-                              retrieval_rate=rate, pointers=pointers,
+        for s in score_tokens(stream, retriever=r, mix=mix, exclude_self=exclude, gate=gate,
                               overlap=r is not None and self.lm.device.type != "cpu"):  # fmt: skip
             n += len(s.batch.targets)
         if self.lm.device.type == "cuda":
@@ -265,16 +325,10 @@ class _Timer:
         return n / max(time.perf_counter() - t0, 1e-9)
 
 
-def _check_pick(lm: LoadedLM, corpus: Corpus, split: str, window: Window, settings: dict,
-                text_field: str, progress: bool) -> float:  # fmt: skip
+def _check_pick(
+    lm: LoadedLM, corpus: Corpus, st: TuneSettings, window: WindowSettings, datastore: str,
+    knn: KnnSettings, mix: MixSettings, progress: bool,
+) -> float:  # fmt: skip
     """The chosen settings run once as ``knnlm eval`` runs them: the perplexity reported."""
-    knn = KnnSettings(k=settings["k"], knn_weight=settings["knn_weight"],
-                      temperature=settings["knn_temperature"], nprobe=settings["nprobe"],
-                      search=settings["search"])  # fmt: skip
-    rate = settings["retrieval_rate"]
-    res = evaluate(lm, corpus, split, context_len=window.context_len, stride=window.stride,
-                   batch_size=window.batch_size, text_field=text_field,
-                   datastore=settings["datastore"], knn=knn, gate=settings["gate"],
-                   retrieval_rate=1.0 if rate is None else rate, pointers=settings["pointers"],
-                   progress=progress)  # fmt: skip
-    return res["knnlm"]["perplexity"]
+    run = EvalSettings(st.split, window, st.batch_size, st.text_field, knn, mix)
+    return run_eval(lm, corpus, run, datastore=datastore, progress=progress)["knnlm"]["perplexity"]

@@ -178,7 +178,7 @@ MUTANTS: list[Mutant] = [
         "generation_passthrough",
         "the kNN logits processor returns the LM's scores unchanged",
         "KnnLogitsProcessor.__call__",
-        "return interpolate(lm_lp, knn_lp, self.retriever.knn.knn_weight).to(scores.dtype)",
+        "return interpolate(lm_lp, knn_lp.to(scores.device), self.mix.knn_weight).to(scores.dtype)",
         "return scores",
         f"{GEN}::test_processor_scores_equal_hand_built_interpolation",
         f"{GEN}::test_cli_generate_equals_greedy_reference",

@@ -135,7 +135,7 @@ def datastore_index(
 
     Approximate indexes report their recall@k against exact search, and with --corpus the
     kNN-LM perplexity change they cause on --split (both stored in index.json)."""
-    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, MIX_FLAGS, KnnSettings, MixSettings
     from knnlm.retrieval.search.index_build import index_summary, make_index
     from knnlm.retrieval.search.index_settings import INDEX_FLAGS, IndexSettings
     from knnlm.settings import build
@@ -147,7 +147,8 @@ def datastore_index(
         pq_m=pq_m, pq_bits=pq_bits, nprobe=nprobe, train_size=train_size, seed=seed,
         factory=factory, pca=pca,
     )  # fmt: skip
-    knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp)
+    knn = build(KnnSettings, KNN_FLAGS, k=k)
+    mix = build(MixSettings, MIX_FLAGS, knn_weight=knn_weight, temperature=knn_temp)
     if corpus is not None:
         from knnlm.data.corpus import read_split
         from knnlm.lm.loading import reload_name
@@ -160,26 +161,28 @@ def datastore_index(
     typer.echo(f"index written: {path} ({index_summary(ds)})")
     if corpus is not None:
         _index_check(
-            ds, corpus, split, model, knn, (context_len, stride, batch_size), (device, dtype),
-            quiet,
+            ds, corpus, split, model, (knn, mix), (context_len, stride, batch_size),
+            (device, dtype), quiet,
         )  # fmt: skip
 
 
-def _index_check(ds: Path, corpus: str, split: str, model: str | None, knn, window: tuple,
-                 placement: tuple, quiet: bool) -> None:  # fmt: skip
-    """The kNN-LM perplexity with exact search and through the new index, recorded beside it."""
+def _index_check(ds: Path, corpus: str, split: str, model: str | None, knn_mix: tuple,
+                 window: tuple, placement: tuple, quiet: bool) -> None:  # fmt: skip
+    """The kNN-LM perplexity with exact search and through the new index, recorded beside it;
+    ``knn_mix``: the KnnSettings and MixSettings of both runs."""
     from knnlm.index_perplexity import index_perplexity_check
     from knnlm.retrieval.datastore import open_datastore
     from knnlm.retrieval.search.conventions import index_identity, record_index_check
 
     meta = open_datastore(ds).meta
+    knn, mix = knn_mix
     sha = index_identity(ds)
     context_len, stride, batch_size = window
     device, dtype = placement
     dtype = value(dtype) or meta.get("model_dtype") or "float32"
     knn_lm = load_model(model, device, dtype)
     check = index_perplexity_check(
-        knn_lm.lm, corpus, split, ds, knn, context_len=context_len or meta.get("context_len"),
+        knn_lm.lm, corpus, split, ds, knn, mix, context_len=context_len or meta.get("context_len"),
         stride=stride or meta.get("stride"), batch_size=batch_size, progress=not quiet,
     )  # fmt: skip
     record_index_check(ds, check, sha)
@@ -256,7 +259,7 @@ def eval_cmd(
 
     from knnlm.evaluate import EvalSettings, check_pointers, open_gate, open_inputs, run_eval
     from knnlm.forward_pass import WindowSettings
-    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings, MixSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, MIX_FLAGS, KnnSettings, MixSettings
     from knnlm.settings import build, flag
 
     if settings is not None:  # the tuned settings (knnlm tune --out); flags must agree
@@ -270,10 +273,10 @@ def eval_cmd(
         retrieval_rate = 1.0 if rate is None else rate  # the file's null: no gate
     # What the user can get wrong is checked before the model is loaded.
     window = build(WindowSettings, flag(), context_len=context_len, stride=stride)
-    knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp,
-                recompute=recompute, nprobe=nprobe, exclude_self=value(exclude_self),
-                search=value(search))  # fmt: skip
-    mix = build(MixSettings, flag(), memory=memory, memory_weight=memory_weight, gate=gate,
+    knn = build(KnnSettings, KNN_FLAGS, k=k, recompute=recompute, nprobe=nprobe,
+                exclude_self=value(exclude_self), search=value(search))  # fmt: skip
+    mix = build(MixSettings, MIX_FLAGS, knn_weight=knn_weight, temperature=knn_temp,
+                memory=memory, memory_weight=memory_weight, gate=gate,
                 retrieval_rate=retrieval_rate, gate_weight=value(gate_weight),
                 pointers=pointers)  # fmt: skip
     # Under torchrun every rank scores the whole split and holds a shard of the datastore for

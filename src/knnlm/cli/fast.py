@@ -65,17 +65,17 @@ def gate_train_cmd(
     from knnlm.retrieval.datastore import open_datastore
     from knnlm.retrieval.gate import CONFIG, KIND
     from knnlm.retrieval.gate_train import GateSettings, train_gate
-    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, MIX_FLAGS, KnnSettings, MixSettings
     from knnlm.settings import build, flag
 
-    knn = build(KnnSettings, KNN_FLAGS, k=k, temperature=knn_temp, nprobe=nprobe,
-                search=value(search))  # fmt: skip
+    knn = build(KnnSettings, KNN_FLAGS, k=k, nprobe=nprobe, search=value(search))
+    mix = build(MixSettings, MIX_FLAGS, temperature=knn_temp)
     window = build(WindowSettings, flag(), context_len=context_len, stride=stride)
     claim_target(out, KIND, CONFIG, what="retrieval gate")  # before the model is loaded
     open_datastore(datastore)
     lm = load_model(model, device, dtype).lm
     settings = build(
-        GateSettings, flag(), split=split, kind=value(kind), knn=knn,
+        GateSettings, flag(), split=split, kind=value(kind), knn=knn, mix=mix,
         window=window.for_model(lm.model), batch_size=batch_size, hidden=hidden, layers=layers,
         epochs=epochs, l1=l1, seed=seed,
     )  # fmt: skip

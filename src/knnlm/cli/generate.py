@@ -74,7 +74,7 @@ def generate_cmd(
     """
     from knnlm.evaluate import open_inputs
     from knnlm.generation import check_settings, generate
-    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, MIX_FLAGS, KnnSettings, MixSettings
     from knnlm.settings import build
 
     if settings is not None:  # the tuned settings (knnlm tune --out); flags must agree
@@ -96,14 +96,15 @@ def generate_cmd(
     # What the user can get wrong is checked before the model is loaded (the kNN settings
     # too: a bad --knn-temperature is a mistake even without a datastore).
     check_settings(prompt, dict(hf, temperature=temperature, top_k=top_k, top_p=top_p), pointers)
-    knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp,
-                nprobe=nprobe, search=value(search))  # fmt: skip
+    knn = build(KnnSettings, KNN_FLAGS, k=k, nprobe=nprobe, search=value(search))
+    mix = build(MixSettings, MIX_FLAGS, knn_weight=knn_weight, temperature=knn_temp,
+                pointers=pointers)  # fmt: skip
     ds = open_inputs(datastore, None, knn) if datastore is not None else None
     if ds is not None:
         ds.check_k(k, "--k")
     rank = init_distributed()  # torchrun: the search is sharded, every rank generates
     knn_lm = load_model(model, device, dtype)
-    texts = generate(knn_lm.lm, prompt, ds, knn, seed=seed, pointers=pointers, **hf)
+    texts = generate(knn_lm.lm, prompt, ds, knn, mix, seed=seed, **hf)
     if rank != 0:
         return
     for i, text in enumerate(texts):
@@ -135,10 +136,11 @@ def neighbours_cmd(
 
     --json writes one {"prompt", "neighbours"} object per prompt, in the order given."""
     from knnlm.retrieval.datastore import Datastore
-    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, MIX_FLAGS, KnnSettings, MixSettings
     from knnlm.settings import build
 
-    build(KnnSettings, KNN_FLAGS, k=k, temperature=knn_temp, nprobe=nprobe, search=value(search))
+    build(KnnSettings, KNN_FLAGS, k=k, nprobe=nprobe, search=value(search))
+    build(MixSettings, MIX_FLAGS, temperature=knn_temp)
     if not all(prompts):
         raise KnnlmError("--prompt is empty")
     ds = Datastore.load(datastore)

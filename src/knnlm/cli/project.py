@@ -79,17 +79,17 @@ def project_cmd(
     from knnlm.experiments.projection.settings import PROJECTION_FLAGS, ProjectionSettings
     from knnlm.forward_pass import WindowSettings
     from knnlm.report.tables import projection_tables
-    from knnlm.retrieval.retriever import KNN_FLAGS, KnnSettings
+    from knnlm.retrieval.retriever import KNN_FLAGS, MIX_FLAGS, KnnSettings, MixSettings
     from knnlm.settings import build, flag
 
     # What the user can get wrong is checked before the model is loaded.
-    knn = build(KnnSettings, KNN_FLAGS, k=k, knn_weight=knn_weight, temperature=knn_temp,
-                nprobe=nprobe, search=value(search))  # fmt: skip
+    knn = build(KnnSettings, KNN_FLAGS, k=k, nprobe=nprobe, search=value(search))
+    mix = build(MixSettings, MIX_FLAGS, knn_weight=knn_weight, temperature=knn_temp)
     settings = build(
         ProjectionSettings, PROJECTION_FLAGS, split=split,
         window=build(WindowSettings, flag(), context_len=context_len, stride=stride),
-        batch_size=batch_size, knn=knn, max_positions=max_positions or None, seed=seed, lr=lr,
-        tol=tol, max_steps=max_steps, fixed_steps=steps, solve_batch=solve_batch,
+        batch_size=batch_size, knn=knn, mix=mix, max_positions=max_positions or None, seed=seed,
+        lr=lr, tol=tol, max_steps=max_steps, fixed_steps=steps, solve_batch=solve_batch,
         text_field=text_field,
     )  # fmt: skip
     open_inputs(datastore, None, knn).check_k(k, "--k")

@@ -161,29 +161,29 @@ def tune_cmd(
     """Measure perplexity against tok/s on --split over k, nprobe, weight, temperature, a
     gate's retrieval rate and pointers (one search at the largest k per setting that changes
     the neighbours; smaller k are its prefixes), print the frontier and pick a setting."""
-    from knnlm.forward_pass import default_window
+    from knnlm.forward_pass import WindowSettings
     from knnlm.frontier import write_tuned_settings
     from knnlm.retrieval.datastore import open_datastore
-    from knnlm.tune import TuneSpace, Window, tune
+    from knnlm.settings import build, flag
+    from knnlm.tune import TuneSettings, tune
 
-    space = TuneSpace(
-        ks=_list(ks, int, "--ks"),
-        weights=_list(knn_weights, float, "--knn-weights"),
-        temperatures=_list(knn_temperatures, float, "--knn-temperatures"),
+    # Every setting checked once, here, before the model is loaded.
+    settings = build(
+        TuneSettings, flag(), split=split,
+        window=build(WindowSettings, flag(), context_len=context_len, stride=stride),
+        batch_size=batch_size, text_field=text_field, ks=_list(ks, int, "--ks"),
+        knn_weights=_list(knn_weights, float, "--knn-weights"),
+        knn_temperatures=_list(knn_temperatures, float, "--knn-temperatures"),
         nprobes=_list(nprobes, int, "--nprobes"),
-        rates=_list(retrieval_rates, float, "--retrieval-rates"),
-        pointers=_list(pointers, float, "--pointers") or (),
+        retrieval_rates=_list(retrieval_rates, float, "--retrieval-rates"),
+        pointers=_list(pointers, float, "--pointers") or (), gate=gate, search=value(search),
+        speed_tokens=speed_tokens, speed_repeats=speed_repeats, keep_gain=keep_gain,
+        min_speed=min_speed,
     )  # fmt: skip
     for d in datastore:
         open_datastore(d)  # a missing store costs no model load
     knn_lm = load_model(model, device, dtype)
-    context_len, stride = default_window(knn_lm.model, context_len, stride)
-    result = tune(
-        knn_lm.lm, corpus, split, [str(d) for d in datastore],
-        Window(context_len, stride, batch_size), space=space, search=value(search), gate=gate,
-        speed_tokens=speed_tokens, speed_repeats=speed_repeats, keep_gain=keep_gain, min_speed=min_speed,
-        text_field=text_field, progress=not quiet,
-    )  # fmt: skip
+    result = tune(knn_lm.lm, corpus, [str(d) for d in datastore], settings, progress=not quiet)
     write_json(json_out, result)
     if out is not None:
         write_tuned_settings(out, result["settings"])

@@ -35,15 +35,16 @@ from knnlm.retrieval.gate import (
     save_gate,
     score_quantiles,
 )
-from knnlm.retrieval.retriever import KnnSettings, Retriever
+from knnlm.retrieval.retriever import KnnSettings, MixSettings, Retriever
 from knnlm.settings import Settings, require
 
 
 def collect(
     lm: LoadedLM, retriever: Retriever, ids: np.ndarray, context_len: int, stride: int | None,
-    batch_size: int, progress: bool,
+    batch_size: int, progress: bool, temperature: float,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Per scored token: keys, LM stats (entropy, max log-prob), log p_lm and log p_knn."""
+    """Per scored token: keys, LM stats (entropy, max log-prob), log p_lm and log p_knn (at
+    ``temperature``)."""
     parts: dict[str, list[torch.Tensor]] = {"keys": [], "stats": [], "lm": [], "knn": []}
     for b in score_stream(
         lm.model, ids, context_len, stride, batch_size=batch_size,
@@ -54,7 +55,7 @@ def collect(
         parts["keys"].append(keys)
         parts["stats"].append(b.lm_stats.cpu())
         parts["lm"].append(b.lm_log_prob.float().cpu())
-        parts["knn"].append(retriever.target_log_prob(nb, b.targets).float())
+        parts["knn"].append(retriever.target_log_prob(nb, b.targets, temperature).float())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -96,12 +97,14 @@ def fit_mlp(
 @dataclass(frozen=True)
 class GateSettings(Settings):
     """Every setting of one gate training (``knnlm gate train``): the held-out ``split``, the
-    gate ``kind`` (mlp | entropy), the search, the windows, and the mlp's shape and training.
+    gate ``kind`` (mlp | entropy), the search (``knn``), p_knn's temperature (``mix``; its
+    weight is what the gate learns), the windows, and the mlp's shape and training.
     Example: ``GateSettings(kind="entropy", knn=KnnSettings(k=16))``."""
 
     split: str = "valid"
     kind: str = "mlp"
     knn: KnnSettings = KnnSettings()
+    mix: MixSettings = MixSettings()
     window: WindowSettings = WindowSettings(1024, 1024)
     batch_size: int = 8
     hidden: int = 128
@@ -141,7 +144,8 @@ def train_gate(
         )
     retriever = Retriever(lm, ds, knn)
     t0 = time.time()
-    data = collect(lm, retriever, ids, context_len, stride, batch_size, progress)
+    data = collect(lm, retriever, ids, context_len, stride, batch_size, progress,
+                   st.mix.temperature)  # fmt: skip
     n = data["lm"].numel()
     if n < 20:
         raise KnnlmError(f"{corpus} {split} has {n} scored tokens; the gate needs at least 20")
@@ -151,7 +155,7 @@ def train_gate(
     config = {
         "model": lm.name, "model_fingerprint": lm.fingerprint, "datastore": str(ds.path),
         "corpus": corpus, "split": split, "tokens": n, "held_out_tokens": int(held.sum()),
-        "k": knn.k, "temperature": knn.temperature, "context_len": context_len, "seed": seed,
+        "k": knn.k, "temperature": st.mix.temperature, "context_len": context_len, "seed": seed,
     }  # fmt: skip
     gate = Gate(kind, config, np.zeros(0))
     if kind == "mlp":

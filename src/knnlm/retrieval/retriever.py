@@ -26,16 +26,16 @@ from knnlm.settings import Settings, flag, require
 
 @dataclass(frozen=True)
 class KnnSettings(Settings):
-    """How the datastore is searched and p_knn mixed in; checked once, here.
+    """How the datastore is searched (how p_knn is mixed in is :class:`MixSettings`'); checked
+    once, here.
 
-    ``knn_weight`` is the weight on p_knn (the paper's lambda is 1 - knn_weight), ``search``
-    a backend name (:mod:`knnlm.retrieval.search.protocol`; ``nprobe`` is FAISS's),
-    ``exclude_self`` auto | yes | no. Example: ``KnnSettings(k=16, knn_weight=0.3)``.
+    ``k`` neighbours per query, ``search`` a backend name
+    (:mod:`knnlm.retrieval.search.protocol`; ``nprobe`` is FAISS's), ``recompute`` exact
+    distances for a FAISS index, ``exclude_self`` auto | yes | no.
+    Example: ``KnnSettings(k=16, search="exact")``.
     """
 
     k: int = 1024
-    knn_weight: float = 0.25
-    temperature: float = 1.0
     recompute: bool = True
     nprobe: int | None = None
     exclude_self: str = "auto"  # auto | yes | no
@@ -44,9 +44,6 @@ class KnnSettings(Settings):
     def __post_init__(self) -> None:
         require(isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1, "k",
                 f"must be a whole number of at least 1, got {self.k!r}")  # fmt: skip
-        require(0.0 <= self.knn_weight <= 1.0, "knn_weight",
-                f"must be in [0, 1], got {self.knn_weight}")  # fmt: skip
-        require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
         require(self.exclude_self in ("auto", "yes", "no"), "exclude_self",
                 f"must be auto, yes or no, got {self.exclude_self!r}")  # fmt: skip
         require(self.search in search_choices(), "search",
@@ -54,19 +51,23 @@ class KnnSettings(Settings):
 
 
 # How the CLI and the Python API name the fields they set.
-KNN_FLAGS = flag({"k": "--k", "temperature": "--knn-temperature"})
-KNN_ARGS = {"temperature": "knn_temperature"}
+KNN_FLAGS = flag({"k": "--k"})
+KNN_ARGS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
 class MixSettings(Settings):
-    """What is mixed with the LM besides p_knn: the MLP memory (``memory`` folder,
-    ``memory_weight`` on it), a retrieval gate (``gate``: a folder or a loaded ``Gate``; it
-    searches the share ``retrieval_rate`` of the tokens it ranks highest, at ``knn_weight``
-    or, ``gate_weight="learned"``, at the weight an mlp gate predicts) and RetoMaton
-    ``pointers`` (a threshold). Example: ``MixSettings(memory="runs/mem", memory_weight=0.3)``.
+    """What is mixed with the LM and how: p_knn at ``knn_weight`` (the paper's lambda is
+    1 - knn_weight) with the softmax ``temperature`` over -distance, the MLP memory
+    (``memory`` folder, ``memory_weight`` on it), a retrieval gate (``gate``: a folder or a
+    loaded ``Gate``; it searches the share ``retrieval_rate`` of the tokens it ranks highest,
+    at ``knn_weight`` or, ``gate_weight="learned"``, at the weight an mlp gate predicts) and
+    RetoMaton ``pointers`` (a threshold). Example: ``MixSettings(knn_weight=0.3,
+    memory="runs/mem", memory_weight=0.3)``.
     """
 
+    knn_weight: float = 0.25
+    temperature: float = 1.0
     memory: str | Path | None = None
     memory_weight: float = 0.25
     gate: str | Path | Gate | None = None
@@ -75,6 +76,9 @@ class MixSettings(Settings):
     pointers: float | None = None
 
     def __post_init__(self) -> None:
+        require(0.0 <= self.knn_weight <= 1.0, "knn_weight",
+                f"must be in [0, 1], got {self.knn_weight}")  # fmt: skip
+        require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
         require(0.0 <= self.memory_weight <= 1.0, "memory_weight",
                 f"must be in [0, 1], got {self.memory_weight}")  # fmt: skip
         require(0.0 <= self.retrieval_rate <= 1.0, "retrieval_rate",
@@ -97,6 +101,11 @@ class MixSettings(Settings):
         if isinstance(self.gate, Gate):
             d["gate"] = self.gate.config.get("path")
         return d
+
+
+# How the CLI and the Python API name the fields they set (the rest as the fields).
+MIX_FLAGS = flag({"temperature": "--knn-temperature"})
+MIX_ARGS = {"temperature": "knn_temperature"}
 
 
 class Retriever:
@@ -135,17 +144,21 @@ class Retriever:
             return own(keys, rows.cpu())
         return row_distances(self.ds.keys, keys.float().cpu(), rows.cpu(), self.backend.metric)
 
-    def target_log_prob(self, nb: Neighbours, targets: torch.Tensor) -> torch.Tensor:
-        """log p_knn(target) per query, on the neighbours' device."""
+    def target_log_prob(
+        self, nb: Neighbours, targets: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """log p_knn(target) per query at ``temperature`` (``MixSettings.temperature``), on the
+        neighbours' device."""
         t = targets.to(nb.rows.device)
         return knn_target_log_prob(
-            nb.distances, nb.rows, nb.values, t, self.knn.temperature, self.row_counts(nb)
+            nb.distances, nb.rows, nb.values, t, temperature, self.row_counts(nb)
         )
 
-    def log_probs(self, nb: Neighbours, vocab_size: int) -> torch.Tensor:
-        """Full log p_knn over the vocabulary, (n, vocab_size), on the neighbours' device."""
+    def log_probs(self, nb: Neighbours, vocab_size: int, temperature: float) -> torch.Tensor:
+        """Full log p_knn over the vocabulary at ``temperature``, (n, vocab_size), on the
+        neighbours' device."""
         return knn_log_probs(
-            nb.distances, nb.rows, nb.values, vocab_size, self.knn.temperature, self.row_counts(nb)
+            nb.distances, nb.rows, nb.values, vocab_size, temperature, self.row_counts(nb)
         )
 
     def row_counts(self, nb: Neighbours) -> torch.Tensor | None:

@@ -45,6 +45,7 @@ from knnlm.lm.train import library_bars, train
 from knnlm.lm.train_config import TrainConfig
 from knnlm.retrieval.datastore import build_example_datastore, open_datastore
 from knnlm.retrieval.memory import load_memory, memory_storage
+from knnlm.retrieval.retriever import MixSettings
 
 SEED_RESULTS = "results.json"
 TRAIN_DONE = "train_done.json"
@@ -245,7 +246,7 @@ def _child_log_probs(
         overwrite=True,  # the seed folder's own datastore: rebuilt when the model changes
     )
     return continuation_log_probs(
-        lm, data.prompts, data.conts, datastore=path, knn=settings.knn,
+        lm, data.prompts, data.conts, datastore=path, knn=settings.knn, mix=settings.mix,
         batch_size=settings.batch_size_eval,
     )  # fmt: skip
 
@@ -291,7 +292,7 @@ def _memory_scores(
     scored = continuation_log_probs(
         lm, data.prompts, data.conts, batch_size=settings.batch_size_eval,
         memory=load_memory(memory_dir, device=str(lm.device)),
-        memory_weight=settings.knn_weight, key_type=store.meta["key_type"],
+        mix=MixSettings(memory_weight=settings.knn_weight), key_type=store.meta["key_type"],
     )  # fmt: skip
     scores.mlp, scores.mlp_raw = scored["lm_memory"], scored["memory"]
     scores.memory = {

@@ -27,7 +27,7 @@ from typing import Any
 
 from knnlm.errors import KnnlmError
 from knnlm.lm.presets import get_preset
-from knnlm.retrieval.retriever import KnnSettings
+from knnlm.retrieval.retriever import KnnSettings, MixSettings
 
 MACONDO_SIZE_KEYS = (
     "n_villagers",
@@ -241,6 +241,7 @@ class MacondoSettings:
         set_("lora", bool(self.lora))
         _check_seeds(self.seeds)
         self.knn  # noqa: B018 - builds (and so checks) the kNN settings
+        self.mix  # noqa: B018 - and the mixture's
         for name in ("epochs", "max_steps", "batch_size", "eval_every", "batch_size_eval"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -272,10 +273,13 @@ class MacondoSettings:
 
     @property
     def knn(self) -> KnnSettings:
-        """The kNN-LM's settings (fixed ones; a ``tune`` grid chooses others on dev)."""
-        return KnnSettings(
-            k=self.k, knn_weight=self.knn_weight, temperature=self.temperature, search=self.search
-        )
+        """The kNN-LM's search (fixed; a ``tune`` grid chooses k on dev)."""
+        return KnnSettings(k=self.k, search=self.search)
+
+    @property
+    def mix(self) -> MixSettings:
+        """p_knn's weight and temperature (fixed ones; a ``tune`` grid chooses others on dev)."""
+        return MixSettings(knn_weight=self.knn_weight, temperature=self.temperature)
 
     def as_dict(self) -> dict[str, Any]:
         """The run's settings as recorded in its results."""

@@ -65,7 +65,7 @@ def knn_grid_log_probs(
     expansion and sorts by the direct sum (a swap across the k-th place needs two distances
     within ~1e-6 relative), and an IVF-PQ index re-ranks the k_max PQ candidates, a superset
     of the k a smaller search would re-rank (the prefix is then the better neighbour set)."""
-    knn = KnnSettings(k=max(int(k) for k in ks), knn_weight=1.0, search=search)
+    knn = KnnSettings(k=max(int(k) for k in ks), search=search)
     nb = continuation_neighbours(lm, [r["prompt"] for r in test], conts, datastore=datastore,
                                  knn=knn, batch_size=batch_size)  # fmt: skip
     grid = prefix_log_probs(nb["dists"], nb["ids"], nb["values"], nb["targets"], ks, temps,

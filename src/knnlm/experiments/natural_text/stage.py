@@ -137,9 +137,9 @@ def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, ar
     return out
 
 
-def knn_settings(cfg: ReproduceConfig, weight: float, temperature: float):
-    return KnnSettings(nprobe=cfg.nprobe, k=cfg.k, knn_weight=weight, temperature=temperature,
-                       search=cfg.search)  # fmt: skip
+def knn_settings(cfg: ReproduceConfig) -> KnnSettings:
+    """How the reproduction searches (how p_knn is mixed in is the stage's MixSettings)."""
+    return KnnSettings(nprobe=cfg.nprobe, k=cfg.k, search=cfg.search)
 
 
 def _grid(cfg: ReproduceConfig) -> tuple[list[float], list[float]]:
@@ -155,14 +155,15 @@ def stage_knnlm(
     """LM and kNN-LM on valid and test; (weight, T) tuned on valid from cached neighbours."""
     lm = load_lm(model)
     weights, temps = _grid(cfg)
-    paper = knn_settings(cfg, PAPER_SETTING["knn_weight"], PAPER_SETTING["temperature"])
+    knn = knn_settings(cfg)
     splits: dict[str, dict] = {}
     grids: dict[str, dict] = {}
     for split in ("valid", "test"):
         cache = art / f"cache-{split}"
         res = evaluate(
             lm, corpus, split, context_len=cfg.context_len, stride=cfg.stride, datastore=ds,
-            knn=paper, cache=cache, progress=False,
+            knn=knn, knn_weight=PAPER_SETTING["knn_weight"],
+            knn_temperature=PAPER_SETTING["temperature"], cache=cache, progress=False,
         )  # fmt: skip
         grids[split] = sweep(cache, weights, temps, progress=False)
         splits[split] = res

@@ -155,7 +155,8 @@ def run_projection(
     """
     st = settings
     window = st.window.for_model(lm.model)
-    context_len, stride, split, knn = window.context_len, window.stride, st.split, st.knn
+    context_len, stride, split, knn, mix = (window.context_len, window.stride, st.split, st.knn,
+                                            st.mix)  # fmt: skip
     lr, tol, max_steps, fixed_steps, converged = (
         st.lr,
         st.tol,
@@ -179,7 +180,7 @@ def run_projection(
         pending.clear()
         targets = cat["targets"][:, None]
         lm_logp = torch.log_softmax(cat["logits"].float(), dim=-1)
-        target_logp = interpolate(lm_logp, cat["knn_logp"].to(lm_logp.device), knn.knn_weight)
+        target_logp = interpolate(lm_logp, cat["knn_logp"].to(lm_logp.device), mix.knn_weight)
         solves.add("lm", _Fixed(lm_logp), lm_logp.gather(1, targets).squeeze(1))
         solves.add("knnlm", _Fixed(lm_logp), target_logp.gather(1, targets).squeeze(1))
         enc = cat["enc"].float()
@@ -214,7 +215,7 @@ def run_projection(
         sel = torch.from_numpy(sel_np).to(batch.targets.device)
         rows = np.arange(batch.first_row, batch.first_row + len(sel_np))[sel_np]
         nb = retriever.search(batch.keys[sel], exclude_rows=rows if exclude else None)
-        knn_logp = retriever.log_probs(nb, batch.lm_logits.shape[-1])
+        knn_logp = retriever.log_probs(nb, batch.lm_logits.shape[-1], mix.temperature)
         pending.append({"targets": batch.targets[sel], "logits": batch.lm_logits[sel],
                         "enc": batch.enc[sel], "knn_logp": knn_logp})  # fmt: skip
         n_pending += int(sel_np.sum())
@@ -231,7 +232,7 @@ def run_projection(
             "model": lm.name, "model_fingerprint": lm.fingerprint, "datastore": str(ds.path),
             "datastore_n": ds.n, "key_type": ds.meta["key_type"], "corpus": corpus,
             "split": split, "context_len": context_len, "stride": stride, "k": knn.k,
-            "knn_weight": knn.knn_weight, "temperature": knn.temperature,
+            "knn_weight": mix.knn_weight, "temperature": mix.temperature,
             "exclude_self": exclude, "search": retriever.backend.describe(),
             "max_positions": st.max_positions, "seed": st.seed, "lr": lr,
             "tol": tol, "max_steps": max_steps, "fixed_steps": fixed_steps,

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from knnlm.forward_pass import WindowSettings
-from knnlm.retrieval.retriever import KnnSettings
+from knnlm.retrieval.retriever import KnnSettings, MixSettings
 from knnlm.settings import Settings, flag, require
 
 
 @dataclass(frozen=True)
 class ProjectionSettings(Settings):
     """Every setting of :func:`knnlm.experiments.projection.run.run_projection`, checked where it
-    is built: the split and windows scored, the kNN-LM projected (``knn``), a seeded sample of
+    is built: the split and windows scored, the kNN-LM projected (searched as ``knn``, p_knn
+    at ``mix``'s weight and temperature; no memory or gate), a seeded sample of
     ``max_positions`` positions (None: all), Adam at ``lr`` until the KL moves less than
     ``tol`` (at most ``max_steps``; ``fixed_steps``: exactly that many), ``converged`` adds
     the solve to convergence (L-BFGS, ``converged_tol`` / ``converged_max_steps``),
@@ -24,6 +25,7 @@ class ProjectionSettings(Settings):
     window: WindowSettings = WindowSettings(1024, 1024)
     batch_size: int = 8
     knn: KnnSettings = KnnSettings()
+    mix: MixSettings = MixSettings()
     max_positions: int | None = 2000
     seed: int = 0
     lr: float = 0.1

@@ -13,6 +13,7 @@ from knnlm.experiments.reproduce_config import ReproduceConfig
 from knnlm.experiments.stages import AnalysisStages, Done, Stage
 from knnlm.forward_pass import WindowSettings
 from knnlm.lm.loading import load_lm
+from knnlm.retrieval.retriever import MixSettings
 
 
 def stage_projection(
@@ -24,7 +25,8 @@ def stage_projection(
     for 100 steps (Appendix E, Table 4)."""
     settings = ProjectionSettings(
         "test", WindowSettings(cfg.context_len, cfg.stride or cfg.context_len),
-        knn=knn_settings(cfg, tuned["knn_weight"], tuned["temperature"]),
+        knn=knn_settings(cfg),
+        mix=MixSettings(knn_weight=tuned["knn_weight"], temperature=tuned["temperature"]),
         max_positions=min(cfg.projection_positions, 300) if lr_study else cfg.projection_positions,
         seed=seed, lr=1e-3 if lr_study else 0.1, max_steps=cfg.projection_max_steps,
         fixed_steps=100 if lr_study else None,
