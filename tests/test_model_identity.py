@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import knnlm
 from knnlm import Datastore, KnnLM, KnnlmError
+from knnlm.experiments.projection.settings import ProjectionSettings
 from knnlm.forward_pass import WindowSettings
 from knnlm.lm.adapters import unregister_family
 from knnlm.lm.loading import content_fingerprint, load_lm
@@ -185,7 +186,9 @@ def test_project_and_train_memory_from_python(python_side, small_corpus, tmp_pat
     root, knn_lm = python_side
     res = knn_lm.project(small_corpus, root / "ds", k=8, max_positions=20, max_steps=5,
                          **WINDOW)  # fmt: skip
-    assert {"proj_f", "proj_fg"} <= set(res) and res["settings"]["context_len"] == SMALL_CTX
+    assert {"proj_f", "proj_fg"} <= set(res)
+    run = ProjectionSettings.from_dict(res["settings"]["projection"])  # written whole
+    assert run.window.context_len == SMALL_CTX and run.max_positions == 20 and run.max_steps == 5
     mem = knn_lm.train_memory(root / "ds", tmp_path / "mem", hidden=8, max_steps=1,
                               batch_tokens=32)  # fmt: skip
     assert mem.steps == 1 and mem.config["datastore"]["model_fingerprint"] == knn_lm.lm.fingerprint

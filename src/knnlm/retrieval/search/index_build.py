@@ -271,6 +271,8 @@ def make_index(
     n, d = keys.shape
     pca = check_pca(s.pca, d)
     info = _index_info(ds, keys, kind, metric, seed, pca)
+    # The settings whole beside what they resolved to (nlist, nprobe, ... below).
+    info["settings"] = {"index": s.to_dict()}
     t0 = time.time()
     if kind == "flat":
         index = _build_flat(keys, metric, add_chunk, progress, pca, seed)
