@@ -61,6 +61,8 @@ def test_settings_are_written_whole_and_rebuilt_from_json(settings):
         (IndexSettings, ({"kind": "type"}, INDEX_FLAGS), {"factory": "HNSW32", "pca": 4},
          "pca cannot be combined with factory", "--pca cannot be combined with --factory"),
         (IndexSettings, ({"kind": "type"}, INDEX_FLAGS), {"kind": "hnsw"}, "type", "--type"),
+        (IndexSettings, ({"kind": "type"}, INDEX_FLAGS), {"kind": "factory"},
+         "factory must be given", "--factory must be given"),
         (GateSettings, ({}, flag()), {"hidden": 0}, "hidden", "--hidden"),
         (DatastoreSettings, ({}, flag()), {"key_type": "nope"}, "key_type", "--key-type"),
         (DatastoreSettings, ({}, flag()), {"batch_size": 0}, "batch_size", "--batch-size"),

@@ -327,8 +327,6 @@ def _build_factory(
 ) -> Any:  # fmt: skip
     """A ``faiss.index_factory`` index; its settings (and search nprobe, for an IVF) go into
     ``info``."""
-    if not factory:
-        raise KnnlmError("an index of kind 'factory' needs a factory string (--factory)")
     index, more = build_factory(keys, factory, metric, train_size, seed, add_chunk, progress)
     info.update(more, nprobe=None)
     if more["nlist"] is not None:
