@@ -167,8 +167,7 @@ def train_memory(
         micro=st.micro_batch or batch_tokens,
         per_epoch=per_epoch,
         total=total,
-        epochs=epochs,
-        max_steps=max_steps,
+        whole=st,
         datastore=datastore,
         eval_fn=eval_fn,
         losses=list(curve["loss"]) if curve else [],
@@ -245,8 +244,7 @@ class _Training:
     micro: int
     per_epoch: int
     total: int
-    epochs: int
-    max_steps: int | None
+    whole: MemoryTrainSettings  # this call's settings, as given
     datastore: dict[str, Any] | None
     eval_fn: Callable[[MemoryMLP], dict[str, Any]] | None
     losses: list[float] = field(default_factory=list)
@@ -313,7 +311,9 @@ def _save(run: _Training, step: int, complete: bool) -> dict[str, Any]:
     write_safetensors_atomic(run.partial / MODEL_FILE, run.model.state_dict(), meta)
     write_safetensors_atomic(run.partial / STATE_FILE, optimizer_tensors(run.opt), meta)
     curve = {"step": step, "batch_tokens": run.batch_tokens, "n_train": run.settings["n_train"]}
-    curve.update(loss=run.losses, evals=run.evals)
+    # The training record holds this call's settings whole (config.json's bytes are the
+    # memory's storage figure, so its flat keys stay as they are).
+    curve.update(loss=run.losses, evals=run.evals, settings={"memory": run.whole.to_dict()})
     write_json_atomic(run.partial / CURVE_FILE, curve, default=str)
     cfg = {
         ARTIFACT_KEY: KIND,
@@ -322,8 +322,8 @@ def _save(run: _Training, step: int, complete: bool) -> dict[str, Any]:
         **run.settings,
         "activation": "gelu",
         "ln_eps": run.model.ln.eps,
-        "epochs": int(run.epochs),
-        "max_steps": run.max_steps,
+        "epochs": int(run.whole.epochs),
+        "max_steps": run.whole.max_steps,
         "steps": step,
         "total_steps": run.total,
         "steps_per_epoch": run.per_epoch,
