@@ -96,6 +96,13 @@ def test_gated_tokens_are_lm_or_knnlm_exactly(lm, corpus, ds, gate_dir):
     assert math.isfinite(gate.config["held_out_mixture_nll"])
 
 
+def test_a_gate_records_its_settings_whole(gate_dir):
+    config = load_gate(gate_dir).config
+    written = GateSettings.from_dict(config["settings"]["gate"])
+    assert written == GateSettings(knn=KNN, window=WINDOW, epochs=3, hidden=16, layers=3)
+    assert (config["hidden"], config["layers"]) == (16, 3)  # the network's shape, read back
+
+
 def test_entropy_gate_retrieves_the_unsure_tokens(lm, corpus, ds, tmp_path):
     train_gate(lm, ds, str(corpus), tmp_path / "e", GateSettings(kind="entropy", knn=KNN,
                mix=MIX, window=WINDOW), progress=False)  # fmt: skip

@@ -16,6 +16,7 @@ from knnlm.retrieval.search.conventions import open_keys
 from knnlm.retrieval.search.exact_faiss import FaissExactSearch
 from knnlm.retrieval.search.faiss_backend import FaissBackend
 from knnlm.retrieval.search.index_build import build_index
+from knnlm.retrieval.search.index_settings import IndexSettings
 from knnlm.retrieval.search.rerank import recompute_distances
 from knnlm.retrieval.search.saved_index import KnnIndex
 from tiny import array_datastore, nearest
@@ -131,6 +132,11 @@ def test_ivfpq_full_probe_top1_and_recompute_exact(tmp_path):
         8,
         "complete",
     )
+    # The settings whole beside what they resolved to (an nprobe of None became one).
+    assert IndexSettings.from_dict(info["settings"]["index"]) == IndexSettings(
+        "ivfpq", nlist=16, pq_m=8, pq_bits=8, add_chunk=1000
+    )
+    assert info["settings"]["index"]["nprobe"] is None and info["nprobe"] >= 1
     stored, _ = open_keys(ds)
     ref = np.asarray(stored, np.float64)
     ref_top1 = ((q[:, None, :].astype(np.float64) - ref[None]) ** 2).sum(-1).argmin(1)

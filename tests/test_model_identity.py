@@ -5,6 +5,7 @@ a split of a single file and a family registered with the wrong layout are refus
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -14,6 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import knnlm
 from knnlm import Datastore, KnnLM, KnnlmError
+from knnlm.experiments.mlp_memory.settings import MemoryTrainSettings
+from knnlm.experiments.projection.settings import ProjectionSettings
 from knnlm.forward_pass import WindowSettings
 from knnlm.lm.adapters import unregister_family
 from knnlm.lm.loading import content_fingerprint, load_lm
@@ -185,10 +188,16 @@ def test_project_and_train_memory_from_python(python_side, small_corpus, tmp_pat
     root, knn_lm = python_side
     res = knn_lm.project(small_corpus, root / "ds", k=8, max_positions=20, max_steps=5,
                          **WINDOW)  # fmt: skip
-    assert {"proj_f", "proj_fg"} <= set(res) and res["settings"]["context_len"] == SMALL_CTX
+    assert {"proj_f", "proj_fg"} <= set(res)
+    run = ProjectionSettings.from_dict(res["settings"]["projection"])  # written whole
+    assert run.window.context_len == SMALL_CTX and run.max_positions == 20 and run.max_steps == 5
     mem = knn_lm.train_memory(root / "ds", tmp_path / "mem", hidden=8, max_steps=1,
                               batch_tokens=32)  # fmt: skip
     assert mem.steps == 1 and mem.config["datastore"]["model_fingerprint"] == knn_lm.lm.fingerprint
+    record = json.loads((tmp_path / "mem" / "loss_curve.json").read_text())
+    assert MemoryTrainSettings.from_dict(record["settings"]["memory"]) == MemoryTrainSettings(
+        hidden=8, max_steps=1, batch_tokens=32
+    )
 
 
 def test_missing_local_model_folder_says_so(tmp_path, monkeypatch):

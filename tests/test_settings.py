@@ -11,9 +11,11 @@ import pytest
 
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import EvalSettings
+from knnlm.experiments.mlp_memory.settings import MemoryTrainSettings
+from knnlm.experiments.projection.settings import ProjectionSettings
 from knnlm.forward_pass import WindowSettings
 from knnlm.lm.train_config import LM_TRAIN_FLAGS, LMTrainSettings
-from knnlm.retrieval.datastore import Datastore
+from knnlm.retrieval.datastore import META, Datastore, DatastoreSettings, build_datastore
 from knnlm.retrieval.gate_train import GateSettings
 from knnlm.retrieval.retriever import (
     KNN_ARGS,
@@ -48,6 +50,9 @@ EVERY = [
         window=WindowSettings(32, 16),
     ),  # fmt: skip
     LMTrainSettings("tiny", max_steps=3, lr=1e-3),
+    DatastoreSettings("valid", WindowSettings(64, 32), 4, "block_input", "float32", "body", 7),
+    ProjectionSettings("test", WindowSettings(64, 32), knn=KnnSettings(k=8), max_positions=10),
+    MemoryTrainSettings(hidden=8, max_steps=3, micro_batch=2),
 ]
 
 
@@ -76,7 +81,11 @@ def test_settings_are_written_whole_and_rebuilt_from_json(settings):
         (IndexSettings, ({"kind": "type"}, INDEX_FLAGS), {"factory": "HNSW32", "pca": 4},
          "pca cannot be combined with factory", "--pca cannot be combined with --factory"),
         (IndexSettings, ({"kind": "type"}, INDEX_FLAGS), {"kind": "hnsw"}, "type", "--type"),
+        (IndexSettings, ({"kind": "type"}, INDEX_FLAGS), {"kind": "factory"},
+         "factory must be given", "--factory must be given"),
         (GateSettings, ({}, flag()), {"hidden": 0}, "hidden", "--hidden"),
+        (DatastoreSettings, ({}, flag()), {"key_type": "nope"}, "key_type", "--key-type"),
+        (DatastoreSettings, ({}, flag()), {"batch_size": 0}, "batch_size", "--batch-size"),
         (LMTrainSettings, ({}, LM_TRAIN_FLAGS), {"lora": True}, "lora fine-tunes a pretrained "
          "model: give base_model", "--lora fine-tunes a pretrained model: give --model"),
     ],
@@ -126,3 +135,41 @@ def test_one_eval_checks_its_settings_and_the_datastore_once(
     assert rebuilt.knn == KnnSettings(k=4)
     assert rebuilt.window == WindowSettings(SMALL_CTX, SMALL_CTX // 2)
     assert rebuilt.mix == MixSettings(knn_weight=0.3) and rebuilt.split == "valid"
+
+
+def test_a_datastore_build_checks_its_settings_once_and_writes_them_whole(
+    monkeypatch, capsys, tiny_lm_dir, tiny_corpus, tmp_path
+):
+    calls = {"n": 0}
+    check = DatastoreSettings.__post_init__
+
+    def counted(self):
+        calls["n"] += 1
+        check(self)
+
+    monkeypatch.setattr(DatastoreSettings, "__post_init__", counted)
+    code, _, err = run_cli(monkeypatch, capsys, "datastore", "build", "-m", tiny_lm_dir,
+                           "-c", tiny_corpus, "-o", tmp_path / "ds", "--split", "valid",
+                           "--context-len", SMALL_CTX, "--key-dtype", "float32", "-q")  # fmt: skip
+    assert code == 0, err
+    assert calls["n"] == 1
+    meta = json.loads((tmp_path / "ds" / META).read_text())
+    rebuilt = DatastoreSettings.from_dict(meta["settings"]["datastore"])
+    assert rebuilt == DatastoreSettings("valid", WindowSettings(SMALL_CTX, SMALL_CTX // 2),
+                                        key_dtype="float32")  # fmt: skip
+    # The keys every reader reads stay where they were.
+    assert (meta["split"], meta["context_len"], meta["stride"], meta["key_dtype"]) == (
+        "valid", SMALL_CTX, SMALL_CTX // 2, "float32")  # fmt: skip
+
+
+def test_a_datastore_written_before_its_settings_object_is_reused(lm, tiny_corpus, tmp_path):
+    kw = dict(context_len=SMALL_CTX, progress=False)
+    out = build_datastore(lm, str(tiny_corpus), "valid", tmp_path / "ds", **kw)
+    meta = json.loads((out / META).read_text())
+    old = {k: v for k, v in meta.items() if k != "settings"}  # as an older build wrote it
+    (out / META).write_text(json.dumps(old))
+    assert build_datastore(lm, str(tiny_corpus), "valid", out, **kw) == out
+    assert json.loads((out / META).read_text()) == old  # reused, not rebuilt
+    assert Datastore.load(out).n == meta["n"]
+    with pytest.raises(KnnlmError, match="other settings"):  # a real difference still counts
+        build_datastore(lm, str(tiny_corpus), "valid", out, **{**kw, "stride": 4})

@@ -306,7 +306,7 @@ class KnnLM:
         mix = _mix_settings(knn_weight, knn_temperature)
         settings = build(
             ProjectionSettings, PROJECTION_ARGS, split=pick_split(corpus, split, "valid"),
-            window=WindowSettings(context_len, stride).for_model(self.model),
+            window=WindowSettings(context_len, stride),  # run_projection fills it in
             batch_size=batch_size, knn=knn, mix=mix, max_positions=max_positions or None, seed=seed,
             lr=lr, tol=tol, max_steps=max_steps, fixed_steps=steps, solve_batch=solve_batch,
             text_field=text_field,

@@ -103,9 +103,8 @@ def evaluate(
     ``datastore``, ``cache``, ``key_type``, ``progress``, ``overlap``.
     Example: ``evaluate(lm, "data/wikitext-2", context_len=512, datastore="runs/ds")``.
     """
+    stride = context_len if stride is None else stride
     window = build(WindowSettings, flag(), context_len=context_len, stride=stride)
-    if stride is None:
-        window = WindowSettings(context_len, context_len)
     mix = build(MixSettings, MIX_FLAGS, knn_weight=knn_weight, temperature=knn_temperature,
                 memory=memory, memory_weight=memory_weight, gate=gate,
                 retrieval_rate=retrieval_rate, gate_weight=gate_weight,

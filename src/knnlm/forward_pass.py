@@ -40,7 +40,10 @@ class WindowSettings(Settings):
             require(s >= 1, "stride", f"must be at least 1, got {s}")
 
     def for_model(self, model: torch.nn.Module) -> WindowSettings:
-        """Both set, the defaults taken from ``model`` (:func:`default_window`)."""
+        """Both set, the defaults taken from ``model`` (:func:`default_window`); itself when
+        both are set already (checked when it was built)."""
+        if self.context_len is not None and self.stride is not None:
+            return self
         return WindowSettings(*default_window(model, self.context_len, self.stride))
 
 

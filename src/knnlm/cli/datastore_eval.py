@@ -72,18 +72,23 @@ def datastore_build(
 
     Under torchrun / accelerate launch each process scores its share of the windows.
     """
+    from knnlm.data.corpus import pick_split
     from knnlm.fileio import claim_target
-    from knnlm.retrieval.datastore import KIND, META, Datastore
+    from knnlm.forward_pass import WindowSettings
+    from knnlm.retrieval.datastore import KIND, META, Datastore, DatastoreSettings
+    from knnlm.settings import build, flag
 
     rank = init_distributed()  # first: rank 0 takes the writer lock for the group
     hold_lock(ctx, out, "datastore")
     claim_target(out, KIND, META)  # a foreign --out is refused before the model is loaded
-    knn_lm = load_model(model, device, dtype)
-    ds = Datastore.build(
-        knn_lm, corpus, out, split=split, context_len=context_len, stride=stride,
+    window = build(WindowSettings, flag(), context_len=context_len, stride=stride)
+    settings = build(
+        DatastoreSettings, flag(), split=pick_split(corpus, split, "train"), window=window,
         batch_size=batch_size, key_type=value(key_type), key_dtype=value(key_dtype),
-        text_field=text_field, overwrite=overwrite, progress=not quiet,
+        text_field=text_field,
     )  # fmt: skip
+    knn_lm = load_model(model, device, dtype)
+    ds = Datastore.make(knn_lm, corpus, out, settings, overwrite=overwrite, progress=not quiet)
     if rank == 0:
         typer.echo(f"datastore {ds.path}: {len(ds)} keys of size {ds.info()['dim']} "
                    f"({ds.meta['key_type']})")  # fmt: skip

@@ -72,7 +72,6 @@ def project_cmd(
 
     Under torchrun the exact search is sharded over the ranks; rank 0 writes and prints.
     """
-    from dataclasses import replace
 
     from knnlm.evaluate import open_inputs
     from knnlm.experiments.projection.run import run_projection
@@ -97,7 +96,6 @@ def project_cmd(
     # datastore for exact search (knnlm.retrieval.search.sharded); rank 0 alone writes and prints.
     rank = init_distributed()
     lm = load_model(model, device, dtype).lm
-    settings = replace(settings, window=settings.window.for_model(lm.model))
     result = run_projection(lm, corpus, datastore, settings, progress=not quiet and rank == 0)
     if rank != 0:
         return

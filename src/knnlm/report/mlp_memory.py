@@ -160,6 +160,7 @@ def claim_memory(r: Mapping[str, Any]) -> dict:
 def _training_text(mem: Mapping[str, Any]) -> str:
     """How the MLP was trained, beside the paper's Appendix D, with any cap the budget forced."""
     s = mem.get("settings") or {}
+    s = s.get("memory") or s  # MemoryTrainSettings whole; results before it: the flat keys
     per = per_seed(mem)
     stops = [(p.get("train") or {}).get("stopped") for p in per]
     how = (

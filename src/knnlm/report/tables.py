@@ -246,8 +246,12 @@ def projection_tables(result: Mapping[str, Any]) -> str:
         ],
         floatfmt=[".4f"] * 5 + [".1f"],
     )
-    keep = ("split", "context_len", "stride", "k", "knn_weight", "temperature", "lr", "tol")
-    line = settings_line({k: s[k] for k in keep} | {"positions": result["positions"]})
+    # ProjectionSettings whole; results written before it hold the same keys flat.
+    run = s.get("projection") or {**s, "window": {k: s[k] for k in ("context_len", "stride")}}
+    shown = {"split": run["split"], **run["window"],
+             **{k: s[k] for k in ("k", "knn_weight", "temperature")},
+             "lr": run["lr"], "tol": run["tol"], "positions": result["positions"]}  # fmt: skip
+    line = settings_line(shown)
     return (
         f"**Table 1: perplexity on the same {result['positions']} positions**\n\n{t1}\n\n"
         f"{line}\n\n**Table 3: KL[f(z*) || p_knnlm] after solving Eq. 2**\n\n{t3}\n"

@@ -28,7 +28,7 @@ import torch
 from knnlm.data.corpus import Corpus, load_tokens, pick_split
 from knnlm.errors import KnnlmError
 from knnlm.fileio import check_npy, fingerprint, read_meta, read_stable, recover
-from knnlm.forward_pass import default_window
+from knnlm.forward_pass import WindowSettings
 from knnlm.lm.loading import LoadedLM, as_loaded, dtype_name
 from knnlm.retrieval.datastore_build import (
     FORMAT_VERSION,
@@ -40,8 +40,10 @@ from knnlm.retrieval.datastore_build import (
     build_example_datastore,
     corpus_fingerprint,
     datastore_meta,
+    make_datastore,
     write_tokens,
 )
+from knnlm.retrieval.datastore_settings import DatastoreSettings
 from knnlm.retrieval.search.conventions import INDEX_META
 from knnlm.retrieval.search.index_settings import IndexSettings
 from knnlm.settings import build
@@ -60,11 +62,13 @@ __all__ = [
     "META",
     "TOKENS",
     "Datastore",
+    "DatastoreSettings",
     "build_datastore",
     "build_example_datastore",
     "corpus_fingerprint",
     "datastore_meta",
     "datastore_record",
+    "make_datastore",
     "open_datastore",
     "write_tokens",
 ]
@@ -132,17 +136,32 @@ class Datastore:
 
             ds = Datastore.build(knn_lm, "data/wikitext-2", "runs/ds", context_len=256)
         """
+        window = WindowSettings(context_len, stride)
+        settings = DatastoreSettings(pick_split(corpus, split, "train"), window, batch_size,
+                                     key_type, key_dtype, text_field)  # fmt: skip
+        return cls.make(knn_lm, corpus, out, settings, overwrite=overwrite, progress=progress)
+
+    @classmethod
+    def make(
+        cls,
+        knn_lm: Any,
+        corpus: Corpus,
+        out: str | Path,
+        settings: DatastoreSettings,
+        *,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> Datastore:
+        """:meth:`build` with its settings whole (:class:`DatastoreSettings`, checked where
+        they were built; the CLI builds them from its flags).
+
+        Example: ``Datastore.make(knn_lm, "data/wikitext-2", "runs/ds", DatastoreSettings())``.
+        """
         lm = as_loaded(knn_lm, "knn_lm")
-        split = pick_split(corpus, split, "train")
-        context_len, stride = default_window(lm.model, context_len, stride)
-        path = build_datastore(
-            lm, corpus, split, out, context_len=context_len, stride=stride,
-            batch_size=batch_size, key_type=key_type, key_dtype=key_dtype,
-            text_field=text_field, overwrite=overwrite, progress=progress,
-        )  # fmt: skip
+        path = make_datastore(lm, corpus, out, settings, overwrite=overwrite, progress=progress)
         ds = cls.load(path)
         if _rank() == 0 and not (ds.path / TOKENS).is_file():
-            ids = load_tokens(lm.tokenizer, corpus, split, text_field)
+            ids = load_tokens(lm.tokenizer, corpus, settings.split, settings.text_field)
             write_tokens(ds.path, ids)  # a datastore built before tokens.npy was part of it
         return ds
 

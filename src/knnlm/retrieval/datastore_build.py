@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from knnlm.data.corpus import Corpus, describe_corpus, load_tokens
-from knnlm.data.windows import make_windows, resolve_stride
+from knnlm.data.windows import make_windows
 from knnlm.errors import KnnlmError
 from knnlm.fileio import (
     ARTIFACT_KEY,
@@ -37,19 +37,22 @@ from knnlm.fileio import (
     write_json_atomic,
 )
 from knnlm.forward_pass import (
+    WindowSettings,
     check_context_len,
     rows_before,
     score_examples,
     score_stream,
     window_batches,
 )
-from knnlm.lm.adapters import KEY_TYPES
 from knnlm.lm.loading import LoadedLM, dtype_name
 from knnlm.locking import locks
+from knnlm.retrieval.datastore_settings import DatastoreSettings
+from knnlm.settings import build, flag
 
 FORMAT_VERSION = 1
 KIND = "datastore"  # the artifact marker in meta.json
 META = "meta.json"
+SETTINGS_KEY = "settings"  # meta.json's settings objects, whole: {"datastore": {...}}
 TOKENS = "tokens.npy"  # the scored token stream: row r's context ends at r, its target r+1
 KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -64,7 +67,14 @@ def _built_with(out: Path, settings: dict) -> bool | None:
     old = read_json(out / META)
     if old is None:
         return None
-    return all(old.get(k) == v for k, v in settings.items())
+    return _same_build(old, settings)
+
+
+def _same_build(old: dict, new: dict) -> bool:
+    """Whether ``old`` (a meta.json or a build's settings.json) records the build ``new``
+    describes: every key of ``new`` but the settings object, which datastores built before
+    it was written lack (and whose ``checkpoint_every`` does not change a row)."""
+    return all(old.get(k) == v for k, v in new.items() if k != SETTINGS_KEY)
 
 
 def write_tokens(path: Path, ids: np.ndarray) -> None:
@@ -141,7 +151,6 @@ def datastore_meta(
     }
 
 
-@locks("out", "datastore")
 def build_datastore(
     lm: LoadedLM,
     corpus: Corpus,
@@ -159,38 +168,63 @@ def build_datastore(
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
 ) -> Path:
-    """Score ``split`` of ``corpus`` with ``lm`` and write (key, next token) for every position.
+    """:func:`make_datastore` with the :class:`DatastoreSettings` as keywords (named as the
+    CLI's flags when wrong); ``stride`` None is ``context_len`` here.
+    Example: ``build_datastore(lm, "data/wikitext-2", "train", "runs/ds", context_len=512)``.
+    """
+    stride = context_len if stride is None else stride
+    window = build(WindowSettings, flag(), context_len=context_len, stride=stride)
+    settings = build(DatastoreSettings, flag(), split=split, window=window,
+                     batch_size=batch_size, key_type=key_type, key_dtype=key_dtype,
+                     text_field=text_field, checkpoint_every=checkpoint_every)  # fmt: skip
+    return make_datastore(lm, corpus, out, settings, overwrite=overwrite, progress=progress,
+                          on_batch=on_batch)  # fmt: skip
+
+
+@locks("out", "datastore")
+def make_datastore(
+    lm: LoadedLM,
+    corpus: Corpus,
+    out: str | Path,
+    settings: DatastoreSettings,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> Path:
+    """Score ``settings.split`` of ``corpus`` with ``lm`` and write (key, next token) for every
+    position; the windows as given (None filled from the model).
 
     ``on_batch(batches_done)`` is called after each batch (tests use it to interrupt a build).
     Returns the datastore path; a finished datastore with the same settings is reused, one
     with other settings is replaced only with ``overwrite`` (and only once the new one is
-    complete), and a folder that is not a datastore is refused before any work.
+    complete), and a folder that is not a datastore is refused before any work. meta.json
+    holds ``settings`` whole (``settings.datastore``, windows as used) beside the keys every
+    reader reads.
     """
-    if key_type not in KEY_TYPES:
-        raise KnnlmError(f"unknown key type {key_type!r}; choose one of {', '.join(KEY_TYPES)}")
-    if key_dtype not in KEY_DTYPES:
-        raise KnnlmError(f"key dtype must be float16 or float32, not {key_dtype!r}")
-    stride = resolve_stride(context_len, stride)
+    window = settings.window.for_model(lm.model)
+    context_len, stride, split = window.context_len, window.stride, settings.split
     check_context_len(lm.model, context_len)
     out = Path(out)
     claim_target(out, KIND, META)
-    ids = load_tokens(lm.tokenizer, corpus, split, text_field)
+    ids = load_tokens(lm.tokenizer, corpus, split, settings.text_field)
     windows = make_windows(len(ids), context_len, stride)
-    batches = window_batches(windows, batch_size)
+    batches = window_batches(windows, settings.batch_size)
     source = {"corpus": describe_corpus(corpus), "split": split,
               "corpus_fingerprint": corpus_fingerprint(ids),
               "context_len": context_len, "stride": stride}  # fmt: skip
-    settings = datastore_meta(lm, source, batch_size=batch_size, key_type=key_type,
-                              key_dtype=key_dtype, n=int(rows_before(windows)[-1]))  # fmt: skip
+    meta = datastore_meta(lm, source, batch_size=settings.batch_size, key_type=settings.key_type,
+                          key_dtype=settings.key_dtype, n=int(rows_before(windows)[-1]))  # fmt: skip
+    meta[SETTINGS_KEY] = {"datastore": {**settings.to_dict(), "window": window.to_dict()}}
     rank, world = _dist()
-    built = _built_with(out, settings)
+    built = _built_with(out, meta)
     if built:
         return out
     if built is False and not overwrite:
         raise KnnlmError(
             f"{out} holds a datastore with other settings; pass overwrite=True (--overwrite)"
         )
-    partial, finished = _open_partial(out, settings, rank)
+    partial, finished = _open_partial(out, meta, rank)
     if finished:  # a crash cut the last step short: the rows are all there
         if rank == 0:
             _finish(partial, out, read_json(partial / META), ids)
@@ -199,11 +233,11 @@ def build_datastore(
     # Contiguous blocks of batches per rank; the batch layout itself never changes.
     per_rank = -(-len(batches) // world)
     span = (rank * per_rank, min((rank + 1) * per_rank, len(batches)))
-    _write_rows(lm, ids, partial, settings, span, rank=rank, world=world, progress=progress,
-                checkpoint_every=checkpoint_every, on_batch=on_batch)  # fmt: skip
+    _write_rows(lm, ids, partial, meta, span, rank=rank, world=world, progress=progress,
+                checkpoint_every=settings.checkpoint_every, on_batch=on_batch)  # fmt: skip
     _barrier()
     if rank == 0:
-        meta = dict(settings, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), world_size=world)
+        meta = dict(meta, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), world_size=world)
         _finish(partial, out, meta, ids)
     _barrier()
     return out
@@ -216,7 +250,7 @@ def _open_partial(out: Path, settings: dict, rank: int) -> tuple[Path, bool]:
     settings_file = partial / "settings.json"
     # Decided by every rank before rank 0 touches the folder.
     finished = _built_with(partial, settings) is True
-    fresh = not finished and read_json(settings_file) != settings
+    fresh = not finished and not _same_build(read_json(settings_file) or {}, settings)
     _barrier()
     if rank == 0:
         partial = temp_dir(out, KIND, META, fresh=fresh)

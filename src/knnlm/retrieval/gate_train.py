@@ -152,10 +152,12 @@ def train_gate(
     held = torch.zeros(n, dtype=torch.bool)
     held[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(1, n // 10)]] = True
     x = gate_features(data["keys"], data["stats"])
+    # The facts of the run beside its settings, whole (GateSettings.from_dict rebuilds them),
+    # windows as used.
     config = {
         "model": lm.name, "model_fingerprint": lm.fingerprint, "datastore": str(ds.path),
-        "corpus": corpus, "split": split, "tokens": n, "held_out_tokens": int(held.sum()),
-        "k": knn.k, "temperature": st.mix.temperature, "context_len": context_len, "seed": seed,
+        "corpus": corpus, "tokens": n, "held_out_tokens": int(held.sum()),
+        "settings": {"gate": {**st.to_dict(), "window": window.to_dict()}},
     }  # fmt: skip
     gate = Gate(kind, config, np.zeros(0))
     if kind == "mlp":
@@ -165,8 +167,8 @@ def train_gate(
             epochs=st.epochs, lr=st.lr, l1=st.l1, seed=seed, progress=progress,
         )  # fmt: skip
         gate.mean, gate.scale = mean, scale
-        config.update(report, in_dim=x.shape[1], hidden=st.hidden, layers=st.layers,
-                      epochs=st.epochs, lr=st.lr, l1=st.l1)  # fmt: skip
+        # The network's shape, read back by load_gate.
+        config.update(report, in_dim=x.shape[1], hidden=st.hidden, layers=st.layers)
     gate.quantiles = score_quantiles(gate.scores(data["keys"][held], data["stats"][held]))
     config["seconds"] = round(time.time() - t0, 3)
     save_gate(out, gate)

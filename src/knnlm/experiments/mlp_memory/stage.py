@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,15 @@ def stage_memory(
     }  # fmt: skip
 
 
+def memory_settings(cfg: ReproduceConfig, seed: int) -> MemoryTrainSettings:
+    """The MLP memory's training in the reproduction, whole: ``memory_max_steps`` its cap
+    (with ``memory_eval_every`` it is trained in chunks up to it)."""
+    return MemoryTrainSettings(
+        hidden=cfg.memory_hidden, lr=cfg.memory_lr, batch_tokens=cfg.memory_batch_tokens,
+        epochs=cfg.memory_epochs, max_steps=cfg.memory_max_steps, seed=seed,
+    )  # fmt: skip
+
+
 def _train_memory(cfg: ReproduceConfig, seed: int, lm, store, art: Path, corpus: str):
     """The MLP memory on the datastore's (key, value) pairs, saved in ``art / "memory"``.
 
@@ -101,11 +111,11 @@ def _train_memory(cfg: ReproduceConfig, seed: int, lm, store, art: Path, corpus:
     on the valid split's (key, target) pairs stops improving, or the epochs / the step cap
     ``memory_max_steps`` end it. Returns (the training result, the stopping record)."""
 
+    whole = memory_settings(cfg, seed)
+
     def run(max_steps: int | None):
-        settings = MemoryTrainSettings(
-            hidden=cfg.memory_hidden, lr=cfg.memory_lr, batch_tokens=cfg.memory_batch_tokens,
-            epochs=cfg.memory_epochs, max_steps=max_steps, seed=seed,
-        )  # fmt: skip
+        # A chunk of the whole run: training is a function of the settings and the step.
+        settings = whole if max_steps == whole.max_steps else replace(whole, max_steps=max_steps)
         return train_memory(
             store.keys, store.values, lm.adapter.output_embedding.detach(), art / "memory",
             settings, progress=False, datastore={"path": str(store.path), "n": store.n},
@@ -113,7 +123,7 @@ def _train_memory(cfg: ReproduceConfig, seed: int, lm, store, art: Path, corpus:
 
     every = cfg.memory_eval_every
     if not every:
-        tr = run(cfg.memory_max_steps)
+        tr = run(whole.max_steps)
         return tr, {"stopped": f"after {tr.steps} steps (no held-out check)", "heldout": []}
     keys, targets = _valid_pairs(lm, corpus, cfg, store.meta["key_type"])
     cap = math.ceil(store.n / cfg.memory_batch_tokens) * cfg.memory_epochs
@@ -185,15 +195,9 @@ def _results(cfg: ReproduceConfig, done: Done) -> dict:
         "seeds": seeds,
         "per_seed": [{k: done[f"memory-{s}"].get(k) for k in keep} for s in seeds],
         "storage": done[f"memory-{seeds[0]}"]["storage"],
-        "settings": {
-            "hidden": cfg.memory_hidden,
-            "epochs": cfg.memory_epochs,
-            "lr": cfg.memory_lr,
-            "batch_tokens": cfg.memory_batch_tokens,
-            "max_steps": cfg.memory_max_steps,
-            "weights": cfg.memory_weights,
-            "weight_tuned_on": "valid",
-        },
+        # The first seed's training, whole (the others differ only in their seed), the grid.
+        "settings": {"memory": memory_settings(cfg, seeds[0]).to_dict(),
+                     "weights": cfg.memory_weights, "weight_tuned_on": "valid"},  # fmt: skip
     }}  # fmt: skip
 
 

@@ -26,7 +26,8 @@ Training streams the keys from the datastore's memmap: each epoch walks a seeded
 of row indices, and each batch gathers only its own rows (sorted, for locality) and converts
 them to float32, in a thread while the batch before trains. The whole key matrix is never
 loaded at once. The batch order depends only on (seed, epoch), so a run resumes exactly at the
-step where its last checkpoint stopped.
+step where its last checkpoint stopped. The data and its batches are in ``batches.py``, the
+checkpoints and what a resume must share in ``checkpoint.py``; this module runs the steps.
 
 Saved files (``out_dir``): ``model.safetensors`` and ``config.json`` are the memory model;
 ``train_state.safetensors`` (optimiser state, for resuming) and ``loss_curve.json`` are
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,18 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from knnlm.errors import KnnlmError
+from knnlm.experiments.mlp_memory.batches import check_inputs, train_batches
+from knnlm.experiments.mlp_memory.checkpoint import (
+    optimizer_tensors,
+    partial_path,
+    restore,
+    resume_point,
+    resume_settings,
+)
 from knnlm.experiments.mlp_memory.settings import MemoryTrainSettings
 from knnlm.fileio import (
     ARTIFACT_KEY,
     claim_target,
-    read_json,
-    sha256_hex,
     swap_in,
     temp_dir,
     write_json_atomic,
@@ -71,22 +77,7 @@ from knnlm.retrieval.memory import (
     STATE_FILE,
     MemoryMLP,
     read_memory_config,
-    safetensors_header,
     write_safetensors_atomic,
-)
-
-# Settings that must agree for a run to resume from an existing checkpoint.
-_RESUME_KEYS = (
-    "dim",
-    "hidden",
-    "vocab",
-    "train_output",
-    "lr",
-    "weight_decay",
-    "batch_tokens",
-    "seed",
-    "n_train",
-    "output_init_sha256",
 )
 
 
@@ -101,135 +92,6 @@ class MemoryTrainResult:
     seconds: float  # wall time of this call
     resumed_from: int = 0  # step the run continued from (0: fresh)
     config: dict[str, Any] = field(default_factory=dict)
-
-
-# -- training ----------------------------------------------------------------------------
-
-
-def _check_inputs(keys: Any, values: Any, W: torch.Tensor) -> None:
-    if getattr(keys, "ndim", None) != 2:
-        raise KnnlmError(
-            f"keys must be a 2-D array (N, d), got shape {getattr(keys, 'shape', None)}"
-        )
-    if getattr(values, "ndim", None) != 1:
-        raise KnnlmError(
-            f"values must be a 1-D array (N,), got shape {getattr(values, 'shape', None)}"
-        )
-    if keys.shape[0] != values.shape[0]:
-        raise KnnlmError(f"{keys.shape[0]} keys but {values.shape[0]} values")
-    if keys.shape[0] == 0:
-        raise KnnlmError("the datastore is empty: nothing to train the memory model on")
-    if not np.issubdtype(keys.dtype, np.floating):
-        raise KnnlmError(f"keys must be float16 or float32, got {keys.dtype}")
-    if not np.issubdtype(values.dtype, np.integer):
-        raise KnnlmError(f"values must be integer token ids, got {values.dtype}")
-    if W.ndim != 2 or W.shape[1] != keys.shape[1]:
-        raise KnnlmError(
-            f"output embedding has shape {tuple(W.shape)} but keys have dimension {keys.shape[1]}"
-        )
-    # Stream the value range in chunks: 4 bytes per row, cheap next to training.
-    vocab, step = W.shape[0], 1 << 22
-    for s in range(0, values.shape[0], step):
-        chunk = np.asarray(values[s : s + step])
-        if chunk.min() < 0 or chunk.max() >= vocab:
-            raise KnnlmError(
-                f"datastore values fall outside the output vocabulary [0, {vocab}): "
-                f"found {int(chunk.min())}..{int(chunk.max())}; wrong LM for this datastore?"
-            )
-
-
-def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    # int32 where possible halves the memory of the permutation (400 MB for 100M keys).
-    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
-    np.random.default_rng([seed, epoch]).shuffle(order)
-    return order
-
-
-def _batches(
-    keys: Any, values: Any, batch_tokens: int, seed: int, start: int, total: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(float32 keys, int64 values) of steps ``start..total-1``, gathered row-wise."""
-    n = values.shape[0]
-    per_epoch = math.ceil(n / batch_tokens)
-    order, order_epoch = None, -1
-    for step in range(start, total):
-        epoch, b = divmod(step, per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = _epoch_order(n, seed, epoch), epoch
-        idx = np.sort(order[b * batch_tokens : (b + 1) * batch_tokens])
-        yield (
-            np.asarray(keys[idx], dtype=np.float32),
-            np.asarray(values[idx], dtype=np.int64),
-        )
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for idx, st in opt.state_dict()["state"].items():
-        for name, t in st.items():
-            out[f"{idx}.{name}"] = torch.as_tensor(t)
-    return out
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    sd = opt.state_dict()
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = t
-    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-
-
-def _checkpoint(
-    folder: Path, settings: dict[str, Any], strict: bool
-) -> tuple[int, dict[str, Any] | None]:
-    """(step, curve) of a consistent checkpoint in ``folder`` with these settings, else (0, None).
-
-    ``strict``: a checkpoint with other settings is an error (the finished memory the user
-    named); otherwise it is ignored (an unfinished temporary of ours).
-    """
-    try:
-        cfg = read_memory_config(folder)
-    except KnnlmError:
-        return 0, None
-    if not (folder / STATE_FILE).is_file():
-        return 0, None
-    diff = [k for k in _RESUME_KEYS if cfg.get(k) != settings[k]]
-    if diff:
-        if not strict:
-            return 0, None
-        raise KnnlmError(
-            f"{folder} holds a memory model trained with other settings ({', '.join(diff)}); "
-            "choose another output directory or pass --overwrite to replace it"
-        )
-    step = cfg.get("steps")
-    curve = read_json(folder / CURVE_FILE)
-    # The files are renamed one after another; resume only from a consistent set.
-    try:
-        marks = [
-            safetensors_header(folder / f).get("__metadata__", {}).get("step")
-            for f in (MODEL_FILE, STATE_FILE)
-        ]
-    except KnnlmError:
-        return 0, None
-    if (
-        not isinstance(step, int)
-        or curve is None
-        or marks != [str(step)] * 2
-        or len(curve.get("loss", ())) != step
-        or curve.get("step") != step
-    ):
-        return 0, None
-    return step, curve
-
-
-def _partial_path(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".partial")
-
-
-def _restore(folder: Path, model: MemoryMLP, opt: torch.optim.Optimizer) -> None:
-    model.load_state_dict(load_file(str(folder / MODEL_FILE)))
-    _load_optimizer(opt, load_file(str(folder / STATE_FILE)))
 
 
 @locks("out_dir", "memory model")
@@ -270,7 +132,7 @@ def train_memory(
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     claim_target(out_dir, KIND, CONFIG_FILE, what="memory model")
-    _check_inputs(keys, values, W)
+    check_inputs(keys, values, W)
     st = settings
     batch_tokens, epochs, max_steps, lr, seed = (
         st.batch_tokens,
@@ -284,14 +146,14 @@ def train_memory(
     per_epoch = math.ceil(n / batch_tokens)
     total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
     model = _new_model(W, st.hidden, st.train_output, seed).to(dev)
-    resume_key = _resume_settings(model, W, lr, st.weight_decay, batch_tokens, seed, n)
+    resume_key = resume_settings(model, W, lr, st.weight_decay, batch_tokens, seed, n)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=st.weight_decay)
-    start, curve, source = _resume_point(out_dir, resume_key, total, resume, overwrite)
+    start, curve, source = resume_point(out_dir, resume_key, total, resume, overwrite)
     if source == out_dir and start == total:  # finished: returned as is
         return _finished(out_dir, model, start, curve["loss"], per_epoch, n, t0)
     # A temporary that is not the checkpoint we continue from is stale: start it afresh.
-    partial = temp_dir(out_dir, KIND, CONFIG_FILE, fresh=source != _partial_path(out_dir))
+    partial = temp_dir(out_dir, KIND, CONFIG_FILE, fresh=source != partial_path(out_dir))
     run = _Training(
         keys=keys,
         values=values,
@@ -305,15 +167,14 @@ def train_memory(
         micro=st.micro_batch or batch_tokens,
         per_epoch=per_epoch,
         total=total,
-        epochs=epochs,
-        max_steps=max_steps,
+        whole=st,
         datastore=datastore,
         eval_fn=eval_fn,
         losses=list(curve["loss"]) if curve else [],
         evals=list(curve.get("evals", [])) if curve else [],
     )
     if source is not None:
-        _restore(source, model, opt)
+        restore(source, model, opt)
     step, cfg = _train_steps(run, start, progress)
     return _trained(run, start, step, cfg, t0)
 
@@ -367,55 +228,6 @@ def _new_model(W: torch.Tensor, hidden: int, train_output: bool, seed: int) -> M
         return MemoryMLP.from_output_embedding(W, hidden, train_output)
 
 
-def _resume_settings(
-    model: MemoryMLP,
-    W: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    batch_tokens: int,
-    seed: int,
-    n: int,
-) -> dict[str, Any]:
-    """The settings a checkpoint must share to be resumed (``_RESUME_KEYS``)."""
-    return {
-        "dim": model.dim,
-        "hidden": model.hidden,
-        "vocab": model.vocab,
-        "train_output": model.train_output,
-        "lr": float(lr),
-        "weight_decay": float(weight_decay),
-        "batch_tokens": int(batch_tokens),
-        "seed": int(seed),
-        "n_train": n,
-        "output_init_sha256": sha256_hex(W.detach().float().contiguous().cpu().numpy()),
-    }
-
-
-def _resume_point(
-    out_dir: Path, settings: dict[str, Any], total: int, resume: bool, overwrite: bool
-) -> tuple[int, dict[str, Any] | None, Path | None]:
-    """(step, curve, folder) of the checkpoint to continue from; (0, None, None): none.
-
-    Training is a function of (settings, step): the furthest consistent checkpoint wins.
-    """
-    start, curve, source = 0, None, None
-    partial_step, partial_curve = _checkpoint(_partial_path(out_dir), settings, strict=False)
-    if resume:
-        out_step, out_curve = _checkpoint(out_dir, settings, strict=not overwrite)
-        start, curve, source = max(
-            (0, None, None),
-            (out_step, out_curve, out_dir),
-            (partial_step, partial_curve, _partial_path(out_dir)),
-            key=lambda c: c[0],
-        )
-    if start > total:
-        raise KnnlmError(
-            f"{out_dir} holds a memory model already trained for {start} steps, more than the "
-            f"{total} requested; pass resume=False to train a new one"
-        )
-    return start, curve, source
-
-
 @dataclass
 class _Training:
     """One training call: what its steps read, and the curve they grow."""
@@ -432,8 +244,7 @@ class _Training:
     micro: int
     per_epoch: int
     total: int
-    epochs: int
-    max_steps: int | None
+    whole: MemoryTrainSettings  # this call's settings, as given
     datastore: dict[str, Any] | None
     eval_fn: Callable[[MemoryMLP], dict[str, Any]] | None
     losses: list[float] = field(default_factory=list)
@@ -449,7 +260,7 @@ def _train_steps(run: _Training, start: int, progress: bool) -> tuple[int, dict[
     bar = tqdm(total=run.total, initial=start, desc="memory MLP", unit="step", disable=not progress)
     cfg: dict[str, Any] | None = None
     step = start
-    batches = _batches(
+    batches = train_batches(
         run.keys, run.values, run.batch_tokens, run.settings["seed"], start, run.total
     )
     for zb, yb in prefetch(batches, depth=1):
@@ -498,9 +309,11 @@ def _save(run: _Training, step: int, complete: bool) -> dict[str, Any]:
     """Checkpoint ``step`` into the partial folder (swapped in when ``complete``); its config."""
     meta = {"step": str(step)}
     write_safetensors_atomic(run.partial / MODEL_FILE, run.model.state_dict(), meta)
-    write_safetensors_atomic(run.partial / STATE_FILE, _optimizer_tensors(run.opt), meta)
+    write_safetensors_atomic(run.partial / STATE_FILE, optimizer_tensors(run.opt), meta)
     curve = {"step": step, "batch_tokens": run.batch_tokens, "n_train": run.settings["n_train"]}
-    curve.update(loss=run.losses, evals=run.evals)
+    # The training record holds this call's settings whole (config.json's bytes are the
+    # memory's storage figure, so its flat keys stay as they are).
+    curve.update(loss=run.losses, evals=run.evals, settings={"memory": run.whole.to_dict()})
     write_json_atomic(run.partial / CURVE_FILE, curve, default=str)
     cfg = {
         ARTIFACT_KEY: KIND,
@@ -509,8 +322,8 @@ def _save(run: _Training, step: int, complete: bool) -> dict[str, Any]:
         **run.settings,
         "activation": "gelu",
         "ln_eps": run.model.ln.eps,
-        "epochs": int(run.epochs),
-        "max_steps": run.max_steps,
+        "epochs": int(run.whole.epochs),
+        "max_steps": run.whole.max_steps,
         "steps": step,
         "total_steps": run.total,
         "steps_per_epoch": run.per_epoch,

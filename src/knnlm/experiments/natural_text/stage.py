@@ -19,20 +19,22 @@ from transformers import AutoTokenizer
 from knnlm.data import wikitext2
 from knnlm.data.corpus import read_split, tokenize_text
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import evaluate
+from knnlm.evaluate import EvalSettings, run_eval
 from knnlm.experiments.hurdle.settings import corpus_loss_fn
 from knnlm.experiments.reproduce_config import PAPER_SETTING, ReproduceConfig
 from knnlm.experiments.stages import AnalysisStages, Done, Stage
 from knnlm.fileio import write_json_atomic
+from knnlm.forward_pass import WindowSettings
 from knnlm.lm.loading import load_lm
 from knnlm.lm.presets import get_preset
 from knnlm.lm.tokenizer import save_tokenizer
 from knnlm.lm.train import model_from_preset, train
 from knnlm.lm.train_config import TrainConfig
 from knnlm.lm.train_data import train_tokenizer_for_corpus
-from knnlm.retrieval.datastore import build_datastore, open_datastore
-from knnlm.retrieval.retriever import KnnSettings
-from knnlm.retrieval.search.index_build import build_index
+from knnlm.retrieval.datastore import DatastoreSettings, make_datastore, open_datastore
+from knnlm.retrieval.retriever import KnnSettings, MixSettings
+from knnlm.retrieval.search.index_build import make_index
+from knnlm.retrieval.search.index_settings import IndexSettings
 from knnlm.sweep import sweep
 
 
@@ -120,17 +122,16 @@ def stage_lm(cfg: ReproduceConfig, seed: int, corpus: str, tokenizer_dir: str, a
 
 def stage_datastore(cfg: ReproduceConfig, seed: int, model: str, corpus: str, art: Path) -> dict:
     lm = load_lm(model)
-    path = build_datastore(
-        lm, corpus, "train", art / "ds", context_len=cfg.context_len, stride=cfg.stride,
-        progress=False,
-    )  # fmt: skip
+    stride = cfg.context_len if cfg.stride is None else cfg.stride
+    settings = DatastoreSettings("train", WindowSettings(cfg.context_len, stride))
+    path = make_datastore(lm, corpus, art / "ds", settings, progress=False)
     out = {"datastore": str(path)}
     if cfg.index:
         t0 = time.perf_counter()
-        build_index(
-            path, kind=cfg.index, nlist=cfg.index_nlist, train_size=cfg.index_train_size,
-            nprobe=cfg.nprobe, seed=seed, progress=False,  # None: the library default
-        )  # fmt: skip
+        index = IndexSettings(kind=cfg.index, nlist=cfg.index_nlist, seed=seed,
+                              train_size=cfg.index_train_size,
+                              nprobe=cfg.nprobe)  # None: the library default  # fmt: skip
+        make_index(path, index, progress=False)
         out["index_seconds"] = time.perf_counter() - t0
     ds = open_datastore(path)
     out.update(n=ds.n, dim=ds.dim, key_type=ds.meta["key_type"], bytes=ds.storage_bytes())
@@ -156,15 +157,16 @@ def stage_knnlm(
     lm = load_lm(model)
     weights, temps = _grid(cfg)
     knn = knn_settings(cfg)
+    paper = MixSettings(
+        knn_weight=PAPER_SETTING["knn_weight"], temperature=PAPER_SETTING["temperature"]
+    )
+    window = WindowSettings(cfg.context_len, cfg.context_len if cfg.stride is None else cfg.stride)
     splits: dict[str, dict] = {}
     grids: dict[str, dict] = {}
     for split in ("valid", "test"):
         cache = art / f"cache-{split}"
-        res = evaluate(
-            lm, corpus, split, context_len=cfg.context_len, stride=cfg.stride, datastore=ds,
-            knn=knn, knn_weight=PAPER_SETTING["knn_weight"],
-            knn_temperature=PAPER_SETTING["temperature"], cache=cache, progress=False,
-        )  # fmt: skip
+        res = run_eval(lm, corpus, EvalSettings(split, window, knn=knn, mix=paper),
+                       datastore=ds, cache=cache, progress=False)  # fmt: skip
         grids[split] = sweep(cache, weights, temps, progress=False)
         splits[split] = res
         shutil.rmtree(cache)  # hundreds of MB; the stage result keeps every number read off it

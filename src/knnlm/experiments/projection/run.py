@@ -227,17 +227,17 @@ def run_projection(
     bar.close()
 
     n = int(chosen[1:].sum())
+    # The facts of the run beside its settings, whole (ProjectionSettings.from_dict rebuilds
+    # them), windows as used.
     result: dict = {
         "settings": {
             "model": lm.name, "model_fingerprint": lm.fingerprint, "datastore": str(ds.path),
             "datastore_n": ds.n, "key_type": ds.meta["key_type"], "corpus": corpus,
-            "split": split, "context_len": context_len, "stride": stride, "k": knn.k,
-            "knn_weight": mix.knn_weight, "temperature": mix.temperature,
+            "k": knn.k, "knn_weight": mix.knn_weight, "temperature": mix.temperature,
             "exclude_self": exclude, "search": retriever.backend.describe(),
-            "max_positions": st.max_positions, "seed": st.seed, "lr": lr,
-            "tol": tol, "max_steps": max_steps, "fixed_steps": fixed_steps,
             "stopping_rule": "the paper's: Adam, stop when |KL_t - KL_t-1| < tol"
             if fixed_steps is None else f"Adam, {fixed_steps} steps",
+            "projection": {**st.to_dict(), "window": window.to_dict()},
         },
         "positions": n,
     }  # fmt: skip

@@ -271,6 +271,8 @@ def make_index(
     n, d = keys.shape
     pca = check_pca(s.pca, d)
     info = _index_info(ds, keys, kind, metric, seed, pca)
+    # The settings whole beside what they resolved to (nlist, nprobe, ... below).
+    info["settings"] = {"index": s.to_dict()}
     t0 = time.time()
     if kind == "flat":
         index = _build_flat(keys, metric, add_chunk, progress, pca, seed)
@@ -325,8 +327,6 @@ def _build_factory(
 ) -> Any:  # fmt: skip
     """A ``faiss.index_factory`` index; its settings (and search nprobe, for an IVF) go into
     ``info``."""
-    if not factory:
-        raise KnnlmError("an index of kind 'factory' needs a factory string (--factory)")
     index, more = build_factory(keys, factory, metric, train_size, seed, add_chunk, progress)
     info.update(more, nprobe=None)
     if more["nlist"] is not None:

@@ -45,6 +45,8 @@ class IndexSettings(Settings):
             object.__setattr__(self, "kind", "factory")
         require(self.kind in KINDS, "kind",
                 f"must be one of {', '.join(KINDS)}, got {self.kind!r}")  # fmt: skip
+        require(self.kind != "factory" or bool(self.factory), "factory",
+                "must be given for kind 'factory' (a faiss.index_factory string)")  # fmt: skip
         require(self.metric in METRICS, "metric",
                 f"must be one of {', '.join(METRICS)}, got {self.metric!r}")  # fmt: skip
         for name in ("add_chunk", "nprobe", "checkpoint_every"):
