@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,15 @@ def check_metric(metric: str) -> str:
 
 def f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def drop_pages(keys: np.ndarray) -> None:
+    """Unmap the pages a pass over the keys memmap has read from this process (they stay in
+    the OS page cache): a build reads the whole store, and every page read would otherwise
+    count in its resident memory until the end. A no-op for in-memory arrays."""
+    mm = getattr(keys, "_mmap", None)  # np.memmap's mapping (np.load(mmap_mode="r"))
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def check_k(k: int) -> int:

@@ -27,7 +27,7 @@ import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.exclusion import exclusion_tensor
-from knnlm.retrieval.search.conventions import check_k, check_metric
+from knnlm.retrieval.search.conventions import check_k, check_metric, drop_pages
 from knnlm.retrieval.search.protocol import Neighbours, check_queries, pad_columns
 from knnlm.retrieval.search.split_precision import (
     fused_keys,
@@ -163,6 +163,7 @@ class TorchExactSearch:
         if self.keys is not None:
             return self.keys[s:e]
         x = torch.from_numpy(np.array(self.keys_np[s:e]))
+        drop_pages(self.keys_np)  # a pass reads the whole store: keep it out of our memory
         return x.to(self.device, non_blocking=True).to(self.dtype)
 
     def _load_keys(self) -> torch.Tensor:

@@ -39,6 +39,7 @@ from knnlm.retrieval.search.conventions import (
     PARTIAL_META,
     PENDING_META,
     datastore_fingerprint,
+    drop_pages,
     f32,
     log,
     open_keys,
@@ -58,6 +59,7 @@ from knnlm.retrieval.search.pca import check_pca, pca_sample_size, train_pca, wi
 
 REFERENCE_SCAN = 32 / 4096  # Khandelwal et al.: nprobe 32 of 4096 lists (0.78% of the keys)
 MIN_NPROBE = 32
+ADD_BLOCK = 1 << 16  # rows handed to FAISS's add at a time (64 MiB as float32 at d = 256)
 
 
 # --------------------------------------------------------------------------- defaults
@@ -198,6 +200,7 @@ def _train_sample(keys: np.ndarray, size: int, seed: int, chunk: int) -> np.ndar
     out = np.empty((rows.size, keys.shape[1]), dtype=np.float32)
     for s in range(0, rows.size, chunk):
         out[s : s + chunk] = keys[rows[s : s + chunk]]
+        drop_pages(keys)
     return out
 
 
@@ -415,9 +418,13 @@ def _build_ivfpq(
         log.info("resuming IVF-PQ add at row %d of %d", start, n)
     bar = tqdm(total=n, initial=start, desc="ivfpq add", unit="key", disable=not progress)
     for i, s in enumerate(range(start, n, chunk), start=1):
-        x = f32(keys[s : s + chunk])
-        index.add(x)
-        bar.update(x.shape[0])
+        # FAISS copies residuals of what it is given: blocks keep that and the float32 copy
+        # small whatever the checkpoint unit (``chunk``); same codes, same order
+        for b in range(s, min(s + chunk, n), ADD_BLOCK):
+            x = f32(keys[b : min(b + ADD_BLOCK, s + chunk, n)])
+            index.add(x)
+            bar.update(x.shape[0])
+            drop_pages(keys)
         if i % checkpoint_every == 0 and s + chunk < n:
             checkpoint()
     bar.close()
