@@ -99,7 +99,7 @@ def test_gated_tokens_are_lm_or_knnlm_exactly(lm, corpus, ds, gate_dir):
 def test_a_gate_records_its_settings_whole(gate_dir):
     config = load_gate(gate_dir).config
     written = GateSettings.from_dict(config["settings"]["gate"])
-    assert written == GateSettings(knn=KNN, window=WINDOW, epochs=3, hidden=16, layers=3)
+    assert written == GateSettings(knn=KNN, mix=MIX, window=WINDOW, epochs=3, hidden=16, layers=3)
     assert (config["hidden"], config["layers"]) == (16, 3)  # the network's shape, read back
 
 
