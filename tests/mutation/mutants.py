@@ -454,17 +454,17 @@ MUTANTS: list[Mutant] = [
     mutant(
         "pointers_search_at_threshold",
         "RetoMaton searches when exactly the threshold of pointers survive, not fewer",
-        "_alive",
-        "few = alive.sum(-1) < threshold",
-        "few = alive.sum(-1) <= threshold",
+        "pointer_neighbours",
+        "((state >= 0).sum(1) < threshold)",
+        "((state >= 0).sum(1) <= threshold)",
         "tests/test_pointers.py::test_pointers_equal_the_plain_loop",
     ),
     mutant(
         "pointers_follow_unmatched",
         "pointers follow every neighbour, not only those whose value was the actual token",
-        "_alive",
-        "ok &= values[cand.clamp(0, n_rows - 1)] == tgt[:, :, None]",
-        "ok &= values[cand.clamp(0, n_rows - 1)] >= 0",
+        "pointer_neighbours",
+        "ok &= values[cur.clamp(0, n_rows - 1)] == targets[tok][:, None]",
+        "ok &= values[cur.clamp(0, n_rows - 1)] >= 0",
         "tests/test_pointers.py::test_pointers_equal_the_plain_loop",
     ),
     mutant(
