@@ -75,7 +75,7 @@ def pointer_neighbours(
             break
         tok, state = tok[live], state[live]
         starts = starts[live]
-        need = torch.full_like(live[live], j == 0) | ((state >= 0).sum(1) < threshold)
+        need = ((state >= 0).sum(1) < threshold) | (j == 0)  # a segment starts by searching
         # index_copy_ rather than indexed assignment: on a loaded CPU the latter's parallel
         # path waited ~10 ms a call for its threads (measured), index_copy_ microseconds
         cur, cur_d = state.clone(), torch.full(state.shape, float("inf"))
